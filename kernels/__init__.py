@@ -1,0 +1,1 @@
+"""Triton kernels (device code only). Shipped inside the package as ``bpo_fast.kernels``."""
