@@ -27,3 +27,13 @@ def pytest_collection_modifyitems(config, items):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A tiny random LLaVA (model + processor) saved to disk once per test session."""
+    from bpo_fast.models.tiny import build_tiny_llava
+
+    path = tmp_path_factory.mktemp("tiny_llava")
+    build_tiny_llava(str(path), seed=0)
+    return str(path)
