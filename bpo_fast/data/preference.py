@@ -1,0 +1,235 @@
+"""Preference pairs for training: the pair JSONL + an image root, and the collator.
+
+:class:`PreferenceDataset` reads the JSONL written by the pair builder (see
+:mod:`bpo_fast.data.schema`), checks every record once up front and skips the bad ones (malformed
+JSON, schema errors such as an empty response, a missing or unreadable image, a text-only record),
+counting them and warning with the line number, or raises with ``strict=True``.
+
+:class:`PreferenceCollator` turns pairs into the ``[chosen; rejected]`` batch
+:class:`bpo_fast.PreferenceModel` takes, with the model's own processor: the chat template (via
+:func:`~bpo_fast.data.schema.turns_to_messages`), the image processor (each image once per pair),
+labels ``-100`` on the prompt, the image tokens and the padding, truncation that keeps the image
+and the prompt and cuts the responses, right padding.
+"""
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from bpo_fast.data.schema import SchemaError, turns_to_messages, validate_pair
+
+logger = logging.getLogger("bpo_fast")
+IGNORE_INDEX = -100
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be trained on (raised in strict mode; the message names the line)."""
+
+
+@dataclass
+class SkippedRecord:
+    line: int
+    reason: str
+
+
+def _check_image(path):
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path!r} not found")
+    try:
+        with Image.open(path) as im:
+            im.verify()  # reads the whole file: catches truncated / corrupt images
+    except Exception as exc:  # PIL raises many types for bad files
+        raise OSError(f"image {path!r} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Pairs from ``path`` (JSONL) with images under ``image_root``.
+
+    Items are dicts ``{"index", "id", "image" (RGB PIL image), "prompt" (LLaVA turns), "chosen",
+    "rejected", "line"}``. ``skipped`` lists the records left out (line number and reason).
+    """
+
+    def __init__(self, path, image_root, *, strict=False, check_images=True):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data: {path!r} is not a file")
+        if not os.path.isdir(image_root):
+            raise FileNotFoundError(f"image_root: {image_root!r} is not a directory")
+        self.path = path
+        self.image_root = image_root
+        self.strict = strict
+        self.records = []
+        self.skipped = []
+        seen = {}
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = self._parse(line, line_no, seen)
+                except (ValueError, OSError) as exc:
+                    msg = f"{path}:{line_no}: {exc}"
+                    if strict:
+                        raise BadRecordError(msg) from exc
+                    self.skipped.append(SkippedRecord(line_no, str(exc)))
+                    warnings.warn(f"skipping bad record {msg}", stacklevel=2)
+                    continue
+                seen[rec["id"]] = line_no
+                self.records.append(rec)
+        if self.skipped:
+            logger.warning("%s: skipped %d bad record(s) of %d (lines %s)", path, len(self.skipped),
+                           len(self.skipped) + len(self.records),
+                           ", ".join(str(s.line) for s in self.skipped[:20]))
+        if not self.records:
+            raise ValueError(f"data: {path!r} holds no usable record "
+                             f"({len(self.skipped)} skipped)")
+        self._check_images = check_images
+
+    def _parse(self, line, line_no, seen):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+        try:
+            validate_pair(rec)
+        except SchemaError as exc:
+            raise ValueError(f"schema: {exc}") from None
+        if rec["id"] in seen:
+            raise ValueError(f"id: {rec['id']!r} already used on line {seen[rec['id']]}")
+        if rec["image"] is None:
+            raise ValueError("image: null (text-only pairs) is not supported by the trainer, which "
+                             "takes one image per pair")
+        img = os.path.join(self.image_root, rec["image"])
+        _check_image(img)
+        return {"id": rec["id"], "image_path": img, "prompt": rec["prompt"],
+                "chosen": rec["chosen"], "rejected": rec["rejected"], "line": line_no}
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        rec = self.records[i]
+        with Image.open(rec["image_path"]) as im:
+            image = im.convert("RGB")
+        return {"index": i, "id": rec["id"], "image": image, "prompt": rec["prompt"],
+                "chosen": rec["chosen"], "rejected": rec["rejected"], "line": rec["line"]}
+
+    @property
+    def ids(self):
+        return [r["id"] for r in self.records]
+
+
+def _common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class PreferenceCollator:
+    """Pairs -> ``{"input_ids", "attention_mask", "labels"}`` of shape ``[2B, T]`` (rows
+    ``[chosen; rejected]``), ``"pixel_values"`` ``[B, ...]`` (plus any other image-processor
+    output, e.g. ``image_sizes``), ``"ids"`` (pair ids) and ``"index"`` (dataset indices).
+
+    ``max_length`` caps each row: the prompt (with all its image tokens) is kept whole and the
+    response is cut; a prompt that alone reaches ``max_length`` keeps one response token (the row
+    is then longer than ``max_length``; a warning says so).
+    """
+
+    processor: object
+    max_length: int = None
+    pad_to_multiple_of: int = None
+    _warned: set = field(default_factory=set, repr=False)
+
+    def __post_init__(self):
+        tok = getattr(self.processor, "tokenizer", None)
+        if tok is None or not callable(getattr(self.processor, "apply_chat_template", None)):
+            raise TypeError("processor: expected a multimodal processor with a tokenizer and a chat "
+                            "template (e.g. AutoProcessor.from_pretrained(model_path))")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise ValueError(f"max_length: expected an int >= 2 or None, got {self.max_length!r}")
+        self.tokenizer = tok
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("processor: the tokenizer has neither a pad nor an eos token")
+
+    def _text(self, messages, add_generation_prompt):
+        return self.processor.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def encode_pair(self, item):
+        """(prompt ids with image tokens expanded, chosen response ids, rejected response ids,
+        image-processor outputs) of one pair."""
+        messages = turns_to_messages(item["prompt"])
+        prompt_text = self._text(messages, True)
+        enc = self.processor(images=[item["image"]], text=[prompt_text], return_tensors="pt")
+        prompt_ids = enc["input_ids"][0].tolist()
+        image_out = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask",
+                                                                 "token_type_ids")}
+        # The response tokens: tokenise prompt and prompt+answer without image expansion and keep
+        # what follows their common prefix (robust to tokenisers that merge across the boundary).
+        plain_prompt = self.tokenizer(prompt_text)["input_ids"]
+        fulls = []
+        for key in ("chosen", "rejected"):
+            full = self._text(messages + [{"role": "assistant",
+                                            "content": [{"type": "text", "text": item[key]}]}], False)
+            fulls.append(self.tokenizer(full)["input_ids"])
+        k = min(_common_prefix(plain_prompt, f) for f in fulls)
+        if k < len(plain_prompt):
+            # the prompt's last tokens merged with an answer: they go to the response side, for
+            # both rows, so that chosen and rejected share one prompt
+            prompt_ids = prompt_ids[:len(prompt_ids) - (len(plain_prompt) - k)]
+        responses = [f[k:] for f in fulls]
+        return prompt_ids, responses[0], responses[1], image_out
+
+    def __call__(self, items):
+        if not items:
+            raise ValueError("items: expected at least one pair")
+        rows_c, rows_r, lab_c, lab_r, images = [], [], [], [], []
+        for item in items:
+            prompt, chosen, rejected, image_out = self.encode_pair(item)
+            images.append(image_out)
+            for resp, rows, labs in ((chosen, rows_c, lab_c), (rejected, rows_r, lab_r)):
+                if not resp:
+                    raise ValueError(f"pair {item['id']!r} (line {item.get('line')}): the response "
+                                     "is empty after tokenisation")
+                if self.max_length is not None:
+                    room = max(1, self.max_length - len(prompt))
+                    if len(prompt) + 1 > self.max_length and "long_prompt" not in self._warned:
+                        self._warned.add("long_prompt")
+                        warnings.warn(f"pair {item['id']!r}: the prompt ({len(prompt)} tokens with "
+                                      f"the image) reaches max_length={self.max_length}; keeping "
+                                      "one response token", stacklevel=2)
+                    resp = resp[:room]
+                rows.append(prompt + resp)
+                labs.append([IGNORE_INDEX] * len(prompt) + resp)
+        rows, labs = rows_c + rows_r, lab_c + lab_r
+        t = max(len(r) for r in rows)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            t = (t + m - 1) // m * m
+        n = len(rows)
+        input_ids = torch.full((n, t), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, t), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, t), dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, labs)):
+            input_ids[i, :len(r)] = torch.tensor(r)
+            labels[i, :len(r)] = torch.tensor(lab)
+            attention_mask[i, :len(r)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in images[0]:
+            vals = [im[key] for im in images]
+            batch[key] = torch.cat(vals) if isinstance(vals[0], torch.Tensor) else vals
+        batch["ids"] = [it["id"] for it in items]
+        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        return batch

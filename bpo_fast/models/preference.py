@@ -1,0 +1,504 @@
+"""Policy and reference forward together for DPO on vision-language models.
+
+:class:`PreferenceModel` wraps a Hugging Face vision-language model (``LlavaForConditionalGeneration``
+first; any model with the same shape of API: ``get_image_features``, ``get_input_embeddings``,
+``get_decoder``, ``get_output_embeddings`` and ``config.image_token_id``) and runs one DPO step's
+forward the cheap way:
+
+- the batch holds ``2B`` rows ``[chosen; rejected]`` and ``B`` images, one per pair; each image goes
+  through the vision tower and projector **once** and its features are scattered into both rows'
+  input embeddings;
+- the language model's decoder (the base model, not the LM-head wrapper) gives hidden states, and the
+  LM head goes straight into :func:`bpo_fast.ops.linear.fused_linear_dpo_loss` /
+  :func:`~bpo_fast.ops.linear.linear_sequence_logprobs`: no ``[2B, T, V]`` logits tensor exists;
+- the reference is (a) a separate frozen model (``"model"``, its own dtype, no autograd), (b) the
+  policy with its LoRA adapters disabled (``"lora"``, no second copy of the weights), or (c) log-probs
+  precomputed into a cache (``"cached"``, passed to :meth:`PreferenceModel.forward`);
+- when the reference's vision tower and projector are the policy's (frozen, same weights), the
+  reference reuses the policy's image features instead of encoding the images again;
+- with ``flash-attn`` installed (``pip install bpo-fast[flash]``) and a fp16/bf16 CUDA model, the rows
+  are packed without padding (varlen attention, sequences delimited by ``position_ids``); otherwise
+  PyTorch SDPA on the padded batch. The choice is logged.
+"""
+
+import contextlib
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("bpo_fast")
+
+REFERENCE_MODES = ("model", "lora", "cached")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PreferenceOutput:
+    """What one :meth:`PreferenceModel.forward` returns.
+
+    ``loss`` is ``dpo.loss`` (the mean over pairs); log-probs are float32 sums over the response
+    tokens, token counts are int64; ``dpo`` is the :class:`bpo_fast.ops.dpo.DPOOutput` of the
+    configured loss (rewards, margins, accuracy).
+    """
+
+    loss: torch.Tensor
+    dpo: object
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# model plumbing (generic over HF vision-language models)
+# --------------------------------------------------------------------------------------------
+
+def is_peft_model(model):
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def unwrap(model):
+    """The underlying transformers model (through a peft wrapper)."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def image_token_id(model):
+    cfg = unwrap(model).config
+    for name in ("image_token_id", "image_token_index"):
+        v = getattr(cfg, name, None)
+        if v is not None:
+            return int(v)
+    raise ValueError(f"model: {type(unwrap(model)).__name__}.config has no image_token_id / "
+                     "image_token_index; PreferenceModel needs a vision-language model that marks "
+                     "image positions with a placeholder token (e.g. LlavaForConditionalGeneration)")
+
+
+def check_vlm_api(model):
+    """Raise a clear ``TypeError`` unless ``model`` has the API :class:`PreferenceModel` relies on."""
+    base = unwrap(model)
+    missing = [m for m in ("get_image_features", "get_input_embeddings", "get_decoder",
+                           "get_output_embeddings") if not callable(getattr(base, m, None))]
+    if missing:
+        raise TypeError(f"model: {type(base).__name__} lacks {missing}; PreferenceModel supports "
+                        "Hugging Face vision-language models shaped like LlavaForConditionalGeneration")
+    head = base.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise TypeError(f"model: {type(base).__name__}.get_output_embeddings() has no weight tensor")
+    if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+        raise ValueError("model: the LM head is wrapped by peft (LoRA target or modules_to_save); "
+                         "the fused LM-head loss reads lm_head.weight directly, so leave lm_head "
+                         "out of the LoRA target modules")
+    image_token_id(model)
+    return base
+
+
+def _parts(model):
+    base = unwrap(model)
+    return base.get_input_embeddings(), base.get_decoder(), base.get_output_embeddings()
+
+
+def image_path_parameters(model):
+    """(name, parameter) of the image path: everything but the decoder, embeddings and LM head."""
+    base = unwrap(model)
+    embed, decoder, head = _parts(model)
+    text_ids = {id(p) for m in (embed, decoder, head) for p in m.parameters()}
+    return [(n, p) for n, p in base.named_parameters() if id(p) not in text_ids]
+
+
+def _image_path_frozen(model):
+    """True when no image-path parameter trains and peft did not wrap any image-path module."""
+    for n, p in image_path_parameters(model):
+        if p.requires_grad or "lora_" in n or "modules_to_save" in n:
+            return False
+    return True
+
+
+def _same_image_path(policy, reference):
+    a, b = image_path_parameters(policy), image_path_parameters(reference)
+    if len(a) != len(b):
+        return False
+    for (na, pa), (nb, pb) in zip(a, b):
+        if (pa.shape != pb.shape or pa.dtype != pb.dtype or pa.device != pb.device
+                or not torch.equal(pa.detach(), pb.detach())):
+            return False
+    return True
+
+
+def flash_attn_available():
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def choose_attention(requested=None, device=None, dtype=None):
+    """The attention implementation to load a model with, and log the choice.
+
+    ``requested`` wins when given. Otherwise ``flash_attention_2`` when ``flash-attn`` is installed,
+    the device is CUDA and the dtype is fp16/bf16 (flash-attn supports nothing else), else ``sdpa``.
+    """
+    if requested:
+        impl, why = requested, "requested"
+    elif (flash_attn_available() and device is not None and torch.device(device).type == "cuda"
+          and dtype in (torch.float16, torch.bfloat16)):
+        impl, why = "flash_attention_2", "flash-attn installed, CUDA, half precision"
+    else:
+        reasons = []
+        if not flash_attn_available():
+            reasons.append("flash-attn not installed (pip install bpo-fast[flash])")
+        if device is None or torch.device(device).type != "cuda":
+            reasons.append("not on CUDA")
+        if dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"dtype {dtype} is not fp16/bf16")
+        impl, why = "sdpa", "; ".join(reasons) or "default"
+    logger.info("attention: %s (%s)", impl, why)
+    return impl
+
+
+def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None):
+    """Load a vision-language model from a local path (no downloads) with a chosen attention."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    impl = choose_attention(attn_implementation, device, dtype)
+    kwargs = dict(dtype=dtype, attn_implementation=impl, local_files_only=True)
+    if config.model_type == "llava":
+        from transformers import LlavaForConditionalGeneration as cls
+    else:
+        try:
+            from transformers import AutoModelForImageTextToText as cls
+        except ImportError as exc:  # very old transformers
+            raise TypeError(f"model {path!r}: model_type {config.model_type!r} is not llava and "
+                            "this transformers has no AutoModelForImageTextToText") from exc
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except ValueError as exc:
+        raise TypeError(f"model {path!r}: cannot load model_type {config.model_type!r} as a "
+                        f"vision-language model ({exc})") from exc
+    if device is not None:
+        model = model.to(device)
+    check_vlm_api(model)
+    return model
+
+
+def encode_images(model, pixel_values, **image_kwargs):
+    """Image features of ``pixel_values`` (one image per pair) through the model's own vision tower
+    and projector, flattened to ``[sum of image tokens, H]`` in image order."""
+    out = unwrap(model).get_image_features(pixel_values=pixel_values, **image_kwargs)
+    if not isinstance(out, torch.Tensor):
+        out = getattr(out, "pooler_output", None) if hasattr(out, "pooler_output") else out[0]
+    if isinstance(out, torch.Tensor):
+        return out.reshape(-1, out.shape[-1])
+    if isinstance(out, (list, tuple)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return torch.cat([t.reshape(-1, t.shape[-1]) for t in out])
+    raise TypeError(f"model: get_image_features returned {type(out).__name__}; expected a tensor or "
+                    "a list of per-image tensors")
+
+
+# --------------------------------------------------------------------------------------------
+# the wrapper
+# --------------------------------------------------------------------------------------------
+
+class PreferenceModel(nn.Module):
+    """Policy (+ reference) forward on a ``[chosen; rejected]`` batch with one image per pair.
+
+    Args:
+        policy: the trained HF vision-language model (a peft ``PeftModel`` for ``"lora"``).
+        reference: the frozen reference model for ``reference_mode="model"``.
+        reference_mode: ``"model"``, ``"lora"`` or ``"cached"``; ``None`` picks ``"model"`` when a
+            reference is given, ``"lora"`` for a peft policy, else ``"cached"``.
+        beta, loss_type, label_smoothing: the DPO loss (:func:`bpo_fast.ops.dpo.dpo_loss`).
+        temperature: logits are divided by it before the log-softmax.
+        packing: ``"auto"`` (pack when the decoder runs flash-attention), ``True`` or ``False``.
+        share_image_features: ``"auto"`` reuses the policy's image features for the reference
+            when both use the same frozen vision tower and projector; ``False`` never does.
+    """
+
+    def __init__(self, policy, reference=None, *, reference_mode=None, beta=0.1,
+                 loss_type="sigmoid", label_smoothing=0.0, temperature=1.0, packing="auto",
+                 share_image_features="auto"):
+        super().__init__()
+        check_vlm_api(policy)
+        if reference_mode is None:
+            reference_mode = ("model" if reference is not None
+                              else "lora" if is_peft_model(policy) else "cached")
+        if reference_mode not in REFERENCE_MODES:
+            raise ValueError(f"reference_mode: expected one of {list(REFERENCE_MODES)}, "
+                             f"got {reference_mode!r}")
+        if reference_mode == "model":
+            if reference is None:
+                raise ValueError("reference: reference_mode='model' needs a reference model")
+            check_vlm_api(reference)
+            if image_token_id(reference) != image_token_id(policy):
+                raise ValueError("reference: its image_token_id differs from the policy's")
+            reference.requires_grad_(False)
+            reference.eval()
+        elif reference is not None:
+            raise ValueError(f"reference: must be None for reference_mode={reference_mode!r}")
+        if reference_mode == "lora" and not is_peft_model(policy):
+            raise ValueError("policy: reference_mode='lora' needs a peft model (get_peft_model) "
+                             "whose disabled adapters give the reference")
+        if packing not in ("auto", True, False):
+            raise ValueError(f"packing: expected 'auto', True or False, got {packing!r}")
+        if share_image_features not in ("auto", False):
+            raise ValueError("share_image_features: expected 'auto' or False")
+        from bpo_fast.ops.dpo import LOSS_TYPES
+
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {list(LOSS_TYPES)}, got {loss_type!r}")
+        self.policy = policy
+        self.reference = reference
+        self.reference_mode = reference_mode
+        self.beta = float(beta)
+        self.loss_type = loss_type
+        self.label_smoothing = float(label_smoothing)
+        self.temperature = float(temperature)
+        self.packing = packing
+        self.image_token_id = image_token_id(policy)
+        # Decided once, before any sharding: comparing weights later would gather them.
+        self.share_image_features = False
+        if share_image_features == "auto" and reference_mode != "cached":
+            if reference_mode == "lora":
+                self.share_image_features = _image_path_frozen(policy)
+            else:
+                self.share_image_features = (_image_path_frozen(policy)
+                                             and _same_image_path(policy, reference))
+        logger.info("PreferenceModel: reference=%s, reference reuses policy image features: %s, "
+                    "packing=%s", reference_mode, self.share_image_features, packing)
+
+    # ---- pieces --------------------------------------------------------------------------
+
+    def _use_packing(self, model):
+        if self.packing != "auto":
+            return bool(self.packing)
+        impl = getattr(unwrap(model).config, "_attn_implementation", None)
+        return impl is not None and "flash" in str(impl)
+
+    @staticmethod
+    def _check_batch(input_ids, attention_mask, labels, pixel_values):
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                        ("labels", labels)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"{name}: expected a [2B, T] tensor, got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
+        if input_ids.shape[0] % 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids: expected an even, non-zero number of rows [chosen; "
+                             f"rejected], got {input_ids.shape[0]}")
+        if attention_mask.shape != input_ids.shape or labels.shape != input_ids.shape:
+            raise ValueError(f"attention_mask/labels: expected shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)} / {tuple(labels.shape)}")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.shape[0] * 2 != input_ids.shape[0]:
+            raise ValueError(f"pixel_values: expected one image per pair ([B, ...] with B = "
+                             f"{input_ids.shape[0] // 2}), got "
+                             f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}")
+
+    def encode(self, model, pixel_values, **image_kwargs):
+        """Image features ``[sum of image tokens, H]`` (no autograd when the image path is frozen)."""
+        ctx = torch.no_grad() if _image_path_frozen(model) or not torch.is_grad_enabled() \
+            else contextlib.nullcontext()
+        with ctx:
+            dtype = _parts(model)[0].weight.dtype
+            return encode_images(model, pixel_values.to(dtype), **image_kwargs)
+
+    def hidden_states(self, model, input_ids, attention_mask, features):
+        """Decoder hidden states ``[2B, T, H]`` with ``features`` (one image per pair) scattered into
+        both the chosen and the rejected row of each pair."""
+        embed, decoder, _ = _parts(model)
+        embeds = embed(input_ids)
+        mask = input_ids == self.image_token_id
+        n_slots = int(mask.sum())
+        if n_slots != 2 * features.shape[0]:
+            raise ValueError(f"input_ids: {n_slots} image tokens in the {input_ids.shape[0]} rows, "
+                             f"but the images give {features.shape[0]} features per row set "
+                             f"(expected {2 * features.shape[0]} image tokens)")
+        # masked_scatter fills in row-major order: rows 0..B-1 (chosen) take images 0..B-1, then
+        # rows B..2B-1 (rejected) take them again.
+        src = torch.cat([features, features]).to(embeds.dtype)
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1), src)
+        if self._use_packing(model):
+            return self._packed_decoder(decoder, embeds, attention_mask)
+        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                      return_dict=True)
+        return out.last_hidden_state
+
+    @staticmethod
+    def _packed_decoder(decoder, embeds, attention_mask):
+        """Rows packed into one padding-free sequence; ``position_ids`` restart at each row, which
+        is how transformers delimits sequences for flash-attention varlen (and SDPA)."""
+        n, t, h = embeds.shape
+        keep = attention_mask.reshape(-1).bool()
+        idx = keep.nonzero().squeeze(1)
+        packed = embeds.reshape(n * t, h).index_select(0, idx).unsqueeze(0)
+        pos = torch.cumsum(attention_mask.long(), dim=1) - 1
+        pos = pos.reshape(-1).index_select(0, idx).unsqueeze(0)
+        out = decoder(inputs_embeds=packed, position_ids=pos, attention_mask=None,
+                      use_cache=False, return_dict=True).last_hidden_state
+        full = out.new_zeros(n * t, out.shape[-1]).index_copy(0, idx, out[0])
+        return full.view(n, t, -1)
+
+    def _head(self, model, hidden):
+        _, _, head = _parts(model)
+        # Under autocast the hidden states are half precision while the weight may be the fp32
+        # master copy; the cast is tracked by autograd so the gradient still reaches the weight.
+        w = head.weight.to(hidden.dtype)
+        b = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
+        return w, b
+
+    def sequence_logps(self, model, input_ids, attention_mask, labels, pixel_values,
+                       features=None, **image_kwargs):
+        """Summed response log-probs ``[2B]`` (fp32) and token counts of ``model`` on the batch."""
+        from bpo_fast.ops.linear import linear_sequence_logprobs
+
+        if features is None:
+            features = self.encode(model, pixel_values, **image_kwargs)
+        hidden = self.hidden_states(model, input_ids, attention_mask, features)
+        w, b = self._head(model, hidden)
+        return linear_sequence_logprobs(hidden, w, labels, bias=b, ignore_index=IGNORE_INDEX,
+                                        temperature=self.temperature)
+
+    @staticmethod
+    def token_counts(labels):
+        n = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+        b = labels.shape[0] // 2
+        return n[:b], n[b:]
+
+    @torch.no_grad()
+    def reference_logps(self, input_ids, attention_mask, labels, pixel_values, features=None,
+                        **image_kwargs):
+        """Reference (chosen, rejected) log-probs, no autograd. ``features``: the policy's image
+        features, used only when the reference shares the policy's frozen image path."""
+        feats = features if self.share_image_features else None
+        if self.reference_mode == "model":
+            ref = self.reference
+            lp, _ = self.sequence_logps(ref, input_ids, attention_mask, labels, pixel_values,
+                                        features=feats, **image_kwargs)
+        elif self.reference_mode == "lora":
+            with self.policy.disable_adapter():
+                lp, _ = self.sequence_logps(self.policy, input_ids, attention_mask, labels,
+                                            pixel_values, features=feats, **image_kwargs)
+        else:
+            raise ValueError("ref_chosen_logps/ref_rejected_logps: reference_mode='cached' needs "
+                             "the cached reference log-probs passed to forward()")
+        b = input_ids.shape[0] // 2
+        return lp[:b].float(), lp[b:].float()
+
+    # ---- the step ------------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values, ref_chosen_logps=None,
+                ref_rejected_logps=None, **image_kwargs):
+        """DPO forward on ``[chosen; rejected]`` rows; returns a :class:`PreferenceOutput`.
+
+        ``ref_chosen_logps``/``ref_rejected_logps`` (``[B]``) are required for the cached reference
+        and, when given, used instead of running the reference in the other modes too.
+        """
+        from bpo_fast.ops.linear import fused_linear_dpo_loss
+
+        self._check_batch(input_ids, attention_mask, labels, pixel_values)
+        b = input_ids.shape[0] // 2
+        features = self.encode(self.policy, pixel_values, **image_kwargs)
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            if ref_chosen_logps is not None or ref_rejected_logps is not None:
+                raise ValueError("ref_chosen_logps/ref_rejected_logps: pass both or neither")
+            ref_c, ref_r = self.reference_logps(input_ids, attention_mask, labels, pixel_values,
+                                                features=features.detach(), **image_kwargs)
+        else:
+            ref_c, ref_r = (torch.as_tensor(t, device=input_ids.device).float().reshape(-1)
+                            for t in (ref_chosen_logps, ref_rejected_logps))
+            if ref_c.shape[0] != b or ref_r.shape[0] != b:
+                raise ValueError(f"ref_chosen_logps/ref_rejected_logps: expected [{b}] each, got "
+                                 f"{tuple(ref_c.shape)} / {tuple(ref_r.shape)}")
+        hidden = self.hidden_states(self.policy, input_ids, attention_mask, features)
+        w, bias = self._head(self.policy, hidden)
+        out = fused_linear_dpo_loss(hidden, w, labels, ref_c, ref_r, bias=bias, beta=self.beta,
+                                    loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                                    ignore_index=IGNORE_INDEX, temperature=self.temperature)
+        n_c, n_r = self.token_counts(labels)
+        return PreferenceOutput(loss=out.loss, dpo=out, policy_chosen_logps=out.policy_chosen_logps,
+                                policy_rejected_logps=out.policy_rejected_logps,
+                                ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+                                chosen_tokens=n_c, rejected_tokens=n_r)
+
+    # ---- construction from a path ----------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, *, reference="model", reference_path=None, dtype=torch.float32,
+                        reference_dtype=None, device=None, lora=None, attn_implementation=None,
+                        freeze_vision=True, train_projector=False, gradient_checkpointing=False,
+                        **kwargs):
+        """Load the policy (and the reference) from local paths and wrap them.
+
+        ``lora``: a ``peft.LoraConfig`` (or None for full fine-tuning of the language model);
+        ``reference``: ``"model"`` (loads ``reference_path`` or ``path`` again in
+        ``reference_dtype``), ``"lora"`` (needs ``lora``) or ``"cached"``.
+        """
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"reference: expected one of {list(REFERENCE_MODES)}, got {reference!r}")
+        if reference == "lora" and lora is None:
+            raise ValueError("lora: reference='lora' needs a LoRA config")
+        policy = load_vlm(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+        policy = prepare_policy(policy, lora=lora, freeze_vision=freeze_vision,
+                                train_projector=train_projector,
+                                gradient_checkpointing=gradient_checkpointing)
+        ref = None
+        if reference == "model":
+            ref = load_vlm(reference_path or path, dtype=reference_dtype or dtype,
+                           attn_implementation=attn_implementation, device=device)
+        return cls(policy, ref, reference_mode=reference, **kwargs)
+
+
+def prepare_policy(model, *, lora=None, freeze_vision=True, train_projector=False,
+                   gradient_checkpointing=False):
+    """Set what trains: the image path frozen by default (the projector with ``train_projector``),
+    LoRA adapters on the language model when ``lora`` (a ``peft.LoraConfig``) is given."""
+    check_vlm_api(model)
+    base = unwrap(model)
+    img = image_path_parameters(model)
+    projector = _projector_module(base)
+    proj_ids = {id(p) for p in projector.parameters()} if projector is not None else set()
+    if train_projector and projector is None:
+        raise ValueError("train_projector: the model has no recognisable projector module "
+                         "(multi_modal_projector / mm_projector)")
+    if lora is not None:
+        from peft import get_peft_model
+
+        base.requires_grad_(False)
+        if train_projector:
+            lora.modules_to_save = list(lora.modules_to_save or []) + [_projector_name(base)]
+        model = get_peft_model(base, lora)
+    else:
+        for _, p in img:
+            p.requires_grad_(not freeze_vision or (train_projector and id(p) in proj_ids))
+    if gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        unwrap(model).config.use_cache = False
+    return model
+
+
+_PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "projector")
+
+
+def _projector_name(base):
+    for name, _ in base.named_modules():
+        if name.split(".")[-1] in _PROJECTOR_NAMES:
+            return name
+    return None
+
+
+def _projector_module(base):
+    name = _projector_name(base)
+    return base.get_submodule(name) if name else None
+
+
+def default_lora_targets(model):
+    """Regex for LoRA on the language model's attention and MLP projections only (not the vision
+    tower, not the LM head)."""
+    base = unwrap(model)
+    _, decoder, _ = _parts(model)
+    prefix = next(n for n, m in base.named_modules() if m is decoder)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    escaped = re.escape(prefix)
+    return escaped + r"\..*\.(" + "|".join(names) + ")"
