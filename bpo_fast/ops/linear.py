@@ -1,0 +1,478 @@
+"""Fused LM head: token / sequence log-probs and the DPO loss straight from hidden states.
+
+``linear_token_logprobs(hidden, weight, labels)`` gives the same numbers as
+``token_logprobs(hidden @ weight.T (+ bias), labels)`` without ever building the ``[N, T, V]``
+logits (nor their gradient). How:
+
+1. **Compact** the scored positions (``labels[:, t+1] != ignore_index``, HF shift) with a single
+   ``nonzero`` -- the only host sync of a call; the label range check rides on the same sync.
+   Everything after scales with the number of scored tokens ``S``, not with ``N * T`` (image
+   tokens, prompts and padding cost nothing).
+2. **Chunk** the ``[S, V]`` logits into ``[ct, cv]`` tiles whose float32 size is bounded by
+   ``chunk_bytes``: each tile is produced with float32 accumulation *and float32 output* (a
+   logit rounded to bf16 before the log-sum-exp biases training), folded into a running
+   (max, sum-exp) per token, and dropped. Only the float32 per-token log-sum-exp (and the
+   compacted index) is saved for backward.
+3. **Backward** recomputes each tile, forms ``d = (onehot - softmax) * g / temperature`` in the
+   matmul dtype and runs the two gradient GEMMs; ``grad_hidden``, ``grad_weight`` and
+   ``grad_bias`` accumulate in float32 and are written in the input dtype. An input with
+   ``requires_grad=False`` costs nothing (frozen LM head: no ``grad_weight`` GEMM).
+
+Implementations (``impl=``), all computing the same thing:
+
+* ``"torch"``: the chunked reference in plain PyTorch (CPU default; bounded memory on CPU too).
+* ``"cublas"``: the same chunk loop, float32 logit tiles from cuBLAS
+  (``torch.mm(..., out_dtype=torch.float32)``) reduced by the Triton row kernels of
+  ``kernels/linear.py`` (``d`` is written in place over the tile, halving its memory).
+* ``"triton"``: CCE-style Triton kernels that compute logit tiles with ``tl.dot`` and reduce
+  them in registers (forward), and recompute them to accumulate the gradients with float32
+  atomics (backward).
+
+``"auto"`` picks ``"torch"`` off-GPU and ``"cublas"`` on CUDA (``"triton"`` when this torch's
+cuBLAS cannot write float32 from bf16/fp16 inputs); ``BPO_FAST_LINEAR_IMPL`` overrides it.
+This is a heuristic until ``bench/linear.py`` has numbers on the target GPU (see BENCH results).
+
+The DPO part (:func:`fused_linear_dpo_loss`) composes these differentiable per-sequence
+log-probs with :func:`bpo_fast.ops.dpo.dpo_loss`: it works on ``[B]`` tensors and costs nothing
+next to the LM head.
+"""
+
+import math
+import os
+
+import torch
+
+IMPLS = ("auto", "torch", "cublas", "triton")
+DEFAULT_CHUNK_BYTES = 512 << 20
+# fp32 accumulators are read and written once per GEMM; with K >= MIN_TILE the GEMM's FLOPs
+# outweigh that traffic by >= ~4x on an H100 (the accumulation GEMM has K = the tile's other side)
+_MIN_TILE = 4096
+_ALIGN = 128
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and compaction
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature):
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the LM head [V, H], got shape {tuple(weight.shape)}")
+    N, T, H = hidden.shape
+    V, Hw = weight.shape
+    if Hw != H:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {H}, "
+                         f"got shape {tuple(weight.shape)}")
+    if V == 0 or H == 0:
+        raise ValueError(f"weight must have V > 0 and H > 0, got shape {tuple(weight.shape)}")
+    if tuple(labels.shape) != (N, T):
+        raise ValueError(f"labels must be [N, T] = {(N, T)} like hidden's first two dims, "
+                         f"got shape {tuple(labels.shape)}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight and hidden must have the same dtype, got weight {weight.dtype} "
+                        f"and hidden {hidden.dtype}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must be [V] = ({V},), got shape {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    devs = {t.device for t in (hidden, weight, labels) + ((bias,) if bias is not None else ())}
+    if len(devs) != 1:
+        raise ValueError(f"hidden, weight, labels and bias must be on one device, got {devs}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return N, T, H, V
+
+
+def _compact(labels, ignore_index, V):
+    """(n_idx, t_idx, targets): the scored positions (position t scores labels[t + 1])."""
+    N, T = labels.shape
+    dev = labels.device
+    if T < 2 or N == 0:
+        e = torch.zeros(0, dtype=torch.long, device=dev)
+        return e, e.clone(), e.clone()
+    nxt = labels[:, 1:].long()
+    scored = (nxt != ignore_index).reshape(-1)
+    bad = scored & ((nxt.reshape(-1) < 0) | (nxt.reshape(-1) >= V))
+    # One nonzero is the one host sync of a call. The range check rides on it: a bad label
+    # appends numel+1 extra hits, so "more hits than positions" <=> some label is out of range.
+    flags = torch.cat([scored, bad.any().expand(scored.numel() + 1)])
+    idx = torch.nonzero(flags).squeeze(1)
+    if idx.numel() > scored.numel():
+        raise ValueError(f"labels must be in [0, V={V}) or equal ignore_index={ignore_index} "
+                         f"at scored positions")
+    return idx // (T - 1), idx % (T - 1), nxt.reshape(-1)[idx]
+
+
+def _plan(S, V, chunk_bytes, chunk_sizes=None):
+    """Token and vocabulary ranges of the logit tiles: ``[ct, cv]`` float32 within chunk_bytes,
+    both sides >= _MIN_TILE where they can be (GEMM efficiency and accumulator traffic)."""
+    if chunk_sizes is not None:
+        ct, cv = (max(1, int(c)) for c in chunk_sizes)
+    else:
+        elems = max(1, chunk_bytes // 4)
+        if S * V <= elems:
+            ct, cv = S, V
+        else:
+            ct = min(S, max(_MIN_TILE, elems // V // _ALIGN * _ALIGN))
+            cv = min(V, max(_ALIGN, elems // max(ct, 1) // _ALIGN * _ALIGN))
+    ct, cv = max(1, min(ct, S)), min(cv, V)
+    return ([(t, min(S, t + ct)) for t in range(0, S, ct)],
+            [(v, min(V, v + cv)) for v in range(0, V, cv)])
+
+
+# ----------------------------------------------------------------------------------------------
+# float32-output matmuls
+# ----------------------------------------------------------------------------------------------
+
+_CAPS = {}
+
+
+def _cuda_caps(device):
+    """Whether this torch's cuBLAS writes float32 from bf16 inputs: ``mm(out_dtype=)`` and the
+    in-place accumulating ``addmm(acc, a, b, out_dtype=float32, out=acc)`` (checked numerically
+    once per device)."""
+    key = str(device)
+    if key not in _CAPS:
+        caps = {"mm": False, "addmm": False}
+        try:
+            a = torch.randn(64, 32, device=device).to(torch.bfloat16)
+            b = torch.randn(32, 48, device=device).to(torch.bfloat16)
+            ref = a.float() @ b.float()
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            caps["mm"] = out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-3)
+            acc = torch.ones(64, 48, device=device)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            caps["addmm"] = torch.allclose(acc, ref + 1, atol=1e-3)
+        except (RuntimeError, TypeError):
+            pass
+        _CAPS[key] = caps
+    return _CAPS[key]
+
+
+def _mm_f32(a, w):
+    """``a @ w.T`` as float32 with float32 accumulation; ``a [m, k]``, ``w [n, k]``."""
+    if a.dtype == torch.float32:
+        return a @ w.t()
+    if a.is_cuda and _cuda_caps(a.device)["mm"]:
+        return torch.mm(a, w.t(), out_dtype=torch.float32)
+    return a.float() @ w.float().t()  # CPU reference: chunk-sized upcasts
+
+
+def _addmm_f32_(acc, a, b):
+    """``acc += a @ b`` with ``acc`` float32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _cuda_caps(a.device)["addmm"]:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif a.is_cuda:
+        acc.add_(a @ b)  # old torch: each tile's product is rounded once before accumulation
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# tile reducers: PyTorch reference and Triton row kernels
+# ----------------------------------------------------------------------------------------------
+
+
+class _TorchReducer:
+    @staticmethod
+    def update(z, bias_v, targets, m, s, tlog, v0, inv_temp):
+        cv = z.shape[1]
+        if bias_v is not None:
+            z.add_(bias_v.float())
+        z.mul_(inv_temp)
+        t = targets - v0
+        hit = (t >= 0) & (t < cv)
+        tlog.copy_(torch.where(hit, z.gather(1, t.clamp(0, cv - 1)[:, None]).squeeze(1), tlog))
+        m_new = torch.maximum(m, z.max(1).values)
+        s.mul_(torch.exp(m - m_new)).add_(z.sub_(m_new[:, None]).exp_().sum(1))
+        m.copy_(m_new)
+
+    @staticmethod
+    def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, need_gb):
+        cv = z.shape[1]
+        if bias_v is not None:
+            z.add_(bias_v.float())
+        d = z.mul_(inv_temp).sub_(lse[:, None]).exp_().neg_()
+        t = targets - v0
+        hit = (t >= 0) & (t < cv)
+        d.scatter_add_(1, t.clamp(0, cv - 1)[:, None], hit.to(d.dtype)[:, None])
+        d.mul_(gscale[:, None])
+        gb = d.sum(0) if need_gb else None
+        return d.to(dtype), gb
+
+
+class _TritonReducer:
+    @staticmethod
+    def update(z, bias_v, targets, m, s, tlog, v0, inv_temp):
+        from bpo_fast.kernels import linear as K
+
+        K.lse_update(z, bias_v, targets, m, s, tlog, v0, inv_temp)
+
+    @staticmethod
+    def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, need_gb):
+        from bpo_fast.kernels import linear as K
+
+        d = K.dlogits_(z, K.float32_chunk_as(z, dtype), bias_v, targets, lse, gscale, v0,
+                       inv_temp)
+        gb = d.sum(0, dtype=torch.float32) if need_gb else None
+        return d, gb
+
+
+# ----------------------------------------------------------------------------------------------
+# chunked forward / backward (impl "torch" and "cublas")
+# ----------------------------------------------------------------------------------------------
+
+
+def _gather(hidden, n_idx, t_idx, lo, hi):
+    return hidden[n_idx[lo:hi], t_idx[lo:hi]]
+
+
+def _chunked_forward(reducer, hidden, weight, bias, n_idx, t_idx, targets, inv_temp, plan):
+    S = n_idx.numel()
+    dev = weight.device
+    m = torch.full((S,), float("-inf"), device=dev, dtype=torch.float32)
+    s = torch.zeros(S, device=dev, dtype=torch.float32)
+    tlog = torch.zeros(S, device=dev, dtype=torch.float32)
+    t_chunks, v_chunks = plan
+    for t0, t1 in t_chunks:
+        h_c = _gather(hidden, n_idx, t_idx, t0, t1)
+        for v0, v1 in v_chunks:
+            z = _mm_f32(h_c, weight[v0:v1])
+            reducer.update(z, None if bias is None else bias[v0:v1], targets[t0:t1],
+                           m[t0:t1], s[t0:t1], tlog[t0:t1], v0, inv_temp)
+            del z  # let the allocator hand the same block to the next tile
+    return m + torch.log(s), tlog
+
+
+def _chunked_backward(reducer, hidden, weight, bias, n_idx, t_idx, targets, lse, gscale,
+                      inv_temp, plan, need_h, need_w, need_b):
+    S = n_idx.numel()
+    V, H = weight.shape
+    dtype, dev = weight.dtype, weight.device
+    f32 = torch.float32
+    t_chunks, v_chunks = plan
+    nt, nv = len(t_chunks), len(v_chunks)
+    gh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
+    gb32 = torch.zeros(V, device=dev, dtype=f32) if need_b else None
+
+    # One of grad_hidden / grad_weight can be written straight from one GEMM per tile (fp32
+    # accumulation inside cuBLAS) when its reduction dim is not split; the other needs an fp32
+    # accumulator across tiles. Looping vocab-outer keeps a full [S, H] accumulator and a
+    # [cv, H] one; token-outer a [ct, H] and a full [V, H]: take the smaller.
+    v_outer = S <= V
+
+    def tile(t0, t1, v0, v1, h_c, gh_acc, gw_acc):
+        w_v = weight[v0:v1]
+        z = _mm_f32(h_c, w_v)
+        d, gb = reducer.dlogits(z, None if bias is None else bias[v0:v1], targets[t0:t1],
+                                lse[t0:t1], gscale[t0:t1], v0, inv_temp, dtype, need_b)
+        if need_b:
+            gb32[v0:v1] += gb
+        if need_h:
+            if gh_acc is None:  # the whole vocabulary in this tile
+                gh[n_idx[t0:t1], t_idx[t0:t1]] = d @ w_v
+            else:
+                _addmm_f32_(gh_acc, d, w_v)
+        if need_w:
+            if gw_acc is None:  # all scored tokens in this tile
+                torch.mm(d.t(), h_c, out=gw[v0:v1])
+            else:
+                _addmm_f32_(gw_acc, d.t(), h_c)
+
+    if v_outer:
+        gh32 = torch.zeros(S, H, device=dev, dtype=f32) if need_h and nv > 1 else None
+        h_all = _gather(hidden, n_idx, t_idx, 0, S) if nt == 1 else None
+        for v0, v1 in v_chunks:
+            gw32 = torch.zeros(v1 - v0, H, device=dev, dtype=f32) if need_w and nt > 1 else None
+            for t0, t1 in t_chunks:
+                h_c = h_all if h_all is not None else _gather(hidden, n_idx, t_idx, t0, t1)
+                tile(t0, t1, v0, v1, h_c, None if gh32 is None else gh32[t0:t1], gw32)
+            if gw32 is not None:
+                gw[v0:v1] = gw32
+        if gh32 is not None:
+            gh[n_idx, t_idx] = gh32.to(dtype)
+    else:
+        gw32 = torch.zeros(V, H, device=dev, dtype=f32) if need_w and nt > 1 else None
+        for t0, t1 in t_chunks:
+            h_c = _gather(hidden, n_idx, t_idx, t0, t1)
+            gh32 = torch.zeros(t1 - t0, H, device=dev, dtype=f32) if need_h and nv > 1 else None
+            for v0, v1 in v_chunks:
+                tile(t0, t1, v0, v1, h_c, gh32, None if gw32 is None else gw32[v0:v1])
+            if gh32 is not None:
+                gh[n_idx[t0:t1], t_idx[t0:t1]] = gh32.to(dtype)
+        if gw32 is not None:
+            gw.copy_(gw32)
+    return gh, gw, None if gb32 is None else gb32.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused Triton (impl "triton")
+# ----------------------------------------------------------------------------------------------
+
+
+def _row_offsets(hidden, n_idx, t_idx):
+    return n_idx * hidden.stride(0) + t_idx * hidden.stride(1)
+
+
+def _triton_forward(hidden, weight, bias, n_idx, t_idx, targets, inv_temp):
+    from bpo_fast.kernels import linear as K
+
+    lse, tlog = K.fused_forward(hidden, _row_offsets(hidden, n_idx, t_idx), weight, bias,
+                                targets, inv_temp)
+    return lse, tlog
+
+
+def _triton_backward(hidden, weight, bias, n_idx, t_idx, targets, lse, gscale, inv_temp, plan,
+                     need_h, need_w, need_b):
+    from bpo_fast.kernels import linear as K
+
+    V, H = weight.shape
+    dev, f32 = weight.device, torch.float32
+    gh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    gw32 = torch.zeros(V, H, device=dev, dtype=f32) if need_w else None
+    gb32 = torch.zeros(V, device=dev, dtype=f32) if need_b else None
+    row_off = _row_offsets(hidden, n_idx, t_idx)
+    # token chunks bound the fp32 grad_hidden accumulator
+    for t0, t1 in plan[0]:
+        gh32 = torch.zeros(t1 - t0, H, device=dev, dtype=f32) if need_h else None
+        K.fused_backward(hidden, row_off[t0:t1], weight, bias, targets[t0:t1], lse[t0:t1],
+                         gscale[t0:t1], inv_temp, gh=gh32, gw=gw32, gb=gb32)
+        if need_h:
+            gh[n_idx[t0:t1], t_idx[t0:t1]] = gh32.to(hidden.dtype)
+    return (gh, None if gw32 is None else gw32.to(weight.dtype),
+            None if gb32 is None else gb32.to(weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_impl(impl, device):
+    if impl is None or impl == "auto":
+        impl = os.environ.get("BPO_FAST_LINEAR_IMPL", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        if device.type != "cuda":
+            return "torch"
+        return "cublas" if _cuda_caps(device)["mm"] else "triton"
+    if impl in ("cublas", "triton") and device.type != "cuda" \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"impl={impl!r} needs a CUDA device (or TRITON_INTERPRET=1), "
+                         f"got tensors on {device}")
+    return impl
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Per scored token log-prob ``[S]`` float32 from hidden [N, T, H] and weight [V, H]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, n_idx, t_idx, targets, temperature, impl, plan):
+        inv_temp = 1.0 / temperature
+        if n_idx.numel() == 0:
+            lse = torch.zeros(0, device=weight.device, dtype=torch.float32)
+            tlog = lse
+        elif impl == "triton":
+            lse, tlog = _triton_forward(hidden, weight, bias, n_idx, t_idx, targets, inv_temp)
+        else:
+            reducer = _TritonReducer if impl == "cublas" else _TorchReducer
+            lse, tlog = _chunked_forward(reducer, hidden, weight, bias, n_idx, t_idx, targets,
+                                         inv_temp, plan)
+        ctx.save_for_backward(hidden, weight, bias, n_idx, t_idx, targets, lse)
+        ctx.inv_temp, ctx.impl, ctx.plan = inv_temp, impl, plan
+        return tlog - lse
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, bias, n_idx, t_idx, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        if not (need_h or need_w or need_b):
+            return (None,) * 9
+        if n_idx.numel() == 0:
+            gh = torch.zeros_like(hidden) if need_h else None
+            gw = torch.zeros_like(weight) if need_w else None
+            gb = torch.zeros_like(bias) if need_b else None
+        else:
+            gscale = g.float().contiguous() * ctx.inv_temp
+            args = (hidden, weight, bias, n_idx, t_idx, targets, lse, gscale, ctx.inv_temp,
+                    ctx.plan, need_h, need_w, need_b)
+            if ctx.impl == "triton":
+                gh, gw, gb = _triton_backward(*args)
+            else:
+                reducer = _TritonReducer if ctx.impl == "cublas" else _TorchReducer
+                gh, gw, gb = _chunked_backward(reducer, *args)
+        return gh, gw, gb, None, None, None, None, None, None
+
+
+def _scored_logprobs(hidden, weight, labels, bias, ignore_index, temperature, impl,
+                     chunk_bytes, chunk_sizes):
+    """(per scored token log-probs [S] float32, n_idx, t_idx, N, T): the common core."""
+    N, T, H, V = _check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
+    impl = _resolve_impl(impl, weight.device)
+    n_idx, t_idx, targets = _compact(labels, ignore_index, V)
+    if chunk_bytes is None:
+        chunk_bytes = int(float(os.environ.get("BPO_FAST_LINEAR_CHUNK_MB", "0")) * 2 ** 20) \
+            or DEFAULT_CHUNK_BYTES
+    plan = _plan(n_idx.numel(), V, chunk_bytes, chunk_sizes)
+    logp = _LinearLogprobs.apply(hidden, weight, bias, n_idx, t_idx, targets,
+                                 float(temperature), impl, plan)
+    return logp, n_idx, t_idx, N, T
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100,
+                          temperature=1.0, impl="auto", chunk_bytes=None, chunk_sizes=None):
+    """Per-token log-probs ``[N, T]`` float32 of ``labels`` under
+    ``(hidden @ weight.T + bias) / temperature``, without building the logits.
+
+    ``hidden [N, T, H]`` (fp32/bf16/fp16, any strides), ``weight [V, H]`` (same dtype),
+    ``labels [N, T]`` in the HF convention: position ``t`` scores ``labels[:, t + 1]``, the last
+    position and positions whose next label is ``ignore_index`` hold 0. Differentiable w.r.t.
+    ``hidden``, ``weight`` and ``bias``. ``impl``: ``"auto"``, ``"torch"``, ``"cublas"``,
+    ``"triton"`` (see the module doc); ``chunk_bytes`` bounds the float32 logit tile
+    (default 512 MiB, env ``BPO_FAST_LINEAR_CHUNK_MB``); ``chunk_sizes=(tokens, vocab)`` forces
+    the tile shape.
+    """
+    logp, n_idx, t_idx, N, T = _scored_logprobs(hidden, weight, labels, bias, ignore_index,
+                                                temperature, impl, chunk_bytes, chunk_sizes)
+    out = torch.zeros(N, T, device=weight.device, dtype=torch.float32)
+    return out.index_put((n_idx, t_idx), logp)
+
+
+def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100,
+                             temperature=1.0, impl="auto", chunk_bytes=None, chunk_sizes=None):
+    """``(logps [N] float32, n_tokens [N] int64)``: the summed log-prob of each sequence's scored
+    tokens and their count; see :func:`linear_token_logprobs`. An all-masked row gives (0, 0)."""
+    logp, n_idx, _, N, _ = _scored_logprobs(hidden, weight, labels, bias, ignore_index,
+                                            temperature, impl, chunk_bytes, chunk_sizes)
+    dev = weight.device
+    logps = torch.zeros(N, device=dev, dtype=torch.float32).index_add(0, n_idx, logp)
+    n_tokens = torch.zeros(N, device=dev, dtype=torch.long).index_add_(
+        0, n_idx, torch.ones_like(n_idx))
+    return logps, n_tokens

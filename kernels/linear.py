@@ -1,0 +1,293 @@
+"""Triton kernels for the fused LM head (log-probs straight from hidden states).
+
+Two GPU strategies live here; ``bpo_fast/ops/linear.py`` orchestrates them and
+``bench/linear.py`` times both:
+
+* **cublas** -- cuBLAS produces a float32 chunk of logits ``z = h_c @ W_v.T`` and two
+  row-wise kernels reduce it on the fly:
+  :func:`lse_update` folds the chunk into running (max, sum-exp) statistics and gathers the
+  target logit; :func:`dlogits_` overwrites the chunk, in place, with
+  ``d = (onehot - softmax) * g / temperature`` in the matmul dtype, ready for the two
+  backward GEMMs.
+* **triton** -- CCE-style kernels that never write logits at all: :func:`fused_forward`
+  computes ``[BM, BV]`` logit tiles with ``tl.dot`` (float32 accumulators) and reduces them
+  with an online log-sum-exp; :func:`fused_backward` recomputes each tile, forms ``d`` and
+  accumulates ``grad_hidden`` / ``grad_weight`` / ``grad_bias`` with float32 atomics.
+
+Scored positions are compacted by the caller; hidden rows are read through a per-row element
+offset (``row_off``) so that any strided ``hidden [N, T, H]`` works without a copy.
+
+Everything runs under ``TRITON_INTERPRET=1`` on CPU tensors (small fp32 shapes), which is how
+the test-suite checks these kernels on machines without a GPU.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------------------------
+# cublas strategy: row-wise reductions of a float32 logits chunk
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lse_update_kernel(z_ptr, stride_z, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
+                       v0, n_cols, inv_temp,
+                       HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    m = tl.load(m_ptr + row)
+    s = tl.load(s_ptr + row)
+    for c0 in range(0, n_cols, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        x = tl.load(z_row + cols, mask=mask, other=0.0)
+        if HAS_BIAS:
+            x += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x * inv_temp, float("-inf"))
+        # every block holds at least one real column, so m_new is finite and exp(m - m_new)
+        # is 0 (not NaN) on the first block where m is still -inf
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    # the target logit, when the target falls inside this vocabulary chunk
+    t = tl.load(tgt_ptr + row) - v0
+    hit = (t >= 0) & (t < n_cols)
+    t_safe = tl.where(hit, t, 0)
+    zt = tl.load(z_row + t_safe)
+    if HAS_BIAS:
+        zt += tl.load(b_ptr + t_safe).to(tl.float32)
+    tl.store(t_ptr + row, zt * inv_temp, mask=hit)
+
+
+def lse_update(z, bias_v, targets, m, s, tgt_logit, v0, inv_temp, block_v=None):
+    """Fold the float32 chunk ``z [C, Vc]`` (columns ``v0 .. v0+Vc`` of the logits, before bias
+    and temperature) into the running max ``m [C]`` and sum-exp ``s [C]`` (in place), and write
+    ``(z + b)[target] / temperature`` into ``tgt_logit [C]`` for rows whose target is in range.
+    """
+    C, n_cols = z.shape
+    if C == 0:
+        return
+    assert z.dtype == torch.float32 and z.stride(1) == 1
+    block_v = block_v or min(4096, triton.next_power_of_2(n_cols))
+    _lse_update_kernel[(C,)](
+        z, z.stride(0), bias_v if bias_v is not None else z, targets, m, s, tgt_logit,
+        v0, n_cols, float(inv_temp),
+        HAS_BIAS=bias_v is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+
+
+@triton.jit
+def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, b_ptr, tgt_ptr, lse_ptr, gs_ptr,
+                    v0, n_cols, inv_temp,
+                    HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    d_row = d_ptr + row * stride_d
+    lse = tl.load(lse_ptr + row)
+    gs = tl.load(gs_ptr + row)
+    t = tl.load(tgt_ptr + row) - v0
+    # d may alias z (a narrower dtype view of the same row): block j writes bytes that lie
+    # before the float32 bytes of block j+1, and reads of block j precede its own writes, so the
+    # in-place pass is safe in any order the compiler may pipeline it.
+    for c0 in range(0, n_cols, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        x = tl.load(z_row + cols, mask=mask, other=0.0)
+        if HAS_BIAS:
+            x += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x * inv_temp - lse)
+        d = (tl.where(cols == t, 1.0, 0.0) - p) * gs
+        tl.store(d_row + cols, d.to(d_ptr.dtype.element_ty), mask=mask)
+
+
+def dlogits_(z, d, bias_v, targets, lse, gscale, v0, inv_temp, block_v=None):
+    """Write ``d = (onehot(target - v0) - softmax) * gscale`` for the float32 chunk ``z [C, Vc]``
+    into ``d [C, Vc]`` (any float dtype; may be a view of ``z``'s own storage, see
+    :func:`float32_chunk_as`). ``gscale`` is ``g / temperature`` per row."""
+    C, n_cols = z.shape
+    if C == 0:
+        return d
+    assert z.dtype == torch.float32 and z.stride(1) == 1 and d.stride(1) == 1
+    block_v = block_v or min(4096, triton.next_power_of_2(n_cols))
+    _dlogits_kernel[(C,)](
+        z, z.stride(0), d, d.stride(0), bias_v if bias_v is not None else z, targets, lse, gscale,
+        v0, n_cols, float(inv_temp),
+        HAS_BIAS=bias_v is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+    return d
+
+
+def float32_chunk_as(z, dtype):
+    """A ``[C, Vc]`` view in ``dtype`` over the storage of the float32 chunk ``z``, row ``r``
+    starting where ``z``'s row ``r`` starts, for the in-place :func:`dlogits_`."""
+    if dtype == torch.float32:
+        return z
+    # viewing float32 as a 2-byte dtype doubles the last dim and the row stride
+    return z.view(dtype)[:, :z.shape[1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# triton strategy: logit tiles from tl.dot, reduced on the fly (never written to memory)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, stride_wk, H,
+                BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    acc = tl.zeros((BM, BV), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < H
+        a = tl.load(h_ptr + roff[:, None] + ks[None, :] * stride_hk,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+                    mask=cmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
+                      m_ptr, s_ptr, t_ptr, S, V, H, inv_temp, v_per_split,
+                      HAS_BIAS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+                      BK: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < S
+    roff = tl.load(roff_ptr + rows, mask=rmask, other=0)
+    tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    m = tl.full((BM,), float("-inf"), tl.float32)
+    s = tl.zeros((BM,), tl.float32)
+    tlog = tl.zeros((BM,), tl.float32)
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(V, v_start + v_per_split)
+    for v0 in range(v_start, v_end, BV):
+        cols = v0 + tl.arange(0, BV)
+        cmask = cols < v_end
+        acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, stride_wk,
+                          H, BM, BV, BK, PREC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        x = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+        tlog += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), axis=1)
+    out = pid_s * S + rows
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(s_ptr + out, s, mask=rmask)
+    tl.store(t_ptr + out, tlog, mask=rmask)
+
+
+@triton.jit
+def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
+                      lse_ptr, gs_ptr, gh_ptr, gw_ptr, gb_ptr, S, V, H, inv_temp,
+                      HAS_BIAS: tl.constexpr, NEED_GH: tl.constexpr, NEED_GW: tl.constexpr,
+                      NEED_GB: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+                      BK: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < S
+    cols = pid_v * BV + tl.arange(0, BV)
+    cmask = cols < V
+    roff = tl.load(roff_ptr + rows, mask=rmask, other=0)
+    acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, stride_wk,
+                      H, BM, BV, BK, PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    gs = tl.load(gs_ptr + rows, mask=rmask, other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    p = tl.exp(acc * inv_temp - lse[:, None])
+    d = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p) * gs[:, None]
+    d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
+    if NEED_GB:
+        tl.atomic_add(gb_ptr + cols, tl.sum(d, axis=0), mask=cmask)
+    # the two gradient products take d in the matmul dtype (tensor cores), accumulate in fp32
+    dc = d.to(w_ptr.dtype.element_ty)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < H
+        if NEED_GH:
+            wt = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+                         mask=cmask[:, None] & kmask[None, :], other=0.0)
+            gh = tl.dot(dc, wt, input_precision=PREC)
+            tl.atomic_add(gh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :], gh,
+                          mask=rmask[:, None] & kmask[None, :])
+        if NEED_GW:
+            ht = tl.load(h_ptr + roff[:, None] + ks[None, :] * stride_hk,
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+            gw = tl.dot(tl.trans(dc), ht, input_precision=PREC)
+            tl.atomic_add(gw_ptr + cols[:, None].to(tl.int64) * H + ks[None, :], gw,
+                          mask=cmask[:, None] & kmask[None, :])
+
+
+def _tile_config(hidden, device):
+    """(BM, BV, BK, num_warps, num_stages). Small tiles under the interpreter (speed of the
+    CPU emulation); tensor-core sized tiles on a GPU."""
+    if device.type != "cuda":
+        return 16, 32, 16, 4, 1
+    if hidden.dtype == torch.float32:
+        return 64, 64, 32, 4, 2
+    return 128, 128, 64, 8, 3
+
+
+def _prec(dtype):
+    # fp32 inputs must give fp32 products (the reference is fp32); tf32 would cost ~1e-3
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None):
+    """Per scored row (``row_off`` element offsets into ``hidden``'s storage, last dim stride
+    ``hidden.stride(-1)``): ``(lse, target_logit)`` of ``(h @ W.T + b) / temperature``, float32.
+    """
+    S = row_off.numel()
+    V, H = weight.shape
+    dev = weight.device
+    if S == 0:
+        z = torch.zeros(0, device=dev, dtype=torch.float32)
+        return z, z.clone()
+    BM, BV, BK, warps, stages = config or _tile_config(hidden, dev)
+    n_m = triton.cdiv(S, BM)
+    n_vb = triton.cdiv(V, BV)
+    # split the vocabulary across programs when there are too few row blocks to fill the GPU
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    split = max(1, min(n_vb, triton.cdiv(4 * sms, n_m)))
+    v_per_split = triton.cdiv(n_vb, split) * BV
+    split = triton.cdiv(V, v_per_split)
+    part = torch.empty((3, split, S), device=dev, dtype=torch.float32)
+    _fused_fwd_kernel[(n_m, split)](
+        hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
+        bias if bias is not None else weight, targets, part[0], part[1], part[2],
+        S, V, H, float(inv_temp), v_per_split,
+        HAS_BIAS=bias is not None, BM=BM, BV=BV, BK=BK, PREC=_prec(hidden.dtype),
+        num_warps=warps, num_stages=stages)
+    m, s, t = part[0], part[1], part[2]
+    mx = m.max(0).values
+    lse = mx + torch.log((s * torch.exp(m - mx)).sum(0))
+    return lse, t.sum(0)
+
+
+def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp,
+                   gh=None, gw=None, gb=None, config=None):
+    """Accumulate (float32 atomics) into ``gh [S, H]``, ``gw [V, H]``, ``gb [V]`` (each optional,
+    each float32, contiguous) the gradients of ``sum(gscale * temperature * logp)``;
+    ``gscale`` is ``g / temperature`` per scored row."""
+    S = row_off.numel()
+    V, H = weight.shape
+    if S == 0 or (gh is None and gw is None and gb is None):
+        return
+    BM, BV, BK, warps, stages = config or _tile_config(hidden, weight.device)
+    dummy = lse
+    _fused_bwd_kernel[(triton.cdiv(S, BM), triton.cdiv(V, BV))](
+        hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
+        bias if bias is not None else weight, targets, lse, gscale,
+        gh if gh is not None else dummy, gw if gw is not None else dummy,
+        gb if gb is not None else dummy, S, V, H, float(inv_temp),
+        HAS_BIAS=bias is not None, NEED_GH=gh is not None, NEED_GW=gw is not None,
+        NEED_GB=gb is not None, BM=BM, BV=BV, BK=BK, PREC=_prec(hidden.dtype),
+        num_warps=warps, num_stages=stages)
