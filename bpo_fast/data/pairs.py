@@ -40,7 +40,8 @@ from bpo_fast.data.llava_format import TURN_MODES, MalformedRecord, iter_records
 from bpo_fast.data.schema import (INJECTORS, STRATEGIES, SchemaError, normalize_text,
                                   turns_to_messages, validate_pair)
 
-__all__ = ["PairBuilderConfig", "BuildSummary", "build_pairs", "shard_path", "errors_path",
+__all__ = ["PairBuilderConfig", "BuildSummary", "build_pairs", "merge_pairs", "MergeSummary",
+           "find_shards", "shard_path", "errors_path",
            "load_model", "parse_noise_steps", "dist_env", "pixels_for_levels"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -119,7 +120,7 @@ class BuildSummary:
         w = ", ".join(f"{k}={v}" for k, v in sorted(self.written.items())) or "none"
         dr = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
         er = ", ".join(f"{k}={v}" for k, v in sorted(self.errors.items())) or "none"
-        t = ", ".join(f"{k}={v:.2f}s" for k, v in self.timings.items())
+        t = ", ".join(f"{k}={v:.2f}s" for k, v in self.timings.items() if v >= 0.005)
         rate = self.total_written / self.elapsed_s if self.elapsed_s else 0.0
         lines = [
             f"pairs written: {self.total_written} ({w}) -> {self.out}",
@@ -384,7 +385,8 @@ class _Run:
         self.t0 = time.perf_counter()
         self.rank, self.world, local_rank = dist_env(cfg.rank, cfg.world_size)
         self.out = shard_path(cfg.out, self.rank, self.world)
-        self.errors_path = shard_path(cfg.errors, self.rank, self.world) if cfg.errors else errors_path(self.out)
+        # pairs.jsonl -> pairs.errors.rank{r}.jsonl: shard globs (pairs.rank*.jsonl) never catch it
+        self.errors_path = shard_path(cfg.errors or errors_path(cfg.out), self.rank, self.world)
         self.summary = BuildSummary(out=self.out, errors_path=self.errors_path, rank=self.rank,
                                     world_size=self.world)
         self.summary.timings = {"decode_wait_s": 0.0, "noise_s": 0.0, "generate_s": 0.0,
@@ -759,3 +761,111 @@ def build_pairs(config, model=None, processor=None):
     if (model is None) != (processor is None):
         raise ValueError("model and processor: pass both or neither")
     return _Run(cfg, model, processor).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# merging shards
+
+
+@dataclass
+class MergeSummary:
+    out: str
+    inputs: list
+    written: int = 0
+    duplicates: int = 0          # same id seen again with the same content (dropped)
+    conflicts: int = 0           # same id with different content (first kept, counted)
+    invalid: list = field(default_factory=list)   # (file, line, reason)
+    torn: list = field(default_factory=list)      # (file, line, reason): unparseable lines
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def format(self):
+        lines = [f"merged {len(self.inputs)} file(s) -> {self.out}: {self.written} pairs, "
+                 f"{self.duplicates} duplicate(s) dropped, {self.conflicts} conflicting duplicate(s)"]
+        if self.torn:
+            lines.append(f"skipped {len(self.torn)} unparseable line(s) (torn tails): " +
+                         "; ".join(f"{f}:{n}" for f, n, _ in self.torn[:5]))
+        if self.invalid:
+            lines.append(f"{len(self.invalid)} record(s) fail the schema: " +
+                         "; ".join(f"{f}:{n}: {r}" for f, n, r in self.invalid[:5]))
+        return "\n".join(lines)
+
+
+def find_shards(out):
+    """The shard files ``<stem>.rank{r}.jsonl`` of an output path, sorted by rank."""
+    import glob
+    import re
+
+    root, ext = _split_ext(out)
+    pat = re.compile(re.escape(root) + r"\.rank(\d+)" + re.escape(ext) + "$")
+    found = [(int(m.group(1)), p) for p in glob.glob(glob.escape(root) + ".rank*" + ext)
+             if (m := pat.match(p))]
+    return [p for _, p in sorted(found)]
+
+
+def _is_shard(path):
+    import re
+
+    return re.search(r"\.rank\d+(\.[^./]*)?$", path) is not None
+
+
+def merge_pairs(inputs, out, *, skip_invalid=False, strict_conflicts=False):
+    """Merge pair files into ``out`` (atomic), deduplicated by id, every record schema-checked.
+
+    ``inputs``: paths (or one output path whose ``.rank{r}`` shards are merged). A record that
+    fails :func:`validate_pair` raises ``ValueError`` (nothing is written) unless
+    ``skip_invalid``; torn/unparseable lines are skipped and reported. The first record of an id
+    wins; a later one with different content is a conflict (counted, or an error with
+    ``strict_conflicts``).
+    """
+    import json
+
+    from bpo_fast.data.jsonl import atomic_write_jsonl
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = [os.fspath(p) for p in inputs]
+    if not inputs:
+        raise ValueError("inputs: expected at least one file")
+    files = []
+    for p in inputs:
+        shards = find_shards(p)
+        if os.path.isfile(p):
+            if shards and not _is_shard(p):
+                raise ValueError(f"inputs: {p!r} is a file and also the base of shards "
+                                 f"{shards[:2]}...; name the files to merge explicitly")
+            files.append(p)
+        else:
+            if not shards:
+                raise FileNotFoundError(f"inputs: {p!r} is neither a file nor the base of .rank* shards")
+            files.extend(shards)
+    if os.path.abspath(out) in {os.path.abspath(f) for f in files}:
+        raise ValueError("out: must differ from the inputs")
+    s = MergeSummary(out=os.fspath(out), inputs=files)
+    seen = {}
+    records = []
+    for f in files:
+        for n, rec in iter_jsonl(f, on_bad=lambda n, r, f=f: s.torn.append((f, n, r))):
+            try:
+                validate_pair(rec)
+            except SchemaError as exc:
+                s.invalid.append((f, n, str(exc)))
+                continue
+            prev = seen.get(rec["id"])
+            if prev is not None:
+                if json.dumps(prev, sort_keys=True) == json.dumps(rec, sort_keys=True):
+                    s.duplicates += 1
+                else:
+                    s.conflicts += 1
+                    if strict_conflicts:
+                        raise ValueError(f"{f}:{n}: id {rec['id']!r} appears with different content")
+                continue
+            seen[rec["id"]] = rec
+            records.append(rec)
+    if s.invalid and not skip_invalid:
+        raise ValueError(f"{len(s.invalid)} record(s) fail the pair schema, nothing written; first: "
+                         + "; ".join(f"{f}:{n}: {r}" for f, n, r in s.invalid[:3])
+                         + " (use skip_invalid / --skip-invalid to drop them)")
+    s.written = atomic_write_jsonl(out, records)
+    return s
