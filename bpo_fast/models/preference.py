@@ -130,6 +130,24 @@ def _same_image_path(policy, reference):
     return True
 
 
+@contextlib.contextmanager
+def _gathered(module):
+    """Unshard an FSDP2-sharded module around code that uses its parameters without calling its
+    own forward (we call its embeddings, decoder and LM-head weight directly)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        FSDPModule = ()
+    if isinstance(module, FSDPModule):
+        module.unshard()
+        try:
+            yield
+        finally:
+            module.reshard()
+    else:
+        yield
+
+
 def flash_attn_available():
     return importlib.util.find_spec("flash_attn") is not None
 
@@ -373,8 +391,9 @@ class PreferenceModel(nn.Module):
         feats = features if self.share_image_features else None
         if self.reference_mode == "model":
             ref = self.reference
-            lp, _ = self.sequence_logps(ref, input_ids, attention_mask, labels, pixel_values,
-                                        features=feats, **image_kwargs)
+            with _gathered(ref):
+                lp, _ = self.sequence_logps(ref, input_ids, attention_mask, labels, pixel_values,
+                                            features=feats, **image_kwargs)
         elif self.reference_mode == "lora":
             with self.policy.disable_adapter():
                 lp, _ = self.sequence_logps(self.policy, input_ids, attention_mask, labels,

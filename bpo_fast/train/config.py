@@ -1,0 +1,131 @@
+"""The training configuration: one dataclass, shared by :func:`bpo_fast.train.train` and the CLI."""
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name, device=None):
+    """``"auto"`` -> bf16 on CUDA, fp32 elsewhere; ``"fp32"/"bf16"/"fp16"`` -> the torch dtype."""
+    if name in (None, "auto"):
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected 'auto' or one of {list(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+@dataclass
+class TrainConfig:
+    """Everything :func:`bpo_fast.train.train` needs. Paths are local; nothing is downloaded.
+
+    Batch sizes count *pairs*: ``batch_size`` per process and micro-step, the optimiser sees
+    ``batch_size * grad_accum * world_size`` pairs per step.
+    """
+
+    # data and model
+    model: str
+    data: str
+    image_root: str
+    output: str
+    max_length: int = 1024          # tokens per row (prompt + image tokens kept, responses cut)
+    strict: bool = False            # raise on the first bad record instead of skipping it
+
+    # reference: "model" (frozen copy), "lora" (adapters disabled), "cached" (ref_cache file);
+    # None: "lora" when lora_r > 0, else "model"
+    reference: str = None
+    ref_model: str = None           # reference weights for "model" (default: model)
+    ref_cache: str = None           # safetensors from `bpo-fast ref-logps` for "cached"
+    ref_dtype: str = None           # reference dtype (default: dtype)
+
+    # loss
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+
+    # what trains
+    lora_r: int = 0                 # > 0: LoRA on the language model
+    lora_alpha: float = None        # default 2 * lora_r
+    lora_dropout: float = 0.05
+    lora_target_modules: list = None  # default: the LLM's q/k/v/o/gate/up/down projections
+    train_projector: bool = False
+    train_vision: bool = False
+    merge_lora: bool = False        # also write merged full weights at the end
+
+    # optimisation
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_steps: int = None        # default: warmup_ratio * total steps
+    warmup_ratio: float = 0.1
+    epochs: int = 1
+    max_steps: int = None           # caps the optimiser steps (default: epochs over the data)
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0      # <= 0 disables clipping
+
+    # runtime
+    dtype: str = "auto"             # auto: bf16 on CUDA (fp32 master weights + autocast), fp32 on CPU
+    device: str = None              # default: cuda if available
+    gradient_checkpointing: bool = False
+    attn_implementation: str = None  # default: flash_attention_2 when usable, else sdpa
+    packing: object = "auto"        # padding-free rows (auto: with flash-attention)
+    seed: int = 0
+    save_every: int = 0             # checkpoint every N optimiser steps (0: only at the end)
+    keep_checkpoints: int = None    # keep only the newest N checkpoints
+    resume: object = None           # True: newest checkpoint under output; or a checkpoint path
+    num_workers: int = 0
+    progress: bool = True
+    log_every: int = 1              # metrics.jsonl line every N steps
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps: expected a positive int or None, got {self.max_steps!r}")
+        if self.reference not in (None, "model", "lora", "cached"):
+            raise ValueError(f"reference: expected 'model', 'lora', 'cached' or None, got "
+                             f"{self.reference!r}")
+        if self.reference is None:
+            self.reference = "lora" if self.lora_r > 0 else "model"
+        if self.reference == "lora" and self.lora_r <= 0:
+            raise ValueError("reference: 'lora' needs lora_r > 0 (--lora-r)")
+        if self.reference == "cached" and not self.ref_cache:
+            raise ValueError("ref_cache: reference='cached' needs the cache file (--ref-cache)")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r: expected >= 0, got {self.lora_r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: expected in [0, 0.5), got {self.label_smoothing}")
+        if self.beta <= 0:
+            raise ValueError(f"beta: expected > 0, got {self.beta}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length: expected >= 2, got {self.max_length}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every: expected >= 0, got {self.save_every}")
+        if self.merge_lora and self.lora_r <= 0:
+            raise ValueError("merge_lora: needs LoRA (lora_r > 0)")
+        if self.packing not in ("auto", True, False):
+            raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
+        parse_dtype(self.dtype)
+        if self.ref_dtype is not None:
+            parse_dtype(self.ref_dtype)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+__all__ = ["TrainConfig", "parse_dtype", "DTYPES"]

@@ -1,0 +1,178 @@
+"""Reference log-probs computed once over a data set, stored in a safetensors file keyed by pair id.
+
+File layout (``safetensors``): tensors ``chosen_logps``/``rejected_logps`` (float32 ``[N]``) and
+``chosen_tokens``/``rejected_tokens`` (int64 ``[N]``); metadata ``ids`` (JSON list, row order),
+``model``, ``format`` ("bpo_fast.ref_logps.v1"), and the settings that change the numbers
+(``temperature``, ``max_length``).
+
+Writing is resume-safe: every finished batch is appended (and flushed) to ``<out>.partial.jsonl``;
+a rerun skips the ids already there; the safetensors file is written at the end to a temporary
+name and renamed into place, and only then is the partial file removed. A crash leaves either no
+output or a complete one, never a torn file.
+"""
+
+import json
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("bpo_fast")
+FORMAT = "bpo_fast.ref_logps.v1"
+
+
+class RefLogpsCache:
+    """Cached reference log-probs: ``lookup(ids) -> (chosen, rejected)`` float32 tensors."""
+
+    def __init__(self, ids, chosen_logps, rejected_logps, chosen_tokens=None, rejected_tokens=None,
+                 metadata=None):
+        n = len(ids)
+        if chosen_logps.shape != (n,) or rejected_logps.shape != (n,):
+            raise ValueError(f"chosen_logps/rejected_logps: expected [{n}] each, got "
+                             f"{tuple(chosen_logps.shape)} / {tuple(rejected_logps.shape)}")
+        self.ids = list(ids)
+        self.row = {k: i for i, k in enumerate(self.ids)}
+        if len(self.row) != n:
+            raise ValueError("ids: duplicated pair ids in the cache")
+        self.chosen_logps = chosen_logps.float()
+        self.rejected_logps = rejected_logps.float()
+        self.chosen_tokens = chosen_tokens
+        self.rejected_tokens = rejected_tokens
+        self.metadata = dict(metadata or {})
+
+    @classmethod
+    def load(cls, path):
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ref cache: {path!r} not found (make it with `bpo-fast "
+                                    "ref-logps`)")
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"ref cache: {path!r} is not a {FORMAT} file "
+                                 f"(format={meta.get('format')!r})")
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(json.loads(meta["ids"]), t["chosen_logps"], t["rejected_logps"],
+                   t.get("chosen_tokens"), t.get("rejected_tokens"), meta)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __contains__(self, pair_id):
+        return pair_id in self.row
+
+    def lookup(self, ids, device=None):
+        missing = [i for i in ids if i not in self.row]
+        if missing:
+            raise KeyError(f"ref cache: no reference log-probs for pair id(s) {missing[:5]} "
+                           f"({len(missing)} missing); recompute it with `bpo-fast ref-logps` on "
+                           "this data set")
+        rows = torch.tensor([self.row[i] for i in ids], dtype=torch.long)
+        c, r = self.chosen_logps[rows], self.rejected_logps[rows]
+        return (c.to(device), r.to(device)) if device is not None else (c, r)
+
+    def save(self, path):
+        from safetensors.torch import save_file
+
+        meta = {k: str(v) for k, v in self.metadata.items()}
+        meta.update(format=FORMAT, ids=json.dumps(self.ids))
+        tensors = {"chosen_logps": self.chosen_logps.contiguous(),
+                   "rejected_logps": self.rejected_logps.contiguous()}
+        if self.chosen_tokens is not None:
+            tensors["chosen_tokens"] = self.chosen_tokens.long().contiguous()
+            tensors["rejected_tokens"] = self.rejected_tokens.long().contiguous()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+
+def _read_partial(path):
+    done = {}
+    if not os.path.isfile(path):
+        return done
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash: recompute from there
+            done[rec["id"]] = rec
+    return done
+
+
+def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, max_length=None,
+                            dtype=None, device=None, temperature=1.0, strict=False,
+                            attn_implementation=None, progress=True):
+    """Reference log-probs of every usable pair of ``data`` under the model at ``model_path``,
+    written to ``out`` (safetensors, see the module doc). Returns the :class:`RefLogpsCache`."""
+    from transformers import AutoProcessor
+
+    from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
+    from bpo_fast.models.preference import PreferenceModel, load_vlm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ds = PreferenceDataset(data, image_root, strict=strict)
+    partial = out + ".partial.jsonl"
+    done = _read_partial(partial)
+    settings = {"model": os.path.abspath(model_path), "temperature": float(temperature),
+                "max_length": max_length, "dtype": str(dtype).replace("torch.", "")}
+    if done:
+        first = next(iter(done.values()))
+        if first.get("settings") != settings:
+            raise ValueError(f"out: {partial!r} was started with other settings "
+                             f"({first.get('settings')}); delete it or use the same settings")
+        logger.info("ref-logps: resuming, %d of %d pairs already done", len(done), len(ds))
+    todo = [i for i, r in enumerate(ds.records) if r["id"] not in done]
+    if todo:
+        model = load_vlm(model_path, dtype=dtype, attn_implementation=attn_implementation,
+                         device=device)
+        model.eval()
+        pm = PreferenceModel(model, reference_mode="cached", temperature=temperature)
+        collate = PreferenceCollator(AutoProcessor.from_pretrained(model_path, local_files_only=True),
+                                     max_length=max_length)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, todo),
+                                             batch_size=batch_size, collate_fn=collate)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="ref-logps", unit="pair")
+        with open(partial, "a", encoding="utf-8") as f, torch.no_grad():
+            for batch in loader:
+                dev = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                extra = {k: v for k, v in dev.items()
+                         if k not in ("input_ids", "attention_mask", "labels", "pixel_values", "index")}
+                lp, n = pm.sequence_logps(model, dev["input_ids"], dev["attention_mask"],
+                                          dev["labels"], dev["pixel_values"], **extra)
+                b = len(batch["ids"])
+                lp, n = lp.float().cpu(), n.cpu()
+                for j, pid in enumerate(batch["ids"]):
+                    rec = {"id": pid, "chosen": lp[j].item(), "rejected": lp[b + j].item(),
+                           "chosen_tokens": int(n[j]), "rejected_tokens": int(n[b + j]),
+                           "settings": settings}
+                    done[pid] = rec
+                    f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                if bar is not None:
+                    bar.update(b)
+        if bar is not None:
+            bar.close()
+    ids = ds.ids
+    cache = RefLogpsCache(
+        ids,
+        torch.tensor([done[i]["chosen"] for i in ids], dtype=torch.float32),
+        torch.tensor([done[i]["rejected"] for i in ids], dtype=torch.float32),
+        torch.tensor([done[i]["chosen_tokens"] for i in ids], dtype=torch.long),
+        torch.tensor([done[i]["rejected_tokens"] for i in ids], dtype=torch.long),
+        metadata={**settings, "data": os.path.abspath(data), "skipped": len(ds.skipped)})
+    cache.save(out)
+    os.remove(partial) if os.path.exists(partial) else None
+    logger.info("ref-logps: wrote %d pairs to %s", len(ids), out)
+    return cache

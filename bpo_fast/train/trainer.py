@@ -1,0 +1,563 @@
+"""DPO training of a vision-language model on preference pairs: ``train(TrainConfig(...))``.
+
+One process or several (``torchrun --nproc_per_node N -m bpo_fast.cli train ...``): with more than
+one, the decoder layers and the whole :class:`~bpo_fast.models.preference.PreferenceModel` are
+sharded with FSDP2 (``fully_shard``), every rank reads its share of each global batch through a
+:class:`ResumableDistributedSampler`, optimiser state is saved and loaded with
+``torch.distributed.checkpoint`` (sharded), and metrics are averaged over ranks.
+
+Checkpoints (``<output>/checkpoint-<step>/``, written to ``.tmp`` and renamed when complete):
+``trainable.safetensors`` (the trained weights: LoRA adapters, or the full trainable parameters),
+``optimizer/`` (DCP), ``scheduler.pt``, ``rng_<rank>.pt`` (torch/CUDA/python/numpy), and
+``trainer_state.json`` (step, epoch, micro-batches consumed in that epoch, config). ``resume``
+restores all of it, so the following losses equal those of an uninterrupted run.
+
+The final model goes to ``<output>`` with ``save_pretrained`` (plus the processor): full weights,
+or the LoRA adapter (``PeftModel.from_pretrained(base, output)``); with ``merge_lora`` the merged
+full weights go to ``<output>`` and the adapter to ``<output>/adapter``.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bpo_fast.train.config import TrainConfig, parse_dtype
+
+logger = logging.getLogger("bpo_fast")
+
+METRIC_KEYS = ("step", "loss", "reward_chosen", "reward_rejected", "reward_margin",
+               "reward_accuracy", "logps_chosen", "logps_rejected", "lr", "tokens_per_s",
+               "peak_mem_bytes", "epoch")
+_TEXT_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+# --------------------------------------------------------------------------------------------
+# data order
+# --------------------------------------------------------------------------------------------
+
+class ResumableDistributedSampler(torch.utils.data.Sampler):
+    """A seeded per-epoch permutation, split over ranks like ``DistributedSampler`` (rank ``r``
+    takes positions ``r, r + W, ...``, the tail dropped so every rank has the same count), that can
+    start ``start`` samples into the epoch: resuming mid-epoch reads no skipped image."""
+
+    def __init__(self, n, *, num_replicas=1, rank=0, seed=0, shuffle=True):
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start = 0, 0
+        self.per_rank = n // num_replicas
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def indices(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        order = order[:self.per_rank * self.num_replicas]
+        return order[self.rank::self.num_replicas]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start:])
+
+    def __len__(self):
+        return self.per_rank - self.start
+
+
+# --------------------------------------------------------------------------------------------
+# distributed helpers
+# --------------------------------------------------------------------------------------------
+
+def _dist_setup(config):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world, rank = 1, 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if config.device:
+        device = torch.device(config.device)
+        if device.type == "cuda" and device.index is None and world > 1:
+            device = torch.device("cuda", local)
+    else:
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return world, rank, device
+
+
+def _all_reduce(t, op="mean", world=1):
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= world
+    return t
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def _rng_state():
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _peak_mem(device):
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # CPU: the process's peak resident set (Linux reports KiB)
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# model setup
+# --------------------------------------------------------------------------------------------
+
+def _lora_config(config, model):
+    from peft import LoraConfig
+
+    from bpo_fast.models.preference import default_lora_targets
+
+    targets = config.lora_target_modules
+    if targets is None:
+        targets = default_lora_targets(model)
+    elif isinstance(targets, str) and "," in targets:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r,
+                      lora_dropout=config.lora_dropout, target_modules=targets, bias="none")
+
+
+def build_preference_model(config, device, world):
+    """Load policy (+ reference), set what trains, shard with FSDP2 when ``world > 1``."""
+    from bpo_fast.models.preference import (PreferenceModel, load_vlm, prepare_policy, unwrap,
+                                            _parts)
+
+    dtype = parse_dtype(config.dtype, device)
+    ref_dtype = parse_dtype(config.ref_dtype, device) if config.ref_dtype else dtype
+    # Trainable weights are kept in fp32 (master copy) and compute runs under autocast. Single
+    # process: frozen weights stay in the half dtype. FSDP2 wants one dtype per parameter group,
+    # so sharded policies are fp32 throughout and cast to the half dtype for compute by FSDP.
+    load_dtype = torch.float32 if world > 1 else dtype
+    policy = load_vlm(config.model, dtype=load_dtype, attn_implementation=config.attn_implementation,
+                      device=device)
+    lora = _lora_config(config, policy) if config.lora_r > 0 else None
+    policy = prepare_policy(policy, lora=lora, freeze_vision=not config.train_vision,
+                            train_projector=config.train_projector,
+                            gradient_checkpointing=config.gradient_checkpointing)
+    for p in policy.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    reference = None
+    if config.reference == "model":
+        reference = load_vlm(config.ref_model or config.model, dtype=ref_dtype,
+                             attn_implementation=config.attn_implementation, device=device)
+    pm = PreferenceModel(policy, reference, reference_mode=config.reference, beta=config.beta,
+                         loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+                         packing=config.packing)
+    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in unwrap(policy).parameters())
+    logger.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100.0 * n_train / n_all)
+    if n_train == 0:
+        raise ValueError("nothing to train: every parameter is frozen (set lora_r, or train the "
+                         "language model with lora_r=0)")
+    if world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) \
+            if dtype != torch.float32 else MixedPrecisionPolicy()
+        for model in (pm.policy, pm.reference):
+            if model is None:
+                continue
+            for layer in getattr(_parts(model)[1], "layers", []):
+                fully_shard(layer, mp_policy=mp if model is pm.policy else MixedPrecisionPolicy())
+        if pm.reference is not None:
+            fully_shard(pm.reference)  # used via explicit unshard()/reshard(), see PreferenceModel
+        fully_shard(pm, mp_policy=mp)
+    return pm, lora, dtype
+
+
+def _optimizer(pm, config, device):
+    decay, no_decay = [], []
+    for _, p in pm.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  eps=config.adam_eps)
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+
+def _checkpoints(output):
+    if not os.path.isdir(output):
+        return []
+    out = []
+    for name in os.listdir(output):
+        if name.startswith("checkpoint-") and not name.endswith(".tmp"):
+            try:
+                out.append((int(name.split("-", 1)[1]), os.path.join(output, name)))
+            except ValueError:
+                continue
+    return [p for _, p in sorted(out)]
+
+
+def save_checkpoint(path, pm, optimizer, scheduler, state, world, rank):
+    """Write one checkpoint (collective when ``world > 1``); complete or absent, never torn."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier(world)
+    msd = get_model_state_dict(pm, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in msd.items()},
+                  os.path.join(tmp, "trainable.safetensors"))
+    osd = get_optimizer_state_dict(pm, optimizer)
+    dcp.save({"optim": osd}, checkpoint_id=os.path.join(tmp, "optimizer"))
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_{rank}.pt"))
+    if rank == 0:
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+    _barrier(world)
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    _barrier(world)
+
+
+def load_checkpoint(path, pm, optimizer, scheduler, world, rank):
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world:
+        raise ValueError(f"resume: {path} was written by {state['world_size']} process(es), this run "
+                         f"has {world}; resume with the same number of processes")
+    sd = load_file(os.path.join(path, "trainable.safetensors"))
+    set_model_state_dict(pm, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    osd = get_optimizer_state_dict(pm, optimizer)
+    holder = {"optim": osd}
+    dcp.load(holder, checkpoint_id=os.path.join(path, "optimizer"))
+    set_optimizer_state_dict(pm, optimizer, holder["optim"])
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    _set_rng_state(torch.load(os.path.join(path, f"rng_{rank}.pt"), weights_only=False))
+    return state
+
+
+def _resolve_resume(config):
+    if config.resume in (None, False, ""):
+        return None
+    if config.resume is True or config.resume == "latest":
+        found = _checkpoints(config.output)
+        if not found:
+            logger.warning("resume: no checkpoint under %s, starting from scratch", config.output)
+            return None
+        return found[-1]
+    if not os.path.isfile(os.path.join(config.resume, "trainer_state.json")):
+        raise FileNotFoundError(f"resume: {config.resume!r} is not a checkpoint directory")
+    return config.resume
+
+
+def save_final(pm, config, lora, dtype, world, rank):
+    """The trained model under ``config.output``, loadable with ``from_pretrained``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoProcessor
+
+    from bpo_fast.models.preference import load_vlm, unwrap
+
+    out = config.output
+    adapter_dir = os.path.join(out, "adapter") if lora is not None and config.merge_lora else out
+    if world > 1:
+        # gather the full policy on rank 0, put it into a fresh CPU copy and save that
+        sd = get_model_state_dict(pm, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+        if rank == 0:
+            sd = {k[len("policy."):]: v for k, v in sd.items() if k.startswith("policy.")}
+            model = load_vlm(config.model, dtype=torch.float32, device="cpu")
+            if lora is not None:
+                from peft import get_peft_model
+
+                model = get_peft_model(model, lora)
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            if unexpected:
+                raise RuntimeError(f"final save: unexpected keys {unexpected[:5]}")
+            policy = model
+    else:
+        policy = pm.policy
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        if lora is not None:
+            policy.save_pretrained(adapter_dir)
+        else:
+            base = unwrap(policy)
+            state = {k: (v.to(dtype) if v.is_floating_point() else v)
+                     for k, v in base.state_dict().items()}
+            base.save_pretrained(out, state_dict=state)
+        if lora is not None and config.merge_lora:
+            from peft import PeftModel
+
+            base = load_vlm(config.model, dtype=dtype, device="cpu")
+            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+            merged.save_pretrained(out)
+        AutoProcessor.from_pretrained(config.model, local_files_only=True).save_pretrained(out)
+    _barrier(world)
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+def train(config):
+    """Run DPO training as configured; returns ``{"output", "steps", "metrics_path", "history",
+    "final_checkpoint", "skipped"}`` (``history``: the metric dicts written to ``metrics.jsonl``)."""
+    from transformers import AutoProcessor, get_cosine_schedule_with_warmup
+
+    from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
+
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    world, rank, device = _dist_setup(config)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)  # same on every rank: LoRA init must agree across ranks
+
+    ds = PreferenceDataset(config.data, config.image_root, strict=config.strict)
+    cache = None
+    if config.reference == "cached":
+        from bpo_fast.train.ref_cache import RefLogpsCache
+
+        cache = RefLogpsCache.load(config.ref_cache)
+        cached_len = cache.metadata.get("max_length")
+        if str(cached_len) != str(config.max_length):
+            raise ValueError(f"ref_cache: computed with max_length={cached_len}, training uses "
+                             f"{config.max_length}; the log-probs would not match")
+        missing = [i for i in ds.ids if i not in cache]
+        if missing:
+            raise ValueError(f"ref_cache: {len(missing)} pair id(s) of {config.data} are not in "
+                             f"{config.ref_cache} (e.g. {missing[:3]}); rerun `bpo-fast ref-logps`")
+
+    pm, lora, dtype = build_preference_model(config, device, world)
+    pm.train()
+    if pm.reference is not None:
+        pm.reference.eval()
+    optimizer = _optimizer(pm, config, device)
+
+    processor = AutoProcessor.from_pretrained(config.model, local_files_only=True)
+    collate = PreferenceCollator(processor, max_length=config.max_length)
+    sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank, seed=config.seed)
+    micro_per_epoch = sampler.per_rank // config.batch_size
+    steps_per_epoch = micro_per_epoch // config.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"data: {len(ds)} usable pairs are fewer than one global batch "
+                         f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x "
+                         f"{world} process(es))")
+    total = config.max_steps or config.epochs * steps_per_epoch
+    warmup = config.warmup_steps if config.warmup_steps is not None \
+        else int(math.ceil(config.warmup_ratio * total))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+
+    step, epoch, micro_in_epoch = 0, 0, 0
+    ckpt = _resolve_resume(config)
+    if ckpt is not None:
+        st = load_checkpoint(ckpt, pm, optimizer, scheduler, world, rank)
+        step, epoch, micro_in_epoch = st["step"], st["epoch"], st["micro_in_epoch"]
+        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt, step, epoch,
+                    micro_in_epoch)
+
+    os.makedirs(config.output, exist_ok=True)
+    metrics_path = os.path.join(config.output, "metrics.jsonl")
+    if rank == 0:
+        if ckpt is None:
+            open(metrics_path, "w").close()
+        else:  # drop lines past the checkpoint (written by the interrupted run after it)
+            _truncate_metrics(metrics_path, step)
+        with open(os.path.join(config.output, "train_config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1, default=str)
+
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    bar = None
+    if config.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="dpo", unit="step", dynamic_ncols=True)
+    history, last_ckpt = [], None
+    use_micro = steps_per_epoch * config.grad_accum
+    loader_gen = torch.Generator().manual_seed(config.seed)  # keeps DataLoader off the global RNG
+    acc = _Accumulator(device)
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    while step < total:
+        if micro_in_epoch >= use_micro:
+            epoch, micro_in_epoch = epoch + 1, 0
+        sampler.set_epoch(epoch, start=micro_in_epoch * config.batch_size)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
+            num_workers=config.num_workers, drop_last=True, generator=loader_gen,
+            pin_memory=device.type == "cuda")
+        for batch in loader:
+            if micro_in_epoch >= use_micro or step >= total:
+                break
+            micro_in_epoch += 1
+            last_micro = micro_in_epoch % config.grad_accum == 0
+            if world > 1:
+                pm.set_requires_gradient_sync(last_micro)
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+                      if isinstance(v, torch.Tensor) and k != "index"}
+            if cache is not None:
+                inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = cache.lookup(
+                    batch["ids"], device)
+            with autocast:
+                out = pm(**inputs)
+            (out.loss / config.grad_accum).backward()
+            acc.add(out, inputs["attention_mask"])
+            if not last_micro:
+                continue
+            if config.max_grad_norm and config.max_grad_norm > 0:
+                gn = torch.nn.utils.clip_grad_norm_(
+                    [p for p in pm.parameters() if p.requires_grad], config.max_grad_norm)
+                del gn
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - t0
+            m = acc.result(world)
+            t0 = time.perf_counter()
+            rec = {"step": step, "loss": m["loss"], "reward_chosen": m["reward_chosen"],
+                   "reward_rejected": m["reward_rejected"], "reward_margin": m["reward_margin"],
+                   "reward_accuracy": m["reward_accuracy"], "logps_chosen": m["logps_chosen"],
+                   "logps_rejected": m["logps_rejected"], "lr": lr,
+                   "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
+                   "peak_mem_bytes": _peak_mem(device),
+                   "epoch": epoch + micro_in_epoch / use_micro}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if rank == 0 and (step % config.log_every == 0 or step == total):
+                history.append(rec)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['reward_accuracy']:.2f}",
+                                margin=f"{rec['reward_margin']:.3f}")
+            if (config.save_every and step % config.save_every == 0) or step == total:
+                last_ckpt = os.path.join(config.output, f"checkpoint-{step}")
+                state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+                         "world_size": world, "total_steps": total, "config": config.to_dict()}
+                save_checkpoint(last_ckpt, pm, optimizer, scheduler, state, world, rank)
+                if rank == 0 and config.keep_checkpoints:
+                    for old in _checkpoints(config.output)[:-config.keep_checkpoints]:
+                        shutil.rmtree(old, ignore_errors=True)
+            if step >= total:
+                break
+    if bar is not None:
+        bar.close()
+    save_final(pm, config, lora, dtype, world, rank)
+    return {"output": config.output, "steps": step, "metrics_path": metrics_path,
+            "history": history, "final_checkpoint": last_ckpt, "skipped": len(ds.skipped)}
+
+
+def _truncate_metrics(path, step):
+    if not os.path.isfile(path):
+        open(path, "w").close()
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):
+                break
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+class _Accumulator:
+    """Per-step means over micro-batches (and ranks) of the logged quantities."""
+
+    _KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
+             "logps_chosen", "logps_rejected")
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.sums = torch.zeros(len(self._KEYS), dtype=torch.float64, device=self.device)
+        self.n = 0
+        self.tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def add(self, out, attention_mask):
+        d = out.dpo
+        vals = torch.stack([out.loss.detach().float(), d.chosen_rewards.detach().float().mean(),
+                            d.rejected_rewards.detach().float().mean(),
+                            d.reward_margins.detach().float().mean(),
+                            torch.as_tensor(d.reward_accuracy).detach().float().mean(),
+                            out.policy_chosen_logps.detach().float().mean(),
+                            out.policy_rejected_logps.detach().float().mean()])
+        self.sums += vals.to(self.sums)
+        self.tokens += attention_mask.sum()
+        self.n += 1
+
+    def result(self, world):
+        means = self.sums / max(self.n, 1)
+        _all_reduce(means, "mean", world)
+        tokens = _all_reduce(self.tokens.clone(), "sum", world)
+        vals = means.tolist()
+        out = dict(zip(self._KEYS, vals))
+        out["tokens"] = float(tokens)
+        self.reset()
+        return out
