@@ -246,36 +246,57 @@ def load_model(path, device, dtype):
 
 
 def pixels_for_levels(images, levels, geometry, *, out_dtype=torch.float32, schedule="sigmoid",
-                      num_noise_steps=1000, generator=None):
-    """uint8 images ``[B, C, H, W]`` -> model pixels ``[B, K, C, H, W]`` for each level.
+                      num_noise_steps=1000, seed=None, generator=None, layout="NCHW"):
+    """uint8 images -> model pixels ``[B, K, C, H, W]``, one slice per level.
 
-    Noised levels come from one ``bpo_fast.diffusion_noise`` call with timesteps ``[B, K']``
-    (each image read once), fused with the processor's normalisation; a ``None`` level is the
-    clean image, normalised exactly as the processor does (:func:`normalize_uint8`).
+    ``images``: ``[B, C, H, W]`` (``layout="NCHW"``) or channels-last ``[B, H, W, C]``
+    (``layout="NHWC"``, e.g. a stack of decoded HWC images, read in place). Noised levels come
+    from one ``bpo_fast.diffusion_noise`` call with timesteps ``[B, K']`` (each image read once),
+    fused with the processor's normalisation (``geometry.mean``/``std``); noise from ``seed``
+    (Philox, same on CPU and CUDA) or ``generator``. A ``None`` level is the clean image,
+    normalised exactly as the processor does (:func:`normalize_uint8`).
     """
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        raise TypeError("images: expected a uint8 tensor [B, C, H, W]")
+        raise TypeError("images: expected a uint8 tensor [B, C, H, W] (or [B, H, W, C] with layout='NHWC')")
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout: expected 'NCHW' or 'NHWC', got {layout!r}")
+    nchw = images.permute(0, 3, 1, 2) if layout == "NHWC" else images  # a view
     levels = list(levels)
-    B, C, H, W = images.shape
+    B, C, H, W = nchw.shape
     out = torch.empty((B, len(levels), C, H, W), dtype=out_dtype, device=images.device)
     noisy = [(k, s) for k, s in enumerate(levels) if s is not None]
     if noisy:
         from bpo_fast.ops.noise import NoiseSchedule, diffusion_noise
 
-        sched = schedule if isinstance(schedule, NoiseSchedule) else NoiseSchedule(schedule, num_steps=num_noise_steps)
+        sched = schedule if isinstance(schedule, NoiseSchedule) else _schedule(schedule, num_noise_steps)
         t = torch.tensor([s for _, s in noisy], dtype=torch.int64, device=images.device)
         t = t.unsqueeze(0).expand(B, -1).contiguous()
-        mean, std = geometry.mean, geometry.std
-        if not geometry.do_normalize:
-            mean, std = (0.0,) * C, (1.0,) * C
-        noised = diffusion_noise(images, t, sched, space="normalized", mean=list(mean),
-                                 std=list(std), out_dtype=out_dtype, generator=generator)
+        mean, std = (list(geometry.mean), list(geometry.std)) if geometry.do_normalize else (None, None)
+        # Levels were range-checked with the config: skip the op's check (a device sync on CUDA).
+        noised = diffusion_noise(images, t, sched, space="normalized", mean=mean, std=std,
+                                 out_dtype=out_dtype, seed=seed, generator=generator, layout=layout,
+                                 check_timesteps=False)
+        if len(noisy) == len(levels):
+            return noised
         for j, (k, _) in enumerate(noisy):
             out[:, k] = noised[:, j]
     for k, s in enumerate(levels):
         if s is None:
-            out[:, k] = normalize_uint8(images, geometry, out_dtype=out_dtype)
+            out[:, k] = normalize_uint8(nchw, geometry, out_dtype=out_dtype)
     return out
+
+
+_SCHEDULES = {}
+
+
+def _schedule(kind, num_steps):
+    # Built once per (kind, steps) and reused: the schedule caches its device tables.
+    from bpo_fast.ops.noise import NoiseSchedule
+
+    key = (kind, num_steps)
+    if key not in _SCHEDULES:
+        _SCHEDULES[key] = NoiseSchedule(kind, num_steps=num_steps)
+    return _SCHEDULES[key]
 
 
 def _image_token_count(processor, geometry):
@@ -584,11 +605,10 @@ class _Run:
                 continue
             bseed = _derive_seed(cfg.seed, self.rank, units[good_keys[0]]["rows"][0][2])
             t0 = time.perf_counter()
-            u8 = batch["pixels"].to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            gen = torch.Generator(device=self.device).manual_seed(bseed)
+            u8 = batch["pixels"].to(self.device, non_blocking=True)  # [n, H, W, C] uint8
             pix = pixels_for_levels(u8, self.levels, self.geometry, out_dtype=self.dtype,
                                     schedule=cfg.noise_schedule, num_noise_steps=cfg.num_noise_steps,
-                                    generator=gen)
+                                    seed=bseed, layout="NHWC")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t["noise_s"] += time.perf_counter() - t0
@@ -741,9 +761,8 @@ def _validate_config(cfg):
     if any(s is not None and s >= cfg.num_noise_steps for s in cfg.noise_steps):
         raise ValueError(f"noise_steps: every step must be < num_noise_steps ({cfg.num_noise_steps}), "
                          f"got {list(cfg.noise_steps)}")
-    needs_model = "image_weakened" in cfg.strategies or cfg.injector == "llm"
-    if needs_model and not cfg.model:
-        raise ValueError("model: required for image_weakened and for injector='llm'")
+    if "image_weakened" in cfg.strategies and any(s is not None for s in cfg.noise_steps):
+        _schedule(cfg.noise_schedule, cfg.num_noise_steps)  # unknown kind: fail before any work
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume and overwrite: pick one")
     if cfg.max_batches is not None and cfg.max_batches < 1:
@@ -760,6 +779,11 @@ def build_pairs(config, model=None, processor=None):
     cfg = _validate_config(config)
     if (model is None) != (processor is None):
         raise ValueError("model and processor: pass both or neither")
+    needs_model = "image_weakened" in cfg.strategies or (
+        "error_injection" in cfg.strategies and cfg.injector == "llm")
+    if needs_model and not cfg.model and model is None:
+        raise ValueError("model: required for image_weakened and for injector='llm' (a model "
+                         "directory, or pass model= and processor=)")
     return _Run(cfg, model, processor).run()
 
 
