@@ -142,7 +142,7 @@ def _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, st
         kmask = ks < H
         a = tl.load(h_ptr + roff[:, None] + ks[None, :] * stride_hk,
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+        b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :] * stride_wk,
                     mask=cmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
     return acc
@@ -213,7 +213,7 @@ def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
         ks = k0 + tl.arange(0, BK)
         kmask = ks < H
         if NEED_GH:
-            wt = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+            wt = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :] * stride_wk,
                          mask=cmask[:, None] & kmask[None, :], other=0.0)
             gh = tl.dot(dc, wt, input_precision=PREC)
             tl.atomic_add(gh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :], gh,
