@@ -1,0 +1,99 @@
+"""``bpo-fast eval-chair``: CHAIR-i, CHAIR-s and recall of a captions file.
+
+    bpo-fast eval-chair --captions captions.jsonl --ground-truth objects.jsonl \\
+        [--synonyms synonyms.txt] [--out chair.json] [--subset]
+
+Captions: JSONL / JSON array of ``{"id", "caption"}`` (LLaVA's ``{"question_id", "text"}``
+works too) or a JSON object ``{id: caption}``. Ground truth: JSONL / JSON array of
+``{"id", "objects": [names]}`` or a JSON object ``{id: [names]}``. Synonyms: the standard
+"canonical, syn1, syn2" text format (one object a line) or JSON ``{canonical: [syns]}``; see
+:mod:`bpo_fast.eval.chair`. Exit status 2 on bad input, with the file and line in the message.
+"""
+
+import json
+import os
+import sys
+
+
+def add_arguments(parser):
+    parser.add_argument("--captions", required=True, metavar="FILE",
+                        help="captions: JSONL/JSON of {id, caption} (or {question_id, text})")
+    parser.add_argument("--ground-truth", required=True, metavar="FILE",
+                        help="ground-truth objects: JSONL/JSON of {id, objects: [names]}")
+    parser.add_argument("--synonyms", metavar="FILE", default=None,
+                        help="synonym table, one object a line: 'canonical, syn1, syn2, ...' "
+                             "(or JSON {canonical: [syns]}); default: the ground-truth names")
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="write scores and per-caption details (mentions, hallucinated and "
+                             "missing objects) to this JSON file")
+    parser.add_argument("--subset", action="store_true",
+                        help="score only the images that have a caption (otherwise a ground-truth "
+                             "id without a caption is an error)")
+
+
+def _error(msg):
+    print(f"bpo-fast eval-chair: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args):
+    from bpo_fast.eval.chair import (InputError, SynonymTable, compute_chair, load_captions,
+                                     load_ground_truth)
+
+    try:
+        captions = load_captions(args.captions)
+        truth = load_ground_truth(args.ground_truth)
+        table = SynonymTable.from_file(args.synonyms) if args.synonyms else None
+    except InputError as exc:
+        return _error(str(exc))
+    except (OSError, ValueError, TypeError) as exc:
+        return _error(f"{type(exc).__name__}: {exc}")
+
+    missing = [i for i in captions if i not in truth]
+    if missing:
+        return _error(f"{len(missing)} caption id(s) of {args.captions} are not in "
+                      f"{args.ground_truth}: {_show(missing)}")
+    extra = [i for i in truth if i not in captions]
+    if extra and not args.subset:
+        return _error(f"{len(extra)} id(s) of {args.ground_truth} have no caption in "
+                      f"{args.captions}: {_show(extra)} (use --subset to score only the "
+                      f"captioned images)")
+    try:
+        result = compute_chair(captions, truth, table, ignore_extra_ground_truth=args.subset)
+    except (ValueError, TypeError) as exc:
+        return _error(str(exc))
+
+    print(format_scores(result))
+    if result.unknown_ground_truth:
+        print(f"note: {len(result.unknown_ground_truth)} ground-truth name(s) are not in the "
+              f"synonym table (they count for recall only): "
+              f"{', '.join(result.unknown_ground_truth[:10])}", file=sys.stderr)
+    if args.out:
+        out = {"captions": os.path.abspath(args.captions),
+               "ground_truth": os.path.abspath(args.ground_truth),
+               "synonyms": os.path.abspath(args.synonyms) if args.synonyms else None,
+               **result.to_dict()}
+        d = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(d, exist_ok=True)
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _show(ids, k=5):
+    return ", ".join(repr(i) for i in ids[:k]) + (f", ... ({len(ids) - k} more)" if len(ids) > k else "")
+
+
+def format_scores(result):
+    def pct(x):
+        return "   n/a" if x is None else f"{100 * x:6.2f}"
+    rows = [("CHAIR-i (%)", pct(result.chair_i),
+             f"{result.n_hallucinated_mentions}/{result.n_mentions} mentions hallucinated"),
+            ("CHAIR-s (%)", pct(result.chair_s),
+             f"{result.n_hallucinated_captions}/{result.n_captions} captions hallucinate"),
+            ("recall (%)", pct(result.recall),
+             f"{result.n_gt_mentioned}/{result.n_gt_objects} ground-truth objects mentioned")]
+    return "\n".join(f"{name:<12} {val}   {note}" for name, val, note in rows)
