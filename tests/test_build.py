@@ -1,0 +1,77 @@
+"""The build: what extension_info() reports, the registered ops, and a wheel that ships them."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+import bpo_fast
+from bpo_fast import _ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_extension_info_reports_the_build():
+    info = bpo_fast.extension_info()
+    for key in ("available", "cuda", "archs", "built_with_torch", "cuda_version", "error", "ops"):
+        assert key in info
+    with open(os.path.join(os.path.dirname(_ext.__file__), "_build_info.json")) as f:
+        built = json.load(f)
+    if not built.get("built"):
+        pytest.skip(f"installed without the extension: {built.get('reason')}")
+    assert info["available"], info["error"]
+    assert info["error"] is None
+    assert info["ops"] == ["diffusion_noise"]
+    assert info["built_with_torch"] == torch.__version__  # the ABI the .so was compiled against
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("bpo_fast::diffusion_noise", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("bpo_fast::diffusion_noise", "CPU")
+    assert info["cuda"] == has_cuda_kernel == built["cuda"]
+    if info["cuda"]:
+        assert info["archs"] and info["cuda_version"] == torch.version.cuda
+    else:
+        assert info["archs"] is None
+    schema = str(torch.ops.bpo_fast.diffusion_noise.default._schema)
+    assert "Generator? generator" in schema and "int? seed" in schema
+    assert torch.Tag.nondeterministic_seeded in torch.ops.bpo_fast.diffusion_noise.default.tags
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ninja") is None and shutil.which("c++") is None, reason="no compiler")
+def test_wheel_contains_the_extension(tmp_path):
+    """`pip wheel --no-build-isolation .` builds a wheel with bpo_fast/_C*.so and the kernels.
+
+    Built from a copy of the sources so the working tree (and its editable install) is left
+    alone. ~30 s for the CPU extension on 2 cores; a CUDA torch compiles the CUDA kernels too.
+    """
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        if os.path.exists(os.path.join(ROOT, name)):
+            shutil.copy(os.path.join(ROOT, name), src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "_build_info.json")
+    for d in ("csrc", "bpo_fast", "kernels"):
+        shutil.copytree(os.path.join(ROOT, d), src / d, ignore=ignore)
+    out = tmp_path / "wheels"
+    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    env.pop("BPO_FAST_SKIP_EXT", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
+         str(out), str(src)],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wheels = list(out.glob("bpo_fast-*.whl"))
+    assert len(wheels) == 1, os.listdir(out)
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert any(n.startswith("bpo_fast/_C") and n.endswith(".so") for n in names), names
+    assert "bpo_fast/kernels/__init__.py" in names
+    assert "bpo_fast/ops/noise.py" in names
+    info = json.loads(zipfile.ZipFile(wheels[0]).read("bpo_fast/_build_info.json"))
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    assert info["built"] is True
+    assert info["cuda"] == (torch.version.cuda is not None and CUDA_HOME is not None)
