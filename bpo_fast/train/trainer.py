@@ -26,6 +26,7 @@ import random
 import resource
 import shutil
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -222,6 +223,16 @@ def _optimizer(pm, config, device):
 # checkpoints
 # --------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _quiet_single_process(world):
+    """DCP warns that it assumes a single process when no process group exists; that is the
+    intent here, so the warning is noise."""
+    with warnings.catch_warnings():
+        if world == 1:
+            warnings.filterwarnings("ignore", message=".*single process.*")
+        yield
+
+
 def _checkpoints(output):
     if not os.path.isdir(output):
         return []
@@ -253,7 +264,8 @@ def save_checkpoint(path, pm, optimizer, scheduler, state, world, rank):
         save_file({k: v.contiguous() for k, v in msd.items()},
                   os.path.join(tmp, "trainable.safetensors"))
     osd = get_optimizer_state_dict(pm, optimizer)
-    dcp.save({"optim": osd}, checkpoint_id=os.path.join(tmp, "optimizer"))
+    with _quiet_single_process(world):
+        dcp.save({"optim": osd}, checkpoint_id=os.path.join(tmp, "optimizer"))
     torch.save(_rng_state(), os.path.join(tmp, f"rng_{rank}.pt"))
     if rank == 0:
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -282,7 +294,8 @@ def load_checkpoint(path, pm, optimizer, scheduler, world, rank):
     set_model_state_dict(pm, sd, options=StateDictOptions(full_state_dict=True, strict=False))
     osd = get_optimizer_state_dict(pm, optimizer)
     holder = {"optim": osd}
-    dcp.load(holder, checkpoint_id=os.path.join(path, "optimizer"))
+    with _quiet_single_process(world):
+        dcp.load(holder, checkpoint_id=os.path.join(path, "optimizer"))
     set_optimizer_state_dict(pm, optimizer, holder["optim"])
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     _set_rng_state(torch.load(os.path.join(path, f"rng_{rank}.pt"), weights_only=False))

@@ -1,0 +1,131 @@
+import json
+import os
+
+import pytest
+import torch
+
+from bpo_fast.train import METRIC_KEYS, TrainConfig, train
+from bpo_fast.train.synthetic import make_pairs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("train_pairs"))
+    return make_pairs(root, n=8, seed=5), root
+
+
+def _cfg(tiny_llava_dir, data, out, **kw):
+    path, root = data
+    base = dict(model=tiny_llava_dir, data=path, image_root=root, output=str(out), batch_size=2,
+                max_length=64, learning_rate=2e-3, warmup_steps=0, progress=False, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_goes_down_and_metrics_and_final_model(tiny_llava_dir, data, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path / "full"
+    # full-batch steps (4 pairs x 2 micro-batches = the 8 pairs): a deterministic descent
+    res = train(_cfg(tiny_llava_dir, data, out, max_steps=6, batch_size=4, grad_accum=2,
+                     learning_rate=1e-3, beta=0.5))
+    rows = _metrics(str(out))
+    assert [r["step"] for r in rows] == list(range(1, 7)) and res["history"] == rows
+    assert all(tuple(r) == METRIC_KEYS for r in rows)
+    assert all(isinstance(r[k], (int, float)) for r in rows for k in METRIC_KEYS)
+    losses = [r["loss"] for r in rows]
+    assert abs(losses[0] - 0.6931) < 1e-3      # policy == reference at step 1
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.5
+    assert rows[-1]["reward_margin"] > 0 and rows[-1]["reward_accuracy"] > 0.5
+    assert rows[-1]["epoch"] == pytest.approx(6.0)
+    # the final model loads with from_pretrained and differs from the start in the LLM only
+    model = LlavaForConditionalGeneration.from_pretrained(str(out))
+    start = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir)
+    sd, sd0 = model.state_dict(), start.state_dict()
+    changed = {k for k in sd if not torch.equal(sd[k], sd0[k])}
+    assert changed and all("vision_tower" not in k and "multi_modal_projector" not in k
+                           for k in changed)
+    assert os.path.isfile(out / "checkpoint-6" / "trainable.safetensors")
+
+
+def test_resume_gives_the_same_losses(tiny_llava_dir, data, tmp_path):
+    from bpo_fast.cli import main
+
+    full = tmp_path / "a"
+    train(_cfg(tiny_llava_dir, data, full, max_steps=4, grad_accum=2, save_every=2, epochs=2))
+    ref = _metrics(str(full))
+    # "interrupted" run: checkpoint-2 copied to a fresh output, continued through the CLI
+    import shutil
+
+    part = tmp_path / "b"
+    os.makedirs(part)
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    with open(part / "metrics.jsonl", "w") as f:
+        for r in ref[:3]:   # includes one line "written after" the checkpoint: must be dropped
+            f.write(json.dumps(r) + "\n")
+    path, root = data
+    rc = main(["train", "--model", tiny_llava_dir, "--data", path, "--image-root", root,
+               "--output", str(part), "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4",
+               "--max-length", "64", "--lr", "2e-3", "--warmup-steps", "0", "--save-every", "2",
+               "--resume", "--no-progress"])
+    assert rc == 0
+    got = _metrics(str(part))
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(ref[2:], got[2:]):
+        for k in ("loss", "reward_margin", "logps_chosen", "logps_rejected", "lr"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), k
+
+
+def test_lora_and_cached_reference_agree(tiny_llava_dir, data, tmp_path):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from bpo_fast.train.ref_cache import compute_reference_logps
+
+    path, root = data
+    lora = train(_cfg(tiny_llava_dir, data, tmp_path / "lora", max_steps=3, lora_r=4,
+                      lora_dropout=0.0, learning_rate=1e-2, merge_lora=True))
+    assert lora["history"][-1]["loss"] < lora["history"][0]["loss"]
+    merged = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lora"))
+    adapted = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir),
+                                        str(tmp_path / "lora" / "adapter"))
+    ids = torch.tensor([[3, 7, 9, 11, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits,
+                                   adapted(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+    # full fine-tuning with a model reference == with the cached reference
+    cache = str(tmp_path / "ref.safetensors")
+    compute_reference_logps(tiny_llava_dir, path, root, cache, max_length=64, progress=False)
+    a = train(_cfg(tiny_llava_dir, data, tmp_path / "m", max_steps=3))["history"]
+    b = train(_cfg(tiny_llava_dir, data, tmp_path / "c", max_steps=3, reference="cached",
+                   ref_cache=cache))["history"]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["reward_margin"] == pytest.approx(y["reward_margin"], abs=1e-5)
+    with pytest.raises(ValueError, match="max_length"):
+        train(_cfg(tiny_llava_dir, data, tmp_path / "d", max_steps=1, reference="cached",
+                   ref_cache=cache, max_length=32))
+
+
+def test_config_validation(tiny_llava_dir, data, tmp_path):
+    with pytest.raises(ValueError, match="lora_r"):
+        _cfg(tiny_llava_dir, data, tmp_path, reference="lora")
+    with pytest.raises(ValueError, match="ref_cache"):
+        _cfg(tiny_llava_dir, data, tmp_path, reference="cached")
+    with pytest.raises(ValueError, match="batch_size"):
+        _cfg(tiny_llava_dir, data, tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        _cfg(tiny_llava_dir, data, tmp_path, dtype="fp8")
+    with pytest.raises(ValueError, match="merge_lora"):
+        _cfg(tiny_llava_dir, data, tmp_path, merge_lora=True)
+    assert _cfg(tiny_llava_dir, data, tmp_path, lora_r=8).reference == "lora"
+    with pytest.raises(ValueError, match="global batch"):
+        train(_cfg(tiny_llava_dir, data, tmp_path / "x", batch_size=8, grad_accum=2))
+    with pytest.raises(FileNotFoundError, match="resume"):
+        train(_cfg(tiny_llava_dir, data, tmp_path / "y", resume=str(tmp_path / "none")))
