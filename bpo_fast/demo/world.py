@@ -323,7 +323,7 @@ def render(scene, config=None):
         elif s.kind == "diamond":
             draw.polygon([(cx, y0), (xl, cy), (cx, yl), (x0, cy)], fill=fill)
         elif s.kind == "cross":
-            t = max(1, (x1 - x0) // 6)       # half thickness of the bars
+            t = max(1, (x1 - x0) // 8)       # half thickness of the bars
             draw.rectangle([x0, cy - t, xl, cy + t], fill=fill)
             draw.rectangle([cx - t, y0, cx + t, yl], fill=fill)
         elif s.kind == "star":
