@@ -476,3 +476,59 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
     n_tokens = torch.zeros(N, device=dev, dtype=torch.long).index_add_(
         0, n_idx, torch.ones_like(n_idx))
     return logps, n_tokens
+
+
+def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *,
+                          bias=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+                          ignore_index=-100, temperature=1.0, impl="auto", chunk_bytes=None,
+                          chunk_sizes=None):
+    """The DPO loss of :func:`bpo_fast.ops.dpo.fused_dpo_loss`, from hidden states: rows of
+    ``hidden [2B, T, H]`` / ``labels [2B, T]`` are ``[chosen; rejected]``, ``weight [V, H]`` the
+    LM head, ``ref_*_logps [B]`` the reference model's summed log-probs. Returns a
+    :class:`~bpo_fast.ops.dpo.DPOOutput`; gradients reach ``hidden``, ``weight`` and ``bias``.
+
+    The per-sequence policy log-probs come from :func:`linear_sequence_logprobs` (no logits are
+    built); the loss itself is :func:`bpo_fast.ops.dpo.dpo_loss` on ``[B]`` tensors, which costs
+    nothing next to the LM head, so every loss type of ``LOSS_TYPES`` is supported.
+    """
+    from bpo_fast.ops.dpo import dpo_loss
+
+    N = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
+    if N is not None and N % 2:
+        raise ValueError(f"hidden must hold [chosen; rejected] rows (an even count), got {N} rows")
+    logps, n_tokens = linear_sequence_logprobs(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+        impl=impl, chunk_bytes=chunk_bytes, chunk_sizes=chunk_sizes)
+    B = logps.shape[0] // 2
+    return dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
+                    loss_type=loss_type, label_smoothing=label_smoothing)
+
+
+class LinearDPOLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`fused_linear_dpo_loss` for training loops: holds ``beta``,
+    ``loss_type`` and the other settings; ``forward(hidden, weight, labels, ref_chosen_logps,
+    ref_rejected_logps, bias=None) -> DPOOutput``."""
+
+    def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100,
+                 temperature=1.0, impl="auto", chunk_bytes=None):
+        super().__init__()
+        from bpo_fast.ops.dpo import LOSS_TYPES
+
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.ignore_index, self.temperature = ignore_index, temperature
+        self.impl, self.chunk_bytes = impl, chunk_bytes
+
+    def forward(self, hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias=None):
+        return fused_linear_dpo_loss(
+            hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias=bias,
+            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index, temperature=self.temperature, impl=self.impl,
+            chunk_bytes=self.chunk_bytes)
+
+    def extra_repr(self):
+        return (f"beta={self.beta}, loss_type={self.loss_type!r}, "
+                f"label_smoothing={self.label_smoothing}, temperature={self.temperature}")
