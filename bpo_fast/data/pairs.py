@@ -617,9 +617,15 @@ class _Run:
                     for smp, k, pid in units[key]["rows"]]
             flat = pix.reshape(-1, *pix.shape[2:])
             records = []
+            prompts = {}  # one chat rendering per sample, shared by its K levels
             for c in range(0, len(rows), gen_bs):
                 chunk = rows[c:c + gen_bs]
-                texts = [self.gen.expand_images(self.gen.chat(smp.prompt)) for smp, *_ in chunk]
+                texts = []
+                for smp, *_ in chunk:
+                    key = (smp.index, smp.turn)
+                    if key not in prompts:
+                        prompts[key] = self.gen.expand_images(self.gen.chat(smp.prompt))
+                    texts.append(prompts[key])
                 idx = torch.tensor([r[3] for r in chunk], device=self.device)
                 t0 = time.perf_counter()
                 answers, ntok = self.gen.generate(texts, flat.index_select(0, idx),
