@@ -448,12 +448,13 @@ def _scored_logprobs(hidden, weight, labels, bias, ignore_index, temperature, im
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100,
                           temperature=1.0, impl="auto", chunk_bytes=None, chunk_sizes=None):
-    """Per-token log-probs ``[N, T]`` float32 of ``labels`` under
-    ``(hidden @ weight.T + bias) / temperature``, without building the logits.
+    """Per-token log-probs ``[N, T - 1]`` float32 of ``labels`` under
+    ``(hidden @ weight.T + bias) / temperature``, without building the logits: the same as
+    :func:`bpo_fast.ops.logprobs.token_logprobs` on those logits.
 
     ``hidden [N, T, H]`` (fp32/bf16/fp16, any strides), ``weight [V, H]`` (same dtype),
-    ``labels [N, T]`` in the HF convention: position ``t`` scores ``labels[:, t + 1]``, the last
-    position and positions whose next label is ``ignore_index`` hold 0. Differentiable w.r.t.
+    ``labels [N, T]`` in the HF convention: entry ``t`` scores ``labels[:, t + 1]`` from
+    position ``t``; entries whose label is ``ignore_index`` hold 0. Differentiable w.r.t.
     ``hidden``, ``weight`` and ``bias``. ``impl``: ``"auto"``, ``"torch"``, ``"cublas"``,
     ``"triton"`` (see the module doc); ``chunk_bytes`` bounds the float32 logit tile
     (default 512 MiB, env ``BPO_FAST_LINEAR_CHUNK_MB``); ``chunk_sizes=(tokens, vocab)`` forces
@@ -461,7 +462,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
     """
     logp, n_idx, t_idx, N, T = _scored_logprobs(hidden, weight, labels, bias, ignore_index,
                                                 temperature, impl, chunk_bytes, chunk_sizes)
-    out = torch.zeros(N, T, device=weight.device, dtype=torch.float32)
+    out = torch.zeros(N, max(T - 1, 0), device=weight.device, dtype=torch.float32)
     return out.index_put((n_idx, t_idx), logp)
 
 
