@@ -347,6 +347,7 @@ def _show(ids, k=5):
 _ID_KEYS = ("id", "image_id", "question_id")
 _CAPTION_KEYS = ("caption", "text", "answer")
 _OBJECT_KEYS = ("objects",)
+_RECORD_KEYS = _ID_KEYS + _CAPTION_KEYS + _OBJECT_KEYS
 
 
 def _iter_json_items(path, what):
@@ -375,7 +376,7 @@ def _iter_json_items(path, what):
             yield from _array_lines(path, text, data)
             return
         if isinstance(data, dict):
-            if any(k in data for k in _ID_KEYS):     # a single record
+            if any(k in data for k in _RECORD_KEYS):     # a single record, not an id mapping
                 yield 1, data
                 return
             base = text.count("\n", 0, len(text) - len(stripped)) + 1
