@@ -1,0 +1,367 @@
+"""DPO losses (TRL 1.16 ``DPOTrainer`` formulas) from per-sequence log-probs, and the fused
+logits -> loss path.
+
+Notation per pair ``i`` (``B`` pairs): ``c = policy_chosen - ref_chosen``,
+``r = policy_rejected - ref_rejected`` (the log-ratios), ``d = c - r``, ``b = beta``,
+``e = label_smoothing``, ``s = sigmoid``, ``ls = logsigmoid``; ``lc``/``lr`` are the chosen /
+rejected token counts clamped to >= 1 (only ``ipo`` and ``sigmoid_norm`` use them).
+
+=============  ================================================================================
+loss_type      per-pair loss
+=============  ================================================================================
+sigmoid        ``-(1 - e) ls(b d) - e ls(-b d)`` (conservative DPO; TRL's for e = 0)
+robust         ``(-(1 - e) ls(b d) + e ls(-b d)) / (1 - 2 e)``
+hinge          ``relu(1 - b d)``
+ipo            ``(c / lc - r / lr - 1 / (2 b)) ** 2``
+exo_pair       ``s(b d) (ls(b d) - log(1 - e)) + s(-b d) (ls(-b d) - log e)``  (needs e > 0)
+nca_pair       ``-ls(b c) - ls(-b c) / 2 - ls(-b r) / 2``
+bco_pair       ``-ls(b c) - ls(-b r)``
+sppo_hard      ``(c - 1 / (2 b)) ** 2 + (r + 1 / (2 b)) ** 2``
+apo_zero       ``1 - s(b c) + s(b r)``
+apo_down       ``s(b c) + 1 - s(b d)``
+discopop       ``z = b d, m = s(z / tau)``: ``-ls(z) (1 - m) + exp(-z) m``
+sigmoid_norm   ``-ls(b (c / lc - r / lr))``
+=============  ================================================================================
+
+``loss`` is the mean over pairs; ``chosen_rewards = b c`` and ``rejected_rewards = b r`` are
+detached (as in TRL), ``reward_accuracy`` is the fraction of pairs with chosen reward > rejected
+reward. Reference log-probs carry no gradient.
+
+Implementations: :func:`dpo_loss_reference` (plain PyTorch + autograd: the spec), and a Triton
+kernel (``kernels/dpo.py``) that computes the losses *and their closed-form derivatives* in one
+launch; :func:`dpo_loss_and_grad` exposes the latter for other fused paths (the LM-head op), and
+:func:`fused_dpo_loss` runs it straight on the token log-probs of the logits kernel.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair",
+              "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+# loss types whose formula divides each side's log-ratio by its token count
+LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
+
+
+@dataclass
+class DPOOutput:
+    """Result of a DPO loss. ``loss`` is a float32 scalar (mean over the ``B`` pairs); the
+    per-pair fields are float32 ``[B]``; ``reward_accuracy`` a float32 scalar. The policy
+    log-probs are filled in by the fused calls (they computed them) and ``None`` otherwise."""
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    reward_margins: torch.Tensor
+    reward_accuracy: torch.Tensor
+    policy_chosen_logps: Optional[torch.Tensor] = None
+    policy_rejected_logps: Optional[torch.Tensor] = None
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _number(name, x):
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.requires_grad:
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {x!r}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x!r}")
+    return x
+
+
+def validate_dpo_params(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, discopop_tau=0.05):
+    """Check the DPO hyper-parameters; return them normalised as
+    ``(beta: float, loss_type: str, label_smoothing: float, discopop_tau: float)``.
+
+    ``beta > 0``; ``loss_type`` in :data:`LOSS_TYPES`; ``label_smoothing`` in ``[0, 0.5)``
+    (and ``> 0`` for ``exo_pair``, whose formula takes ``log(label_smoothing)``, as TRL
+    requires); ``discopop_tau > 0``. Raises ``ValueError`` / ``TypeError`` naming the argument.
+    """
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+    beta = _number("beta", beta)
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    label_smoothing = _number("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if loss_type == "exo_pair" and label_smoothing == 0.0:
+        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (its formula takes "
+                         "log(label_smoothing)); the EXO paper recommends 1e-3")
+    discopop_tau = _number("discopop_tau", discopop_tau)
+    if discopop_tau <= 0:
+        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+    return beta, loss_type, label_smoothing, discopop_tau
+
+
+def _check_vector(name, x, B=None, device=None, floating=True):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [B], got shape {tuple(x.shape)}")
+    if B is not None and x.shape[0] != B:
+        raise ValueError(f"{name} must be [B] = [{B}] like policy_chosen_logps, "
+                         f"got shape {tuple(x.shape)}")
+    if floating and not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
+    if not floating and (x.dtype.is_complex or x.dtype == torch.bool):
+        raise ValueError(f"{name} must be a real (integer or floating) tensor, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} must be on {device}, got {x.device}")
+
+
+def check_dpo_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                     ref_rejected_logps, loss_type="sigmoid", chosen_lengths=None,
+                     rejected_lengths=None):
+    """Shape / dtype / device checks of the per-sequence inputs of :func:`dpo_loss` (no device
+    work). ``chosen_lengths``/``rejected_lengths`` are required for :data:`LENGTH_NORMALISED`
+    loss types. Returns ``B``."""
+    _check_vector("policy_chosen_logps", policy_chosen_logps)
+    B, dev = policy_chosen_logps.shape[0], policy_chosen_logps.device
+    if B == 0:
+        raise ValueError("policy_chosen_logps must hold at least one pair, got B = 0")
+    _check_vector("policy_rejected_logps", policy_rejected_logps, B, dev)
+    _check_vector("ref_chosen_logps", ref_chosen_logps, B, dev)
+    _check_vector("ref_rejected_logps", ref_rejected_logps, B, dev)
+    for name, x in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if x is None:
+            if loss_type in LENGTH_NORMALISED:
+                raise ValueError(f"{name} is required for loss_type={loss_type!r} (it divides "
+                                 f"each side's log-ratio by its token count)")
+        else:
+            _check_vector(name, x, B, dev, floating=False)
+    return B
+
+
+# ----------------------------------------------------------------------------------------------
+# reference (the spec): plain PyTorch, gradients by autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_losses(c, r, lc, lr, beta, loss_type, e, tau):
+    """Per-pair losses from the log-ratios (any float dtype, autograd-friendly)."""
+    b = beta
+    d = c - r
+    if loss_type == "sigmoid":
+        return -(1 - e) * F.logsigmoid(b * d) - e * F.logsigmoid(-b * d)
+    if loss_type == "robust":
+        return (-(1 - e) * F.logsigmoid(b * d) + e * F.logsigmoid(-b * d)) / (1 - 2 * e)
+    if loss_type == "hinge":
+        return torch.relu(1 - b * d)
+    if loss_type == "ipo":
+        return (c / lc - r / lr - 1 / (2 * b)) ** 2
+    if loss_type == "exo_pair":
+        z = b * d
+        return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-e))
+                + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(e)))
+    if loss_type == "nca_pair":
+        return (-F.logsigmoid(b * c) - 0.5 * F.logsigmoid(-b * c) - 0.5 * F.logsigmoid(-b * r))
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(b * c) - F.logsigmoid(-b * r)
+    if loss_type == "sppo_hard":
+        return (c - 0.5 / b) ** 2 + (r + 0.5 / b) ** 2
+    if loss_type == "apo_zero":
+        return (1 - torch.sigmoid(b * c)) + torch.sigmoid(b * r)
+    if loss_type == "apo_down":
+        return torch.sigmoid(b * c) + (1 - torch.sigmoid(b * d))
+    if loss_type == "discopop":
+        z = b * d
+        m = torch.sigmoid(z / tau)
+        # exp(-z) * m written as exp(-z + log m): the same number, but no inf * 0 = NaN when
+        # z is very negative (the modulation m vanishes faster than exp(-z) grows for tau < 1)
+        return -F.logsigmoid(z) * (1 - m) + torch.exp(F.logsigmoid(z / tau) - z)
+    if loss_type == "sigmoid_norm":
+        return -F.logsigmoid(b * (c / lc - r / lr))
+    raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+
+
+def _acc_dtype(*xs):
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def dpo_loss_reference(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                       ref_rejected_logps, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+                       chosen_lengths=None, rejected_lengths=None, discopop_tau=0.05):
+    """Plain-PyTorch spec of :func:`dpo_loss` (float32, float64 for float64 inputs);
+    differentiable through autograd in the policy log-probs."""
+    beta, loss_type, e, tau = validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)
+    check_dpo_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                     ref_rejected_logps, loss_type, chosen_lengths, rejected_lengths)
+    acc = _acc_dtype(policy_chosen_logps, policy_rejected_logps)
+    pc, pr = policy_chosen_logps.to(acc), policy_rejected_logps.to(acc)
+    c = pc - ref_chosen_logps.detach().to(acc)
+    r = pr - ref_rejected_logps.detach().to(acc)
+    lc = lr = None
+    if loss_type in LENGTH_NORMALISED:
+        lc = chosen_lengths.to(acc).clamp(min=1.0)
+        lr = rejected_lengths.to(acc).clamp(min=1.0)
+    losses = _reference_losses(c, r, lc, lr, beta, loss_type, e, tau)
+    chosen_rewards = (beta * c).detach()
+    rejected_rewards = (beta * r).detach()
+    return DPOOutput(
+        loss=losses.mean(), losses=losses, chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards, reward_margins=chosen_rewards - rejected_rewards,
+        reward_accuracy=(chosen_rewards > rejected_rewards).to(acc).mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# loss + closed-form gradient (for fused callers)
+# ----------------------------------------------------------------------------------------------
+
+
+def _use_triton(device):
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _reference_loss_and_grad(pc, pr, rc, rr, lc, lr, beta, loss_type, e, tau):
+    """CPU twin of the Triton pair kernel: reference losses, d losses_i / d policy logps by
+    autograd on detached leaves. Returns (DPOOutput detached, dlosses/dpc, dlosses/dpr)."""
+    with torch.enable_grad():
+        pc_ = pc.detach().float().requires_grad_(True)
+        pr_ = pr.detach().float().requires_grad_(True)
+        out = dpo_loss_reference(pc_, pr_, rc, rr, beta=beta, loss_type=loss_type,
+                                 label_smoothing=e, chosen_lengths=lc, rejected_lengths=lr,
+                                 discopop_tau=tau)
+        # each loss_i depends only on pair i, so the gradient of sum(losses) is per-pair
+        dc, dr = torch.autograd.grad(out.losses.sum(), (pc_, pr_))
+    out.loss, out.losses = out.loss.detach(), out.losses.detach()
+    return out, dc, dr
+
+
+def dpo_loss_and_grad(policy_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1,
+                      loss_type="sigmoid", label_smoothing=0.0, lengths=None,
+                      discopop_tau=0.05):
+    """The DPO loss and its gradient with respect to the policy log-probs, without autograd.
+
+    ``policy_logps``: float ``[2B]``, rows ``0..B-1`` chosen, ``B..2B-1`` rejected (the
+    ``[chosen; rejected]`` batch layout). ``lengths``: ``[2B]`` token counts in the same layout
+    (required for ``ipo`` / ``sigmoid_norm``). Returns ``(out, dlosses)``: ``out`` a detached
+    :class:`DPOOutput` (with ``policy_chosen_logps``/``policy_rejected_logps`` set), and
+    ``dlosses`` float32 ``[2B]`` with ``dlosses[j] = d losses[j mod B] / d policy_logps[j]``
+    (each pair's loss depends only on its own two rows). The gradient of ``loss`` (the mean) is
+    ``dlosses / B``; for an upstream ``g_loss`` and ``g_losses [B]`` the gradient w.r.t.
+    ``policy_logps`` is ``(g_loss / B + g_losses.repeat(2)) * dlosses``.
+
+    On CUDA (or under ``TRITON_INTERPRET=1``) this is one Triton launch; on CPU the reference
+    with autograd.
+    """
+    beta, loss_type, e, tau = validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)
+    _check_vector("policy_logps", policy_logps)
+    n = policy_logps.shape[0]
+    if n == 0 or n % 2:
+        raise ValueError(f"policy_logps must be [2B] with B >= 1 ([chosen; rejected]), "
+                         f"got shape {tuple(policy_logps.shape)}")
+    B = n // 2
+    lc = lr = None
+    if lengths is not None:
+        _check_vector("lengths", lengths, n, policy_logps.device, floating=False)
+        lc, lr = lengths[:B], lengths[B:]
+    pc, pr = policy_logps[:B], policy_logps[B:]
+    check_dpo_inputs(pc, pr, ref_chosen_logps, ref_rejected_logps, loss_type, lc, lr)
+    if _use_triton(policy_logps.device):
+        from bpo_fast.kernels import dpo as K
+
+        res = K.dpo_pairs(policy_logps.detach(), ref_chosen_logps.detach(),
+                          ref_rejected_logps.detach(), lengths, beta=beta,
+                          loss_type=LOSS_TYPES.index(loss_type), label_smoothing=e, tau=tau)
+        out = _output_from_kernel(res)
+        dl = res["dlosses"]
+    else:
+        out, dc, dr = _reference_loss_and_grad(pc, pr, ref_chosen_logps, ref_rejected_logps,
+                                               lc, lr, beta, loss_type, e, tau)
+        dl = torch.cat([dc, dr])
+    out.policy_chosen_logps = pc.detach().float()
+    out.policy_rejected_logps = pr.detach().float()
+    return out, dl
+
+
+def _output_from_kernel(res):
+    return DPOOutput(loss=res["loss"], losses=res["losses"],
+                     chosen_rewards=res["chosen_rewards"],
+                     rejected_rewards=res["rejected_rewards"],
+                     reward_margins=res["reward_margins"],
+                     reward_accuracy=res["reward_accuracy"])
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, chosen_lengths=None,
+             rejected_lengths=None, discopop_tau=0.05):
+    """DPO loss from per-sequence log-probs (``[B]`` each); returns a :class:`DPOOutput`.
+
+    See the module doc for the formulas (TRL 1.16 ``DPOTrainer``). ``chosen_lengths`` /
+    ``rejected_lengths`` (token counts, ``[B]``) are needed by ``ipo`` and ``sigmoid_norm``.
+    Differentiable in the policy log-probs (``loss`` and ``losses``); rewards are detached and
+    the reference log-probs get no gradient. Float32 results (float64 for float64 inputs).
+    """
+    return dpo_loss_reference(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                              ref_rejected_logps, beta=beta, loss_type=loss_type,
+                              label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
+                              rejected_lengths=rejected_lengths, discopop_tau=discopop_tau)
+
+
+def fused_dpo_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, *, beta=0.1,
+                   loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100, temperature=1.0,
+                   discopop_tau=0.05, inplace_backward=False):
+    """The whole DPO step from logits: rows ``0..B-1`` of ``logits [2B, T, V]`` / ``labels
+    [2B, T]`` are the chosen sequences, rows ``B..2B-1`` the rejected ones. Returns a
+    :class:`DPOOutput` that also carries ``policy_chosen_logps`` / ``policy_rejected_logps``."""
+    from bpo_fast.ops.logprobs import sequence_logprobs
+
+    logps, n_tok = sequence_logprobs(logits, labels, ignore_index=ignore_index,
+                                     temperature=temperature)
+    if logps.shape[0] % 2:
+        raise ValueError(f"logits must hold an even number of rows [chosen; rejected], "
+                         f"got {logps.shape[0]}")
+    B = logps.shape[0] // 2
+    out = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
+                   loss_type=loss_type, label_smoothing=label_smoothing,
+                   chosen_lengths=n_tok[:B], rejected_lengths=n_tok[B:],
+                   discopop_tau=discopop_tau)
+    out.policy_chosen_logps, out.policy_rejected_logps = logps[:B], logps[B:]
+    return out
+
+
+class DPOLoss(torch.nn.Module):
+    """Module wrapper for training loops. ``DPOLoss(beta=0.1, loss_type="sigmoid", ...)``;
+    called with ``(logits, labels, ref_chosen_logps, ref_rejected_logps)`` it runs
+    :func:`fused_dpo_loss`; called with four ``[B]`` log-prob tensors (policy chosen, policy
+    rejected, ref chosen, ref rejected) it runs :func:`dpo_loss`."""
+
+    def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, *, ignore_index=-100,
+                 temperature=1.0, discopop_tau=0.05, inplace_backward=False):
+        super().__init__()
+        self.beta, self.loss_type, self.label_smoothing, self.discopop_tau = \
+            validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)
+        self.ignore_index = ignore_index
+        self.temperature = temperature
+        self.inplace_backward = inplace_backward
+
+    def extra_repr(self):
+        return (f"beta={self.beta}, loss_type={self.loss_type!r}, "
+                f"label_smoothing={self.label_smoothing}")
+
+    def forward(self, a, b, ref_chosen_logps, ref_rejected_logps, *, chosen_lengths=None,
+                rejected_lengths=None):
+        kw = dict(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                  discopop_tau=self.discopop_tau)
+        if isinstance(a, torch.Tensor) and a.dim() == 3:
+            return fused_dpo_loss(a, b, ref_chosen_logps, ref_rejected_logps,
+                                  ignore_index=self.ignore_index, temperature=self.temperature,
+                                  inplace_backward=self.inplace_backward, **kw)
+        return dpo_loss(a, b, ref_chosen_logps, ref_rejected_logps,
+                        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **kw)
