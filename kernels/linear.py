@@ -150,11 +150,14 @@ def _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, st
 
 @triton.jit
 def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
-                      m_ptr, s_ptr, t_ptr, S, V, H, inv_temp, v_per_split,
+                      m_ptr, s_ptr, t_ptr, S, V, H, inv_temp, SPLIT,
                       HAS_BIAS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
                       BK: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
+    # this program's share of the vocabulary: whole BV blocks (a share may be empty, which the
+    # host-side combine reads as m = -inf, s = 0)
+    v_per_split = tl.cdiv(tl.cdiv(V, BV), SPLIT) * BV
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < S
     roff = tl.load(roff_ptr + rows, mask=rmask, other=0)
@@ -227,13 +230,35 @@ def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
 
 
 def _tile_config(hidden, device):
-    """(BM, BV, BK, num_warps, num_stages). Small tiles under the interpreter (speed of the
-    CPU emulation); tensor-core sized tiles on a GPU."""
+    """(BM, BV, BK, num_warps, num_stages) when not autotuning: small tiles under the
+    interpreter (speed of the CPU emulation)."""
     if device.type != "cuda":
         return 16, 32, 16, 4, 1
     if hidden.dtype == torch.float32:
         return 64, 64, 32, 4, 2
     return 128, 128, 64, 8, 3
+
+
+# Tile shapes tried on a GPU (the first use per (V, H, dtype) times each, then caches).
+_GPU_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+              (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+_TUNED = {}
+
+
+def _tuned(name):
+    """The autotuned variant of a kernel (CUDA only; the interpreter uses _tile_config).
+    The backward accumulates into its outputs, so trials restore them."""
+    if name not in _TUNED:
+        configs = [triton.Config({"BM": bm, "BV": bv, "BK": bk}, num_warps=w, num_stages=st)
+                   for bm, bv, bk, w, st in _GPU_TILES]
+        if name == "fwd":
+            _TUNED[name] = triton.autotune(configs, key=["V", "H", "HAS_BIAS", "PREC"])(
+                _fused_fwd_kernel)
+        else:
+            _TUNED[name] = triton.autotune(
+                configs, key=["V", "H", "HAS_BIAS", "NEED_GH", "NEED_GW", "NEED_GB", "PREC"],
+                restore_value=["gh_ptr", "gw_ptr", "gb_ptr"])(_fused_bwd_kernel)
+    return _TUNED[name]
 
 
 def _prec(dtype):
@@ -244,28 +269,31 @@ def _prec(dtype):
 def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None):
     """Per scored row (``row_off`` element offsets into ``hidden``'s storage, last dim stride
     ``hidden.stride(-1)``): ``(lse, target_logit)`` of ``(h @ W.T + b) / temperature``, float32.
-    """
+    ``config=(BM, BV, BK, num_warps, num_stages)`` fixes the tiles; by default they are
+    autotuned on a GPU."""
     S = row_off.numel()
     V, H = weight.shape
     dev = weight.device
     if S == 0:
         z = torch.zeros(0, device=dev, dtype=torch.float32)
         return z, z.clone()
+    tune = dev.type == "cuda" and config is None and hidden.dtype != torch.float32
     BM, BV, BK, warps, stages = config or _tile_config(hidden, dev)
-    n_m = triton.cdiv(S, BM)
-    n_vb = triton.cdiv(V, BV)
     # split the vocabulary across programs when there are too few row blocks to fill the GPU
+    # (sized with the nominal tiles; an autotuned BV only changes how full each share is)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    split = max(1, min(n_vb, triton.cdiv(4 * sms, n_m)))
-    v_per_split = triton.cdiv(n_vb, split) * BV
-    split = triton.cdiv(V, v_per_split)
+    split = max(1, min(triton.cdiv(V, BV), triton.cdiv(4 * sms, triton.cdiv(S, BM))))
     part = torch.empty((3, split, S), device=dev, dtype=torch.float32)
-    _fused_fwd_kernel[(n_m, split)](
-        hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
-        bias if bias is not None else weight, targets, part[0], part[1], part[2],
-        S, V, H, float(inv_temp), v_per_split,
-        HAS_BIAS=bias is not None, BM=BM, BV=BV, BK=BK, PREC=_prec(hidden.dtype),
-        num_warps=warps, num_stages=stages)
+    args = (hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
+            bias if bias is not None else weight, targets, part[0], part[1], part[2],
+            S, V, H, float(inv_temp), split)
+    if tune:
+        _tuned("fwd")[lambda meta: (triton.cdiv(S, meta["BM"]), split)](
+            *args, HAS_BIAS=bias is not None, PREC=_prec(hidden.dtype))
+    else:
+        _fused_fwd_kernel[(triton.cdiv(S, BM), split)](
+            *args, HAS_BIAS=bias is not None, BM=BM, BV=BV, BK=BK, PREC=_prec(hidden.dtype),
+            num_warps=warps, num_stages=stages)
     m, s, t = part[0], part[1], part[2]
     mx = m.max(0).values
     lse = mx + torch.log((s * torch.exp(m - mx)).sum(0))
@@ -279,15 +307,23 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
     ``gscale`` is ``g / temperature`` per scored row."""
     S = row_off.numel()
     V, H = weight.shape
+    dev = weight.device
     if S == 0 or (gh is None and gw is None and gb is None):
         return
-    BM, BV, BK, warps, stages = config or _tile_config(hidden, weight.device)
-    dummy = lse
-    _fused_bwd_kernel[(triton.cdiv(S, BM), triton.cdiv(V, BV))](
-        hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
-        bias if bias is not None else weight, targets, lse, gscale,
-        gh if gh is not None else dummy, gw if gw is not None else dummy,
-        gb if gb is not None else dummy, S, V, H, float(inv_temp),
-        HAS_BIAS=bias is not None, NEED_GH=gh is not None, NEED_GW=gw is not None,
-        NEED_GB=gb is not None, BM=BM, BV=BV, BK=BK, PREC=_prec(hidden.dtype),
-        num_warps=warps, num_stages=stages)
+    tune = dev.type == "cuda" and config is None and hidden.dtype != torch.float32
+    BM, BV, BK, warps, stages = config or _tile_config(hidden, dev)
+
+    def out(t):  # a private 1-element stand-in, so that autotune trials never touch lse
+        return t if t is not None else torch.zeros(1, device=dev, dtype=torch.float32)
+
+    args = (hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
+            bias if bias is not None else weight, targets, lse, gscale, out(gh), out(gw), out(gb),
+            S, V, H, float(inv_temp))
+    flags = dict(HAS_BIAS=bias is not None, NEED_GH=gh is not None, NEED_GW=gw is not None,
+                 NEED_GB=gb is not None, PREC=_prec(hidden.dtype))
+    if tune:
+        _tuned("bwd")[lambda meta: (triton.cdiv(S, meta["BM"]), triton.cdiv(V, meta["BV"]))](
+            *args, **flags)
+    else:
+        _fused_bwd_kernel[(triton.cdiv(S, BM), triton.cdiv(V, BV))](
+            *args, **flags, BM=BM, BV=BV, BK=BK, num_warps=warps, num_stages=stages)

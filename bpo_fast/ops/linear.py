@@ -152,8 +152,9 @@ def _cuda_caps(device):
     if key not in _CAPS:
         caps = {"mm": False, "addmm": False}
         try:
-            a = torch.randn(64, 32, device=device).to(torch.bfloat16)
-            b = torch.randn(32, 48, device=device).to(torch.bfloat16)
+            # deterministic operands: the probe must not consume the caller's RNG stream
+            a = (torch.arange(64 * 32, device=device).view(64, 32) % 7 - 3).to(torch.bfloat16)
+            b = (torch.arange(32 * 48, device=device).view(32, 48) % 5 - 2).to(torch.bfloat16)
             ref = a.float() @ b.float()
             out = torch.mm(a, b, out_dtype=torch.float32)
             caps["mm"] = out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-3)
