@@ -281,19 +281,19 @@ def test_llm_injector_end_to_end_with_template_override(tiny, tmp_path):
     tpl.write_text("make mistakes in : {answer}")
     out = tmp_path / "p.jsonl"
     s = build_pairs(cfg(data, root, out, strategies=("error_injection",), injector="llm",
-                        inject_template=str(tpl)), model, proc)
+                        inject_template=str(tpl), inject_max_new_tokens=3), model, proc)
     recs = read_out(out)
     assert len(recs) + sum(s.dropped.values()) == 3
     assert all(r["injector"] == "llm" and r["noise_step"] is None for r in recs)
-    assert all(r["generation"]["max_new_tokens"] == 4 for r in recs)
-    assert s.generated_tokens == 3 * 4
+    assert all(r["generation"]["max_new_tokens"] == 3 for r in recs)
+    assert s.generated_tokens == 3 * 3
 
 
 def test_rules_only_needs_no_model_and_config_errors(tmp_path):
     data, root = make_data(tmp_path, n=3)
     out = tmp_path / "p.jsonl"
     s = build_pairs(PairBuilderConfig(data=data, out=str(out), strategies=("error_injection",),
-                                      progress=False))
+                                      progress=True))
     assert s.written == {"error_injection": 3}
     with pytest.raises(ValueError, match="model"):
         build_pairs(PairBuilderConfig(data=data, out=str(tmp_path / "q.jsonl"), progress=False))
@@ -354,3 +354,39 @@ def test_cli_end_to_end(tiny_llava_dir, tmp_path, capsys):
     assert len(read_out(out)) == len(recs)
     assert main(["merge-pairs", "--out", str(tmp_path / "m.jsonl"), str(out)]) == 0
     assert main(["merge-pairs", "--out", str(tmp_path / "m.jsonl"), str(tmp_path / "nothing.jsonl")]) == 1
+
+
+def test_sigkill_mid_run_then_resume_matches_full_run(tmp_path):
+    """A real kill (SIGKILL, no clean-up) of the CLI, then --resume: same ids, no duplicates."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    n = 2000
+    data = tmp_path / "big.jsonl"
+    with open(data, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": i, "conversations": [
+                {"from": "human", "value": f"how many cats are there {i} ?"},
+                {"from": "gpt", "value": f"there are {i % 7 + 2} black cats on the left ."}]}) + "\n")
+    base = [sys.executable, "-m", "bpo_fast.cli", "build-pairs", "--data", str(data),
+            "--strategies", "error_injection", "--batch-size", "4", "--no-progress"]
+    killed = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen(base + ["--out", str(killed)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not killed.exists() or killed.stat().st_size < 20_000):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(iter_jsonl(killed)))
+    assert 0 < n_before < n, "the run should have been killed part-way"
+    subprocess.run(base + ["--out", str(killed), "--resume"], check=True, stderr=subprocess.DEVNULL)
+    full = tmp_path / "full.jsonl"
+    subprocess.run(base + ["--out", str(full), "--no-fsync"], check=True, stderr=subprocess.DEVNULL)
+    ids_k = [r["id"] for r in read_out(killed)]
+    ids_f = [r["id"] for r in read_out(full)]
+    assert len(ids_k) == len(set(ids_k)) == n
+    assert set(ids_k) == set(ids_f)
+    # the rule injector is deterministic per id: the resumed file has the same pairs
+    assert {r["id"]: r["rejected"] for r in read_out(killed)} == {r["id"]: r["rejected"] for r in read_out(full)}

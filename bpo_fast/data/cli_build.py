@@ -97,6 +97,8 @@ def add_arguments(p):
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=256, help="(default: %(default)s)")
     g.add_argument("--min-new-tokens", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--inject-max-new-tokens", type=int, metavar="N",
+                   help="cap for --injector llm rewrites (default: --max-new-tokens)")
     g.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s)")
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -132,7 +134,8 @@ def config_from_args(args):
         injector=args.injector, inject_template=args.inject_template, lexicon=args.lexicon,
         max_edits=args.max_edits, batch_size=args.batch_size, gen_batch_size=args.gen_batch_size,
         num_workers=args.num_workers, max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens, do_sample=not args.greedy,
+        min_new_tokens=args.min_new_tokens,
+        inject_max_new_tokens=args.inject_max_new_tokens, do_sample=not args.greedy,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device,
         dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, errors=args.errors,
         limit=args.limit, progress=not args.no_progress, fsync=not args.no_fsync,

@@ -70,6 +70,7 @@ class PairBuilderConfig:
     num_workers: int = 4           # CPU image-decoding worker processes (0: in the main process)
     max_new_tokens: int = 256
     min_new_tokens: int = 0
+    inject_max_new_tokens: int = None  # LLM injector's cap (default: max_new_tokens)
     do_sample: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
@@ -354,10 +355,14 @@ class _Generator:
         return text.replace(self.image_token, self.image_token * self.n_image_tokens)
 
     @torch.inference_mode()
-    def generate(self, texts, pixel_values=None, seed=0):
+    def generate(self, texts, pixel_values=None, seed=0, max_new_tokens=None):
         """-> (decoded answers, generated token count)."""
         enc = self.tok(list(texts), padding=True, return_tensors="pt", padding_side="left")
         kwargs = dict(self.gen_kwargs)
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+            if "min_new_tokens" in kwargs:
+                kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], max_new_tokens)
         inputs = {"input_ids": enc["input_ids"].to(self.device),
                   "attention_mask": enc["attention_mask"].to(self.device)}
         if pixel_values is not None:
@@ -443,6 +448,7 @@ class _Run:
                 self.injector = LLMInjector(self._llm_generate, self.gen.chat_text, tpl)
                 self.template_crc = f"{zlib.crc32(tpl.encode()):08x}"
         self.pbar = None
+        self._last_postfix = 0.0
         self.batches_written = 0
 
     # -- files -------------------------------------------------------------------------------
@@ -544,7 +550,11 @@ class _Run:
         if self.pbar is None:
             return
         self.pbar.update(n)
-        el = max(time.perf_counter() - self.t0, 1e-9)
+        now = time.perf_counter()
+        if now - self._last_postfix < 0.5:  # formatting per item would slow a big resume
+            return
+        self._last_postfix = now
+        el = max(now - self.t0, 1e-9)
         self.pbar.set_postfix({"pairs/s": f"{self.summary.total_written / el:.2f}",
                                "tok/s": f"{self.summary.generated_tokens / el:.1f}"}, refresh=False)
 
@@ -562,6 +572,7 @@ class _Run:
                 pid = smp.pair_id("image_weakened", "clean" if lvl is None else lvl)
                 if pid in self.done:
                     self.summary.already_done += 1
+                    self._progress(1)
                 else:
                     rows.append((smp, k, pid))
             if not rows:
@@ -603,7 +614,8 @@ class _Run:
             good_keys = [batch["keys"][i] for i in batch["good"]]
             if not good_keys:
                 continue
-            bseed = _derive_seed(cfg.seed, self.rank, units[good_keys[0]]["rows"][0][2])
+            # keyed by the batch's first pair id (unique): independent of rank and world size
+            bseed = _derive_seed(cfg.seed, units[good_keys[0]]["rows"][0][2])
             t0 = time.perf_counter()
             u8 = batch["pixels"].to(self.device, non_blocking=True)  # [n, H, W, C] uint8
             pix = pixels_for_levels(u8, self.levels, self.geometry, out_dtype=self.dtype,
@@ -652,7 +664,8 @@ class _Run:
         ntok = 0
         bs = self.cfg.gen_batch_size or self.cfg.batch_size
         for c in range(0, len(texts), bs):
-            a, n = self.gen.generate(texts[c:c + bs], None, seed=_derive_seed(self._ei_seed, c))
+            a, n = self.gen.generate(texts[c:c + bs], None, seed=_derive_seed(self._ei_seed, c),
+                                     max_new_tokens=self.cfg.inject_max_new_tokens)
             out.extend(a)
             ntok += n
         self.summary.generated_tokens += ntok
@@ -666,17 +679,21 @@ class _Run:
             pid = smp.pair_id("error_injection", cfg.injector)
             if pid in self.done:
                 self.summary.already_done += 1
+                self._progress(1)
             elif smp.image is not None and smp.image in bad_images:
                 self._progress(1)  # its image is unreadable: the trainer could not use the pair
             else:
                 todo.append((smp, pid))
         if cfg.injector == "llm":
             settings = dict(self.gen.settings(), template_crc32=self.template_crc)
+            if cfg.inject_max_new_tokens is not None:
+                settings["max_new_tokens"] = cfg.inject_max_new_tokens
+                settings["min_new_tokens"] = min(cfg.min_new_tokens, cfg.inject_max_new_tokens)
         else:
             settings = {"max_edits": cfg.max_edits}
         for c in range(0, len(todo), cfg.batch_size):
             chunk = todo[c:c + cfg.batch_size]
-            self._ei_seed = _derive_seed(cfg.seed, self.rank, chunk[0][1])
+            self._ei_seed = _derive_seed(cfg.seed, chunk[0][1])
             t0 = time.perf_counter()
             rejected = self.injector.inject_batch([smp for smp, _ in chunk])
             self.summary.timings["inject_s"] += time.perf_counter() - t0
@@ -753,6 +770,9 @@ def _validate_config(cfg):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    if cfg.inject_max_new_tokens is not None and (not isinstance(cfg.inject_max_new_tokens, int)
+                                                  or cfg.inject_max_new_tokens < 1):
+        raise ValueError(f"inject_max_new_tokens: expected an int >= 1 or None, got {cfg.inject_max_new_tokens!r}")
     if cfg.gen_batch_size is not None and (not isinstance(cfg.gen_batch_size, int) or cfg.gen_batch_size < 1):
         raise ValueError(f"gen_batch_size: expected an int >= 1 or None, got {cfg.gen_batch_size!r}")
     if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
