@@ -113,6 +113,7 @@ def test_both_strategies_several_levels_schema_of_every_line(tiny, tmp_path):
             assert r["id"] == f"{r['source_id']}:t0:error_injection:rules"
     assert s.generated_tokens == 4 * 3 * 4  # min_new_tokens == max_new_tokens
     assert "pairs written" in s.format()
+    assert not (tmp_path / "pairs.errors.jsonl").exists()  # a clean run leaves no errors file
 
 
 def test_noise_free_pixels_equal_the_processor(tiny, tmp_path):

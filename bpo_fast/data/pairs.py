@@ -418,7 +418,7 @@ class _Run:
         self.summary.timings = {"decode_wait_s": 0.0, "noise_s": 0.0, "generate_s": 0.0,
                                 "inject_s": 0.0, "write_s": 0.0}
         self.levels = parse_noise_steps(cfg.noise_steps)
-        self._prepare_files()
+        self._check_out()  # before the (slow) model load
         need_model = "image_weakened" in cfg.strategies or (
             "error_injection" in cfg.strategies and cfg.injector == "llm")
         self.model = self.processor = self.gen = None
@@ -450,16 +450,23 @@ class _Run:
         self.pbar = None
         self._last_postfix = 0.0
         self.batches_written = 0
+        self._open_files()  # last: nothing above can leave a file half-prepared
 
     # -- files -------------------------------------------------------------------------------
-    def _prepare_files(self):
-        cfg, s = self.cfg, self.summary
+    def _check_out(self):
+        cfg = self.cfg
         exists = os.path.exists(self.out) and os.path.getsize(self.out) > 0
         if exists and not (cfg.resume or cfg.overwrite):
             raise FileExistsError(f"out: {self.out} exists; pass resume=True (--resume) to continue "
                                   "it or overwrite=True (--overwrite) to start over")
-        if cfg.overwrite and not cfg.resume:
-            for p in (self.out, self.errors_path):
+        if os.path.abspath(self.out) == os.path.abspath(self.errors_path):
+            raise ValueError("errors: must differ from out")
+
+    def _open_files(self):
+        cfg, s = self.cfg, self.summary
+        if not cfg.resume:
+            # a fresh run: stale errors of an earlier run must not mix with this run's
+            for p in ((self.out, self.errors_path) if cfg.overwrite else (self.errors_path,)):
                 if os.path.exists(p):
                     os.remove(p)
         self.done = set()
@@ -472,7 +479,7 @@ class _Run:
                 for _, e in iter_jsonl(self.errors_path):
                     self.logged_errors.add(self._error_key(e))
         self.writer = JsonlWriter(self.out, fsync=cfg.fsync)
-        self.err_writer = JsonlWriter(self.errors_path, fsync=cfg.fsync)
+        self.err_writer = None  # opened at the first error: a clean run leaves no errors file
 
     @staticmethod
     def _error_key(e):
@@ -486,7 +493,10 @@ class _Run:
             if key not in self.logged_errors:  # a resumed run does not log the same error twice
                 self.logged_errors.add(key)
                 fresh.append(e)
-        self.err_writer.write_batch(fresh)
+        if fresh:
+            if self.err_writer is None:
+                self.err_writer = JsonlWriter(self.errors_path, fsync=self.cfg.fsync)
+            self.err_writer.write_batch(fresh)
 
     def _write(self, records):
         t = time.perf_counter()
@@ -739,7 +749,8 @@ class _Run:
             if self.pbar is not None:
                 self.pbar.close()
             self.writer.close()
-            self.err_writer.close()
+            if self.err_writer is not None:
+                self.err_writer.close()
         self.summary.elapsed_s = time.perf_counter() - self.t0
         return self.summary
 
