@@ -9,8 +9,8 @@ forward the cheap way:
   through the vision tower and projector **once** and its features are scattered into both rows'
   input embeddings;
 - the language model's decoder (the base model, not the LM-head wrapper) gives hidden states, and the
-  LM head goes straight into :func:`bpo_fast.ops.linear.fused_linear_dpo_loss` /
-  :func:`~bpo_fast.ops.linear.linear_sequence_logprobs`: no ``[2B, T, V]`` logits tensor exists;
+  LM head goes straight into :func:`bpo_fast.ops.linear.linear_sequence_logprobs` (the fused
+  LM-head log-probs) and :func:`bpo_fast.ops.dpo.dpo_loss`: no ``[2B, T, V]`` logits tensor exists;
 - the reference is (a) a separate frozen model (``"model"``, its own dtype, no autograd), (b) the
   policy with its LoRA adapters disabled (``"lora"``, no second copy of the weights), or (c) log-probs
   precomputed into a cache (``"cached"``, passed to :meth:`PreferenceModel.forward`);
@@ -413,7 +413,8 @@ class PreferenceModel(nn.Module):
         ``ref_chosen_logps``/``ref_rejected_logps`` (``[B]``) are required for the cached reference
         and, when given, used instead of running the reference in the other modes too.
         """
-        from bpo_fast.ops.linear import fused_linear_dpo_loss
+        from bpo_fast.ops.dpo import dpo_loss
+        from bpo_fast.ops.linear import linear_sequence_logprobs
 
         self._check_batch(input_ids, attention_mask, labels, pixel_values)
         b = input_ids.shape[0] // 2
@@ -431,10 +432,17 @@ class PreferenceModel(nn.Module):
                                  f"{tuple(ref_c.shape)} / {tuple(ref_r.shape)}")
         hidden = self.hidden_states(self.policy, input_ids, attention_mask, features)
         w, bias = self._head(self.policy, hidden)
-        out = fused_linear_dpo_loss(hidden, w, labels, ref_c, ref_r, bias=bias, beta=self.beta,
-                                    loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                                    ignore_index=IGNORE_INDEX, temperature=self.temperature)
-        n_c, n_r = self.token_counts(labels)
+        # fused_linear_dpo_loss is this same composition (fused LM-head log-probs, then the
+        # [B]-sized DPO loss); spelled out here so that the token counts reach the loss
+        # (ipo / sigmoid_norm normalise by them) and the policy log-probs come back.
+        logps, n_tok = linear_sequence_logprobs(hidden, w, labels, bias=bias,
+                                                ignore_index=IGNORE_INDEX,
+                                                temperature=self.temperature)
+        n_c, n_r = n_tok[:b], n_tok[b:]
+        out = dpo_loss(logps[:b], logps[b:], ref_c, ref_r, beta=self.beta,
+                       loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                       chosen_lengths=n_c, rejected_lengths=n_r)
+        out.policy_chosen_logps, out.policy_rejected_logps = logps[:b], logps[b:]
         return PreferenceOutput(loss=out.loss, dpo=out, policy_chosen_logps=out.policy_chosen_logps,
                                 policy_rejected_logps=out.policy_rejected_logps,
                                 ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,

@@ -1,0 +1,435 @@
+"""Benchmark: one whole DPO optimisation step on a LLaVA-1.5-shaped model.
+
+    python bench/dpo_step.py --all      # GPU: both models, writes bench/results/dpo_step-<gpu>.json
+    python bench/dpo_step.py --smoke    # CPU: the tiny LLaVA, 2 pairs x 96 tokens, writes nothing
+
+Models (random weights from configs, bf16, nothing downloaded):
+- ``llava-7b-lora``: CLIP ViT-L/14-336 vision tower (576 image tokens) + 2-layer GELU projector +
+  a 7B-shaped Llama (H 4096, 32 layers, 32 heads, MLP 11008, V 32064), LoRA r=64 (alpha 128) on
+  the LLM's q/k/v/o/gate/up/down projections; the reference is the same model with the adapters
+  disabled (no second copy) for both implementations.
+- ``llava-1b-full``: the same vision tower + a ~1.1B Llama (H 2048, 22 layers, 32 heads, 4 KV
+  heads, MLP 5632, V 32064), the LLM fully fine-tuned (vision tower and projector frozen),
+  fp32 master weights + bf16 autocast, AdamW; the reference is a separate frozen bf16 copy (and,
+  for ours, also the cached-reference mode that holds no reference model at all).
+
+Batch: 8 pairs x 1024 tokens (chosen rows 1024 tokens, rejected rows 832..1024, right-padded;
+prompt = BOS + 576 image tokens + 40 text tokens, the rest is the response). Gradient
+checkpointing is on for every implementation (a 7B step on 16 x 1024 tokens does not fit
+without it); ``--no-gc`` turns it off.
+
+One step = forward (policy and reference) + backward + AdamW step + zero_grad.
+
+Rows:
+- ``bpo_fast``: :class:`bpo_fast.PreferenceModel`: each image encoded once per pair and shared
+  with the reference, ``[chosen; rejected]`` through each model once, LM head fused into the loss
+  (no logits). params.reference says which reference mode; params.attention says SDPA (padded) or
+  flash-attention varlen (packed, when ``flash-attn`` is installed: the row that measures what
+  packing saves).
+- ``trl``: TRL's ``DPOTrainer`` step is not run here (it needs a dataset pipeline around the step);
+  the baseline is a faithful TRL-style PyTorch step, as ``DPOTrainer.concatenated_forward`` does
+  it: ``[chosen; rejected]`` concatenated with the image duplicated per row (so every image goes
+  through the vision tower twice per model), full ``[2B, T, V]`` logits from ``model(...)``,
+  ``selective_log_softmax`` (TRL's own when ``trl`` is importable, else the same per-row
+  ``log_softmax`` + ``gather`` loop it uses for bf16), then a separate reference forward (a
+  frozen copy, or the adapters disabled for LoRA). params.baseline names which.
+
+Each timed row first checks its policy/reference log-probs and loss against the other
+implementation on the same batch. tokens_per_s counts the non-pad tokens of the 16 rows.
+peak_mem_bytes: peak allocated during a step above what was allocated before it (weights,
+optimiser state, batch); peak_total_bytes: the absolute peak (what must fit on the GPU).
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+BETA = 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# models and batch
+# ----------------------------------------------------------------------------------------------
+
+def llava_config(kind):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14,
+                              projection_dim=768, hidden_act="quick_gelu")
+    if kind == "7b":
+        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                           max_position_embeddings=4096, pad_token_id=0)
+    elif kind == "1b":
+        text = LlamaConfig(vocab_size=32064, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           max_position_embeddings=4096, pad_token_id=0)
+    else:
+        raise ValueError(kind)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000,
+                      vision_feature_select_strategy="default", vision_feature_layer=-2,
+                      projector_hidden_act="gelu")
+    cfg.pad_token_id = 0
+    return cfg
+
+
+def build_model(cfg, device, dtype, seed, attn):
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = copy.deepcopy(cfg)
+    cfg._attn_implementation = attn
+    cfg.text_config._attn_implementation = attn
+    cfg.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model
+
+
+def make_batch(cfg, n_pairs, seq, n_img, prompt_text, device, seed, image_size, pixel_dtype):
+    g = torch.Generator().manual_seed(seed)
+    V = cfg.text_config.vocab_size
+    img_id = cfg.image_token_id
+    rows = 2 * n_pairs
+    prompt = 1 + n_img + prompt_text
+    lo, hi = (img_id + 1, V) if img_id < V // 2 else (10, img_id)  # never the image token
+    ids = torch.randint(lo, hi, (rows, seq), generator=g)
+    lengths = [seq] * n_pairs + torch.randint(int(seq * 0.8), seq + 1, (n_pairs,),
+                                              generator=g).tolist()
+    am = torch.zeros(rows, seq, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        am[i, :n] = 1
+    # the same prompt (BOS, image tokens, text) in the chosen and rejected row of a pair
+    for i in range(n_pairs):
+        ids[n_pairs + i, :prompt] = ids[i, :prompt]
+    ids[:, 0] = 1
+    ids[:, 1:1 + n_img] = img_id
+    ids[am == 0] = 0
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    labels[am == 0] = -100
+    pv = torch.randn(n_pairs, 3, image_size, image_size, generator=g).to(pixel_dtype)
+    return {"input_ids": ids.to(device), "attention_mask": am.to(device),
+            "labels": labels.to(device), "pixel_values": pv.to(device)}
+
+
+def lora_config(r, model):
+    from peft import LoraConfig
+
+    from bpo_fast.models.preference import default_lora_targets
+
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none",
+                      target_modules=default_lora_targets(model), init_lora_weights=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the TRL-style baseline
+# ----------------------------------------------------------------------------------------------
+
+def _selective_log_softmax():
+    try:
+        from trl.trainer.utils import selective_log_softmax
+
+        return selective_log_softmax, "trl.selective_log_softmax"
+    except Exception:
+        pass
+
+    def selective_log_softmax(logits, index):
+        # TRL's implementation: logsumexp trick for fp32/fp64, a per-row loop for half types
+        if logits.dtype in (torch.float32, torch.float64):
+            sel = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+            lse = torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])
+            return sel - lse
+        out = []
+        for row_logits, row_labels in zip(logits, index):
+            row_logps = torch.nn.functional.log_softmax(row_logits, dim=-1)
+            out.append(row_logps.gather(dim=-1, index=row_labels.unsqueeze(-1)).squeeze(-1))
+        return torch.stack(out)
+
+    return selective_log_softmax, "trl-style PyTorch (trl not importable)"
+
+
+def trl_style_logps(model, batch, sls):
+    """DPOTrainer.concatenated_forward: the image repeated for both rows, full logits."""
+    pv = torch.cat([batch["pixel_values"], batch["pixel_values"]])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=pv, use_cache=False).logits
+    labels = batch["labels"][:, 1:].clone()
+    logits = logits[:, :-1]
+    mask = labels != -100
+    labels[~mask] = 0
+    per_token = sls(logits, labels)
+    per_token = per_token.masked_fill(~mask, 0)
+    return per_token.sum(-1).float()
+
+
+def trl_style_loss(policy, reference, batch, sls, lora):
+    from bpo_fast.ops.dpo import dpo_loss
+
+    b = batch["input_ids"].shape[0] // 2
+    lp = trl_style_logps(policy, batch, sls)
+    with torch.no_grad():
+        if lora:
+            with policy.disable_adapter():
+                ref = trl_style_logps(policy, batch, sls)
+        else:
+            ref = trl_style_logps(reference, batch, sls)
+    out = dpo_loss(lp[:b], lp[b:], ref[:b], ref[b:], beta=BETA, loss_type="sigmoid")
+    return out.loss, lp.detach(), ref
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+
+def time_steps(step, warmup, reps):
+    """(median, p20, p80) ms of ``step()`` and peak memory (above / total)."""
+    for _ in range(warmup):
+        step()
+    common.sync()
+    times = []
+    cuda = torch.cuda.is_available()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(reps):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            step()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    return statistics.median(times), q(0.2), q(0.8), (peak - base if cuda else None), peak
+
+
+def _optimizer(params, device):
+    params = [p for p in params if p.requires_grad]
+    kw = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(params, lr=1e-7, **kw)
+
+
+def _master_fp32(model):
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc, smoke):
+    from bpo_fast.models.preference import PreferenceModel, flash_attn_available, prepare_policy
+
+    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    batch = make_batch(cfg, n_pairs, seq, n_img, min(40, seq // 8), device, seed=1,
+                       image_size=cfg.vision_config.image_size, pixel_dtype=dtype)
+    tokens = int(batch["attention_mask"].sum())
+    sls, baseline_name = _selective_log_softmax()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
+    lora = lora_r > 0
+    case = f"{name} pairs={n_pairs} T={seq} {str(dtype).replace('torch.', '')}"
+    base_params = {"model": name, "pairs": n_pairs, "T": seq, "tokens": tokens,
+                   "lora_r": lora_r, "gradient_checkpointing": gc}
+    rows = []
+
+    def make_policy(attn):
+        m = build_model(cfg, device, dtype, seed=0, attn=attn)
+        m = prepare_policy(m, lora=lora_config(lora_r, m) if lora else None,
+                           gradient_checkpointing=gc)
+        if not lora:
+            _master_fp32(m)
+        return m
+
+    def ctx():
+        import contextlib
+
+        return autocast if autocast is not None else contextlib.nullcontext()
+
+    # --- the baseline (and the reference numbers for the checks) ---------------------------
+    policy = make_policy("sdpa")
+    reference = None if lora else build_model(cfg, device, dtype, seed=0, attn="sdpa").eval()
+    if reference is not None:
+        reference.requires_grad_(False)
+        _perturb(policy)
+    with ctx():
+        b_loss, b_lp, b_ref = trl_style_loss(policy, reference, batch, sls, lora)
+    b_loss = b_loss.item()
+    opt = _optimizer(policy.parameters(), device)
+
+    def trl_step():
+        with ctx():
+            loss = trl_style_loss(policy, reference, batch, sls, lora)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        med, p20, p80, peak, total = time_steps(trl_step, warmup, reps)
+        rows.append(common.row(case, "trl", med, p20, p80, params={
+            **base_params, "baseline": baseline_name,
+            "reference": "lora-disabled" if lora else "model"}, pass_="fwd+bwd",
+            peak_mem_bytes=peak, peak_total_bytes=total,
+            tokens_per_s=tokens / (med * 1e-3)))
+    except torch.cuda.OutOfMemoryError as exc:
+        rows.append(common.row(case, "trl", params={**base_params, "baseline": baseline_name},
+                               pass_="fwd+bwd", error=f"OOM: {exc}"[:300]))
+    del opt
+    # restore the policy to the state the checks were taken in: rebuild (timing changed weights)
+    del policy
+    _empty()
+
+    # --- ours ------------------------------------------------------------------------------
+    variants = [("sdpa", False, "model" if not lora else "lora")]
+    if not lora:
+        variants.append(("sdpa", False, "cached"))
+    if flash_attn_available() and device.type == "cuda":
+        variants.append(("flash_attention_2", True, "lora" if lora else "model"))
+    elif not smoke:
+        rows.append(common.row(case, "bpo_fast", params={**base_params, "attention":
+                               "flash_attention_2 (packed)"}, pass_="fwd+bwd",
+                               error="flash-attn not installed (pip install bpo-fast[flash])"))
+    for attn, packed, ref_mode in variants:
+        policy = make_policy(attn)
+        if reference is not None:
+            _perturb(policy)  # the same seeded perturbation as the baseline's policy
+        pm = PreferenceModel(policy, reference if ref_mode == "model" else None,
+                             reference_mode=ref_mode, beta=BETA, packing=packed)
+        ref_kw = {}
+        if ref_mode == "cached":
+            b = n_pairs
+            ref_kw = {"ref_chosen_logps": b_ref[:b].clone(), "ref_rejected_logps": b_ref[b:].clone()}
+        opt = _optimizer(pm.parameters(), device)
+        params = {**base_params, "reference": ref_mode, "attention":
+                  f"{attn} ({'packed' if packed else 'padded'})",
+                  "image_features_shared": pm.share_image_features}
+        try:
+            with ctx():
+                out = pm(**batch, **ref_kw)
+            check = _check(out, b_lp, b_ref, b_loss, n_pairs, perturbed=reference is not None)
+            params["check"] = check
+
+            def our_step():
+                with ctx():
+                    loss = pm(**batch, **ref_kw).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            med, p20, p80, peak, total = time_steps(our_step, warmup, reps)
+            rows.append(common.row(case, "bpo_fast", med, p20, p80, params=params,
+                                   pass_="fwd+bwd", peak_mem_bytes=peak, peak_total_bytes=total,
+                                   tokens_per_s=tokens / (med * 1e-3)))
+        except torch.cuda.OutOfMemoryError as exc:
+            rows.append(common.row(case, "bpo_fast", params=params, pass_="fwd+bwd",
+                                   error=f"OOM: {exc}"[:300]))
+        del pm, opt, policy
+        _empty()
+    return rows
+
+
+def _perturb(model, scale=1e-3):
+    """A seeded perturbation of the LLM weights, so that policy != reference (else every DPO
+    loss is log 2 and the check proves little); the same draw for both implementations."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(1234)
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
+                   .to(p.dtype) * scale)
+
+
+def _check(out, b_lp, b_ref, b_loss, n_pairs, perturbed):
+    """Our log-probs / loss vs the baseline's on the same batch and weights.
+
+    The baseline rounds logits to bf16 before its float32 log-softmax, we accumulate the LM head
+    in float32: sums over ~400 tokens then differ by up to ~1e-2 relative in bf16."""
+    ours = torch.cat([out.policy_chosen_logps, out.policy_rejected_logps]).detach().float()
+    ref = torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]).detach().float()
+    pol_err = float(((ours - b_lp).abs() / b_lp.abs().clamp_min(1.0)).max())
+    ref_err = float(((ref - b_ref).abs() / b_ref.abs().clamp_min(1.0)).max())
+    res = {"policy_logps_max_rel_err": pol_err, "ref_logps_max_rel_err": ref_err,
+           "loss": float(out.loss.detach()), "baseline_loss": b_loss}
+    bad = ref_err > 2e-2 or pol_err > 2e-2 or abs(float(out.loss.detach()) - b_loss) > 5e-2
+    if bad or not torch.isfinite(out.loss):
+        raise AssertionError(f"bpo_fast disagrees with the baseline: {res}")
+    return res
+
+
+def _empty():
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--all", action="store_true", help="both models (GPU)")
+    ap.add_argument("--case", choices=("7b-lora", "1b-full"), action="append")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, writes nothing")
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-gc", action="store_true", help="no gradient checkpointing")
+    ap.add_argument("--out", default=None, help="results path (default bench/results/...)")
+    args = ap.parse_args(argv)
+
+    if args.smoke:
+        from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
+
+        tiny_cfg = build_tiny_llava(config=TinyLlavaConfig())[0].config
+        rows = []
+        for name, lora_r in (("tiny-lora", 4), ("tiny-full", 0)):
+            rows += run_case(name, tiny_cfg, lora_r=lora_r, device=torch.device("cpu"),
+                             dtype=torch.float32, n_pairs=2, seq=96, warmup=1, reps=2,
+                             gc=not args.no_gc, smoke=True)
+        common.print_table(rows, cols=("case", "impl", "median_ms", "tokens_per_s", "error"))
+        for r in rows:
+            print(r["impl"], r["params"].get("reference"), r["params"].get("check"))
+        return 0
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: run with --smoke on CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    cases = args.case or (["7b-lora", "1b-full"] if args.all else ["1b-full"])
+    rows = []
+    for c in cases:
+        kind, mode = c.split("-")
+        cfg = llava_config(kind)
+        rows += run_case(f"llava-{c}", cfg, lora_r=64 if mode == "lora" else 0, device=device,
+                         dtype=torch.bfloat16, n_pairs=args.pairs, seq=args.seq,
+                         warmup=args.warmup, reps=args.reps, gc=not args.no_gc, smoke=False)
+        _empty()
+    common.print_table(rows, cols=("case", "impl", "median_ms", "tokens_per_s",
+                                   "peak_total_bytes", "error"))
+    ceilings = {"bf16_tflops": common.bf16_tflops()}
+    path = common.write_results("dpo_step", rows, ceilings, path=args.out)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
