@@ -246,10 +246,16 @@ def test_lexicon_keeps_rule_injections_in_the_world():
     cfg = WorldConfig()
     vocab = set(world_vocabulary(cfg))
     inj = RuleInjector(seed=0, lexicon=world_lexicon(cfg))
-    for sc in generate_scenes(100, seed=0, config=cfg):
-        out = inj.inject(caption(sc), key=sc.id)
-        assert out != caption(sc)
+    rng = random.Random(0)
+    texts = ["the image shows no shapes."]
+    for sc in generate_scenes(300, seed=0, config=cfg):
+        texts.append(caption(sc))
+        texts += [a for _, a in qa_pairs(sc, rng, 2, cfg)]
+    for i, text in enumerate(texts):
+        out = inj.inject(text, key=str(i))
+        assert out != text
         assert set(W._tokens(out)) <= vocab, out
+    assert "also" in inj.inject("the image shows no shapes.", key="x")
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -484,6 +484,9 @@ def world_vocabulary(config=None):
         "of one")
     words = set(_tokens(fixed))
     words.update(COUNT_WORDS)
+    # words the rule error injector (bpo_fast.data.inject) can write into a world answer: its
+    # number words go up to twelve and its fallback sentence is "there is also a ... at the ...".
+    words.update(("ten", "eleven", "twelve", "also"))
     words.update(cfg.colours)
     for k in cfg.kinds:
         words.update((k, _plural(k)))
