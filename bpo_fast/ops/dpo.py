@@ -269,13 +269,9 @@ def dpo_loss_and_grad(policy_logps, ref_chosen_logps, ref_rejected_logps, *, bet
     pc, pr = policy_logps[:B], policy_logps[B:]
     check_dpo_inputs(pc, pr, ref_chosen_logps, ref_rejected_logps, loss_type, lc, lr)
     if _use_triton(policy_logps.device):
-        from bpo_fast.kernels import dpo as K
-
-        res = K.dpo_pairs(policy_logps.detach(), ref_chosen_logps.detach(),
-                          ref_rejected_logps.detach(), lengths, beta=beta,
-                          loss_type=LOSS_TYPES.index(loss_type), label_smoothing=e, tau=tau)
-        out = _output_from_kernel(res)
-        dl = res["dlosses"]
+        out, dl = _kernel_loss_and_grad(pc.detach(), pr.detach(), ref_chosen_logps.detach(),
+                                        ref_rejected_logps.detach(), lc, lr, beta, loss_type,
+                                        e, tau)
     else:
         out, dc, dr = _reference_loss_and_grad(pc, pr, ref_chosen_logps, ref_rejected_logps,
                                                lc, lr, beta, loss_type, e, tau)
@@ -283,6 +279,20 @@ def dpo_loss_and_grad(policy_logps, ref_chosen_logps, ref_rejected_logps, *, bet
     out.policy_chosen_logps = pc.detach().float()
     out.policy_rejected_logps = pr.detach().float()
     return out, dl
+
+
+def _vec(x):
+    return x if x.stride(0) == 1 else x.contiguous()
+
+
+def _kernel_loss_and_grad(pc, pr, rc, rr, lc, lr, beta, loss_type, e, tau):
+    from bpo_fast.kernels import dpo as K
+
+    res = K.dpo_pairs(_vec(pc), _vec(pr), _vec(rc), _vec(rr),
+                      None if lc is None else _vec(lc), None if lr is None else _vec(lr),
+                      beta=beta, loss_type=LOSS_TYPES.index(loss_type), label_smoothing=e,
+                      tau=tau)
+    return _output_from_kernel(res), res["dlosses"]
 
 
 def _output_from_kernel(res):
@@ -298,6 +308,37 @@ def _output_from_kernel(res):
 # ----------------------------------------------------------------------------------------------
 
 
+class _DPOPairsFn(torch.autograd.Function):
+    """dpo_loss through the pair kernel: outputs (loss, losses, chosen_rewards,
+    rejected_rewards, reward_margins, reward_accuracy); the last four carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, pc, pr, rc, rr, lc, lr, params):
+        out, dl = _kernel_loss_and_grad(pc.detach(), pr.detach(), rc, rr, lc, lr, *params)
+        ctx.save_for_backward(dl)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(out.chosen_rewards, out.rejected_rewards, out.reward_margins,
+                                    out.reward_accuracy)
+        ctx.dtypes = (pc.dtype, pr.dtype)
+        return (out.loss, out.losses, out.chosen_rewards, out.rejected_rewards,
+                out.reward_margins, out.reward_accuracy)
+
+    @staticmethod
+    def backward(ctx, g_loss, g_losses, *unused):
+        (dl,) = ctx.saved_tensors
+        B = dl.shape[0] // 2
+        coef = None
+        if g_loss is not None:
+            coef = g_loss.float() / B
+        if g_losses is not None:
+            coef = g_losses.float() if coef is None else coef + g_losses.float()
+        if coef is None:
+            return (None,) * 7
+        gc = (coef * dl[:B]).to(ctx.dtypes[0])
+        gr = (coef * dl[B:]).to(ctx.dtypes[1])
+        return gc, gr, None, None, None, None, None
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, chosen_lengths=None,
              rejected_lengths=None, discopop_tau=0.05):
@@ -306,34 +347,123 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     See the module doc for the formulas (TRL 1.16 ``DPOTrainer``). ``chosen_lengths`` /
     ``rejected_lengths`` (token counts, ``[B]``) are needed by ``ipo`` and ``sigmoid_norm``.
     Differentiable in the policy log-probs (``loss`` and ``losses``); rewards are detached and
-    the reference log-probs get no gradient. Float32 results (float64 for float64 inputs).
+    the reference log-probs get no gradient. Float32 results (float64 inputs use the float64
+    reference). On CUDA (or under ``TRITON_INTERPRET=1``) one Triton launch computes
+    everything, with the closed-form gradient saved for backward.
     """
-    return dpo_loss_reference(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                              ref_rejected_logps, beta=beta, loss_type=loss_type,
-                              label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
-                              rejected_lengths=rejected_lengths, discopop_tau=discopop_tau)
+    beta, loss_type, e, tau = validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)
+    check_dpo_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                     ref_rejected_logps, loss_type, chosen_lengths, rejected_lengths)
+    if (not _use_triton(policy_chosen_logps.device)
+            or torch.float64 in (policy_chosen_logps.dtype, policy_rejected_logps.dtype)):
+        return dpo_loss_reference(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                  ref_rejected_logps, beta=beta, loss_type=loss_type,
+                                  label_smoothing=e, chosen_lengths=chosen_lengths,
+                                  rejected_lengths=rejected_lengths, discopop_tau=tau)
+    lc = lr = None
+    if loss_type in LENGTH_NORMALISED:
+        lc, lr = chosen_lengths, rejected_lengths
+    res = _DPOPairsFn.apply(policy_chosen_logps, policy_rejected_logps,
+                            ref_chosen_logps.detach(), ref_rejected_logps.detach(), lc, lr,
+                            (beta, loss_type, e, tau))
+    return DPOOutput(*res)
+
+
+class _FusedDPOFn(torch.autograd.Function):
+    """logits [2B, T, V] -> (loss, losses, logps [2B], chosen_rewards, rejected_rewards,
+    reward_margins, reward_accuracy, n_tokens [2B]): the logits kernel, then one pair kernel
+    that reduces the token log-probs per sequence and evaluates the loss and its gradient.
+    Backward: one logits-gradient kernel that combines the upstream gradients of loss, losses
+    and logps with the saved d losses / d logps per row."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, rc, rr, ignore_index, temperature, params, inplace):
+        from bpo_fast.kernels import dpo as KD
+        from bpo_fast.kernels import logprobs as KL
+
+        beta, loss_type, e, tau = params
+        lp, lse = KL.forward(logits, labels, ignore_index, temperature)
+        res = KD.dpo_pairs(None, None, _vec(rc), _vec(rr), beta=beta,
+                           loss_type=LOSS_TYPES.index(loss_type), label_smoothing=e, tau=tau,
+                           token_logps=lp, labels=labels, ignore_index=ignore_index)
+        ctx.save_for_backward(logits, labels, lse, res["dlosses"])
+        ctx.cfg = (ignore_index, temperature, inplace)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(res["chosen_rewards"], res["rejected_rewards"],
+                                    res["reward_margins"], res["reward_accuracy"],
+                                    res["n_tokens"])
+        return (res["loss"], res["losses"], res["logps"], res["chosen_rewards"],
+                res["rejected_rewards"], res["reward_margins"], res["reward_accuracy"],
+                res["n_tokens"])
+
+    @staticmethod
+    def backward(ctx, g_loss, g_losses, g_logps, *unused):
+        from bpo_fast.kernels import logprobs as KL
+        from bpo_fast.ops.logprobs import _bump_version
+
+        logits, labels, lse, dl = ctx.saved_tensors
+        ignore_index, temperature, inplace = ctx.cfg
+        none = (None,) * 8
+        if not ctx.needs_input_grad[0] or (g_loss is None and g_losses is None
+                                           and g_logps is None):
+            return none
+        B = dl.shape[0] // 2
+        grad = KL.backward(
+            logits, labels, lse, ignore_index, temperature, mode=KL.MODE_DPO,
+            g=None if g_logps is None else g_logps.float().contiguous(),
+            g_loss=None if g_loss is None else g_loss.float(),
+            g_losses=None if g_losses is None else g_losses.float().contiguous(),
+            dlosses=dl, B=B, out=logits if inplace else None)
+        if inplace:
+            _bump_version(logits)
+        return (grad,) + none[1:]
 
 
 def fused_dpo_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, *, beta=0.1,
                    loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100, temperature=1.0,
                    discopop_tau=0.05, inplace_backward=False):
-    """The whole DPO step from logits: rows ``0..B-1`` of ``logits [2B, T, V]`` / ``labels
-    [2B, T]`` are the chosen sequences, rows ``B..2B-1`` the rejected ones. Returns a
-    :class:`DPOOutput` that also carries ``policy_chosen_logps`` / ``policy_rejected_logps``."""
-    from bpo_fast.ops.logprobs import sequence_logprobs
+    """The whole DPO step from logits, in one call.
 
-    logps, n_tok = sequence_logprobs(logits, labels, ignore_index=ignore_index,
-                                     temperature=temperature)
-    if logps.shape[0] % 2:
-        raise ValueError(f"logits must hold an even number of rows [chosen; rejected], "
-                         f"got {logps.shape[0]}")
-    B = logps.shape[0] // 2
-    out = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
-                   loss_type=loss_type, label_smoothing=label_smoothing,
-                   chosen_lengths=n_tok[:B], rejected_lengths=n_tok[B:],
-                   discopop_tau=discopop_tau)
-    out.policy_chosen_logps, out.policy_rejected_logps = logps[:B], logps[B:]
-    return out
+    Rows ``0..B-1`` of ``logits [2B, T, V]`` / ``labels [2B, T]`` are the chosen sequences, rows
+    ``B..2B-1`` the rejected ones (log-probs as in :func:`~bpo_fast.ops.logprobs.
+    sequence_logprobs`: HF label shift, ``ignore_index``, ``temperature``; the token counts
+    feed the length-normalised loss types). ``ref_chosen_logps`` / ``ref_rejected_logps``:
+    ``[B]``, no gradient. Returns a :class:`DPOOutput` that also carries
+    ``policy_chosen_logps`` / ``policy_rejected_logps`` (float32 ``[B]``, differentiable).
+
+    On CUDA: two forward launches (the logits pass; one kernel for the per-sequence reduction,
+    the loss, metrics and d loss / d log-probs) and one backward launch that writes the
+    gradient w.r.t. ``logits`` directly in their dtype: no ``[2B, T, V]`` float32 temporary.
+    ``inplace_backward=True`` writes that gradient into the logits' storage, destroying them.
+    """
+    from bpo_fast.ops.logprobs import (_check_inplace, check_logits_labels, prepare,
+                                       sequence_logprobs_reference, use_triton)
+
+    beta, loss_type, e, tau = validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)
+    _check_inplace(inplace_backward)
+    N, _, _ = check_logits_labels(logits, labels, ignore_index, temperature, allow_float64=True)
+    if N == 0 or N % 2:
+        raise ValueError(f"logits must hold an even, non-zero number of rows [chosen; rejected] "
+                         f"(2B), got {N}")
+    B = N // 2
+    _check_vector("ref_chosen_logps", ref_chosen_logps, B, logits.device)
+    _check_vector("ref_rejected_logps", ref_rejected_logps, B, logits.device)
+    if logits.dtype == torch.float64 or not use_triton(logits.device):
+        logps, n_tok = sequence_logprobs_reference(logits, labels, ignore_index=ignore_index,
+                                                   temperature=temperature)
+        out = dpo_loss_reference(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps,
+                                 beta=beta, loss_type=loss_type, label_smoothing=e,
+                                 chosen_lengths=n_tok[:B], rejected_lengths=n_tok[B:],
+                                 discopop_tau=tau)
+        out.policy_chosen_logps, out.policy_rejected_logps = logps[:B], logps[B:]
+        return out
+    logits, labels, _ = prepare(logits, labels, ignore_index, temperature)
+    (loss, losses, logps, crew, rrew, marg, acc, _) = _FusedDPOFn.apply(
+        logits, labels, ref_chosen_logps.detach(), ref_rejected_logps.detach(), ignore_index,
+        float(temperature), (beta, loss_type, e, tau), inplace_backward)
+    return DPOOutput(loss=loss, losses=losses, chosen_rewards=crew, rejected_rewards=rrew,
+                     reward_margins=marg, reward_accuracy=acc,
+                     policy_chosen_logps=logps[:B], policy_rejected_logps=logps[B:])
 
 
 class DPOLoss(torch.nn.Module):

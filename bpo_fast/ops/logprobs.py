@@ -7,6 +7,7 @@ everything accumulates in float32 whatever the logits' dtype.
 """
 
 import math
+import os
 
 import torch
 
@@ -99,18 +100,126 @@ def sequence_logprobs_reference(logits, labels, *, ignore_index=-100, temperatur
 
 
 # ----------------------------------------------------------------------------------------------
+# Triton path: dispatch and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def use_triton(device):
+    """Triton kernels on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the
+    tests exercise them); the reference otherwise."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def debug_checks():
+    """``BPO_FAST_DEBUG=1``: also run the checks that need a device sync (label range) on CUDA."""
+    return os.environ.get("BPO_FAST_DEBUG", "0") not in ("", "0")
+
+
+def prepare(logits, labels, ignore_index, temperature):
+    """Validate for the Triton path; returns ``(logits, labels, V)`` with unit stride over V.
+
+    Shapes and dtypes always; the label range eagerly on CPU (free there) and on CUDA only under
+    ``BPO_FAST_DEBUG=1`` (it would sync; without it a bad label yields a NaN log-prob)."""
+    N, T, V = check_logits_labels(logits, labels, ignore_index, temperature)
+    if logits.device.type != "cuda" or debug_checks():
+        check_label_range(labels, V, ignore_index)
+    if logits.stride(2) != 1 and V > 1:
+        # the kernels need unit stride over V (vector loads); other layouts are rare: copy
+        logits = logits.contiguous()
+    return logits, labels, V
+
+
+def _bump_version(t):
+    # the in-place backward overwrote t's storage: make autograd refuse any later use of t that
+    # saved it (e.g. a softcap before the logits) instead of silently reading the gradient
+    try:
+        torch.autograd.graph.increment_version(t)
+    except (AttributeError, RuntimeError):  # older torch, or inference tensors
+        pass
+
+
+class _LogprobsFn(torch.autograd.Function):
+    """Token log-probs ``[N, T-1]`` (``sequence=False``) or ``(logps [N], n_tokens [N])``
+    (``sequence=True``) through the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, temperature, sequence, inplace):
+        from bpo_fast.kernels import logprobs as K
+
+        lp, lse = K.forward(logits, labels, ignore_index, temperature)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.cfg = (ignore_index, temperature, sequence, inplace)
+        ctx.set_materialize_grads(False)
+        if not sequence:
+            return lp
+        sums, cnt = K.sequence_sums(lp, labels, ignore_index)
+        ctx.mark_non_differentiable(cnt)
+        return sums, cnt
+
+    @staticmethod
+    def backward(ctx, g, *unused):
+        from bpo_fast.kernels import logprobs as K
+
+        logits, labels, lse = ctx.saved_tensors
+        ignore_index, temperature, sequence, inplace = ctx.cfg
+        if g is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        g = g.float().contiguous()
+        mode = K.MODE_SEQUENCE if sequence else K.MODE_TOKEN
+        out = logits if inplace else None
+        grad = K.backward(logits, labels, lse, ignore_index, temperature, mode=mode, g=g,
+                          out=out)
+        if inplace:
+            _bump_version(logits)
+        return grad, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
 
 
-def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, inplace_backward=False):
-    """Per-token log-probs, float32 ``[N, T - 1]``; see :func:`token_logprobs_reference`."""
-    return token_logprobs_reference(logits, labels, ignore_index=ignore_index,
-                                    temperature=temperature)
+def _check_inplace(inplace_backward):
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+
+
+def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0,
+                   inplace_backward=False):
+    """Per-token log-probs: float32 ``[N, T - 1]`` with entry ``t`` =
+    ``log_softmax(logits[n, t] / temperature)[labels[n, t + 1]]``, or 0 where
+    ``labels[n, t + 1] == ignore_index``.
+
+    ``logits [N, T, V]`` fp32/bf16/fp16, any strides with unit stride over ``V`` (no copy);
+    ``labels [N, T]`` int64 aligned with ``input_ids`` (Hugging Face convention). One streaming
+    pass over the logits (Triton on CUDA; the reference on CPU unless ``TRITON_INTERPRET=1``);
+    only a float32 ``[N, T-1]`` log-sum-exp is saved for backward, which writes the logits'
+    gradient in their dtype in one pass. ``inplace_backward=True`` writes that gradient into the
+    logits' own storage, **destroying the logits** (saves one logits-sized buffer; autograd then
+    refuses any other use of the logits that saved them). Float64 logits use the reference.
+    Labels outside ``[0, V)`` raise ``ValueError`` on CPU and, on CUDA, under
+    ``BPO_FAST_DEBUG=1`` (no sync otherwise; the token's log-prob is then NaN).
+    """
+    _check_inplace(inplace_backward)
+    if isinstance(logits, torch.Tensor) and (logits.dtype == torch.float64
+                                             or not use_triton(logits.device)):
+        return token_logprobs_reference(logits, labels, ignore_index=ignore_index,
+                                        temperature=temperature)
+    logits, labels, _ = prepare(logits, labels, ignore_index, temperature)
+    return _LogprobsFn.apply(logits, labels, ignore_index, float(temperature), False,
+                             inplace_backward)
 
 
 def sequence_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0,
                       inplace_backward=False):
-    """``(logps [N] float32, n_tokens [N] int64)``; see :func:`sequence_logprobs_reference`."""
-    return sequence_logprobs_reference(logits, labels, ignore_index=ignore_index,
-                                       temperature=temperature)
+    """``(logps [N] float32, n_tokens [N] int64)``: per-sequence sums of
+    :func:`token_logprobs` and the number of scored tokens (an all-masked row gives
+    ``(0, 0)``). Same arguments, dispatch and backward as :func:`token_logprobs`."""
+    _check_inplace(inplace_backward)
+    if isinstance(logits, torch.Tensor) and (logits.dtype == torch.float64
+                                             or not use_triton(logits.device)):
+        return sequence_logprobs_reference(logits, labels, ignore_index=ignore_index,
+                                           temperature=temperature)
+    logits, labels, _ = prepare(logits, labels, ignore_index, temperature)
+    return _LogprobsFn.apply(logits, labels, ignore_index, float(temperature), True,
+                             inplace_backward)

@@ -1,0 +1,222 @@
+"""Triton kernels: per-token log-probs ``log_softmax(logits / temperature)[label]`` from logits,
+forward and backward, one streaming pass over the vocabulary per row.
+
+Layout: ``logits [N, T, V]`` with unit stride over ``V`` and any ``N``/``T`` strides (element
+strides are passed in; no ``.contiguous()`` copy). Labels follow the Hugging Face shift: row
+``(n, t)`` for ``t < T - 1`` scores ``labels[n, t + 1]``.
+
+* :func:`forward` -- one program per row ``(n, t < T-1)``. An online log-sum-exp over ``V`` in
+  ``BLOCK_V`` chunks (one block max per chunk, so one ``exp2`` per element: with two per element,
+  the SFU throughput of an H100 would be about as slow as HBM for bf16 logits), plus one scalar
+  load of the target logit. Writes the float32 token log-prob and the float32 log-sum-exp (the
+  only thing saved for backward). A row whose target is ``ignore_index`` runs a zero-trip loop:
+  it reads nothing. A target outside ``[0, V)`` is never dereferenced; its log-prob is NaN
+  (poison, so a bad label cannot go unnoticed; the ops check the range eagerly on CPU and under
+  ``BPO_FAST_DEBUG=1``).
+* :func:`backward` -- one program per row ``(n, t)`` including ``t = T - 1``; writes
+  ``g * (onehot(label) - softmax(logits / temperature)) / temperature`` in the gradient's
+  dtype in one pass. The gradient buffer may be the logits' own storage (in-place backward):
+  each program reads a chunk before it overwrites it. Rows with no target, an ignored or bad
+  target, or a zero upstream gradient read nothing and only write zeros. The per-row upstream
+  gradient comes from one of three sources (``MODE``): per-token ``[N, T-1]``, per-sequence
+  ``[N]``, or the fused DPO combination ``(g_loss / B + g_losses[n mod B]) * dlosses[n] +
+  g_logps[n]`` computed in-kernel (no chain of small PyTorch ops before the launch).
+* :func:`sequence_sums` -- per-sequence sums of token log-probs and counts of scored tokens.
+
+Block sizes: 16-byte vector loads and 4-8K elements per iteration keep enough bytes in flight
+per SM on an H100 (see ``block_config``); ``BPO_FAST_LOGPROBS_BLOCK_V`` /
+``BPO_FAST_LOGPROBS_WARPS`` override them (the benchmark sweeps them).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# finite "minus infinity" for the running max: exp2(-inf - (-inf)) would be NaN on chunks that
+# hold only padding (other=-inf) before any real logit was seen
+_NEG_BIG = -3.0e38
+
+MODE_TOKEN, MODE_SEQUENCE, MODE_DPO = 0, 1, 2
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, sxn, sxt, lab_ptr, sln, slt, lp_ptr, lse_ptr,
+                T1, V, ignore_index, scale2,
+                BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    n = row // T1
+    t = row % T1
+    label = tl.load(lab_ptr + n * sln + (t + 1) * slt).to(tl.int64)
+    scored = label != ignore_index
+    valid = scored & (label >= 0) & (label < V)
+    x_row = x_ptr + n * sxn + t * sxt
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], _NEG_BIG, tl.float32)   # per-lane running max (base-2 units)
+    s = tl.zeros([BLOCK_V], tl.float32)             # per-lane running sum of exp2(x - m)
+    m_all = tl.full([], _NEG_BIG, tl.float32)
+    # an ignored (or bad) row runs zero iterations: it reads nothing
+    v_end = tl.where(valid, V, 0)
+    for v0 in range(0, v_end, BLOCK_V):
+        cols = v0 + offs
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
+        m_new = tl.maximum(m_all, tl.max(x, 0))
+        # one exp2 per element; the rescale of the old sums is a single scalar exp2
+        s = s * tl.exp2(m_all - m_new) + tl.exp2(x - m_new)
+        m_all = m_new
+    lse2 = m_all + tl.log2(tl.where(valid, tl.sum(s, 0), 1.0))
+    safe = tl.where(valid, label, 0)
+    xt = tl.load(x_row + safe, mask=valid, other=0.0).to(tl.float32) * scale2
+    lp = tl.where(valid, (xt - lse2) * LN2, float("nan"))
+    lp = tl.where(scored, lp, 0.0)
+    lse = tl.where(valid, lse2 * LN2, 0.0)
+    tl.store(lp_ptr + row, lp)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, sxn, sxt, gx_ptr, sgn, sgt, lab_ptr, sln, slt, lse_ptr,
+                g_ptr, gl_ptr, gls_ptr, dl_ptr,
+                T, V, B, ignore_index, scale2, inv_temp, inv_B,
+                MODE: tl.constexpr, HAS_GLOSS: tl.constexpr, HAS_GLOSSES: tl.constexpr,
+                HAS_GLOGPS: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    n = row // T
+    t = row % T
+    T1 = T - 1
+    has_target = t < T1
+    label = tl.load(lab_ptr + n * sln + (t + 1) * slt, mask=has_target,
+                    other=ignore_index).to(tl.int64)
+    valid = has_target & (label != ignore_index) & (label >= 0) & (label < V)
+    tok = n * T1 + t
+    if MODE == 0:    # per-token upstream gradient [N, T-1]
+        g = tl.load(g_ptr + tok, mask=valid, other=0.0)
+    elif MODE == 1:  # per-sequence upstream gradient [N]
+        g = tl.load(g_ptr + n, mask=valid, other=0.0)
+    else:            # fused DPO: (g_loss / B + g_losses[n mod B]) * dlosses[n] + g_logps[n]
+        coef = tl.zeros([], tl.float32)
+        if HAS_GLOSS:
+            coef += tl.load(gl_ptr).to(tl.float32) * inv_B
+        if HAS_GLOSSES:
+            coef += tl.load(gls_ptr + n % B).to(tl.float32)
+        g = coef * tl.load(dl_ptr + n)
+        if HAS_GLOGPS:
+            g += tl.load(g_ptr + n).to(tl.float32)
+        g = tl.where(valid, g, 0.0)
+    g = g.to(tl.float32)
+    active = valid & (g != 0.0)
+    lse2 = tl.load(lse_ptr + tok, mask=active, other=0.0) * LOG2E
+    gi = g * inv_temp
+    x_row = x_ptr + n * sxn + t * sxt
+    gx_row = gx_ptr + n * sgn + t * sgt
+    offs = tl.arange(0, BLOCK_V)
+    # masked-off lanes issue no loads: an inactive row only writes zeros
+    v_read = tl.where(active, V, 0)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        inb = cols < V
+        x = tl.load(x_row + cols, mask=cols < v_read, other=0.0).to(tl.float32)
+        p = tl.exp2(x * scale2 - lse2)
+        d = gi * (tl.where(cols == label, 1.0, 0.0) - p)
+        d = tl.where(active, d, 0.0)
+        tl.store(gx_row + cols, d.to(gx_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _seq_sum_kernel(lp_ptr, lab_ptr, sln, slt, out_ptr, cnt_ptr, T1, ignore_index,
+                    BLOCK_T: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    acc = tl.zeros([BLOCK_T], tl.float32)
+    cnt = tl.zeros([BLOCK_T], tl.int64)
+    for t0 in range(0, T1, BLOCK_T):
+        t = t0 + offs
+        m = t < T1
+        acc += tl.load(lp_ptr + n * T1 + t, mask=m, other=0.0)
+        lab = tl.load(lab_ptr + n * sln + (t + 1) * slt, mask=m, other=ignore_index)
+        cnt += tl.where(m & (lab != ignore_index), 1, 0).to(tl.int64)
+    tl.store(out_ptr + n, tl.sum(acc, 0))
+    tl.store(cnt_ptr + n, tl.sum(cnt, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def block_config(V, element_size):
+    """(BLOCK_V, num_warps): 4-8K elements per iteration (16-32 KB of bf16/fp32 in flight per
+    program), 16-byte loads per thread; small vocabularies get one exact-ish block."""
+    env_b = os.environ.get("BPO_FAST_LOGPROBS_BLOCK_V")
+    env_w = os.environ.get("BPO_FAST_LOGPROBS_WARPS")
+    block = 8192 if element_size <= 2 else 4096
+    block = min(block, triton.next_power_of_2(max(int(V), 16)))
+    if env_b:
+        block = int(env_b)
+    # four 16-byte loads in flight per thread: BLOCK_V * element_size / (32 * warps) = 64 bytes
+    warps = max(1, min(16, block * element_size // (32 * 64)))
+    warps = 1 << (warps.bit_length() - 1)
+    if env_w:
+        warps = int(env_w)
+    return block, warps
+
+
+def forward(logits, labels, ignore_index, temperature, block_v=None):
+    """(token log-probs, log-sum-exp): float32 ``[N, T-1]`` each. ``logits`` must have
+    ``stride(2) == 1``; ``labels`` any strides."""
+    N, T, V = logits.shape
+    T1 = T - 1
+    lp = torch.empty(N, T1, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(N, T1, device=logits.device, dtype=torch.float32)
+    if N * T1 == 0:
+        return lp, lse
+    block, warps = block_config(V, logits.element_size())
+    if block_v is not None:
+        block = block_v
+    _fwd_kernel[(N * T1,)](
+        logits, logits.stride(0), logits.stride(1), labels, labels.stride(0), labels.stride(1),
+        lp, lse, T1, V, ignore_index, LOG2E / temperature, BLOCK_V=block, num_warps=warps)
+    return lp, lse
+
+
+def backward(logits, labels, lse, ignore_index, temperature, *, mode, g=None, g_loss=None,
+             g_losses=None, dlosses=None, B=1, out=None, block_v=None):
+    """Gradient w.r.t. ``logits`` (``[N, T, V]``, the logits' dtype) for a per-row upstream
+    gradient (see the module doc for ``mode``). ``out``: the buffer to write (``None``: a new
+    contiguous tensor; pass ``logits`` itself for the in-place backward)."""
+    N, T, V = logits.shape
+    if out is None:
+        out = torch.empty((N, T, V), device=logits.device, dtype=logits.dtype)
+    if N * T == 0:
+        return out
+    block, warps = block_config(V, logits.element_size())
+    if block_v is not None:
+        block = block_v
+    f32 = lse  # any float32 tensor as a placeholder pointer for absent operands
+    _bwd_kernel[(N * T,)](
+        logits, logits.stride(0), logits.stride(1), out, out.stride(0), out.stride(1),
+        labels, labels.stride(0), labels.stride(1), lse,
+        g if g is not None else f32, g_loss if g_loss is not None else f32,
+        g_losses if g_losses is not None else f32, dlosses if dlosses is not None else f32,
+        T, V, B, ignore_index, LOG2E / temperature, 1.0 / temperature, 1.0 / B,
+        MODE=mode, HAS_GLOSS=g_loss is not None, HAS_GLOSSES=g_losses is not None,
+        HAS_GLOGPS=g is not None, BLOCK_V=block, num_warps=warps)
+    return out
+
+
+def sequence_sums(lp, labels, ignore_index):
+    """(float32 [N] sums of ``lp [N, T-1]`` rows, int64 [N] counts of scored labels)."""
+    N, T1 = lp.shape
+    sums = torch.empty(N, device=lp.device, dtype=torch.float32)
+    cnt = torch.empty(N, device=lp.device, dtype=torch.int64)
+    if N == 0:
+        return sums, cnt
+    if T1 == 0:
+        return sums.zero_(), cnt.zero_()
+    block = min(1024, triton.next_power_of_2(T1))
+    _seq_sum_kernel[(N,)](lp, labels, labels.stride(0), labels.stride(1), sums, cnt, T1,
+                          ignore_index, BLOCK_T=block, num_warps=4)
+    return sums, cnt
