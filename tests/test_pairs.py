@@ -391,3 +391,16 @@ def test_sigkill_mid_run_then_resume_matches_full_run(tmp_path):
     assert set(ids_k) == set(ids_f)
     # the rule injector is deterministic per id: the resumed file has the same pairs
     assert {r["id"]: r["rejected"] for r in read_out(killed)} == {r["id"]: r["rejected"] for r in read_out(full)}
+
+
+def test_generated_token_count():
+    from bpo_fast.data.pairs import _count_generated
+
+    eos, pad = 3, 0
+    new = torch.tensor([[5, 0, 7, 9],      # the model generated the pad id: still 4 tokens
+                        [5, 3, 0, 0],      # EOS at 1, then padding: 2 tokens
+                        [3, 0, 0, 0],      # EOS first: 1 token
+                        [6, 6, 6, 3]])     # EOS last: 4
+    assert _count_generated(new, eos) == 4 + 2 + 1 + 4
+    assert _count_generated(new[:, :0], eos) == 0
+    assert _count_generated(new, None) == 16

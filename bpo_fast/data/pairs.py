@@ -373,12 +373,12 @@ class _Generator:
             torch.manual_seed(seed)
             out = self.model.generate(**inputs, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
-        ntok = _count_generated(new, self.eos, self.tok.pad_token_id)
+        ntok = _count_generated(new, self.eos)
         texts = self.tok.batch_decode(new, skip_special_tokens=True)
         return [t.strip() for t in texts], ntok
 
 
-def _count_generated(new, eos, pad):
+def _count_generated(new, eos):
     """Tokens actually generated per row: up to and including the first EOS."""
     if new.numel() == 0:
         return 0
@@ -386,11 +386,9 @@ def _count_generated(new, eos, pad):
     is_eos = new == eos if eos is not None else torch.zeros_like(new, dtype=torch.bool)
     pos = torch.arange(L, device=new.device).expand_as(new)
     first = torch.where(is_eos, pos, torch.full_like(pos, L)).min(dim=1).values
-    n = torch.clamp(first + 1, max=L)
-    if pad is not None and pad != eos:
-        # rows that never hit EOS but were padded (stopped on another criterion)
-        n = torch.minimum(n, (new != pad).sum(dim=1))
-    return int(n.sum())
+    # A row stops at its first EOS (then generate pads it) or at the length cap. Never count pad
+    # ids: a model may well generate the pad token itself.
+    return int(torch.clamp(first + 1, max=L).sum())
 
 
 def _rejection_reason(chosen, rejected):
