@@ -9,7 +9,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bpo_fast.ops import linear as L
-from bpo_fast.ops.linear import (linear_sequence_logprobs, linear_token_logprobs)
+from bpo_fast.ops.dpo import LOSS_TYPES, DPOOutput, fused_dpo_loss
+from bpo_fast.ops.linear import (LinearDPOLoss, fused_linear_dpo_loss, linear_sequence_logprobs,
+                                 linear_token_logprobs)
 from bpo_fast.ops.logprobs import sequence_logprobs, token_logprobs
 
 IMPLS = ["torch", "cublas", "triton"]
@@ -54,7 +56,7 @@ def grads_of(fn, tensors, gout):
     dict(),                                        # single tile
     dict(bias=True, temperature=0.7),
     dict(chunk_sizes=(5, 64)),                     # several token and vocab tiles, vocab-outer
-    dict(chunk_sizes=(4, 50), N=2, T=40, V=130),   # S > V: token-outer loop order
+    dict(chunk_sizes=(12, 50), N=2, T=40, V=60),   # S > V: token-outer loop order
     dict(bias=True, chunk_sizes=(7, 100), H=80, V=257, temperature=1.9),
 ])
 def test_token_logprobs_and_grads_match_materialised_logits(impl, case):
@@ -259,6 +261,103 @@ def test_bad_inputs_raise_clear_errors():
     ok = labels.clone()
     ok[0, 0] = 10 ** 6
     linear_token_logprobs(hidden, weight, ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO loss from hidden states
+# ----------------------------------------------------------------------------------------------
+
+
+def dpo_inputs(B=3, T=10, H=48, V=130, seed=11, bias=True):
+    hidden, weight, labels, b = make(N=2 * B, T=T, H=H, V=V, bias=bias, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ref_c = -torch.rand(B, generator=g) * 30 - 20
+    ref_r = -torch.rand(B, generator=g) * 30 - 20
+    return hidden, weight, labels, b, ref_c, ref_r
+
+
+def _loss_kwargs(loss_type):
+    return dict(beta=0.3, loss_type=loss_type,
+                label_smoothing=0.1 if loss_type in ("exo_pair", "robust", "sigmoid") else 0.0)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dpo_loss_matches_fused_dpo_loss_on_logits(loss_type):
+    hidden, weight, labels, bias, ref_c, ref_r = dpo_inputs()
+    labels[1] = -100  # a chosen row with no scored token (its log-prob and count are 0)
+    params = [hidden, weight, bias]
+    for p in params:
+        p.requires_grad_(True)
+    kw = _loss_kwargs(loss_type)
+    out = fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias,
+                                temperature=0.8, impl="torch", chunk_sizes=(9, 64), **kw)
+    assert isinstance(out, DPOOutput)
+    g = torch.autograd.grad(out.loss, params)
+    ref = fused_dpo_loss((hidden @ weight.t() + bias) / 0.8, labels, ref_c, ref_r, **kw)
+    g_ref = torch.autograd.grad(ref.loss, params)
+    for name in ("loss", "losses", "chosen_rewards", "rejected_rewards", "reward_margins",
+                 "reward_accuracy", "policy_chosen_logps", "policy_rejected_logps"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), atol=1e-4, rtol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["cublas", "triton"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_loss_triton_impls(impl, loss_type):
+    hidden, weight, labels, bias, ref_c, ref_r = dpo_inputs(V=157, H=40, seed=4)
+    params = [hidden, weight, bias]
+    for p in params:
+        p.requires_grad_(True)
+    kw = _loss_kwargs(loss_type)
+    out = fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, impl=impl, **kw)
+    g = torch.autograd.grad(out.loss, params)
+    ref = fused_dpo_loss(hidden @ weight.t() + bias, labels, ref_c, ref_r, **kw)
+    g_ref = torch.autograd.grad(ref.loss, params)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_dpo_policy_logps_are_differentiable():
+    """An extra term on the policy log-probs (e.g. an NLL/RPO term) backpropagates too."""
+    hidden, weight, labels, _, ref_c, ref_r = dpo_inputs(bias=False)
+    weight.requires_grad_(True)
+    out = fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r)
+    (gw,) = torch.autograd.grad(out.loss - 0.1 * out.policy_chosen_logps.sum(), [weight])
+    ref = fused_dpo_loss(hidden @ weight.t(), labels, ref_c, ref_r)
+    (gw_ref,) = torch.autograd.grad(ref.loss - 0.1 * ref.policy_chosen_logps.sum(), [weight])
+    torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_dpo_module_and_frozen_weight():
+    hidden, weight, labels, _, ref_c, ref_r = dpo_inputs(bias=False)
+    hidden.requires_grad_(True)
+    mod = LinearDPOLoss(beta=0.2, loss_type="hinge")
+    assert "hinge" in repr(mod)
+    out = mod(hidden, weight, labels, ref_c, ref_r)
+    out.loss.backward()
+    ref = fused_dpo_loss(hidden @ weight.t(), labels, ref_c, ref_r, beta=0.2, loss_type="hinge")
+    (gh_ref,) = torch.autograd.grad(ref.loss, [hidden])
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(hidden.grad, gh_ref, atol=1e-5, rtol=1e-4)
+    assert weight.grad is None
+
+
+def test_dpo_bad_inputs():
+    hidden, weight, labels, _, ref_c, ref_r = dpo_inputs(bias=False)
+    with pytest.raises(ValueError, match="even number of rows"):
+        fused_linear_dpo_loss(hidden[:5], weight, labels[:5], ref_c, ref_r)
+    with pytest.raises(ValueError, match="loss_type"):
+        fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="dpo")
+    with pytest.raises(ValueError, match="beta"):
+        fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, beta=0.0)
+    with pytest.raises(ValueError, match="ref_chosen_logps"):
+        fused_linear_dpo_loss(hidden, weight, labels, ref_c[:2], ref_r)
+    with pytest.raises(ValueError, match="loss_type"):
+        LinearDPOLoss(loss_type="nope")
+    with pytest.raises(ValueError, match="impl"):
+        LinearDPOLoss(impl="nope")
 
 
 # ----------------------------------------------------------------------------------------------

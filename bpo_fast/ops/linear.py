@@ -482,45 +482,56 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
 
 def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *,
                           bias=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
-                          ignore_index=-100, temperature=1.0, impl="auto", chunk_bytes=None,
-                          chunk_sizes=None):
-    """The DPO loss of :func:`bpo_fast.ops.dpo.fused_dpo_loss`, from hidden states: rows of
-    ``hidden [2B, T, H]`` / ``labels [2B, T]`` are ``[chosen; rejected]``, ``weight [V, H]`` the
-    LM head, ``ref_*_logps [B]`` the reference model's summed log-probs. Returns a
-    :class:`~bpo_fast.ops.dpo.DPOOutput`; gradients reach ``hidden``, ``weight`` and ``bias``.
+                          ignore_index=-100, temperature=1.0, discopop_tau=0.05, impl="auto",
+                          chunk_bytes=None, chunk_sizes=None):
+    """:func:`bpo_fast.ops.dpo.fused_dpo_loss` with hidden states instead of logits: rows
+    ``0..B-1`` of ``hidden [2B, T, H]`` / ``labels [2B, T]`` are the chosen sequences, rows
+    ``B..2B-1`` the rejected ones; ``weight [V, H]`` (+ ``bias [V]``) is the LM head;
+    ``ref_*_logps [B]`` are the reference model's summed log-probs. Returns a
+    :class:`~bpo_fast.ops.dpo.DPOOutput` carrying ``policy_chosen_logps`` /
+    ``policy_rejected_logps``; gradients reach ``hidden``, ``weight`` and ``bias``.
 
-    The per-sequence policy log-probs come from :func:`linear_sequence_logprobs` (no logits are
-    built); the loss itself is :func:`bpo_fast.ops.dpo.dpo_loss` on ``[B]`` tensors, which costs
-    nothing next to the LM head, so every loss type of ``LOSS_TYPES`` is supported.
+    The per-sequence log-probs come from :func:`linear_sequence_logprobs` (no logits are built,
+    only scored positions cost work); the loss is :func:`bpo_fast.ops.dpo.dpo_loss` on ``[B]``
+    tensors (with the token counts, for ``ipo`` / ``sigmoid_norm``), which costs nothing next to
+    the LM head, so every loss type of ``LOSS_TYPES`` is supported.
     """
-    from bpo_fast.ops.dpo import dpo_loss
+    from bpo_fast.ops.dpo import dpo_loss, validate_dpo_params
 
-    N = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
-    if N is not None and N % 2:
-        raise ValueError(f"hidden must hold [chosen; rejected] rows (an even count), got {N} rows")
-    logps, n_tokens = linear_sequence_logprobs(
+    validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)  # before any heavy work
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[0] % 2:
+        raise ValueError(f"hidden must hold an even number of rows [chosen; rejected], "
+                         f"got {hidden.shape[0]}")
+    logps, n_tok = linear_sequence_logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
         impl=impl, chunk_bytes=chunk_bytes, chunk_sizes=chunk_sizes)
     B = logps.shape[0] // 2
-    return dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
-                    loss_type=loss_type, label_smoothing=label_smoothing)
+    out = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
+                   loss_type=loss_type, label_smoothing=label_smoothing,
+                   chosen_lengths=n_tok[:B], rejected_lengths=n_tok[B:],
+                   discopop_tau=discopop_tau)
+    out.policy_chosen_logps, out.policy_rejected_logps = logps[:B], logps[B:]
+    return out
 
 
 class LinearDPOLoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`fused_linear_dpo_loss` for training loops: holds ``beta``,
-    ``loss_type`` and the other settings; ``forward(hidden, weight, labels, ref_chosen_logps,
-    ref_rejected_logps, bias=None) -> DPOOutput``."""
+    """``nn.Module`` form of :func:`fused_linear_dpo_loss` for training loops:
+    ``LinearDPOLoss(beta=0.1, loss_type="sigmoid", ...)`` holds the settings;
+    ``forward(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias=None)``
+    returns a :class:`~bpo_fast.ops.dpo.DPOOutput`."""
 
-    def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100,
-                 temperature=1.0, impl="auto", chunk_bytes=None):
+    def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, *, ignore_index=-100,
+                 temperature=1.0, discopop_tau=0.05, impl="auto", chunk_bytes=None):
         super().__init__()
-        from bpo_fast.ops.dpo import LOSS_TYPES
+        from bpo_fast.ops.dpo import validate_dpo_params
 
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
+        self.beta, self.loss_type, self.label_smoothing, self.discopop_tau = \
+            validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.ignore_index, self.temperature = ignore_index, temperature
         self.impl, self.chunk_bytes = impl, chunk_bytes
 
@@ -528,8 +539,8 @@ class LinearDPOLoss(torch.nn.Module):
         return fused_linear_dpo_loss(
             hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias=bias,
             beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index, temperature=self.temperature, impl=self.impl,
-            chunk_bytes=self.chunk_bytes)
+            ignore_index=self.ignore_index, temperature=self.temperature,
+            discopop_tau=self.discopop_tau, impl=self.impl, chunk_bytes=self.chunk_bytes)
 
     def extra_repr(self):
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, "
