@@ -404,3 +404,34 @@ def test_generated_token_count():
     assert _count_generated(new, eos) == 4 + 2 + 1 + 4
     assert _count_generated(new[:, :0], eos) == 0
     assert _count_generated(new, None) == 16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_pipeline_pixels_and_pairs(tiny_llava_dir, tmp_path, dtype):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, dtype=dtype).cuda().eval()
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    data, root = make_data(tmp_path, n=6, bad_image=True)
+    recs = [r for _, _, r in iter_records(data) if r["id"].startswith("r")]
+    ref = proc.image_processor(images=[Image.open(os.path.join(root, r["image"])) for r in recs],
+                               return_tensors="pt")["pixel_values"]
+    seen = []
+    orig = model.generate
+
+    def spy(*a, **kw):
+        seen.append(kw["pixel_values"].float().cpu())
+        return orig(*a, **kw)
+
+    model.generate = spy
+    s = build_pairs(cfg(data, root, tmp_path / "p.jsonl", noise_steps="none,500", batch_size=8,
+                        num_workers=2), model, proc)
+    got = torch.cat(seen).view(-1, 2, *ref.shape[1:])
+    tol = 0 if dtype == torch.float32 else 2e-2
+    assert (got[:, 0] - ref).abs().max() <= tol * ref.abs().max()
+    assert not torch.allclose(got[:, 1], ref, atol=0.1)
+    recs_out = read_out(tmp_path / "p.jsonl")
+    assert s.errors == {"image": 2}
+    assert s.written["image_weakened"] + sum(s.dropped.values()) == 6 * 2
+    assert {r["noise_step"] for r in recs_out if r["strategy"] == "image_weakened"} <= {None, 500}

@@ -103,7 +103,8 @@ class BuildSummary:
     records: int = 0
     samples: int = 0
     generated_tokens: int = 0
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0                               # the run, after setup
+    setup_s: float = 0.0                                 # loading the model, reading nothing yet
     timings: dict = field(default_factory=dict)          # decode_wait_s, noise_s, generate_s, ...
     stopped_early: bool = False
 
@@ -129,8 +130,9 @@ class BuildSummary:
             f"errors: {sum(self.errors.values())} ({er})" + (f" -> {self.errors_path}" if sum(self.errors.values()) else ""),
             f"records: {self.records}, samples: {self.samples}, already done (resume): "
             f"{self.already_done}, text-only (no image_weakened): {self.skipped_no_image}",
-            f"time: {self.elapsed_s:.1f}s, {rate:.2f} pairs/s, generated tokens: "
-            f"{self.generated_tokens}" + (f" ({t})" if t else ""),
+            f"time: {self.elapsed_s:.1f}s (+{self.setup_s:.1f}s setup), {rate:.2f} pairs/s, generated tokens: "
+            f"{self.generated_tokens} ({self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0:.1f}"
+            f" tok/s)" + (f"; {t}" if t else ""),
         ]
         if self.torn_bytes_dropped:
             lines.append(f"resume: dropped a torn last line ({self.torn_bytes_dropped} bytes)")
@@ -726,6 +728,8 @@ class _Run:
     # -- main --------------------------------------------------------------------------------
     def run(self):
         cfg = self.cfg
+        self.summary.setup_s = time.perf_counter() - self.t0  # model load etc., not in the rates
+        self.t0 = time.perf_counter()
         try:
             samples = self.read_samples()
             total = 0
@@ -736,8 +740,11 @@ class _Run:
             if cfg.progress:
                 from tqdm.auto import tqdm
 
+                # our own rates only (written pairs/s, generated tokens/s): tqdm's would count
+                # attempts, dropped and already-done pairs included
                 self.pbar = tqdm(total=total, unit="pair", desc=f"build-pairs[{self.rank}/{self.world}]",
-                                 initial=0, dynamic_ncols=True)
+                                 dynamic_ncols=True,
+                                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
             bad_images = set()
             if "image_weakened" in cfg.strategies:
                 self.image_weakened(samples, bad_images)
@@ -745,6 +752,8 @@ class _Run:
                 self.error_injection(samples, bad_images)
         finally:
             if self.pbar is not None:
+                self._last_postfix = 0.0
+                self._progress(0)  # final rates on the bar
                 self.pbar.close()
             self.writer.close()
             if self.err_writer is not None:
