@@ -435,3 +435,30 @@ def test_cuda_pipeline_pixels_and_pairs(tiny_llava_dir, tmp_path, dtype):
     assert s.errors == {"image": 2}
     assert s.written["image_weakened"] + sum(s.dropped.values()) == 6 * 2
     assert {r["noise_step"] for r in recs_out if r["strategy"] == "image_weakened"} <= {None, 500}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},                                                                   # LLaVA-1.5 style
+    {"size": {"height": 24, "width": 40}, "do_center_crop": False},       # exact resize
+    {"do_resize": False, "crop_size": {"height": 32, "width": 32}},       # crop pads small images
+    {"resample": 2, "do_normalize": False},                                # bilinear, no normalise
+])
+def test_image_geometry_matches_processor_variants(kwargs):
+    from bpo_fast.data.images import normalize_uint8
+    from bpo_fast.models.tiny import build_image_processor
+
+    ip = build_image_processor(32)
+    for k, v in kwargs.items():
+        setattr(ip, k, v)
+    geom = ImageGeometry.from_processor(ip)
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 256, (20, 13, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 256, (41, 57, 4), dtype=np.uint8), "RGBA"),
+            Image.fromarray(rng.integers(0, 256, (33, 30), dtype=np.uint8), "L")]
+    pal = Image.fromarray(rng.integers(0, 4, (36, 36), dtype=np.uint8), "P")
+    pal.info["transparency"] = 0
+    imgs.append(pal)
+    for img in imgs:
+        ref = ip(images=[img], return_tensors="pt")["pixel_values"]
+        u8 = torch.from_numpy(load_image(img, geom)).permute(2, 0, 1)[None]
+        assert torch.equal(normalize_uint8(u8, geom), ref), (kwargs, img.mode)

@@ -6,6 +6,10 @@ The arithmetic part (rescale + normalise) runs batched on the model's device: fu
 diffusion noise by :func:`bpo_fast.diffusion_noise`, or, with no noise, by
 :func:`normalize_uint8`, which repeats the processor's own float arithmetic so the pixels are
 bit-for-bit what ``processor(images=...)`` returns.
+
+Bit-exact for PIL-backend processors (``CLIPImageProcessorPil``, the slow ``CLIPImageProcessor``
+that LLaVA-1.5 uses). A torchvision-backend ("fast") processor resizes with its own kernels, so
+there the clean pixels agree only up to resize rounding.
 """
 
 import os
@@ -21,7 +25,19 @@ class ImageError(Exception):
     """An image that cannot be read or decoded (the message says why)."""
 
 
-_PIL_RESAMPLE_NAMES = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
+_PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def _pil_filter(resample):
+    """PIL filter id from a PIL/transformers enum, an int, or a torchvision mode ("bicubic")."""
+    if resample is None:
+        return 2  # transformers' default (bilinear)
+    v = getattr(resample, "value", resample)
+    if isinstance(v, str):
+        if v.lower() not in _PIL_FILTERS:
+            raise ValueError(f"processor: unsupported resample mode {resample!r}")
+        return _PIL_FILTERS[v.lower()]
+    return int(v)
 
 
 def _get(obj, key):
@@ -70,8 +86,7 @@ class ImageGeometry:
             raise ValueError(f"processor: cannot read the resize size from {size!r}")
         do_crop = bool(getattr(ip, "do_center_crop", False))
         crop_hw = (int(_get(crop, "height")), int(_get(crop, "width"))) if do_crop else None
-        resample = getattr(ip, "resample", 3)
-        resample = int(getattr(resample, "value", resample)) if resample is not None else 2
+        resample = _pil_filter(getattr(ip, "resample", 3))
         mean = getattr(ip, "image_mean", None)
         std = getattr(ip, "image_std", None)
         do_norm = bool(getattr(ip, "do_normalize", True))
