@@ -343,13 +343,22 @@ class _Generator:
             s.pop("top_p")
         return s
 
+    def _template_kwargs(self):
+        if getattr(self.processor, "chat_template", None):
+            return {}
+        # A processor saved without a chat template: LLaVA-1.5's conversation format.
+        from bpo_fast.models.tiny import CHAT_TEMPLATE
+
+        return {"chat_template": CHAT_TEMPLATE}
+
     def chat(self, turns):
         return self.processor.apply_chat_template(turns_to_messages(turns), add_generation_prompt=True,
-                                                  tokenize=False)
+                                                  tokenize=False, **self._template_kwargs())
 
     def chat_text(self, text):
         msgs = [{"role": "user", "content": [{"type": "text", "text": text}]}]
-        return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False,
+                                                  **self._template_kwargs())
 
     def expand_images(self, text):
         # LlavaProcessor expands each image placeholder into N image tokens; we do the same
