@@ -137,3 +137,16 @@ def test_bad_arguments(tmp_path):
         summarize(ok, ok, metrics=[1, 2])
     with pytest.raises(ValueError, match="recall_tolerance"):
         write_report(str(tmp_path), chair_before=ok, chair_after=ok, recall_tolerance=2)
+
+
+def test_extra_metrics(tmp_path):
+    ok = {"chair_i": 0.1, "chair_s": 0.1, "recall": 0.5}
+    out = write_report(str(tmp_path), chair_before={0: ok, 1: ok}, chair_after={0: ok, 1: ok},
+                       extra_metrics={"prior-partner hallucination": ({0: 0.8, 1: 0.6}, {0: 0.2, 1: None})})
+    md = open(out["report"]).read()
+    assert "| prior-partner hallucination | 70.0 | 20.0 |" in md
+    assert json.load(open(out["summary_json"]))["extra"]["prior-partner hallucination"]["n"] == 2
+    with pytest.raises(TypeError, match="extra_metrics"):
+        write_report(str(tmp_path), chair_before=ok, chair_after=ok, extra_metrics={"x": 0.5})
+    with pytest.raises(ValueError, match="extra_metrics"):
+        write_report(str(tmp_path), chair_before=ok, chair_after=ok, extra_metrics={"x": (0.5, "a")})

@@ -282,3 +282,32 @@ def test_bad_arguments(tmp_path):
         make_world(str(tmp_path), 1, 2, config={"grid": (2, 2)})
     with pytest.raises(ValueError, match="split"):
         generate_scenes(2, split="Eval set")
+
+
+def test_read_world_score_captions_and_prior_hallucination(tmp_path):
+    cfg = WorldConfig(eval_prior_strength=0.0)
+    paths = make_world(str(tmp_path / "w"), 0, 60, seed=2, config=cfg)
+    p2, cfg2, meta = W.read_world(str(tmp_path / "w"))
+    assert cfg2 == cfg and p2 == paths and meta["n_eval"] == 60
+    with pytest.raises(FileNotFoundError, match="world.json"):
+        W.read_world(str(tmp_path / "nothing"))
+    recs = json.load(open(paths.eval))
+    truth = {json.loads(line)["id"]: json.loads(line)["objects"] for line in open(paths.eval_truth)}
+    refs = {r["id"]: r["conversations"][1]["value"] for r in recs}
+    res = W.score_captions(refs, paths)
+    assert res.chair_i == 0.0 and res.recall == 1.0
+    # a "text-leaning" captioner: the reference caption plus the anchor's usual partner
+    leaning = {}
+    for i, text in refs.items():
+        extra = [p for a, p in cfg.prior_pairs if a in truth[i]]
+        leaning[i] = text + "".join(f" there is a {p} at the top left." for p in extra)
+    res = W.score_captions(leaning, str(tmp_path / "w"))
+    ph = W.prior_hallucination(res, cfg)
+    # (image, pair) cases with the anchor; eval prior 0: the partner is never there too
+    n_cases = sum(a in truth[i] for i in truth for a, _ in cfg.prior_pairs)
+    assert ph["all"]["images"] == n_cases > 0
+    assert ph["all"]["rate"] == 1.0
+    assert res.n_hallucinated_mentions == n_cases
+    assert W.prior_hallucination(W.score_captions(refs, paths), cfg)["all"]["rate"] == 0.0
+    sub = W.score_captions(dict(list(refs.items())[:5]), paths, subset=True)
+    assert sub.n_captions == 5

@@ -400,12 +400,37 @@ def _atomic_write(path, text):
     os.replace(tmp, path)
 
 
+def _extra_rows(extra):
+    """``{name: (before, after)}`` (each a number, None or ``{seed: number}``) -> rows of
+    ``(name, before_mean, after_mean, n_seeds)``."""
+    if extra is None:
+        return []
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra_metrics: expected a dict name -> (before, after), got {type(extra).__name__}")
+    rows = []
+    for name, pair in extra.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"extra_metrics[{name!r}]: expected a (before, after) pair")
+        means = []
+        for side in pair:
+            vals = list(side.values()) if isinstance(side, dict) else [side]
+            for v in vals:
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                      or not math.isfinite(v)):
+                    raise ValueError(f"extra_metrics[{name!r}]: expected finite numbers or None, got {v!r}")
+            means.append((_mean_std(vals)[0], len([v for v in vals if v is not None])))
+        rows.append((str(name), means[0][0], means[1][0], max(means[0][1], means[1][1])))
+    return rows
+
+
 def write_report(out_dir, *, metrics=None, chair_before, chair_after, settings=None,
                  examples=None, notes=None, title="BPO on the shapes world",
-                 recall_tolerance=0.05):
+                 recall_tolerance=0.05, extra_metrics=None):
     """Write ``training.png`` (when there are metrics), ``chair.png``, ``report.md`` and
     ``summary.json`` into ``out_dir``.
 
+    ``extra_metrics``: ``{name: (before, after)}`` further fractions shown in percent (each a
+    number, None or ``{seed: number}``; e.g. the world's prior-partner hallucination rate).
     ``settings``: ``{name: value}`` shown as the setup table. ``examples``: up to a few dicts
     ``{"id", "truth", "before", "after"}`` (ground-truth objects and the two captions) shown as
     a table. ``notes``: extra Markdown paragraphs (e.g. what an investigation found).
@@ -434,6 +459,11 @@ def write_report(out_dir, *, metrics=None, chair_before, chair_after, settings=N
            "ground-truth objects. Before = the supervised model, after = the same model after "
            "BPO.", "", "```", table, "```", ""]
     md += _verdict(summ, recall_tolerance)
+    extra = _extra_rows(extra_metrics)
+    if extra:
+        md += ["", "| further metric (%, mean over seeds) | before | after |", "|---|---|---|"]
+        md += [f"| {_md_escape(n)} | {_pct(b)} | {_pct(a)} |" for n, b, a, _ in extra]
+        summ["extra"] = {n: {"before_mean": b, "after_mean": a, "n": k} for n, b, a, k in extra}
     md += ["", "![CHAIR before and after BPO](chair.png)", ""]
     md += ["## DPO training", ""]
     if train_png:

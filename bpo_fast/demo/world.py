@@ -39,6 +39,10 @@ Public API
   written as ``synonyms.txt`` in the standard "canonical, syn1, syn2" line format.
 - :func:`world_lexicon(config=None) -> dict`: a lexicon for the rule error injector
   (:func:`bpo_fast.data.inject.load_lexicon` format) restricted to the world's words.
+- :func:`read_world(root) -> (WorldPaths, WorldConfig, meta)`: a world written before.
+- :func:`score_captions(captions, world) -> ChairResult`: CHAIR on the held-out split.
+- :func:`prior_hallucination(result, config=None) -> dict`: how often the prior partner is named
+  when only its anchor is in the image (the language prior's own error).
 - ``EVAL_PROMPT``: the question the held-out split asks (and the demo evaluates with).
 """
 
@@ -52,7 +56,8 @@ from dataclasses import asdict, dataclass, field
 __all__ = [
     "WorldConfig", "Shape", "Scene", "WorldPaths", "make_world", "generate_scenes", "render",
     "caption", "qa_pairs", "scene_objects", "parse_caption_objects", "world_vocabulary",
-    "world_synonyms", "world_lexicon", "write_synonyms", "EVAL_PROMPT", "DESCRIBE_PROMPTS",
+    "world_synonyms", "world_lexicon", "write_synonyms", "read_world", "score_captions",
+    "prior_hallucination", "prior_statistics", "EVAL_PROMPT", "DESCRIBE_PROMPTS",
     "PALETTE", "KINDS",
 ]
 
@@ -591,6 +596,50 @@ def prior_statistics(scenes, config=None):
             "p_partner_given_anchor": both / len(with_anchor) if with_anchor else None,
         }
     return stats
+
+
+def read_world(root):
+    """``(WorldPaths, WorldConfig, meta)`` of a complete world written by :func:`make_world`."""
+    paths = WorldPaths.under(root)
+    if not os.path.isfile(paths.meta):
+        raise FileNotFoundError(f"root: no complete shapes world under {root!r} (no world.json)")
+    with open(paths.meta, encoding="utf-8") as f:
+        meta = json.load(f)
+    return paths, WorldConfig(**meta["config"]), meta
+
+
+def score_captions(captions, world, *, subset=False):
+    """CHAIR of ``captions`` (id -> text) on the held-out split of ``world`` (a root folder or
+    :class:`WorldPaths`): the ground truth and synonyms the world wrote. ``subset``: score only
+    the captioned images."""
+    from bpo_fast.eval.chair import SynonymTable, compute_chair, load_ground_truth
+
+    paths = world if isinstance(world, WorldPaths) else WorldPaths.under(world)
+    truth = load_ground_truth(paths.eval_truth)
+    return compute_chair(captions, truth, SynonymTable.from_file(paths.synonyms),
+                         ignore_extra_ground_truth=subset)
+
+
+def prior_hallucination(result, config=None):
+    """How often captions name the prior partner of an anchor that is in the image while the
+    partner is not: the language prior's own hallucination, from a CHAIR result's per-caption
+    details. Returns ``{"anchor -> partner": {"images", "hallucinated", "rate"}, "all": {...}}``
+    (``rate`` None when no image qualifies; in ``"all"`` an image with two such anchors counts
+    once per pair)."""
+    cfg = config or WorldConfig()
+    out = {}
+    tot_n = tot_h = 0
+    for anchor, partner in cfg.prior_pairs:
+        n = h = 0
+        for pc in result.per_caption:
+            if anchor in pc["ground_truth"] and partner not in pc["ground_truth"]:
+                n += 1
+                h += partner in pc["hallucinated"]
+        out[f"{anchor} -> {partner}"] = {"images": n, "hallucinated": h,
+                                         "rate": h / n if n else None}
+        tot_n, tot_h = tot_n + n, tot_h + h
+    out["all"] = {"images": tot_n, "hallucinated": tot_h, "rate": tot_h / tot_n if tot_n else None}
+    return out
 
 
 def make_world(out_dir, n_train, n_eval, seed=0, config=None):
