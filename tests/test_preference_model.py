@@ -259,3 +259,26 @@ def test_bad_inputs(tiny_llava_dir, batch):
     with pytest.raises(ValueError, match="image tokens"):
         pm(ids, inp["attention_mask"], inp["labels"], inp["pixel_values"],
            ref_chosen_logps=c, ref_rejected_logps=c)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_cuda_bf16_matches_naive_forward(tiny_llava_dir, batch, attn):
+    from bpo_fast.models.preference import flash_attn_available
+
+    if attn == "flash_attention_2" and not flash_attn_available():
+        pytest.skip("flash-attn not installed")
+    dev = torch.device("cuda")
+    policy = prepare_policy(load_vlm(tiny_llava_dir, dtype=torch.bfloat16, device=dev,
+                                     attn_implementation=attn))
+    naive_model = load_vlm(tiny_llava_dir, dtype=torch.bfloat16, device=dev,
+                           attn_implementation="sdpa")
+    pm = PreferenceModel(policy, naive_model)          # packing auto: on with flash-attention
+    assert pm._use_packing(policy) == (attn == "flash_attention_2")
+    b = {k: v.to(dev) for k, v in _inputs(batch).items()}
+    out = pm(**b)
+    want = naive_logps(naive_model, b)
+    got = torch.cat([out.policy_chosen_logps, out.policy_rejected_logps])
+    # bf16 activations; our LM head accumulates in fp32 where the naive one rounds logits to bf16
+    torch.testing.assert_close(got, want, atol=0.5, rtol=2e-2)
+    out.loss.backward()

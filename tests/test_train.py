@@ -89,7 +89,8 @@ def test_lora_and_cached_reference_agree(tiny_llava_dir, data, tmp_path):
 
     path, root = data
     lora = train(_cfg(tiny_llava_dir, data, tmp_path / "lora", max_steps=3, lora_r=4,
-                      lora_dropout=0.0, learning_rate=1e-2, merge_lora=True))
+                      lora_dropout=0.0, learning_rate=1e-2, merge_lora=True,
+                      gradient_checkpointing=True))
     assert lora["history"][-1]["loss"] < lora["history"][0]["loss"]
     merged = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lora"))
     adapted = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir),
@@ -129,3 +130,14 @@ def test_config_validation(tiny_llava_dir, data, tmp_path):
         train(_cfg(tiny_llava_dir, data, tmp_path / "x", batch_size=8, grad_accum=2))
     with pytest.raises(FileNotFoundError, match="resume"):
         train(_cfg(tiny_llava_dir, data, tmp_path / "y", resume=str(tmp_path / "none")))
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_training_runs(tiny_llava_dir, data, tmp_path):
+    # dtype auto on CUDA: bf16 frozen weights, fp32 trainable master weights, autocast, fused AdamW
+    res = train(_cfg(tiny_llava_dir, data, tmp_path / "cuda", max_steps=3, device="cuda",
+                     lora_r=4, learning_rate=1e-2, gradient_checkpointing=True))
+    rows = res["history"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(r["peak_mem_bytes"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]

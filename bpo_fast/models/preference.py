@@ -315,11 +315,21 @@ class PreferenceModel(nn.Module):
 
     def encode(self, model, pixel_values, **image_kwargs):
         """Image features ``[sum of image tokens, H]`` (no autograd when the image path is frozen)."""
-        ctx = torch.no_grad() if _image_path_frozen(model) or not torch.is_grad_enabled() \
-            else contextlib.nullcontext()
+        params = self._image_params(model)
+        frozen = not any(p.requires_grad for _, p in params)
+        ctx = torch.no_grad() if frozen or not torch.is_grad_enabled() else contextlib.nullcontext()
         with ctx:
-            dtype = _parts(model)[0].weight.dtype
+            # pixels in the vision tower's own dtype (it may differ from the LLM's master dtype)
+            dtype = params[0][1].dtype if params else _parts(model)[0].weight.dtype
             return encode_images(model, pixel_values.to(dtype), **image_kwargs)
+
+    def _image_params(self, model):
+        # the parameter list is fixed per model; looking it up every step would walk all modules
+        cache = self.__dict__.setdefault("_image_params_cache", {})
+        key = id(model)
+        if key not in cache:
+            cache[key] = image_path_parameters(model)
+        return cache[key]
 
     def hidden_states(self, model, input_ids, attention_mask, features):
         """Decoder hidden states ``[2B, T, H]`` with ``features`` (one image per pair) scattered into
@@ -359,11 +369,14 @@ class PreferenceModel(nn.Module):
 
     def _head(self, model, hidden):
         _, _, head = _parts(model)
-        # Under autocast the hidden states are half precision while the weight may be the fp32
-        # master copy; the cast is tracked by autograd so the gradient still reaches the weight.
+        # Under autocast the LM head runs in the autocast dtype (the decoder's residual stream may
+        # come out fp32 when the weights are fp32 master copies); the weight cast is tracked by
+        # autograd so the gradient still reaches the fp32 weight.
+        if torch.is_autocast_enabled(hidden.device.type):
+            hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
         w = head.weight.to(hidden.dtype)
         b = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
-        return w, b
+        return hidden, w, b
 
     def sequence_logps(self, model, input_ids, attention_mask, labels, pixel_values,
                        features=None, **image_kwargs):
@@ -373,15 +386,9 @@ class PreferenceModel(nn.Module):
         if features is None:
             features = self.encode(model, pixel_values, **image_kwargs)
         hidden = self.hidden_states(model, input_ids, attention_mask, features)
-        w, b = self._head(model, hidden)
+        hidden, w, b = self._head(model, hidden)
         return linear_sequence_logprobs(hidden, w, labels, bias=b, ignore_index=IGNORE_INDEX,
                                         temperature=self.temperature)
-
-    @staticmethod
-    def token_counts(labels):
-        n = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-        b = labels.shape[0] // 2
-        return n[:b], n[b:]
 
     @torch.no_grad()
     def reference_logps(self, input_ids, attention_mask, labels, pixel_values, features=None,
@@ -402,7 +409,7 @@ class PreferenceModel(nn.Module):
             raise ValueError("ref_chosen_logps/ref_rejected_logps: reference_mode='cached' needs "
                              "the cached reference log-probs passed to forward()")
         b = input_ids.shape[0] // 2
-        return lp[:b].float(), lp[b:].float()
+        return lp[:b].float().clone(), lp[b:].float().clone()
 
     # ---- the step ------------------------------------------------------------------------
 
@@ -431,18 +438,21 @@ class PreferenceModel(nn.Module):
                 raise ValueError(f"ref_chosen_logps/ref_rejected_logps: expected [{b}] each, got "
                                  f"{tuple(ref_c.shape)} / {tuple(ref_r.shape)}")
         hidden = self.hidden_states(self.policy, input_ids, attention_mask, features)
-        w, bias = self._head(self.policy, hidden)
+        hidden, w, bias = self._head(self.policy, hidden)
         # fused_linear_dpo_loss is this same composition (fused LM-head log-probs, then the
         # [B]-sized DPO loss); spelled out here so that the token counts reach the loss
         # (ipo / sigmoid_norm normalise by them) and the policy log-probs come back.
         logps, n_tok = linear_sequence_logprobs(hidden, w, labels, bias=bias,
                                                 ignore_index=IGNORE_INDEX,
                                                 temperature=self.temperature)
-        n_c, n_r = n_tok[:b], n_tok[b:]
-        out = dpo_loss(logps[:b], logps[b:], ref_c, ref_r, beta=self.beta,
+        # [B]-sized copies rather than views: FSDP2 hooks the outputs of the root module, and
+        # views of them would be unsafe to modify in place
+        pc, pr = logps[:b].clone(), logps[b:].clone()
+        n_c, n_r = n_tok[:b].clone(), n_tok[b:].clone()
+        out = dpo_loss(pc, pr, ref_c, ref_r, beta=self.beta,
                        loss_type=self.loss_type, label_smoothing=self.label_smoothing,
                        chosen_lengths=n_c, rejected_lengths=n_r)
-        out.policy_chosen_logps, out.policy_rejected_logps = logps[:b], logps[b:]
+        out.policy_chosen_logps, out.policy_rejected_logps = pc, pr
         return PreferenceOutput(loss=out.loss, dpo=out, policy_chosen_logps=out.policy_chosen_logps,
                                 policy_rejected_logps=out.policy_rejected_logps,
                                 ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,

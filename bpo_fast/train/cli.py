@@ -86,7 +86,13 @@ def run(args):
     from bpo_fast.train.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = train(config_from_args(args))
+    try:
+        result = train(config_from_args(args))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # torchrun: leave cleanly
+            dist.destroy_process_group()
     print(f"trained {result['steps']} steps; model in {result['output']}, metrics in "
           f"{result['metrics_path']}" + (f", skipped {result['skipped']} bad record(s)"
                                          if result["skipped"] else ""))
