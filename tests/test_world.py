@@ -311,3 +311,17 @@ def test_read_world_score_captions_and_prior_hallucination(tmp_path):
     assert W.prior_hallucination(W.score_captions(refs, paths), cfg)["all"]["rate"] == 0.0
     sub = W.score_captions(dict(list(refs.items())[:5]), paths, subset=True)
     assert sub.n_captions == 5
+
+
+def test_records_are_read_by_the_pair_builder(tmp_path):
+    from bpo_fast.data.llava_format import iter_records, record_to_samples
+
+    cfg = WorldConfig(qa_per_image=3)
+    paths = make_world(str(tmp_path / "w"), 10, 4, seed=0, config=cfg)
+    for path, turns in ((paths.train, 1 + cfg.qa_per_image), (paths.eval, 1)):
+        for idx, line, rec in iter_records(path):
+            samples = record_to_samples(rec, turns="all", index=idx, line=line)
+            assert len(samples) == turns
+            assert samples[0].question in W.DESCRIBE_PROMPTS
+            assert samples[0].chosen == rec["conversations"][1]["value"]
+            assert os.path.isfile(os.path.join(paths.images, samples[0].image))
