@@ -33,6 +33,7 @@ void noise_cpu_kernel(const in_t* x, const int64_t* ts, const float* sab, const 
   constexpr int64_t kChunk = 4096;
   const int64_t chunks = (CHW + kChunk - 1) / kChunk;
   const bool contiguous = s.sw == 1 && s.sh == s.W && s.sc == HW;
+  const PhiloxKeys ks = noise_keys(seed);
   at::parallel_for(0, s.B * chunks, 1, [&](int64_t begin, int64_t end) {
     float x0[kChunk];
     uint8_t cid[kChunk];  // coefficient index of each element (its channel, or 0)
@@ -63,11 +64,11 @@ void noise_cpu_kernel(const in_t* x, const int64_t* ts, const float* sab, const 
         out_t* o = out + (b * s.K + k) * CHW + i0;
         for (int64_t m0 = 0; m0 < n; m0 += 4) {
           float z[4];
-          normal4(seed, offset, j, static_cast<uint32_t>((i0 + m0) >> 2), z);
+          normal4(ks, offset, j, static_cast<uint32_t>((i0 + m0) >> 2), sd, z);
           const int64_t mm = std::min<int64_t>(4, n - m0);
           for (int64_t q = 0; q < mm; ++q) {
             o[m0 + q] = static_cast<out_t>(
-                noise_output(x0[m0 + q], z[q], a, sd, cc, cid[m0 + q], s.pixel_space));
+                noise_output(x0[m0 + q], z[q], a, cc, cid[m0 + q], s.pixel_space));
           }
         }
       }

@@ -44,9 +44,10 @@ BPO_HD float noise_input(float x, const ChannelCoef& cc, int cidx_in) {
   return x * cc.in_a[cidx_in] + cc.in_b[cidx_in];
 }
 
-BPO_HD float noise_output(float x0, float eps, float a, float s, const ChannelCoef& cc, int cidx,
+// `noise` is s_t * eps (the scale is folded into the Box-Muller radius, see normal4).
+BPO_HD float noise_output(float x0, float noise, float a, const ChannelCoef& cc, int cidx,
                           bool pixel_space) {
-  const float y = a * x0 + s * eps;
+  const float y = a * x0 + noise;
   if (!pixel_space) return y;
   float v = (y + 1.0f) * 0.5f;
   v = v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);

@@ -40,14 +40,33 @@ enum Path : int {
   kGeneric = 2,  // any strides: per-element loads, (c, h, w) stepped incrementally
 };
 
+template <typename T>
+__device__ __forceinline__ void load_vec_as_float(const Vec<T, kVec>& v, float* f) {
+#pragma unroll
+  for (int m = 0; m < kVec; ++m) f[m] = static_cast<float>(v.v[m]);
+}
+
+// uint8 -> float in two ALU/FMA instructions (byte permute into the mantissa of 2^23, then
+// subtract 2^23) instead of the conversion unit's slower I2F.
+__device__ __forceinline__ void load_vec_as_float(const Vec<uint8_t, kVec>& v, float* f) {
+  uint32_t w[2];
+  memcpy(w, v.v, sizeof(w));
+#pragma unroll
+  for (int m = 0; m < kVec; ++m) {
+    const uint32_t bits = __byte_perm(w[m / 4], 0x4B000000u, 0x7540u | (m % 4));
+    f[m] = __uint_as_float(bits) - 8388608.0f;
+  }
+}
+
 template <typename out_t>
 __device__ __forceinline__ void emit_levels(const float* x0, const int* cid, int n, int64_t b,
                                             int64_t i0, const int64_t* __restrict__ ts,
                                             const float* __restrict__ sab,
                                             const float* __restrict__ s1mab,
                                             out_t* __restrict__ out, const NoiseShape& s,
-                                            const ChannelCoef& cc, int64_t CHW, uint64_t seed,
-                                            uint64_t offset, bool vec_store) {
+                                            const ChannelCoef& cc, int64_t CHW,
+                                            const PhiloxKeys& ks, uint64_t offset,
+                                            bool vec_store) {
   // i0 is a multiple of 4 on every path (see the launcher), so the 8 elements are exactly the
   // Philox groups i0/4 and i0/4 + 1.
   const uint32_t g0 = static_cast<uint32_t>(i0 >> 2);
@@ -59,20 +78,20 @@ __device__ __forceinline__ void emit_levels(const float* x0, const int* cid, int
     t = t < 0 ? 0 : (t >= s.num_steps ? s.num_steps - 1 : t);
     const float a = sab[t], sd = s1mab[t];
     float z[kVec];
-    normal4(seed, offset, static_cast<uint32_t>(jj), g0, z);
-    if (n > 4) normal4(seed, offset, static_cast<uint32_t>(jj), g0 + 1, z + 4);
+    normal4(ks, offset, static_cast<uint32_t>(jj), g0, sd, z);
+    if (n > 4) normal4(ks, offset, static_cast<uint32_t>(jj), g0 + 1, sd, z + 4);
     out_t* o = out + jj * CHW + i0;
     if (vec_store) {
       Vec<out_t, kVec> v;
 #pragma unroll
       for (int m = 0; m < kVec; ++m)
-        v.v[m] = static_cast<out_t>(noise_output(x0[m], z[m], a, sd, cc, cid[m], s.pixel_space));
+        v.v[m] = static_cast<out_t>(noise_output(x0[m], z[m], a, cc, cid[m], s.pixel_space));
       *reinterpret_cast<Vec<out_t, kVec>*>(o) = v;
     } else {
 #pragma unroll
       for (int m = 0; m < kVec; ++m)
         if (m < n)
-          o[m] = static_cast<out_t>(noise_output(x0[m], z[m], a, sd, cc, cid[m], s.pixel_space));
+          o[m] = static_cast<out_t>(noise_output(x0[m], z[m], a, cc, cid[m], s.pixel_space));
     }
   }
 }
@@ -84,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
                            out_t* __restrict__ out, NoiseShape s, ChannelCoef cc,
                            at::PhiloxCudaState philox, int64_t items_per_image) {
   const auto seeds = at::cuda::philox::unpack(philox);
-  const uint64_t seed = std::get<0>(seeds);
+  const PhiloxKeys ks = noise_keys(std::get<0>(seeds));
   const uint64_t offset = std::get<1>(seeds);
   const int64_t HW = s.H * s.W;
   const int64_t CHW = s.C * HW;
@@ -105,19 +124,20 @@ __global__ void __launch_bounds__(kThreads)
             x0[m] = noise_input(static_cast<float>(xb[(p0 + m) * s.C + c]), cc, ci);
             cid[m] = ci;
           }
-          emit_levels(x0, cid, kVec, b, c * HW + p0, ts, sab, s1mab, out, s, cc, CHW, seed,
+          emit_levels(x0, cid, kVec, b, c * HW + p0, ts, sab, s1mab, out, s, cc, CHW, ks,
                       offset, true);
         }
       } else if (kPath == kNCHWVec) {
         const int64_t i0 = q * kVec;
         const int ci = s.per_channel ? static_cast<int>(i0 / HW) : 0;
         const Vec<in_t, kVec> v = *reinterpret_cast<const Vec<in_t, kVec>*>(xb + i0);
+        load_vec_as_float(v, x0);
 #pragma unroll
         for (int m = 0; m < kVec; ++m) {
-          x0[m] = noise_input(static_cast<float>(v.v[m]), cc, ci);
+          x0[m] = noise_input(x0[m], cc, ci);
           cid[m] = ci;
         }
-        emit_levels(x0, cid, kVec, b, i0, ts, sab, s1mab, out, s, cc, CHW, seed, offset, true);
+        emit_levels(x0, cid, kVec, b, i0, ts, sab, s1mab, out, s, cc, CHW, ks, offset, true);
       } else {
         const int64_t i0 = q * kVec;
         const int n = static_cast<int>(min(static_cast<int64_t>(kVec), CHW - i0));
@@ -136,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
             }
           }
         }
-        emit_levels(x0, cid, n, b, i0, ts, sab, s1mab, out, s, cc, CHW, seed, offset,
+        emit_levels(x0, cid, n, b, i0, ts, sab, s1mab, out, s, cc, CHW, ks, offset,
                     out_aligned && n == kVec);
       }
     }
