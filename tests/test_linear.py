@@ -319,6 +319,49 @@ def test_dpo_loss_triton_impls(impl, loss_type):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["torch", "cublas"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "discopop"])
+def test_dpo_grad_in_forward_equals_composed_path(impl, loss_type):
+    """Gradients formed in the forward pass (group by group of pairs) equal the composed path,
+    for d loss, for weights on the per-pair losses and for an extra term on the log-probs."""
+    hidden, weight, labels, bias, ref_c, ref_r = dpo_inputs(B=4, V=111, H=40, seed=8)
+    labels[5] = -100  # a rejected row with no scored token
+    params = [hidden, weight, bias]
+    for p in params:
+        p.requires_grad_(True)
+    kw = _loss_kwargs(loss_type)
+    wl = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    res = []
+    for gif in (True, False):
+        out = fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, impl=impl,
+                                    grad_in_forward=gif, chunk_sizes=(12, 64), temperature=1.3,
+                                    **kw)
+        obj = out.loss + (wl * out.losses).sum() + 0.01 * out.policy_rejected_logps.sum()
+        res.append((out, torch.autograd.grad(out.loss, params, retain_graph=True),
+                    torch.autograd.grad(obj, params)))
+    (a, ga, ga2), (b, gb, gb2) = res
+    for name in ("loss", "losses", "chosen_rewards", "rejected_rewards", "reward_margins",
+                 "reward_accuracy", "policy_chosen_logps", "policy_rejected_logps"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
+    for x, y in zip(ga + ga2, gb + gb2):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_dpo_all_masked_and_no_grad():
+    hidden, weight, labels, _, ref_c, ref_r = dpo_inputs(bias=False)
+    labels.fill_(-100)
+    weight.requires_grad_(True)
+    out = fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, grad_in_forward=True)
+    ref = fused_dpo_loss(hidden @ weight.t(), labels, ref_c, ref_r)
+    torch.testing.assert_close(out.loss, ref.loss)
+    out.loss.backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    with torch.no_grad():  # evaluation: forward only, same numbers
+        ev = fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r)
+    torch.testing.assert_close(ev.loss, ref.loss)
+    assert not ev.loss.requires_grad
+
+
 def test_dpo_policy_logps_are_differentiable():
     """An extra term on the policy log-probs (e.g. an NLL/RPO term) backpropagates too."""
     hidden, weight, labels, _, ref_c, ref_r = dpo_inputs(bias=False)

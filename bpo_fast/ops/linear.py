@@ -480,10 +480,140 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
     return logps, n_tokens
 
 
+# ----------------------------------------------------------------------------------------------
+# DPO with the gradient formed in the forward pass (3 GEMMs instead of 4)
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair_groups(counts, B, max_tokens):
+    """Consecutive pair ranges [(i0, i1)] whose scored tokens (chosen + rejected rows) stay
+    within max_tokens; a single pair above it forms its own group."""
+    groups, i0, acc = [], 0, 0
+    for i in range(B):
+        n = counts[i] + counts[B + i]
+        if i > i0 and acc + n > max_tokens:
+            groups.append((i0, i))
+            i0, acc = i, 0
+        acc += n
+    if B:
+        groups.append((i0, B))
+    return groups
+
+
+class _LinearDPOGradInForward(torch.autograd.Function):
+    """DPO from hidden states where each pair's loss gradient is known as soon as its own
+    log-probs are (every loss type in ``LOSS_TYPES`` is a mean of per-pair terms): the forward
+    runs over groups of pairs, keeps a group's float32 logits ``[S_group, V]``, reduces them,
+    gets ``d loss / d logp`` from :func:`bpo_fast.ops.dpo.dpo_loss_and_grad`, turns the same
+    buffer into ``d logits`` and runs both gradient GEMMs right away. One logits GEMM per token
+    instead of a forward one plus a backward recompute. The backward scales the stored gradients
+    by ``d out / d loss``; gradients that reach the per-pair ``losses`` or the policy log-probs
+    (extra loss terms) take the recomputing path."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_c, ref_r, n_idx, t_idx, targets, counts,
+                temperature, impl, plan, group_tokens, dpo_kw):
+        from bpo_fast.ops.dpo import dpo_loss_and_grad
+
+        ctx.set_materialize_grads(False)
+        N, T, H = hidden.shape
+        V = weight.shape[0]
+        B = N // 2
+        dev, dtype, f32 = weight.device, weight.dtype, torch.float32
+        inv_temp = 1.0 / temperature
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        reducer = _TritonReducer if impl == "cublas" else _TorchReducer
+        S = n_idx.numel()
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        lengths = torch.tensor(counts, device=dev, dtype=torch.long)
+
+        lse = torch.zeros(S, device=dev, dtype=f32)
+        logps = torch.zeros(N, device=dev, dtype=f32)
+        gh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+        gw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else None
+        gb32 = torch.zeros(V, device=dev, dtype=f32) if need_b else None
+        groups = _pair_groups(counts, B, group_tokens) if S else []
+        gw32 = torch.zeros(V, H, device=dev, dtype=f32) if need_w and len(groups) > 1 else None
+        for i0, i1 in groups:
+            lo_c, hi_c, lo_r, hi_r = starts[i0], starts[i1], starts[B + i0], starts[B + i1]
+            tok = torch.cat([torch.arange(lo_c, hi_c, device=dev),
+                             torch.arange(lo_r, hi_r, device=dev)])
+            if tok.numel() == 0:
+                continue
+            rows = n_idx[tok]
+            h_g = hidden[rows, t_idx[tok]]
+            tgt = targets[tok]
+            z = _mm_f32(h_g, weight)
+            m = torch.full((tok.numel(),), float("-inf"), device=dev, dtype=f32)
+            s_ = torch.zeros_like(m)
+            tlog = torch.zeros_like(m)
+            # the torch reducer folds in place; the Triton one leaves z as it is
+            reducer.update(z.clone() if reducer is _TorchReducer else z, bias, tgt, m, s_, tlog,
+                           0, inv_temp)
+            lse_g = m + torch.log(s_)
+            lse[tok] = lse_g
+            logps.index_add_(0, rows, tlog - lse_g)
+            # this group's rows [chosen i0..i1; rejected i0..i1] as a [2P] DPO batch
+            sel = torch.cat([torch.arange(i0, i1, device=dev),
+                             torch.arange(B + i0, B + i1, device=dev)])
+            _, dl = dpo_loss_and_grad(logps[sel], ref_c[i0:i1], ref_r[i0:i1],
+                                      lengths=lengths[sel], **dpo_kw)
+            # d loss / d logp_row = dlosses_row / B; row -> position in sel
+            local = torch.where(rows < B, rows - i0, rows - B - i0 + (i1 - i0))
+            gscale = dl.float()[local] * (inv_temp / B)
+            if not (need_h or need_w or need_b):
+                continue
+            d, gb = reducer.dlogits(z, bias, tgt, lse_g, gscale, 0, inv_temp, dtype, need_b)
+            if need_b:
+                gb32 += gb
+            if need_h:
+                gh[rows, t_idx[tok]] = d @ weight
+            if need_w:
+                if gw32 is None:
+                    torch.mm(d.t(), h_g, out=gw)
+                else:
+                    _addmm_f32_(gw32, d.t(), h_g)
+            del z, d
+        if gw32 is not None:
+            gw.copy_(gw32)
+            del gw32
+        out, dl_all = dpo_loss_and_grad(logps, ref_c, ref_r, lengths=lengths, **dpo_kw)
+        ctx.save_for_backward(hidden, weight, bias, n_idx, t_idx, targets, lse, dl_all,
+                              gh, gw, None if gb32 is None else gb32.to(dtype))
+        ctx.inv_temp, ctx.impl, ctx.plan, ctx.B = inv_temp, impl, plan, B
+        ctx.need = (need_h, need_w, need_b)
+        return out.loss.float(), out.losses.float(), logps
+
+    @staticmethod
+    def backward(ctx, g_loss, g_losses, g_logps):
+        (hidden, weight, bias, n_idx, t_idx, targets, lse, dl_all, gh_s, gw_s,
+         gb_s) = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.need
+        grads = [None, None, None]
+        if g_loss is not None:
+            grads = [None if t is None else t * g_loss.to(t.dtype) for t in (gh_s, gw_s, gb_s)]
+        g_row = None
+        if g_losses is not None:
+            g_row = g_losses.float().repeat(2) * dl_all.float()
+        if g_logps is not None:
+            g_row = g_logps.float() if g_row is None else g_row + g_logps.float()
+        if g_row is not None and n_idx.numel() and (need_h or need_w or need_b):
+            gscale = g_row[n_idx].contiguous() * ctx.inv_temp
+            extra = _chunked_backward(_TritonReducer if ctx.impl == "cublas" else _TorchReducer,
+                                      hidden, weight, bias, n_idx, t_idx, targets, lse, gscale,
+                                      ctx.inv_temp, ctx.plan, need_h, need_w, need_b)
+            grads = [e if g is None else (g if e is None else g + e)
+                     for g, e in zip(grads, extra)]
+        return (*grads,) + (None,) * 11
+
+
 def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *,
                           bias=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
                           ignore_index=-100, temperature=1.0, discopop_tau=0.05, impl="auto",
-                          chunk_bytes=None, chunk_sizes=None):
+                          chunk_bytes=None, chunk_sizes=None, grad_in_forward=None):
     """:func:`bpo_fast.ops.dpo.fused_dpo_loss` with hidden states instead of logits: rows
     ``0..B-1`` of ``hidden [2B, T, H]`` / ``labels [2B, T]`` are the chosen sequences, rows
     ``B..2B-1`` the rejected ones; ``weight [V, H]`` (+ ``bias [V]``) is the LM head;
@@ -495,13 +625,49 @@ def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected
     only scored positions cost work); the loss is :func:`bpo_fast.ops.dpo.dpo_loss` on ``[B]``
     tensors (with the token counts, for ``ipo`` / ``sigmoid_norm``), which costs nothing next to
     the LM head, so every loss type of ``LOSS_TYPES`` is supported.
-    """
-    from bpo_fast.ops.dpo import dpo_loss, validate_dpo_params
 
-    validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)  # before any heavy work
+    ``grad_in_forward`` (default: when a gradient is needed and ``impl`` is ``"torch"`` or
+    ``"cublas"``): form the gradients during the forward pass, pair group by pair group (each
+    pair's loss depends only on its own log-probs), so that the logits of each token are computed
+    once instead of twice (3 GEMMs instead of 4); a group's float32 logits ``[S_group, V]`` are
+    held at once (``chunk_bytes`` bounds them, but one pair is never split). The gradients are
+    exact either way; ``False`` gives the composed path (forward, then a recomputing backward).
+    """
+    from bpo_fast.ops.dpo import check_dpo_inputs, dpo_loss, validate_dpo_params
+
+    beta, loss_type, label_smoothing, discopop_tau = validate_dpo_params(
+        beta, loss_type, label_smoothing, discopop_tau)  # before any heavy work
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[0] % 2:
         raise ValueError(f"hidden must hold an even number of rows [chosen; rejected], "
                          f"got {hidden.shape[0]}")
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, weight, bias))
+    if grad_in_forward is None:
+        grad_in_forward = needs_grad and _resolve_impl(impl, weight.device) in ("torch", "cublas")
+    if grad_in_forward:
+        N, T, H, V = _check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
+        impl = _resolve_impl(impl, weight.device)
+        if impl not in ("torch", "cublas"):
+            raise ValueError(f"grad_in_forward=True needs impl 'torch' or 'cublas', got {impl!r}")
+        B = N // 2
+        check_dpo_inputs(torch.zeros(B, device=weight.device), torch.zeros(B, device=weight.device),
+                         ref_chosen_logps, ref_rejected_logps)
+        n_idx, t_idx, targets = _compact(labels, ignore_index, V)
+        # per-row token counts on the host (a second, [N]-sized sync) to cut groups of pairs
+        counts = torch.bincount(n_idx, minlength=N).tolist()
+        if chunk_bytes is None:
+            chunk_bytes = int(float(os.environ.get("BPO_FAST_LINEAR_CHUNK_MB", "0")) * 2 ** 20) \
+                or DEFAULT_CHUNK_BYTES
+        plan = _plan(n_idx.numel(), V, chunk_bytes, chunk_sizes)
+        group_tokens = chunk_sizes[0] if chunk_sizes is not None else max(1, chunk_bytes // (4 * V))
+        dpo_kw = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                      discopop_tau=discopop_tau)
+        ref_c = ref_chosen_logps.detach().float()
+        ref_r = ref_rejected_logps.detach().float()
+        loss, losses, logps = _LinearDPOGradInForward.apply(
+            hidden, weight, bias, ref_c, ref_r, n_idx, t_idx, targets, counts,
+            float(temperature), impl, plan, group_tokens, dpo_kw)
+        return _dpo_output(loss, losses, logps, ref_c, ref_r, beta)
     logps, n_tok = linear_sequence_logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
         impl=impl, chunk_bytes=chunk_bytes, chunk_sizes=chunk_sizes)
@@ -545,3 +711,16 @@ class LinearDPOLoss(torch.nn.Module):
     def extra_repr(self):
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, "
                 f"label_smoothing={self.label_smoothing}, temperature={self.temperature}")
+
+
+def _dpo_output(loss, losses, logps, ref_c, ref_r, beta):
+    from bpo_fast.ops.dpo import DPOOutput
+
+    B = losses.shape[0]
+    chosen_rewards = (beta * (logps[:B] - ref_c)).detach()
+    rejected_rewards = (beta * (logps[B:] - ref_r)).detach()
+    return DPOOutput(loss=loss, losses=losses, chosen_rewards=chosen_rewards,
+                     rejected_rewards=rejected_rewards,
+                     reward_margins=chosen_rewards - rejected_rewards,
+                     reward_accuracy=(chosen_rewards > rejected_rewards).float().mean(),
+                     policy_chosen_logps=logps[:B], policy_rejected_logps=logps[B:])
