@@ -463,3 +463,27 @@ def test_image_geometry_matches_processor_variants(kwargs):
         ref = ip(images=[img], return_tensors="pt")["pixel_values"]
         u8 = torch.from_numpy(load_image(img, geom)).permute(2, 0, 1)[None]
         assert torch.equal(normalize_uint8(u8, geom), ref), (kwargs, img.mode)
+
+
+def test_generation_halves_the_batch_on_out_of_memory(tiny, tmp_path):
+    model, proc = tiny
+    data, root = make_data(tmp_path, n=4)
+    orig = model.generate
+    sizes = []
+
+    def flaky(*a, **kw):
+        n = kw["input_ids"].shape[0]
+        sizes.append(n)
+        if n > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return orig(*a, **kw)
+
+    model.generate = flaky
+    try:
+        s = build_pairs(cfg(data, root, tmp_path / "p.jsonl", noise_steps=(100, 900), batch_size=4,
+                            strategies=("image_weakened",)), model, proc)
+    finally:
+        del model.generate
+    assert sizes == [8, 4, 2, 2, 4, 2, 2] and s.oom_splits == 3  # 8 -> 4+4 -> 2+2+2+2
+    assert s.written["image_weakened"] + sum(s.dropped.values()) == 8
+    assert "out-of-memory" in s.format()

@@ -107,6 +107,7 @@ class BuildSummary:
     setup_s: float = 0.0                                 # loading the model, reading nothing yet
     timings: dict = field(default_factory=dict)          # decode_wait_s, noise_s, generate_s, ...
     stopped_early: bool = False
+    oom_splits: int = 0                                  # generate batches halved on CUDA OOM
 
     @property
     def total_written(self):
@@ -138,6 +139,9 @@ class BuildSummary:
             lines.append(f"resume: dropped a torn last line ({self.torn_bytes_dropped} bytes)")
         if self.stopped_early:
             lines.append("stopped early (max_batches)")
+        if self.oom_splits:
+            lines.append(f"generation batches halved after CUDA out-of-memory: {self.oom_splits} "
+                         "(a smaller --gen-batch-size avoids the retries)")
         return "\n".join(lines)
 
 
@@ -389,6 +393,28 @@ class _Generator:
         return [t.strip() for t in texts], ntok
 
 
+    def generate_split(self, texts, pixel_values=None, seed=0, max_new_tokens=None, on_split=None):
+        """:meth:`generate`, halving the rows on CUDA out-of-memory (a batch of unusually long
+        prompts must not kill a day-long run); ``on_split()`` is called for each halving."""
+        try:
+            return self.generate(texts, pixel_values, seed, max_new_tokens)
+        except torch.cuda.OutOfMemoryError:
+            if len(texts) <= 1:
+                raise
+        torch.cuda.empty_cache()
+        if on_split is not None:
+            on_split()
+        h = len(texts) // 2
+        halves = [(texts[:h], None if pixel_values is None else pixel_values[:h], seed),
+                  (texts[h:], None if pixel_values is None else pixel_values[h:], seed + 1)]
+        answers, ntok = [], 0
+        for t, pv, sd in halves:
+            a, n = self.generate_split(t, pv, sd, max_new_tokens, on_split)
+            answers.extend(a)
+            ntok += n
+        return answers, ntok
+
+
 def _count_generated(new, eos):
     """Tokens actually generated per row: up to and including the first EOS."""
     if new.numel() == 0:
@@ -523,6 +549,9 @@ class _Run:
         self._log_errors(errs)
         self.summary.timings["write_s"] += time.perf_counter() - t
         self.batches_written += 1
+
+    def _count_oom(self):
+        self.summary.oom_splits += 1
 
     def _drop(self, reason):
         self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + 1
@@ -659,8 +688,9 @@ class _Run:
                     texts.append(prompts[key])
                 idx = torch.tensor([r[3] for r in chunk], device=self.device)
                 t0 = time.perf_counter()
-                answers, ntok = self.gen.generate(texts, flat.index_select(0, idx),
-                                                  seed=_derive_seed(bseed, c))
+                answers, ntok = self.gen.generate_split(texts, flat.index_select(0, idx),
+                                                        seed=_derive_seed(bseed, c),
+                                                        on_split=self._count_oom)
                 t["generate_s"] += time.perf_counter() - t0
                 self.summary.generated_tokens += ntok
                 for (smp, k, pid, _), ans in zip(chunk, answers):
@@ -683,8 +713,9 @@ class _Run:
         ntok = 0
         bs = self.cfg.gen_batch_size or self.cfg.batch_size
         for c in range(0, len(texts), bs):
-            a, n = self.gen.generate(texts[c:c + bs], None, seed=_derive_seed(self._ei_seed, c),
-                                     max_new_tokens=self.cfg.inject_max_new_tokens)
+            a, n = self.gen.generate_split(texts[c:c + bs], None, seed=_derive_seed(self._ei_seed, c),
+                                           max_new_tokens=self.cfg.inject_max_new_tokens,
+                                           on_split=self._count_oom)
             out.extend(a)
             ntok += n
         self.summary.generated_tokens += ntok
