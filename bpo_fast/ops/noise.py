@@ -344,7 +344,7 @@ def philox_normal_reference(seed, offset, num_images, numel, device="cpu"):
     )
 
     def box_muller(ra, rb):
-        u = ((ra >> 8).to(torch.float32) + 0.5) * 2.0 ** -24
+        u = ((ra >> 9).to(torch.float32) + 0.5) * 2.0 ** -23
         v = (rb >> 8).to(torch.float32) * 2.0 ** -23 - 1.0
         rad = torch.sqrt(-2.0 * torch.log(u))
         ang = math.pi * v.to(torch.float64)
@@ -377,6 +377,9 @@ def _register_fake():
 
 
 _register_fake()
+# Looked up once at import (not per call, and not inside torch.compile tracing).
+_HAS_CUDA_KERNEL = bool(_ext.load_extension()) and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "bpo_fast::diffusion_noise", "CUDA")
 _warned_no_cuda = [False]
 
 
@@ -386,7 +389,7 @@ def _op_available(device):
     if device.type == "cpu":
         return True
     if device.type == "cuda":
-        if torch._C._dispatch_has_kernel_for_dispatch_key("bpo_fast::diffusion_noise", "CUDA"):
+        if _HAS_CUDA_KERNEL:
             return True
         if not _warned_no_cuda[0]:
             _warned_no_cuda[0] = True
