@@ -23,9 +23,10 @@ strides are passed in; no ``.contiguous()`` copy). Labels follow the Hugging Fac
   g_logps[n]`` computed in-kernel (no chain of small PyTorch ops before the launch).
 * :func:`sequence_sums` -- per-sequence sums of token log-probs and counts of scored tokens.
 
-Block sizes: 16-byte vector loads and 4-8K elements per iteration keep enough bytes in flight
-per SM on an H100 (see ``block_config``); ``BPO_FAST_LOGPROBS_BLOCK_V`` /
-``BPO_FAST_LOGPROBS_WARPS`` override them (the benchmark sweeps them).
+Block sizes: 16-byte vector loads (rows whose strides and ``V`` are multiples of 8-16 elements,
+which Triton's argument specialisation detects) and 4K elements per iteration; see
+:func:`block_config`. ``BPO_FAST_LOGPROBS_BLOCK_V`` / ``BPO_FAST_LOGPROBS_WARPS`` override
+them (the benchmark can sweep them).
 """
 
 import os
@@ -35,10 +36,13 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# constants used inside @triton.jit code must be constexpr globals (compiled Triton refuses
+# plain Python globals; the interpreter would not notice)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 # finite "minus infinity" for the running max: exp2(-inf - (-inf)) would be NaN on chunks that
 # hold only padding (other=-inf) before any real logit was seen
-_NEG_BIG = -3.0e38
+_NEG_BIG = tl.constexpr(-3.0e38)
 
 MODE_TOKEN, MODE_SEQUENCE, MODE_DPO = 0, 1, 2
 
@@ -55,8 +59,8 @@ def _fwd_kernel(x_ptr, sxn, sxt, lab_ptr, sln, slt, lp_ptr, lse_ptr,
     valid = scored & (label >= 0) & (label < V)
     x_row = x_ptr + n * sxn + t * sxt
     offs = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], _NEG_BIG, tl.float32)   # per-lane running max (base-2 units)
-    s = tl.zeros([BLOCK_V], tl.float32)             # per-lane running sum of exp2(x - m)
+    # running max (a scalar, base-2 units) and per-lane running sums of exp2(x - max)
+    s = tl.zeros([BLOCK_V], tl.float32)
     m_all = tl.full([], _NEG_BIG, tl.float32)
     # an ignored (or bad) row runs zero iterations: it reads nothing
     v_end = tl.where(valid, V, 0)
@@ -70,9 +74,9 @@ def _fwd_kernel(x_ptr, sxn, sxt, lab_ptr, sln, slt, lp_ptr, lse_ptr,
     lse2 = m_all + tl.log2(tl.where(valid, tl.sum(s, 0), 1.0))
     safe = tl.where(valid, label, 0)
     xt = tl.load(x_row + safe, mask=valid, other=0.0).to(tl.float32) * scale2
-    lp = tl.where(valid, (xt - lse2) * LN2, float("nan"))
+    lp = tl.where(valid, (xt - lse2) * _LN2, float("nan"))
     lp = tl.where(scored, lp, 0.0)
-    lse = tl.where(valid, lse2 * LN2, 0.0)
+    lse = tl.where(valid, lse2 * _LN2, 0.0)
     tl.store(lp_ptr + row, lp)
     tl.store(lse_ptr + row, lse)
 
@@ -108,7 +112,7 @@ def _bwd_kernel(x_ptr, sxn, sxt, gx_ptr, sgn, sgt, lab_ptr, sln, slt, lse_ptr,
         g = tl.where(valid, g, 0.0)
     g = g.to(tl.float32)
     active = valid & (g != 0.0)
-    lse2 = tl.load(lse_ptr + tok, mask=active, other=0.0) * LOG2E
+    lse2 = tl.load(lse_ptr + tok, mask=active, other=0.0) * _LOG2E
     gi = g * inv_temp
     x_row = x_ptr + n * sxn + t * sxt
     gx_row = gx_ptr + n * sgn + t * sgt
@@ -148,17 +152,23 @@ def _seq_sum_kernel(lp_ptr, lab_ptr, sln, slt, out_ptr, cnt_ptr, T1, ignore_inde
 
 
 def block_config(V, element_size):
-    """(BLOCK_V, num_warps): 4-8K elements per iteration (16-32 KB of bf16/fp32 in flight per
-    program), 16-byte loads per thread; small vocabularies get one exact-ish block."""
+    """(BLOCK_V, num_warps) for a row of ``V`` elements.
+
+    4096 elements per iteration and 8 warps: 16 elements per thread, i.e. two (bf16/fp16) or
+    four (fp32) 16-byte vector loads in flight per thread. Compiled for sm_90 this needs ~55
+    registers per thread (forward; ~32-43 backward) and no spills, so about four 8-warp
+    programs fit per SM: ~32 KB of bf16 logits in flight per SM, about HBM3's
+    bandwidth x latency share per SM. Bigger blocks (8192 with 8 warps) need ~90 registers
+    and halve the programs per SM without more bytes in flight. Small vocabularies get one
+    block of the next power of two. ``BPO_FAST_LOGPROBS_BLOCK_V`` / ``BPO_FAST_LOGPROBS_WARPS``
+    override this (``bench/logprobs.py --sweep`` times the alternatives)."""
+    del element_size  # same elements per thread for all dtypes (see above)
     env_b = os.environ.get("BPO_FAST_LOGPROBS_BLOCK_V")
     env_w = os.environ.get("BPO_FAST_LOGPROBS_WARPS")
-    block = 8192 if element_size <= 2 else 4096
-    block = min(block, triton.next_power_of_2(max(int(V), 16)))
+    block = min(4096, triton.next_power_of_2(max(int(V), 16)))
     if env_b:
         block = int(env_b)
-    # four 16-byte loads in flight per thread: BLOCK_V * element_size / (32 * warps) = 64 bytes
-    warps = max(1, min(16, block * element_size // (32 * 64)))
-    warps = 1 << (warps.bit_length() - 1)
+    warps = max(1, min(16, block // 512))
     if env_w:
         warps = int(env_w)
     return block, warps
