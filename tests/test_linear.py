@@ -469,3 +469,30 @@ def test_cuda_peak_memory_does_not_grow_with_unscored_tokens(impl):
 
     p1, p4 = peak(1024), peak(4096)
     assert p4 <= p1 * 1.1 + (8 << 20)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl,gif", [("cublas", True), ("cublas", False), ("triton", False)])
+def test_cuda_bf16_dpo_matches_reference(impl, gif):
+    dev = torch.device("cuda")
+    B, T, H, V = 4, 256, 512, 32003
+    hidden, weight, labels, bias = make(N=2 * B, T=T, H=H, V=V, dtype=torch.bfloat16,
+                                        device=dev, bias=True, mask_frac=0.5)
+    ref_c = -torch.rand(B, device=dev) * 100 - 900
+    ref_r = -torch.rand(B, device=dev) * 100 - 900
+    params = [hidden, weight, bias]
+    for p in params:
+        p.requires_grad_(True)
+    out = fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, impl=impl,
+                                grad_in_forward=gif, loss_type="sigmoid", beta=0.1)
+    g = torch.autograd.grad(out.loss, params)
+    ref = fused_dpo_loss(hidden.float() @ weight.float().t() + bias.float(), labels, ref_c, ref_r,
+                         loss_type="sigmoid", beta=0.1)
+    g_ref = torch.autograd.grad(ref.loss, params)
+    torch.testing.assert_close(out.policy_chosen_logps, ref.policy_chosen_logps.float(),
+                               atol=0.05, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss.float(), atol=1e-3, rtol=1e-3)
+    for a, b in zip(g, g_ref):
+        assert a.dtype == torch.bfloat16
+        err = (a.float() - b.float()).norm() / b.float().norm()
+        assert err < 1e-2
