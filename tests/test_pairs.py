@@ -487,3 +487,21 @@ def test_generation_halves_the_batch_on_out_of_memory(tiny, tmp_path):
     assert sizes == [8, 4, 2, 2, 4, 2, 2] and s.oom_splits == 3  # 8 -> 4+4 -> 2+2+2+2
     assert s.written["image_weakened"] + sum(s.dropped.values()) == 8
     assert "out-of-memory" in s.format()
+
+
+def test_repeated_source_ids_are_renamed_consistently_across_shards(tmp_path, monkeypatch):
+    rec = lambda i, ans: json.dumps({"id": i, "conversations": [  # noqa: E731
+        {"from": "human", "value": "what is it ?"}, {"from": "gpt", "value": ans}]})
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join([rec("a", "a red cup"), rec("b", "two dogs"), rec("a", "a blue car"),
+                               rec("a", "three cats")]) + "\n")
+    base = dict(data=str(data), strategies=("error_injection",), progress=False)
+    s = build_pairs(PairBuilderConfig(out=str(tmp_path / "one.jsonl"), **base))
+    assert s.renamed_duplicate_ids == 2
+    one = {r["id"]: r["chosen"] for r in read_out(tmp_path / "one.jsonl")}
+    assert one == {"a:t0:error_injection:rules": "a red cup", "b:t0:error_injection:rules": "two dogs",
+                   "a#2:t0:error_injection:rules": "a blue car", "a#3:t0:error_injection:rules": "three cats"}
+    for r in (0, 1):
+        build_pairs(PairBuilderConfig(out=str(tmp_path / "sh.jsonl"), rank=r, world_size=2, **base))
+    m = merge_pairs(str(tmp_path / "sh.jsonl"), str(tmp_path / "m.jsonl"))
+    assert m.conflicts == 0 and {r["id"]: r["chosen"] for r in read_out(tmp_path / "m.jsonl")} == one

@@ -108,6 +108,7 @@ class BuildSummary:
     timings: dict = field(default_factory=dict)          # decode_wait_s, noise_s, generate_s, ...
     stopped_early: bool = False
     oom_splits: int = 0                                  # generate batches halved on CUDA OOM
+    renamed_duplicate_ids: int = 0                       # repeated source ids, made "<id>#<n>"
 
     @property
     def total_written(self):
@@ -139,6 +140,8 @@ class BuildSummary:
             lines.append(f"resume: dropped a torn last line ({self.torn_bytes_dropped} bytes)")
         if self.stopped_early:
             lines.append("stopped early (max_batches)")
+        if self.renamed_duplicate_ids:
+            lines.append(f"records with a repeated id, renamed <id>#<n>: {self.renamed_duplicate_ids}")
         if self.oom_splits:
             lines.append(f"generation batches halved after CUDA out-of-memory: {self.oom_splits} "
                          "(a smaller --gen-batch-size avoids the retries)")
@@ -567,27 +570,30 @@ class _Run:
     def read_samples(self):
         cfg, s = self.cfg, self.summary
         samples, errs = [], []
-        seen = set()
+        # Ids seen over the WHOLE file (all shards): a repeated id (LLaVA mixes have some) gets
+        # "#2", "#3", ... in file order, the same on every rank, so pair ids stay unique and
+        # stable across runs and world sizes instead of the record being lost.
+        seen = {}
         for index, line, rec in iter_records(cfg.data):
             if cfg.limit is not None and index >= cfg.limit:
                 break
+            raw_id = rec.get("id") if isinstance(rec, dict) else None
+            occurrence = 0
+            if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+                occurrence = seen[str(raw_id)] = seen.get(str(raw_id), 0) + 1
             if index % self.world != self.rank:
                 continue
             s.records += 1
             try:
                 got = record_to_samples(rec, turns=cfg.turns, index=index, line=line)
             except MalformedRecord as exc:
-                sid = rec.get("id") if isinstance(rec, dict) else None
                 errs.append({"stage": "record", "line": line, "index": index,
-                             "source_id": None if sid is None else str(sid), "reason": str(exc)})
+                             "source_id": None if raw_id is None else str(raw_id), "reason": str(exc)})
                 continue
-            key = (got[0].source_id,)
-            if key in seen:
-                errs.append({"stage": "record", "line": line, "index": index,
-                             "source_id": got[0].source_id,
-                             "reason": "duplicate id (an earlier record has it; pair ids must be unique)"})
-                continue
-            seen.add(key)
+            if occurrence > 1:
+                s.renamed_duplicate_ids += 1
+                for smp in got:
+                    smp.source_id = f"{smp.source_id}#{occurrence}"
             samples.extend(got)
         s.samples = len(samples)
         self._log_errors(errs)
