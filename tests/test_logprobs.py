@@ -308,3 +308,77 @@ def test_cuda_large_shape_qwen_vocab():
         err = (x.grad[r:r + 1].float() - z.grad).abs().max() / z.grad.abs().max().clamp_min(1e-30)
         assert err < TOL[torch.bfloat16] or z.grad.abs().max() == 0
     assert torch.all(x.grad[5] == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled code (no GPU needed): the interpreter accepts things the compiler refuses
+# ----------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = r'''
+import json, re
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from bpo_fast.kernels import logprobs as KL, dpo as KD
+
+target = GPUTarget("cuda", 90, 32)
+DIV = {"sxn", "sxt", "sgn", "sgt", "V"}   # what the JIT specialises for aligned real shapes
+
+def comp(fn, types, consts, num_warps):
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and (n.endswith("_ptr") or n in DIV)}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=target, options={"num_warps": num_warps})
+
+res = {}
+blk, warps = KL.block_config(152064, 2)
+t = {"x_ptr": "*bf16", "lab_ptr": "*i64", "lp_ptr": "*fp32", "lse_ptr": "*fp32", "scale2": "fp32",
+     "sxn": "i64", "sxt": "i64", "sln": "i64", "slt": "i64"}
+res["fwd"] = comp(KL._fwd_kernel, t, {"BLOCK_V": blk}, warps).asm["ptx"]
+t2 = dict(t, gx_ptr="*bf16", g_ptr="*fp32", gl_ptr="*fp32", gls_ptr="*fp32", dl_ptr="*fp32",
+          sgn="i64", sgt="i64", inv_temp="fp32", inv_B="fp32")
+for mode in (0, 1, 2):
+    res[f"bwd{mode}"] = comp(KL._bwd_kernel, t2, {"MODE": mode, "HAS_GLOSS": True,
+                             "HAS_GLOSSES": True, "HAS_GLOGPS": True, "BLOCK_V": blk},
+                             warps).asm["ptx"]
+res["seq"] = comp(KL._seq_sum_kernel, {"lp_ptr": "*fp32", "lab_ptr": "*i64", "out_ptr": "*fp32",
+                  "cnt_ptr": "*i64", "sln": "i64", "slt": "i64"}, {"BLOCK_T": 1024}, 4).asm["ptx"]
+tp = {n: "*fp32" for n in KD._dpo_pairs_kernel.arg_names if n.endswith("_ptr")}
+tp.update(lab_ptr="*i64", ntok_ptr="*i64", lc_ptr="*i64", lr_ptr="*i64", sln="i64", slt="i64",
+          beta="fp32", eps="fp32", tau="fp32", log1m_eps="fp32", log_eps="fp32")
+for loss in range(12):   # every loss branch; both reduction modes (alternating, for time)
+    tokens = loss % 2 == 0
+    if True:
+        res[f"dpo{loss}{tokens}"] = comp(KD._dpo_pairs_kernel, tp, {
+            "LOSS": loss, "TOKENS": tokens, "HAS_LEN": not tokens, "BLOCK_B": 16,
+            "BLOCK_T": 256}, 4).asm["ptx"]
+print(json.dumps({k: {"v4_loads": "ld.global.v4" in v, "v4_stores": "st.global.v4" in v,
+                      "ex2": v.count("ex2.approx")} for k, v in res.items()}))
+'''
+
+
+def test_kernels_compile_for_sm90():
+    """Compile every kernel specialisation for an H100 (AST -> PTX -> cubin, no GPU needed) in a
+    subprocess without TRITON_INTERPRET; the hot loops must use 16-byte vector accesses."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
+        pytest.skip("no ptxas for sm_90 in this triton")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(info) == 5 + 12
+    assert info["fwd"]["v4_loads"]
+    for mode in (0, 1, 2):
+        assert info[f"bwd{mode}"]["v4_loads"] and info[f"bwd{mode}"]["v4_stores"]
+    # one exp2 per logit in the forward (16 per thread with the default block) plus a rescale
+    blk, warps = K.block_config(152064, 2)
+    assert info["fwd"]["ex2"] <= blk // (32 * warps) + 2
