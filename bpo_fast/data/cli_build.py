@@ -89,8 +89,8 @@ def add_arguments(p):
                     help="prompt template for --injector llm, with {question} and {answer} "
                          "(default: the packaged bpo_fast/resources/inject_template.txt)")
     st.add_argument("--lexicon", metavar="FILE",
-                    help="JSON extending the rule injector's lexicon (keys: colors, spatial, objects, "
-                         "plurals, places)")
+                    help="JSON extending the rule injector's lexicon (keys: colors, attributes, spatial, "
+                         "objects, plurals, places)")
     st.add_argument("--max-edits", type=int, default=2,
                     help="rule injector: at most this many words changed per answer (default: %(default)s)")
 

@@ -5,10 +5,11 @@ Two injectors with the same interface, ``inject_batch(samples) -> list[str]`` (a
 
 - :class:`RuleInjector`: deterministic word-level rewriter, no model. It swaps numbers (digits
   keep their format: integers stay integers, decimals keep their places and [0, 1] boxes stay in
-  [0, 1]), number words, colours, spatial words (left/right, above/below, ...) and object nouns
-  from a lexicon (singular/plural kept, "a"/"an" fixed). Only whole words are replaced, so
-  punctuation, whitespace and line structure are untouched and the text stays parseable; when
-  nothing matches it appends one hallucinated-object sentence, so the text always changes.
+  [0, 1]), number words, colours, spatial words (left/right, above/below, ...), attribute words
+  (small/large, open/closed, wooden/metal, ...) and object nouns from a lexicon (singular/plural
+  kept, "a"/"an" fixed). Only whole words are replaced, so punctuation, whitespace and line
+  structure are untouched and the text stays parseable; when nothing matches it appends one
+  hallucinated-object sentence, so the text always changes.
   Randomness is ``random.Random`` seeded from (seed, key, text), so a given seed gives the same
   rewrite in any process and any order.
 - :class:`LLMInjector`: the model's language backbone, text only, prompted with a template
@@ -33,6 +34,10 @@ DEFAULT_LEXICON = {
     "colors": ["red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black",
                "gray", "brown"],
     # word -> its swap partner (applied both ways)
+    # attribute word -> a plausible wrong one (applied both ways): sizes, states, materials
+    "attributes": {"small": "large", "big": "tiny", "tall": "short", "open": "closed",
+                   "empty": "full", "old": "new", "wooden": "metal", "sitting": "standing",
+                   "wet": "dry", "bright": "dark", "striped": "plain"},
     "spatial": {"left": "right", "above": "below", "top": "bottom", "upper": "lower",
                 "front": "back", "inside": "outside", "under": "over", "near": "far",
                 "beneath": "atop", "behind": "ahead"},
@@ -126,6 +131,9 @@ class RuleInjector:
         self.spatial = {}
         for a, b in lex["spatial"].items():
             self.spatial[a], self.spatial[b] = b, a
+        self.attributes = {}
+        for a, b in lex["attributes"].items():
+            self.attributes[a], self.attributes[b] = b, a
         self.singulars = list(dict.fromkeys(lex["objects"]))
         self.plural_of = {w: _plural(w, lex["plurals"]) for w in self.singulars}
         plurals = list(dict.fromkeys(self.plural_of.values()))
@@ -149,6 +157,8 @@ class RuleInjector:
             return "color"
         if low in self.spatial:
             return "spatial"
+        if low in self.attributes:
+            return "attribute"
         if low in self.noun_kind:
             return "noun"
         return None
@@ -166,6 +176,8 @@ class RuleInjector:
             return _match_case(rng.choice([c for c in self.colors if c != low]), tok)
         if kind == "spatial":
             return _match_case(self.spatial[low], tok)
+        if kind == "attribute":
+            return _match_case(self.attributes[low], tok)
         pool = self.plurals if self.noun_kind.get(low) == "plural" else self.singulars
         return _match_case(rng.choice([w for w in pool if w != low]), tok)
 
