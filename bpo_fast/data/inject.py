@@ -83,7 +83,12 @@ def _match_case(new, old):
 
 
 def load_lexicon(path_or_dict=None):
-    """The default lexicon, updated with a dict or a JSON file of the same keys."""
+    """The default lexicon, updated with a dict or a JSON file of the same keys.
+
+    List entries (colors, objects, places) replace the default list, so a small world (e.g. the
+    demo's vocabulary) can keep every replacement inside its vocabulary; mapping entries
+    (attributes, spatial, plurals) are merged into the defaults.
+    """
     lex = {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in DEFAULT_LEXICON.items()}
     if path_or_dict is None:
         return lex
