@@ -301,17 +301,20 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
 
     # --- ours ------------------------------------------------------------------------------
     variants = [("sdpa", False, "model" if not lora else "lora")]
-    if not lora:
-        variants.append(("sdpa", False, "cached"))
     if flash_attn_available() and device.type == "cuda":
         variants.append(("flash_attention_2", True, "lora" if lora else "model"))
-    elif not smoke:
+    if not lora:
+        variants.append(("sdpa", False, "cached"))  # last: the reference model is freed first
+    if not (flash_attn_available() and device.type == "cuda") and not smoke:
         rows.append(common.row(case, "bpo_fast", params={**base_params, "attention":
                                "flash_attention_2 (packed)"}, pass_="fwd+bwd",
                                error="flash-attn not installed (pip install bpo-fast[flash])"))
     for attn, packed, ref_mode in variants:
+        if ref_mode == "cached" and reference is not None:
+            reference = None  # the point of the cache: no reference model in memory
+            _empty()
         policy = make_policy(attn)
-        if reference is not None:
+        if not lora:
             _perturb(policy)  # the same seeded perturbation as the baseline's policy
         pm = PreferenceModel(policy, reference if ref_mode == "model" else None,
                              reference_mode=ref_mode, beta=BETA, packing=packed)
@@ -326,7 +329,7 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
         try:
             with ctx():
                 out = pm(**batch, **ref_kw)
-            check = _check(out, b_lp, b_ref, b_loss, n_pairs, perturbed=reference is not None)
+            check = _check(out, b_lp, b_ref, b_loss)
             params["check"] = check
 
             def our_step():
@@ -358,7 +361,7 @@ def _perturb(model, scale=1e-3):
                    .to(p.dtype) * scale)
 
 
-def _check(out, b_lp, b_ref, b_loss, n_pairs, perturbed):
+def _check(out, b_lp, b_ref, b_loss):
     """Our log-probs / loss vs the baseline's on the same batch and weights.
 
     The baseline rounds logits to bf16 before its float32 log-softmax, we accumulate the LM head
@@ -369,7 +372,7 @@ def _check(out, b_lp, b_ref, b_loss, n_pairs, perturbed):
     ref_err = float(((ref - b_ref).abs() / b_ref.abs().clamp_min(1.0)).max())
     res = {"policy_logps_max_rel_err": pol_err, "ref_logps_max_rel_err": ref_err,
            "loss": float(out.loss.detach()), "baseline_loss": b_loss}
-    bad = ref_err > 2e-2 or pol_err > 2e-2 or abs(float(out.loss.detach()) - b_loss) > 5e-2
+    bad = ref_err > 2e-2 or pol_err > 2e-2 or abs(float(out.loss.detach()) - b_loss) > 2e-2
     if bad or not torch.isfinite(out.loss):
         raise AssertionError(f"bpo_fast disagrees with the baseline: {res}")
     return res

@@ -165,7 +165,7 @@ def test_cached_reference_via_cli_matches_naive(tiny_llava_dir, data, batch, tmp
     path, root = data
     out_file = str(tmp_path / "ref.safetensors")
     rc = main(["ref-logps", "--model", tiny_llava_dir, "--data", path, "--image-root", root,
-               "--out", out_file, "--batch-size", "4", "--no-progress"])
+               "--out", out_file, "--batch-size", "4", "--no-progress", "--device", "cpu"])
     assert rc == 0 and os.path.isfile(out_file) and not os.path.exists(out_file + ".partial.jsonl")
     cache = RefLogpsCache.load(out_file)
     assert len(cache) == 6
@@ -194,7 +194,7 @@ def test_ref_cache_resumes_from_partial_file(tiny_llava_dir, data, tmp_path):
     path, root = data
     out_file = str(tmp_path / "ref.safetensors")
     full = compute_reference_logps(tiny_llava_dir, path, root, str(tmp_path / "full.safetensors"),
-                                   batch_size=3, progress=False)
+                                   batch_size=3, progress=False, device="cpu")
     settings = {"model": os.path.abspath(tiny_llava_dir), "temperature": 1.0, "max_length": None,
                 "dtype": "float32"}
     # an interrupted run: two pairs done (one with a sentinel value), then a torn line
@@ -205,7 +205,8 @@ def test_ref_cache_resumes_from_partial_file(tiny_llava_dir, data, tmp_path):
                             "rejected": full.rejected_logps[1].item(), "chosen_tokens": 6,
                             "rejected_tokens": 6, "settings": settings}) + "\n")
         f.write('{"id": "torn')
-    compute_reference_logps(tiny_llava_dir, path, root, out_file, batch_size=3, progress=False)
+    compute_reference_logps(tiny_llava_dir, path, root, out_file, batch_size=3, progress=False,
+                            device="cpu")
     got = RefLogpsCache.load(out_file)
     assert got.ids == full.ids
     assert got.chosen_logps[0].item() == -1234.5                 # kept, not recomputed
@@ -216,7 +217,7 @@ def test_ref_cache_resumes_from_partial_file(tiny_llava_dir, data, tmp_path):
         f.write(json.dumps({"id": full.ids[0], "chosen": 0.0, "rejected": 0.0, "chosen_tokens": 1,
                             "rejected_tokens": 1, "settings": {**settings, "max_length": 7}}) + "\n")
     with pytest.raises(ValueError, match="other settings"):
-        compute_reference_logps(tiny_llava_dir, path, root, out_file, progress=False)
+        compute_reference_logps(tiny_llava_dir, path, root, out_file, progress=False, device="cpu")
 
 
 def test_packed_rows_match_padded(tiny_llava_dir, batch):

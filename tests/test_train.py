@@ -16,7 +16,9 @@ def data(tmp_path_factory):
 
 def _cfg(tiny_llava_dir, data, out, **kw):
     path, root = data
+    # CPU and fp32 even where a GPU exists: these tests compare numbers exactly
     base = dict(model=tiny_llava_dir, data=path, image_root=root, output=str(out), batch_size=2,
+                device="cpu",
                 max_length=64, learning_rate=2e-3, warmup_steps=0, progress=False, seed=0)
     base.update(kw)
     return TrainConfig(**base)
@@ -72,7 +74,7 @@ def test_resume_gives_the_same_losses(tiny_llava_dir, data, tmp_path):
     rc = main(["train", "--model", tiny_llava_dir, "--data", path, "--image-root", root,
                "--output", str(part), "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4",
                "--max-length", "64", "--lr", "2e-3", "--warmup-steps", "0", "--save-every", "2",
-               "--resume", "--no-progress"])
+               "--resume", "--no-progress", "--device", "cpu"])
     assert rc == 0
     got = _metrics(str(part))
     assert [r["step"] for r in got] == [1, 2, 3, 4]
@@ -102,7 +104,8 @@ def test_lora_and_cached_reference_agree(tiny_llava_dir, data, tmp_path):
 
     # full fine-tuning with a model reference == with the cached reference
     cache = str(tmp_path / "ref.safetensors")
-    compute_reference_logps(tiny_llava_dir, path, root, cache, max_length=64, progress=False)
+    compute_reference_logps(tiny_llava_dir, path, root, cache, max_length=64, progress=False,
+                            device="cpu")
     a = train(_cfg(tiny_llava_dir, data, tmp_path / "m", max_steps=3))["history"]
     b = train(_cfg(tiny_llava_dir, data, tmp_path / "c", max_steps=3, reference="cached",
                    ref_cache=cache))["history"]

@@ -189,18 +189,24 @@ def build_preference_model(config, device, world):
         raise ValueError("nothing to train: every parameter is frozen (set lora_r, or train the "
                          "language model with lora_r=0)")
     if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # an explicit mesh on the training device (FSDP's default mesh would pick CUDA whenever it
+        # exists, also for a gloo run on CPU)
+        mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) \
             if dtype != torch.float32 else MixedPrecisionPolicy()
         for model in (pm.policy, pm.reference):
             if model is None:
                 continue
             for layer in getattr(_parts(model)[1], "layers", []):
-                fully_shard(layer, mp_policy=mp if model is pm.policy else MixedPrecisionPolicy())
+                fully_shard(layer, mesh=mesh,
+                            mp_policy=mp if model is pm.policy else MixedPrecisionPolicy())
         if pm.reference is not None:
-            fully_shard(pm.reference)  # used via explicit unshard()/reshard(), see PreferenceModel
-        fully_shard(pm, mp_policy=mp)
+            # used via explicit unshard()/reshard(), see PreferenceModel.reference_logps
+            fully_shard(pm.reference, mesh=mesh)
+        fully_shard(pm, mesh=mesh, mp_policy=mp)
     return pm, lora, dtype
 
 
