@@ -248,6 +248,10 @@ def test_bad_inputs_raise_clear_errors():
         linear_token_logprobs(hidden, weight, labels, temperature=0.0)
     with pytest.raises(ValueError, match="impl must be one of"):
         linear_token_logprobs(hidden, weight, labels, impl="cuda")
+    with pytest.raises(ValueError, match="chunk_sizes"):
+        linear_token_logprobs(hidden, weight, labels, chunk_sizes=(0, 4))
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        linear_token_logprobs(hidden, weight, labels, chunk_bytes=-1)
     with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
         linear_token_logprobs(hidden.numpy(), weight, labels)
     bad = labels.clone()

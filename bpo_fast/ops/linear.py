@@ -32,9 +32,13 @@ Implementations (``impl=``), all computing the same thing:
 cuBLAS cannot write float32 from bf16/fp16 inputs); ``BPO_FAST_LINEAR_IMPL`` overrides it.
 This is a heuristic until ``bench/linear.py`` has numbers on the target GPU (see BENCH results).
 
-The DPO part (:func:`fused_linear_dpo_loss`) composes these differentiable per-sequence
-log-probs with :func:`bpo_fast.ops.dpo.dpo_loss`: it works on ``[B]`` tensors and costs nothing
-next to the LM head.
+The DPO part (:func:`fused_linear_dpo_loss`) uses :func:`bpo_fast.ops.dpo.dpo_loss` /
+``dpo_loss_and_grad`` on ``[B]`` tensors (they cost nothing next to the LM head). Because every
+DPO loss type is a mean of per-pair terms, the gradient of a pair's log-probs is known as soon
+as that pair's logits are: by default (``grad_in_forward``) the forward pass runs pair group by
+pair group, keeps the group's float32 logits, and writes ``grad_hidden`` / ``grad_weight``
+right away -- 3 GEMMs per token instead of 4 (no recompute). Extra gradient terms on the
+per-pair losses or the policy log-probs take the recomputing backward.
 """
 
 import math
@@ -118,6 +122,25 @@ def _compact(labels, ignore_index, V):
         raise ValueError(f"labels must be in [0, V={V}) or equal ignore_index={ignore_index} "
                          f"at scored positions")
     return idx // (T - 1), idx % (T - 1), nxt.reshape(-1)[idx]
+
+
+def _chunk_budget(chunk_bytes, chunk_sizes):
+    """Validated float32 tile budget in bytes (argument, else env BPO_FAST_LINEAR_CHUNK_MB,
+    else DEFAULT_CHUNK_BYTES); also checks ``chunk_sizes``."""
+    if chunk_sizes is not None:
+        if not (isinstance(chunk_sizes, (tuple, list)) and len(chunk_sizes) == 2 and all(
+                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in chunk_sizes)):
+            raise ValueError(f"chunk_sizes must be (tokens, vocab) positive ints, got "
+                             f"{chunk_sizes!r}")
+    if chunk_bytes is None:
+        env = os.environ.get("BPO_FAST_LINEAR_CHUNK_MB")
+        try:
+            chunk_bytes = int(float(env) * 2 ** 20) if env else DEFAULT_CHUNK_BYTES
+        except ValueError:
+            raise ValueError(f"BPO_FAST_LINEAR_CHUNK_MB must be a number of MiB, got {env!r}")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    return chunk_bytes
 
 
 def _plan(S, V, chunk_bytes, chunk_sizes=None):
@@ -433,9 +456,7 @@ def _scored_logprobs(hidden, weight, labels, bias, ignore_index, temperature, im
     N, T, H, V = _check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
     impl = _resolve_impl(impl, weight.device)
     n_idx, t_idx, targets = _compact(labels, ignore_index, V)
-    if chunk_bytes is None:
-        chunk_bytes = int(float(os.environ.get("BPO_FAST_LINEAR_CHUNK_MB", "0")) * 2 ** 20) \
-            or DEFAULT_CHUNK_BYTES
+    chunk_bytes = _chunk_budget(chunk_bytes, chunk_sizes)
     plan = _plan(n_idx.numel(), V, chunk_bytes, chunk_sizes)
     logp = _LinearLogprobs.apply(hidden, weight, bias, n_idx, t_idx, targets,
                                  float(temperature), impl, plan)
@@ -655,9 +676,7 @@ def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected
         n_idx, t_idx, targets = _compact(labels, ignore_index, V)
         # per-row token counts on the host (a second, [N]-sized sync) to cut groups of pairs
         counts = torch.bincount(n_idx, minlength=N).tolist()
-        if chunk_bytes is None:
-            chunk_bytes = int(float(os.environ.get("BPO_FAST_LINEAR_CHUNK_MB", "0")) * 2 ** 20) \
-                or DEFAULT_CHUNK_BYTES
+        chunk_bytes = _chunk_budget(chunk_bytes, chunk_sizes)
         plan = _plan(n_idx.numel(), V, chunk_bytes, chunk_sizes)
         group_tokens = chunk_sizes[0] if chunk_sizes is not None else max(1, chunk_bytes // (4 * V))
         dpo_kw = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
