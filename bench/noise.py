@@ -156,7 +156,10 @@ def run_case(B, K, out_dtype, C, H, W, device, copy_gbps, impls):
 
     def compiled_fn():
         if compiled[0] is None:
-            compiled[0] = torch.compile(batched)
+            # A fresh cache per case: every case is a new shape, and dynamo's recompile limit
+            # would otherwise silently send later cases back to eager.
+            torch._dynamo.reset()
+            compiled[0] = torch.compile(batched, dynamic=False)
         return compiled[0](x, ts)
 
     variants = {
