@@ -53,7 +53,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     Items are dicts ``{"index", "id", "image" (RGB PIL image), "prompt" (LLaVA turns), "chosen",
     "rejected", "line"}``. ``skipped`` lists the records left out (line number and reason).
+    ``check_images=False`` only checks that image files exist (faster on huge sets; a corrupt
+    image then fails when it is loaded).
     """
+
+    MAX_WARNINGS = 20  # one warning per bad record up to this many; the summary counts them all
 
     def __init__(self, path, image_root, *, strict=False, check_images=True):
         if not os.path.isfile(path):
@@ -63,6 +67,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.path = path
         self.image_root = image_root
         self.strict = strict
+        self.check_images = check_images
         self.records = []
         self.skipped = []
         seen = {}
@@ -77,7 +82,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
                     if strict:
                         raise BadRecordError(msg) from exc
                     self.skipped.append(SkippedRecord(line_no, str(exc)))
-                    warnings.warn(f"skipping bad record {msg}", stacklevel=2)
+                    if len(self.skipped) <= self.MAX_WARNINGS:
+                        warnings.warn(f"skipping bad record {msg}", stacklevel=2)
                     continue
                 seen[rec["id"]] = line_no
                 self.records.append(rec)
@@ -88,7 +94,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if not self.records:
             raise ValueError(f"data: {path!r} holds no usable record "
                              f"({len(self.skipped)} skipped)")
-        self._check_images = check_images
 
     def _parse(self, line, line_no, seen):
         try:
@@ -105,7 +110,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError("image: null (text-only pairs) is not supported by the trainer, which "
                              "takes one image per pair")
         img = os.path.join(self.image_root, rec["image"])
-        _check_image(img)
+        if self.check_images:
+            _check_image(img)  # opens and verifies the file: catches corrupt images up front
+        elif not os.path.isfile(img):
+            raise FileNotFoundError(f"image {img!r} not found")
         return {"id": rec["id"], "image_path": img, "prompt": rec["prompt"],
                 "chosen": rec["chosen"], "rejected": rec["rejected"], "line": line_no}
 

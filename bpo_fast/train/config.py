@@ -66,7 +66,7 @@ class TrainConfig:
     warmup_steps: int = None        # default: warmup_ratio * total steps
     warmup_ratio: float = 0.1
     epochs: int = 1
-    max_steps: int = None           # caps the optimiser steps (default: epochs over the data)
+    max_steps: int = None           # optimiser steps to run (overrides epochs; default: epochs x data)
     batch_size: int = 4
     grad_accum: int = 1
     max_grad_norm: float = 1.0      # <= 0 disables clipping
