@@ -126,6 +126,8 @@ def test_config_validation(tiny_llava_dir, data, tmp_path):
         _cfg(tiny_llava_dir, data, tmp_path, batch_size=0)
     with pytest.raises(ValueError, match="dtype"):
         _cfg(tiny_llava_dir, data, tmp_path, dtype="fp8")
+    with pytest.raises(ValueError, match="loss_type"):
+        _cfg(tiny_llava_dir, data, tmp_path, loss_type="nope")
     with pytest.raises(ValueError, match="merge_lora"):
         _cfg(tiny_llava_dir, data, tmp_path, merge_lora=True)
     assert _cfg(tiny_llava_dir, data, tmp_path, lora_r=8).reference == "lora"

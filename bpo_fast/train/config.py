@@ -115,6 +115,10 @@ class TrainConfig:
             raise ValueError("merge_lora: needs LoRA (lora_r > 0)")
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
+        from bpo_fast.ops.dpo import LOSS_TYPES
+
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
         parse_dtype(self.dtype)
         if self.ref_dtype is not None:
             parse_dtype(self.ref_dtype)
