@@ -283,3 +283,19 @@ def test_cuda_bf16_matches_naive_forward(tiny_llava_dir, batch, attn):
     # bf16 activations; our LM head accumulates in fp32 where the naive one rounds logits to bf16
     torch.testing.assert_close(got, want, atol=0.5, rtol=2e-2)
     out.loss.backward()
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "hinge"])
+def test_length_normalised_losses_get_the_token_counts(tiny_llava_dir, batch, loss_type):
+    from bpo_fast.ops.dpo import dpo_loss
+
+    policy = load_vlm(tiny_llava_dir)
+    pm = PreferenceModel(policy, reference_mode="cached", loss_type=loss_type, beta=0.2)
+    ref = torch.tensor([-30.0, -20.0, -25.0]), torch.tensor([-28.0, -26.0, -21.0])
+    out = pm(**_inputs(batch), ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
+    lp = naive_logps(policy, batch)
+    n = (batch["labels"][:, 1:] != -100).sum(-1)
+    want = dpo_loss(lp[:3], lp[3:], ref[0], ref[1], beta=0.2, loss_type=loss_type,
+                    chosen_lengths=n[:3], rejected_lengths=n[3:])
+    torch.testing.assert_close(out.loss.detach(), want.loss, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.chosen_tokens, n[:3]) and torch.equal(out.rejected_tokens, n[3:])
