@@ -155,3 +155,23 @@ def test_llm_injector_uses_template_and_strips_labels():
     assert inj.generated_tokens == 7
     with pytest.raises(ValueError, match="answer"):
         LLMInjector(fake_generate, str, template="nothing")
+
+
+def test_rule_injector_vocabulary_keeps_replacements_in_vocabulary():
+    from bpo_fast.models.tiny import default_vocabulary
+
+    vocab = set(default_vocabulary())
+    inj = RuleInjector(seed=0, vocabulary=vocab, max_edits=3)
+    texts = ["there are two red circles on the left of the blue square .",
+             "a small green cat is sitting on the table near three dogs .",
+             "hello world"] + _random_texts(100, 9)
+    for i, t in enumerate(texts):
+        out = inj.inject(t, key=str(i))
+        assert normalize_text(out) != normalize_text(t)
+        old = set(WORD_OR_NUM.findall(t.lower()))
+        new = [w for w in WORD_OR_NUM.findall(out.lower()) if w not in old]
+        assert all(w in vocab for w in new), (t, out)
+    with pytest.raises(ValueError, match="vocabulary"):
+        RuleInjector(vocabulary={"red", "cat"})
+    with pytest.raises(TypeError, match="vocabulary"):
+        RuleInjector(vocabulary="red cat")

@@ -82,6 +82,13 @@ def _match_case(new, old):
     return new
 
 
+def _in_vocab(vocabulary):
+    if isinstance(vocabulary, str) or not all(isinstance(w, str) for w in vocabulary):
+        raise TypeError("vocabulary: expected a collection of words (strings)")
+    vocab = {w.lower() for w in vocabulary}
+    return lambda w: w.lower() in vocab
+
+
 def load_lexicon(path_or_dict=None):
     """The default lexicon, updated with a dict or a JSON file of the same keys.
 
@@ -117,11 +124,14 @@ class RuleInjector:
     """Deterministic, seedable rule-based error injector (see the module docstring).
 
     ``max_edits``: at most this many words are changed per answer (at least one is).
+    ``lexicon``: a dict or JSON file overriding the default lexicon (:func:`load_lexicon`).
+    ``vocabulary``: optional collection of words; replacements are drawn only from it (for
+    word-level tokenizers such as the tiny models', where other words would become ``<unk>``).
     """
 
     name = "rules"
 
-    def __init__(self, seed=0, lexicon=None, max_edits=2):
+    def __init__(self, seed=0, lexicon=None, max_edits=2, vocabulary=None):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         if not isinstance(max_edits, int) or max_edits < 1:
@@ -129,24 +139,33 @@ class RuleInjector:
         self.seed = seed
         self.max_edits = max_edits
         lex = load_lexicon(lexicon)
-        if len(lex["colors"]) < 2 or len(lex["objects"]) < 2:
-            raise ValueError("lexicon: needs at least two colors and two objects")
+        # vocabulary: keep only words (and swap pairs) inside it, so a word-level tokenizer
+        # never sees an out-of-vocabulary replacement.
+        ok = (lambda w: True) if vocabulary is None else _in_vocab(vocabulary)
+        self.colors = [c for c in dict.fromkeys(lex["colors"]) if ok(c)]
+        self.singulars = [w for w in dict.fromkeys(lex["objects"]) if ok(w)]
+        if len(self.colors) < 2 or len(self.singulars) < 2:
+            raise ValueError("lexicon: needs at least two colors and two objects"
+                             + (" inside the vocabulary" if vocabulary is not None else ""))
         self.lexicon = lex
-        self.colors = list(dict.fromkeys(lex["colors"]))
-        self.spatial = {}
-        for a, b in lex["spatial"].items():
-            self.spatial[a], self.spatial[b] = b, a
-        self.attributes = {}
-        for a, b in lex["attributes"].items():
-            self.attributes[a], self.attributes[b] = b, a
-        self.singulars = list(dict.fromkeys(lex["objects"]))
+        self.spatial, self.attributes = {}, {}
+        for name, table in (("spatial", self.spatial), ("attributes", self.attributes)):
+            for a, b in lex[name].items():
+                if ok(a) and ok(b):
+                    table[a], table[b] = b, a
         self.plural_of = {w: _plural(w, lex["plurals"]) for w in self.singulars}
-        plurals = list(dict.fromkeys(self.plural_of.values()))
+        plurals = [p for p in dict.fromkeys(self.plural_of.values()) if ok(p)]
         # A word that is both (e.g. "sheep") counts as singular.
         self.noun_kind = {p: "plural" for p in plurals}
         self.noun_kind.update({s: "singular" for s in self.singulars})
-        self.plurals = plurals
-        self.places = list(lex["places"])
+        self.plurals = plurals if len(plurals) >= 2 else []
+        if not self.plurals:
+            self.noun_kind = {s: "singular" for s in self.singulars}
+        self.number_words = [w for w in NUMBER_WORDS if ok(w)]
+        self.places = [p for p in lex["places"] if all(ok(w) for w in p.split())]
+        self.vocabulary_ok = ok
+        # digits are rewritten digit by digit: only when the vocabulary can spell them
+        self.digits_ok = all(ok(str(d)) for d in range(10))
 
     def config(self):
         return {"injector": self.name, "seed": self.seed, "max_edits": self.max_edits}
@@ -155,8 +174,8 @@ class RuleInjector:
     def _kind(self, tok):
         low = tok.lower()
         if tok[0].isdigit():
-            return "digit"
-        if low in _NUMBER_WORDS_REPLACEABLE:
+            return "digit" if self.digits_ok else None
+        if low in _NUMBER_WORDS_REPLACEABLE and len(self.number_words) > 2:
             return "numword"
         if low in self.colors:
             return "color"
@@ -173,7 +192,7 @@ class RuleInjector:
         if kind == "digit":
             return self._new_number(tok, rng)
         if kind == "numword":
-            choices = [w for w in NUMBER_WORDS[1:] if w != low]
+            choices = [w for w in self.number_words if w != low and w != "zero"]
             i = NUMBER_WORDS.index(low)
             near = [w for w in choices if abs(NUMBER_WORDS.index(w) - i) <= 2]
             return _match_case(rng.choice(near or choices), tok)
@@ -246,7 +265,13 @@ class RuleInjector:
         obj = rng.choice(self.singulars)
         color = rng.choice(self.colors)
         art = "an" if _VOWEL.match(color) else "a"
-        sentence = f"There is also {art} {color} {obj} {rng.choice(self.places)}."
+        ok = self.vocabulary_ok
+        lead = "There is also" if ok("also") else "There is"
+        if not (ok("there") and ok("is") and ok(art)):
+            lead, art = "", ""
+        place = f" {rng.choice(self.places)}" if self.places else ""
+        sentence = " ".join(w for w in (lead, art, color, obj) if w) + place + "."
+        sentence = sentence[0].upper() + sentence[1:]
         body = text.rstrip()
         if not body:
             return sentence

@@ -65,6 +65,7 @@ class PairBuilderConfig:
     inject_template: str = None    # file with {question}/{answer}; default: the packaged one
     lexicon: str = None            # JSON file extending the rule injector's lexicon
     max_edits: int = 2             # rule injector: words changed per answer (1..max_edits)
+    rule_vocabulary: list = None   # rule injector: draw replacements only from these words
     batch_size: int = 32           # records (images) per batch; also the write/fsync unit
     gen_batch_size: int = None     # rows per generate call (default: batch_size * levels)
     num_workers: int = 4           # CPU image-decoding worker processes (0: in the main process)
@@ -480,7 +481,8 @@ class _Run:
                 raise ValueError("processor: could not find how many image tokens an image takes")
         if "error_injection" in cfg.strategies:
             if cfg.injector == "rules":
-                self.injector = RuleInjector(seed=cfg.seed, lexicon=cfg.lexicon, max_edits=cfg.max_edits)
+                self.injector = RuleInjector(seed=cfg.seed, lexicon=cfg.lexicon, max_edits=cfg.max_edits,
+                                             vocabulary=cfg.rule_vocabulary)
             else:
                 tpl = load_template(cfg.inject_template)
                 self.injector = LLMInjector(self._llm_generate, self.gen.chat_text, tpl)
