@@ -133,7 +133,7 @@ def lora_config(r, model):
     from bpo_fast.models.preference import default_lora_targets
 
     return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none",
-                      target_modules=default_lora_targets(model), init_lora_weights=False)
+                      target_modules=default_lora_targets(model))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
     reference = None if lora else build_model(cfg, device, dtype, seed=0, attn="sdpa").eval()
     if reference is not None:
         reference.requires_grad_(False)
-        _perturb(policy)
+    _perturb(policy)
     with ctx():
         b_loss, b_lp, b_ref = trl_style_loss(policy, reference, batch, sls, lora)
     b_loss = b_loss.item()
@@ -314,8 +314,7 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
             reference = None  # the point of the cache: no reference model in memory
             _empty()
         policy = make_policy(attn)
-        if not lora:
-            _perturb(policy)  # the same seeded perturbation as the baseline's policy
+        _perturb(policy)  # the same seeded perturbation as the baseline's policy
         pm = PreferenceModel(policy, reference if ref_mode == "model" else None,
                              reference_mode=ref_mode, beta=BETA, packing=packed)
         ref_kw = {}
@@ -352,11 +351,16 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
 
 
 def _perturb(model, scale=1e-3):
-    """A seeded perturbation of the LLM weights, so that policy != reference (else every DPO
-    loss is log 2 and the check proves little); the same draw for both implementations."""
+    """A seeded perturbation of the trained weights (the LLM, or the LoRA B matrices, which start
+    at zero), so that policy != reference (else every DPO loss is log 2 and the check proves
+    little); the same draw for every implementation."""
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(1234)
+    named = list(model.named_parameters())
+    lora_b = [p for n, p in named if "lora_B" in n]
+    params = lora_b or [p for n, p in named if "language_model" in n]
+    scale = 1e-2 if lora_b else scale
     with torch.no_grad():
-        for p in model.model.language_model.parameters():
+        for p in params:
             p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
                    .to(p.dtype) * scale)
 
