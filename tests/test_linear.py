@@ -351,6 +351,19 @@ def test_dpo_grad_in_forward_equals_composed_path(impl, loss_type):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("gif,expected", [(True, 3), (False, 4)])
+def test_dpo_grad_in_forward_saves_the_recompute(gif, expected):
+    """Forward + backward GEMMs: logits, grad_hidden, grad_weight (+ the recompute without)."""
+    hidden, weight, labels, _, ref_c, ref_r = dpo_inputs(bias=False)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    with _CountMatmuls() as counter:
+        out = fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, impl="torch",
+                                    grad_in_forward=gif)
+        out.loss.backward()
+    assert counter.n == expected
+
+
 def test_dpo_all_masked_and_no_grad():
     hidden, weight, labels, _, ref_c, ref_r = dpo_inputs(bias=False)
     labels.fill_(-100)
