@@ -334,6 +334,34 @@ def test_opcheck_and_fake():
 
 
 @needs_ext
+@pytest.mark.parametrize("space", ["normalized", "pixel"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_gradient_to_float_images(space, norm):
+    # The noise is an additive constant: d out / d u = a_t / std (and the clamp mask in pixel
+    # space). Same gradient as autograd through the reference fed with the same noise.
+    kw = dict(space=space) if norm else dict(space=space, mean=None, std=None)
+    x = torch.rand(2, 3, 4, 8)
+    ts = torch.tensor([[3, 999], [500, 10]])
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = diffusion_noise(ours, ts, seed=1, **kw)
+    w = torch.randn(out.shape)
+    (out * w).sum().backward()
+    eps = philox_normal_reference(1, 0, 4, 3 * 4 * 8).view(2, 2, 3, 4, 8)
+    (diffusion_noise_reference(ref, ts, noise=eps, **kw) * w).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    assert ours.grad.abs().sum() > 0
+    if space == "pixel":  # t = 999 clamps somewhere: those elements get no gradient
+        xs = x.clone().requires_grad_()
+        diffusion_noise(xs, torch.tensor([999, 999]), seed=1, **kw).sum().backward()
+        assert (xs.grad == 0).any() and (xs.grad != 0).any()
+    sab, s1 = DEFAULT_SCHEDULE.tables("cpu")
+    res = torch.library.opcheck(torch.ops.bpo_fast.diffusion_noise.default,
+                                (x.clone().requires_grad_(), ts, sab, s1),
+                                dict(pixel_space=space == "pixel", seed=3))
+    assert all(v == "SUCCESS" for v in res.values()), res
+
+
+@needs_ext
 def test_torch_compile_cpu():
     x, ts = _images(B=2, H=4, W=8), torch.tensor([[3, 900], [10, 20]])
 
