@@ -364,6 +364,26 @@ def test_dpo_grad_in_forward_saves_the_recompute(gif, expected):
     assert counter.n == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gif", [True, False])
+def test_dpo_half_precision_on_cpu(dtype, gif):
+    """The reference path with bf16/fp16 inputs: float32 logits and log-probs, gradients in the
+    input dtype within its rounding of the float32 gradients."""
+    hidden, weight, labels, _, ref_c, ref_r = dpo_inputs(B=2, T=16, H=64, V=211, bias=False)
+    hidden, weight = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+    out = fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, impl="torch",
+                                grad_in_forward=gif, chunk_sizes=(20, 64))
+    g = torch.autograd.grad(out.loss, [hidden, weight])
+    ref = fused_dpo_loss(hidden.float() @ weight.float().t(), labels, ref_c, ref_r)
+    g_ref = torch.autograd.grad(ref.loss, [hidden, weight])
+    torch.testing.assert_close(out.policy_chosen_logps, ref.policy_chosen_logps,
+                               atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, g_ref):
+        assert a.dtype == dtype
+        assert ((a.float() - b).norm() / b.norm()).item() < 1e-2
+
+
 def test_dpo_all_masked_and_no_grad():
     hidden, weight, labels, _, ref_c, ref_r = dpo_inputs(bias=False)
     labels.fill_(-100)
