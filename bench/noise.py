@@ -193,7 +193,8 @@ def run_case(B, K, out_dtype, C, H, W, device, copy_gbps, impls):
         extra = {"bytes": nbytes}
         if med and floor_ms:
             extra["frac_copy_bw"] = floor_ms / med
-        rows.append(common.row(case, impl, med, p20, p80, params=dict(params), pass_="fwd",
+        row_params = dict(params, layout="NHWC" if impl == "bpo_fast_nhwc" else "NCHW")
+        rows.append(common.row(case, impl, med, p20, p80, params=row_params, pass_="fwd",
                                peak_mem_bytes=peak, gbps=gbps, floor_ms=floor_ms, error=err, **extra))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
