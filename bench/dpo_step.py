@@ -250,6 +250,7 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
     lora = lora_r > 0
     case = f"{name} pairs={n_pairs} T={seq} {str(dtype).replace('torch.', '')}"
     base_params = {"model": name, "pairs": n_pairs, "T": seq, "tokens": tokens,
+                   "padded_tokens": 2 * n_pairs * seq,
                    "lora_r": lora_r, "gradient_checkpointing": gc}
     rows = []
 
