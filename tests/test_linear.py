@@ -211,6 +211,46 @@ def test_bf16_logits_are_not_rounded_before_the_lse():
     assert (ref_bf16_logits - ref32).abs().max().item() > 10 * err
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dlogits_in_place_over_the_float32_tile(dtype):
+    """The cublas path writes d (bf16/fp16) over the float32 logits tile it reads: row r of the
+    narrow view starts where row r of the tile starts."""
+    from bpo_fast.kernels import linear as K
+
+    g = torch.Generator().manual_seed(1)
+    C, V, v0, inv_t = 7, 300, 100, 0.5
+    z = torch.randn(C, V, generator=g) * 3
+    b = torch.randn(V, generator=g)
+    tgt = torch.randint(v0, v0 + V, (C,), generator=g)
+    tgt[2] = 3  # a target in another vocabulary chunk
+    lse = torch.logsumexp((z + b) * inv_t, 1) + 0.3  # as if other chunks held mass too
+    gs = torch.randn(C, generator=g)
+    onehot = torch.zeros(C, V)
+    hit = tgt >= v0
+    onehot[hit, tgt[hit] - v0] = 1
+    ref = (onehot - torch.exp((z + b) * inv_t - lse[:, None])) * gs[:, None]
+    zz = z.clone()
+    d = K.dlogits_(zz, K.float32_chunk_as(zz, dtype), b, tgt, lse, gs, v0, inv_t)
+    assert d.dtype == dtype and d.data_ptr() == zz.data_ptr()
+    torch.testing.assert_close(d.float(), ref, atol=1e-2 if dtype == torch.bfloat16 else 1e-3,
+                               rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cublas_path_half_precision_matches_reference_path(dtype):
+    hidden, weight, labels, bias = make(N=2, T=12, H=48, V=203, bias=True, seed=9)
+    params = [t.to(dtype).requires_grad_(True) for t in (hidden, weight, bias)]
+    gout = torch.randn(2, 11)
+    res = [grads_of(lambda: linear_token_logprobs(params[0], params[1], labels, bias=params[2],
+                                                  impl=impl, chunk_sizes=(8, 64)), params, gout)
+           for impl in ("cublas", "torch")]
+    (a, ga), (b, gb) = res
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # both float32 from the same tiles
+    for x, y in zip(ga, gb):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x.float(), y.float(), atol=1e-2, rtol=1e-2)
+
+
 def test_chunk_plan_bounds_the_tile():
     for S, V, budget in [(16384, 152064, 512 << 20), (4096, 32000, 512 << 20),
                          (100000, 1000, 1 << 20), (3, 5, 4), (7000, 128256, 64 << 20)]:
