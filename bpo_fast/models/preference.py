@@ -287,6 +287,13 @@ class PreferenceModel(nn.Module):
         logger.info("PreferenceModel: reference=%s, reference reuses policy image features: %s, "
                     "packing=%s", reference_mode, self.share_image_features, packing)
 
+    def train(self, mode=True):
+        """Train mode for the policy only: the reference stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
     # ---- pieces --------------------------------------------------------------------------
 
     def _use_packing(self, model):

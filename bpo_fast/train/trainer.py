@@ -403,9 +403,7 @@ def train(config):
                              f"{config.ref_cache} (e.g. {missing[:3]}); rerun `bpo-fast ref-logps`")
 
     pm, lora, dtype = build_preference_model(config, device, world)
-    pm.train()
-    if pm.reference is not None:
-        pm.reference.eval()
+    pm.train()  # the reference stays in eval mode (PreferenceModel.train)
     optimizer = _optimizer(pm, config, device)
 
     processor = AutoProcessor.from_pretrained(config.model, local_files_only=True)
