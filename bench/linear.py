@@ -9,7 +9,7 @@ for image + prompt tokens), bf16, DPO sigmoid loss, forward + backward w.r.t. hi
 
 Rows:
 - ``bpo_fast``           fused_linear_dpo_loss, one row per implementation (params.variant:
-                         cublas / triton / torch; params.grad_in_forward: gradients formed in the
+                         cublas / triton / hybrid / torch; params.grad_in_forward: gradients formed in the
                          forward pass, 3 GEMMs, or forward + recomputing backward, 4 GEMMs);
                          params.default marks what the defaults pick
 - ``logits+bpo_fast``    materialised bf16 logits + our sequence_logprobs kernel + dpo_loss
@@ -148,10 +148,11 @@ def impls(device):
     default = L._resolve_impl("auto", device)
     # (impl, grad_in_forward): the default DPO path forms the gradients in the forward pass
     # (3 GEMMs) for torch/cublas; "recompute" is the composed forward + recomputing backward
-    variants = [("cublas", True), ("cublas", False), ("triton", False), ("torch", True)]
-    out = [("bpo_fast", f"{v}{'' if gif else '-recompute'}" if v != "triton" else v,
+    variants = [("cublas", True), ("cublas", False), ("triton", False), ("hybrid", False),
+                ("torch", True)]
+    out = [("bpo_fast", v + ("-recompute" if v in ("cublas", "torch") and not gif else ""),
             ours(v, gif), {"variant": v, "grad_in_forward": gif,
-                           "default": v == default and gif == (v != "triton")})
+                           "default": v == default and gif == (v in ("cublas", "torch"))})
            for v, gif in variants]
     out += [("logits+bpo_fast", None, logits_ours, {}), ("torch", None, logits_naive, {})]
     for name, maker in (("liger", liger), ("trl", trl)):

@@ -14,7 +14,7 @@ from bpo_fast.ops.linear import (LinearDPOLoss, fused_linear_dpo_loss, linear_se
                                  linear_token_logprobs)
 from bpo_fast.ops.logprobs import sequence_logprobs, token_logprobs
 
-IMPLS = ["torch", "cublas", "triton"]
+IMPLS = ["torch", "cublas", "triton", "hybrid"]
 CPU = torch.device("cpu")
 
 

@@ -27,6 +27,8 @@ Implementations (``impl=``), all computing the same thing:
 * ``"triton"``: CCE-style Triton kernels that compute logit tiles with ``tl.dot`` and reduce
   them in registers (forward), and recompute them to accumulate the gradients with float32
   atomics (backward).
+* ``"hybrid"``: the ``"triton"`` forward with the ``"cublas"`` backward (lets the benchmark
+  pick the best forward and the best backward separately).
 
 ``"auto"`` picks ``"torch"`` off-GPU and ``"cublas"`` on CUDA (``"triton"`` when this torch's
 cuBLAS cannot write float32 from bf16/fp16 inputs); ``BPO_FAST_LINEAR_IMPL`` overrides it.
@@ -46,7 +48,7 @@ import os
 
 import torch
 
-IMPLS = ("auto", "torch", "cublas", "triton")
+IMPLS = ("auto", "torch", "cublas", "triton", "hybrid")
 DEFAULT_CHUNK_BYTES = 512 << 20
 # fp32 accumulators are read and written once per GEMM; with K >= MIN_TILE the GEMM's FLOPs
 # outweigh that traffic by >= ~4x on an H100 (the accumulation GEMM has K = the tile's other side)
@@ -401,7 +403,7 @@ def _resolve_impl(impl, device):
         if device.type != "cuda":
             return "torch"
         return "cublas" if _cuda_caps(device)["mm"] else "triton"
-    if impl in ("cublas", "triton") and device.type != "cuda" \
+    if impl in ("cublas", "triton", "hybrid") and device.type != "cuda" \
             and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"impl={impl!r} needs a CUDA device (or TRITON_INTERPRET=1), "
                          f"got tensors on {device}")
@@ -417,7 +419,7 @@ class _LinearLogprobs(torch.autograd.Function):
         if n_idx.numel() == 0:
             lse = torch.zeros(0, device=weight.device, dtype=torch.float32)
             tlog = lse
-        elif impl == "triton":
+        elif impl in ("triton", "hybrid"):
             lse, tlog = _triton_forward(hidden, weight, bias, n_idx, t_idx, targets, inv_temp)
         else:
             reducer = _TritonReducer if impl == "cublas" else _TorchReducer
@@ -445,7 +447,7 @@ class _LinearLogprobs(torch.autograd.Function):
             if ctx.impl == "triton":
                 gh, gw, gb = _triton_backward(*args)
             else:
-                reducer = _TritonReducer if ctx.impl == "cublas" else _TorchReducer
+                reducer = _TorchReducer if ctx.impl == "torch" else _TritonReducer
                 gh, gw, gb = _chunked_backward(reducer, *args)
         return gh, gw, gb, None, None, None, None, None, None
 
@@ -478,7 +480,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
     ``labels [N, T]`` in the HF convention: entry ``t`` scores ``labels[:, t + 1]`` from
     position ``t``; entries whose label is ``ignore_index`` hold 0. Differentiable w.r.t.
     ``hidden``, ``weight`` and ``bias``. ``impl``: ``"auto"``, ``"torch"``, ``"cublas"``,
-    ``"triton"`` (see the module doc); ``chunk_bytes`` bounds the float32 logit tile
+    ``"triton"``, ``"hybrid"`` (see the module doc); ``chunk_bytes`` bounds the float32 logit tile
     (default 512 MiB, env ``BPO_FAST_LINEAR_CHUNK_MB``); ``chunk_sizes=(tokens, vocab)`` forces
     the tile shape.
     """
