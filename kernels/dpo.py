@@ -208,7 +208,9 @@ def dpo_pairs(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_l
         out["logps"] = torch.empty(2 * B, **f)
         out["n_tokens"] = torch.empty(2 * B, device=dev, dtype=torch.int64)
         T1 = token_logps.shape[1]
-        tok, lab, sln, slt = token_logps, labels, labels.stride(0), labels.stride(1)
+        # T == 1: an empty [2B, 0] buffer (maybe a null pointer) is never read: pass another
+        tok = token_logps if T1 > 0 else ref_chosen
+        lab, sln, slt = labels, labels.stride(0), labels.stride(1)
         pc = pr = tok
         logps_buf, ntok_buf = out["logps"], out["n_tokens"]
     else:

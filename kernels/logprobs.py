@@ -202,6 +202,8 @@ def backward(logits, labels, lse, ignore_index, temperature, *, mode, g=None, g_
         out = torch.empty((N, T, V), device=logits.device, dtype=logits.dtype)
     if N * T == 0:
         return out
+    if T == 1:  # nothing is scored; also keeps empty [N, 0] buffers (null pointers) off the launch
+        return out.zero_()
     block, warps = block_config(V, logits.element_size())
     if block_v is not None:
         block = block_v
