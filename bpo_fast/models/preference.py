@@ -176,12 +176,17 @@ def choose_attention(requested=None, device=None, dtype=None):
     return impl
 
 
-def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None):
-    """Load a vision-language model from a local path (no downloads) with a chosen attention."""
+def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None,
+             compute_dtype=None):
+    """Load a vision-language model from a local path (no downloads) with a chosen attention.
+
+    ``compute_dtype``: the dtype the model will run in when it differs from the stored ``dtype``
+    (fp32 master weights under bf16 autocast / FSDP mixed precision); it decides whether
+    flash-attention can be used."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    impl = choose_attention(attn_implementation, device, dtype)
+    impl = choose_attention(attn_implementation, device, compute_dtype or dtype)
     kwargs = dict(dtype=dtype, attn_implementation=impl, local_files_only=True)
     if config.model_type == "llava":
         from transformers import LlavaForConditionalGeneration as cls

@@ -167,7 +167,7 @@ def build_preference_model(config, device, world):
     # so sharded policies are fp32 throughout and cast to the half dtype for compute by FSDP.
     load_dtype = torch.float32 if world > 1 else dtype
     policy = load_vlm(config.model, dtype=load_dtype, attn_implementation=config.attn_implementation,
-                      device=device)
+                      device=device, compute_dtype=dtype)
     lora = _lora_config(config, policy) if config.lora_r > 0 else None
     policy = prepare_policy(policy, lora=lora, freeze_vision=not config.train_vision,
                             train_projector=config.train_projector,
