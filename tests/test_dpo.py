@@ -15,6 +15,9 @@ from bpo_fast.ops.logprobs import sequence_logprobs_reference
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# compiled kernels use the GPU's approximate exp2/log2 (~1e-7 relative, amplified by |argument|);
+# the interpreter computes them exactly in numpy
+RTOL_K = 1e-4 if torch.cuda.is_available() else 1e-5
 needs_kernels = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()),
                                    reason="needs TRITON_INTERPRET=1 or CUDA")
 
@@ -108,8 +111,9 @@ def test_loss_types_match_trl_formulas(lt, impl):
     want = expected(lt, pc.cpu(), pr.cpu(), rc.cpu(), rr.cpu(), nc.cpu(), nr.cpu(), kw)
     assert isinstance(out, DPOOutput)
     assert out.losses.dtype == torch.float32 and out.losses.shape == (5,)
-    torch.testing.assert_close(out.losses.cpu().double(), want, rtol=2e-5, atol=2e-6)
-    torch.testing.assert_close(out.loss.cpu().double(), want.mean(), rtol=2e-5, atol=2e-6)
+    rtol = 2 * RTOL_K if impl == "kernel" else 2e-5
+    torch.testing.assert_close(out.losses.cpu().double(), want, rtol=rtol, atol=2e-6)
+    torch.testing.assert_close(out.loss.cpu().double(), want.mean(), rtol=rtol, atol=2e-6)
     cr = kw["beta"] * (pc - rc)
     rj = kw["beta"] * (pr - rr)
     torch.testing.assert_close(out.chosen_rewards, cr)
@@ -133,7 +137,7 @@ def test_kernel_gradients_match_autograd(lt):
         (out.loss * 3 + (out.losses * w).sum()).backward()
         grads.append((a.grad, b.grad, out.losses.detach()))
     for k, r in zip(grads[0], grads[1]):
-        torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(k, r, rtol=RTOL_K, atol=1e-7)
 
 
 @pytest.mark.parametrize("lt", LOSS_TYPES)
@@ -162,7 +166,7 @@ def test_dpo_loss_and_grad(lt, impl, monkeypatch):
     a, b = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
     ref = dpo_loss_reference(a, b, rc, rr, chosen_lengths=nc, rejected_lengths=nr, **kw)
     ref.losses.sum().backward()
-    torch.testing.assert_close(dl, torch.cat([a.grad, b.grad]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dl, torch.cat([a.grad, b.grad]), rtol=RTOL_K, atol=1e-7)
     torch.testing.assert_close(out.losses, ref.losses.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.policy_chosen_logps, pc)
