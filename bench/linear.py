@@ -1,7 +1,7 @@
 """Benchmark: fused LM head + DPO loss (forward + backward) straight from hidden states.
 
     python bench/linear.py --all      # GPU: the full grid, writes bench/results/linear-<gpu>.json
-    python bench/linear.py --smoke    # CPU: tiny shapes (Triton under the interpreter), writes nothing
+    python bench/linear.py --smoke    # CPU: tiny shapes (Triton interpreted), writes nothing
 
 Grid (issue 4): H = 4096, V in {32000, 128256, 152064}, N*T in {8192, 32768} tokens as sequences
 of T = 2048 (rows [chosen; rejected]), the second half of each row scored (the first half stands
@@ -9,8 +9,9 @@ for image + prompt tokens), bf16, DPO sigmoid loss, forward + backward w.r.t. hi
 
 Rows:
 - ``bpo_fast``           fused_linear_dpo_loss, one row per implementation (params.variant:
-                         cublas / triton / hybrid / torch; params.grad_in_forward: gradients formed in the
-                         forward pass, 3 GEMMs, or forward + recomputing backward, 4 GEMMs);
+                         cublas / triton / hybrid / torch; params.grad_in_forward:
+                         gradients formed in the forward pass, 3 GEMMs, or forward +
+                         recomputing backward, 4 GEMMs);
                          params.default marks what the defaults pick
 - ``logits+bpo_fast``    materialised bf16 logits + our sequence_logprobs kernel + dpo_loss
 - ``torch``              materialised bf16 logits + naive PyTorch (float log_softmax + gather)
@@ -167,7 +168,8 @@ def run_case(NT, T, H, V, dtype, device, tflops, rows, smoke):
     hidden, weight, labels, ref_lp = make_inputs(NT, T, H, V, dtype, device)
     S = int((labels[:, 1:] != -100).sum())
     case = f"H={H} V={V} NT={NT} T={T} scored={S} {str(dtype).replace('torch.', '')}"
-    params = {"H": H, "V": V, "NT": NT, "T": T, "scored": S, "dtype": str(dtype).replace("torch.", "")}
+    params = {"H": H, "V": V, "NT": NT, "T": T, "scored": S,
+              "dtype": str(dtype).replace("torch.", "")}
     flops = 6.0 * S * H * V
     floor_ms = flops / (tflops * 1e12) * 1e3 if tflops else None
     grads_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
@@ -217,7 +219,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="*", default=[8192, 32768])
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--out", default=None, help="results path (default bench/results/linear-<gpu>.json)")
+    ap.add_argument("--out", default=None,
+                    help="results path (default bench/results/linear-<gpu>.json)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -232,7 +235,8 @@ def main(argv=None):
     print(f"measured bf16 rate {tflops:.0f} TFLOP/s", flush=True)
     for V in args.vocab:
         for NT in args.tokens:
-            run_case(NT, args.seq, args.hidden, V, torch.bfloat16, device, tflops, rows, smoke=False)
+            run_case(NT, args.seq, args.hidden, V, torch.bfloat16, device, tflops, rows,
+                     smoke=False)
     path = common.write_results("linear", rows, ceilings, path=args.out)
     print("wrote", path)
     return 0

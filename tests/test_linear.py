@@ -99,7 +99,8 @@ def test_all_masked_gives_zeros_and_zero_grads(impl):
     for p in (hidden, weight, bias):
         p.requires_grad_(True)
     logps, n_tok = linear_sequence_logprobs(hidden, weight, labels, bias=bias, impl=impl)
-    assert torch.equal(logps, torch.zeros(3)) and torch.equal(n_tok, torch.zeros(3, dtype=torch.long))
+    assert torch.equal(logps, torch.zeros(3))
+    assert torch.equal(n_tok, torch.zeros(3, dtype=torch.long))
     logps.sum().backward()
     for p in (hidden, weight, bias):
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
@@ -128,7 +129,8 @@ def test_single_scored_token(impl):
 def test_t_equal_one_scores_nothing():
     hidden, weight, labels, _ = make(N=2, T=1)
     logps, n_tok = linear_sequence_logprobs(hidden, weight, labels)
-    assert torch.equal(logps, torch.zeros(2)) and torch.equal(n_tok, torch.zeros(2, dtype=torch.long))
+    assert torch.equal(logps, torch.zeros(2))
+    assert torch.equal(n_tok, torch.zeros(2, dtype=torch.long))
 
 
 class _CountMatmuls(TorchDispatchMode):
