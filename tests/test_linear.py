@@ -476,6 +476,13 @@ def test_dpo_bad_inputs():
         fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, beta=0.0)
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         fused_linear_dpo_loss(hidden, weight, labels, ref_c[:2], ref_r)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        fused_linear_dpo_loss(hidden, None, labels, ref_c, ref_r)
+    with pytest.raises(ValueError, match="weight must be \\[V, H\\]"):
+        fused_linear_dpo_loss(hidden, weight[:, :-1], labels, ref_c, ref_r)
+    with pytest.raises(ValueError, match="grad_in_forward=True needs impl"):
+        fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, impl="triton",
+                              grad_in_forward=True)
     with pytest.raises(ValueError, match="loss_type"):
         LinearDPOLoss(loss_type="nope")
     with pytest.raises(ValueError, match="impl"):

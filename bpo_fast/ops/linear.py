@@ -660,15 +660,14 @@ def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected
 
     beta, loss_type, label_smoothing, discopop_tau = validate_dpo_params(
         beta, loss_type, label_smoothing, discopop_tau)  # before any heavy work
-    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[0] % 2:
-        raise ValueError(f"hidden must hold an even number of rows [chosen; rejected], "
-                         f"got {hidden.shape[0]}")
+    N, T, H, V = _check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
+    if N % 2:
+        raise ValueError(f"hidden must hold an even number of rows [chosen; rejected], got {N}")
     needs_grad = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, weight, bias))
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
     if grad_in_forward is None:
         grad_in_forward = needs_grad and _resolve_impl(impl, weight.device) in ("torch", "cublas")
     if grad_in_forward:
-        N, T, H, V = _check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
         impl = _resolve_impl(impl, weight.device)
         if impl not in ("torch", "cublas"):
             raise ValueError(f"grad_in_forward=True needs impl 'torch' or 'cublas', got {impl!r}")
