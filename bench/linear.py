@@ -189,8 +189,9 @@ def run_case(NT, T, H, V, dtype, device, tflops, rows, smoke):
                 rows.append(common.row(**r, error=f"mismatch vs reference: {bad}", check=errs))
                 continue
             peak = common.peak_mem_above(run)
-            med, p20, p80 = common.bench_ms(run, warmup=2 if smoke else 10,
-                                            rep=5 if smoke else 50)
+            # fwd+bwd takes 10-300 ms at these shapes: ~2 s of repetitions for a stable median
+            med, p20, p80 = common.bench_ms(run, warmup=2 if smoke else 20,
+                                            rep=5 if smoke else 400)
         except torch.cuda.OutOfMemoryError as exc:
             rows.append(common.row(**r, error=f"OutOfMemoryError: {str(exc).splitlines()[0]}"))
             torch.cuda.empty_cache()
