@@ -1,7 +1,8 @@
 """Benchmark: sequence log-probs (and the fused DPO loss) from logits, forward and forward+backward.
 
     python bench/logprobs.py --all      # GPU: the issue-3 grid, writes bench/results/logprobs-<gpu>.json
-    python bench/logprobs.py --sweep    # GPU: (BLOCK_V, num_warps) alternatives at one shape
+    python bench/logprobs.py --all --sweep   # GPU: plus (BLOCK_V, num_warps) alternatives
+    python bench/logprobs.py --vocab 152064 --append   # GPU: part of the grid, merged into the file
     python bench/logprobs.py --smoke    # CPU: tiny fp32 shapes, Triton under the interpreter,
                                         # writes nothing (times mean nothing)
 
@@ -433,6 +434,8 @@ def main(argv=None):
     ap.add_argument("--liger-wheel", default=os.environ.get("LIGER_WHEEL"),
                     help="import liger_kernel from this wheel file (pure Python)")
     ap.add_argument("--out", default=None, help="results path (default bench/results/...)")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into an existing results file (split the grid over commands)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -467,12 +470,31 @@ def main(argv=None):
                                    "floor_ms",
                                    "peak_mem_bytes", "error"))
     bad = [r for r in rows if r["impl"] == "bpo_fast" and r.get("error")]
-    if args.smoke and not args.out:
-        print("smoke run: nothing written")
+    if (args.smoke or not (args.all or args.tokens or args.vocab)) and not args.out:
+        print("smoke or sweep-only run: nothing written (use --out, or --all --sweep)")
     else:
-        path = common.write_results("logprobs", rows, ceilings, path=args.out)
+        path = args.out or os.path.join(common.RESULTS, f"logprobs-{common.gpu_slug()}.json")
+        if args.append and os.path.exists(path):
+            rows = merge_rows(path, rows)
+        path = common.write_results("logprobs", rows, ceilings, path=path)
         print("wrote", path)
     return 1 if bad else 0
+
+
+def _row_key(r):
+    return (r["case"], r["impl"], r.get("pass"), r.get("variant"),
+            r["params"].get("block_v"), r["params"].get("num_warps"))
+
+
+def merge_rows(path, rows):
+    """Rows of an earlier run at ``path`` that this run did not redo, then this run's rows (so
+    that the grid can be split over several commands)."""
+    import json
+
+    with open(path) as f:
+        old = json.load(f).get("rows", [])
+    new_keys = {_row_key(r) for r in rows}
+    return [r for r in old if _row_key(r) not in new_keys] + rows
 
 
 if __name__ == "__main__":
