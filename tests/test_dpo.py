@@ -403,3 +403,30 @@ def test_cuda_fused_dpo_half_vs_fp32(dtype, tol, lt):
     torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=1e-4, atol=1e-5)
     err = (x.grad.float() - z.grad).abs().max() / z.grad.abs().max()
     assert err < tol
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_fused_dpo_peak_memory(inplace):
+    """Issue target: forward + backward hold at most one logits-sized buffer in the input dtype
+    beyond the inputs (the gradient), and none with the in-place backward."""
+    B, T, V = 4, 512, 32000
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(2 * B, T, V, device="cuda", generator=g, dtype=torch.bfloat16)
+    labels = torch.randint(0, V, (2 * B, T), device="cuda", generator=g)
+    rc = torch.full((B,), -5000.0, device="cuda")
+    rr = torch.full((B,), -5000.0, device="cuda")
+    x = logits.requires_grad_(True)
+    fused_dpo_loss(x.detach().clone(), labels, rc, rr)      # compile outside the measurement
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fused_dpo_loss(x, labels, rc, rr, inplace_backward=inplace)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    small = 4 << 20          # float32 per-token buffers (8 bytes/token) and the pair outputs
+    assert extra <= (0 if inplace else logits.numel() * logits.element_size()) + small, extra
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all()
+    if inplace:
+        assert grad.data_ptr() == x.data_ptr()
