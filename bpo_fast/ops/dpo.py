@@ -416,6 +416,8 @@ class _FusedDPOFn(torch.autograd.Function):
             dlosses=dl, B=B, out=logits if inplace else None)
         if inplace:
             _bump_version(logits)
+            # a plain alias of the storage: the saved logits may be a leaf that requires grad
+            grad = grad.detach()
         return (grad,) + none[1:]
 
 

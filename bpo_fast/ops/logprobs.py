@@ -171,6 +171,8 @@ class _LogprobsFn(torch.autograd.Function):
                           out=out)
         if inplace:
             _bump_version(logits)
+            # a plain alias of the storage: the saved logits may be a leaf that requires grad
+            grad = grad.detach()
         return grad, None, None, None, None, None
 
 
