@@ -556,9 +556,12 @@ class _LinearDPOGradInForward(torch.autograd.Function):
         lse = torch.zeros(S, device=dev, dtype=f32)
         logps = torch.zeros(N, device=dev, dtype=f32)
         gh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
-        gw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else None
         gb32 = torch.zeros(V, device=dev, dtype=f32) if need_b else None
         groups = _pair_groups(counts, B, group_tokens) if S else []
+        # fully overwritten below when there is any scored token (one GEMM or the fp32 copy)
+        gw = None if not need_w else (
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if groups
+            else torch.zeros_like(weight, memory_format=torch.contiguous_format))
         gw32 = torch.zeros(V, H, device=dev, dtype=f32) if need_w and len(groups) > 1 else None
         for i0, i1 in groups:
             lo_c, hi_c, lo_r, hi_r = starts[i0], starts[i1], starts[B + i0], starts[B + i1]
