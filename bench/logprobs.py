@@ -1,6 +1,6 @@
 """Benchmark: sequence log-probs (and the fused DPO loss) from logits, forward and forward+backward.
 
-    python bench/logprobs.py --all      # GPU: the issue-3 grid, writes bench/results/logprobs-<gpu>.json
+    python bench/logprobs.py --all      # GPU: the issue-3 grid -> bench/results/logprobs-<gpu>.json
     python bench/logprobs.py --all --sweep   # GPU: plus (BLOCK_V, num_warps) alternatives
     python bench/logprobs.py --vocab 152064 --append   # GPU: part of the grid, merged into the file
     python bench/logprobs.py --smoke    # CPU: tiny fp32 shapes, Triton under the interpreter,

@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 
-from bpo_fast.ops import dpo as D
 from bpo_fast.ops.dpo import (LOSS_TYPES, DPOLoss, DPOOutput, dpo_loss, dpo_loss_and_grad,
                               dpo_loss_reference, fused_dpo_loss, validate_dpo_params)
 from bpo_fast.ops.logprobs import sequence_logprobs_reference
