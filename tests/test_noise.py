@@ -350,6 +350,14 @@ def test_gradient_to_float_images(space, norm):
     (diffusion_noise_reference(ref, ts, noise=eps, **kw) * w).sum().backward()
     torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-5)
     assert ours.grad.abs().sum() > 0
+    # one channel (C = 1) with normalisation
+    x1 = torch.rand(2, 1, 4, 8, requires_grad=True)
+    diffusion_noise(x1, torch.tensor([5, 7]), seed=2, space=space, mean=[0.5], std=[0.25]).sum().backward()
+    a = DEFAULT_SCHEDULE.sqrt_alphas_cumprod[torch.tensor([5, 7])].view(2, 1, 1, 1)
+    if space == "normalized":
+        torch.testing.assert_close(x1.grad, (a / 0.25).expand(2, 1, 4, 8))
+    else:
+        assert set(x1.grad.unique().tolist()) <= {0.0} | set((a / 0.25).flatten().tolist())
     if space == "pixel":  # t = 999 clamps somewhere: those elements get no gradient
         xs = x.clone().requires_grad_()
         diffusion_noise(xs, torch.tensor([999, 999]), seed=1, **kw).sum().backward()

@@ -23,7 +23,6 @@ The output is always a contiguous ``[B, C, H, W]`` (or ``[B, K, C, H, W]``).
 
 import math
 import numbers
-import struct
 import warnings
 
 import torch
@@ -377,55 +376,7 @@ def _register_fake():
         return images.new_empty(shape, dtype=out_dtype if out_dtype is not None else torch.float32)
 
 
-def _autograd_setup_context(ctx, inputs, output):
-    # Plain Python only here (no tensor ops): this runs below autograd, where an op that returns
-    # its input (a no-op .to()) is not allowed.
-    timesteps, sab = inputs[1], inputs[2]
-    mean, std, pixel_space = inputs[4], inputs[5], inputs[6]
-    ctx.std = None if std is None else list(std)
-    ctx.bounds = None
-    if pixel_space:
-        # Where the kernel clamped v to 0 or 1 it wrote exactly out_b and out_a + out_b (fp32,
-        # then rounded to out's dtype): csrc/noise_common.h.
-        if mean is None:
-            ctx.bounds = ([0.0], [1.0])
-        else:
-            f32 = lambda v: struct.unpack("f", struct.pack("f", v))[0]  # noqa: E731
-            lo = [f32(-m / sd) for m, sd in zip(mean, std)]
-            hi = [f32(f32(1.0 / sd) + b) for sd, b in zip(std, lo)]
-            ctx.bounds = (lo, hi)
-    ctx.save_for_backward(timesteps, sab, output if pixel_space else None)
-
-
-def _autograd_backward(ctx, grad):
-    """d out[b, k] / d u[b] = a_t / std[c] (times 1[0 < v < 1] in pixel space): the noise is
-    an additive constant. Gradients flow to float images only (the tables are constants)."""
-    timesteps, sab, output = ctx.saved_tensors
-    B = grad.shape[0]
-    K = timesteps.shape[1] if timesteps.dim() == 2 else 1
-    g = grad.to(torch.float32).reshape(B, K, *grad.shape[-3:])
-    C = g.shape[2]
-    a = sab[timesteps.reshape(B, K).clamp(0, sab.numel() - 1)].view(B, K, 1, 1, 1)
-    g = g * a
-    if ctx.bounds is not None:
-        out = output.reshape(B, K, *output.shape[-3:])
-        lo, hi = (torch.tensor(v, dtype=torch.float32, device=out.device).to(out.dtype).view(1, 1, -1, 1, 1)
-                  for v in ctx.bounds)
-        g = g * ((out > lo) & (out < hi))
-    gx = g.sum(1)
-    if ctx.std is not None:
-        gx = gx / torch.tensor(ctx.std, dtype=torch.float32, device=gx.device).view(1, C, 1, 1)
-    return (gx,) + (None,) * 10
-
-
-def _register_autograd():
-    if _ext.load_extension():
-        torch.library.register_autograd("bpo_fast::diffusion_noise", _autograd_backward,
-                                        setup_context=_autograd_setup_context)
-
-
 _register_fake()
-_register_autograd()
 # Looked up once at import (not per call, and not inside torch.compile tracing).
 _HAS_CUDA_KERNEL = bool(_ext.load_extension()) and torch._C._dispatch_has_kernel_for_dispatch_key(
     "bpo_fast::diffusion_noise", "CUDA")
@@ -482,7 +433,9 @@ def diffusion_noise(images, timesteps, schedule=DEFAULT_SCHEDULE, *, space="norm
     Returns:
         A new contiguous tensor ``[B, C, H, W]`` or ``[B, K, C, H, W]`` of ``out_dtype``,
         differentiable with respect to float ``images`` (the noise is a constant: the gradient
-        is ``a_t / std`` per level, masked where pixel space clamped).
+        is ``a_t / std`` per level, masked where pixel space clamped; the mask is read from the
+        output, so with a bf16/fp16 output an element that lands within rounding of a clamp
+        bound counts as clamped).
 
     The noise of element ``i`` of output image ``j = b * K + k`` depends only on (seed,
     offset, j, i) (:func:`philox_normal_reference`), never on the batch split or the GPU.
