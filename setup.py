@@ -87,8 +87,9 @@ def _extensions():
             define_macros=[("BPO_FAST_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                # No --use_fast_math: the Box-Muller transform uses the accurate logf/sincospif
-                # so CUDA and CPU noise agree to float rounding (see csrc/philox.h).
+                # No --use_fast_math: csrc/philox.h picks the fast intrinsics itself where the
+                # accuracy allows (sincos, rsqrt) and keeps the rest IEEE, so CUDA and CPU noise
+                # agree to float rounding.
                 "nvcc": ["-O3", "-lineinfo"],
             },
             extra_link_args=link_args,
