@@ -10,7 +10,8 @@
 //   counter = (g, j, offset_lo, offset_hi)     with g = i / 4 (one Philox call per 4 elements)
 //   (r0, r1, r2, r3) = Philox4x32-10(counter, key)
 //   (z0, z1) = box_muller(r0, r1), (z2, z3) = box_muller(r2, r3)
-//   element i = 4g + m gets z_m.
+//   element i = 4g + m gets z_m, where box_muller(ra, rb) = sqrt(-2 ln u) * (cos, sin)(theta),
+//   u = ((ra >> 9) + 1/2) * 2^-23 in (0, 1), theta = pi * ((rb >> 8) * 2^-23 - 1) in [-pi, pi).
 // The tag in the key keeps this stream apart from torch's own Philox streams (same seed,
 // counters laid out differently) so our noise is not correlated with e.g. torch.randn's.
 #pragma once
