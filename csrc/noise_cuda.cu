@@ -40,20 +40,21 @@ enum Path : int {
   kGeneric = 2,  // any strides: per-element loads, (c, h, w) stepped incrementally
 };
 
+// 8 contiguous, aligned inputs as float: one or two vector loads.
 template <typename T>
-__device__ __forceinline__ void load_vec_as_float(const Vec<T, kVec>& v, float* f) {
+__device__ __forceinline__ void load8_as_float(const T* p, float* f) {
+  const Vec<T, kVec> v = *reinterpret_cast<const Vec<T, kVec>*>(p);
 #pragma unroll
   for (int m = 0; m < kVec; ++m) f[m] = static_cast<float>(v.v[m]);
 }
 
-// uint8 -> float in two ALU/FMA instructions (byte permute into the mantissa of 2^23, then
-// subtract 2^23) instead of the conversion unit's slower I2F.
-__device__ __forceinline__ void load_vec_as_float(const Vec<uint8_t, kVec>& v, float* f) {
-  uint32_t w[2];
-  memcpy(w, v.v, sizeof(w));
+// uint8: one 8-byte load, then each byte to float in two instructions (byte permute into the
+// mantissa of 2^23, subtract 2^23) instead of unpacking bytes and using the slower I2F.
+__device__ __forceinline__ void load8_as_float(const uint8_t* p, float* f) {
+  const uint2 w = *reinterpret_cast<const uint2*>(p);
 #pragma unroll
   for (int m = 0; m < kVec; ++m) {
-    const uint32_t bits = __byte_perm(w[m / 4], 0x4B000000u, 0x7540u | (m % 4));
+    const uint32_t bits = __byte_perm(m < 4 ? w.x : w.y, 0x4B000000u, 0x7540u | (m % 4));
     f[m] = __uint_as_float(bits) - 8388608.0f;
   }
 }
@@ -108,7 +109,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t HW = s.H * s.W;
   const int64_t CHW = s.C * HW;
   const bool out_aligned = CHW % kVec == 0;
-  for (int64_t b = blockIdx.y; b < s.B; b += gridDim.y) {
+  // The NCHW path runs one channel plane per grid row (y = b * C + c): the channel and its
+  // coefficients are uniform per block, and no thread divides to find them.
+  const int64_t rows = kPath == kNCHWVec ? s.B * s.C : s.B;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t b = kPath == kNCHWVec ? row / s.C : row;
+    const int64_t plane = kPath == kNCHWVec ? row - b * s.C : 0;
     const in_t* xb = x + b * s.sb;
     for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
          q < items_per_image; q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -128,10 +134,9 @@ __global__ void __launch_bounds__(kThreads)
                       offset, true);
         }
       } else if (kPath == kNCHWVec) {
-        const int64_t i0 = q * kVec;
-        const int ci = s.per_channel ? static_cast<int>(i0 / HW) : 0;
-        const Vec<in_t, kVec> v = *reinterpret_cast<const Vec<in_t, kVec>*>(xb + i0);
-        load_vec_as_float(v, x0);
+        const int64_t i0 = plane * HW + q * kVec;
+        const int ci = s.per_channel ? static_cast<int>(plane) : 0;
+        load8_as_float(xb + i0, x0);
 #pragma unroll
         for (int m = 0; m < kVec; ++m) {
           x0[m] = noise_input(x0[m], cc, ci);
@@ -179,10 +184,13 @@ void launch(const at::Tensor& images, const at::Tensor& ts, const at::Tensor& sa
   int path = kGeneric;
   if (HW % kVec == 0 && nchw && aligned) path = kNCHWVec;
   else if (HW % kVec == 0 && nhwc) path = kNHWC;
-  const int64_t items = path == kNHWC ? HW / kVec : (CHW + kVec - 1) / kVec;
+  // Work items per grid row: 8-element runs of a channel plane (NCHW), 8-pixel runs of an
+  // image (NHWC, all channels each) or 8-element runs of an image (generic).
+  const int64_t items = path == kGeneric ? (CHW + kVec - 1) / kVec : HW / kVec;
+  const int64_t rows = path == kNCHWVec ? s.B * s.C : s.B;
   const int64_t max_x = int64_t{1} << 30;
   dim3 grid(static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, max_x)),
-            static_cast<unsigned>(std::min<int64_t>(s.B, 65535)));
+            static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t* tp = ts.data_ptr<int64_t>();
   const float* a = sab.data_ptr<float>();
