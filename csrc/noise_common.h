@@ -40,18 +40,28 @@ struct NoiseShape {
 };
 
 // The fp32 arithmetic of one element, shared so that CPU and CUDA agree.
+// On the GPU every multiply-add is an explicit fmaf, so that all kernel instantiations (any
+// out dtype, any layout path) round identically: a bf16 output is exactly the fp32 one rounded.
+BPO_HD float mul_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 BPO_HD float noise_input(float x, const ChannelCoef& cc, int cidx_in) {
-  return x * cc.in_a[cidx_in] + cc.in_b[cidx_in];
+  return mul_add(x, cc.in_a[cidx_in], cc.in_b[cidx_in]);
 }
 
 // `noise` is s_t * eps (the scale is folded into the Box-Muller radius, see normal4).
 BPO_HD float noise_output(float x0, float noise, float a, const ChannelCoef& cc, int cidx,
                           bool pixel_space) {
-  const float y = a * x0 + noise;
+  const float y = mul_add(a, x0, noise);
   if (!pixel_space) return y;
   float v = (y + 1.0f) * 0.5f;
   v = v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);
-  return v * cc.out_a[cidx] + cc.out_b[cidx];
+  return mul_add(v, cc.out_a[cidx], cc.out_b[cidx]);
 }
 
 inline at::ScalarType resolve_out_dtype(c10::optional<at::ScalarType> out_dtype) {
