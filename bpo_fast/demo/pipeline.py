@@ -1,0 +1,324 @@
+"""``bpo-fast demo``: BPO end to end on the shapes world, through the code paths a user runs.
+
+Stages (each one's output lands in ``out``; a finished stage is reused when the demo is run
+again with the same settings, so an interrupted demo resumes):
+
+1. **world**: :func:`bpo_fast.demo.world.make_world` draws the shapes world (LLaVA-format data,
+   images, ground truth, synonyms, rule-injector lexicon) with a language prior in its captions.
+2. **sft**: a tiny LLaVA (:func:`bpo_fast.models.tiny.build_tiny_llava`, word-level tokenizer
+   over the world's vocabulary) is trained briefly on the world's captions and QA turns
+   (:func:`bpo_fast.demo.sft.sft_train`) and saved with ``save_pretrained``.
+3. **pairs**: the real pair builder (:func:`bpo_fast.data.pairs.build_pairs`) bootstraps rejected
+   answers: image-weakened prompting at the default noise level, error injection with the rule
+   injector and with the model itself; :func:`bpo_fast.data.pairs.merge_pairs` merges them.
+4. **bpo**: the real DPO trainer (:func:`bpo_fast.train.train`) with a frozen reference copy.
+5. **eval**: greedy captions of the held-out images before (SFT model) and after BPO, scored with
+   CHAIR (:mod:`bpo_fast.eval.chair`), plus the prior-partner hallucination rate.
+6. **report**: :func:`bpo_fast.demo.report.write_report` (Markdown, PNG plots, a printed table).
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bpo_fast.demo.world import (EVAL_PROMPT, WorldConfig, make_world, prior_hallucination,
+                                 score_captions, world_vocabulary)
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and hyper-parameters of the demo. :meth:`quick` is the CI-sized variant."""
+
+    out: str = "demo_out"
+    device: str = "cpu"
+    seeds: tuple = (0,)
+    # world
+    n_train: int = 1200
+    n_eval: int = 200
+    world: WorldConfig = field(default_factory=WorldConfig)
+    # tiny LLaVA
+    image_size: int = 64
+    patch_size: int = 32              # one image token per grid cell of the default world
+    hidden_size: int = 128
+    num_layers: int = 2
+    # supervised warm-up (descriptions and QA turns)
+    sft_epochs: int = 8
+    sft_batch_size: int = 32
+    sft_lr: float = 1e-3
+    # pair building
+    pair_images: int = 400            # training images the pair builder answers / rewrites
+    noise_step: int = 500             # image-weakened prompting level (the builder's default)
+    noise_schedule: str = "sigmoid"
+    max_new_tokens: int = 48
+    llm_injector_images: int = 100    # images whose answer the model itself rewrites
+    # DPO
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    dpo_lr: float = 5e-4
+    dpo_epochs: int = 1
+    dpo_batch_size: int = 8
+    # threads for torch on CPU (None: torch's default)
+    threads: int = None
+
+    @classmethod
+    def quick(cls, **kw):
+        base = dict(n_train=400, n_eval=80, sft_epochs=3, pair_images=120,
+                    llm_injector_images=24, max_new_tokens=40)
+        base.update(kw)
+        return cls(**base)
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["world"] = self.world.to_dict()
+        d["seeds"] = list(self.seeds)
+        return d
+
+
+def _say(msg):
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _stage_done(path, key):
+    """True when ``path`` holds the done-marker of a stage run with settings ``key``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f) == key
+    except (OSError, ValueError):
+        return False
+
+
+def _mark_done(path, key):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(key, f)
+    os.replace(tmp, path)
+
+
+def _read_eval(world):
+    from PIL import Image
+
+    with open(world.eval, encoding="utf-8") as f:
+        records = json.load(f)
+    images = []
+    for r in records:
+        with Image.open(os.path.join(world.images, r["image"])) as im:
+            images.append(im.convert("RGB"))
+    return records, images
+
+
+def _captions(model_dir, world, cfg, path):
+    """Greedy captions of the held-out images by the model in ``model_dir`` (cached in ``path``)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from bpo_fast.demo.sft import generate_answers
+
+    key = {"model": os.path.abspath(model_dir), "max_new_tokens": cfg.max_new_tokens}
+    if _stage_done(path + ".done", key):
+        with open(path, encoding="utf-8") as f:
+            return {r["id"]: r["caption"] for r in map(json.loads, f)}
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    records, images = _read_eval(world)
+    answers = generate_answers(model, processor, images, EVAL_PROMPT,
+                               max_new_tokens=cfg.max_new_tokens, device=cfg.device)
+    caps = {r["id"]: a for r, a in zip(records, answers)}
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, c in caps.items():
+            f.write(json.dumps({"id": i, "caption": c}) + "\n")
+    os.replace(tmp, path)
+    _mark_done(path + ".done", key)
+    return caps
+
+
+def _sft(world, cfg, seed, out_dir):
+    from bpo_fast.demo.sft import sft_train
+    from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
+
+    key = {"seed": seed, "n_train": cfg.n_train, "epochs": cfg.sft_epochs, "lr": cfg.sft_lr,
+           "hidden": cfg.hidden_size, "layers": cfg.num_layers, "patch": cfg.patch_size,
+           "image_size": cfg.image_size, "batch": cfg.sft_batch_size}
+    marker = os.path.join(out_dir, "sft.done")
+    if _stage_done(marker, key):
+        _say(f"sft: reusing {out_dir}")
+        return []
+    tiny = TinyLlavaConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
+                           vision_hidden=cfg.hidden_size, hidden_size=cfg.hidden_size,
+                           intermediate_size=2 * cfg.hidden_size, num_layers=cfg.num_layers,
+                           num_heads=4, num_kv_heads=4, vision_heads=4,
+                           words=world_vocabulary(cfg.world) + ["user", "assistant", ":"],
+                           # background -> 0: the patch embedding sees the shapes only (learns
+                           # to read them several times faster than with CLIP's mean/std)
+                           image_mean=tuple(c / 255 for c in cfg.world.background),
+                           image_std=(0.5, 0.5, 0.5))
+    model, processor = build_tiny_llava(None, tiny, seed=seed)
+    every = max(1, cfg.sft_epochs * cfg.n_train // cfg.sft_batch_size // 10)
+
+    def log(step, total, loss):
+        if step % every == 0 or step == total:
+            _say(f"sft: step {step}/{total} loss {loss:.3f}")
+
+    losses = sft_train(model, processor, world.train, world.images, epochs=cfg.sft_epochs,
+                       batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=seed,
+                       device=cfg.device, log=log)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "sft_losses.json"), "w", encoding="utf-8") as f:
+        json.dump(losses, f)
+    _mark_done(marker, key)
+    return losses
+
+
+def _pairs_data(world, n, path):
+    """The first ``n`` training records, description turn only, as a LLaVA JSON file."""
+    with open(world.train, encoding="utf-8") as f:
+        records = json.load(f)[:n]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(records, f)
+    os.replace(tmp, path)
+    return path
+
+
+def _pairs(world, cfg, seed, model_dir, out_dir):
+    from bpo_fast.data.pairs import PairBuilderConfig, build_pairs, merge_pairs
+
+    os.makedirs(out_dir, exist_ok=True)
+    merged = os.path.join(out_dir, "pairs.jsonl")
+    key = {"seed": seed, "pair_images": cfg.pair_images, "llm": cfg.llm_injector_images,
+           "noise_step": cfg.noise_step, "schedule": cfg.noise_schedule,
+           "max_new_tokens": cfg.max_new_tokens, "model": os.path.abspath(model_dir)}
+    marker = merged + ".done"
+    if _stage_done(marker, key):
+        _say(f"pairs: reusing {merged}")
+        with open(os.path.join(out_dir, "summaries.json"), encoding="utf-8") as f:
+            return merged, json.load(f)
+    data = _pairs_data(world, cfg.pair_images, os.path.join(out_dir, "records.json"))
+    data_llm = _pairs_data(world, cfg.llm_injector_images, os.path.join(out_dir, "records_llm.json"))
+    common = dict(model=model_dir, image_root=world.images, turns="first", seed=seed,
+                  device=cfg.device, max_new_tokens=cfg.max_new_tokens, num_workers=0,
+                  batch_size=32, overwrite=True, progress=False, fsync=False,
+                  lexicon=world.lexicon)
+    summaries = {}
+    runs = [
+        ("weakened_rules", data, dict(strategies=("image_weakened", "error_injection"),
+                                      injector="rules", noise_steps=(cfg.noise_step,),
+                                      noise_schedule=cfg.noise_schedule)),
+        ("llm", data_llm, dict(strategies=("error_injection",), injector="llm")),
+    ]
+    shards = []
+    for name, data_path, extra in runs:
+        out = os.path.join(out_dir, f"{name}.jsonl")
+        summary = build_pairs(PairBuilderConfig(data=data_path, out=out, **common, **extra))
+        _say(f"pairs ({name}): " + summary.format().splitlines()[0])
+        summaries[name] = summary.to_dict()
+        shards.append(out)
+    merge_pairs(shards, merged)
+    with open(os.path.join(out_dir, "summaries.json"), "w", encoding="utf-8") as f:
+        json.dump(summaries, f, indent=1)
+    _mark_done(marker, key)
+    return merged, summaries
+
+
+def _bpo(world, cfg, seed, sft_dir, pairs, out_dir):
+    from bpo_fast.train import TrainConfig, train
+
+    key = {"seed": seed, "pairs": os.path.abspath(pairs), "beta": cfg.beta, "lr": cfg.dpo_lr,
+           "epochs": cfg.dpo_epochs, "batch": cfg.dpo_batch_size, "loss": cfg.loss_type}
+    marker = os.path.join(out_dir, "bpo.done")
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if _stage_done(marker, key):
+        _say(f"bpo: reusing {out_dir}")
+        return metrics
+    tc = TrainConfig(model=sft_dir, data=pairs, image_root=world.images, output=out_dir,
+                     reference="model", beta=cfg.beta, loss_type=cfg.loss_type,
+                     learning_rate=cfg.dpo_lr, epochs=cfg.dpo_epochs,
+                     batch_size=cfg.dpo_batch_size, warmup_ratio=0.1, train_projector=True,
+                     device=cfg.device, dtype="fp32" if cfg.device == "cpu" else "auto",
+                     seed=seed, progress=False, max_length=None)
+    result = train(tc)
+    _say(f"bpo: {result['steps']} DPO steps -> {out_dir}")
+    _mark_done(marker, key)
+    return result["metrics_path"]
+
+
+def run_seed(cfg, seed):
+    """Every stage for one seed; returns the seed's results (CHAIR before/after, metrics path)."""
+    root = os.path.join(cfg.out, f"seed{seed}")
+    os.makedirs(root, exist_ok=True)
+    t0 = time.time()
+    world = make_world(os.path.join(root, "world"), cfg.n_train, cfg.n_eval, seed=seed,
+                       config=cfg.world)
+    _say(f"seed {seed}: world with {cfg.n_train} training / {cfg.n_eval} held-out images")
+    sft_dir = os.path.join(root, "sft_model")
+    _sft(world, cfg, seed, sft_dir)
+    caps_before = _captions(sft_dir, world, cfg, os.path.join(root, "captions_before.jsonl"))
+    before = score_captions(caps_before, world)
+    _say(f"seed {seed}: before BPO CHAIR-i {before.chair_i:.3f} recall {before.recall:.3f}")
+    pairs, summaries = _pairs(world, cfg, seed, sft_dir, os.path.join(root, "pairs"))
+    bpo_dir = os.path.join(root, "bpo_model")
+    metrics = _bpo(world, cfg, seed, sft_dir, pairs, bpo_dir)
+    caps_after = _captions(bpo_dir, world, cfg, os.path.join(root, "captions_after.jsonl"))
+    after = score_captions(caps_after, world)
+    _say(f"seed {seed}: after BPO CHAIR-i {after.chair_i:.3f} recall {after.recall:.3f} "
+         f"({time.time() - t0:.0f}s)")
+    truth = {pc["id"]: pc["ground_truth"] for pc in before.per_caption}
+    examples = [{"id": i, "truth": ", ".join(truth[i]), "before": caps_before[i],
+                 "after": caps_after[i]} for i in list(caps_before)[:4]]
+    return {"seed": seed, "before": before, "after": after, "metrics": metrics,
+            "pairs": summaries, "examples": examples,
+            "prior_before": prior_hallucination(before, cfg.world)["all"]["rate"],
+            "prior_after": prior_hallucination(after, cfg.world)["all"]["rate"],
+            "seconds": time.time() - t0}
+
+
+def run_demo(cfg):
+    """Run the demo for every seed of ``cfg`` and write the report; returns the report dict."""
+    from bpo_fast.demo.report import load_metrics, write_report
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    t0 = time.time()
+    runs = [run_seed(cfg, s) for s in cfg.seeds]
+    by_seed = lambda k: {r["seed"]: r[k] for r in runs}  # noqa: E731
+    pair_counts = {}
+    for r in runs:
+        for s in r["pairs"].values():
+            for strategy, n in s["written"].items():
+                pair_counts[strategy] = pair_counts.get(strategy, 0) + n
+    settings = {
+        "seeds": ", ".join(map(str, cfg.seeds)), "device": cfg.device,
+        "world": f"{cfg.n_train} train / {cfg.n_eval} held-out images, {cfg.world.image_size}px, "
+                 f"prior P(partner|anchor) {cfg.world.prior_strength} train / "
+                 f"{cfg.world.eval_prior_strength} held-out",
+        "model": f"tiny LLaVA, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
+                 f"patch {cfg.patch_size}",
+        "pairs": ", ".join(f"{k}: {v}" for k, v in sorted(pair_counts.items())) +
+                 f" (noise step {cfg.noise_step}, {cfg.noise_schedule})",
+        "DPO": f"{cfg.loss_type}, beta {cfg.beta}, lr {cfg.dpo_lr}, {cfg.dpo_epochs} epoch(s), "
+               f"batch {cfg.dpo_batch_size}",
+        "wall time": f"{time.time() - t0:.0f}s",
+    }
+    metrics = {r["seed"]: load_metrics(r["metrics"]) for r in runs}
+    report = write_report(
+        cfg.out, metrics=metrics if len(runs) > 1 else metrics[cfg.seeds[0]],
+        chair_before=by_seed("before") if len(runs) > 1 else runs[0]["before"],
+        chair_after=by_seed("after") if len(runs) > 1 else runs[0]["after"],
+        settings=settings, examples=runs[0]["examples"],
+        extra_metrics={"prior-partner hallucination": (by_seed("prior_before"),
+                                                       by_seed("prior_after"))},
+    )
+    with open(os.path.join(cfg.out, "demo_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    return report
+
+
+def main_table(report, file=sys.stdout):
+    print(report["table"], file=file)
+    print(f"\nreport: {report['report']}", file=file)
