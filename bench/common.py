@@ -19,6 +19,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 
+def vcd_add_diffusion_noise(image_tensor, noise_step, randn_like=torch.randn_like):
+    """The public image-weakening helper (VCD / BPO code), the baseline of bench/noise.py and
+    bench/pairs.py, as written there: the sigmoid schedule is rebuilt on the CPU on every call
+    and indexed with a Python int. ``randn_like`` lets a check feed the same noise as ours."""
+    num_steps = 1000
+    betas = torch.linspace(-6, 6, num_steps)
+    betas = torch.sigmoid(betas) * (0.5e-2 - 1e-5) + 1e-5
+    alphas = 1 - betas
+    alphas_prod = torch.cumprod(alphas, dim=0)
+    alphas_bar_sqrt = torch.sqrt(alphas_prod)
+    one_minus_alphas_bar_sqrt = torch.sqrt(1 - alphas_prod)
+    noise = randn_like(image_tensor)
+    return alphas_bar_sqrt[noise_step] * image_tensor + one_minus_alphas_bar_sqrt[noise_step] * noise
+
+
 def git_sha():
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,

@@ -44,20 +44,6 @@ SEED = 1234
 
 # ----------------------------------------------------------------------------- baselines
 
-def vcd_add_diffusion_noise(image_tensor, noise_step, randn_like=torch.randn_like):
-    """The public image-weakening helper (VCD / BPO code), verbatim in spirit: the schedule is
-    rebuilt on the CPU on every call and indexed with a Python int."""
-    num_steps = 1000
-    betas = torch.linspace(-6, 6, num_steps)
-    betas = torch.sigmoid(betas) * (0.5e-2 - 1e-5) + 1e-5
-    alphas = 1 - betas
-    alphas_prod = torch.cumprod(alphas, dim=0)
-    alphas_bar_sqrt = torch.sqrt(alphas_prod)
-    one_minus_alphas_bar_sqrt = torch.sqrt(1 - alphas_prod)
-    noise = randn_like(image_tensor)
-    return alphas_bar_sqrt[noise_step] * image_tensor + one_minus_alphas_bar_sqrt[noise_step] * noise
-
-
 def torch_per_image(x, ts_list, out_dtype, randn_like=torch.randn_like):
     """Per image: uint8 -> float, normalise (the CLIP processor's math), then per level the
     helper. ``ts_list``: the timesteps as Python ints (as the helper takes them: no sync)."""
@@ -67,7 +53,7 @@ def torch_per_image(x, ts_list, out_dtype, randn_like=torch.randn_like):
     for b in range(x.shape[0]):
         x0 = (x[b].float() / 255.0 - mean) / std
         for t in ts_list[b]:
-            outs.append(vcd_add_diffusion_noise(x0, t, randn_like).to(out_dtype))
+            outs.append(common.vcd_add_diffusion_noise(x0, t, randn_like).to(out_dtype))
     return outs
 
 

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import print_table, row, write_results  # noqa: E402
+from bench.common import print_table, row, vcd_add_diffusion_noise, write_results  # noqa: E402
 
 QUESTION = "<image>\nDescribe the image in detail."
 
@@ -121,23 +121,6 @@ def make_images(root, n, size=(480, 640), seed=0):
 # --------------------------------------------------------------------------- the baseline
 
 
-def vcd_add_diffusion_noise(image_tensor, noise_step):
-    """VCD's helper (the public image-weakening code), as written there: schedule per call."""
-    num_steps = 1000
-    betas = torch.linspace(-6, 6, num_steps)
-    betas = torch.sigmoid(betas) * (0.5e-2 - 1e-5) + 1e-5
-    alphas = 1 - betas
-    alphas_prod = torch.cumprod(alphas, dim=0)
-    alphas_bar_sqrt = torch.sqrt(alphas_prod)
-    one_minus_alphas_bar_sqrt = torch.sqrt(1 - alphas_prod)
-
-    def q_x(x_0, t):
-        noise = torch.randn_like(x_0)
-        return alphas_bar_sqrt[t] * x_0 + one_minus_alphas_bar_sqrt[t] * noise
-
-    return q_x(image_tensor.clone(), int(noise_step))
-
-
 def run_per_image(model, proc, data, image_root, n, step, new_tokens, device, dtype, gen_kwargs):
     """Per-image loop; returns (per-pair seconds, split dict, generated tokens)."""
     from PIL import Image
@@ -154,7 +137,8 @@ def run_per_image(model, proc, data, image_root, n, step, new_tokens, device, dt
         text = proc.apply_chat_template(turns_to_messages(r["conversations"][:1]), add_generation_prompt=True)
         enc = proc(images=img, text=text, return_tensors="pt")
         t1 = time.perf_counter()
-        px = vcd_add_diffusion_noise(enc["pixel_values"][0], step).unsqueeze(0)
+        # The helper's own code path: a fresh copy of the processor output, an int step.
+        px = vcd_add_diffusion_noise(enc["pixel_values"][0].clone(), int(step)).unsqueeze(0)
         px = px.to(device=device, dtype=dtype)
         sync()
         t2 = time.perf_counter()
