@@ -116,7 +116,7 @@ def sft_train(model, processor, data, image_root, *, epochs=3, batch_size=32, lr
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(out.loss))
+            losses.append(out.loss.detach().item())
             step += 1
             if log is not None:
                 log(step, total, losses[-1])
