@@ -262,6 +262,17 @@ def test_bad_inputs(tiny_llava_dir, batch):
            ref_chosen_logps=c, ref_rejected_logps=c)
 
 
+def test_load_and_prepare_errors_name_the_argument(tiny_llava_dir, tmp_path):
+    from peft import LoraConfig
+
+    with pytest.raises(FileNotFoundError, match="model: .*not a directory"):
+        load_vlm(str(tmp_path / "no_such_model"))
+    base = load_vlm(tiny_llava_dir)
+    cfg = LoraConfig(r=4, target_modules=default_lora_targets(base))
+    with pytest.raises(ValueError, match="freeze_vision"):
+        prepare_policy(base, lora=cfg, freeze_vision=False)   # never silently ignored
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
 def test_cuda_bf16_matches_naive_forward(tiny_llava_dir, batch, attn):

@@ -183,8 +183,13 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
     ``compute_dtype``: the dtype the model will run in when it differs from the stored ``dtype``
     (fp32 master weights under bf16 autocast / FSDP mixed precision); it decides whether
     flash-attention can be used."""
+    import os
+
     from transformers import AutoConfig
 
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model: {path!r} is not a directory (a local save_pretrained "
+                                "folder; nothing is downloaded)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     impl = choose_attention(attn_implementation, device, compute_dtype or dtype)
     kwargs = dict(dtype=dtype, attn_implementation=impl, local_files_only=True)
@@ -513,6 +518,9 @@ def prepare_policy(model, *, lora=None, freeze_vision=True, train_projector=Fals
     if lora is not None:
         from peft import get_peft_model
 
+        if not freeze_vision:
+            raise ValueError("freeze_vision: training the vision tower is not supported with LoRA "
+                             "(its adapters target the language model); use full fine-tuning")
         base.requires_grad_(False)
         if train_projector:
             lora.modules_to_save = list(lora.modules_to_save or []) + [_projector_name(base)]
