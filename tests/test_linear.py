@@ -468,8 +468,10 @@ def test_linear_dpo_module_and_frozen_weight():
 
 def test_dpo_bad_inputs():
     hidden, weight, labels, _, ref_c, ref_r = dpo_inputs(bias=False)
-    with pytest.raises(ValueError, match="even number of rows"):
+    with pytest.raises(ValueError, match="even, non-zero number of rows"):
         fused_linear_dpo_loss(hidden[:5], weight, labels[:5], ref_c, ref_r)
+    with pytest.raises(ValueError, match="hidden must hold an even, non-zero number of rows"):
+        fused_linear_dpo_loss(hidden[:0], weight, labels[:0], ref_c[:0], ref_r[:0])
     with pytest.raises(ValueError, match="loss_type"):
         fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="dpo")
     with pytest.raises(ValueError, match="beta"):

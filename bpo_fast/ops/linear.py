@@ -664,8 +664,9 @@ def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected
     beta, loss_type, label_smoothing, discopop_tau = validate_dpo_params(
         beta, loss_type, label_smoothing, discopop_tau)  # before any heavy work
     N, T, H, V = _check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
-    if N % 2:
-        raise ValueError(f"hidden must hold an even number of rows [chosen; rejected], got {N}")
+    if N == 0 or N % 2:
+        raise ValueError(f"hidden must hold an even, non-zero number of rows [chosen; rejected] "
+                         f"(2B), got {N}")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if grad_in_forward is None:
