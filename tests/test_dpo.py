@@ -327,6 +327,12 @@ def test_bad_hyper_parameters():
         validate_dpo_params(beta=float("nan"))
     with pytest.raises(ValueError, match="loss_type"):
         DPOLoss(loss_type="simpo")
+    with pytest.raises(ValueError, match="temperature must be"):
+        DPOLoss(temperature=0.0)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        DPOLoss(ignore_index=-100.0)
+    with pytest.raises(TypeError, match="inplace_backward"):
+        DPOLoss(inplace_backward=1)
     assert validate_dpo_params(1, "hinge", 0, 1) == (1.0, "hinge", 0.0, 1.0)
 
 

@@ -477,8 +477,17 @@ class DPOLoss(torch.nn.Module):
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, *, ignore_index=-100,
                  temperature=1.0, discopop_tau=0.05, inplace_backward=False):
         super().__init__()
+        from bpo_fast.ops.logprobs import _check_inplace
+
         self.beta, self.loss_type, self.label_smoothing, self.discopop_tau = \
             validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)
+        # the settings of the logits path are checked here, not at the first call
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        _check_inplace(inplace_backward)
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.inplace_backward = inplace_backward
