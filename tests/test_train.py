@@ -130,11 +130,54 @@ def test_config_validation(tiny_llava_dir, data, tmp_path):
         _cfg(tiny_llava_dir, data, tmp_path, loss_type="nope")
     with pytest.raises(ValueError, match="merge_lora"):
         _cfg(tiny_llava_dir, data, tmp_path, merge_lora=True)
+    for bad, name in [(dict(log_every=0), "log_every"), (dict(keep_checkpoints=0), "keep_checkpoints"),
+                      (dict(warmup_steps=-1), "warmup_steps"), (dict(warmup_ratio=1.5), "warmup_ratio"),
+                      (dict(learning_rate=-1.0), "learning_rate"), (dict(num_workers=-1), "num_workers"),
+                      (dict(lora_r=4, lora_dropout=1.0), "lora_dropout"),
+                      (dict(lora_r=4, train_vision=True), "train_vision")]:
+        with pytest.raises(ValueError, match=name):
+            _cfg(tiny_llava_dir, data, tmp_path, **bad)
     assert _cfg(tiny_llava_dir, data, tmp_path, lora_r=8).reference == "lora"
     with pytest.raises(ValueError, match="global batch"):
         train(_cfg(tiny_llava_dir, data, tmp_path / "x", batch_size=8, grad_accum=2))
     with pytest.raises(FileNotFoundError, match="resume"):
         train(_cfg(tiny_llava_dir, data, tmp_path / "y", resume=str(tmp_path / "none")))
+
+
+def test_lora_target_modules_names_or_regex(tiny_llava_dir, data, tmp_path):
+    from peft import get_peft_model
+
+    from bpo_fast.models.preference import load_vlm
+    from bpo_fast.train.trainer import _lora_config
+
+    model = load_vlm(tiny_llava_dir)
+    for spec, want in [("q_proj", ["q_proj"]), ("q_proj, v_proj", ["q_proj", "v_proj"]),
+                       (r".*language_model.*\.q_proj", r".*language_model.*\.q_proj")]:
+        lc = _lora_config(_cfg(tiny_llava_dir, data, tmp_path, lora_r=4, lora_target_modules=spec),
+                          model)
+        assert (sorted(lc.target_modules) if isinstance(want, list) else lc.target_modules) == want
+    # a lone module name finds its modules (as a string it would be a full-match regex: none)
+    lc = _lora_config(_cfg(tiny_llava_dir, data, tmp_path, lora_r=4, lora_target_modules="q_proj"),
+                      model)
+    peft_model = get_peft_model(model, lc)
+    assert any("q_proj.lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+def test_cli_errors_name_the_argument(tiny_llava_dir, data, tmp_path, capsys):
+    from bpo_fast.cli import main
+
+    path, root = data
+    base = ["--data", path, "--image-root", root, "--no-progress", "--device", "cpu"]
+    assert main(["train", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
+                 *base]) == 2
+    assert "bpo-fast train: error: model:" in capsys.readouterr().err
+    assert main(["train", "--model", tiny_llava_dir, "--output", str(tmp_path / "o"),
+                 "--batch-size", "0", *base]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    assert main(["ref-logps", "--model", tiny_llava_dir, "--data", str(tmp_path / "none.jsonl"),
+                 "--image-root", root, "--out", str(tmp_path / "r.safetensors"),
+                 "--no-progress"]) == 2
+    assert "bpo-fast ref-logps: error: data:" in capsys.readouterr().err
 
 
 @pytest.mark.cuda

@@ -7,6 +7,7 @@ Every option maps to a field of :class:`bpo_fast.train.TrainConfig` (dashes -> u
 """
 
 import argparse
+import sys
 
 
 def _bool_or_auto(v):
@@ -40,7 +41,8 @@ def add_arguments(parser):
     g.add_argument("--lora-alpha", type=float, default=None, help="default 2 * r")
     g.add_argument("--lora-dropout", type=float, default=0.05)
     g.add_argument("--lora-target-modules", default=None,
-                   help="comma-separated module names or a regex (default: the LLM's q/k/v/o/gate/up/down)")
+                   help="comma-separated module names (matched as name suffixes) or a regex (matched against "
+                        "the full module path) (default: the LLM's q/k/v/o/gate/up/down)")
     g.add_argument("--train-projector", action="store_true", help="also train the projector")
     g.add_argument("--train-vision", action="store_true", help="also train the vision tower")
     g.add_argument("--merge-lora", action="store_true", help="also write merged full weights")
@@ -88,6 +90,10 @@ def run(args):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = train(config_from_args(args))
+    except (ValueError, FileNotFoundError) as exc:  # bad input: the message names the argument
+        logging.getLogger("bpo_fast").debug("train failed", exc_info=True)
+        print(f"bpo-fast train: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         import torch.distributed as dist
 

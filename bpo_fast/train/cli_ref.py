@@ -7,6 +7,8 @@ Train with it: ``bpo-fast train ... --reference cached --ref-cache ref.safetenso
 ``--max-length``).
 """
 
+import sys
+
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="local path of the reference model")
@@ -14,8 +16,9 @@ def add_arguments(parser):
     parser.add_argument("--image-root", required=True, help="directory the image paths are relative to")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward (default 8)")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="truncate rows to this many tokens (use the same value for training)")
+    parser.add_argument("--max-length", type=int, default=1024,
+                        help="truncate rows to this many tokens; use the same value for training "
+                             "(default 1024, as `bpo-fast train`)")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="reference dtype (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
@@ -33,10 +36,15 @@ def run(args):
     from bpo_fast.train.ref_cache import compute_reference_logps
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cache = compute_reference_logps(
-        args.model, args.data, args.image_root, args.out, batch_size=args.batch_size,
-        max_length=args.max_length, dtype=parse_dtype(args.dtype, args.device),
-        device=args.device, temperature=args.temperature, strict=args.strict,
-        attn_implementation=args.attn_implementation, progress=not args.no_progress)
+    try:
+        cache = compute_reference_logps(
+            args.model, args.data, args.image_root, args.out, batch_size=args.batch_size,
+            max_length=args.max_length, dtype=parse_dtype(args.dtype, args.device),
+            device=args.device, temperature=args.temperature, strict=args.strict,
+            attn_implementation=args.attn_implementation, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: the message names the argument
+        logging.getLogger("bpo_fast").debug("ref-logps failed", exc_info=True)
+        print(f"bpo-fast ref-logps: error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote reference log-probs of {len(cache)} pairs to {args.out}")
     return 0

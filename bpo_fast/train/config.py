@@ -113,6 +113,28 @@ class TrainConfig:
             raise ValueError(f"save_every: expected >= 0, got {self.save_every}")
         if self.merge_lora and self.lora_r <= 0:
             raise ValueError("merge_lora: needs LoRA (lora_r > 0)")
+        if self.train_vision and self.lora_r > 0:
+            raise ValueError("train_vision: not supported with LoRA (lora_r > 0); the adapters "
+                             "target the language model")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: expected in [0, 1), got {self.lora_dropout}")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate: expected >= 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int)
+                                              or self.warmup_steps < 0):
+            raise ValueError(f"warmup_steps: expected an int >= 0 or None, got {self.warmup_steps!r}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio: expected in [0, 1], got {self.warmup_ratio}")
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ValueError(f"log_every: expected a positive int, got {self.log_every!r}")
+        if self.keep_checkpoints is not None and (not isinstance(self.keep_checkpoints, int)
+                                                  or self.keep_checkpoints < 1):
+            raise ValueError(f"keep_checkpoints: expected a positive int or None, got "
+                             f"{self.keep_checkpoints!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers: expected an int >= 0, got {self.num_workers!r}")
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
         from bpo_fast.ops.dpo import LOSS_TYPES

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import time
@@ -149,7 +150,9 @@ def _lora_config(config, model):
     targets = config.lora_target_modules
     if targets is None:
         targets = default_lora_targets(model)
-    elif isinstance(targets, str) and "," in targets:
+    elif isinstance(targets, str) and re.fullmatch(r"\s*[\w.\-]+(\s*,\s*[\w.\-]+)*\s*,?\s*", targets):
+        # plain module names ("q_proj" or "q_proj,v_proj"): a list, which peft matches by name
+        # suffix; a lone name passed as a string would be a regex that must match the full path
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r,
                       lora_dropout=config.lora_dropout, target_modules=targets, bias="none")
