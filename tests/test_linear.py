@@ -489,6 +489,10 @@ def test_dpo_bad_inputs():
         LinearDPOLoss(loss_type="nope")
     with pytest.raises(ValueError, match="impl"):
         LinearDPOLoss(impl="nope")
+    with pytest.raises(ValueError, match="temperature"):
+        LinearDPOLoss(temperature=0.0)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        LinearDPOLoss(ignore_index=-100.0)
 
 
 # ----------------------------------------------------------------------------------------------

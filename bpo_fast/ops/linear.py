@@ -719,6 +719,8 @@ class LinearDPOLoss(torch.nn.Module):
             validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
