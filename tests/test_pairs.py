@@ -308,6 +308,12 @@ def test_rules_only_needs_no_model_and_config_errors(tmp_path):
         build_pairs(PairBuilderConfig(data=data, out=str(out), top_p=0))
     with pytest.raises(TypeError, match="config"):
         build_pairs({"data": data})
+    with pytest.raises(FileNotFoundError, match="image_root"):
+        build_pairs(PairBuilderConfig(data=data, out=str(out), image_root=str(tmp_path / "nope"),
+                                      strategies=("error_injection",)))
+    with pytest.raises(ValueError, match="limit"):
+        build_pairs(PairBuilderConfig(data=data, out=str(out), limit=0,
+                                      strategies=("error_injection",)))
     assert parse_noise_steps("200, 500,none") == (200, 500, None)
     with pytest.raises(ValueError, match="twice"):
         parse_noise_steps("5,5")

@@ -855,6 +855,11 @@ def _validate_config(cfg):
                          f"got {list(cfg.noise_steps)}")
     if "image_weakened" in cfg.strategies and any(s is not None for s in cfg.noise_steps):
         _schedule(cfg.noise_schedule, cfg.num_noise_steps)  # unknown kind: fail before any work
+    if cfg.image_root is not None and not os.path.isdir(cfg.image_root):
+        raise FileNotFoundError(f"image_root: {cfg.image_root!r} is not a directory")
+    if cfg.limit is not None and (not isinstance(cfg.limit, int) or isinstance(cfg.limit, bool)
+                                  or cfg.limit < 1):
+        raise ValueError(f"limit: expected an int >= 1 or None, got {cfg.limit!r}")
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume and overwrite: pick one")
     if cfg.max_batches is not None and cfg.max_batches < 1:
