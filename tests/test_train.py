@@ -163,6 +163,18 @@ def test_lora_target_modules_names_or_regex(tiny_llava_dir, data, tmp_path):
     assert any("q_proj.lora_A" in n for n, _ in peft_model.named_parameters())
 
 
+def test_cached_reference_settings_must_match(tiny_llava_dir, data, tmp_path):
+    from bpo_fast.train.ref_cache import compute_reference_logps
+
+    path, root = data
+    cache = str(tmp_path / "ref_t2.safetensors")
+    compute_reference_logps(tiny_llava_dir, path, root, cache, max_length=64, temperature=2.0,
+                            progress=False, device="cpu")
+    with pytest.raises(ValueError, match="temperature"):
+        train(_cfg(tiny_llava_dir, data, tmp_path / "t", max_steps=1, reference="cached",
+                   ref_cache=cache))
+
+
 def test_cli_errors_name_the_argument(tiny_llava_dir, data, tmp_path, capsys):
     from bpo_fast.cli import main
 

@@ -400,6 +400,10 @@ def train(config):
         if str(cached_len) != str(config.max_length):
             raise ValueError(f"ref_cache: computed with max_length={cached_len}, training uses "
                              f"{config.max_length}; the log-probs would not match")
+        cached_t = float(cache.metadata.get("temperature", 1.0))
+        if cached_t != 1.0:
+            raise ValueError(f"ref_cache: computed with temperature={cached_t}, training scores "
+                             "the policy at temperature 1.0; the log-probs would not match")
         missing = [i for i in ds.ids if i not in cache]
         if missing:
             raise ValueError(f"ref_cache: {len(missing)} pair id(s) of {config.data} are not in "
