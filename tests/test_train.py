@@ -83,6 +83,19 @@ def test_resume_gives_the_same_losses(tiny_llava_dir, data, tmp_path):
             assert a[k] == pytest.approx(b[k], abs=1e-6), k
 
 
+def test_fresh_run_refuses_an_earlier_runs_checkpoints(tiny_llava_dir, data, tmp_path):
+    out = tmp_path / "o"
+    train(_cfg(tiny_llava_dir, data, out, max_steps=2, save_every=1))
+    assert os.path.isdir(out / "checkpoint-2")
+    # a later --resume would pick the old run's checkpoint: refuse, naming the way out
+    with pytest.raises(ValueError, match="output.*checkpoint-2.*overwrite"):
+        train(_cfg(tiny_llava_dir, data, out, max_steps=1))
+    res = train(_cfg(tiny_llava_dir, data, out, max_steps=1, overwrite=True))
+    assert res["steps"] == 1 and [r["step"] for r in _metrics(str(out))] == [1]
+    assert sorted(os.listdir(out)).count("checkpoint-1") == 1
+    assert not any(n in os.listdir(out) for n in ("checkpoint-2",))
+
+
 def test_lora_and_cached_reference_agree(tiny_llava_dir, data, tmp_path):
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration

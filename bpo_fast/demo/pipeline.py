@@ -67,8 +67,8 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **kw):
-        base = dict(n_train=400, n_eval=80, sft_epochs=3, pair_images=120,
-                    llm_injector_images=24, max_new_tokens=40)
+        base = dict(n_train=300, n_eval=60, sft_epochs=4, pair_images=64,
+                    llm_injector_images=16, max_new_tokens=40)
         base.update(kw)
         return cls(**base)
 
@@ -111,13 +111,16 @@ def _read_eval(world):
     return records, images
 
 
-def _captions(model_dir, world, cfg, path):
-    """Greedy captions of the held-out images by the model in ``model_dir`` (cached in ``path``)."""
+def _captions(model_dir, model_key, world, cfg, path):
+    """Greedy captions of the held-out images by the model in ``model_dir`` (cached in ``path``;
+    ``model_key`` is the settings key of the stage that made the model, so a retrained model
+    is never scored with stale captions)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from bpo_fast.demo.sft import generate_answers
 
-    key = {"model": os.path.abspath(model_dir), "max_new_tokens": cfg.max_new_tokens}
+    key = {"model": os.path.abspath(model_dir), "model_key": model_key,
+           "max_new_tokens": cfg.max_new_tokens}
     if _stage_done(path + ".done", key):
         with open(path, encoding="utf-8") as f:
             return {r["id"]: r["caption"] for r in map(json.loads, f)}
@@ -142,11 +145,12 @@ def _sft(world, cfg, seed, out_dir):
 
     key = {"seed": seed, "n_train": cfg.n_train, "epochs": cfg.sft_epochs, "lr": cfg.sft_lr,
            "hidden": cfg.hidden_size, "layers": cfg.num_layers, "patch": cfg.patch_size,
-           "image_size": cfg.image_size, "batch": cfg.sft_batch_size}
+           "image_size": cfg.image_size, "batch": cfg.sft_batch_size,
+           "world": cfg.world.to_dict()}
     marker = os.path.join(out_dir, "sft.done")
     if _stage_done(marker, key):
         _say(f"sft: reusing {out_dir}")
-        return []
+        return key
     tiny = TinyLlavaConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
                            vision_hidden=cfg.hidden_size, hidden_size=cfg.hidden_size,
                            intermediate_size=2 * cfg.hidden_size, num_layers=cfg.num_layers,
@@ -171,7 +175,7 @@ def _sft(world, cfg, seed, out_dir):
     with open(os.path.join(out_dir, "sft_losses.json"), "w", encoding="utf-8") as f:
         json.dump(losses, f)
     _mark_done(marker, key)
-    return losses
+    return key
 
 
 def _pairs_data(world, n, path):
@@ -185,19 +189,20 @@ def _pairs_data(world, n, path):
     return path
 
 
-def _pairs(world, cfg, seed, model_dir, out_dir):
+def _pairs(world, cfg, seed, model_dir, model_key, out_dir):
     from bpo_fast.data.pairs import PairBuilderConfig, build_pairs, merge_pairs
 
     os.makedirs(out_dir, exist_ok=True)
     merged = os.path.join(out_dir, "pairs.jsonl")
     key = {"seed": seed, "pair_images": cfg.pair_images, "llm": cfg.llm_injector_images,
            "noise_step": cfg.noise_step, "schedule": cfg.noise_schedule,
-           "max_new_tokens": cfg.max_new_tokens, "model": os.path.abspath(model_dir)}
+           "max_new_tokens": cfg.max_new_tokens, "model": os.path.abspath(model_dir),
+           "model_key": model_key}
     marker = merged + ".done"
     if _stage_done(marker, key):
         _say(f"pairs: reusing {merged}")
         with open(os.path.join(out_dir, "summaries.json"), encoding="utf-8") as f:
-            return merged, json.load(f)
+            return merged, key, json.load(f)
     data = _pairs_data(world, cfg.pair_images, os.path.join(out_dir, "records.json"))
     data_llm = _pairs_data(world, cfg.llm_injector_images, os.path.join(out_dir, "records_llm.json"))
     common = dict(model=model_dir, image_root=world.images, turns="first", seed=seed,
@@ -222,29 +227,30 @@ def _pairs(world, cfg, seed, model_dir, out_dir):
     with open(os.path.join(out_dir, "summaries.json"), "w", encoding="utf-8") as f:
         json.dump(summaries, f, indent=1)
     _mark_done(marker, key)
-    return merged, summaries
+    return merged, key, summaries
 
 
-def _bpo(world, cfg, seed, sft_dir, pairs, out_dir):
+def _bpo(world, cfg, seed, sft_dir, pairs, pairs_key, out_dir):
     from bpo_fast.train import TrainConfig, train
 
     key = {"seed": seed, "pairs": os.path.abspath(pairs), "beta": cfg.beta, "lr": cfg.dpo_lr,
-           "epochs": cfg.dpo_epochs, "batch": cfg.dpo_batch_size, "loss": cfg.loss_type}
+           "epochs": cfg.dpo_epochs, "batch": cfg.dpo_batch_size, "loss": cfg.loss_type,
+           "pairs_key": pairs_key}
     marker = os.path.join(out_dir, "bpo.done")
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if _stage_done(marker, key):
         _say(f"bpo: reusing {out_dir}")
-        return metrics
+        return metrics, key
     tc = TrainConfig(model=sft_dir, data=pairs, image_root=world.images, output=out_dir,
                      reference="model", beta=cfg.beta, loss_type=cfg.loss_type,
                      learning_rate=cfg.dpo_lr, epochs=cfg.dpo_epochs,
                      batch_size=cfg.dpo_batch_size, warmup_ratio=0.1, train_projector=True,
                      device=cfg.device, dtype="fp32" if cfg.device == "cpu" else "auto",
-                     seed=seed, progress=False, max_length=None)
+                     seed=seed, progress=False, max_length=None, overwrite=True)
     result = train(tc)
     _say(f"bpo: {result['steps']} DPO steps -> {out_dir}")
     _mark_done(marker, key)
-    return result["metrics_path"]
+    return result["metrics_path"], key
 
 
 def run_seed(cfg, seed):
@@ -256,14 +262,17 @@ def run_seed(cfg, seed):
                        config=cfg.world)
     _say(f"seed {seed}: world with {cfg.n_train} training / {cfg.n_eval} held-out images")
     sft_dir = os.path.join(root, "sft_model")
-    _sft(world, cfg, seed, sft_dir)
-    caps_before = _captions(sft_dir, world, cfg, os.path.join(root, "captions_before.jsonl"))
+    sft_key = _sft(world, cfg, seed, sft_dir)
+    caps_before = _captions(sft_dir, sft_key, world, cfg,
+                            os.path.join(root, "captions_before.jsonl"))
     before = score_captions(caps_before, world)
     _say(f"seed {seed}: before BPO CHAIR-i {before.chair_i:.3f} recall {before.recall:.3f}")
-    pairs, summaries = _pairs(world, cfg, seed, sft_dir, os.path.join(root, "pairs"))
+    pairs, pairs_key, summaries = _pairs(world, cfg, seed, sft_dir, sft_key,
+                                         os.path.join(root, "pairs"))
     bpo_dir = os.path.join(root, "bpo_model")
-    metrics = _bpo(world, cfg, seed, sft_dir, pairs, bpo_dir)
-    caps_after = _captions(bpo_dir, world, cfg, os.path.join(root, "captions_after.jsonl"))
+    metrics, bpo_key = _bpo(world, cfg, seed, sft_dir, pairs, pairs_key, bpo_dir)
+    caps_after = _captions(bpo_dir, bpo_key, world, cfg,
+                           os.path.join(root, "captions_after.jsonl"))
     after = score_captions(caps_after, world)
     _say(f"seed {seed}: after BPO CHAIR-i {after.chair_i:.3f} recall {after.recall:.3f} "
          f"({time.time() - t0:.0f}s)")

@@ -69,6 +69,9 @@ def add_arguments(parser):
     g.add_argument("--keep-checkpoints", type=int, default=None)
     g.add_argument("--resume", nargs="?", const=True, default=None,
                    help="continue from the newest checkpoint in --output, or from the given one")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output that holds an earlier run's checkpoints "
+                        "(they are deleted)")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--log-every", type=int, default=1)

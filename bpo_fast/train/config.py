@@ -81,6 +81,7 @@ class TrainConfig:
     save_every: int = 0             # checkpoint every N optimiser steps (0: only at the end)
     keep_checkpoints: int = None    # keep only the newest N checkpoints
     resume: object = None           # True: newest checkpoint under output; or a checkpoint path
+    overwrite: bool = False         # start over in an output that holds an earlier run's checkpoints
     num_workers: int = 0
     progress: bool = True
     log_every: int = 1              # metrics.jsonl line every N steps

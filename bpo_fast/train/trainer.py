@@ -385,6 +385,12 @@ def train(config):
         config = TrainConfig.from_dict(config)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    stale = _checkpoints(config.output) if config.resume in (None, False, "") else []
+    if stale and not config.overwrite:
+        raise ValueError(
+            f"output: {config.output!r} holds checkpoints of an earlier run "
+            f"({os.path.basename(stale[-1])}); pass resume (--resume) to continue it or "
+            f"overwrite (--overwrite) to start over")
     world, rank, device = _dist_setup(config)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -439,6 +445,9 @@ def train(config):
     metrics_path = os.path.join(config.output, "metrics.jsonl")
     if rank == 0:
         if ckpt is None:
+            # a fresh run (overwrite): an old checkpoint left here would be what --resume finds
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
             open(metrics_path, "w").close()
         else:  # drop lines past the checkpoint (written by the interrupted run after it)
             _truncate_metrics(metrics_path, step)
