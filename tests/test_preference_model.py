@@ -130,6 +130,28 @@ def test_gradients_match_naive_dpo(tiny_llava_dir, batch):
             torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_rpo_term_is_the_chosen_token_nll(tiny_llava_dir, batch):
+    policy = prepare_policy(load_vlm(tiny_llava_dir))
+    _perturb(policy.model.language_model, 5)
+    reference = load_vlm(tiny_llava_dir)
+    plain = PreferenceModel(policy, reference, beta=0.3)(**_inputs(batch))
+    out = PreferenceModel(policy, reference, beta=0.3, rpo_alpha=0.7)(**_inputs(batch))
+    torch.testing.assert_close(out.dpo.loss, plain.dpo.loss)
+    # TRL's RPO: cross-entropy over every chosen token of the batch (naive full logits here)
+    pv = batch["pixel_values"]
+    logits = policy(input_ids=batch["input_ids"][:3], attention_mask=batch["attention_mask"][:3],
+                    pixel_values=pv).logits[:, :-1].float()
+    lab = batch["labels"][:3, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
+                                            ignore_index=-100)
+    torch.testing.assert_close(out.loss, plain.loss + 0.7 * nll, atol=TOL, rtol=0)
+    # the term trains the chosen answers' likelihood up
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        PreferenceModel(policy, reference, rpo_alpha=-1.0)
+
+
 def test_lora_reference_is_the_policy_without_adapters(tiny_llava_dir, batch):
     from peft import LoraConfig
 

@@ -40,7 +40,8 @@ IGNORE_INDEX = -100
 class PreferenceOutput:
     """What one :meth:`PreferenceModel.forward` returns.
 
-    ``loss`` is ``dpo.loss`` (the mean over pairs); log-probs are float32 sums over the response
+    ``loss`` is ``dpo.loss`` (the mean over pairs), plus the RPO term when ``rpo_alpha`` is set;
+    log-probs are float32 sums over the response
     tokens, token counts are int64; ``dpo`` is the :class:`bpo_fast.ops.dpo.DPOOutput` of the
     configured loss (rewards, margins, accuracy).
     """
@@ -239,6 +240,9 @@ class PreferenceModel(nn.Module):
         reference_mode: ``"model"``, ``"lora"`` or ``"cached"``; ``None`` picks ``"model"`` when a
             reference is given, ``"lora"`` for a peft policy, else ``"cached"``.
         beta, loss_type, label_smoothing: the DPO loss (:func:`bpo_fast.ops.dpo.dpo_loss`).
+        rpo_alpha: when set, adds ``rpo_alpha`` times the chosen answers' negative log-likelihood
+            per token (RPO, as TRL's ``rpo_alpha``): keeps DPO from lowering the chosen answers'
+            likelihood along with the rejected ones (shorter, emptier answers).
         temperature: logits are divided by it before the log-softmax.
         packing: ``"auto"`` (pack when the decoder runs flash-attention), ``True`` or ``False``.
         share_image_features: ``"auto"`` reuses the policy's image features for the reference
@@ -247,7 +251,7 @@ class PreferenceModel(nn.Module):
 
     def __init__(self, policy, reference=None, *, reference_mode=None, beta=0.1,
                  loss_type="sigmoid", label_smoothing=0.0, temperature=1.0, packing="auto",
-                 share_image_features="auto"):
+                 share_image_features="auto", rpo_alpha=None):
         super().__init__()
         check_vlm_api(policy)
         if reference_mode is None:
@@ -283,6 +287,9 @@ class PreferenceModel(nn.Module):
         self.beta = float(beta)
         self.loss_type = loss_type
         self.label_smoothing = float(label_smoothing)
+        if rpo_alpha is not None and not (isinstance(rpo_alpha, (int, float)) and rpo_alpha >= 0):
+            raise ValueError(f"rpo_alpha: expected a number >= 0 or None, got {rpo_alpha!r}")
+        self.rpo_alpha = None if rpo_alpha is None else float(rpo_alpha)
         self.temperature = float(temperature)
         self.packing = packing
         self.image_token_id = image_token_id(policy)
@@ -470,7 +477,12 @@ class PreferenceModel(nn.Module):
                        loss_type=self.loss_type, label_smoothing=self.label_smoothing,
                        chosen_lengths=n_c, rejected_lengths=n_r)
         out.policy_chosen_logps, out.policy_rejected_logps = pc, pr
-        return PreferenceOutput(loss=out.loss, dpo=out, policy_chosen_logps=out.policy_chosen_logps,
+        loss = out.loss
+        if self.rpo_alpha:
+            # token-level mean NLL over every chosen token of the batch (TRL's RPO term)
+            nll = -pc.sum() / n_c.sum().clamp(min=1)
+            loss = loss + self.rpo_alpha * nll
+        return PreferenceOutput(loss=loss, dpo=out, policy_chosen_logps=out.policy_chosen_logps,
                                 policy_rejected_logps=out.policy_rejected_logps,
                                 ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
                                 chosen_tokens=n_c, rejected_tokens=n_r)

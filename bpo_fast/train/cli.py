@@ -35,6 +35,8 @@ def add_arguments(parser):
     g.add_argument("--beta", type=float, default=0.1)
     g.add_argument("--loss-type", default="sigmoid", help="a DPO variant of bpo_fast.LOSS_TYPES")
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--rpo-alpha", type=float, default=None,
+                   help="add this times the chosen answers' per-token NLL to the loss (RPO)")
 
     g = parser.add_argument_group("what trains")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the language model (0: full)")

@@ -47,6 +47,7 @@ class TrainConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    rpo_alpha: float = None         # + rpo_alpha * NLL of the chosen answers (RPO; TRL's name)
 
     # what trains
     lora_r: int = 0                 # > 0: LoRA on the language model
@@ -104,6 +105,9 @@ class TrainConfig:
             raise ValueError("ref_cache: reference='cached' needs the cache file (--ref-cache)")
         if self.lora_r < 0:
             raise ValueError(f"lora_r: expected >= 0, got {self.lora_r}")
+        if self.rpo_alpha is not None and not (isinstance(self.rpo_alpha, (int, float))
+                                               and self.rpo_alpha >= 0):
+            raise ValueError(f"rpo_alpha: expected a number >= 0 or None, got {self.rpo_alpha!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing: expected in [0, 0.5), got {self.label_smoothing}")
         if self.beta <= 0:

@@ -184,7 +184,7 @@ def build_preference_model(config, device, world):
                              attn_implementation=config.attn_implementation, device=device)
     pm = PreferenceModel(policy, reference, reference_mode=config.reference, beta=config.beta,
                          loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-                         packing=config.packing)
+                         packing=config.packing, rpo_alpha=config.rpo_alpha)
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in unwrap(policy).parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100.0 * n_train / n_all)
