@@ -59,6 +59,7 @@ class DemoConfig:
     # DPO
     beta: float = 0.1
     loss_type: str = "sigmoid"
+    rpo_alpha: float = None
     dpo_lr: float = 5e-4
     dpo_epochs: int = 1
     dpo_batch_size: int = 8
@@ -235,7 +236,7 @@ def _bpo(world, cfg, seed, sft_dir, pairs, pairs_key, out_dir):
 
     key = {"seed": seed, "pairs": os.path.abspath(pairs), "beta": cfg.beta, "lr": cfg.dpo_lr,
            "epochs": cfg.dpo_epochs, "batch": cfg.dpo_batch_size, "loss": cfg.loss_type,
-           "pairs_key": pairs_key}
+           "rpo_alpha": cfg.rpo_alpha, "pairs_key": pairs_key}
     marker = os.path.join(out_dir, "bpo.done")
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if _stage_done(marker, key):
@@ -243,6 +244,7 @@ def _bpo(world, cfg, seed, sft_dir, pairs, pairs_key, out_dir):
         return metrics, key
     tc = TrainConfig(model=sft_dir, data=pairs, image_root=world.images, output=out_dir,
                      reference="model", beta=cfg.beta, loss_type=cfg.loss_type,
+                     rpo_alpha=cfg.rpo_alpha,
                      learning_rate=cfg.dpo_lr, epochs=cfg.dpo_epochs,
                      batch_size=cfg.dpo_batch_size, warmup_ratio=0.1, train_projector=True,
                      device=cfg.device, dtype="fp32" if cfg.device == "cpu" else "auto",
