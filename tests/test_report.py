@@ -123,6 +123,9 @@ def test_load_metrics(tmp_path):
         load_metrics(str(p))
     with pytest.raises(FileNotFoundError, match="metrics"):
         load_metrics(str(tmp_path / "nope.jsonl"))
+    # an objective with an extra term (RPO): the DPO part is what the report shows
+    p.write_text('{"step": 1, "loss": 1.9, "dpo_loss": 0.69}\n')
+    assert load_metrics(str(p))[0]["loss"] == 0.69
 
 
 def test_bad_arguments(tmp_path):

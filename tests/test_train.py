@@ -41,6 +41,7 @@ def test_loss_goes_down_and_metrics_and_final_model(tiny_llava_dir, data, tmp_pa
     assert all(tuple(r) == METRIC_KEYS for r in rows)
     assert all(isinstance(r[k], (int, float)) for r in rows for k in METRIC_KEYS)
     losses = [r["loss"] for r in rows]
+    assert all(r["dpo_loss"] == r["loss"] for r in rows)     # no extra term
     assert abs(losses[0] - 0.6931) < 1e-3      # policy == reference at step 1
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.5
     assert rows[-1]["reward_margin"] > 0 and rows[-1]["reward_accuracy"] > 0.5
@@ -81,6 +82,14 @@ def test_resume_gives_the_same_losses(tiny_llava_dir, data, tmp_path):
     for a, b in zip(ref[2:], got[2:]):
         for k in ("loss", "reward_margin", "logps_chosen", "logps_rejected", "lr"):
             assert a[k] == pytest.approx(b[k], abs=1e-6), k
+
+
+def test_rpo_alpha_logs_the_dpo_part_apart(tiny_llava_dir, data, tmp_path):
+    res = train(_cfg(tiny_llava_dir, data, tmp_path / "rpo", max_steps=2, rpo_alpha=0.5))
+    for r in res["history"]:
+        assert r["loss"] > r["dpo_loss"] > 0     # + 0.5 * the chosen tokens' NLL (> 0)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        _cfg(tiny_llava_dir, data, tmp_path / "x", rpo_alpha=-0.1)
 
 
 def test_fresh_run_refuses_an_earlier_runs_checkpoints(tiny_llava_dir, data, tmp_path):

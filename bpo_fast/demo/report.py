@@ -6,7 +6,8 @@ Inputs
   :data:`METRIC_KEYS` (``step``, ``loss``, ``reward_chosen``, ``reward_rejected``,
   ``reward_margin``, ``reward_accuracy``, ``lr``; others are kept and ignored). TRL's names
   (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
-  ``learning_rate``) are accepted too. A step logged twice (a resumed run) keeps its last line.
+  ``learning_rate``) are accepted too. Where a line has ``dpo_loss`` (the trainer's DPO part of
+  an objective with an extra term, e.g. RPO), that is the loss reported. A step logged twice (a resumed run) keeps its last line.
 - CHAIR results before and after BPO: :class:`bpo_fast.eval.chair.ChairResult`\\ s or dicts
   with ``chair_i``, ``chair_s``, ``recall`` (fractions in [0, 1] or None).
 
@@ -75,7 +76,12 @@ def load_metrics(path):
 
 
 def _rename(rec):
-    return {METRIC_ALIASES.get(k, k): v for k, v in rec.items()}
+    rec = {METRIC_ALIASES.get(k, k): v for k, v in rec.items()}
+    # the report is about the DPO loss: the trainer logs it apart from the optimised total
+    # when an extra term (RPO's chosen NLL) is added
+    if "dpo_loss" in rec:
+        rec["loss"] = rec.pop("dpo_loss")
+    return rec
 
 
 def _as_runs(x, what):

@@ -37,7 +37,8 @@ from bpo_fast.train.config import TrainConfig, parse_dtype
 
 logger = logging.getLogger("bpo_fast")
 
-METRIC_KEYS = ("step", "loss", "reward_chosen", "reward_rejected", "reward_margin",
+# loss: the optimised objective; dpo_loss: its DPO part (they differ by the RPO term)
+METRIC_KEYS = ("step", "loss", "dpo_loss", "reward_chosen", "reward_rejected", "reward_margin",
                "reward_accuracy", "logps_chosen", "logps_rejected", "lr", "tokens_per_s",
                "peak_mem_bytes", "epoch")
 _TEXT_KEYS = ("input_ids", "attention_mask", "labels")
@@ -506,7 +507,8 @@ def train(config):
             elapsed = time.perf_counter() - t0
             m = acc.result(world)
             t0 = time.perf_counter()
-            rec = {"step": step, "loss": m["loss"], "reward_chosen": m["reward_chosen"],
+            rec = {"step": step, "loss": m["loss"], "dpo_loss": m["dpo_loss"],
+                   "reward_chosen": m["reward_chosen"],
                    "reward_rejected": m["reward_rejected"], "reward_margin": m["reward_margin"],
                    "reward_accuracy": m["reward_accuracy"], "logps_chosen": m["logps_chosen"],
                    "logps_rejected": m["logps_rejected"], "lr": lr,
@@ -561,7 +563,7 @@ def _truncate_metrics(path, step):
 class _Accumulator:
     """Per-step means over micro-batches (and ranks) of the logged quantities."""
 
-    _KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
+    _KEYS = ("loss", "dpo_loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
              "logps_chosen", "logps_rejected")
 
     def __init__(self, device):
@@ -575,7 +577,8 @@ class _Accumulator:
 
     def add(self, out, attention_mask):
         d = out.dpo
-        vals = torch.stack([out.loss.detach().float(), d.chosen_rewards.detach().float().mean(),
+        vals = torch.stack([out.loss.detach().float(), d.loss.detach().float(),
+                            d.chosen_rewards.detach().float().mean(),
                             d.rejected_rewards.detach().float().mean(),
                             d.reward_margins.detach().float().mean(),
                             torch.as_tensor(d.reward_accuracy).detach().float().mean(),
