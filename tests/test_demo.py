@@ -28,6 +28,7 @@ def test_quick_demo_runs_end_to_end(quick_demo, capsys):
     # every stage left its artefact, through the same code paths a user runs
     assert os.path.isfile(os.path.join(seed_dir, "sft_model", "config.json"))
     assert os.path.isfile(os.path.join(seed_dir, "bpo_model", "config.json"))
+    assert os.path.isfile(os.path.join(seed_dir, "control_model", "config.json"))
     with open(os.path.join(seed_dir, "pairs", "pairs.jsonl")) as f:
         pairs = [json.loads(line) for line in f]
     assert {p["strategy"] for p in pairs} == {"image_weakened", "error_injection"}
@@ -37,6 +38,9 @@ def test_quick_demo_runs_end_to_end(quick_demo, capsys):
     assert metrics and all(m["loss"] == m["loss"] for m in metrics)  # no NaN
     report = open(os.path.join(out, "report.md")).read()
     assert "CHAIR" in report and "recall" in report.lower()
+    assert "supervised-only control" in report           # what the pairs add over more SFT
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert any("control" in k for k in summary["extra"])
 
 
 def test_quick_demo_reuses_finished_stages(quick_demo):
