@@ -431,8 +431,12 @@ def _control_notes(runs):
     pc = [r["prior_control"] for r in runs if r["prior_control"] is not None]
     p0 = [r["prior_before"] for r in runs if r["prior_before"] is not None]
     if pb and pc and p0:
+        text.append("")
         text.append(f"Prior-partner hallucination: {100 * mean(p0):.1f}% before, "
                     f"{100 * mean(pb):.1f}% after BPO, {100 * mean(pc):.1f}% after the control.")
+    text += ["", "How the demo's defaults were chosen, and what else was tried (SFT length, DPO "
+             "without the RPO term, learning rates, beta, loss types, noise level, patch size): "
+             "the README of bpo-fast, section \"The demo\"."]
     return text, "\n".join(lines)
 
 
