@@ -35,14 +35,21 @@ else
     echo "no .whl/: TRL and Liger rows are skipped (run bench/fetch_wheels.sh where pip works)"
 fi
 
-export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# build for this GPU only (faster than setup.py's default 8.0;9.0+PTX); override by exporting it
+ARCH=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || ARCH="8.0;9.0+PTX"
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
+touch "$LOG_DIR/.start"     # results newer than this are this run's
 step build python3 -m pip install -q --no-build-isolation --no-deps -e .
 step ext python3 -c "import bpo_fast, json; i = bpo_fast.extension_info(); print(json.dumps(i)); assert i['cuda'], i"
 step tests python3 -m pytest -q -x -m cuda tests
-if [ "$MODE" = quick ]; then
-    step bench-noise python3 bench/noise.py --all --batch 64 --levels 1
-    step bench-logprobs python3 bench/logprobs.py --all --tokens 8192 --vocab 32000 152064
-    step bench-linear python3 bench/linear.py --all --tokens 8192 --vocab 32000 152064
+if [ "$MODE" = quick ]; then   # smaller grids, in their own files (never over a full grid's)
+    GPU=$(python3 -c "from bench.common import gpu_slug; print(gpu_slug())")
+    step bench-noise python3 bench/noise.py --all --batch 64 --levels 1 \
+        --out "bench/results/noise-$GPU-quick.json"
+    step bench-logprobs python3 bench/logprobs.py --all --tokens 8192 --vocab 32000 152064 \
+        --out "bench/results/logprobs-$GPU-quick.json"
+    step bench-linear python3 bench/linear.py --all --tokens 8192 --vocab 32000 152064 \
+        --out "bench/results/linear-$GPU-quick.json"
 else
     step bench-noise python3 bench/noise.py --all
     step bench-logprobs python3 bench/logprobs.py --all
@@ -50,6 +57,8 @@ else
     step bench-dpo-step python3 bench/dpo_step.py --all
     step bench-pairs python3 bench/pairs.py
 fi
-if [ -n "${OUT:-}" ]; then cp bench/results/*.json "$OUT"/ 2>/dev/null; fi
+if [ -n "${OUT:-}" ]; then
+    find bench/results -maxdepth 1 -name '*.json' -newer "$LOG_DIR/.start" -exec cp {} "$OUT"/ \;
+fi
 if [ ${#FAILED[@]} -gt 0 ]; then echo "failed steps: ${FAILED[*]}"; exit 1; fi
 echo "all steps passed"

@@ -54,7 +54,7 @@ class DemoConfig:
     # supervised warm-up (descriptions and QA turns)
     # 4 epochs: the model reads colours and positions but still leans on the captions' prior
     # for what shape it sees and which objects go together (what BPO is meant to correct);
-    # 8+ epochs see well enough that little hallucination is left to remove
+    # at 8 epochs one seed in three saw well (little hallucination left), two only partly
     sft_epochs: int = 4
     sft_batch_size: int = 32
     sft_lr: float = 1e-3
@@ -91,6 +91,10 @@ class DemoConfig:
 
 def _say(msg):
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _f(x):
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _stage_done(path, key):
@@ -130,7 +134,7 @@ def _captions(model_dir, model_key, world, cfg, path):
     from bpo_fast.demo.sft import generate_answers
 
     key = {"model": os.path.abspath(model_dir), "model_key": model_key,
-           "max_new_tokens": cfg.max_new_tokens}
+           "n_eval": cfg.n_eval, "max_new_tokens": cfg.max_new_tokens}
     if _stage_done(path + ".done", key):
         with open(path, encoding="utf-8") as f:
             return {r["id"]: r["caption"] for r in map(json.loads, f)}
@@ -264,16 +268,17 @@ def _bpo(world, cfg, seed, sft_dir, pairs, pairs_key, out_dir):
     return result["metrics_path"], key
 
 
-def _control(world, cfg, seed, sft_dir, sft_key, pairs, pairs_key, out_dir):
+def _control(world, cfg, seed, sft_dir, sft_key, pairs, pairs_key, steps, out_dir):
     """The supervised-only control: the SFT model trained on the pairs' chosen answers (each
-    pair once per epoch, as DPO sees it) with DPO's steps, learning rate, warm-up and frozen
-    vision tower. Returns its settings key."""
+    pair once per epoch, as DPO sees it) for the DPO run's number of steps (``steps``), with its
+    batch size, peak learning rate, warm-up fraction and frozen vision tower (the schedule is
+    the SFT loop's own cosine). Returns its settings key."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from bpo_fast.demo.sft import sft_train
 
     key = {"seed": seed, "pairs_key": pairs_key, "sft_key": sft_key, "lr": cfg.dpo_lr,
-           "epochs": cfg.dpo_epochs, "batch": cfg.dpo_batch_size}
+           "epochs": cfg.dpo_epochs, "batch": cfg.dpo_batch_size, "steps": steps}
     marker = os.path.join(out_dir, "control.done")
     if _stage_done(marker, key):
         _say(f"control: reusing {out_dir}")
@@ -285,9 +290,10 @@ def _control(world, cfg, seed, sft_dir, sft_key, pairs, pairs_key, out_dir):
     model = LlavaForConditionalGeneration.from_pretrained(sft_dir, local_files_only=True)
     processor = AutoProcessor.from_pretrained(sft_dir, local_files_only=True)
     model.model.vision_tower.requires_grad_(False)   # as the DPO run (trainer default)
+    # turns="last": the chosen answer, with any earlier turns of the prompt as its history
     losses = sft_train(model, processor, records, world.images, epochs=cfg.dpo_epochs,
                        batch_size=cfg.dpo_batch_size, lr=cfg.dpo_lr, warmup_ratio=0.1,
-                       seed=seed, device=cfg.device, turns="first")
+                       seed=seed, device=cfg.device, turns="last", max_steps=steps)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     _say(f"control: {len(losses)} supervised steps on the chosen answers -> {out_dir}")
@@ -308,7 +314,7 @@ def run_seed(cfg, seed):
     caps_before = _captions(sft_dir, sft_key, world, cfg,
                             os.path.join(root, "captions_before.jsonl"))
     before = score_captions(caps_before, world)
-    _say(f"seed {seed}: before BPO CHAIR-i {before.chair_i:.3f} recall {before.recall:.3f}")
+    _say(f"seed {seed}: before BPO CHAIR-i {_f(before.chair_i)} recall {_f(before.recall)}")
     pairs, pairs_key, summaries = _pairs(world, cfg, seed, sft_dir, sft_key,
                                          os.path.join(root, "pairs"))
     bpo_dir = os.path.join(root, "bpo_model")
@@ -316,15 +322,18 @@ def run_seed(cfg, seed):
     caps_after = _captions(bpo_dir, bpo_key, world, cfg,
                            os.path.join(root, "captions_after.jsonl"))
     after = score_captions(caps_after, world)
-    _say(f"seed {seed}: after BPO CHAIR-i {after.chair_i:.3f} recall {after.recall:.3f}")
+    _say(f"seed {seed}: after BPO CHAIR-i {_f(after.chair_i)} recall {_f(after.recall)}")
     control = None
     if cfg.control:
         ctl_dir = os.path.join(root, "control_model")
-        ctl_key = _control(world, cfg, seed, sft_dir, sft_key, pairs, pairs_key, ctl_dir)
+        with open(metrics, encoding="utf-8") as f:   # one line per DPO step (log_every=1)
+            dpo_steps = sum(1 for line in f if line.strip())
+        ctl_key = _control(world, cfg, seed, sft_dir, sft_key, pairs, pairs_key, dpo_steps,
+                           ctl_dir)
         control = score_captions(_captions(ctl_dir, ctl_key, world, cfg,
                                            os.path.join(root, "captions_control.jsonl")), world)
-        _say(f"seed {seed}: supervised control CHAIR-i {control.chair_i:.3f} "
-             f"recall {control.recall:.3f}")
+        _say(f"seed {seed}: supervised control CHAIR-i {_f(control.chair_i)} "
+             f"recall {_f(control.recall)}")
     _say(f"seed {seed}: done ({time.time() - t0:.0f}s)")
     truth = {pc["id"]: pc["ground_truth"] for pc in before.per_caption}
     examples = [{"id": i, "truth": ", ".join(truth[i]), "before": caps_before[i],
@@ -413,11 +422,14 @@ def _control_notes(runs):
             pct(r["prior_before"]), pct(r["prior_after"]), pct(r["prior_control"])))
     lines.append("(percent; control = the SFT model trained on the same chosen answers, same steps "
                  "and lr, no rejected answers)")
-    n = len(runs)
-    d_bpo = [r["after"].chair_i - r["before"].chair_i for r in runs]
-    d_ctl = [r["control"].chair_i - r["before"].chair_i for r in runs]
-    better = sum(r["after"].chair_i < r["control"].chair_i for r in runs)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    # CHAIR-i is None for a model that mentions no object: such seeds are left out
+    ok = [r for r in runs if None not in (r["before"].chair_i, r["after"].chair_i,
+                                          r["control"].chair_i)]
+    n = len(ok)
+    d_bpo = [r["after"].chair_i - r["before"].chair_i for r in ok]
+    d_ctl = [r["control"].chair_i - r["before"].chair_i for r in ok]
+    better = sum(r["after"].chair_i < r["control"].chair_i for r in ok)
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     text = [
         "**BPO against a supervised-only control.** The control trains the same SFT model on the same chosen answers with the same number "
         "of steps, learning rate and frozen vision tower, without the rejected answers. What BPO "

@@ -27,14 +27,19 @@ def _load_records(path):
 
 
 def sft_samples(records, *, turns="all"):
-    """(record, prompt turns, answer) for each gpt turn (``turns="first"``: the first only)."""
+    """(record, prompt turns, answer) for each gpt turn (``turns="first"``: the first only,
+    ``"last"``: the last only, with the earlier turns as its prompt)."""
+    if turns not in ("all", "first", "last"):
+        raise ValueError(f"turns: expected 'all', 'first' or 'last', got {turns!r}")
     out = []
     for rec in records:
         conv = rec["conversations"]
-        for i in range(1, len(conv), 2):
-            out.append((rec, conv[:i], conv[i]["value"]))
-            if turns == "first":
-                break
+        idx = list(range(1, len(conv), 2))
+        if turns == "first":
+            idx = idx[:1]
+        elif turns == "last":
+            idx = idx[-1:]
+        out.extend((rec, conv[:i], conv[i]["value"]) for i in idx)
     return out
 
 
