@@ -411,6 +411,13 @@ def train(config):
         if cached_t != 1.0:
             raise ValueError(f"ref_cache: computed with temperature={cached_t}, training scores "
                              "the policy at temperature 1.0; the log-probs would not match")
+        ref_path = os.path.abspath(config.ref_model or config.model)
+        cached_model = cache.metadata.get("model")
+        if cached_model and os.path.abspath(cached_model) != ref_path:
+            # a copy of the same model elsewhere is legitimate: say it, do not refuse
+            logger.warning("ref_cache: computed with the model at %s, the reference here is %s; "
+                           "the log-probs are only right if they are the same weights",
+                           cached_model, ref_path)
         missing = [i for i in ds.ids if i not in cache]
         if missing:
             raise ValueError(f"ref_cache: {len(missing)} pair id(s) of {config.data} are not in "
