@@ -22,6 +22,21 @@ COMMANDS = {
 }
 
 
+def raised_here(exc):
+    """True when ``exc`` was raised by bpo_fast's own code (a check that names the argument),
+    False when it came out of a library (torch, transformers, ...): commands print the first
+    as one line and let the second through with its traceback."""
+    import os
+
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    root = os.path.dirname(os.path.abspath(__file__))
+    return last is not None and os.path.abspath(last).startswith(root + os.sep)
+
+
 def add_arguments(parser):
     pass
 

@@ -223,3 +223,14 @@ def test_cuda_bf16_training_runs(tiny_llava_dir, data, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert all(r["peak_mem_bytes"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_cli_prints_our_checks_and_keeps_library_tracebacks():
+    from bpo_fast.cli import raised_here
+
+    with pytest.raises(ValueError) as ours:
+        TrainConfig(model="m", data="d", image_root="r", output="o", beta=-1.0)
+    assert raised_here(ours.value)
+    with pytest.raises(ValueError) as theirs:   # raised inside torch: not a check of ours
+        torch.nn.functional.binary_cross_entropy(torch.zeros(2), torch.zeros(3))
+    assert not raised_here(theirs.value)

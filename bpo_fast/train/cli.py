@@ -95,8 +95,12 @@ def run(args):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = train(config_from_args(args))
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message names the argument
-        logging.getLogger("bpo_fast").debug("train failed", exc_info=True)
+    except (ValueError, FileNotFoundError) as exc:
+        from bpo_fast.cli import raised_here
+
+        if not raised_here(exc):   # a library's error mid-run: keep its traceback
+            raise
+        # bad input: our checks' messages name the argument
         print(f"bpo-fast train: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -42,8 +42,12 @@ def run(args):
             max_length=args.max_length, dtype=parse_dtype(args.dtype, args.device),
             device=args.device, temperature=args.temperature, strict=args.strict,
             attn_implementation=args.attn_implementation, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message names the argument
-        logging.getLogger("bpo_fast").debug("ref-logps failed", exc_info=True)
+    except (ValueError, FileNotFoundError) as exc:
+        from bpo_fast.cli import raised_here
+
+        if not raised_here(exc):   # a library's error mid-run: keep its traceback
+            raise
+        # bad input: our checks' messages name the argument
         print(f"bpo-fast ref-logps: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote reference log-probs of {len(cache)} pairs to {args.out}")
