@@ -37,6 +37,16 @@ def raised_here(exc):
     return last is not None and os.path.abspath(last).startswith(root + os.sep)
 
 
+def input_error(command, exc):
+    """For a command's ``except (ValueError, FileNotFoundError)``: our own check (its message
+    names the argument) is printed as one line and gives exit status 2; a library's error is
+    raised again with its traceback."""
+    if not raised_here(exc):
+        raise exc
+    print(f"bpo-fast {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def add_arguments(parser):
     pass
 

@@ -77,7 +77,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **kw):
-        base = dict(n_train=300, n_eval=60, sft_epochs=4, pair_images=64,
+        base = dict(n_train=300, n_eval=60, pair_images=64,
                     llm_injector_images=16, max_new_tokens=40)
         base.update(kw)
         return cls(**base)
@@ -326,8 +326,9 @@ def run_seed(cfg, seed):
     control = None
     if cfg.control:
         ctl_dir = os.path.join(root, "control_model")
-        with open(metrics, encoding="utf-8") as f:   # one line per DPO step (log_every=1)
-            dpo_steps = sum(1 for line in f if line.strip())
+        from bpo_fast.demo.report import load_metrics
+
+        dpo_steps = int(load_metrics(metrics)[-1]["step"])
         ctl_key = _control(world, cfg, seed, sft_dir, sft_key, pairs, pairs_key, dpo_steps,
                            ctl_dir)
         control = score_captions(_captions(ctl_dir, ctl_key, world, cfg,
@@ -431,8 +432,8 @@ def _control_notes(runs):
     better = sum(r["after"].chair_i < r["control"].chair_i for r in ok)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     text = [
-        "**BPO against a supervised-only control.** The control trains the same SFT model on the same chosen answers with the same number "
-        "of steps, learning rate and frozen vision tower, without the rejected answers. What BPO "
+        "**BPO against a supervised-only control.** The control trains the same SFT model on "
+        "the same chosen answers with the same number of steps, learning rate and frozen vision tower, without the rejected answers. What BPO "
         "does beyond it is what the bootstrapped preference pairs add.", "",
         "```\n" + "\n".join(lines) + "\n```", "",
         f"CHAIR-i changed by {100 * mean(d_bpo):+.1f} points with BPO and by "

@@ -7,7 +7,8 @@ Inputs
   ``reward_margin``, ``reward_accuracy``, ``lr``; others are kept and ignored). TRL's names
   (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
   ``learning_rate``) are accepted too. Where a line has ``dpo_loss`` (the trainer's DPO part of
-  an objective with an extra term, e.g. RPO), that is the loss reported. A step logged twice (a resumed run) keeps its last line.
+  an objective with an extra term, e.g. RPO), that is the loss reported. A step logged twice
+  (a resumed run) keeps its last line.
 - CHAIR results before and after BPO: :class:`bpo_fast.eval.chair.ChairResult`\\ s or dicts
   with ``chair_i``, ``chair_s``, ``recall`` (fractions in [0, 1] or None).
 

@@ -7,7 +7,6 @@ Every option maps to a field of :class:`bpo_fast.train.TrainConfig` (dashes -> u
 """
 
 import argparse
-import sys
 
 
 def _bool_or_auto(v):
@@ -96,13 +95,9 @@ def run(args):
     try:
         result = train(config_from_args(args))
     except (ValueError, FileNotFoundError) as exc:
-        from bpo_fast.cli import raised_here
+        from bpo_fast.cli import input_error
 
-        if not raised_here(exc):   # a library's error mid-run: keep its traceback
-            raise
-        # bad input: our checks' messages name the argument
-        print(f"bpo-fast train: error: {exc}", file=sys.stderr)
-        return 2
+        return input_error("train", exc)
     finally:
         import torch.distributed as dist
 

@@ -7,8 +7,6 @@ Train with it: ``bpo-fast train ... --reference cached --ref-cache ref.safetenso
 ``--max-length``).
 """
 
-import sys
-
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="local path of the reference model")
@@ -43,12 +41,8 @@ def run(args):
             device=args.device, temperature=args.temperature, strict=args.strict,
             attn_implementation=args.attn_implementation, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:
-        from bpo_fast.cli import raised_here
+        from bpo_fast.cli import input_error
 
-        if not raised_here(exc):   # a library's error mid-run: keep its traceback
-            raise
-        # bad input: our checks' messages name the argument
-        print(f"bpo-fast ref-logps: error: {exc}", file=sys.stderr)
-        return 2
+        return input_error("ref-logps", exc)
     print(f"wrote reference log-probs of {len(cache)} pairs to {args.out}")
     return 0
