@@ -61,12 +61,17 @@ stamp "cuobjdump: archs in _C.so"
 mkdir -p "$work/unz"
 (cd "$work/unz" && unzip -q "$whl")
 so=$(ls "$work"/unz/bpo_fast/_C*.so)
+# cuobjdump: PATH, the toolkit the wheel was built with, else the copy Triton ships
+home=$("$VPY" -c "import json,sys; print(json.load(open(sys.argv[1]))['cuda_home'])" \
+       "$work/unz/bpo_fast/_build_info.json")
 CUOBJDUMP=$(command -v cuobjdump || true)
-if [ -z "$CUOBJDUMP" ]; then
-  home=$("$VPY" -c "import json,sys; print(json.load(open(sys.argv[1]))['cuda_home'])" \
-         "$work/unz/bpo_fast/_build_info.json")
-  CUOBJDUMP="$home/bin/cuobjdump"
-fi
+for c in "$home/bin/cuobjdump" \
+         "$("$PY" -c 'import os, triton; print(os.path.dirname(triton.__file__))' 2>/dev/null \
+            )/backends/nvidia/bin/cuobjdump"; do
+  if [ -z "$CUOBJDUMP" ] && [ -x "$c" ]; then CUOBJDUMP=$c; fi
+done
+[ -n "$CUOBJDUMP" ] || { echo "no cuobjdump found (PATH, $home/bin, triton)" >&2; exit 1; }
+echo "  cuobjdump: $CUOBJDUMP"
 elf=$("$CUOBJDUMP" --list-elf "$so")
 ptx=$("$CUOBJDUMP" --list-ptx "$so")
 echo "$elf" | sed 's/^/  /'
