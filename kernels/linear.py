@@ -6,16 +6,25 @@ Two GPU strategies live here; ``bpo_fast/ops/linear.py`` orchestrates them and
 * **cublas** -- cuBLAS produces a float32 chunk of logits ``z = h_c @ W_v.T`` and two
   row-wise kernels reduce it on the fly:
   :func:`lse_update` folds the chunk into running (max, sum-exp) statistics and gathers the
-  target logit; :func:`dlogits_` overwrites the chunk, in place, with
-  ``d = (onehot - softmax) * g / temperature`` in the matmul dtype, ready for the two
-  backward GEMMs.
+  target logit; :func:`dlogits` turns it into ``d = (onehot - softmax) * g / temperature`` in
+  the matmul dtype, ready for the two backward GEMMs (a separate buffer for 2-byte dtypes,
+  see :func:`dlogits` for why).
 * **triton** -- CCE-style kernels that never write logits at all: :func:`fused_forward`
   computes ``[BM, BV]`` logit tiles with ``tl.dot`` (float32 accumulators) and reduces them
   with an online log-sum-exp; :func:`fused_backward` recomputes each tile, forms ``d`` and
-  accumulates ``grad_hidden`` / ``grad_weight`` / ``grad_bias`` with float32 atomics.
+  accumulates ``grad_hidden`` / ``grad_weight`` / ``grad_bias``: with relaxed float32 atomics
+  (fast path), or deterministically with two non-atomic passes (``deterministic=True``, the
+  default under ``torch.use_deterministic_algorithms(True)``).
 
 Scored positions are compacted by the caller; hidden rows are read through a per-row element
-offset (``row_off``) so that any strided ``hidden [N, T, H]`` works without a copy.
+offset (``row_off``) so that any strided ``hidden [N, T, H]`` works without a copy; when every
+stride of ``hidden`` (but the last, 1) and its start are 16-byte aligned, the kernels are told
+so (``ROW_ALIGN``, a ``tl.multiple_of`` hint) and load hidden rows with 16-byte vectors.
+
+Tiles come from a fixed table per (arch, dtype) (:func:`tile_config`), checked for every
+supported Triton by ``python -m bpo_fast.tools.gpu_check``: no spills, shared memory within the
+arch's per-block limit. There is no autotuning (a trial would have to restore the multi-GB
+float32 ``grad_weight`` it accumulates into).
 
 Everything runs under ``TRITON_INTERPRET=1`` on CPU tensors (small fp32 shapes), which is how
 the test-suite checks these kernels on machines without a GPU.
@@ -25,13 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
+from bpo_fast.kernels import gpu_target
+
 
 # ----------------------------------------------------------------------------------------------
 # cublas strategy: row-wise reductions of a float32 logits chunk
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["v0"])
 def _lse_update_kernel(z_ptr, stride_z, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
                        v0, n_cols, inv_temp,
                        HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -63,6 +74,11 @@ def _lse_update_kernel(z_ptr, stride_z, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
     tl.store(t_ptr + row, zt * inv_temp, mask=hit)
 
 
+def _row_config(n_cols):
+    block_v = min(4096, triton.next_power_of_2(n_cols))
+    return block_v, 8 if block_v >= 2048 else 4
+
+
 def lse_update(z, bias_v, targets, m, s, tgt_logit, v0, inv_temp, block_v=None):
     """Fold the float32 chunk ``z [C, Vc]`` (columns ``v0 .. v0+Vc`` of the logits, before bias
     and temperature) into the running max ``m [C]`` and sum-exp ``s [C]`` (in place), and write
@@ -72,26 +88,24 @@ def lse_update(z, bias_v, targets, m, s, tgt_logit, v0, inv_temp, block_v=None):
     if C == 0:
         return
     assert z.dtype == torch.float32 and z.stride(1) == 1
-    block_v = block_v or min(4096, triton.next_power_of_2(n_cols))
+    bv, warps = _row_config(n_cols)
     _lse_update_kernel[(C,)](
         z, z.stride(0), bias_v if bias_v is not None else z, targets, m, s, tgt_logit,
         v0, n_cols, float(inv_temp),
-        HAS_BIAS=bias_v is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+        HAS_BIAS=bias_v is not None, BLOCK_V=block_v or bv, num_warps=warps)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["v0"])
 def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, b_ptr, tgt_ptr, lse_ptr, gs_ptr,
                     v0, n_cols, inv_temp,
                     HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+    # d_ptr is z_ptr itself (float32 d) or a buffer of its own (2-byte d): see dlogits()
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     d_row = d_ptr + row * stride_d
     lse = tl.load(lse_ptr + row)
     gs = tl.load(gs_ptr + row)
     t = tl.load(tgt_ptr + row) - v0
-    # d may alias z (a narrower dtype view of the same row): block j writes bytes that lie
-    # before the float32 bytes of block j+1, and reads of block j precede its own writes, so the
-    # in-place pass is safe in any order the compiler may pipeline it.
     for c0 in range(0, n_cols, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = cols < n_cols
@@ -103,29 +117,30 @@ def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, b_ptr, tgt_ptr, lse_ptr, g
         tl.store(d_row + cols, d.to(d_ptr.dtype.element_ty), mask=mask)
 
 
-def dlogits_(z, d, bias_v, targets, lse, gscale, v0, inv_temp, block_v=None):
-    """Write ``d = (onehot(target - v0) - softmax) * gscale`` for the float32 chunk ``z [C, Vc]``
-    into ``d [C, Vc]`` (any float dtype; may be a view of ``z``'s own storage, see
-    :func:`float32_chunk_as`). ``gscale`` is ``g / temperature`` per row."""
+def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, block_v=None):
+    """``d = (onehot(target - v0) - softmax) * gscale`` in ``dtype`` for the float32 chunk
+    ``z [C, Vc]`` (``gscale`` is ``g / temperature`` per row). Returns ``d [C, Vc]``.
+
+    Race-free by construction. For float32 ``d`` is written over ``z`` in place: element ``i``
+    is loaded and stored by the same thread at the same address (the load and the store use one
+    index tensor, hence one layout), so no thread ever writes bytes another thread reads. For
+    bf16/fp16 ``d`` gets a buffer of its own: writing 2-byte ``d`` over the 4-byte ``z`` would
+    put warp w's stores on float32 elements that other warps of the same program may not have
+    read yet (Triton gives no ordering between the warps of a program, and the compiled code
+    has no barrier), a write-after-read race. Memory cost: ``2 * C * Vc`` bytes next to the
+    ``4 * C * Vc`` of the tile (+50% of the tile, freed with it; the ops layer's chunk size
+    bounds both)."""
     C, n_cols = z.shape
+    assert z.dtype == torch.float32 and z.stride(1) == 1
+    d = z if dtype == torch.float32 else torch.empty((C, n_cols), device=z.device, dtype=dtype)
     if C == 0:
         return d
-    assert z.dtype == torch.float32 and z.stride(1) == 1 and d.stride(1) == 1
-    block_v = block_v or min(4096, triton.next_power_of_2(n_cols))
+    bv, warps = _row_config(n_cols)
     _dlogits_kernel[(C,)](
         z, z.stride(0), d, d.stride(0), bias_v if bias_v is not None else z, targets, lse, gscale,
         v0, n_cols, float(inv_temp),
-        HAS_BIAS=bias_v is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+        HAS_BIAS=bias_v is not None, BLOCK_V=block_v or bv, num_warps=warps)
     return d
-
-
-def float32_chunk_as(z, dtype):
-    """A ``[C, Vc]`` view in ``dtype`` over the storage of the float32 chunk ``z``, row ``r``
-    starting where ``z``'s row ``r`` starts, for the in-place :func:`dlogits_`."""
-    if dtype == torch.float32:
-        return z
-    # viewing float32 as a 2-byte dtype doubles the last dim and the row stride
-    return z.view(dtype)[:, :z.shape[1]]
 
 
 # ----------------------------------------------------------------------------------------------

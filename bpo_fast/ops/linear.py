@@ -23,7 +23,8 @@ Implementations (``impl=``), all computing the same thing:
 * ``"torch"``: the chunked reference in plain PyTorch (CPU default; bounded memory on CPU too).
 * ``"cublas"``: the same chunk loop, float32 logit tiles from cuBLAS
   (``torch.mm(..., out_dtype=torch.float32)``) reduced by the Triton row kernels of
-  ``kernels/linear.py`` (``d`` is written in place over the tile, halving its memory).
+  ``kernels/linear.py`` (``d`` in place over a float32 tile, in a buffer of its own (+50% of
+  the tile) for bf16/fp16: see ``kernels.linear.dlogits``).
 * ``"triton"``: CCE-style Triton kernels that compute logit tiles with ``tl.dot`` and reduce
   them in registers (forward), and recompute them to accumulate the gradients with float32
   atomics (backward).
@@ -257,8 +258,7 @@ class _TritonReducer:
     def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, need_gb):
         from bpo_fast.kernels import linear as K
 
-        d = K.dlogits_(z, K.float32_chunk_as(z, dtype), bias_v, targets, lse, gscale, v0,
-                       inv_temp)
+        d = K.dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype)
         gb = d.sum(0, dtype=torch.float32) if need_gb else None
         return d, gb
 
