@@ -164,10 +164,33 @@ def _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, st
 
 
 @triton.jit
+def _row_offsets(roff_ptr, rows, rmask, ROW_ALIGN: tl.constexpr):
+    roff = tl.load(roff_ptr + rows, mask=rmask, other=0)
+    if ROW_ALIGN > 1:
+        # the launcher checked that every row of hidden starts 16 bytes aligned
+        roff = tl.multiple_of(roff, ROW_ALIGN)
+    return roff
+
+
+@triton.jit
+def _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_temp,
+            HAS_BIAS: tl.constexpr):
+    """``d = (onehot(target) - softmax) * gscale`` of a logit tile, 0 outside the bounds."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    gs = tl.load(gs_ptr + rows, mask=rmask, other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    p = tl.exp(acc * inv_temp - lse[:, None])
+    d = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p) * gs[:, None]
+    return tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
+
+
+@triton.jit(do_not_specialize=["S", "SPLIT"])
 def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
                       m_ptr, s_ptr, t_ptr, S, V, H, inv_temp, SPLIT,
-                      HAS_BIAS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
-                      BK: tl.constexpr, PREC: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
+                      BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     # this program's share of the vocabulary: whole BV blocks (a share may be empty, which the
@@ -175,7 +198,7 @@ def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
     v_per_split = tl.cdiv(tl.cdiv(V, BV), SPLIT) * BV
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < S
-    roff = tl.load(roff_ptr + rows, mask=rmask, other=0)
+    roff = _row_offsets(roff_ptr, rows, rmask, ROW_ALIGN)
     tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
     m = tl.full((BM,), float("-inf"), tl.float32)
     s = tl.zeros((BM,), tl.float32)
@@ -200,80 +223,151 @@ def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
     tl.store(t_ptr + out, tlog, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
                       lse_ptr, gs_ptr, gh_ptr, gw_ptr, gb_ptr, S, V, H, inv_temp,
                       HAS_BIAS: tl.constexpr, NEED_GH: tl.constexpr, NEED_GW: tl.constexpr,
-                      NEED_GB: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
-                      BK: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
+                      NEED_GB: tl.constexpr, ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
+                      BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                      GROUP: tl.constexpr):
+    # Program order: GROUP row blocks at a time, the row block fastest within the group, so the
+    # programs running at once cover GROUP row blocks x (resident / GROUP) vocabulary blocks:
+    # the float32 atomics into grad_weight (per vocabulary block) and grad_hidden (per row
+    # block) each see few concurrent writers. The K loop also starts at a per-program offset,
+    # so writers of the same block rarely hit the same addresses at the same time.
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(S, BM)
+    n_v = tl.cdiv(V, BV)
+    width = GROUP * n_v
+    first_m = (pid // width) * GROUP
+    gsize = tl.minimum(n_m - first_m, GROUP)
+    pid_m = first_m + (pid % width) % gsize
+    pid_v = (pid % width) // gsize
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < S
     cols = pid_v * BV + tl.arange(0, BV)
     cmask = cols < V
-    roff = tl.load(roff_ptr + rows, mask=rmask, other=0)
+    roff = _row_offsets(roff_ptr, rows, rmask, ROW_ALIGN)
     acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, stride_wk,
                       H, BM, BV, BK, PREC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    gs = tl.load(gs_ptr + rows, mask=rmask, other=0.0)
-    tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
-    p = tl.exp(acc * inv_temp - lse[:, None])
-    d = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p) * gs[:, None]
-    d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
+    d = _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_temp,
+                HAS_BIAS)
     if NEED_GB:
-        tl.atomic_add(gb_ptr + cols, tl.sum(d, axis=0), mask=cmask)
+        tl.atomic_add(gb_ptr + cols, tl.sum(d, axis=0), mask=cmask, sem="relaxed")
     # the two gradient products take d in the matmul dtype (tensor cores), accumulate in fp32
     dc = d.to(w_ptr.dtype.element_ty)
-    for k0 in range(0, H, BK):
-        ks = k0 + tl.arange(0, BK)
+    nk = tl.cdiv(H, BK)
+    rot = pid_m + pid_v
+    for i in range(0, nk):
+        ks = ((i + rot) % nk) * BK + tl.arange(0, BK)
         kmask = ks < H
         if NEED_GH:
             wt = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :] * stride_wk,
                          mask=cmask[:, None] & kmask[None, :], other=0.0)
             gh = tl.dot(dc, wt, input_precision=PREC)
             tl.atomic_add(gh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :], gh,
-                          mask=rmask[:, None] & kmask[None, :])
+                          mask=rmask[:, None] & kmask[None, :], sem="relaxed")
         if NEED_GW:
             ht = tl.load(h_ptr + roff[:, None] + ks[None, :] * stride_hk,
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
             gw = tl.dot(tl.trans(dc), ht, input_precision=PREC)
             tl.atomic_add(gw_ptr + cols[:, None].to(tl.int64) * H + ks[None, :], gw,
-                          mask=cmask[:, None] & kmask[None, :])
+                          mask=cmask[:, None] & kmask[None, :], sem="relaxed")
 
 
-def _tile_config(hidden, device):
-    """(BM, BV, BK, num_warps, num_stages) when not autotuning: small tiles under the
-    interpreter (speed of the CPU emulation)."""
-    if device.type != "cuda":
-        return 16, 32, 16, 4, 1
-    if hidden.dtype == torch.float32:
-        return 64, 64, 32, 4, 2
-    return 128, 128, 64, 8, 3
+@triton.jit(do_not_specialize=["S"])
+def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
+                          tgt_ptr, lse_ptr, gs_ptr, gh_ptr, gw_ptr, gb_ptr, S, V, H, inv_temp,
+                          HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, NEED_GW: tl.constexpr,
+                          NEED_GB: tl.constexpr, ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
+                          BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    # Deterministic backward, no atomics: each program owns a block of outputs and adds into
+    # it in a fixed order. ROWS: a row block of grad_hidden, looping over the vocabulary;
+    # else a vocabulary block of grad_weight (and grad_bias), looping over the rows. Each pass
+    # recomputes its logit tiles (4/3 of the atomic path's FLOPs for both gradients).
+    if ROWS:
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < S
+        roff = _row_offsets(roff_ptr, rows, rmask, ROW_ALIGN)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            cmask = cols < V
+            acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv,
+                              stride_wk, H, BM, BV, BK, PREC)
+            d = _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr,
+                        inv_temp, HAS_BIAS)
+            dc = d.to(w_ptr.dtype.element_ty)
+            for k0 in range(0, H, BK):
+                ks = k0 + tl.arange(0, BK)
+                kmask = ks < H
+                wt = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv
+                             + ks[None, :] * stride_wk,
+                             mask=cmask[:, None] & kmask[None, :], other=0.0)
+                ptrs = gh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :]
+                m2 = rmask[:, None] & kmask[None, :]
+                cur = tl.load(ptrs, mask=m2, other=0.0)
+                tl.store(ptrs, cur + tl.dot(dc, wt, input_precision=PREC), mask=m2)
+    else:
+        cols = tl.program_id(0) * BV + tl.arange(0, BV)
+        cmask = cols < V
+        gb = tl.zeros((BV,), tl.float32)
+        for m0 in range(0, S, BM):
+            rows = m0 + tl.arange(0, BM)
+            rmask = rows < S
+            roff = _row_offsets(roff_ptr, rows, rmask, ROW_ALIGN)
+            acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv,
+                              stride_wk, H, BM, BV, BK, PREC)
+            d = _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr,
+                        inv_temp, HAS_BIAS)
+            if NEED_GB:
+                gb += tl.sum(d, axis=0)
+            if NEED_GW:
+                dc = d.to(w_ptr.dtype.element_ty)
+                for k0 in range(0, H, BK):
+                    ks = k0 + tl.arange(0, BK)
+                    kmask = ks < H
+                    ht = tl.load(h_ptr + roff[:, None] + ks[None, :] * stride_hk,
+                                 mask=rmask[:, None] & kmask[None, :], other=0.0)
+                    ptrs = gw_ptr + cols[:, None].to(tl.int64) * H + ks[None, :]
+                    m2 = cmask[:, None] & kmask[None, :]
+                    cur = tl.load(ptrs, mask=m2, other=0.0)
+                    tl.store(ptrs, cur + tl.dot(tl.trans(dc), ht, input_precision=PREC), mask=m2)
+        if NEED_GB:
+            cur_b = tl.load(gb_ptr + cols, mask=cmask, other=0.0)
+            tl.store(gb_ptr + cols, cur_b + gb, mask=cmask)
 
 
-# Tile shapes tried on a GPU (the first use per (V, H, dtype) times each, then caches).
-_GPU_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-              (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
-_TUNED = {}
+# (BM, BV, BK, num_warps, num_stages) per (kind, arch, dtype): the only tiles the launchers
+# use on a GPU. Chosen so that `python -m bpo_fast.tools.gpu_check` finds no spills on any
+# supported Triton and shared memory within each arch's per-block limit (A100: 163 KB,
+# H100: 227 KB); bench/linear.py times them. float32 (ieee products, no tensor cores worth the
+# name) gets small tiles of its own.
+_TILES = {
+    ("fwd", 80, "half"): (128, 128, 64, 8, 3),
+    ("fwd", 90, "half"): (128, 128, 64, 8, 3),
+    ("bwd", 80, "half"): (128, 64, 64, 8, 3),
+    ("bwd", 90, "half"): (128, 64, 64, 8, 3),
+    ("det", 80, "half"): (64, 64, 64, 4, 3),
+    ("det", 90, "half"): (64, 64, 64, 4, 3),
+    ("fwd", 80, "float32"): (64, 64, 32, 4, 2),
+    ("fwd", 90, "float32"): (64, 64, 32, 4, 2),
+    ("bwd", 80, "float32"): (32, 64, 32, 4, 2),
+    ("bwd", 90, "float32"): (32, 64, 32, 4, 2),
+    ("det", 80, "float32"): (32, 64, 32, 4, 2),
+    ("det", 90, "float32"): (32, 64, 32, 4, 2),
+}
+_INTERPRETER_TILE = (16, 32, 16, 4, 1)  # small tiles: speed of the CPU emulation
+_GROUP = 8
 
 
-def _tuned(name):
-    """The autotuned variant of a kernel (CUDA only; the interpreter uses _tile_config).
-    The backward accumulates into its outputs, so trials restore them."""
-    if name not in _TUNED:
-        configs = [triton.Config({"BM": bm, "BV": bv, "BK": bk}, num_warps=w, num_stages=st)
-                   for bm, bv, bk, w, st in _GPU_TILES]
-        if name == "fwd":
-            _TUNED[name] = triton.autotune(configs, key=["V", "H", "HAS_BIAS", "PREC"])(
-                _fused_fwd_kernel)
-        else:
-            _TUNED[name] = triton.autotune(
-                configs, key=["V", "H", "HAS_BIAS", "NEED_GH", "NEED_GW", "NEED_GB", "PREC"],
-                restore_value=["gh_ptr", "gw_ptr", "gb_ptr"])(_fused_bwd_kernel)
-    return _TUNED[name]
+def tile_config(kind, dtype, arch):
+    """(BM, BV, BK, num_warps, num_stages) of a fused kernel (``kind``: "fwd", "bwd" or "det")
+    for ``dtype`` on sm_``arch`` (``None``: the interpreter). Archs between and after the two
+    we check take the nearest one below (sm_86/89 -> sm_80, sm_100+ -> sm_90)."""
+    if arch is None:
+        return _INTERPRETER_TILE
+    key = "float32" if dtype == torch.float32 else "half"
+    return _TILES[(kind, 90 if arch >= 90 else 80, key)]
 
 
 def _prec(dtype):
@@ -281,34 +375,45 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _row_align(hidden):
+    """``tl.multiple_of`` hint for the hidden row offsets, in elements: 16 bytes when every
+    row of ``hidden`` (any element offset built from its strides) starts 16-byte aligned."""
+    vec = 16 // hidden.element_size()
+    ok = (hidden.stride(-1) == 1 and (hidden.storage_offset() * hidden.element_size()) % 16 == 0
+          and all(st % vec == 0 for st in hidden.stride()[:-1])
+          and (hidden.device.type != "cuda" or hidden.data_ptr() % 16 == 0))
+    return vec if ok else 1
+
+
+def _check_rows(hidden, row_off):
+    assert row_off.dtype == torch.int64 and row_off.dim() == 1, "row_off: int64 [S]"
+
+
 def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None):
-    """Per scored row (``row_off`` element offsets into ``hidden``'s storage, last dim stride
-    ``hidden.stride(-1)``): ``(lse, target_logit)`` of ``(h @ W.T + b) / temperature``, float32.
-    ``config=(BM, BV, BK, num_warps, num_stages)`` fixes the tiles; by default they are
-    autotuned on a GPU."""
+    """Per scored row (``row_off`` element offsets into ``hidden``'s storage of row starts,
+    i.e. combinations of ``hidden``'s strides; last dim stride ``hidden.stride(-1)``):
+    ``(lse, target_logit)`` of ``(h @ W.T + b) / temperature``, float32.
+    ``config=(BM, BV, BK, num_warps, num_stages)`` overrides :func:`tile_config`."""
+    _check_rows(hidden, row_off)
     S = row_off.numel()
     V, H = weight.shape
     dev = weight.device
     if S == 0:
         z = torch.zeros(0, device=dev, dtype=torch.float32)
         return z, z.clone()
-    tune = dev.type == "cuda" and config is None and hidden.dtype != torch.float32
-    BM, BV, BK, warps, stages = config or _tile_config(hidden, dev)
+    target = gpu_target(dev)
+    BM, BV, BK, warps, stages = config or tile_config("fwd", hidden.dtype,
+                                                      target and target[0])
     # split the vocabulary across programs when there are too few row blocks to fill the GPU
-    # (sized with the nominal tiles; an autotuned BV only changes how full each share is)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    sms = target[1] if target else 1
     split = max(1, min(triton.cdiv(V, BV), triton.cdiv(4 * sms, triton.cdiv(S, BM))))
     part = torch.empty((3, split, S), device=dev, dtype=torch.float32)
-    args = (hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
-            bias if bias is not None else weight, targets, part[0], part[1], part[2],
-            S, V, H, float(inv_temp), split)
-    if tune:
-        _tuned("fwd")[lambda meta: (triton.cdiv(S, meta["BM"]), split)](
-            *args, HAS_BIAS=bias is not None, PREC=_prec(hidden.dtype))
-    else:
-        _fused_fwd_kernel[(triton.cdiv(S, BM), split)](
-            *args, HAS_BIAS=bias is not None, BM=BM, BV=BV, BK=BK, PREC=_prec(hidden.dtype),
-            num_warps=warps, num_stages=stages)
+    _fused_fwd_kernel[(triton.cdiv(S, BM), split)](
+        hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
+        bias if bias is not None else weight, targets, part[0], part[1], part[2],
+        S, V, H, float(inv_temp), split,
+        HAS_BIAS=bias is not None, ROW_ALIGN=_row_align(hidden), BM=BM, BV=BV, BK=BK,
+        PREC=_prec(hidden.dtype), num_warps=warps, num_stages=stages)
     m, s, t = part[0], part[1], part[2]
     mx = m.max(0).values
     lse = mx + torch.log((s * torch.exp(m - mx)).sum(0))
@@ -316,29 +421,43 @@ def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None)
 
 
 def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp,
-                   gh=None, gw=None, gb=None, config=None):
-    """Accumulate (float32 atomics) into ``gh [S, H]``, ``gw [V, H]``, ``gb [V]`` (each optional,
-    each float32, contiguous) the gradients of ``sum(gscale * temperature * logp)``;
-    ``gscale`` is ``g / temperature`` per scored row."""
+                   gh=None, gw=None, gb=None, config=None, deterministic=None):
+    """Accumulate into ``gh [S, H]``, ``gw [V, H]``, ``gb [V]`` (each optional, each float32,
+    contiguous) the gradients of ``sum(gscale * temperature * logp)``; ``gscale`` is
+    ``g / temperature`` per scored row.
+
+    ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``): two
+    non-atomic passes (grad_hidden by row blocks, grad_weight/grad_bias by vocabulary blocks),
+    each output added to by one program in a fixed order, so results are bitwise reproducible;
+    else one pass with relaxed float32 atomics (faster, order-dependent rounding)."""
+    _check_rows(hidden, row_off)
     S = row_off.numel()
     V, H = weight.shape
     dev = weight.device
     if S == 0 or (gh is None and gw is None and gb is None):
         return
-    tune = dev.type == "cuda" and config is None and hidden.dtype != torch.float32
-    BM, BV, BK, warps, stages = config or _tile_config(hidden, dev)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    target = gpu_target(dev)
+    BM, BV, BK, warps, stages = config or tile_config("det" if deterministic else "bwd",
+                                                      hidden.dtype, target and target[0])
 
-    def out(t):  # a private 1-element stand-in, so that autotune trials never touch lse
+    def out(t):  # a private 1-element stand-in for an absent output
         return t if t is not None else torch.zeros(1, device=dev, dtype=torch.float32)
 
     args = (hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
             bias if bias is not None else weight, targets, lse, gscale, out(gh), out(gw), out(gb),
             S, V, H, float(inv_temp))
-    flags = dict(HAS_BIAS=bias is not None, NEED_GH=gh is not None, NEED_GW=gw is not None,
-                 NEED_GB=gb is not None, PREC=_prec(hidden.dtype))
-    if tune:
-        _tuned("bwd")[lambda meta: (triton.cdiv(S, meta["BM"]), triton.cdiv(V, meta["BV"]))](
-            *args, **flags)
-    else:
-        _fused_bwd_kernel[(triton.cdiv(S, BM), triton.cdiv(V, BV))](
-            *args, **flags, BM=BM, BV=BV, BK=BK, num_warps=warps, num_stages=stages)
+    common = dict(HAS_BIAS=bias is not None, ROW_ALIGN=_row_align(hidden), BM=BM, BV=BV, BK=BK,
+                  PREC=_prec(hidden.dtype), num_warps=warps, num_stages=stages)
+    if not deterministic:
+        grid = (triton.cdiv(S, BM) * triton.cdiv(V, BV),)
+        _fused_bwd_kernel[grid](*args, NEED_GH=gh is not None, NEED_GW=gw is not None,
+                                NEED_GB=gb is not None, GROUP=_GROUP, **common)
+        return
+    if gh is not None:
+        _fused_bwd_det_kernel[(triton.cdiv(S, BM),)](*args, ROWS=True, NEED_GW=False,
+                                                     NEED_GB=False, **common)
+    if gw is not None or gb is not None:
+        _fused_bwd_det_kernel[(triton.cdiv(V, BV),)](*args, ROWS=False, NEED_GW=gw is not None,
+                                                     NEED_GB=gb is not None, **common)
