@@ -239,7 +239,9 @@ class _TorchReducer:
         cv = z.shape[1]
         if bias_v is not None:
             z.add_(bias_v.float())
-        d = z.mul_(inv_temp).sub_(lse[:, None]).exp_().neg_()
+        # lse: [ct, 2] (row max, log-sum) of _row_stats: p = exp((z - max) - log-sum), never
+        # the difference of two large numbers (relative error ~1e-7 also at |logits| ~ 1e4)
+        d = z.mul_(inv_temp).sub_(lse[:, :1]).sub_(lse[:, 1:]).exp_().neg_()
         t = targets - v0
         hit = (t >= 0) & (t < cv)
         d.scatter_add_(1, t.clamp(0, cv - 1)[:, None], hit.to(d.dtype)[:, None])
@@ -288,7 +290,23 @@ def _chunked_forward(reducer, hidden, weight, bias, n_idx, t_idx, targets, inv_t
             reducer.update(z, None if bias is None else bias[v0:v1], targets[t0:t1],
                            m[t0:t1], s[t0:t1], tlog[t0:t1], v0, inv_temp)
             del z  # let the allocator hand the same block to the next tile
-    return m + torch.log(s), tlog
+    return _row_stats(reducer, m, s), tlog
+
+
+def _row_stats(reducer, m, s):
+    """What backward needs per token from the running (max, sum-exp): ``[S, 2]`` = (max,
+    log-sum) for the torch reducer (its softmax is then formed relative to the max), the
+    log-sum-exp ``[S]`` for the Triton row kernels."""
+    if reducer is _TorchReducer:
+        return torch.stack([m, torch.log(s)], 1)
+    return m + torch.log(s)
+
+
+def _logp(tlog, stats):
+    """Token log-probs from the target logit and :func:`_row_stats`."""
+    if stats.dim() == 2:
+        return (tlog - stats[:, 0]) - stats[:, 1]
+    return tlog - stats
 
 
 def _chunked_backward(reducer, hidden, weight, bias, n_idx, t_idx, targets, lse, gscale,
@@ -429,7 +447,7 @@ class _LinearLogprobs(torch.autograd.Function):
                                          inv_temp, plan)
         ctx.save_for_backward(hidden, weight, bias, n_idx, t_idx, targets, lse)
         ctx.inv_temp, ctx.impl, ctx.plan = inv_temp, impl, plan
-        return tlog - lse
+        return _logp(tlog, lse)
 
     @staticmethod
     def backward(ctx, g):
@@ -570,7 +588,7 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
         n_chosen = max(1, sum(counts[:B]))
         rpo_grad = rpo_alpha / n_chosen  # -d (rpo_alpha * nll) / d logp of each chosen row
 
-        lse = torch.zeros(S, device=dev, dtype=f32)
+        lse = torch.zeros((S, 2) if reducer is _TorchReducer else (S,), device=dev, dtype=f32)
         logps = torch.zeros(N, device=dev, dtype=f32)
         gh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
         gb32 = torch.zeros(V, device=dev, dtype=f32) if need_b else None
@@ -596,9 +614,9 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
             # the torch reducer folds in place; the Triton one leaves z as it is
             reducer.update(z.clone() if reducer is _TorchReducer else z, bias, tgt, m, s_, tlog,
                            0, inv_temp)
-            lse_g = m + torch.log(s_)
+            lse_g = _row_stats(reducer, m, s_)
             lse[tok] = lse_g
-            logps.index_add_(0, rows, tlog - lse_g)
+            logps.index_add_(0, rows, _logp(tlog, lse_g))
             if not (need_h or need_w or need_b):
                 continue
             # this group's rows [chosen i0..i1; rejected i0..i1] as a [2P] DPO batch
