@@ -38,6 +38,8 @@ def trl_loss(lt, pc, pr, rc, rr, nc, nr, beta, eps, tau):
     c, r = pc - rc, pr - rr
     d = c - r
     if lt == "sigmoid":
+        return -_ls(beta * d)
+    if lt == "cdpo":  # not a TRL 1.16 type: conservative DPO (Mitchell 2023), TRL < 1.0 "sigmoid"
         return -_ls(beta * d) * (1 - eps) - _ls(-beta * d) * eps
     if lt == "robust":
         return (-(1 - eps) * _ls(beta * d) + eps * _ls(-beta * d)) / (1 - 2 * eps)
@@ -80,7 +82,7 @@ def make_pairs(B=5, seed=0, scale=20.0, dtype=torch.float32, device="cpu"):
 
 
 def kwargs_for(lt, beta=0.3):
-    eps = {"robust": 0.2, "exo_pair": 1e-3, "sigmoid": 0.1}.get(lt, 0.0)
+    eps = {"robust": 0.2, "exo_pair": 1e-3, "cdpo": 0.1}.get(lt, 0.0)
     return dict(beta=beta, loss_type=lt, label_smoothing=eps, discopop_tau=0.05)
 
 
@@ -311,29 +313,61 @@ def test_bad_hyper_parameters():
     pc, pr, rc, rr, nc, nr = make_pairs()
     with pytest.raises(ValueError, match="loss_type must be one of .*sigmoid_norm"):
         dpo_loss(pc, pr, rc, rr, loss_type="kto")
-    for beta in (0.0, -1.0):
-        with pytest.raises(ValueError, match="beta must be > 0"):
+    for beta in (0.0, -1.0, 1e300, 1e-300):
+        with pytest.raises(ValueError, match=r"beta must be in \[1e-06, 1e\+06\]"):
             dpo_loss(pc, pr, rc, rr, beta=beta)
     for eps in (-0.1, 0.5, 0.7):
         with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
-            dpo_loss(pc, pr, rc, rr, label_smoothing=eps)
+            dpo_loss(pc, pr, rc, rr, loss_type="robust", label_smoothing=eps)
     with pytest.raises(ValueError, match="exo_pair"):
         dpo_loss(pc, pr, rc, rr, loss_type="exo_pair")
-    with pytest.raises(ValueError, match="discopop_tau"):
-        dpo_loss(pc, pr, rc, rr, loss_type="discopop", discopop_tau=0.0)
+    with pytest.raises(ValueError, match="label_smoothing must be >= 1e-06"):
+        dpo_loss(pc, pr, rc, rr, loss_type="exo_pair", label_smoothing=1e-300)
+    # sigmoid does not read label smoothing (TRL 1.16 ignores it): refused, pointing to cdpo
+    with pytest.raises(ValueError, match="label_smoothing is not read by loss_type='sigmoid'.*cdpo"):
+        dpo_loss(pc, pr, rc, rr, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="discopop_tau is not read by loss_type='hinge'"):
+        validate_dpo_params(1, "hinge", 0, 1)
+    for tau in (0.0, 1e-30, 1e30):
+        with pytest.raises(ValueError, match="discopop_tau must be in"):
+            dpo_loss(pc, pr, rc, rr, loss_type="discopop", discopop_tau=tau)
     with pytest.raises(TypeError, match="beta must be a number"):
         dpo_loss(pc, pr, rc, rr, beta="0.1")
     with pytest.raises(ValueError, match="beta must be finite"):
         validate_dpo_params(beta=float("nan"))
     with pytest.raises(ValueError, match="loss_type"):
         DPOLoss(loss_type="simpo")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        DPOLoss(loss_type="exo_pair")
     with pytest.raises(ValueError, match="temperature must be"):
         DPOLoss(temperature=0.0)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         DPOLoss(ignore_index=-100.0)
     with pytest.raises(TypeError, match="inplace_backward"):
         DPOLoss(inplace_backward=1)
-    assert validate_dpo_params(1, "hinge", 0, 1) == (1.0, "hinge", 0.0, 1.0)
+    assert validate_dpo_params(1, "discopop", 0, 1) == (1.0, "discopop", 0.0, 1.0)
+    assert validate_dpo_params(1, "cdpo", 0.2) == (1.0, "cdpo", 0.2, 0.05)
+    # ipo / sigmoid_norm token counts: integer tensors of counts >= 0 (0 is clamped to 1)
+    with pytest.raises(ValueError, match="chosen_lengths must be an integer tensor"):
+        dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=nc.float(), rejected_lengths=nr)
+    with pytest.raises(ValueError, match="rejected_lengths must hold token counts >= 0"):
+        dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=nc, rejected_lengths=-nr)
+
+
+def test_check_finite_names_the_input():
+    pc, pr, rc, rr, nc, nr = make_pairs()
+    bad = rr.clone()
+    bad[2] = float("nan")
+    dpo_loss(pc, pr, rc, bad)  # off by default: no sync, no check
+    with pytest.raises(ValueError, match="ref_rejected_logps holds NaN or inf"):
+        dpo_loss(pc, pr, rc, bad, check_finite=True)
+    logits = torch.randn(4, 3, 7)
+    logits[1, 1, 2] = float("inf")
+    labels = torch.randint(0, 7, (4, 3))
+    with pytest.raises(ValueError, match="logits holds NaN or inf"):
+        fused_dpo_loss(logits, labels, rc[:2], rr[:2], check_finite=True)
+    with pytest.raises(ValueError, match="policy_chosen_logps holds NaN or inf"):
+        DPOLoss(check_finite=True)(pc.clone().fill_(float("-inf")), pr, rc, rr)
 
 
 def test_bad_tensors():

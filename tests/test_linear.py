@@ -333,7 +333,7 @@ def dpo_inputs(B=3, T=10, H=48, V=130, seed=11, bias=True):
 
 def _loss_kwargs(loss_type):
     return dict(beta=0.3, loss_type=loss_type,
-                label_smoothing=0.1 if loss_type in ("exo_pair", "robust", "sigmoid") else 0.0)
+                label_smoothing=0.1 if loss_type in ("exo_pair", "robust", "cdpo") else 0.0)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

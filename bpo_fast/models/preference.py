@@ -40,7 +40,8 @@ IGNORE_INDEX = -100
 class PreferenceOutput:
     """What one :meth:`PreferenceModel.forward` returns.
 
-    ``loss`` is ``dpo.loss`` (the mean over pairs), plus the RPO term when ``rpo_alpha`` is set;
+    ``loss`` is ``dpo.loss`` (the mean over pairs), plus the RPO term when ``rpo_alpha`` is set
+    (:func:`bpo_fast.ops.preference.preference_loss`);
     log-probs are float32 sums over the response
     tokens, token counts are int64; ``dpo`` is the :class:`bpo_fast.ops.dpo.DPOOutput` of the
     configured loss (rewards, margins, accuracy).
@@ -277,19 +278,17 @@ class PreferenceModel(nn.Module):
             raise ValueError(f"packing: expected 'auto', True or False, got {packing!r}")
         if share_image_features not in ("auto", False):
             raise ValueError("share_image_features: expected 'auto' or False")
-        from bpo_fast.ops.dpo import LOSS_TYPES
+        from bpo_fast.ops.losses import check_rpo_alpha, loss_config
 
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {list(LOSS_TYPES)}, got {loss_type!r}")
+        # the loss settings are checked once, here (the registry: ranges, what each type reads)
+        self.loss_config = loss_config(loss_type, beta, label_smoothing)
         self.policy = policy
         self.reference = reference
         self.reference_mode = reference_mode
-        self.beta = float(beta)
+        self.beta = self.loss_config.beta
         self.loss_type = loss_type
-        self.label_smoothing = float(label_smoothing)
-        if rpo_alpha is not None and not (isinstance(rpo_alpha, (int, float)) and rpo_alpha >= 0):
-            raise ValueError(f"rpo_alpha: expected a number >= 0 or None, got {rpo_alpha!r}")
-        self.rpo_alpha = None if rpo_alpha is None else float(rpo_alpha)
+        self.label_smoothing = self.loss_config.label_smoothing
+        self.rpo_alpha = None if rpo_alpha is None else check_rpo_alpha(rpo_alpha)
         self.temperature = float(temperature)
         self.packing = packing
         self.image_token_id = image_token_id(policy)
@@ -444,8 +443,7 @@ class PreferenceModel(nn.Module):
         ``ref_chosen_logps``/``ref_rejected_logps`` (``[B]``) are required for the cached reference
         and, when given, used instead of running the reference in the other modes too.
         """
-        from bpo_fast.ops.dpo import dpo_loss
-        from bpo_fast.ops.linear import linear_sequence_logprobs
+        from bpo_fast.ops.preference import preference_loss
 
         self._check_batch(input_ids, attention_mask, labels, pixel_values)
         b = input_ids.shape[0] // 2
@@ -463,25 +461,17 @@ class PreferenceModel(nn.Module):
                                  f"{tuple(ref_c.shape)} / {tuple(ref_r.shape)}")
         hidden = self.hidden_states(self.policy, input_ids, attention_mask, features)
         hidden, w, bias = self._head(self.policy, hidden)
-        # fused_linear_dpo_loss is this same composition (fused LM-head log-probs, then the
-        # [B]-sized DPO loss); spelled out here so that the token counts reach the loss
-        # (ipo / sigmoid_norm normalise by them) and the policy log-probs come back.
-        logps, n_tok = linear_sequence_logprobs(hidden, w, labels, bias=bias,
-                                                ignore_index=IGNORE_INDEX,
-                                                temperature=self.temperature)
+        # the loss block: one op (fused LM head, preference loss, RPO term; 3 LM-head GEMMs per
+        # scored token when a gradient is needed)
+        res = preference_loss(hidden, w, labels, ref_c, ref_r, loss=self.loss_config,
+                              rpo_alpha=self.rpo_alpha, bias=bias, ignore_index=IGNORE_INDEX,
+                              temperature=self.temperature)
+        out, loss = res.dpo, res.loss
         # [B]-sized copies rather than views: FSDP2 hooks the outputs of the root module, and
         # views of them would be unsafe to modify in place
-        pc, pr = logps[:b].clone(), logps[b:].clone()
-        n_c, n_r = n_tok[:b].clone(), n_tok[b:].clone()
-        out = dpo_loss(pc, pr, ref_c, ref_r, beta=self.beta,
-                       loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                       chosen_lengths=n_c, rejected_lengths=n_r)
-        out.policy_chosen_logps, out.policy_rejected_logps = pc, pr
-        loss = out.loss
-        if self.rpo_alpha:
-            # token-level mean NLL over every chosen token of the batch (TRL's RPO term)
-            nll = -pc.sum() / n_c.sum().clamp(min=1)
-            loss = loss + self.rpo_alpha * nll
+        out.policy_chosen_logps = res.policy_chosen_logps.clone()
+        out.policy_rejected_logps = res.policy_rejected_logps.clone()
+        n_c, n_r = res.chosen_tokens.clone(), res.rejected_tokens.clone()
         return PreferenceOutput(loss=loss, dpo=out, policy_chosen_logps=out.policy_chosen_logps,
                                 policy_rejected_logps=out.policy_rejected_logps,
                                 ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,

@@ -1,27 +1,9 @@
 """DPO losses (TRL 1.16 ``DPOTrainer`` formulas) from per-sequence log-probs, and the fused
 logits -> loss path.
 
-Notation per pair ``i`` (``B`` pairs): ``c = policy_chosen - ref_chosen``,
-``r = policy_rejected - ref_rejected`` (the log-ratios), ``d = c - r``, ``b = beta``,
-``e = label_smoothing``, ``s = sigmoid``, ``ls = logsigmoid``; ``lc``/``lr`` are the chosen /
-rejected token counts clamped to >= 1 (only ``ipo`` and ``sigmoid_norm`` use them).
-
-=============  ================================================================================
-loss_type      per-pair loss
-=============  ================================================================================
-sigmoid        ``-(1 - e) ls(b d) - e ls(-b d)`` (conservative DPO; TRL's for e = 0)
-robust         ``(-(1 - e) ls(b d) + e ls(-b d)) / (1 - 2 e)``
-hinge          ``relu(1 - b d)``
-ipo            ``(c / lc - r / lr - 1 / (2 b)) ** 2``
-exo_pair       ``s(b d) (ls(b d) - log(1 - e)) + s(-b d) (ls(-b d) - log e)``  (needs e > 0)
-nca_pair       ``-ls(b c) - ls(-b c) / 2 - ls(-b r) / 2``
-bco_pair       ``-ls(b c) - ls(-b r)``
-sppo_hard      ``(c - 1 / (2 b)) ** 2 + (r + 1 / (2 b)) ** 2``
-apo_zero       ``1 - s(b c) + s(b r)``
-apo_down       ``s(b c) + 1 - s(b d)``
-discopop       ``z = b d, m = s(z / tau)``: ``-ls(z) (1 - m) + exp(-z) m``
-sigmoid_norm   ``-ls(b (c / lc - r / lr))``
-=============  ================================================================================
+The loss types, their formulas, parameters and ranges live in one place, the registry
+:mod:`bpo_fast.ops.losses` (its table: ``docs/losses.md``); this module validates through it
+(:func:`bpo_fast.ops.losses.loss_config`) and evaluates its reference formulas.
 
 ``loss`` is the mean over pairs; ``chosen_rewards = b c`` and ``rejected_rewards = b r`` are
 detached (as in TRL), ``reward_accuracy`` is the fraction of pairs with chosen reward > rejected
@@ -30,7 +12,10 @@ reward. Reference log-probs carry no gradient.
 Implementations: :func:`dpo_loss_reference` (plain PyTorch + autograd: the spec), and a Triton
 kernel (``kernels/dpo.py``) that computes the losses *and their closed-form derivatives* in one
 launch; :func:`dpo_loss_and_grad` exposes the latter for other fused paths (the LM-head op), and
-:func:`fused_dpo_loss` runs it straight on the token log-probs of the logits kernel.
+:func:`fused_dpo_loss` runs it straight on the token log-probs of the logits kernel. Token counts
+of the length-normalised types (``ipo``, ``sigmoid_norm``) are the scored labels
+(``labels[:, 1:] != ignore_index``) in :func:`fused_dpo_loss`; :func:`bpo_fast.ops.preference.
+preference_loss` also offers TRL's count (``length_count="completion"``).
 """
 
 import math
@@ -39,12 +24,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair",
-              "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
-# loss types whose formula divides each side's log-ratio by its token count
-LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
+from bpo_fast.ops.losses import LENGTH_NORMALISED, LOSS_TYPES, REGISTRY, loss_config  # noqa: F401
+from bpo_fast.ops.losses import check_finite as _check_finite
 
 
 @dataclass
@@ -68,40 +50,13 @@ class DPOOutput:
 # ----------------------------------------------------------------------------------------------
 
 
-def _number(name, x):
-    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.requires_grad:
-        x = x.item()
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a number, got {x!r}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x!r}")
-    return x
-
-
 def validate_dpo_params(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, discopop_tau=0.05):
-    """Check the DPO hyper-parameters; return them normalised as
-    ``(beta: float, loss_type: str, label_smoothing: float, discopop_tau: float)``.
-
-    ``beta > 0``; ``loss_type`` in :data:`LOSS_TYPES`; ``label_smoothing`` in ``[0, 0.5)``
-    (and ``> 0`` for ``exo_pair``, whose formula takes ``log(label_smoothing)``, as TRL
-    requires); ``discopop_tau > 0``. Raises ``ValueError`` / ``TypeError`` naming the argument.
-    """
-    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
-    beta = _number("beta", beta)
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    label_smoothing = _number("label_smoothing", label_smoothing)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if loss_type == "exo_pair" and label_smoothing == 0.0:
-        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (its formula takes "
-                         "log(label_smoothing)); the EXO paper recommends 1e-3")
-    discopop_tau = _number("discopop_tau", discopop_tau)
-    if discopop_tau <= 0:
-        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
-    return beta, loss_type, label_smoothing, discopop_tau
+    """Check the DPO hyper-parameters against the registry (:func:`bpo_fast.ops.losses.
+    loss_config`: ranges, and parameters the loss type does not read left at their defaults);
+    return them normalised as ``(beta: float, loss_type: str, label_smoothing: float,
+    discopop_tau: float)``. Raises ``ValueError`` / ``TypeError`` naming the argument."""
+    cfg = loss_config(loss_type, beta, label_smoothing, discopop_tau)
+    return cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.discopop_tau
 
 
 def _check_vector(name, x, B=None, device=None, floating=True):
@@ -140,7 +95,17 @@ def check_dpo_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logp
                                  f"each side's log-ratio by its token count)")
         else:
             _check_vector(name, x, B, dev, floating=False)
+            if x.dtype.is_floating_point:
+                raise ValueError(f"{name} must be an integer tensor of token counts, got {x.dtype}")
     return B
+
+
+def _check_lengths_values(**lengths):
+    # a [B] reduction (one host sync) for user-given counts only; 0 (an empty answer) is clamped
+    # to 1 in the formulas, as TRL's clamp(min=1)
+    for name, x in lengths.items():
+        if x is not None and x.numel() and bool((x < 0).any()):
+            raise ValueError(f"{name} must hold token counts >= 0, got a negative value")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,40 +114,9 @@ def check_dpo_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logp
 
 
 def _reference_losses(c, r, lc, lr, beta, loss_type, e, tau):
-    """Per-pair losses from the log-ratios (any float dtype, autograd-friendly)."""
-    b = beta
-    d = c - r
-    if loss_type == "sigmoid":
-        return -(1 - e) * F.logsigmoid(b * d) - e * F.logsigmoid(-b * d)
-    if loss_type == "robust":
-        return (-(1 - e) * F.logsigmoid(b * d) + e * F.logsigmoid(-b * d)) / (1 - 2 * e)
-    if loss_type == "hinge":
-        return torch.relu(1 - b * d)
-    if loss_type == "ipo":
-        return (c / lc - r / lr - 1 / (2 * b)) ** 2
-    if loss_type == "exo_pair":
-        z = b * d
-        return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-e))
-                + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(e)))
-    if loss_type == "nca_pair":
-        return (-F.logsigmoid(b * c) - 0.5 * F.logsigmoid(-b * c) - 0.5 * F.logsigmoid(-b * r))
-    if loss_type == "bco_pair":
-        return -F.logsigmoid(b * c) - F.logsigmoid(-b * r)
-    if loss_type == "sppo_hard":
-        return (c - 0.5 / b) ** 2 + (r + 0.5 / b) ** 2
-    if loss_type == "apo_zero":
-        return (1 - torch.sigmoid(b * c)) + torch.sigmoid(b * r)
-    if loss_type == "apo_down":
-        return torch.sigmoid(b * c) + (1 - torch.sigmoid(b * d))
-    if loss_type == "discopop":
-        z = b * d
-        m = torch.sigmoid(z / tau)
-        # exp(-z) * m written as exp(-z + log m): the same number, but no inf * 0 = NaN when
-        # z is very negative (the modulation m vanishes faster than exp(-z) grows for tau < 1)
-        return -F.logsigmoid(z) * (1 - m) + torch.exp(F.logsigmoid(z / tau) - z)
-    if loss_type == "sigmoid_norm":
-        return -F.logsigmoid(b * (c / lc - r / lr))
-    raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+    """Per-pair losses from the log-ratios (any float dtype, autograd-friendly): the registry's
+    reference formula."""
+    return loss_config(loss_type, beta, e, tau).losses(c, r, lc, lr)
 
 
 def _acc_dtype(*xs):
@@ -203,8 +137,7 @@ def dpo_loss_reference(policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
     r = pr - ref_rejected_logps.detach().to(acc)
     lc = lr = None
     if loss_type in LENGTH_NORMALISED:
-        lc = chosen_lengths.to(acc).clamp(min=1.0)
-        lr = rejected_lengths.to(acc).clamp(min=1.0)
+        lc, lr = chosen_lengths, rejected_lengths
     losses = _reference_losses(c, r, lc, lr, beta, loss_type, e, tau)
     chosen_rewards = (beta * c).detach()
     rejected_rewards = (beta * r).detach()
@@ -290,8 +223,8 @@ def _kernel_loss_and_grad(pc, pr, rc, rr, lc, lr, beta, loss_type, e, tau):
 
     res = K.dpo_pairs(_vec(pc), _vec(pr), _vec(rc), _vec(rr),
                       None if lc is None else _vec(lc), None if lr is None else _vec(lr),
-                      beta=beta, loss_type=LOSS_TYPES.index(loss_type), label_smoothing=e,
-                      tau=tau)
+                      beta=beta, loss_type=REGISTRY[loss_type].kernel_id,
+                      label_smoothing=e, tau=tau)
     return _output_from_kernel(res), res["dlosses"]
 
 
@@ -341,7 +274,7 @@ class _DPOPairsFn(torch.autograd.Function):
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, chosen_lengths=None,
-             rejected_lengths=None, discopop_tau=0.05):
+             rejected_lengths=None, discopop_tau=0.05, check_finite=False):
     """DPO loss from per-sequence log-probs (``[B]`` each); returns a :class:`DPOOutput`.
 
     See the module doc for the formulas (TRL 1.16 ``DPOTrainer``). ``chosen_lengths`` /
@@ -349,11 +282,18 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     Differentiable in the policy log-probs (``loss`` and ``losses``); rewards are detached and
     the reference log-probs get no gradient. Float32 results (float64 inputs use the float64
     reference). On CUDA (or under ``TRITON_INTERPRET=1``) one Triton launch computes
-    everything, with the closed-form gradient saved for backward.
+    everything, with the closed-form gradient saved for backward. ``check_finite=True``
+    raises a ``ValueError`` naming the input that holds NaN or inf (host syncs; off by default).
     """
     beta, loss_type, e, tau = validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)
     check_dpo_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                      ref_rejected_logps, loss_type, chosen_lengths, rejected_lengths)
+    if loss_type in LENGTH_NORMALISED:
+        _check_lengths_values(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    if check_finite:
+        _check_finite(policy_chosen_logps=policy_chosen_logps,
+                      policy_rejected_logps=policy_rejected_logps,
+                      ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     if (not _use_triton(policy_chosen_logps.device)
             or torch.float64 in (policy_chosen_logps.dtype, policy_rejected_logps.dtype)):
         return dpo_loss_reference(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -384,7 +324,7 @@ class _FusedDPOFn(torch.autograd.Function):
         beta, loss_type, e, tau = params
         lp, lse = KL.forward(logits, labels, ignore_index, temperature)
         res = KD.dpo_pairs(None, None, _vec(rc), _vec(rr), beta=beta,
-                           loss_type=LOSS_TYPES.index(loss_type), label_smoothing=e, tau=tau,
+                           loss_type=REGISTRY[loss_type].kernel_id, label_smoothing=e, tau=tau,
                            token_logps=lp, labels=labels, ignore_index=ignore_index)
         ctx.save_for_backward(logits, labels, lse, res["dlosses"])
         ctx.cfg = (ignore_index, temperature, inplace)
@@ -423,7 +363,7 @@ class _FusedDPOFn(torch.autograd.Function):
 
 def fused_dpo_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, *, beta=0.1,
                    loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100, temperature=1.0,
-                   discopop_tau=0.05, inplace_backward=False):
+                   discopop_tau=0.05, inplace_backward=False, check_finite=False):
     """The whole DPO step from logits, in one call.
 
     Rows ``0..B-1`` of ``logits [2B, T, V]`` / ``labels [2B, T]`` are the chosen sequences, rows
@@ -437,6 +377,9 @@ def fused_dpo_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, *, beta
     the loss, metrics and d loss / d log-probs) and one backward launch that writes the
     gradient w.r.t. ``logits`` directly in their dtype: no ``[2B, T, V]`` float32 temporary.
     ``inplace_backward=True`` writes that gradient into the logits' storage, destroying them.
+    Token counts (``ipo``, ``sigmoid_norm``): the scored labels, ``labels[:, 1:] !=
+    ignore_index``. ``check_finite=True`` raises a ``ValueError`` naming the input that holds
+    NaN or inf.
     """
     from bpo_fast.ops.logprobs import (_check_inplace, check_logits_labels, prepare,
                                        sequence_logprobs_reference, use_triton)
@@ -450,6 +393,9 @@ def fused_dpo_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, *, beta
     B = N // 2
     _check_vector("ref_chosen_logps", ref_chosen_logps, B, logits.device)
     _check_vector("ref_rejected_logps", ref_rejected_logps, B, logits.device)
+    if check_finite:
+        _check_finite(logits=logits, ref_chosen_logps=ref_chosen_logps,
+                      ref_rejected_logps=ref_rejected_logps)
     if logits.dtype == torch.float64 or not use_triton(logits.device):
         logps, n_tok = sequence_logprobs_reference(logits, labels, ignore_index=ignore_index,
                                                    temperature=temperature)
@@ -475,7 +421,7 @@ class DPOLoss(torch.nn.Module):
     rejected, ref chosen, ref rejected) it runs :func:`dpo_loss`."""
 
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, *, ignore_index=-100,
-                 temperature=1.0, discopop_tau=0.05, inplace_backward=False):
+                 temperature=1.0, discopop_tau=0.05, inplace_backward=False, check_finite=False):
         super().__init__()
         from bpo_fast.ops.logprobs import _check_inplace
 
@@ -491,6 +437,7 @@ class DPOLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.inplace_backward = inplace_backward
+        self.check_finite = bool(check_finite)
 
     def extra_repr(self):
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, "
@@ -499,7 +446,7 @@ class DPOLoss(torch.nn.Module):
     def forward(self, a, b, ref_chosen_logps, ref_rejected_logps, *, chosen_lengths=None,
                 rejected_lengths=None):
         kw = dict(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                  discopop_tau=self.discopop_tau)
+                  discopop_tau=self.discopop_tau, check_finite=self.check_finite)
         if isinstance(a, torch.Tensor) and a.dim() == 3:
             return fused_dpo_loss(a, b, ref_chosen_logps, ref_rejected_logps,
                                   ignore_index=self.ignore_index, temperature=self.temperature,

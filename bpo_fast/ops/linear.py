@@ -35,13 +35,15 @@ Implementations (``impl=``), all computing the same thing:
 cuBLAS cannot write float32 from bf16/fp16 inputs); ``BPO_FAST_LINEAR_IMPL`` overrides it.
 This is a heuristic until ``bench/linear.py`` has numbers on the target GPU (see BENCH results).
 
-The DPO part (:func:`fused_linear_dpo_loss`) uses :func:`bpo_fast.ops.dpo.dpo_loss` /
+The preference loss on top (:func:`bpo_fast.ops.preference.preference_loss`, of which
+:func:`fused_linear_dpo_loss` is a thin name) uses :func:`bpo_fast.ops.dpo.dpo_loss` /
 ``dpo_loss_and_grad`` on ``[B]`` tensors (they cost nothing next to the LM head). Because every
-DPO loss type is a mean of per-pair terms, the gradient of a pair's log-probs is known as soon
-as that pair's logits are: by default (``grad_in_forward``) the forward pass runs pair group by
-pair group, keeps the group's float32 logits, and writes ``grad_hidden`` / ``grad_weight``
-right away -- 3 GEMMs per token instead of 4 (no recompute). Extra gradient terms on the
-per-pair losses or the policy log-probs take the recomputing backward.
+loss type is a mean of per-pair terms (and the RPO term's gradient is a constant per chosen
+token), the gradient of a pair's log-probs is known as soon as that pair's logits are: by
+default (``grad_in_forward``) the forward pass runs pair group by pair group, keeps the group's
+float32 logits, and writes ``grad_hidden`` / ``grad_weight`` right away -- 3 GEMMs per token
+instead of 4 (no recompute). Extra gradient terms on the per-pair losses or the policy log-probs
+take the recomputing backward.
 """
 
 import math
@@ -238,7 +240,9 @@ class _TorchReducer:
         cv = z.shape[1]
         if bias_v is not None:
             z.add_(bias_v.float())
-        d = z.mul_(inv_temp).sub_(lse[:, None]).exp_().neg_()
+        # lse: [ct, 2] (row max, log-sum) of _row_stats: p = exp((z - max) - log-sum), never
+        # the difference of two large numbers (relative error ~1e-7 also at |logits| ~ 1e4)
+        d = z.mul_(inv_temp).sub_(lse[:, :1]).sub_(lse[:, 1:]).exp_().neg_()
         t = targets - v0
         hit = (t >= 0) & (t < cv)
         d.scatter_add_(1, t.clamp(0, cv - 1)[:, None], hit.to(d.dtype)[:, None])
@@ -286,7 +290,23 @@ def _chunked_forward(reducer, hidden, weight, bias, n_idx, t_idx, targets, inv_t
             reducer.update(z, None if bias is None else bias[v0:v1], targets[t0:t1],
                            m[t0:t1], s[t0:t1], tlog[t0:t1], v0, inv_temp)
             del z  # let the allocator hand the same block to the next tile
-    return m + torch.log(s), tlog
+    return _row_stats(reducer, m, s), tlog
+
+
+def _row_stats(reducer, m, s):
+    """What backward needs per token from the running (max, sum-exp): ``[S, 2]`` = (max,
+    log-sum) for the torch reducer (its softmax is then formed relative to the max), the
+    log-sum-exp ``[S]`` for the Triton row kernels."""
+    if reducer is _TorchReducer:
+        return torch.stack([m, torch.log(s)], 1)
+    return m + torch.log(s)
+
+
+def _logp(tlog, stats):
+    """Token log-probs from the target logit and :func:`_row_stats`."""
+    if stats.dim() == 2:
+        return (tlog - stats[:, 0]) - stats[:, 1]
+    return tlog - stats
 
 
 def _chunked_backward(reducer, hidden, weight, bias, n_idx, t_idx, targets, lse, gscale,
@@ -427,7 +447,7 @@ class _LinearLogprobs(torch.autograd.Function):
                                          inv_temp, plan)
         ctx.save_for_backward(hidden, weight, bias, n_idx, t_idx, targets, lse)
         ctx.inv_temp, ctx.impl, ctx.plan = inv_temp, impl, plan
-        return tlog - lse
+        return _logp(tlog, lse)
 
     @staticmethod
     def backward(ctx, g):
@@ -453,9 +473,13 @@ class _LinearLogprobs(torch.autograd.Function):
 
 
 def _scored_logprobs(hidden, weight, labels, bias, ignore_index, temperature, impl,
-                     chunk_bytes, chunk_sizes):
+                     chunk_bytes, chunk_sizes, check_finite=False):
     """(per scored token log-probs [S] float32, n_idx, t_idx, N, T): the common core."""
     N, T, H, V = _check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
+    if check_finite:
+        from bpo_fast.ops.losses import check_finite as _check_finite
+
+        _check_finite(hidden=hidden, weight=weight, bias=bias)
     impl = _resolve_impl(impl, weight.device)
     n_idx, t_idx, targets = _compact(labels, ignore_index, V)
     chunk_bytes = _chunk_budget(chunk_bytes, chunk_sizes)
@@ -471,7 +495,8 @@ def _scored_logprobs(hidden, weight, labels, bias, ignore_index, temperature, im
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100,
-                          temperature=1.0, impl="auto", chunk_bytes=None, chunk_sizes=None):
+                          temperature=1.0, impl="auto", chunk_bytes=None, chunk_sizes=None,
+                          check_finite=False):
     """Per-token log-probs ``[N, T - 1]`` float32 of ``labels`` under
     ``(hidden @ weight.T + bias) / temperature``, without building the logits: the same as
     :func:`bpo_fast.ops.logprobs.token_logprobs` on those logits.
@@ -482,20 +507,24 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
     ``hidden``, ``weight`` and ``bias``. ``impl``: ``"auto"``, ``"torch"``, ``"cublas"``,
     ``"triton"``, ``"hybrid"`` (see the module doc); ``chunk_bytes`` bounds the float32 logit tile
     (default 512 MiB, env ``BPO_FAST_LINEAR_CHUNK_MB``); ``chunk_sizes=(tokens, vocab)`` forces
-    the tile shape.
+    the tile shape. ``check_finite=True`` raises a ``ValueError`` naming the input (hidden,
+    weight, bias) that holds NaN or inf.
     """
     logp, n_idx, t_idx, N, T = _scored_logprobs(hidden, weight, labels, bias, ignore_index,
-                                                temperature, impl, chunk_bytes, chunk_sizes)
+                                                temperature, impl, chunk_bytes, chunk_sizes,
+                                                check_finite)
     out = torch.zeros(N, max(T - 1, 0), device=weight.device, dtype=torch.float32)
     return out.index_put((n_idx, t_idx), logp)
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100,
-                             temperature=1.0, impl="auto", chunk_bytes=None, chunk_sizes=None):
+                             temperature=1.0, impl="auto", chunk_bytes=None, chunk_sizes=None,
+                             check_finite=False):
     """``(logps [N] float32, n_tokens [N] int64)``: the summed log-prob of each sequence's scored
     tokens and their count; see :func:`linear_token_logprobs`. An all-masked row gives (0, 0)."""
     logp, n_idx, _, N, _ = _scored_logprobs(hidden, weight, labels, bias, ignore_index,
-                                            temperature, impl, chunk_bytes, chunk_sizes)
+                                            temperature, impl, chunk_bytes, chunk_sizes,
+                                            check_finite)
     dev = weight.device
     logps = torch.zeros(N, device=dev, dtype=torch.float32).index_add(0, n_idx, logp)
     n_tokens = torch.zeros(N, device=dev, dtype=torch.long).index_add_(
@@ -523,19 +552,24 @@ def _pair_groups(counts, B, max_tokens):
     return groups
 
 
-class _LinearDPOGradInForward(torch.autograd.Function):
-    """DPO from hidden states where each pair's loss gradient is known as soon as its own
-    log-probs are (every loss type in ``LOSS_TYPES`` is a mean of per-pair terms): the forward
-    runs over groups of pairs, keeps a group's float32 logits ``[S_group, V]``, reduces them,
-    gets ``d loss / d logp`` from :func:`bpo_fast.ops.dpo.dpo_loss_and_grad`, turns the same
-    buffer into ``d logits`` and runs both gradient GEMMs right away. One logits GEMM per token
-    instead of a forward one plus a backward recompute. The backward scales the stored gradients
-    by ``d out / d loss``; gradients that reach the per-pair ``losses`` or the policy log-probs
-    (extra loss terms) take the recomputing path."""
+class _LinearPreferenceGradInForward(torch.autograd.Function):
+    """The preference loss from hidden states with each pair's gradient formed as soon as its
+    own log-probs are known (every loss type of the registry is a mean of per-pair terms, and
+    the RPO term's gradient on a chosen row is the constant ``-rpo_alpha / n_chosen_tokens``):
+    the forward runs over groups of pairs, keeps a group's float32 logits ``[S_group, V]``,
+    reduces them, gets ``d loss / d logp`` from :func:`bpo_fast.ops.dpo.dpo_loss_and_grad`, adds
+    the RPO term's, turns the same buffer into ``d logits`` and runs both gradient GEMMs right
+    away: one logits GEMM per token instead of a forward one plus a backward recompute (3 GEMMs
+    per token, not 4).
+
+    Outputs ``(loss, dpo_loss, losses, nll, logps)`` with ``loss = dpo_loss + rpo_alpha * nll``.
+    The backward scales the stored gradients by ``d out / d loss``; gradients that reach the
+    other outputs (extra terms on the per-pair losses, the DPO part alone, the NLL or the policy
+    log-probs) take the recomputing path."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_c, ref_r, n_idx, t_idx, targets, counts,
-                temperature, impl, plan, group_tokens, dpo_kw):
+    def forward(ctx, hidden, weight, bias, ref_c, ref_r, n_idx, t_idx, targets, counts, lengths,
+                temperature, impl, plan, group_tokens, dpo_kw, rpo_alpha):
         from bpo_fast.ops.dpo import dpo_loss_and_grad
 
         ctx.set_materialize_grads(False)
@@ -551,9 +585,10 @@ class _LinearDPOGradInForward(torch.autograd.Function):
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)
-        lengths = torch.tensor(counts, device=dev, dtype=torch.long)
+        n_chosen = max(1, sum(counts[:B]))
+        rpo_grad = rpo_alpha / n_chosen  # -d (rpo_alpha * nll) / d logp of each chosen row
 
-        lse = torch.zeros(S, device=dev, dtype=f32)
+        lse = torch.zeros((S, 2) if reducer is _TorchReducer else (S,), device=dev, dtype=f32)
         logps = torch.zeros(N, device=dev, dtype=f32)
         gh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
         gb32 = torch.zeros(V, device=dev, dtype=f32) if need_b else None
@@ -579,20 +614,24 @@ class _LinearDPOGradInForward(torch.autograd.Function):
             # the torch reducer folds in place; the Triton one leaves z as it is
             reducer.update(z.clone() if reducer is _TorchReducer else z, bias, tgt, m, s_, tlog,
                            0, inv_temp)
-            lse_g = m + torch.log(s_)
+            lse_g = _row_stats(reducer, m, s_)
             lse[tok] = lse_g
-            logps.index_add_(0, rows, tlog - lse_g)
+            logps.index_add_(0, rows, _logp(tlog, lse_g))
+            if not (need_h or need_w or need_b):
+                continue
             # this group's rows [chosen i0..i1; rejected i0..i1] as a [2P] DPO batch
             sel = torch.cat([torch.arange(i0, i1, device=dev),
                              torch.arange(B + i0, B + i1, device=dev)])
             _, dl = dpo_loss_and_grad(logps[sel], ref_c[i0:i1], ref_r[i0:i1],
-                                      lengths=lengths[sel], **dpo_kw)
-            # d loss / d logp_row = dlosses_row / B; row -> position in sel
+                                      lengths=None if lengths is None else lengths[sel],
+                                      **dpo_kw)
+            # d loss / d logp_row = dlosses_row / B (- rpo_alpha / n_chosen on chosen rows)
             local = torch.where(rows < B, rows - i0, rows - B - i0 + (i1 - i0))
-            gscale = dl.float()[local] * (inv_temp / B)
-            if not (need_h or need_w or need_b):
-                continue
-            d, gb = reducer.dlogits(z, bias, tgt, lse_g, gscale, 0, inv_temp, dtype, need_b)
+            g_tok = dl.float()[local] / B
+            if rpo_alpha:
+                g_tok = g_tok - torch.where(rows < B, rpo_grad, 0.0)
+            d, gb = reducer.dlogits(z, bias, tgt, lse_g, g_tok * inv_temp, 0, inv_temp, dtype,
+                                    need_b)
             if need_b:
                 gb32 += gb
             if need_h:
@@ -607,23 +646,34 @@ class _LinearDPOGradInForward(torch.autograd.Function):
             gw.copy_(gw32)
             del gw32
         out, dl_all = dpo_loss_and_grad(logps, ref_c, ref_r, lengths=lengths, **dpo_kw)
+        nll = -logps[:B].sum() / n_chosen
+        loss = out.loss.float() + rpo_alpha * nll
         ctx.save_for_backward(hidden, weight, bias, n_idx, t_idx, targets, lse, dl_all,
                               gh, gw, None if gb32 is None else gb32.to(dtype))
-        ctx.inv_temp, ctx.impl, ctx.plan, ctx.B = inv_temp, impl, plan, B
+        ctx.inv_temp, ctx.impl, ctx.plan, ctx.B, ctx.n_chosen = inv_temp, impl, plan, B, n_chosen
         ctx.need = (need_h, need_w, need_b)
-        return out.loss.float(), out.losses.float(), logps
+        return loss, out.loss.float(), out.losses.float(), nll, logps
 
     @staticmethod
-    def backward(ctx, g_loss, g_losses, g_logps):
+    def backward(ctx, g_loss, g_dpo, g_losses, g_nll, g_logps):
         (hidden, weight, bias, n_idx, t_idx, targets, lse, dl_all, gh_s, gw_s,
          gb_s) = ctx.saved_tensors
         need_h, need_w, need_b = ctx.need
+        B = ctx.B
         grads = [None, None, None]
         if g_loss is not None:
             grads = [None if t is None else t * g_loss.to(t.dtype) for t in (gh_s, gw_s, gb_s)]
+        # anything else: d out / d logp per row, then the recomputing backward
         g_row = None
+        if g_dpo is not None:
+            g_row = g_dpo.float() / B * dl_all.float()
         if g_losses is not None:
-            g_row = g_losses.float().repeat(2) * dl_all.float()
+            g = g_losses.float().repeat(2) * dl_all.float()
+            g_row = g if g_row is None else g_row + g
+        if g_nll is not None:
+            g = torch.cat([(-g_nll.float() / ctx.n_chosen).expand(B),
+                           torch.zeros(B, device=dl_all.device)])
+            g_row = g if g_row is None else g_row + g
         if g_logps is not None:
             g_row = g_logps.float() if g_row is None else g_row + g_logps.float()
         if g_row is not None and n_idx.numel() and (need_h or need_w or need_b):
@@ -633,120 +683,35 @@ class _LinearDPOGradInForward(torch.autograd.Function):
                                       ctx.inv_temp, ctx.plan, need_h, need_w, need_b)
             grads = [e if g is None else (g if e is None else g + e)
                      for g, e in zip(grads, extra)]
-        return (*grads,) + (None,) * 11
+        return (*grads,) + (None,) * 13
 
 
 def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *,
                           bias=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
                           ignore_index=-100, temperature=1.0, discopop_tau=0.05, impl="auto",
-                          chunk_bytes=None, chunk_sizes=None, grad_in_forward=None):
-    """:func:`bpo_fast.ops.dpo.fused_dpo_loss` with hidden states instead of logits: rows
-    ``0..B-1`` of ``hidden [2B, T, H]`` / ``labels [2B, T]`` are the chosen sequences, rows
-    ``B..2B-1`` the rejected ones; ``weight [V, H]`` (+ ``bias [V]``) is the LM head;
-    ``ref_*_logps [B]`` are the reference model's summed log-probs. Returns a
-    :class:`~bpo_fast.ops.dpo.DPOOutput` carrying ``policy_chosen_logps`` /
-    ``policy_rejected_logps``; gradients reach ``hidden``, ``weight`` and ``bias``.
+                          chunk_bytes=None, chunk_sizes=None, grad_in_forward=None,
+                          check_finite=False):
+    """The DPO loss from hidden states and the LM head: a thin name for
+    :func:`bpo_fast.ops.preference.preference_loss` without the RPO term, returning its
+    :class:`~bpo_fast.ops.dpo.DPOOutput` (``.dpo``: loss, per-pair losses, rewards, margins,
+    accuracy, ``policy_chosen_logps`` / ``policy_rejected_logps``). Rows ``0..B-1`` of
+    ``hidden [2B, T, H]`` / ``labels [2B, T]`` are the chosen sequences, rows ``B..2B-1`` the
+    rejected ones; gradients reach ``hidden``, ``weight`` and ``bias``. See
+    :func:`~bpo_fast.ops.preference.preference_loss` for ``impl``, ``grad_in_forward`` (3 GEMMs
+    per token instead of 4) and the rest."""
+    from bpo_fast.ops.preference import preference_loss
 
-    The per-sequence log-probs come from :func:`linear_sequence_logprobs` (no logits are built,
-    only scored positions cost work); the loss is :func:`bpo_fast.ops.dpo.dpo_loss` on ``[B]``
-    tensors (with the token counts, for ``ipo`` / ``sigmoid_norm``), which costs nothing next to
-    the LM head, so every loss type of ``LOSS_TYPES`` is supported.
-
-    ``grad_in_forward`` (default: when a gradient is needed and ``impl`` is ``"torch"`` or
-    ``"cublas"``): form the gradients during the forward pass, pair group by pair group (each
-    pair's loss depends only on its own log-probs), so that the logits of each token are computed
-    once instead of twice (3 GEMMs instead of 4); a group's float32 logits ``[S_group, V]`` are
-    held at once (``chunk_bytes`` bounds them, but one pair is never split). The gradients are
-    exact either way; ``False`` gives the composed path (forward, then a recomputing backward).
-    """
-    from bpo_fast.ops.dpo import check_dpo_inputs, dpo_loss, validate_dpo_params
-
-    beta, loss_type, label_smoothing, discopop_tau = validate_dpo_params(
-        beta, loss_type, label_smoothing, discopop_tau)  # before any heavy work
-    N, T, H, V = _check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
-    if N == 0 or N % 2:
-        raise ValueError(f"hidden must hold an even, non-zero number of rows [chosen; rejected] "
-                         f"(2B), got {N}")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if grad_in_forward is None:
-        grad_in_forward = needs_grad and _resolve_impl(impl, weight.device) in ("torch", "cublas")
-    if grad_in_forward:
-        impl = _resolve_impl(impl, weight.device)
-        if impl not in ("torch", "cublas"):
-            raise ValueError(f"grad_in_forward=True needs impl 'torch' or 'cublas', got {impl!r}")
-        B = N // 2
-        check_dpo_inputs(torch.zeros(B, device=weight.device), torch.zeros(B, device=weight.device),
-                         ref_chosen_logps, ref_rejected_logps)
-        n_idx, t_idx, targets = _compact(labels, ignore_index, V)
-        # per-row token counts on the host (a second, [N]-sized sync) to cut groups of pairs
-        counts = torch.bincount(n_idx, minlength=N).tolist()
-        chunk_bytes = _chunk_budget(chunk_bytes, chunk_sizes)
-        plan = _plan(n_idx.numel(), V, chunk_bytes, chunk_sizes)
-        group_tokens = chunk_sizes[0] if chunk_sizes is not None else max(1, chunk_bytes // (4 * V))
-        dpo_kw = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                      discopop_tau=discopop_tau)
-        ref_c = ref_chosen_logps.detach().float()
-        ref_r = ref_rejected_logps.detach().float()
-        loss, losses, logps = _LinearDPOGradInForward.apply(
-            hidden, weight, bias, ref_c, ref_r, n_idx, t_idx, targets, counts,
-            float(temperature), impl, plan, group_tokens, dpo_kw)
-        return _dpo_output(loss, losses, logps, ref_c, ref_r, beta)
-    logps, n_tok = linear_sequence_logprobs(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
-        impl=impl, chunk_bytes=chunk_bytes, chunk_sizes=chunk_sizes)
-    B = logps.shape[0] // 2
-    out = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
-                   loss_type=loss_type, label_smoothing=label_smoothing,
-                   chosen_lengths=n_tok[:B], rejected_lengths=n_tok[B:],
-                   discopop_tau=discopop_tau)
-    out.policy_chosen_logps, out.policy_rejected_logps = logps[:B], logps[B:]
-    return out
+    return preference_loss(
+        hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, loss=loss_type, beta=beta,
+        label_smoothing=label_smoothing, discopop_tau=discopop_tau, bias=bias,
+        ignore_index=ignore_index, temperature=temperature, impl=impl, chunk_bytes=chunk_bytes,
+        chunk_sizes=chunk_sizes, grad_in_forward=grad_in_forward, check_finite=check_finite).dpo
 
 
-class LinearDPOLoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`fused_linear_dpo_loss` for training loops:
-    ``LinearDPOLoss(beta=0.1, loss_type="sigmoid", ...)`` holds the settings;
-    ``forward(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias=None)``
-    returns a :class:`~bpo_fast.ops.dpo.DPOOutput`."""
+def __getattr__(name):
+    # LinearDPOLoss lives with the op it wraps (bpo_fast.ops.preference imports this module)
+    if name == "LinearDPOLoss":
+        from bpo_fast.ops.preference import LinearDPOLoss
 
-    def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, *, ignore_index=-100,
-                 temperature=1.0, discopop_tau=0.05, impl="auto", chunk_bytes=None):
-        super().__init__()
-        from bpo_fast.ops.dpo import validate_dpo_params
-
-        self.beta, self.loss_type, self.label_smoothing, self.discopop_tau = \
-            validate_dpo_params(beta, loss_type, label_smoothing, discopop_tau)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        self.ignore_index, self.temperature = ignore_index, temperature
-        self.impl, self.chunk_bytes = impl, chunk_bytes
-
-    def forward(self, hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias=None):
-        return fused_linear_dpo_loss(
-            hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias=bias,
-            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index, temperature=self.temperature,
-            discopop_tau=self.discopop_tau, impl=self.impl, chunk_bytes=self.chunk_bytes)
-
-    def extra_repr(self):
-        return (f"beta={self.beta}, loss_type={self.loss_type!r}, "
-                f"label_smoothing={self.label_smoothing}, temperature={self.temperature}")
-
-
-def _dpo_output(loss, losses, logps, ref_c, ref_r, beta):
-    from bpo_fast.ops.dpo import DPOOutput
-
-    B = losses.shape[0]
-    chosen_rewards = (beta * (logps[:B] - ref_c)).detach()
-    rejected_rewards = (beta * (logps[B:] - ref_r)).detach()
-    return DPOOutput(loss=loss, losses=losses, chosen_rewards=chosen_rewards,
-                     rejected_rewards=rejected_rewards,
-                     reward_margins=chosen_rewards - rejected_rewards,
-                     reward_accuracy=(chosen_rewards > rejected_rewards).float().mean(),
-                     policy_chosen_logps=logps[:B], policy_rejected_logps=logps[B:])
+        return LinearDPOLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

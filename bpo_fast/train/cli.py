@@ -32,10 +32,15 @@ def add_arguments(parser):
 
     g = parser.add_argument_group("loss")
     g.add_argument("--beta", type=float, default=0.1)
-    g.add_argument("--loss-type", default="sigmoid", help="a DPO variant of bpo_fast.LOSS_TYPES")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
+    from bpo_fast.ops.losses import LOSS_TYPES
+
+    g.add_argument("--loss-type", default="sigmoid", choices=LOSS_TYPES,
+                   help="DPO variant (docs/losses.md: formulas, parameters each one reads)")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="read by cdpo, robust, exo_pair (exo_pair needs > 0)")
     g.add_argument("--rpo-alpha", type=float, default=None,
-                   help="add this times the chosen answers' per-token NLL to the loss (RPO)")
+                   help="add this times the chosen answers' mean per-token NLL to the loss (RPO; "
+                        "TRL 1.16: loss_type=[sigmoid, sft], loss_weights=[1, alpha])")
 
     g = parser.add_argument_group("what trains")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the language model (0: full)")

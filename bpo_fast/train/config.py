@@ -105,13 +105,12 @@ class TrainConfig:
             raise ValueError("ref_cache: reference='cached' needs the cache file (--ref-cache)")
         if self.lora_r < 0:
             raise ValueError(f"lora_r: expected >= 0, got {self.lora_r}")
-        if self.rpo_alpha is not None and not (isinstance(self.rpo_alpha, (int, float))
-                                               and self.rpo_alpha >= 0):
-            raise ValueError(f"rpo_alpha: expected a number >= 0 or None, got {self.rpo_alpha!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: expected in [0, 0.5), got {self.label_smoothing}")
-        if self.beta <= 0:
-            raise ValueError(f"beta: expected > 0, got {self.beta}")
+        # the loss: the registry's checks (ranges, parameters each loss type reads), before any
+        # model loads
+        from bpo_fast.ops.losses import check_rpo_alpha, loss_config
+
+        loss_config(self.loss_type, self.beta, self.label_smoothing)
+        check_rpo_alpha(self.rpo_alpha)
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length: expected >= 2, got {self.max_length}")
         if self.save_every < 0:
@@ -142,10 +141,6 @@ class TrainConfig:
             raise ValueError(f"num_workers: expected an int >= 0, got {self.num_workers!r}")
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
-        from bpo_fast.ops.dpo import LOSS_TYPES
-
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
         parse_dtype(self.dtype)
         if self.ref_dtype is not None:
             parse_dtype(self.ref_dtype)
