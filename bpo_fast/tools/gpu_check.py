@@ -28,6 +28,7 @@ Triton version, arch, specialisation); ``--no-cache`` recompiles everything.
 import argparse
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -100,18 +101,30 @@ def _canon(a):
     return tuple(sorted(a.items()))
 
 
+def _no_specialise(fn):
+    """Per parameter: (do_not_specialize, do_not_specialize_on_alignment) of a @triton.jit
+    function (a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1)."""
+    if hasattr(fn, "params"):
+        return [(p.do_not_specialize, p.do_not_specialize_on_alignment) for p in fn.params]
+    names = list(inspect.signature(fn.fn).parameters)
+    kw = getattr(fn, "kwargs", {})
+    dns = set(kw.get("do_not_specialize") or ())
+    dna = set(kw.get("do_not_specialize_on_alignment") or ())
+    return [(n in dns or i in dns, n in dna or i in dna) for i, n in enumerate(names)]
+
+
 class _Recorder:
-    """Stands in for a JITFunction inside its module: ``kernel[grid](*args, **kw)`` records."""
+    """Stands in for a @triton.jit function inside its module: ``kernel[grid](...)`` records."""
 
     def __init__(self, fn, module, sink):
         self.fn, self.module, self.sink = fn, module, sink
+        self.nospec = _no_specialise(fn)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             ser = [_ser(a) for a in args]
-            for a, p in zip(ser, self.fn.params):
-                if a and (("i" in a and p.do_not_specialize)
-                          or ("t" in a and p.do_not_specialize_on_alignment)):
+            for a, (dns, dna) in zip(ser, self.nospec):
+                if a and (("i" in a and dns) or ("t" in a and dna)):
                     a["ns"] = True
             self.sink.append({"module": self.module, "kernel": self.fn.__name__,
                               "args": ser,
@@ -130,7 +143,8 @@ def _recording(arch, sink):
     saved = []
     for name, mod in mods.items():
         for attr, val in list(vars(mod).items()):
-            if type(val).__name__ == "JITFunction" and attr.endswith("_kernel"):
+            if (type(val).__name__ in ("JITFunction", "InterpretedFunction")
+                    and attr.endswith("_kernel")):
                 saved.append((mod, attr, val))
                 setattr(mod, attr, _Recorder(val, f"bpo_fast.kernels.{name}", sink))
     old = KP._PLAN_TARGET
