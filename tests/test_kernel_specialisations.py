@@ -279,7 +279,22 @@ def test_gate_verdicts():
     assert G.judge(dict(ok, smem=170 * 1024))[0].startswith("smem")
     assert G.judge(dict(ok, arch=90, smem=170 * 1024)) == []
     assert G.judge(dict(ok, error="PassManager::run failed")) == ["compile error"]
+    assert G.judge(dict(ok, row_align=8, loads={"cp16": 24, "ld4": 3})) == []
+    assert G.judge(dict(ok, row_align=8, loads={"cp16": 12, "ld2": 32}))[0].startswith("narrow")
+    assert G.judge(dict(ok, row_align=1, loads={"ld2": 32})) == []
     log = ("ptxas info    : Used 168 registers, used 1 barriers, 16 bytes smem\n"
            "    24 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads\n")
     r = G._parse_ptxas(log)
     assert (r["regs"], r["spill_stores"], r["spill_loads"], r["static_smem"]) == (168, 16, 8, 16)
+
+
+def test_oldest_triton_is_the_one_pyproject_states():
+    import re
+
+    from bpo_fast.tools import gpu_check as G
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        text = f.read()
+    floors = set(re.findall(r'"triton>=([0-9.]+)"', text))
+    assert floors == {G.OLDEST_TRITON.rsplit(".", 1)[0]}, floors

@@ -18,8 +18,9 @@ No GPU is needed. How it works:
    are exactly those a real launch gets), builds an ``ASTSource`` and runs ``triton.compile``
    for ``GPUTarget("cuda", arch, 32)``; registers and spills come from ptxas's ``-v`` log,
    shared memory from the compiled metadata (+ ptxas's static smem).
-3. **Judge.** Any compile error, any spill, or shared memory above the arch's per-block limit
-   fails the gate (exit 1). A table goes to stdout and ``bench/results/gpu-check.json``.
+3. **Judge.** Any compile error, any spill, shared memory above the arch's per-block limit, or
+   (fused LM-head kernels told that hidden rows are 16-byte aligned) a global load narrower
+   than 16 bytes of a 2-byte operand fails the gate (exit 1). A table goes to stdout and ``bench/results/gpu-check.json``.
 
 Results are cached in ``~/.cache/bpo-fast/gpu-check.json`` by a hash of (kernel module source,
 Triton version, arch, specialisation); ``--no-cache`` recompiles everything.
@@ -318,6 +319,20 @@ def _parse_ptxas(log):
                 static_smem=int(smem[-1]) if smem else 0)
 
 
+def _load_widths(ptx):
+    """Bytes per global load instruction in the PTX -> how many (``cp.async`` copies to shared
+    memory and ``ld.global`` into registers; vector loads count their full width)."""
+    out = {}
+    for m in re.finditer(r"cp\.async\.(?:ca|cg)\.shared\.global(?:\.L2::\w+)?\s+\[[^]]+\],\s*"
+                         r"\[[^]]+\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
+        key = f"cp{int(m.group(1), 0)}"
+        out[key] = out.get(key, 0) + 1
+    for m in re.finditer(r"ld\.global(?:\.\w+)*?(?:\.v(\d))?\.(?:b|u|s|f)(\d+)", ptx):
+        key = f"ld{int(m.group(1) or 1) * int(m.group(2)) // 8}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
 def _compile_one(job):
     import importlib
 
@@ -349,6 +364,7 @@ def _compile_one(job):
                            options=options.__dict__)
     res = _parse_ptxas(buf.getvalue())
     res["smem"] = int(k.metadata.shared) + res.pop("static_smem")
+    res["loads"] = _load_widths(k.asm["ptx"])
     res["seconds"] = round(time.time() - t0, 2)
     res["spec"] = hashlib.sha256(repr((signature, sorted(constexprs.items()),
                                        sorted(attrs.items()), sorted(options.__dict__.items()))
@@ -454,6 +470,12 @@ def judge(row):
         why.append(f"spills {row['spill_stores']}/{row['spill_loads']} B")
     if row.get("smem", 0) > SMEM_LIMIT[row["arch"]]:
         why.append(f"smem {row['smem']} > {SMEM_LIMIT[row['arch']]}")
+    if row.get("row_align", 1) > 1 and row.get("loads"):
+        # hidden rows announced 16-byte aligned must be read with 16-byte copies
+        narrow = {k: v for k, v in row["loads"].items()
+                  if (k.startswith("cp") and k != "cp16") or k == "ld2"}
+        if narrow:
+            why.append(f"narrow loads {narrow}")
     return why
 
 
@@ -551,7 +573,8 @@ def main(argv=None):
 
     for r in rows:
         j = by_id[r["id"]]
-        r.update(kernel=j["kernel"], config=j["config"], arch=j["arch"])
+        r.update(kernel=j["kernel"], config=j["config"], arch=j["arch"],
+                 row_align=(j["kwargs"].get("ROW_ALIGN") or {}).get("i", 1))
         r["fail"] = judge(r)
     rows.sort(key=lambda r: (r["kernel"], r["config"], r["arch"], r["triton"]))
     print(_table(rows))
@@ -572,7 +595,7 @@ def main(argv=None):
     if not a.kernels:
         os.makedirs(os.path.dirname(a.output), exist_ok=True)
         keep = ("kernel", "config", "arch", "triton", "regs", "spill_stores", "spill_loads",
-                "stack", "smem", "fail", "error", "duplicate_of", "id")
+                "stack", "smem", "loads", "fail", "error", "duplicate_of", "id")
         with open(a.output + ".tmp", "w") as f:
             json.dump(dict(summary, rows=[{k: r.get(k) for k in keep} for r in rows]), f,
                       indent=0)
