@@ -173,10 +173,9 @@ def _row_offsets(roff_ptr, rows, rmask, ROW_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_temp,
-            HAS_BIAS: tl.constexpr):
+def _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_temp, has_bias):
     """``d = (onehot(target) - softmax) * gscale`` of a logit tile, 0 outside the bounds."""
-    if HAS_BIAS:
+    if has_bias:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     gs = tl.load(gs_ptr + rows, mask=rmask, other=0.0)
@@ -186,10 +185,17 @@ def _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_
     return tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
 
 
-@triton.jit(do_not_specialize=["S", "SPLIT"])
+# Flags that only switch whole blocks of work on or off (a bias, which gradients) are runtime
+# arguments, not constexprs: one compiled variant per (dtype, tile) instead of one per flag
+# combination (fewer first-step JIT compiles for users, fewer variants for the gate to prove);
+# the branches are uniform per program and cost nothing measurable next to the tile products.
+_FLAGS = ["has_bias", "need_gh", "need_gw", "need_gb"]
+
+
+@triton.jit(do_not_specialize=["S", "SPLIT"] + _FLAGS)
 def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
-                      m_ptr, s_ptr, t_ptr, S, V, H, inv_temp, SPLIT,
-                      HAS_BIAS: tl.constexpr, ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
+                      m_ptr, s_ptr, t_ptr, S, V, H, inv_temp, SPLIT, has_bias,
+                      ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
                       BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -210,7 +216,7 @@ def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
         cmask = cols < v_end
         acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, stride_wk,
                           H, BM, BV, BK, PREC)
-        if HAS_BIAS:
+        if has_bias:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         x = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
@@ -223,11 +229,11 @@ def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
     tl.store(t_ptr + out, tlog, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["S"])
+@triton.jit(do_not_specialize=["S"] + _FLAGS)
 def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
                       lse_ptr, gs_ptr, gh_ptr, gw_ptr, gb_ptr, S, V, H, inv_temp,
-                      HAS_BIAS: tl.constexpr, NEED_GH: tl.constexpr, NEED_GW: tl.constexpr,
-                      NEED_GB: tl.constexpr, ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
+                      has_bias, need_gh, need_gw, need_gb,
+                      ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
                       BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
                       GROUP: tl.constexpr):
     # Program order: GROUP row blocks at a time, the row block fastest within the group, so the
@@ -251,8 +257,8 @@ def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
     acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, stride_wk,
                       H, BM, BV, BK, PREC)
     d = _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_temp,
-                HAS_BIAS)
-    if NEED_GB:
+                has_bias)
+    if need_gb:
         tl.atomic_add(gb_ptr + cols, tl.sum(d, axis=0), mask=cmask, sem="relaxed")
     # the two gradient products take d in the matmul dtype (tensor cores), accumulate in fp32
     dc = d.to(w_ptr.dtype.element_ty)
@@ -261,13 +267,13 @@ def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
     for i in range(0, nk):
         ks = ((i + rot) % nk) * BK + tl.arange(0, BK)
         kmask = ks < H
-        if NEED_GH:
+        if need_gh:
             wt = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :] * stride_wk,
                          mask=cmask[:, None] & kmask[None, :], other=0.0)
             gh = tl.dot(dc, wt, input_precision=PREC)
             tl.atomic_add(gh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :], gh,
                           mask=rmask[:, None] & kmask[None, :], sem="relaxed")
-        if NEED_GW:
+        if need_gw:
             ht = tl.load(h_ptr + roff[:, None] + ks[None, :] * stride_hk,
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
             gw = tl.dot(tl.trans(dc), ht, input_precision=PREC)
@@ -275,11 +281,11 @@ def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
                           mask=cmask[:, None] & kmask[None, :], sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["S"])
+@triton.jit(do_not_specialize=["S"] + _FLAGS)
 def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
                           tgt_ptr, lse_ptr, gs_ptr, gh_ptr, gw_ptr, gb_ptr, S, V, H, inv_temp,
-                          HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, NEED_GW: tl.constexpr,
-                          NEED_GB: tl.constexpr, ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
+                          has_bias, need_gh, need_gw, need_gb, ROWS: tl.constexpr,
+                          ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
                           BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     # Deterministic backward, no atomics: each program owns a block of outputs and adds into
     # it in a fixed order. ROWS: a row block of grad_hidden, looping over the vocabulary;
@@ -295,7 +301,7 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
             acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv,
                               stride_wk, H, BM, BV, BK, PREC)
             d = _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr,
-                        inv_temp, HAS_BIAS)
+                        inv_temp, has_bias)
             dc = d.to(w_ptr.dtype.element_ty)
             for k0 in range(0, H, BK):
                 ks = k0 + tl.arange(0, BK)
@@ -318,10 +324,10 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
             acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv,
                               stride_wk, H, BM, BV, BK, PREC)
             d = _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr,
-                        inv_temp, HAS_BIAS)
-            if NEED_GB:
+                        inv_temp, has_bias)
+            if need_gb:
                 gb += tl.sum(d, axis=0)
-            if NEED_GW:
+            if need_gw:
                 dc = d.to(w_ptr.dtype.element_ty)
                 for k0 in range(0, H, BK):
                     ks = k0 + tl.arange(0, BK)
@@ -332,7 +338,7 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
                     m2 = cmask[:, None] & kmask[None, :]
                     cur = tl.load(ptrs, mask=m2, other=0.0)
                     tl.store(ptrs, cur + tl.dot(tl.trans(dc), ht, input_precision=PREC), mask=m2)
-        if NEED_GB:
+        if need_gb:
             cur_b = tl.load(gb_ptr + cols, mask=cmask, other=0.0)
             tl.store(gb_ptr + cols, cur_b + gb, mask=cmask)
 
@@ -345,16 +351,16 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
 _TILES = {
     ("fwd", 80, "half"): (128, 128, 64, 8, 3),
     ("fwd", 90, "half"): (128, 128, 64, 8, 3),
-    ("bwd", 80, "half"): (128, 64, 64, 8, 3),
+    ("bwd", 80, "half"): (128, 64, 32, 8, 3),
     ("bwd", 90, "half"): (128, 64, 64, 8, 3),
     ("det", 80, "half"): (64, 64, 64, 4, 3),
     ("det", 90, "half"): (64, 64, 64, 4, 3),
     ("fwd", 80, "float32"): (64, 64, 32, 4, 2),
     ("fwd", 90, "float32"): (64, 64, 32, 4, 2),
-    ("bwd", 80, "float32"): (32, 64, 32, 4, 2),
-    ("bwd", 90, "float32"): (32, 64, 32, 4, 2),
-    ("det", 80, "float32"): (32, 64, 32, 4, 2),
-    ("det", 90, "float32"): (32, 64, 32, 4, 2),
+    ("bwd", 80, "float32"): (32, 64, 16, 4, 2),
+    ("bwd", 90, "float32"): (32, 64, 16, 4, 2),
+    ("det", 80, "float32"): (32, 64, 16, 4, 2),
+    ("det", 90, "float32"): (32, 64, 16, 4, 2),
 }
 _INTERPRETER_TILE = (16, 32, 16, 4, 1)  # small tiles: speed of the CPU emulation
 _GROUP = 8
@@ -407,14 +413,13 @@ def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None)
     # split the vocabulary across programs when there are too few row blocks to fill the GPU
     sms = target[1] if target else 1
     split = max(1, min(triton.cdiv(V, BV), triton.cdiv(4 * sms, triton.cdiv(S, BM))))
-    part = torch.empty((3, split, S), device=dev, dtype=torch.float32)
+    m, s, t = (torch.empty((split, S), device=dev, dtype=torch.float32) for _ in range(3))
     _fused_fwd_kernel[(triton.cdiv(S, BM), split)](
         hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
-        bias if bias is not None else weight, targets, part[0], part[1], part[2],
-        S, V, H, float(inv_temp), split,
-        HAS_BIAS=bias is not None, ROW_ALIGN=_row_align(hidden), BM=BM, BV=BV, BK=BK,
+        bias if bias is not None else weight, targets, m, s, t,
+        S, V, H, float(inv_temp), split, int(bias is not None),
+        ROW_ALIGN=_row_align(hidden), BM=BM, BV=BV, BK=BK,
         PREC=_prec(hidden.dtype), num_warps=warps, num_stages=stages)
-    m, s, t = part[0], part[1], part[2]
     mx = m.max(0).values
     lse = mx + torch.log((s * torch.exp(m - mx)).sum(0))
     return lse, t.sum(0)
@@ -447,17 +452,16 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
 
     args = (hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
             bias if bias is not None else weight, targets, lse, gscale, out(gh), out(gw), out(gb),
-            S, V, H, float(inv_temp))
-    common = dict(HAS_BIAS=bias is not None, ROW_ALIGN=_row_align(hidden), BM=BM, BV=BV, BK=BK,
+            S, V, H, float(inv_temp), int(bias is not None), int(gh is not None),
+            int(gw is not None), int(gb is not None))
+    common = dict(ROW_ALIGN=_row_align(hidden), BM=BM, BV=BV, BK=BK,
                   PREC=_prec(hidden.dtype), num_warps=warps, num_stages=stages)
     if not deterministic:
         grid = (triton.cdiv(S, BM) * triton.cdiv(V, BV),)
-        _fused_bwd_kernel[grid](*args, NEED_GH=gh is not None, NEED_GW=gw is not None,
-                                NEED_GB=gb is not None, GROUP=_GROUP, **common)
+        _fused_bwd_kernel[grid](*args, GROUP=_GROUP, **common)
         return
+    # ROWS reads only need_gh, the vocabulary pass only need_gw / need_gb
     if gh is not None:
-        _fused_bwd_det_kernel[(triton.cdiv(S, BM),)](*args, ROWS=True, NEED_GW=False,
-                                                     NEED_GB=False, **common)
+        _fused_bwd_det_kernel[(triton.cdiv(S, BM),)](*args, ROWS=True, **common)
     if gw is not None or gb is not None:
-        _fused_bwd_det_kernel[(triton.cdiv(V, BV),)](*args, ROWS=False, NEED_GW=gw is not None,
-                                                     NEED_GB=gb is not None, **common)
+        _fused_bwd_det_kernel[(triton.cdiv(V, BV),)](*args, ROWS=False, **common)

@@ -50,7 +50,11 @@ _NEG_BIG = tl.constexpr(-3.0e38)
 MODE_TOKEN, MODE_SEQUENCE, MODE_DPO = 0, 1, 2
 
 
-@triton.jit
+# Integers that only index rows or compare labels are not specialised (divisibility by 16 or
+# == 1 buys nothing there): one compiled variant per dtype / mode instead of one per shape
+# class, for users' first-step JIT time and for the GPU-readiness gate (bpo_fast.tools.gpu_check).
+# Row strides and V stay specialised: they decide the 16-byte vector loads.
+@triton.jit(do_not_specialize=["sln", "slt", "T1", "ignore_index"])
 def _fwd_kernel(x_ptr, sxn, sxt, lab_ptr, sln, slt, lp_ptr, lse_ptr,
                 T1, V, ignore_index, scale2,
                 BLOCK_V: tl.constexpr):
@@ -87,7 +91,7 @@ def _fwd_kernel(x_ptr, sxn, sxt, lab_ptr, sln, slt, lp_ptr, lse_ptr,
     tl.store(lse_ptr + 2 * row + 1, tl.where(valid, ls2, 0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sln", "slt", "T", "B", "ignore_index"])
 def _bwd_kernel(x_ptr, sxn, sxt, gx_ptr, sgn, sgt, lab_ptr, sln, slt, lse_ptr,
                 g_ptr, gl_ptr, gls_ptr, dl_ptr,
                 T, V, B, ignore_index, scale2, inv_temp, inv_B,
@@ -136,7 +140,7 @@ def _bwd_kernel(x_ptr, sxn, sxt, gx_ptr, sgn, sgt, lab_ptr, sln, slt, lse_ptr,
         tl.store(gx_row + cols, d.to(gx_ptr.dtype.element_ty), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sln", "slt", "T1", "ignore_index"])
 def _seq_sum_kernel(lp_ptr, lab_ptr, sln, slt, out_ptr, cnt_ptr, T1, ignore_index,
                     BLOCK_T: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)

@@ -18,8 +18,9 @@ No GPU is needed. How it works:
    are exactly those a real launch gets), builds an ``ASTSource`` and runs ``triton.compile``
    for ``GPUTarget("cuda", arch, 32)``; registers and spills come from ptxas's ``-v`` log,
    shared memory from the compiled metadata (+ ptxas's static smem).
-3. **Judge.** Any compile error, any spill, or shared memory above the arch's per-block limit
-   fails the gate (exit 1). A table goes to stdout and ``bench/results/gpu-check.json``.
+3. **Judge.** Any compile error, any spill, shared memory above the arch's per-block limit, or
+   (fused LM-head kernels told that hidden rows are 16-byte aligned) a global load narrower
+   than 16 bytes of a 2-byte operand fails the gate (exit 1). A table goes to stdout and ``bench/results/gpu-check.json``.
 
 Results are cached in ``~/.cache/bpo-fast/gpu-check.json`` by a hash of (kernel module source,
 Triton version, arch, specialisation); ``--no-cache`` recompiles everything.
@@ -28,6 +29,7 @@ Triton version, arch, specialisation); ``--no-cache`` recompiles everything.
 import argparse
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -100,18 +102,30 @@ def _canon(a):
     return tuple(sorted(a.items()))
 
 
+def _no_specialise(fn):
+    """Per parameter: (do_not_specialize, do_not_specialize_on_alignment) of a @triton.jit
+    function (a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1)."""
+    if hasattr(fn, "params"):
+        return [(p.do_not_specialize, p.do_not_specialize_on_alignment) for p in fn.params]
+    names = list(inspect.signature(fn.fn).parameters)
+    kw = getattr(fn, "kwargs", {})
+    dns = set(kw.get("do_not_specialize") or ())
+    dna = set(kw.get("do_not_specialize_on_alignment") or ())
+    return [(n in dns or i in dns, n in dna or i in dna) for i, n in enumerate(names)]
+
+
 class _Recorder:
-    """Stands in for a JITFunction inside its module: ``kernel[grid](*args, **kw)`` records."""
+    """Stands in for a @triton.jit function inside its module: ``kernel[grid](...)`` records."""
 
     def __init__(self, fn, module, sink):
         self.fn, self.module, self.sink = fn, module, sink
+        self.nospec = _no_specialise(fn)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             ser = [_ser(a) for a in args]
-            for a, p in zip(ser, self.fn.params):
-                if a and (("i" in a and p.do_not_specialize)
-                          or ("t" in a and p.do_not_specialize_on_alignment)):
+            for a, (dns, dna) in zip(ser, self.nospec):
+                if a and (("i" in a and dns) or ("t" in a and dna)):
                     a["ns"] = True
             self.sink.append({"module": self.module, "kernel": self.fn.__name__,
                               "args": ser,
@@ -130,7 +144,8 @@ def _recording(arch, sink):
     saved = []
     for name, mod in mods.items():
         for attr, val in list(vars(mod).items()):
-            if type(val).__name__ == "JITFunction" and attr.endswith("_kernel"):
+            if (type(val).__name__ in ("JITFunction", "InterpretedFunction")
+                    and attr.endswith("_kernel")):
                 saved.append((mod, attr, val))
                 setattr(mod, attr, _Recorder(val, f"bpo_fast.kernels.{name}", sink))
     old = KP._PLAN_TARGET
@@ -304,6 +319,20 @@ def _parse_ptxas(log):
                 static_smem=int(smem[-1]) if smem else 0)
 
 
+def _load_widths(ptx):
+    """Bytes per global load instruction in the PTX -> how many (``cp.async`` copies to shared
+    memory and ``ld.global`` into registers; vector loads count their full width)."""
+    out = {}
+    for m in re.finditer(r"cp\.async\.(?:ca|cg)\.shared\.global(?:\.L2::\w+)?\s+\[[^]]+\],\s*"
+                         r"\[[^]]+\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
+        key = f"cp{int(m.group(1), 0)}"
+        out[key] = out.get(key, 0) + 1
+    for m in re.finditer(r"ld\.global(?:\.\w+)*?(?:\.v(\d))?\.(?:b|u|s|f)(\d+)", ptx):
+        key = f"ld{int(m.group(1) or 1) * int(m.group(2)) // 8}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
 def _compile_one(job):
     import importlib
 
@@ -335,6 +364,7 @@ def _compile_one(job):
                            options=options.__dict__)
     res = _parse_ptxas(buf.getvalue())
     res["smem"] = int(k.metadata.shared) + res.pop("static_smem")
+    res["loads"] = _load_widths(k.asm["ptx"])
     res["seconds"] = round(time.time() - t0, 2)
     res["spec"] = hashlib.sha256(repr((signature, sorted(constexprs.items()),
                                        sorted(attrs.items()), sorted(options.__dict__.items()))
@@ -440,6 +470,12 @@ def judge(row):
         why.append(f"spills {row['spill_stores']}/{row['spill_loads']} B")
     if row.get("smem", 0) > SMEM_LIMIT[row["arch"]]:
         why.append(f"smem {row['smem']} > {SMEM_LIMIT[row['arch']]}")
+    if row.get("row_align", 1) > 1 and row.get("loads"):
+        # hidden rows announced 16-byte aligned must be read with 16-byte copies
+        narrow = {k: v for k, v in row["loads"].items()
+                  if (k.startswith("cp") and k != "cp16") or k == "ld2"}
+        if narrow:
+            why.append(f"narrow loads {narrow}")
     return why
 
 
@@ -537,7 +573,8 @@ def main(argv=None):
 
     for r in rows:
         j = by_id[r["id"]]
-        r.update(kernel=j["kernel"], config=j["config"], arch=j["arch"])
+        r.update(kernel=j["kernel"], config=j["config"], arch=j["arch"],
+                 row_align=(j["kwargs"].get("ROW_ALIGN") or {}).get("i", 1))
         r["fail"] = judge(r)
     rows.sort(key=lambda r: (r["kernel"], r["config"], r["arch"], r["triton"]))
     print(_table(rows))
@@ -558,7 +595,7 @@ def main(argv=None):
     if not a.kernels:
         os.makedirs(os.path.dirname(a.output), exist_ok=True)
         keep = ("kernel", "config", "arch", "triton", "regs", "spill_stores", "spill_loads",
-                "stack", "smem", "fail", "error", "duplicate_of", "id")
+                "stack", "smem", "loads", "fail", "error", "duplicate_of", "id")
         with open(a.output + ".tmp", "w") as f:
             json.dump(dict(summary, rows=[{k: r.get(k) for k in keep} for r in rows]), f,
                       indent=0)

@@ -1,0 +1,300 @@
+"""Every kernel specialisation the GPU-readiness gate compiles (bpo_fast.tools.gpu_check), run
+under the Triton interpreter in float32 at small shapes against the PyTorch reference: the
+compiler accepts code that is numerically wrong, the interpreter code the compiler refuses, so
+both checks are needed. The gate's own recording of launches is tested here too."""
+
+import os
+
+import pytest
+import torch
+
+from bpo_fast.ops.dpo import LOSS_TYPES, _reference_loss_and_grad
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs the Triton interpreter or a GPU", allow_module_level=True)
+
+from bpo_fast.kernels import dpo as KD  # noqa: E402
+from bpo_fast.kernels import linear as KL  # noqa: E402
+from bpo_fast.kernels import logprobs as KP  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO pair kernels: each loss type x TOKENS x HAS_LEN
+# ----------------------------------------------------------------------------------------------
+
+
+def _pairs(B, seed):
+    g = torch.Generator().manual_seed(seed)
+    pc, pr, rc, rr = (-20 * torch.rand(B, generator=g) for _ in range(4))
+    return pc, pr, rc, rr
+
+
+@pytest.mark.parametrize("has_len", [False, True])
+@pytest.mark.parametrize("lt", LOSS_TYPES)
+def test_pairs_kernel_per_sequence(lt, has_len):
+    B = 5
+    pc, pr, rc, rr = _pairs(B, 1)
+    lc = torch.tensor([3, 1, 0, 7, 12]) if has_len else None
+    lr = torch.tensor([2, 5, 4, 0, 9]) if has_len else None
+    if lt in ("ipo", "sigmoid_norm") and not has_len:
+        lc = lr = torch.ones(B, dtype=torch.int64)
+    e = 0.1 if lt in ("sigmoid", "robust", "exo_pair") else 0.0
+    # bf16 policy inputs: the launcher casts them (one compiled variant for every dtype)
+    res = KD.dpo_pairs(pc.bfloat16().to(DEV), pr.bfloat16().to(DEV), rc.to(DEV), rr.to(DEV),
+                       None if lc is None else lc.to(DEV), None if lr is None else lr.to(DEV),
+                       beta=0.3, loss_type=LOSS_TYPES.index(lt), label_smoothing=e, tau=0.5)
+    ref, dc, dr = _reference_loss_and_grad(pc.bfloat16().float(), pr.bfloat16().float(), rc, rr,
+                                           lc, lr, 0.3, lt, e, 0.5)
+    tol = dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(res["losses"].cpu(), ref.losses, **tol)
+    torch.testing.assert_close(res["loss"].cpu(), ref.loss, **tol)
+    torch.testing.assert_close(res["reward_accuracy"].cpu(), ref.reward_accuracy)
+    torch.testing.assert_close(res["reward_margins"].cpu(), ref.reward_margins, **tol)
+    torch.testing.assert_close(res["dlosses"].cpu(), torch.cat([dc, dr]), **tol)
+
+
+@pytest.mark.parametrize("lt", LOSS_TYPES)
+def test_pairs_kernel_token_mode(lt):
+    """TOKENS=True: the kernel sums token log-probs and counts labels itself (one program per
+    pair, more than one BLOCK_T step per row, an all-masked sequence)."""
+    B, T = 3, KD.TOKENS_BLOCK_T + 40
+    g = torch.Generator().manual_seed(2)
+    tok = -torch.rand(2 * B, T - 1, generator=g)
+    labels = torch.randint(0, 50, (2 * B, T), generator=g)
+    labels[:, : T // 3] = -100
+    labels[4] = -100  # all masked: 0 log-prob, 0 tokens
+    tok = torch.where(labels[:, 1:] == -100, torch.zeros(()), tok)
+    rc, rr = -20 * torch.rand(B, generator=g), -20 * torch.rand(B, generator=g)
+    e = 0.1 if lt in ("sigmoid", "robust", "exo_pair") else 0.0
+    res = KD.dpo_pairs(None, None, rc.to(DEV), rr.to(DEV), beta=0.2,
+                       loss_type=LOSS_TYPES.index(lt), label_smoothing=e, tau=0.5,
+                       token_logps=tok.to(DEV), labels=labels.to(DEV))
+    logps = tok.sum(1)
+    n = (labels[:, 1:] != -100).sum(1)
+    torch.testing.assert_close(res["logps"].cpu(), logps, atol=1e-4, rtol=1e-5)
+    assert torch.equal(res["n_tokens"].cpu(), n)
+    ref, dc, dr = _reference_loss_and_grad(logps[:B], logps[B:], rc, rr, n[:B], n[B:], 0.2, lt,
+                                           e, 0.5)
+    torch.testing.assert_close(res["losses"].cpu(), ref.losses, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res["dlosses"].cpu(), torch.cat([dc, dr]), atol=1e-4, rtol=1e-4)
+
+
+def test_mean_kernel_fixed_order_over_many_pairs():
+    """B above MEAN_BLOCK and PAIRS_BLOCK_B: several pair programs, several mean steps."""
+    B = KD.MEAN_BLOCK + 77
+    pc, pr, rc, rr = _pairs(B, 3)
+    kw = dict(beta=0.1, loss_type=0, label_smoothing=0.0, tau=0.05)
+    a = KD.dpo_pairs(pc.to(DEV), pr.to(DEV), rc.to(DEV), rr.to(DEV), **kw)
+    b = KD.dpo_pairs(pc.to(DEV), pr.to(DEV), rc.to(DEV), rr.to(DEV), **kw)
+    ref, _, _ = _reference_loss_and_grad(pc, pr, rc, rr, None, None, 0.1, "sigmoid", 0.0, 0.05)
+    torch.testing.assert_close(a["loss"].cpu(), ref.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a["reward_accuracy"].cpu(), ref.reward_accuracy)
+    assert torch.equal(a["loss"], b["loss"])  # deterministic
+
+
+# ----------------------------------------------------------------------------------------------
+# fused LM head: bias / no bias, every gradient subset, atomic and deterministic backward
+# ----------------------------------------------------------------------------------------------
+
+
+def _head(S=21, H=40, V=75, offset=0, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    store = torch.randn(S * H + offset, generator=g) * 0.5
+    hidden = store[offset:].view(S, H)
+    weight = torch.randn(V, H, generator=g) * 0.5
+    bias = torch.randn(V, generator=g)
+    targets = torch.randint(0, V, (S,), generator=g)
+    gs = torch.randn(S, generator=g)
+    return hidden, weight, bias, targets, gs
+
+
+@pytest.mark.parametrize("offset", [0, 1])  # ROW_ALIGN hint on / off
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_forward(bias, offset):
+    hidden, weight, b, targets, _ = _head(offset=offset)
+    assert KL._row_align(hidden) == (4 if offset == 0 else 1)
+    row_off = torch.arange(hidden.shape[0]) * hidden.stride(0)  # from hidden's data pointer
+    lse, tl = KL.fused_forward(hidden.to(DEV), row_off.to(DEV), weight.to(DEV),
+                               b.to(DEV) if bias else None, targets.to(DEV), 0.5)
+    z = (hidden @ weight.T + (b if bias else 0)) * 0.5
+    torch.testing.assert_close(lse.cpu(), torch.logsumexp(z, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tl.cpu(), z.gather(1, targets[:, None])[:, 0], atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("need", ["h", "w", "b", "hw", "hb", "wb", "hwb"])
+def test_fused_backward(need, deterministic):
+    bias = "b" in need
+    hidden, weight, b, targets, gs = _head()
+    S, H = hidden.shape
+    V = weight.shape[0]
+    row_off = torch.arange(S) * H
+    z = (hidden @ weight.T + (b if bias else 0)) * 0.5
+    lse = torch.logsumexp(z, 1)
+    # reference: d/dz of sum(gs * temperature * logp) = gs * (onehot - softmax)
+    d = (torch.nn.functional.one_hot(targets, V).float() - torch.softmax(z, 1)) * gs[:, None]
+    f32 = dict(device=DEV, dtype=torch.float32)
+    gh = torch.zeros(S, H, **f32) if "h" in need else None
+    gw = torch.zeros(V, H, **f32) if "w" in need else None
+    gb = torch.zeros(V, **f32) if "b" in need else None
+    args = (hidden.to(DEV), row_off.to(DEV), weight.to(DEV), b.to(DEV) if bias else None,
+            targets.to(DEV), lse.to(DEV), gs.to(DEV), 0.5)
+    KL.fused_backward(*args, gh=gh, gw=gw, gb=gb, deterministic=deterministic)
+    tol = dict(atol=1e-5, rtol=1e-4)
+    if gh is not None:
+        torch.testing.assert_close(gh.cpu(), d @ weight, **tol)
+    if gw is not None:
+        torch.testing.assert_close(gw.cpu(), d.T @ hidden, **tol)
+    if gb is not None:
+        torch.testing.assert_close(gb.cpu(), d.sum(0), **tol)
+    if deterministic:  # the same bits again
+        again = [None if t is None else torch.zeros_like(t) for t in (gh, gw, gb)]
+        KL.fused_backward(*args, gh=again[0], gw=again[1], gb=again[2], deterministic=True)
+        for x, y in zip((gh, gw, gb), again):
+            assert x is None or torch.equal(x, y)
+
+
+def test_fused_backward_follows_torch_deterministic_mode(monkeypatch):
+    seen = []
+    real = KL._fused_bwd_det_kernel
+    monkeypatch.setattr(KL, "_fused_bwd_det_kernel", _Spy(real, seen))
+    hidden, weight, b, targets, gs = _head(S=5, H=16, V=20)
+    args = (hidden, torch.arange(5) * 16, weight, None, targets, torch.zeros(5), gs, 1.0)
+    KL.fused_backward(*args, gh=torch.zeros(5, 16))
+    assert not seen
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        KL.fused_backward(*args, gh=torch.zeros(5, 16))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert seen
+
+
+class _Spy:
+    def __init__(self, fn, seen):
+        self.fn, self.seen = fn, seen
+
+    def __getitem__(self, grid):
+        self.seen.append(grid)
+        return self.fn[grid]
+
+
+# ----------------------------------------------------------------------------------------------
+# the cuBLAS strategy's row kernels and the logits kernels' modes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_lse_update(bias):
+    g = torch.Generator().manual_seed(5)
+    C, V, v0 = 6, 130, 40
+    z = torch.randn(C, V, generator=g)
+    b = torch.randn(V, generator=g)
+    tgt = torch.randint(0, 200, (C,), generator=g)
+    m = torch.full((C,), float("-inf"))
+    s = torch.zeros(C)
+    t = torch.full((C,), 7.0)
+    KL.lse_update(z, b if bias else None, tgt, m, s, t, v0, 2.0)
+    x = (z + (b if bias else 0)) * 2.0
+    torch.testing.assert_close(m + torch.log(s), torch.logsumexp(x, 1))
+    hit = (tgt >= v0) & (tgt < v0 + V)
+    want = torch.where(hit, x.gather(1, (tgt - v0).clamp(0, V - 1)[:, None])[:, 0], 7.0)
+    torch.testing.assert_close(t, want)
+
+
+@pytest.mark.parametrize("flags", [(gl, gls, glp) for gl in (0, 1) for gls in (0, 1)
+                                   for glp in (0, 1)])
+def test_logits_backward_dpo_mode_flags(flags):
+    """MODE_DPO with each (HAS_GLOSS, HAS_GLOSSES, HAS_GLOGPS) the ops can launch."""
+    gl_on, gls_on, glp_on = flags
+    B, T, V = 2, 5, 37
+    N = 2 * B
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(N, T, V, generator=g)
+    labels = torch.randint(0, V, (N, T), generator=g)
+    labels[0, 2] = -100
+    lp, lse = KP.forward(x, labels, -100, 1.0)
+    g_loss = torch.tensor(0.7)
+    g_losses = torch.randn(B, generator=g)
+    g_logps = torch.randn(N, generator=g)
+    dl = torch.randn(N, generator=g)
+    out = KP.backward(x, labels, lse, -100, 1.0, mode=KP.MODE_DPO,
+                      g=g_logps if glp_on else None, g_loss=g_loss if gl_on else None,
+                      g_losses=g_losses if gls_on else None, dlosses=dl, B=B)
+    coef = torch.zeros(N)
+    if gl_on:
+        coef += g_loss / B
+    if gls_on:
+        coef += g_losses.repeat(2)
+    gseq = coef * dl + (g_logps if glp_on else 0)
+    ref = torch.zeros_like(x)
+    p = torch.softmax(x[:, :-1], -1)
+    oh = torch.nn.functional.one_hot(labels[:, 1:].clamp(min=0), V).float()
+    scored = (labels[:, 1:] != -100).float()[..., None]
+    ref[:, :-1] = (oh - p) * scored * gseq[:, None, None]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the gate's recording (no compiler needed)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gate_records_every_specialisation():
+    from bpo_fast.tools import gpu_check as G
+
+    jobs = G.record_launches((80,))
+    kinds = {}
+    for j in jobs:
+        kinds.setdefault(j["kernel"], []).append(j)
+    dpo = {(j["kwargs"]["LOSS"]["i"], j["kwargs"]["TOKENS"]["b"], j["kwargs"]["HAS_LEN"]["b"])
+           for j in kinds["_dpo_pairs_kernel"]}
+    # one variant per (loss, TOKENS, HAS_LEN), whatever B, T or the input dtypes
+    assert dpo == {(lt, tok, hl) for lt in range(12) for tok, hl in
+                   ((False, False), (False, True), (True, False))}
+    assert len(kinds["_dpo_pairs_kernel"]) == 36
+    assert {j["kwargs"]["ROWS"]["b"] for j in kinds["_fused_bwd_det_kernel"]} == {True, False}
+    modes = {(j["kwargs"]["MODE"]["i"], j["kwargs"]["HAS_GLOSS"]["b"],
+              j["kwargs"]["HAS_GLOSSES"]["b"], j["kwargs"]["HAS_GLOGPS"]["b"])
+             for j in kinds["_bwd_kernel"]}
+    assert len(modes) == 10
+    # the tiles recorded are the table's, for each dtype
+    tiles = {(j["kwargs"]["BM"]["i"], j["kwargs"]["BV"]["i"], j["kwargs"]["BK"]["i"])
+             for j in kinds["_fused_bwd_kernel"]}
+    assert tiles == {KL.tile_config("bwd", dt, 80)[:3] for dt in (torch.float32, torch.bfloat16)}
+    assert set(kinds) >= {"_fwd_kernel", "_seq_sum_kernel", "_lse_update_kernel",
+                          "_dlogits_kernel", "_fused_fwd_kernel", "_dpo_mean_kernel"}
+
+
+def test_gate_verdicts():
+    from bpo_fast.tools import gpu_check as G
+
+    ok = dict(arch=80, regs=128, spill_stores=0, spill_loads=0, smem=100_000)
+    assert G.judge(ok) == []
+    assert G.judge(dict(ok, spill_stores=8, spill_loads=4)) == ["spills 8/4 B"]
+    assert G.judge(dict(ok, smem=170 * 1024))[0].startswith("smem")
+    assert G.judge(dict(ok, arch=90, smem=170 * 1024)) == []
+    assert G.judge(dict(ok, error="PassManager::run failed")) == ["compile error"]
+    assert G.judge(dict(ok, row_align=8, loads={"cp16": 24, "ld4": 3})) == []
+    assert G.judge(dict(ok, row_align=8, loads={"cp16": 12, "ld2": 32}))[0].startswith("narrow")
+    assert G.judge(dict(ok, row_align=1, loads={"ld2": 32})) == []
+    log = ("ptxas info    : Used 168 registers, used 1 barriers, 16 bytes smem\n"
+           "    24 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads\n")
+    r = G._parse_ptxas(log)
+    assert (r["regs"], r["spill_stores"], r["spill_loads"], r["static_smem"]) == (168, 16, 8, 16)
+
+
+def test_oldest_triton_is_the_one_pyproject_states():
+    import re
+
+    from bpo_fast.tools import gpu_check as G
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        text = f.read()
+    floors = set(re.findall(r'"triton>=([0-9.]+)"', text))
+    assert floors == {G.OLDEST_TRITON.rsplit(".", 1)[0]}, floors
