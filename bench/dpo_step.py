@@ -2,6 +2,11 @@
 
     python bench/dpo_step.py --all      # GPU: both models, writes bench/results/dpo_step-<gpu>.json
     python bench/dpo_step.py --smoke    # CPU: the tiny LLaVA, 2 pairs x 96 tokens, writes nothing
+    python bench/dpo_step.py --cpu-grid # CPU: LLaVA-shaped H 512, V 32000, 2 x 512-token pairs,
+                                        # full fine-tune and LoRA -> bench/results/dpo_step-cpu.json
+
+The real TRL rows need ``trl`` importable: ``pip install --no-deps -r bench/requirements-trl.txt``
+(TRL 1.16 and its data libraries; torch is not touched).
 
 Models (random weights from configs, bf16, nothing downloaded):
 - ``llava-7b-lora``: CLIP ViT-L/14-336 vision tower (576 image tokens) + 2-layer GELU projector +
@@ -21,23 +26,32 @@ without it); ``--no-gc`` turns it off.
 One step = forward (policy and reference) + backward + AdamW step + zero_grad.
 
 Rows:
-- ``bpo_fast``: :class:`bpo_fast.PreferenceModel`: each image encoded once per pair and shared
-  with the reference, ``[chosen; rejected]`` through each model once, LM head fused into the loss
-  (no logits). params.reference says which reference mode; params.attention says SDPA (padded) or
-  flash-attention varlen (packed, when ``flash-attn`` is installed: the row that measures what
-  packing saves).
-- ``trl``: TRL's ``DPOTrainer`` step is not run here (it needs a dataset pipeline around the step);
-  the baseline is a faithful TRL-style PyTorch step, as ``DPOTrainer.concatenated_forward`` does
-  it: ``[chosen; rejected]`` concatenated with the image duplicated per row (so every image goes
-  through the vision tower twice per model), full ``[2B, T, V]`` logits from ``model(...)``,
-  ``selective_log_softmax`` (TRL's own when ``trl`` is importable, else the same per-row
-  ``log_softmax`` + ``gather`` loop it uses for bf16), then a separate reference forward (a
-  frozen copy, or the adapters disabled for LoRA). params.baseline names which.
+- ``bpo_fast``: :class:`bpo_fast.PreferenceModel` (what ``bpo-fast train`` runs): each image
+  encoded once per pair and shared with the reference, ``[chosen; rejected]`` through each model
+  once, the LM head fused into the loss (:func:`bpo_fast.ops.preference.preference_loss`: no
+  logits, 3 LM-head GEMMs per scored token). params.reference says which reference mode;
+  params.attention says SDPA (padded) or flash-attention varlen (packed, when ``flash-attn`` is
+  installed: the row that measures what packing saves).
+- ``bpo_fast_composed`` (CPU grid): the same with the loss op on its composed path (forward,
+  then a recomputing backward: 4 LM-head GEMMs per scored token): what the 3-GEMM path saves.
+- ``trl``: TRL's own ``DPOTrainer`` (when ``trl`` is importable): its ``training_step`` (its
+  ``_compute_loss``, fused LM head, reference handling, ``accelerator.backward``) and its AdamW,
+  on the same model, batch and hyper-parameters; its step-1 loss and log-probs are checked
+  against ours (params.check).
+- ``naive_full_logits``: a hand-written naive full-logits step, labelled as such (the fallback
+  when ``trl`` is not importable; on GPU also run beside it): ``[chosen; rejected]`` with the
+  image duplicated per row (every image through the vision tower twice per model), full
+  ``[2B, T, V]`` logits from ``model(...)``, ``selective_log_softmax`` (TRL's when importable,
+  else the same per-row ``log_softmax`` + ``gather`` loop it uses for bf16), a separate reference
+  forward. This is how TRL < 1.x computed DPO; TRL 1.16 itself has a fused LM head.
 
-Each timed row first checks its policy/reference log-probs and loss against the other
-implementation on the same batch. tokens_per_s counts the non-pad tokens of the 16 rows.
+Each timed row first checks its policy/reference log-probs and loss against another
+implementation on the same batch. tokens_per_s counts the non-pad tokens of the rows.
 peak_mem_bytes: peak allocated during a step above what was allocated before it (weights,
-optimiser state, batch); peak_total_bytes: the absolute peak (what must fit on the GPU).
+optimiser state, batch); peak_total_bytes: the absolute peak (what must fit on the GPU). On CPU
+(``--cpu-grid``) peak_rss_bytes is the peak RSS of a fresh process that builds the model and that
+one implementation and runs two steps; the variants' steps are interleaved round-robin (the
+machine is shared) and the medians and their ratios (``speedup_vs``) are what to compare.
 """
 
 import argparse

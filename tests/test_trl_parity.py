@@ -13,7 +13,6 @@ Install the real one with ``pip install -r bench/requirements-trl.txt`` (no torc
 """
 
 import math
-import os
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -32,7 +31,6 @@ try:
 except Exception:  # not installed, or its dependencies are missing
     HAVE_TRL = False
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 BETA, TAU = 0.3, 0.05
 EPS = {"robust": 0.2, "exo_pair": 1e-3, "cdpo": 0.1}
 
@@ -163,15 +161,6 @@ def _per_token64(hidden, weight, labels):
     lsm = torch.log_softmax(hidden[:, :-1] @ weight.t(), -1)
     nxt = labels[:, 1:]
     return lsm.gather(-1, nxt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (nxt != -100)
-
-
-@pytest.fixture(params=["reference", "kernel"])
-def loss_path(request, monkeypatch):
-    if request.param == "kernel" and not (INTERP or torch.cuda.is_available()):
-        pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
-    if request.param == "reference":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return request.param
 
 
 @pytest.mark.parametrize("rpo_alpha", [0.0, 0.5])
