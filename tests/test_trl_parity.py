@@ -61,7 +61,8 @@ def trl_116_written(loss_types, loss_weights, per_token_logps, completion_mask, 
             per = torch.relu(1 - beta * delta_score)
         elif loss_type in ("ipo", "sigmoid_norm"):
             cm, rm = completion_mask.chunk(2, dim=0)
-            d = chosen_scores / cm.sum(1).clamp(min=1.0) - rejected_scores / rm.sum(1).clamp(min=1.0)
+            d = (chosen_scores / cm.sum(1).clamp(min=1.0)
+                 - rejected_scores / rm.sum(1).clamp(min=1.0))
             per = (d - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -F.logsigmoid(beta * d)
         elif loss_type == "exo_pair":
             z = beta * delta_score
