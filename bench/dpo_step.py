@@ -2,6 +2,11 @@
 
     python bench/dpo_step.py --all      # GPU: both models, writes bench/results/dpo_step-<gpu>.json
     python bench/dpo_step.py --smoke    # CPU: the tiny LLaVA, 2 pairs x 96 tokens, writes nothing
+    python bench/dpo_step.py --cpu-grid # CPU: LLaVA-shaped H 512, V 32000, 2 x 512-token pairs,
+                                        # full fine-tune and LoRA -> bench/results/dpo_step-cpu.json
+
+The real TRL rows need ``trl`` importable: ``pip install --no-deps -r bench/requirements-trl.txt``
+(TRL 1.16 and its data libraries; torch is not touched).
 
 Models (random weights from configs, bf16, nothing downloaded):
 - ``llava-7b-lora``: CLIP ViT-L/14-336 vision tower (576 image tokens) + 2-layer GELU projector +
@@ -21,23 +26,32 @@ without it); ``--no-gc`` turns it off.
 One step = forward (policy and reference) + backward + AdamW step + zero_grad.
 
 Rows:
-- ``bpo_fast``: :class:`bpo_fast.PreferenceModel`: each image encoded once per pair and shared
-  with the reference, ``[chosen; rejected]`` through each model once, LM head fused into the loss
-  (no logits). params.reference says which reference mode; params.attention says SDPA (padded) or
-  flash-attention varlen (packed, when ``flash-attn`` is installed: the row that measures what
-  packing saves).
-- ``trl``: TRL's ``DPOTrainer`` step is not run here (it needs a dataset pipeline around the step);
-  the baseline is a faithful TRL-style PyTorch step, as ``DPOTrainer.concatenated_forward`` does
-  it: ``[chosen; rejected]`` concatenated with the image duplicated per row (so every image goes
-  through the vision tower twice per model), full ``[2B, T, V]`` logits from ``model(...)``,
-  ``selective_log_softmax`` (TRL's own when ``trl`` is importable, else the same per-row
-  ``log_softmax`` + ``gather`` loop it uses for bf16), then a separate reference forward (a
-  frozen copy, or the adapters disabled for LoRA). params.baseline names which.
+- ``bpo_fast``: :class:`bpo_fast.PreferenceModel` (what ``bpo-fast train`` runs): each image
+  encoded once per pair and shared with the reference, ``[chosen; rejected]`` through each model
+  once, the LM head fused into the loss (:func:`bpo_fast.ops.preference.preference_loss`: no
+  logits, 3 LM-head GEMMs per scored token). params.reference says which reference mode;
+  params.attention says SDPA (padded) or flash-attention varlen (packed, when ``flash-attn`` is
+  installed: the row that measures what packing saves).
+- ``bpo_fast_composed`` (CPU grid): the same with the loss op on its composed path (forward,
+  then a recomputing backward: 4 LM-head GEMMs per scored token): what the 3-GEMM path saves.
+- ``trl``: TRL's own ``DPOTrainer`` (when ``trl`` is importable): its ``training_step`` (its
+  ``_compute_loss``, fused LM head, reference handling, ``accelerator.backward``) and its AdamW,
+  on the same model, batch and hyper-parameters; its step-1 loss and log-probs are checked
+  against ours (params.check).
+- ``naive_full_logits``: a hand-written naive full-logits step, labelled as such (the fallback
+  when ``trl`` is not importable; on GPU also run beside it): ``[chosen; rejected]`` with the
+  image duplicated per row (every image through the vision tower twice per model), full
+  ``[2B, T, V]`` logits from ``model(...)``, ``selective_log_softmax`` (TRL's when importable,
+  else the same per-row ``log_softmax`` + ``gather`` loop it uses for bf16), a separate reference
+  forward. This is how TRL < 1.x computed DPO; TRL 1.16 itself has a fused LM head.
 
-Each timed row first checks its policy/reference log-probs and loss against the other
-implementation on the same batch. tokens_per_s counts the non-pad tokens of the 16 rows.
+Each timed row first checks its policy/reference log-probs and loss against another
+implementation on the same batch. tokens_per_s counts the non-pad tokens of the rows.
 peak_mem_bytes: peak allocated during a step above what was allocated before it (weights,
-optimiser state, batch); peak_total_bytes: the absolute peak (what must fit on the GPU).
+optimiser state, batch); peak_total_bytes: the absolute peak (what must fit on the GPU). On CPU
+(``--cpu-grid``) peak_rss_bytes is the peak RSS of a fresh process that builds the model and that
+one implementation and runs two steps; the variants' steps are interleaved round-robin (the
+machine is shared) and the medians and their ratios (``speedup_vs``) are what to compare.
 """
 
 import argparse
@@ -285,20 +299,25 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    naive = {**base_params, "baseline": f"naive full-logits step ({baseline_name})",
+             "reference": "lora-disabled" if lora else "model"}
     try:
         med, p20, p80, peak, total = time_steps(trl_step, warmup, reps)
-        rows.append(common.row(case, "trl", med, p20, p80, params={
-            **base_params, "baseline": baseline_name,
-            "reference": "lora-disabled" if lora else "model"}, pass_="fwd+bwd",
-            peak_mem_bytes=peak, peak_total_bytes=total,
-            tokens_per_s=tokens / (med * 1e-3)))
+        rows.append(common.row(case, "naive_full_logits", med, p20, p80, params=naive,
+                               pass_="fwd+bwd", peak_mem_bytes=peak, peak_total_bytes=total,
+                               tokens_per_s=tokens / (med * 1e-3)))
     except torch.cuda.OutOfMemoryError as exc:
-        rows.append(common.row(case, "trl", params={**base_params, "baseline": baseline_name},
-                               pass_="fwd+bwd", error=f"OOM: {exc}"[:300]))
+        rows.append(common.row(case, "naive_full_logits", params=naive, pass_="fwd+bwd",
+                               error=f"OOM: {exc}"[:300]))
     del opt
     # restore the policy to the state the checks were taken in: rebuild (timing changed weights)
     del policy
     _empty()
+
+    # --- the real TRL DPOTrainer step (when trl is importable) ------------------------------
+    if trl_available():
+        rows.append(_trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp, b_loss,
+                             device, warmup, reps, tokens, gc, dtype))
 
     # --- ours ------------------------------------------------------------------------------
     variants = [("sdpa", False, "model" if not lora else "lora")]
@@ -351,6 +370,45 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
     return rows
 
 
+def _trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp, b_loss, device,
+             warmup, reps, tokens, gc, dtype):
+    """TRL's DPOTrainer on the same (perturbed) policy, reference and batch; its step-1 loss and
+    log-probs are checked against the naive step's (which ours are checked against too)."""
+    from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
+
+    import trl
+
+    image_size = cfg.vision_config.image_size
+    processor = build_tiny_llava(config=TinyLlavaConfig(
+        image_size=image_size, patch_size=cfg.vision_config.patch_size))[1]
+    policy = make_policy("sdpa")
+    _perturb(policy)
+    lora = reference is None
+    tb = dict(batch, completion_mask=(batch["labels"] != -100).long(),
+              n_pairs=batch["input_ids"].shape[0] // 2)
+    params = {**base_params, "baseline": f"trl {trl.__version__} DPOTrainer.training_step",
+              "reference": "lora-disabled" if lora else "model"}
+    try:
+        t = TRLStep(policy, None if lora else reference, processor, tb, beta=BETA, lr=1e-7,
+                    image_size=image_size, device=device, gradient_checkpointing=gc,
+                    bf16=dtype == torch.bfloat16)
+        with torch.no_grad():
+            loss = float(t.trainer.compute_loss(t.model, t.inputs))
+        lp = t.logps()
+        params["check"] = {"loss": loss, "naive_loss": b_loss,
+                           "policy_logps_max_rel_err": float(
+                               ((lp - b_lp).abs() / b_lp.abs().clamp_min(1.0)).max())}
+        med, p20, p80, peak, total = time_steps(t.step, warmup, reps)
+        row = common.row(case, "trl", med, p20, p80, params=params, pass_="fwd+bwd",
+                         peak_mem_bytes=peak, peak_total_bytes=total,
+                         tokens_per_s=tokens / (med * 1e-3))
+    except Exception as exc:  # a baseline that cannot run is a row with its error
+        row = common.row(case, "trl", params=params, pass_="fwd+bwd",
+                         error=f"{type(exc).__name__}: {exc}"[:300])
+    _empty()
+    return row
+
+
 def _perturb(model, scale=1e-3):
     """A seeded perturbation of the trained weights (the LLM, or the LoRA B matrices, which start
     at zero), so that policy != reference (else every DPO loss is log 2 and the check proves
@@ -383,6 +441,324 @@ def _check(out, b_lp, b_ref, b_loss):
     return res
 
 
+# ----------------------------------------------------------------------------------------------
+# the real TRL DPOTrainer (when `trl` is importable: pip install --no-deps -r
+# bench/requirements-trl.txt)
+# ----------------------------------------------------------------------------------------------
+
+def trl_available():
+    try:
+        import trl  # noqa: F401
+        from trl import DPOConfig, DPOTrainer  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def _trl_dataset(image_size):
+    """A one-record vision dataset: DPOTrainer needs one to be built (and to know it is a vision
+    run); the step itself is fed our batch tensors, so both implementations see the same data."""
+    import numpy as np
+    from datasets import Dataset
+    from PIL import Image
+
+    rec = [{"images": [Image.fromarray(np.zeros((image_size, image_size, 3), np.uint8))],
+            "prompt": "<image>\nx", "chosen": "x", "rejected": "x"}]
+    try:
+        return Dataset.from_list(rec)
+    except Exception as exc:  # datasets 5.2 + dill cannot fingerprint this in-memory table here
+        if "pickle" not in type(exc).__name__.lower() and "pickle" not in str(exc).lower():
+            raise
+        import uuid
+
+        import datasets.arrow_dataset as ad
+
+        ad.generate_fingerprint = lambda *a, **k: uuid.uuid4().hex  # caching only; not the step
+        return Dataset.from_list(rec)
+
+
+class TRLStep:
+    """One optimiser step of TRL's own ``DPOTrainer`` (``training_step``: its ``_compute_loss``
+    with its fused LM head and its reference handling, ``accelerator.backward``; then the
+    trainer's AdamW ``step`` and ``zero_grad``), on a batch in TRL's layout: ``[chosen;
+    rejected]`` rows, the image repeated per row, ``completion_mask``. The reference is
+    ``ref_model`` (full fine-tune) or, with ``peft_config`` (TRL adds the adapter), the policy
+    with its LoRA adapters disabled."""
+
+    def __init__(self, policy, ref_model, processor, batch, *, beta, lr, image_size, device,
+                 gradient_checkpointing=False, bf16=False, peft_config=None):
+        import tempfile
+
+        from trl import DPOConfig, DPOTrainer
+
+        self.out_dir = tempfile.mkdtemp(prefix="trl-dpo-")
+        args = DPOConfig(output_dir=self.out_dir, per_device_train_batch_size=batch["n_pairs"],
+                         learning_rate=lr, weight_decay=0.0, beta=beta, loss_type=["sigmoid"],
+                         report_to="none", use_cpu=device.type == "cpu", max_length=None,
+                         save_strategy="no", logging_strategy="no", bf16=bf16, fp16=False,
+                         gradient_checkpointing=gradient_checkpointing,
+                         remove_unused_columns=False, seed=0)
+        self.trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args,
+                                  train_dataset=_trl_dataset(image_size),
+                                  processing_class=processor, peft_config=peft_config)
+        self.trainer.create_optimizer()
+        # what Trainer's training loop sets before calling training_step (one micro-step)
+        self.trainer.current_gradient_accumulation_steps = 1
+        self.model = self.trainer.model
+        self.model.train()
+        self.inputs = self.trainer._prepare_inputs(
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+             "completion_mask": batch["completion_mask"],
+             "pixel_values": torch.cat([batch["pixel_values"], batch["pixel_values"]])})
+
+    def logps(self):
+        """Policy log-probs ``[2B]`` from TRL's own fused LM head."""
+        i = self.inputs
+        labels = i["input_ids"].masked_fill(i["completion_mask"] == 0, -100)
+        with torch.no_grad():
+            out = self.model(input_ids=i["input_ids"], attention_mask=i["attention_mask"],
+                             pixel_values=i["pixel_values"], labels=labels, fused_lm_head=True,
+                             use_cache=False)
+        return out.log_probs.sum(1).float()
+
+    def step(self):
+        loss = self.trainer.training_step(self.model, self.inputs)
+        self.trainer.optimizer.step()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# the CPU grid: a LLaVA-shaped small model, every variant on the same data, interleaved
+# ----------------------------------------------------------------------------------------------
+
+CPU_GRID = dict(image_size=112, patch_size=14, vision_hidden=256, vision_layers=2,
+                vision_heads=4, hidden_size=512, intermediate_size=1376, num_layers=4,
+                num_heads=8, num_kv_heads=8, vocab=32000, n_pairs=2, seq=512, lora_r=16,
+                lr=1e-5)
+
+
+def cpu_grid_model(g=CPU_GRID):
+    from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
+
+    cfg = TinyLlavaConfig(image_size=g["image_size"], patch_size=g["patch_size"],
+                          vision_hidden=g["vision_hidden"], vision_layers=g["vision_layers"],
+                          vision_heads=g["vision_heads"], hidden_size=g["hidden_size"],
+                          intermediate_size=g["intermediate_size"], num_layers=g["num_layers"],
+                          num_heads=g["num_heads"], num_kv_heads=g["num_kv_heads"],
+                          max_position_embeddings=2 * g["seq"])
+    model, processor = build_tiny_llava(config=cfg, seed=0)
+    model.resize_token_embeddings(g["vocab"], mean_resizing=False)  # a LLaVA-sized vocabulary
+    return model, processor
+
+
+def cpu_grid_batch(model, processor, g=CPU_GRID, seed=1):
+    """``n_pairs`` pairs of ``seq``-token rows in TRL's layout (prompt = BOS + image tokens +
+    text, then the answer; rejected answers 80-100% as long, right-padded); ``labels`` =
+    ``input_ids`` with everything outside ``completion_mask`` set to -100 (what TRL scores)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    n_img = (g["image_size"] // g["patch_size"]) ** 2
+    n_words = len(processor.tokenizer)
+    img_id = cfg.image_token_id
+    B, T = g["n_pairs"], g["seq"]
+    prompt = 1 + n_img + 24
+    ids = torch.randint(5, n_words, (2 * B, T), generator=gen)
+    ids[ids == img_id] = 5
+    lengths = [T] * B + torch.randint(int(T * 0.8), T + 1, (B,), generator=gen).tolist()
+    am = torch.zeros(2 * B, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        am[i, :n] = 1
+    for i in range(B):
+        ids[B + i, :prompt] = ids[i, :prompt]
+    ids[:, 0] = processor.tokenizer.bos_token_id
+    ids[:, 1:1 + n_img] = img_id
+    ids[am == 0] = processor.tokenizer.pad_token_id
+    completion = am.clone()
+    completion[:, :prompt] = 0
+    labels = ids.masked_fill(completion == 0, -100)
+    pv = torch.randn(B, 3, g["image_size"], g["image_size"], generator=gen)
+    return {"input_ids": ids, "attention_mask": am, "labels": labels,
+            "completion_mask": completion, "pixel_values": pv, "n_pairs": B}
+
+
+def _composed(fn):
+    """Run ``fn`` with PreferenceModel's loss op forced onto the composed path (forward, then a
+    recomputing backward: 4 LM-head GEMMs per scored token instead of 3)."""
+    import bpo_fast.ops.preference as P
+
+    def wrapped(*a, **k):
+        orig = P.preference_loss
+        P.preference_loss = lambda *x, **y: orig(*x, **{**y, "grad_in_forward": False})
+        try:
+            return fn(*a, **k)
+        finally:
+            P.preference_loss = orig
+    return wrapped
+
+
+def cpu_grid_variant(name, mode, base, processor, batch, g=CPU_GRID):
+    """(step() -> loss, first() -> (loss, policy logps [2B], ref logps [2B] or None)) of one
+    implementation on its own copy of ``base``."""
+    from bpo_fast.models.preference import PreferenceModel, prepare_policy
+
+    lora = mode == "lora"
+    policy = copy.deepcopy(base)
+    lcfg = lora_config(g["lora_r"], policy) if lora else None
+    ref = None if lora else copy.deepcopy(base).eval().requires_grad_(False)
+    # the same adapter initialisation in every variant (TRL seeds 0 before get_peft_model); a
+    # fresh adapter (lora_B = 0) starts at the reference, so only full fine-tuning is perturbed
+    torch.manual_seed(0)
+    if name == "trl":
+        if not lora:
+            policy = prepare_policy(policy)  # vision tower frozen, as ours
+            _perturb(policy)
+        t = TRLStep(policy, ref, processor, batch, beta=BETA, lr=g["lr"],
+                    image_size=g["image_size"], device=torch.device("cpu"), peft_config=lcfg)
+
+        def first():
+            with torch.no_grad():
+                loss = float(t.trainer.compute_loss(t.model, t.inputs))
+            return loss, t.logps(), None
+        return t.step, first
+    policy = prepare_policy(policy, lora=lcfg)
+    if not lora:
+        _perturb(policy)
+    B = batch["n_pairs"]
+    if name.startswith("bpo_fast"):
+        pm = PreferenceModel(policy, ref, reference_mode="lora" if lora else "model",
+                             beta=BETA, packing=False)
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=g["lr"],
+                                weight_decay=0.0)
+        kw = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+
+        def step():
+            out = pm(**kw)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(out.loss.detach())
+
+        def first():
+            with torch.no_grad():
+                out = pm(**kw)
+            return (float(out.loss), torch.cat([out.policy_chosen_logps,
+                                                out.policy_rejected_logps]).float(),
+                    torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]).float())
+
+        if name == "bpo_fast_composed":
+            step = _composed(step)
+        return step, first
+    if name == "naive_full_logits":
+        sls, _ = _selective_log_softmax()
+        opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=g["lr"],
+                                weight_decay=0.0)
+
+        def step():
+            loss = trl_style_loss(policy, ref, batch, sls, lora)[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss)
+
+        def first():
+            with torch.no_grad():
+                loss, lp, r = trl_style_loss(policy, ref, batch, sls, lora)
+            return float(loss), lp.float(), r.float()
+        return step, first
+    raise ValueError(name)
+
+
+def _rss_probe(name, mode, steps=2):
+    """Peak RSS (bytes) of a fresh process that builds the model, one implementation, and runs
+    ``steps`` steps: weights, optimiser state, reference and activations included."""
+    import json
+    import subprocess
+
+    code = ("import sys, resource, json; sys.path.insert(0, %r); import bench.dpo_step as D; "
+            "import torch; torch.manual_seed(0); "
+            "m, p = D.cpu_grid_model(); b = D.cpu_grid_batch(m, p); "
+            "s, f = D.cpu_grid_variant(%r, %r, m, p, b); del m; "
+            "[s() for _ in range(%d)]; "
+            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))"
+            % (common.ROOT, name, mode, steps))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = common.ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=1800)
+    if res.returncode != 0:
+        return None, res.stderr[-500:]
+    return json.loads(res.stdout.strip().splitlines()[-1]), None
+
+
+def cpu_grid(reps=3, warmup=1, rss=True, modes=("full", "lora")):
+    """Rows of the CPU grid; every variant's steps interleaved (round-robin, rotating order)."""
+    import time
+
+    have_trl = trl_available()
+    names = ["bpo_fast", "bpo_fast_composed"] + (["trl"] if have_trl else ["naive_full_logits"])
+    base, processor = cpu_grid_model()
+    batch = cpu_grid_batch(base, processor)
+    tokens = int(batch["attention_mask"].sum())
+    scored = int((batch["labels"][:, 1:] != -100).sum())
+    rows = []
+    for mode in modes:
+        case = (f"llava-shaped H{CPU_GRID['hidden_size']} L{CPU_GRID['num_layers']} "
+                f"V{CPU_GRID['vocab']} {mode} pairs={CPU_GRID['n_pairs']} T={CPU_GRID['seq']}")
+        torch.manual_seed(0)
+        variants = {n: cpu_grid_variant(n, mode, base, processor, batch) for n in names}
+        firsts = {n: f() for n, (_, f) in variants.items()}
+        ours = firsts["bpo_fast"]
+        checks = {}
+        for n, (loss, lp, ref) in firsts.items():
+            checks[n] = {"step1_loss": loss,
+                         "step1_loss_abs_diff": abs(loss - ours[0]),
+                         "policy_logps": [round(float(x), 4) for x in lp],
+                         "policy_logps_max_rel_diff": float(((lp - ours[1]).abs()
+                                                             / ours[1].abs()).max())}
+            if ref is not None:
+                checks[n]["ref_logps_max_rel_diff"] = float(((ref - ours[2]).abs()
+                                                             / ours[2].abs()).max())
+        times = {n: [] for n in names}
+        losses = {n: [] for n in names}
+        for it in range(warmup + reps):
+            order = names[it % len(names):] + names[:it % len(names)]
+            for n in order:
+                t0 = time.perf_counter()
+                losses[n].append(variants[n][0]())
+                if it >= warmup:
+                    times[n].append((time.perf_counter() - t0) * 1e3)
+        del variants
+        _empty()
+        med = {n: statistics.median(v) for n, v in times.items()}
+        for n in names:
+            params = {"model": "llava-shaped", "mode": mode, "lora_r": CPU_GRID["lora_r"]
+                      if mode == "lora" else 0, "tokens": tokens, "scored_tokens": scored,
+                      "grid": CPU_GRID, "reps": reps, "warmup": warmup,
+                      "order": "interleaved round-robin, rotating start",
+                      "check": checks[n],
+                      "losses_per_step": [round(x, 7) for x in losses[n]],
+                      "max_abs_loss_diff_vs_bpo_fast": max(
+                          abs(a - b) for a, b in zip(losses[n], losses["bpo_fast"])),
+                      "lm_head_gemms_per_scored_token": {"bpo_fast": 3,
+                                                         "bpo_fast_composed": 4}.get(n)}
+            if n == "naive_full_logits":
+                params["baseline"] = ("naive full-logits step (fallback: trl not importable): "
+                                      "image per row, [2B, T, V] logits, selective_log_softmax")
+            if n == "trl":
+                import trl
+
+                params["baseline"] = f"trl {trl.__version__} DPOTrainer.training_step"
+            peak, err = _rss_probe(n, mode) if rss else (None, None)
+            v = sorted(times[n])
+            rows.append(common.row(case, n, med[n], v[0], v[-1], params=params, pass_="step",
+                                   peak_rss_bytes=peak, tokens_per_s=tokens / (med[n] * 1e-3),
+                                   speedup_vs={m: med[m] / med[n] for m in names if m != n},
+                                   **({"error": err} if err else {})))
+    return rows
+
+
 def _empty():
     import gc
 
@@ -402,7 +778,23 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-gc", action="store_true", help="no gradient checkpointing")
     ap.add_argument("--out", default=None, help="results path (default bench/results/...)")
+    ap.add_argument("--cpu-grid", action="store_true",
+                    help="CPU: the LLaVA-shaped grid (V 32000, H 512, 2 x 512-token pairs; full "
+                         "fine-tune and LoRA), writes bench/results/dpo_step-cpu.json")
+    ap.add_argument("--no-rss", action="store_true", help="--cpu-grid without the peak-RSS probes")
     args = ap.parse_args(argv)
+
+    if args.cpu_grid:
+        rows = cpu_grid(reps=args.reps, warmup=1, rss=not args.no_rss)
+        common.print_table(rows, cols=("case", "impl", "median_ms", "peak_rss_bytes", "error"))
+        for r in rows:
+            print(r["impl"], r["speedup_vs"], r["params"]["check"])
+        path = common.write_results(
+            "dpo_step", rows, {"note": "CPU, 2 cores shared with other jobs: variants "
+                                       "interleaved, medians; compare ratios, not times"},
+            path=args.out or os.path.join(common.RESULTS, "dpo_step-cpu.json"))
+        print("wrote", path)
+        return 0
 
     if args.smoke:
         from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava

@@ -7,7 +7,8 @@ transformers until an op that needs them is used):
 - log-probs and DPO from logits: :func:`token_logprobs`, :func:`sequence_logprobs`,
   :func:`dpo_loss`, :func:`fused_dpo_loss`, :class:`DPOOutput`, :class:`DPOLoss`
 - fused LM head: :func:`linear_token_logprobs`, :func:`linear_sequence_logprobs`,
-  :func:`fused_linear_dpo_loss`, :class:`LinearDPOLoss`
+  :func:`preference_loss`, :class:`PreferenceLoss` (the loss training runs: any loss type of
+  ``LOSS_TYPES`` + RPO), :func:`fused_linear_dpo_loss`, :class:`LinearDPOLoss`
 - models: :class:`PreferenceModel`
 - build: :func:`extension_info`
 """
@@ -30,7 +31,10 @@ _EXPORTS = {
     "fused_dpo_loss": "bpo_fast.ops.dpo",
     "DPOOutput": "bpo_fast.ops.dpo",
     "DPOLoss": "bpo_fast.ops.dpo",
-    "LOSS_TYPES": "bpo_fast.ops.dpo",
+    "LOSS_TYPES": "bpo_fast.ops.losses",
+    "preference_loss": "bpo_fast.ops.preference",
+    "PreferenceLoss": "bpo_fast.ops.preference",
+    "PreferenceLossOutput": "bpo_fast.ops.preference",
     "linear_token_logprobs": "bpo_fast.ops.linear",
     "linear_sequence_logprobs": "bpo_fast.ops.linear",
     "fused_linear_dpo_loss": "bpo_fast.ops.linear",

@@ -12,8 +12,8 @@ strides are passed in; no ``.contiguous()`` copy). Labels follow the Hugging Fac
   (the only thing saved for backward): the max of the raw logits and the log2-sum of
   ``exp2((x - max) * log2e / T)``. Keeping them apart makes backward's ``p`` a function of
   ``x - max`` (exact near the max) instead of ``x / T - lse`` (two large numbers: a relative
-  gradient error of ~1e-3 at |logits| ~ 1e4 in fp32). A row whose target is ``ignore_index`` runs a zero-trip loop:
-  it reads nothing. A target outside ``[0, V)`` is never dereferenced; its log-prob is NaN
+  gradient error of ~1e-3 at |logits| ~ 1e4 in fp32). A row whose target is ``ignore_index``
+  runs a zero-trip loop: it reads nothing. A target outside ``[0, V)`` is never dereferenced; its log-prob is NaN
   (poison, so a bad label cannot go unnoticed; the ops check the range eagerly on CPU and under
   ``BPO_FAST_DEBUG=1``).
 * :func:`backward` -- one program per row ``(n, t)`` including ``t = T - 1``; writes

@@ -37,3 +37,14 @@ def tiny_llava_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llava")
     build_tiny_llava(str(path), seed=0)
     return str(path)
+
+
+@pytest.fixture(params=["reference", "kernel"])
+def loss_path(request, monkeypatch):
+    """The [B]-sized preference loss on its torch reference (autograd) or on the Triton pair
+    kernel (interpreter on CPU): the two CPU paths the loss tests run on."""
+    if request.param == "kernel" and not (os.environ.get("TRITON_INTERPRET") == "1" or HAS_CUDA):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
+    if request.param == "reference":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return request.param

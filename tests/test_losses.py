@@ -45,7 +45,8 @@ def test_derived_lists():
 
 def test_docs_page_is_generated_from_the_registry():
     with open(os.path.join(ROOT, "docs", "losses.md"), encoding="utf-8") as f:
-        assert f.read() == R.docs_page(), "regenerate: python -m bpo_fast.ops.losses > docs/losses.md"
+        assert f.read() == R.docs_page(), \
+            "regenerate: python -m bpo_fast.ops.losses > docs/losses.md"
     table = R.docs_table()
     for spec in R.REGISTRY.values():
         assert f"| `{spec.name}` | `{spec.formula}` |" in table

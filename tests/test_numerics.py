@@ -89,3 +89,17 @@ def test_linear_torch_path_gradient_at_large_logits(scale):
     torch32 = grads(hidden, weight, False)
     for a, t, w in zip(ours, torch32, want):
         assert _rel(a, w) <= max(2 * _rel(t, w), 1e-5), (_rel(a, w), _rel(t, w))
+
+
+def test_logprob_ops_check_finite():
+    logits = torch.randn(2, 4, 9)
+    labels = torch.randint(0, 9, (2, 4))
+    logits[1, 2, 3] = float("nan")
+    token_logprobs(logits, labels)  # off by default
+    for fn in (token_logprobs, sequence_logprobs):
+        with pytest.raises(ValueError, match="logits holds NaN or inf"):
+            fn(logits, labels, check_finite=True)
+    h, w = torch.randn(2, 4, 6), torch.randn(9, 6)
+    w[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="weight holds NaN or inf"):
+        linear_token_logprobs(h, w, labels, check_finite=True)

@@ -5,7 +5,6 @@ without RPO, on both CPU paths of the [B]-sized loss (the torch reference with a
 Triton pair kernel under the interpreter); the 3-GEMM path against the composed one; LM-head
 GEMMs counted per scored token (3 with RPO, every loss type), also through PreferenceModel."""
 
-import os
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bpo_fast.ops.losses import LOSS_TYPES, loss_config
 from bpo_fast.ops.preference import PreferenceLoss, PreferenceLossOutput, preference_loss
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = {"robust": 0.2, "exo_pair": 1e-3, "cdpo": 0.1}
 
 
@@ -58,16 +56,6 @@ def reference(hidden, weight, bias, labels, ref_c, ref_r, lt, rpo_alpha, tempera
     losses = cfg.losses(c, r, lengths[:B], lengths[B:])
     nll = -logps[:B].sum() / n[:B].sum().clamp(min=1)
     return losses.mean() + rpo_alpha * nll, losses, nll, logps, n
-
-
-@pytest.fixture(params=["reference", "kernel"])
-def loss_path(request, monkeypatch):
-    """The [B]-sized loss on the torch reference (autograd) or the Triton pair kernel."""
-    if request.param == "kernel" and not (INTERP or torch.cuda.is_available()):
-        pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
-    if request.param == "reference":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return request.param
 
 
 @pytest.mark.parametrize("rpo_alpha", [0.0, 0.7])
@@ -201,8 +189,8 @@ def test_three_lm_head_gemms_per_scored_token_with_rpo(lt):
 
 
 def test_preference_model_runs_three_gemms_per_scored_token():
-    """PreferenceModel (what `bpo-fast train` runs) with RPO: 3 LM-head GEMMs per scored token
-    of the policy, plus 1 for the reference's forward."""
+    """PreferenceModel (what `bpo-fast train` runs), every loss type with and without RPO: 3
+    LM-head GEMMs per scored token (the reference log-probs come from a cache here)."""
     from bpo_fast.models.preference import PreferenceModel
     from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
 
@@ -221,12 +209,14 @@ def test_preference_model_runs_three_gemms_per_scored_token():
                  pixel_values=torch.randn(B, 3, cfg.vision_config.image_size,
                                           cfg.vision_config.image_size, generator=g))
     S = int((labels[:, 1:] != -100).sum())
-    for lt in ("sigmoid", "ipo"):
-        pm = PreferenceModel(model, reference_mode="cached", loss_type=lt, rpo_alpha=1.0)
-        with LMHeadGEMMs(V) as c:
-            out = pm(**batch, ref_chosen_logps=torch.full((B,), -50.0),
-                     ref_rejected_logps=torch.full((B,), -60.0))
-            out.loss.backward()
-        assert c.per_token(S, H) == pytest.approx(3.0)
-        assert out.loss > out.dpo.loss
-        model.zero_grad(set_to_none=True)
+    for lt in LOSS_TYPES:
+        for rpo in (None, 1.0):
+            pm = PreferenceModel(model, reference_mode="cached", loss_type=lt, rpo_alpha=rpo,
+                                 label_smoothing=EPS.get(lt, 0.0))
+            with LMHeadGEMMs(V) as c:
+                out = pm(**batch, ref_chosen_logps=torch.full((B,), -50.0),
+                         ref_rejected_logps=torch.full((B,), -60.0))
+                out.loss.backward()
+            assert c.per_token(S, H) == pytest.approx(3.0), (lt, rpo)
+            assert (out.loss > out.dpo.loss) if rpo else (out.loss is out.dpo.loss)
+            model.zero_grad(set_to_none=True)

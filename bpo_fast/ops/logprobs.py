@@ -186,8 +186,15 @@ def _check_inplace(inplace_backward):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
 
 
+def _maybe_check_finite(check_finite, logits):
+    if check_finite:
+        from bpo_fast.ops.losses import check_finite as _check_finite
+
+        _check_finite(logits=logits)
+
+
 def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0,
-                   inplace_backward=False):
+                   inplace_backward=False, check_finite=False):
     """Per-token log-probs: float32 ``[N, T - 1]`` with entry ``t`` =
     ``log_softmax(logits[n, t] / temperature)[labels[n, t + 1]]``, or 0 where
     ``labels[n, t + 1] == ignore_index``.
@@ -201,8 +208,10 @@ def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0,
     refuses any other use of the logits that saved them). Float64 logits use the reference.
     Labels outside ``[0, V)`` raise ``ValueError`` on CPU and, on CUDA, under
     ``BPO_FAST_DEBUG=1`` (no sync otherwise; the token's log-prob is then NaN).
+    ``check_finite=True`` raises a ``ValueError`` if the logits hold NaN or inf.
     """
     _check_inplace(inplace_backward)
+    _maybe_check_finite(check_finite, logits)
     if isinstance(logits, torch.Tensor) and (logits.dtype == torch.float64
                                              or not use_triton(logits.device)):
         return token_logprobs_reference(logits, labels, ignore_index=ignore_index,
@@ -213,11 +222,12 @@ def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0,
 
 
 def sequence_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0,
-                      inplace_backward=False):
+                      inplace_backward=False, check_finite=False):
     """``(logps [N] float32, n_tokens [N] int64)``: per-sequence sums of
     :func:`token_logprobs` and the number of scored tokens (an all-masked row gives
     ``(0, 0)``). Same arguments, dispatch and backward as :func:`token_logprobs`."""
     _check_inplace(inplace_backward)
+    _maybe_check_finite(check_finite, logits)
     if isinstance(logits, torch.Tensor) and (logits.dtype == torch.float64
                                              or not use_triton(logits.device)):
         return sequence_logprobs_reference(logits, labels, ignore_index=ignore_index,

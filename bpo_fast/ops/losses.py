@@ -171,7 +171,7 @@ _SPECS = (
     LossSpec("sigmoid", _SIGMOID, _sigmoid, "-ls(b d)",
              "DPO (Rafailov et al. 2023)", trl="sigmoid"),
     LossSpec("cdpo", _SIGMOID, _cdpo, "-(1 - e) ls(b d) - e ls(-b d)",
-             "conservative DPO (Mitchell 2023): what TRL 0.x 'sigmoid' computed with label_smoothing > 0",
+             "conservative DPO (Mitchell 2023): TRL 0.x 'sigmoid' with label_smoothing > 0",
              params=("beta", "label_smoothing")),
     LossSpec("robust", _ROBUST, _robust, "(-(1 - e) ls(b d) + e ls(-b d)) / (1 - 2 e)",
              "robust DPO, unbiased under label noise e (Chowdhury et al. 2024)",
