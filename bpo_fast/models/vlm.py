@@ -496,3 +496,97 @@ def get_adapter(model_or_type):
     if not isinstance(model_or_type, str):
         lm_head_parts(model_or_type)  # rejects logit transforms up front
     return a
+
+
+# --------------------------------------------------------------------------------------------
+# processors without torchvision
+# --------------------------------------------------------------------------------------------
+
+def _video_processor_placeholder():
+    """A plain ``BaseVideoProcessor`` (no torchvision needed) for processors that insist on one
+    although we never pass videos."""
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    return BaseVideoProcessor()
+
+
+class _allow_video_placeholder:
+    """Lets a processor accept :func:`_video_processor_placeholder` where transformers, without
+    torchvision, only knows a dummy ``BaseVideoProcessor`` class and rejects every video
+    processor. Scoped to one ``with`` block; only the ``video_processor`` argument is affected."""
+
+    def __enter__(self):
+        from transformers import processing_utils as pu
+        from transformers.video_processing_utils import BaseVideoProcessor
+
+        self._orig = orig = pu.ProcessorMixin.check_argument_for_proper_class
+
+        def check(proc, name, arg):
+            if "video" in name and isinstance(arg, BaseVideoProcessor):
+                return type(arg)
+            return orig(proc, name, arg)
+
+        pu.ProcessorMixin.check_argument_for_proper_class = check
+        return self
+
+    def __exit__(self, *exc):
+        from transformers import processing_utils as pu
+
+        pu.ProcessorMixin.check_argument_for_proper_class = self._orig
+        return False
+
+
+def build_processor(cls, **parts):
+    """``cls(**parts)``, with a placeholder video processor when ``cls`` wants one and none is
+    given (torchvision-free CPU installs)."""
+    import inspect
+
+    if "video_processor" in inspect.signature(cls.__init__).parameters and \
+            parts.get("video_processor") is None:
+        parts["video_processor"] = _video_processor_placeholder()
+        with _allow_video_placeholder():
+            return cls(**parts)
+    return cls(**parts)
+
+
+def load_processor(path):
+    """``AutoProcessor.from_pretrained(path)`` (local only); where that fails because the
+    processor needs torchvision for its video part (CPU installs whose torch has no matching
+    torchvision), the processor is assembled from its parts: the PIL image processor, the
+    tokenizer, the saved processor settings and chat template, and a placeholder video
+    processor. Images are processed exactly as by the full processor."""
+    import json
+    import os
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        cfg_file = os.path.join(path, "processor_config.json")
+        if not os.path.isfile(cfg_file):
+            raise
+        first = exc
+    with open(cfg_file, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cls = getattr(transformers, cfg.get("processor_class", ""), None)
+    if cls is None:
+        raise first
+    kwargs = {k: v for k, v in cfg.items()
+              if k not in ("processor_class", "image_processor", "video_processor",
+                           "tokenizer", "feature_extractor", "auto_map")}
+    if isinstance(cfg.get("image_processor"), dict):
+        ip_cfg = dict(cfg["image_processor"])
+        ip_name = ip_cfg.pop("image_processor_type", "")
+        ip_cls = getattr(transformers, ip_name.removesuffix("Fast") + "Pil", None) or \
+            getattr(transformers, ip_name, None)
+        ip = ip_cls(**{k: v for k, v in ip_cfg.items() if k != "processor_class"})
+    else:
+        ip = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    template = os.path.join(path, "chat_template.jinja")
+    if "chat_template" not in kwargs and os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            kwargs["chat_template"] = f.read()
+    return build_processor(cls, image_processor=ip, tokenizer=tok, **kwargs)
