@@ -64,10 +64,10 @@ def _template(family):
     return DEFAULT_CHAT_TEMPLATES[family]()
 
 
-def _llava(family):
+def _llava(family, tie=False):
     from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
 
-    return build_tiny_llava(config=TinyLlavaConfig(words=WORDS))
+    return build_tiny_llava(config=TinyLlavaConfig(words=WORDS, tie_word_embeddings=tie))
 
 
 def _llava_next(family):
@@ -254,16 +254,19 @@ FAMILIES = {
 UNSUPPORTED_FAMILIES = {"paligemma2": lambda f: _paligemma(f, gemma2=True)}
 
 
-def build_tiny_vlm(family, save_dir=None, *, seed=0, tie_word_embeddings=None):
+def build_tiny_vlm(family, save_dir=None, *, seed=0, tie_word_embeddings=False):
     """``(model, processor)`` of a tiny ``family`` model (a key of :data:`FAMILIES` or
     :data:`UNSUPPORTED_FAMILIES`), random weights from ``seed``; saved to ``save_dir`` when
-    given."""
+    given. ``tie_word_embeddings`` (LLaVA only): the LM head is the input embedding."""
     builders = {**FAMILIES, **UNSUPPORTED_FAMILIES}
     if family not in builders:
         raise ValueError(f"family: expected one of {sorted(builders)}, got {family!r}")
+    if tie_word_embeddings and family != "llava":
+        raise ValueError("tie_word_embeddings: only the llava build ties its embeddings")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, proc = builders[family](family)
+        model, proc = (_llava(family, tie=True) if tie_word_embeddings
+                       else builders[family](family))
         # some projectors start at zero (Gemma 3's mm_input_projection_weight): the images would
         # not reach the text at all and the tests could not see how they are placed
         with torch.no_grad():
@@ -271,9 +274,6 @@ def build_tiny_vlm(family, save_dir=None, *, seed=0, tie_word_embeddings=None):
                 if p.dim() >= 2 and not p.any():
                     p.normal_(0.0, 0.05)
     model = model.float().eval()
-    if tie_word_embeddings is not None:
-        model.config.tie_word_embeddings = tie_word_embeddings
-        model.config.get_text_config().tie_word_embeddings = tie_word_embeddings
     tok = proc.tokenizer
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -107,10 +107,9 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                             attn_implementation=None, progress=True):
     """Reference log-probs of every usable pair of ``data`` under the model at ``model_path``,
     written to ``out`` (safetensors, see the module doc). Returns the :class:`RefLogpsCache`."""
-    from transformers import AutoProcessor
-
     from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
     from bpo_fast.models.preference import PreferenceModel, load_vlm
+    from bpo_fast.models.vlm import load_processor
 
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -134,8 +133,9 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                          device=device)
         model.eval()
         pm = PreferenceModel(model, reference_mode="cached", temperature=temperature)
-        collate = PreferenceCollator(AutoProcessor.from_pretrained(model_path, local_files_only=True),
-                                     max_length=max_length)
+        # the same collator, adapter and head as training: the values are the HF forward's
+        collate = PreferenceCollator(load_processor(model_path), max_length=max_length,
+                                     model_type=model.config.model_type)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, todo),
                                              batch_size=batch_size, collate_fn=collate)
         bar = None
@@ -148,6 +148,8 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                 dev = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 extra = {k: v for k, v in dev.items()
                          if k not in ("input_ids", "attention_mask", "labels", "pixel_values", "index")}
+                pm._check_batch(dev["input_ids"], dev["attention_mask"], dev["labels"],
+                                dev["pixel_values"], extra)
                 lp, n = pm.sequence_logps(model, dev["input_ids"], dev["attention_mask"],
                                           dev["labels"], dev["pixel_values"], **extra)
                 b = len(batch["ids"])
