@@ -966,8 +966,14 @@ def merge_pairs(inputs, out, *, skip_invalid=False, strict_conflicts=False):
     s = MergeSummary(out=os.fspath(out), inputs=files)
     seen = {}
     records = []
+    from bpo_fast.data.bpo_format import iter_pair_records
+
     for f in files:
-        for n, rec in iter_jsonl(f, on_bad=lambda n, r, f=f: s.torn.append((f, n, r))):
+        # pair JSONL, or official BPO records (completions) expanded into their pairs
+        for n, rec in iter_pair_records(f):
+            if isinstance(rec, Exception):
+                (s.invalid if str(rec).startswith("BPO record") else s.torn).append((f, n, str(rec)))
+                continue
             try:
                 validate_pair(rec)
             except SchemaError as exc:

@@ -1,7 +1,8 @@
 """Preference pairs for training: the pair JSONL + an image root, and the collator.
 
 :class:`PreferenceDataset` reads the JSONL written by the pair builder (see
-:mod:`bpo_fast.data.schema`), checks every record once up front and skips the bad ones (malformed
+:mod:`bpo_fast.data.schema`) or the official BPO release (``completions`` records, JSON array or
+JSONL: :mod:`bpo_fast.data.bpo_format`), checks every record once up front and skips the bad ones (malformed
 JSON, schema errors such as an empty response, a missing or unreadable image, a text-only record),
 counting them and warning with the line number, or raises with ``strict=True``.
 
@@ -12,7 +13,6 @@ labels ``-100`` on the prompt, the image tokens and the padding, truncation that
 and the prompt and cuts the responses, right padding.
 """
 
-import json
 import logging
 import os
 import warnings
@@ -71,22 +71,21 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.records = []
         self.skipped = []
         seen = {}
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = self._parse(line, line_no, seen)
-                except (ValueError, OSError) as exc:
-                    msg = f"{path}:{line_no}: {exc}"
-                    if strict:
-                        raise BadRecordError(msg) from exc
-                    self.skipped.append(SkippedRecord(line_no, str(exc)))
-                    if len(self.skipped) <= self.MAX_WARNINGS:
-                        warnings.warn(f"skipping bad record {msg}", stacklevel=2)
-                    continue
-                seen[rec["id"]] = line_no
-                self.records.append(rec)
+        from bpo_fast.data.bpo_format import iter_pair_records
+
+        for line_no, rec in iter_pair_records(path):
+            try:
+                rec = self._parse(rec, line_no, seen)
+            except (ValueError, OSError) as exc:
+                msg = f"{path}:{line_no}: {exc}"
+                if strict:
+                    raise BadRecordError(msg) from exc
+                self.skipped.append(SkippedRecord(line_no, str(exc)))
+                if len(self.skipped) <= self.MAX_WARNINGS:
+                    warnings.warn(f"skipping bad record {msg}", stacklevel=2)
+                continue
+            seen[rec["id"]] = line_no
+            self.records.append(rec)
         if self.skipped:
             logger.warning("%s: skipped %d bad record(s) of %d (lines %s)", path, len(self.skipped),
                            len(self.skipped) + len(self.records),
@@ -95,11 +94,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"data: {path!r} holds no usable record "
                              f"({len(self.skipped)} skipped)")
 
-    def _parse(self, line, line_no, seen):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+    def _parse(self, rec, line_no, seen):
+        if isinstance(rec, Exception):  # unparseable line / malformed BPO record
+            raise rec
         try:
             validate_pair(rec)
         except SchemaError as exc:
