@@ -123,3 +123,32 @@ def test_unsupported_families_fail_clearly(tmp_path):
     MllamaConfig().save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="cross-attention"):
         load_vlm(str(tmp_path))
+
+
+def test_one_chat_template_rule(tmp_path, tiny_llava_dir):
+    from types import SimpleNamespace
+
+    from bpo_fast.models.tiny import CHAT_TEMPLATE
+    from bpo_fast.models.vlm import DEFAULT_CHAT_TEMPLATES, resolve_chat_template
+
+    bare = SimpleNamespace(chat_template=None)
+    # the processor's own template wins over the family default
+    assert resolve_chat_template(SimpleNamespace(chat_template="{{ x }}"), "qwen2_vl") == "{{ x }}"
+    # no template: the family's documented default
+    assert resolve_chat_template(bare, "qwen2_vl") == DEFAULT_CHAT_TEMPLATES["qwen2_vl"]()
+    assert resolve_chat_template(bare, "llava") == CHAT_TEMPLATE
+    assert resolve_chat_template(bare, "paligemma") is None  # the processor builds the prompt
+    # --chat-template: a template string or a file, over everything else
+    f = tmp_path / "t.jinja"
+    f.write_text("{{ messages }}")
+    assert resolve_chat_template(SimpleNamespace(chat_template="{{ x }}"), "llava", str(f)) == \
+        "{{ messages }}"
+    with pytest.raises(ValueError, match="--chat-template"):
+        resolve_chat_template(bare, "llava", "no-such-file")
+    with pytest.raises(ValueError, match="--chat-template"):
+        resolve_chat_template(bare, "some_new_vlm")
+    # the collator applies the rule: a processor saved without a template gets the family's
+    processor = load_processor(tiny_llava_dir)
+    processor.chat_template = None
+    assert PreferenceCollator(processor).template == CHAT_TEMPLATE
+    assert PreferenceCollator(processor, chat_template="{{ 'Q' }}").template == "{{ 'Q' }}"

@@ -63,6 +63,7 @@ class PairBuilderConfig:
     num_noise_steps: int = 1000
     injector: str = "rules"        # "rules" or "llm"
     inject_template: str = None    # file with {question}/{answer}; default: the packaged one
+    chat_template: str = None      # Jinja or file; default: the processor's, else the family's
     lexicon: str = None            # JSON file extending the rule injector's lexicon
     max_edits: int = 2             # rule injector: words changed per answer (1..max_edits)
     rule_vocabulary: list = None   # rule injector: draw replacements only from these words
@@ -352,12 +353,17 @@ class _Generator:
         return s
 
     def _template_kwargs(self):
-        if getattr(self.processor, "chat_template", None):
-            return {}
-        # A processor saved without a chat template: LLaVA-1.5's conversation format.
-        from bpo_fast.models.tiny import CHAT_TEMPLATE
+        # the one rule of every command (bpo_fast.models.vlm.resolve_chat_template): the
+        # --chat-template override, else the processor's, else the family's documented default
+        if not hasattr(self, "_template"):
+            from bpo_fast.models.vlm import resolve_chat_template
 
-        return {"chat_template": CHAT_TEMPLATE}
+            self._template = resolve_chat_template(
+                self.processor, self.model.config.model_type, self.cfg.chat_template)
+            if self._template is None:
+                raise ValueError(f"model: {self.model.config.model_type} builds its prompts in "
+                                 "its processor (no chat template); build-pairs does not support it")
+        return {"chat_template": self._template}
 
     def chat(self, turns):
         return self.processor.apply_chat_template(turns_to_messages(turns), add_generation_prompt=True,

@@ -444,7 +444,8 @@ def train(config):
 
     processor = load_processor(config.model)
     collate = PreferenceCollator(processor, max_length=config.max_length,
-                                 model_type=unwrap(pm.policy).config.model_type)
+                                 model_type=unwrap(pm.policy).config.model_type,
+                                 chat_template=config.chat_template)
     sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank, seed=config.seed)
     micro_per_epoch = sampler.per_rank // config.batch_size
     steps_per_epoch = micro_per_epoch // config.grad_accum
