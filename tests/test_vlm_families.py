@@ -98,6 +98,16 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
             torch.testing.assert_close(lp[row], want, rtol=RTOL, atol=1e-6,
                                        msg=lambda m: f"{family} row {row}: {m}")
 
+    # packed rows (no padding; flash-attention varlen on GPUs) give the same numbers
+    if get_adapter(model).packable:
+        packed = PreferenceModel(model, reference_mode="cached", packing=True)
+        lp2, _ = packed.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                       batch["labels"], batch["pixel_values"], **_extra(batch))
+        torch.testing.assert_close(lp2, lp, rtol=RTOL, atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="packing"):
+            PreferenceModel(model, reference_mode="cached", packing=True)
+
     # the DPO step: gradients reach the decoder, the loss is finite
     model.train()
     pm = PreferenceModel(model, reference_mode="cached")
