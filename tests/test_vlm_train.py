@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from bpo_fast.models.tiny_vlm import build_tiny_vlm
+from bpo_fast.models.tiny_vlm import FAMILIES, build_tiny_vlm
 from bpo_fast.train import TrainConfig, train
 
-TRAIN_FAMILIES = ["llava", "qwen2_vl", "idefics3", "gemma3"]
+TRAIN_FAMILIES = sorted(FAMILIES)  # every supported family, full and LoRA
 SIZES = [(20, 12), (12, 28), (33, 17), (16, 16)]
 
 
