@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": ("bpo_fast.demo.cli", "BPO end to end on the built-in shapes world (the main job)"),
     "build-pairs": ("bpo_fast.data.cli_build", "bootstrap preference pairs (image-weakened, error injection)"),
     "merge-pairs": ("bpo_fast.data.cli_merge", "merge pair shards, deduplicate by id, check the schema"),
+    "convert": ("bpo_fast.data.cli_convert", "pair JSONL from the official BPO data (completions), with counts"),
     "ref-logps": ("bpo_fast.train.cli_ref", "precompute reference log-probs into a safetensors cache"),
     "train": ("bpo_fast.train.cli", "DPO training of a vision-language model on preference pairs"),
     "eval-chair": ("bpo_fast.eval.cli", "CHAIR hallucination scores of captions"),

@@ -88,6 +88,9 @@ def add_arguments(p):
     st.add_argument("--inject-template", metavar="FILE",
                     help="prompt template for --injector llm, with {question} and {answer} "
                          "(default: the packaged bpo_fast/resources/inject_template.txt)")
+    st.add_argument("--chat-template", metavar="TEMPLATE",
+                    help="a Jinja chat template, or a file holding one (default: the processor's "
+                         "own, else the model family's documented default)")
     st.add_argument("--lexicon", metavar="FILE",
                     help="JSON extending the rule injector's lexicon (keys: colors, attributes, spatial, "
                          "objects, plurals, places)")
@@ -132,6 +135,7 @@ def config_from_args(args):
         strategies=args.strategies, turns=args.turns, noise_steps=args.noise_steps,
         noise_schedule=args.noise_schedule, num_noise_steps=args.num_noise_steps,
         injector=args.injector, inject_template=args.inject_template, lexicon=args.lexicon,
+        chat_template=args.chat_template,
         max_edits=args.max_edits, batch_size=args.batch_size, gen_batch_size=args.gen_batch_size,
         num_workers=args.num_workers, max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,

@@ -63,6 +63,7 @@ class PairBuilderConfig:
     num_noise_steps: int = 1000
     injector: str = "rules"        # "rules" or "llm"
     inject_template: str = None    # file with {question}/{answer}; default: the packaged one
+    chat_template: str = None      # Jinja or file; default: the processor's, else the family's
     lexicon: str = None            # JSON file extending the rule injector's lexicon
     max_edits: int = 2             # rule injector: words changed per answer (1..max_edits)
     rule_vocabulary: list = None   # rule injector: draw replacements only from these words
@@ -241,19 +242,16 @@ def resolve_dtype(dtype, device):
 
 
 def load_model(path, device, dtype):
-    """A saved LLaVA-style model (``AutoModelForImageTextToText``) and its processor."""
-    from transformers import AutoProcessor
+    """A saved vision-language model of a supported family and its processor (the model layer's
+    loaders: a clear error for unsupported families, processors without torchvision)."""
+    from bpo_fast.models.preference import load_vlm
+    from bpo_fast.models.vlm import load_processor
 
-    try:
-        from transformers import AutoModelForImageTextToText as _Auto
-    except ImportError:  # older transformers
-        from transformers import AutoModelForVision2Seq as _Auto
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model: no such directory {path!r} (a save_pretrained folder)")
-    processor = AutoProcessor.from_pretrained(path)
-    model = _Auto.from_pretrained(path, dtype=dtype)
-    model = model.to(device).eval()
-    return model, processor
+    processor = load_processor(path)
+    model = load_vlm(path, dtype=dtype, device=device)
+    return model.eval(), processor
 
 
 def pixels_for_levels(images, levels, geometry, *, out_dtype=torch.float32, schedule="sigmoid",
@@ -352,12 +350,17 @@ class _Generator:
         return s
 
     def _template_kwargs(self):
-        if getattr(self.processor, "chat_template", None):
-            return {}
-        # A processor saved without a chat template: LLaVA-1.5's conversation format.
-        from bpo_fast.models.tiny import CHAT_TEMPLATE
+        # the one rule of every command (bpo_fast.models.vlm.resolve_chat_template): the
+        # --chat-template override, else the processor's, else the family's documented default
+        if not hasattr(self, "_template"):
+            from bpo_fast.models.vlm import resolve_chat_template
 
-        return {"chat_template": CHAT_TEMPLATE}
+            self._template = resolve_chat_template(
+                self.processor, self.model.config.model_type, self.cfg.chat_template)
+            if self._template is None:
+                raise ValueError(f"model: {self.model.config.model_type} builds its prompts in "
+                                 "its processor (no chat template); build-pairs does not support it")
+        return {"chat_template": self._template}
 
     def chat(self, turns):
         return self.processor.apply_chat_template(turns_to_messages(turns), add_generation_prompt=True,
@@ -396,6 +399,18 @@ class _Generator:
         texts = self.tok.batch_decode(new, skip_special_tokens=True)
         return [t.strip() for t in texts], ntok
 
+
+    @torch.inference_mode()
+    def generate_inputs(self, inputs, seed=0):
+        """Generate from prepared model inputs (left-padded rows + the family's image inputs)
+        -> (decoded answers, generated token count)."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = self.model.generate(**inputs, **self.gen_kwargs)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        texts = self.tok.batch_decode(new, skip_special_tokens=True)
+        return [t.strip() for t in texts], _count_generated(new, self.eos)
 
     def generate_split(self, texts, pixel_values=None, seed=0, max_new_tokens=None, on_split=None):
         """:meth:`generate`, halving the rows on CUDA out-of-memory (a batch of unusually long
@@ -471,7 +486,16 @@ class _Run:
                 self.dtype = next(model.parameters()).dtype
             self.model, self.processor = model, processor
             self.gen = _Generator(model, processor, cfg, self.device, self.dtype)
-        if "image_weakened" in cfg.strategies:
+        self.rows = None
+        if "image_weakened" in cfg.strategies and model.config.model_type != "llava":
+            # not one fixed-size image tensor (tiles, anyres, flattened patches) or a prompt the
+            # processor expands itself: the family's processor per row, noise on its pixels
+            from bpo_fast.data.vlm_generation import ProcessorRows
+
+            self.gen._template_kwargs()  # the chat-template rule fails here, not mid-run
+            self.rows = ProcessorRows(processor, model.config.model_type,
+                                      _schedule(cfg.noise_schedule, cfg.num_noise_steps))
+        elif "image_weakened" in cfg.strategies:
             self.geometry = ImageGeometry.from_processor(processor)
             if self.geometry.output_hw() is None:
                 raise ValueError("processor: image_weakened needs a fixed image size (centre crop or "
@@ -641,6 +665,8 @@ class _Run:
             u["rows"].extend(rows)
         if not units:
             return
+        if self.rows is not None:
+            return self._image_weakened_rows(units, bad_images)
         ds = ImageLoadDataset([(i, u["image"]) for i, u in enumerate(units)], cfg.image_root, self.geometry)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
@@ -713,6 +739,54 @@ class _Run:
             if self._stop():
                 break
         del it, loader
+
+    def _image_weakened_rows(self, units, bad_images):
+        """image_weakened through the family's processor (:mod:`bpo_fast.data.vlm_generation`)."""
+        from PIL import Image
+
+        cfg = self.cfg
+        settings = self.gen.settings()
+        settings.update(noise_schedule=cfg.noise_schedule, num_noise_steps=cfg.num_noise_steps)
+        gen_bs = cfg.gen_batch_size or cfg.batch_size * len(self.levels)
+        for b0 in range(0, len(units), cfg.batch_size):
+            rows, errs = [], []
+            for u in units[b0:b0 + cfg.batch_size]:
+                path = u["image"] if os.path.isabs(u["image"]) else os.path.join(cfg.image_root, u["image"])
+                try:
+                    with Image.open(path) as im:
+                        image = im.convert("RGB")
+                except Exception as exc:  # a bad image never stops the run: logged, skipped
+                    bad_images.add(u["image"])
+                    errs.append({"stage": "image", "line": u["line"], "source_id": u["source_id"],
+                                 "image": u["image"], "reason": f"{type(exc).__name__}: {exc}"})
+                    self._progress(len(u["rows"]))
+                    continue
+                rows.extend((smp, k, pid, image) for smp, k, pid in u["rows"])
+            self._log_errors(errs)
+            records = []
+            for c in range(0, len(rows), gen_bs):
+                chunk = rows[c:c + gen_bs]
+                bseed = _derive_seed(cfg.seed, chunk[0][2])
+                t0 = time.perf_counter()
+                inputs = self.rows([(self.gen.chat(smp.prompt), image, self.levels[k],
+                                     _derive_seed(cfg.seed, pid)) for smp, k, pid, image in chunk],
+                                   self.device, self.dtype)
+                self.summary.timings["noise_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                answers, ntok = self.gen.generate_inputs(inputs, seed=bseed)
+                self.summary.timings["generate_s"] += time.perf_counter() - t0
+                self.summary.generated_tokens += ntok
+                for (smp, k, pid, _), ans in zip(chunk, answers):
+                    reason = _rejection_reason(smp.chosen, ans)
+                    if reason:
+                        self._drop(reason)
+                        continue
+                    records.append(self._record(smp, pid, ans, "image_weakened", self.levels[k],
+                                                None, settings))
+            self._write(records)
+            self._progress(len(rows))
+            if self._stop():
+                break
 
     # -- error injection ---------------------------------------------------------------------
     def _llm_generate(self, texts):
@@ -966,8 +1040,14 @@ def merge_pairs(inputs, out, *, skip_invalid=False, strict_conflicts=False):
     s = MergeSummary(out=os.fspath(out), inputs=files)
     seen = {}
     records = []
+    from bpo_fast.data.bpo_format import iter_pair_records
+
     for f in files:
-        for n, rec in iter_jsonl(f, on_bad=lambda n, r, f=f: s.torn.append((f, n, r))):
+        # pair JSONL, or official BPO records (completions) expanded into their pairs
+        for n, rec in iter_pair_records(f):
+            if isinstance(rec, Exception):
+                (s.invalid if str(rec).startswith("BPO record") else s.torn).append((f, n, str(rec)))
+                continue
             try:
                 validate_pair(rec)
             except SchemaError as exc:

@@ -1,7 +1,8 @@
 """Preference pairs for training: the pair JSONL + an image root, and the collator.
 
 :class:`PreferenceDataset` reads the JSONL written by the pair builder (see
-:mod:`bpo_fast.data.schema`), checks every record once up front and skips the bad ones (malformed
+:mod:`bpo_fast.data.schema`) or the official BPO release (``completions`` records, JSON array or
+JSONL: :mod:`bpo_fast.data.bpo_format`), checks every record once up front and skips the bad ones (malformed
 JSON, schema errors such as an empty response, a missing or unreadable image, a text-only record),
 counting them and warning with the line number, or raises with ``strict=True``.
 
@@ -12,7 +13,6 @@ labels ``-100`` on the prompt, the image tokens and the padding, truncation that
 and the prompt and cuts the responses, right padding.
 """
 
-import json
 import logging
 import os
 import warnings
@@ -71,22 +71,21 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.records = []
         self.skipped = []
         seen = {}
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = self._parse(line, line_no, seen)
-                except (ValueError, OSError) as exc:
-                    msg = f"{path}:{line_no}: {exc}"
-                    if strict:
-                        raise BadRecordError(msg) from exc
-                    self.skipped.append(SkippedRecord(line_no, str(exc)))
-                    if len(self.skipped) <= self.MAX_WARNINGS:
-                        warnings.warn(f"skipping bad record {msg}", stacklevel=2)
-                    continue
-                seen[rec["id"]] = line_no
-                self.records.append(rec)
+        from bpo_fast.data.bpo_format import iter_pair_records
+
+        for line_no, rec in iter_pair_records(path):
+            try:
+                rec = self._parse(rec, line_no, seen)
+            except (ValueError, OSError) as exc:
+                msg = f"{path}:{line_no}: {exc}"
+                if strict:
+                    raise BadRecordError(msg) from exc
+                self.skipped.append(SkippedRecord(line_no, str(exc)))
+                if len(self.skipped) <= self.MAX_WARNINGS:
+                    warnings.warn(f"skipping bad record {msg}", stacklevel=2)
+                continue
+            seen[rec["id"]] = line_no
+            self.records.append(rec)
         if self.skipped:
             logger.warning("%s: skipped %d bad record(s) of %d (lines %s)", path, len(self.skipped),
                            len(self.skipped) + len(self.records),
@@ -95,11 +94,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"data: {path!r} holds no usable record "
                              f"({len(self.skipped)} skipped)")
 
-    def _parse(self, line, line_no, seen):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+    def _parse(self, rec, line_no, seen):
+        if isinstance(rec, Exception):  # unparseable line / malformed BPO record
+            raise rec
         try:
             validate_pair(rec)
         except SchemaError as exc:
@@ -134,20 +131,37 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return [r["id"] for r in self.records]
 
 
-def _common_prefix(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+_PROCESSOR_TYPES = {  # processor class name prefix -> model_type
+    "LlavaNext": "llava_next", "LlavaOnevision": "llava_onevision", "Llava": "llava",
+    "Qwen2VL": "qwen2_vl", "Qwen2_5_VL": "qwen2_5_vl", "Qwen3VL": "qwen3_vl",
+    "Idefics3": "idefics3", "SmolVLM": "smolvlm", "Gemma3": "gemma3", "PaliGemma": "paligemma",
+    "InternVL": "internvl", "Mllama": "mllama",
+}
+
+
+def model_type_of_processor(processor):
+    """The family of a processor from its class name (``Qwen2VLProcessor`` -> ``qwen2_vl``);
+    ``llava`` for an unknown class (any LLaVA-style processor)."""
+    name = type(processor).__name__
+    for prefix in sorted(_PROCESSOR_TYPES, key=len, reverse=True):
+        if name.startswith(prefix):
+            return _PROCESSOR_TYPES[prefix]
+    return "llava"
 
 
 @dataclass
 class PreferenceCollator:
     """Pairs -> ``{"input_ids", "attention_mask", "labels"}`` of shape ``[2B, T]`` (rows
-    ``[chosen; rejected]``), ``"pixel_values"`` ``[B, ...]`` (plus any other image-processor
-    output, e.g. ``image_sizes``), ``"ids"`` (pair ids) and ``"index"`` (dataset indices).
+    ``[chosen; rejected]``), the image-processor outputs of the ``B`` images (``"pixel_values"``
+    plus e.g. ``image_sizes``, ``image_grid_thw``, ``pixel_attention_mask``), batched by the
+    family's adapter (:meth:`bpo_fast.models.vlm.VLMAdapter.collate_images`: flattened patches
+    concatenated, per-image tile stacks zero-padded as the processor pads them), ``"ids"`` (pair
+    ids) and ``"index"`` (dataset indices).
+
+    ``model_type``: the family (``config.model_type``); None reads it from the processor's class
+    name, else assumes LLaVA. ``chat_template``: ``--chat-template`` (see
+    :func:`bpo_fast.models.vlm.resolve_chat_template`: else the processor's, else the family's
+    documented default, else an error).
 
     ``max_length`` caps each row: the prompt (with all its image tokens) is kept whole and the
     response is cut; a prompt that alone reaches ``max_length`` keeps one response token (the row
@@ -157,48 +171,45 @@ class PreferenceCollator:
     processor: object
     max_length: int = None
     pad_to_multiple_of: int = None
+    model_type: str = None
+    chat_template: str = None
     _warned: set = field(default_factory=set, repr=False)
 
     def __post_init__(self):
+        from bpo_fast.models.vlm import get_adapter, resolve_chat_template
+
         tok = getattr(self.processor, "tokenizer", None)
         if tok is None or not callable(getattr(self.processor, "apply_chat_template", None)):
             raise TypeError("processor: expected a multimodal processor with a tokenizer and a chat "
                             "template (e.g. AutoProcessor.from_pretrained(model_path))")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise ValueError(f"max_length: expected an int >= 2 or None, got {self.max_length!r}")
+        if self.model_type is None:
+            self.model_type = model_type_of_processor(self.processor)
+        self.adapter = get_adapter(self.model_type)
+        self.template = resolve_chat_template(self.processor, self.model_type, self.chat_template)
         self.tokenizer = tok
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if self.pad_id is None:
             raise ValueError("processor: the tokenizer has neither a pad nor an eos token")
 
-    def _text(self, messages, add_generation_prompt):
+    def prompt_text(self, messages):
+        """The prompt as the model sees it before the image expansion (generation prompt on)."""
+        if self.template is None:  # the processor builds the prompt (PaliGemma): the question
+            return "\n".join(c["text"] for m in messages for c in m["content"]
+                             if c.get("type") == "text" and m["role"] == "user").strip()
         return self.processor.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=True,
+                                                  chat_template=self.template)
 
     def encode_pair(self, item):
         """(prompt ids with image tokens expanded, chosen response ids, rejected response ids,
         image-processor outputs) of one pair."""
         messages = turns_to_messages(item["prompt"])
-        prompt_text = self._text(messages, True)
-        enc = self.processor(images=[item["image"]], text=[prompt_text], return_tensors="pt")
-        prompt_ids = enc["input_ids"][0].tolist()
-        image_out = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask",
-                                                                 "token_type_ids")}
-        # The response tokens: tokenise prompt and prompt+answer without image expansion and keep
-        # what follows their common prefix (robust to tokenisers that merge across the boundary).
-        plain_prompt = self.tokenizer(prompt_text)["input_ids"]
-        fulls = []
-        for key in ("chosen", "rejected"):
-            full = self._text(messages + [{"role": "assistant",
-                                            "content": [{"type": "text", "text": item[key]}]}], False)
-            fulls.append(self.tokenizer(full)["input_ids"])
-        k = min(_common_prefix(plain_prompt, f) for f in fulls)
-        if k < len(plain_prompt):
-            # the prompt's last tokens merged with an answer: they go to the response side, for
-            # both rows, so that chosen and rejected share one prompt
-            prompt_ids = prompt_ids[:len(prompt_ids) - (len(plain_prompt) - k)]
-        responses = [f[k:] for f in fulls]
-        return prompt_ids, responses[0], responses[1], image_out
+        prompt, (chosen, rejected), image_out = self.adapter.encode_pair(
+            self.processor, self.template, messages, self.prompt_text(messages),
+            [item["chosen"], item["rejected"]], item["image"], self.tokenizer)
+        return prompt, chosen, rejected, image_out
 
     def __call__(self, items):
         if not items:
@@ -235,9 +246,7 @@ class PreferenceCollator:
             labels[i, :len(r)] = torch.tensor(lab)
             attention_mask[i, :len(r)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        for key in images[0]:
-            vals = [im[key] for im in images]
-            batch[key] = torch.cat(vals) if isinstance(vals[0], torch.Tensor) else vals
+        batch.update(self.adapter.collate_images(images))
         batch["ids"] = [it["id"] for it in items]
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         return batch

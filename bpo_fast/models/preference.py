@@ -82,13 +82,17 @@ def image_token_id(model):
 
 
 def check_vlm_api(model):
-    """Raise a clear ``TypeError`` unless ``model`` has the API :class:`PreferenceModel` relies on."""
+    """Raise a clear ``TypeError`` unless ``model`` is a vision-language model of a family the
+    model layer knows (:mod:`bpo_fast.models.vlm`) with a plain LM head; returns the unwrapped
+    model."""
+    from bpo_fast.models.vlm import get_adapter
+
     base = unwrap(model)
     missing = [m for m in ("get_image_features", "get_input_embeddings", "get_decoder",
                            "get_output_embeddings") if not callable(getattr(base, m, None))]
     if missing:
         raise TypeError(f"model: {type(base).__name__} lacks {missing}; PreferenceModel supports "
-                        "Hugging Face vision-language models shaped like LlavaForConditionalGeneration")
+                        "Hugging Face vision-language models (see bpo_fast.models.vlm)")
     head = base.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"model: {type(base).__name__}.get_output_embeddings() has no weight tensor")
@@ -97,6 +101,7 @@ def check_vlm_api(model):
                          "the fused LM-head loss reads lm_head.weight directly, so leave lm_head "
                          "out of the LoRA target modules")
     image_token_id(model)
+    get_adapter(model)
     return base
 
 
@@ -193,6 +198,9 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
         raise FileNotFoundError(f"model: {path!r} is not a directory (a local save_pretrained "
                                 "folder; nothing is downloaded)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
+    from bpo_fast.models.vlm import get_adapter
+
+    get_adapter(config.model_type)  # a clear error for unsupported families, before loading
     impl = choose_attention(attn_implementation, device, compute_dtype or dtype)
     kwargs = dict(dtype=dtype, attn_implementation=impl, local_files_only=True)
     if config.model_type == "llava":
@@ -215,17 +223,12 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
 
 
 def encode_images(model, pixel_values, **image_kwargs):
-    """Image features of ``pixel_values`` (one image per pair) through the model's own vision tower
-    and projector, flattened to ``[sum of image tokens, H]`` in image order."""
-    out = unwrap(model).get_image_features(pixel_values=pixel_values, **image_kwargs)
-    if not isinstance(out, torch.Tensor):
-        out = getattr(out, "pooler_output", None) if hasattr(out, "pooler_output") else out[0]
-    if isinstance(out, torch.Tensor):
-        return out.reshape(-1, out.shape[-1])
-    if isinstance(out, (list, tuple)) and out and all(isinstance(t, torch.Tensor) for t in out):
-        return torch.cat([t.reshape(-1, t.shape[-1]) for t in out])
-    raise TypeError(f"model: get_image_features returned {type(out).__name__}; expected a tensor or "
-                    "a list of per-image tensors")
+    """Image features of ``pixel_values`` (one image per pair, laid out as the family's processor
+    returns them) through the model's own ``get_image_features``: the encoder output the base
+    model takes as ``mm_encoder_outputs["image"]`` (see :mod:`bpo_fast.models.vlm`)."""
+    from bpo_fast.models.vlm import get_adapter
+
+    return get_adapter(model).encode(model, {"pixel_values": pixel_values, **image_kwargs})
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +295,15 @@ class PreferenceModel(nn.Module):
         self.temperature = float(temperature)
         self.packing = packing
         self.image_token_id = image_token_id(policy)
+        from bpo_fast.models.vlm import get_adapter
+
+        self.adapter = get_adapter(policy)
+        if reference_mode == "model" and get_adapter(reference) is not self.adapter:
+            raise ValueError("reference: its model_type differs from the policy's")
+        if packing is True and not self.adapter.packable:
+            raise ValueError(f"packing: {self.adapter.name} models cannot pack rows (their "
+                             "positions or masks depend on the row: M-RoPE / token_type_ids); "
+                             "use packing='auto' or False")
         # Decided once, before any sharding: comparing weights later would gather them.
         self.share_image_features = False
         if share_image_features == "auto" and reference_mode != "cached":
@@ -313,13 +325,14 @@ class PreferenceModel(nn.Module):
     # ---- pieces --------------------------------------------------------------------------
 
     def _use_packing(self, model):
+        if not self.adapter.packable:
+            return False
         if self.packing != "auto":
             return bool(self.packing)
         impl = getattr(unwrap(model).config, "_attn_implementation", None)
         return impl is not None and "flash" in str(impl)
 
-    @staticmethod
-    def _check_batch(input_ids, attention_mask, labels, pixel_values):
+    def _check_batch(self, input_ids, attention_mask, labels, pixel_values, image_kwargs=None):
         for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
                         ("labels", labels)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2:
@@ -331,20 +344,22 @@ class PreferenceModel(nn.Module):
         if attention_mask.shape != input_ids.shape or labels.shape != input_ids.shape:
             raise ValueError(f"attention_mask/labels: expected shape {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)} / {tuple(labels.shape)}")
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.shape[0] * 2 != input_ids.shape[0]:
-            raise ValueError(f"pixel_values: expected one image per pair ([B, ...] with B = "
-                             f"{input_ids.shape[0] // 2}), got "
-                             f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}")
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"pixel_values: expected a tensor, got {type(pixel_values).__name__}")
+        n = self.adapter.num_images({"pixel_values": pixel_values, **(image_kwargs or {})})
+        if n is not None and n * 2 != input_ids.shape[0]:
+            raise ValueError(f"pixel_values: expected one image per pair (B = "
+                             f"{input_ids.shape[0] // 2} images), got {n} "
+                             f"(pixel_values {tuple(pixel_values.shape)})")
 
     def encode(self, model, pixel_values, **image_kwargs):
-        """Image features ``[sum of image tokens, H]`` (no autograd when the image path is frozen)."""
+        """The image encoder output of the batch's ``B`` images (no autograd when the image path
+        is frozen), as the family's base model takes it (``mm_encoder_outputs["image"]``)."""
         params = self._image_params(model)
         frozen = not any(p.requires_grad for _, p in params)
         ctx = torch.no_grad() if frozen or not torch.is_grad_enabled() else contextlib.nullcontext()
         with ctx:
-            # pixels in the vision tower's own dtype (it may differ from the LLM's master dtype)
-            dtype = params[0][1].dtype if params else _parts(model)[0].weight.dtype
-            return encode_images(model, pixel_values.to(dtype), **image_kwargs)
+            return self.adapter.encode(model, {"pixel_values": pixel_values, **image_kwargs})
 
     def _image_params(self, model):
         # the parameter list is fixed per model; looking it up every step would walk all modules
@@ -354,51 +369,34 @@ class PreferenceModel(nn.Module):
             cache[key] = image_path_parameters(model)
         return cache[key]
 
-    def hidden_states(self, model, input_ids, attention_mask, features):
-        """Decoder hidden states ``[2B, T, H]`` with ``features`` (one image per pair) scattered into
-        both the chosen and the rejected row of each pair."""
-        embed, decoder, _ = _parts(model)
-        embeds = embed(input_ids)
-        mask = input_ids == self.image_token_id
-        n_slots = int(mask.sum())
-        if n_slots != 2 * features.shape[0]:
+    def hidden_states(self, model, input_ids, attention_mask, features, labels=None,
+                      **image_kwargs):
+        """Last hidden states ``[2B, T, H]`` of the family's base model with ``features`` (one
+        image per pair, from :meth:`encode`) placed in both the chosen and the rejected row of
+        each pair. ``labels`` and the image inputs feed the family's row inputs (PaliGemma's
+        prefix mask, Qwen's M-RoPE grids)."""
+        n_slots = int((input_ids == self.image_token_id).sum())
+        n_feat = self.adapter.num_feature_tokens(features)
+        if n_slots != 2 * n_feat:
             raise ValueError(f"input_ids: {n_slots} image tokens in the {input_ids.shape[0]} rows, "
-                             f"but the images give {features.shape[0]} features per row set "
-                             f"(expected {2 * features.shape[0]} image tokens)")
-        # masked_scatter fills in row-major order: rows 0..B-1 (chosen) take images 0..B-1, then
-        # rows B..2B-1 (rejected) take them again.
-        src = torch.cat([features, features]).to(embeds.dtype)
-        embeds = embeds.masked_scatter(mask.unsqueeze(-1), src)
-        if self._use_packing(model):
-            return self._packed_decoder(decoder, embeds, attention_mask)
-        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
-                      return_dict=True)
-        return out.last_hidden_state
-
-    @staticmethod
-    def _packed_decoder(decoder, embeds, attention_mask):
-        """Rows packed into one padding-free sequence; ``position_ids`` restart at each row, which
-        is how transformers delimits sequences for flash-attention varlen (and SDPA)."""
-        n, t, h = embeds.shape
-        keep = attention_mask.reshape(-1).bool()
-        idx = keep.nonzero().squeeze(1)
-        packed = embeds.reshape(n * t, h).index_select(0, idx).unsqueeze(0)
-        pos = torch.cumsum(attention_mask.long(), dim=1) - 1
-        pos = pos.reshape(-1).index_select(0, idx).unsqueeze(0)
-        out = decoder(inputs_embeds=packed, position_ids=pos, attention_mask=None,
-                      use_cache=False, return_dict=True).last_hidden_state
-        full = out.new_zeros(n * t, out.shape[-1]).index_copy(0, idx, out[0])
-        return full.view(n, t, -1)
+                             f"but the images give {n_feat} features per row set "
+                             f"(expected {2 * n_feat} image tokens)")
+        if labels is None:
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+        return self.adapter.hidden_states(model, input_ids, attention_mask, labels, image_kwargs,
+                                          features, packed=self._use_packing(model))
 
     def _head(self, model, hidden):
-        _, _, head = _parts(model)
+        from bpo_fast.models.vlm import lm_head_parts
+
+        weight, bias = lm_head_parts(model)
         # Under autocast the LM head runs in the autocast dtype (the decoder's residual stream may
         # come out fp32 when the weights are fp32 master copies); the weight cast is tracked by
         # autograd so the gradient still reaches the fp32 weight.
         if torch.is_autocast_enabled(hidden.device.type):
             hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-        w = head.weight.to(hidden.dtype)
-        b = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
+        w = weight.to(hidden.dtype)
+        b = bias.to(hidden.dtype) if bias is not None else None
         return hidden, w, b
 
     def sequence_logps(self, model, input_ids, attention_mask, labels, pixel_values,
@@ -408,7 +406,8 @@ class PreferenceModel(nn.Module):
 
         if features is None:
             features = self.encode(model, pixel_values, **image_kwargs)
-        hidden = self.hidden_states(model, input_ids, attention_mask, features)
+        hidden = self.hidden_states(model, input_ids, attention_mask, features, labels,
+                                    pixel_values=pixel_values, **image_kwargs)
         hidden, w, b = self._head(model, hidden)
         return linear_sequence_logprobs(hidden, w, labels, bias=b, ignore_index=IGNORE_INDEX,
                                         temperature=self.temperature)
@@ -445,21 +444,23 @@ class PreferenceModel(nn.Module):
         """
         from bpo_fast.ops.preference import preference_loss
 
-        self._check_batch(input_ids, attention_mask, labels, pixel_values)
+        self._check_batch(input_ids, attention_mask, labels, pixel_values, image_kwargs)
         b = input_ids.shape[0] // 2
         features = self.encode(self.policy, pixel_values, **image_kwargs)
         if ref_chosen_logps is None or ref_rejected_logps is None:
             if ref_chosen_logps is not None or ref_rejected_logps is not None:
                 raise ValueError("ref_chosen_logps/ref_rejected_logps: pass both or neither")
             ref_c, ref_r = self.reference_logps(input_ids, attention_mask, labels, pixel_values,
-                                                features=features.detach(), **image_kwargs)
+                                                features=self.adapter.detach(features),
+                                                **image_kwargs)
         else:
             ref_c, ref_r = (torch.as_tensor(t, device=input_ids.device).float().reshape(-1)
                             for t in (ref_chosen_logps, ref_rejected_logps))
             if ref_c.shape[0] != b or ref_r.shape[0] != b:
                 raise ValueError(f"ref_chosen_logps/ref_rejected_logps: expected [{b}] each, got "
                                  f"{tuple(ref_c.shape)} / {tuple(ref_r.shape)}")
-        hidden = self.hidden_states(self.policy, input_ids, attention_mask, features)
+        hidden = self.hidden_states(self.policy, input_ids, attention_mask, features, labels,
+                                    pixel_values=pixel_values, **image_kwargs)
         hidden, w, bias = self._head(self.policy, hidden)
         # the loss block: one op (fused LM head, preference loss, RPO term; 3 LM-head GEMMs per
         # scored token when a gradient is needed)
@@ -537,7 +538,7 @@ def prepare_policy(model, *, lora=None, freeze_vision=True, train_projector=Fals
     return model
 
 
-_PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "projector")
+_PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "projector", "connector", "merger")
 
 
 def _projector_name(base):

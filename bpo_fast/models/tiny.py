@@ -59,15 +59,24 @@ def default_vocabulary():
     return list(DEFAULT_WORDS)
 
 
-def build_word_tokenizer(words, *, model_max_length=2048):
-    """A ``PreTrainedTokenizerFast`` over ``words`` (+ the special tokens), built offline."""
+def build_word_tokenizer(words, *, model_max_length=2048, special_tokens=(), named_tokens=None,
+                         bos="<s>", eos="</s>"):
+    """A ``PreTrainedTokenizerFast`` over ``words`` (+ the special tokens), built offline.
+
+    ``special_tokens``: more special tokens (a family's image / turn markers); ``named_tokens``:
+    ``{attribute: token}`` the processors read from the tokenizer (``image_token``,
+    ``boi_token``, ...), added as special tokens too."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     if isinstance(words, str) or not all(isinstance(w, str) and w for w in words):
         raise TypeError("words: expected a list of non-empty strings")
+    named_tokens = dict(named_tokens or {})
+    extra = [t for t in list(special_tokens) + list(named_tokens.values())
+             if t not in SPECIAL_TOKENS]
+    extra = list(dict.fromkeys(extra))
     vocab = {}
-    for w in list(SPECIAL_TOKENS) + [w.lower() for w in words]:
+    for w in list(SPECIAL_TOKENS) + extra + [w.lower() for w in words]:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -76,10 +85,17 @@ def build_word_tokenizer(words, *, model_max_length=2048):
         pre_tokenizers.Split(Regex(r"[^\w\s<>/]"), behavior="isolated"),
     ])
     # No decoder: tokenizers joins word-level tokens with single spaces, which is what we want.
+    if named_tokens:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token=bos,
+            eos_token=eos, model_max_length=model_max_length, padding_side="right",
+            clean_up_tokenization_spaces=True,
+            extra_special_tokens={**{t: t for t in [IMAGE_TOKEN] + extra
+                                     if t not in named_tokens.values()}, **named_tokens})
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        additional_special_tokens=[IMAGE_TOKEN],
+        unk_token="<unk>", pad_token="<pad>", bos_token=bos, eos_token=eos,
+        additional_special_tokens=[IMAGE_TOKEN] + extra,
         model_max_length=model_max_length,
         padding_side="right",
         clean_up_tokenization_spaces=True,

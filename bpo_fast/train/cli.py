@@ -21,6 +21,8 @@ def add_arguments(parser):
     g.add_argument("--output", required=True, help="output directory (model, checkpoints, metrics.jsonl)")
     g.add_argument("--max-length", type=int, default=1024, help="tokens per row (default 1024)")
     g.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    g.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                   help="a Jinja chat template, or a file holding one (default: the processor's own, else the model family's documented default; see bpo_fast.models.vlm)")
 
     g = parser.add_argument_group("reference")
     g.add_argument("--reference", choices=("model", "lora", "cached"), default=None,

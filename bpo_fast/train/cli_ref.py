@@ -24,6 +24,8 @@ def add_arguments(parser):
     parser.add_argument("--attn-implementation", default=None,
                         help="force an attention implementation (default: flash-attn if usable, else sdpa)")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    parser.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                        help="a Jinja chat template, or a file holding one (default: the processor's own, else the model family's documented default; see bpo_fast.models.vlm); use the same one for training")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -39,7 +41,8 @@ def run(args):
             args.model, args.data, args.image_root, args.out, batch_size=args.batch_size,
             max_length=args.max_length, dtype=parse_dtype(args.dtype, args.device),
             device=args.device, temperature=args.temperature, strict=args.strict,
-            attn_implementation=args.attn_implementation, progress=not args.no_progress)
+            attn_implementation=args.attn_implementation, progress=not args.no_progress,
+            chat_template=args.chat_template)
     except (ValueError, FileNotFoundError) as exc:
         from bpo_fast.cli import input_error
 

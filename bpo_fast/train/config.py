@@ -35,6 +35,7 @@ class TrainConfig:
     output: str
     max_length: int = 1024          # tokens per row (prompt + image tokens kept, responses cut)
     strict: bool = False            # raise on the first bad record instead of skipping it
+    chat_template: str = None       # Jinja template or file (default: processor's, else family's)
 
     # reference: "model" (frozen copy), "lora" (adapters disabled), "cached" (ref_cache file);
     # None: "lora" when lora_r > 0, else "model"

@@ -104,13 +104,12 @@ def _read_partial(path):
 
 def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, max_length=None,
                             dtype=None, device=None, temperature=1.0, strict=False,
-                            attn_implementation=None, progress=True):
+                            attn_implementation=None, progress=True, chat_template=None):
     """Reference log-probs of every usable pair of ``data`` under the model at ``model_path``,
     written to ``out`` (safetensors, see the module doc). Returns the :class:`RefLogpsCache`."""
-    from transformers import AutoProcessor
-
     from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
     from bpo_fast.models.preference import PreferenceModel, load_vlm
+    from bpo_fast.models.vlm import load_processor
 
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -122,6 +121,10 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
     done = _read_partial(partial)
     settings = {"model": os.path.abspath(model_path), "temperature": float(temperature),
                 "max_length": max_length, "dtype": str(dtype).replace("torch.", "")}
+    if chat_template:
+        import zlib
+
+        settings["chat_template_crc"] = f"{zlib.crc32(chat_template.encode()):08x}"
     if done:
         first = next(iter(done.values()))
         if first.get("settings") != settings:
@@ -134,8 +137,10 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                          device=device)
         model.eval()
         pm = PreferenceModel(model, reference_mode="cached", temperature=temperature)
-        collate = PreferenceCollator(AutoProcessor.from_pretrained(model_path, local_files_only=True),
-                                     max_length=max_length)
+        # the same collator, adapter and head as training: the values are the HF forward's
+        collate = PreferenceCollator(load_processor(model_path), max_length=max_length,
+                                     model_type=model.config.model_type,
+                                     chat_template=chat_template)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, todo),
                                              batch_size=batch_size, collate_fn=collate)
         bar = None
@@ -148,6 +153,8 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                 dev = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 extra = {k: v for k, v in dev.items()
                          if k not in ("input_ids", "attention_mask", "labels", "pixel_values", "index")}
+                pm._check_batch(dev["input_ids"], dev["attention_mask"], dev["labels"],
+                                dev["pixel_values"], extra)
                 lp, n = pm.sequence_logps(model, dev["input_ids"], dev["attention_mask"],
                                           dev["labels"], dev["pixel_values"], **extra)
                 b = len(batch["ids"])

@@ -256,6 +256,20 @@ def _checkpoints(output):
     return [p for _, p in sorted(out)]
 
 
+def _unshared(sd):
+    """Contiguous tensors, each with its own storage: tied weights (``tie_word_embeddings``: the
+    LM head is the input embedding) are one tensor under two names, which safetensors refuses."""
+    seen, out = set(), {}
+    for k, v in sd.items():
+        v = v.contiguous()
+        key = (v.untyped_storage().data_ptr(), v.device.type) if v.numel() else None
+        if key is not None and key in seen:
+            v = v.clone()
+        seen.add(key)
+        out[k] = v
+    return out
+
+
 def save_checkpoint(path, pm, optimizer, scheduler, state, world, rank):
     """Write one checkpoint (collective when ``world > 1``); complete or absent, never torn."""
     import torch.distributed.checkpoint as dcp
@@ -271,8 +285,7 @@ def save_checkpoint(path, pm, optimizer, scheduler, state, world, rank):
     msd = get_model_state_dict(pm, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in msd.items()},
-                  os.path.join(tmp, "trainable.safetensors"))
+        save_file(_unshared(msd), os.path.join(tmp, "trainable.safetensors"))
     osd = get_optimizer_state_dict(pm, optimizer)
     with _quiet_single_process(world):
         dcp.save({"optim": osd}, checkpoint_id=os.path.join(tmp, "optimizer"))
@@ -329,9 +342,9 @@ def _resolve_resume(config):
 def save_final(pm, config, lora, dtype, world, rank):
     """The trained model under ``config.output``, loadable with ``from_pretrained``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoProcessor
 
     from bpo_fast.models.preference import load_vlm, unwrap
+    from bpo_fast.models.vlm import load_processor
 
     out = config.output
     adapter_dir = os.path.join(out, "adapter") if lora is not None and config.merge_lora else out
@@ -367,7 +380,7 @@ def save_final(pm, config, lora, dtype, world, rank):
             base = load_vlm(config.model, dtype=dtype, device="cpu")
             merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
             merged.save_pretrained(out)
-        AutoProcessor.from_pretrained(config.model, local_files_only=True).save_pretrained(out)
+        load_processor(config.model).save_pretrained(out)
     _barrier(world)
 
 
@@ -378,9 +391,11 @@ def save_final(pm, config, lora, dtype, world, rank):
 def train(config):
     """Run DPO training as configured; returns ``{"output", "steps", "metrics_path", "history",
     "final_checkpoint", "skipped"}`` (``history``: the metric dicts written to ``metrics.jsonl``)."""
-    from transformers import AutoProcessor, get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
 
     from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
+    from bpo_fast.models.preference import unwrap
+    from bpo_fast.models.vlm import load_processor
 
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
@@ -427,8 +442,10 @@ def train(config):
     pm.train()  # the reference stays in eval mode (PreferenceModel.train)
     optimizer = _optimizer(pm, config, device)
 
-    processor = AutoProcessor.from_pretrained(config.model, local_files_only=True)
-    collate = PreferenceCollator(processor, max_length=config.max_length)
+    processor = load_processor(config.model)
+    collate = PreferenceCollator(processor, max_length=config.max_length,
+                                 model_type=unwrap(pm.policy).config.model_type,
+                                 chat_template=config.chat_template)
     sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank, seed=config.seed)
     micro_per_epoch = sampler.per_rank // config.batch_size
     steps_per_epoch = micro_per_epoch // config.grad_accum

@@ -1,0 +1,164 @@
+"""Exactness per VLM family: PreferenceModel's sequence log-probs equal the Hugging Face forward.
+
+For every family of :data:`bpo_fast.models.tiny_vlm.FAMILIES` a tiny random model and its real
+processor class are built offline, saved and loaded back with ``from_pretrained``. A batch of
+three pairs with images of different sizes and aspect ratios (so anyres / splitting / tiling give
+different patch and tile counts per image, the processors' defaults) goes through our collator
+and :class:`PreferenceModel`; each row is compared, in fp32, with
+``log_softmax(model(**processor(images=[image], text=[full text])).logits)`` gathered on the
+answer tokens, the row's token ids included. Gradients must reach the decoder.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from bpo_fast.data.preference import PreferenceCollator
+from bpo_fast.models.preference import PreferenceModel, load_vlm
+from bpo_fast.models.tiny_vlm import FAMILIES, build_tiny_vlm
+from bpo_fast.models.vlm import UnsupportedModelError, get_adapter, load_processor
+
+RTOL = 1e-5
+SIZES = [(20, 12), (12, 28), (33, 17)]  # (width, height): landscape, portrait, odd
+
+
+def _items():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (w, h) in enumerate(SIZES):
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        items.append({"index": i, "id": f"p{i}", "image": img, "line": i + 1,
+                      "prompt": [{"from": "human", "value": "<image>\nwhat is on the table ?"}],
+                      "chosen": "a red cup" + " and a book" * i, "rejected": "a blue ball ."})
+    return items
+
+
+def _build(family, tmp_path_factory, cache={}):
+    if family not in cache:
+        path = str(tmp_path_factory.mktemp(family))
+        build_tiny_vlm(family, path, seed=1)
+        cache[family] = path
+    return cache[family]
+
+
+def hf_row_logps(model, processor, collator, item, answer):
+    """The plain HF way: the processor on the full text, full logits, log_softmax, gathered on
+    the answer tokens. Returns (summed log-prob, input ids)."""
+    from bpo_fast.data.schema import turns_to_messages
+
+    messages = turns_to_messages(item["prompt"])
+    if collator.template is None:  # PaliGemma: prompt + suffix through the processor
+        enc = processor(images=[item["image"]], text=[collator.prompt_text(messages)],
+                        suffix=[answer], return_tensors="pt")
+        n_prompt = int((enc["token_type_ids"][0] == 0).sum())
+    else:
+        full = processor.apply_chat_template(
+            messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            tokenize=False, chat_template=collator.template)
+        enc = processor(images=[item["image"]], text=[full], return_tensors="pt")
+        prompt = processor(images=[item["image"]], text=[collator.prompt_text(messages)],
+                           return_tensors="pt")
+        n_prompt = prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(**enc).logits[0, :-1].float()
+    ids = enc["input_ids"][0]
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
+    return lp[n_prompt - 1:].sum(), ids
+
+
+def _extra(batch):
+    return {k: v for k, v in batch.items()
+            if k not in ("input_ids", "attention_mask", "labels", "pixel_values", "ids", "index")}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_factory):
+    if family == "smolvlm":
+        pytest.importorskip("num2words")  # the SmolVLM processor needs it (in the test extras)
+    path = _build(family, tmp_path_factory)
+    processor = load_processor(path)
+    model = load_vlm(path)
+    assert get_adapter(model).name == family
+    collator = PreferenceCollator(processor)
+    assert collator.model_type == family
+    items = _items()
+    batch = collator(items)
+    b = len(items)
+
+    pm = PreferenceModel(model, reference_mode="cached")
+    lp, n_tok = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                  batch["labels"], batch["pixel_values"], **_extra(batch))
+    for i, item in enumerate(items):
+        for row, key in ((i, "chosen"), (b + i, "rejected")):
+            want, ids = hf_row_logps(model, processor, collator, item, item[key])
+            n = int(batch["attention_mask"][row].sum())
+            assert batch["input_ids"][row, :n].tolist() == ids.tolist(), (family, row)
+            torch.testing.assert_close(lp[row], want, rtol=RTOL, atol=1e-6,
+                                       msg=lambda m: f"{family} row {row}: {m}")
+
+    # packed rows (no padding; flash-attention varlen on GPUs) give the same numbers
+    if get_adapter(model).packable:
+        packed = PreferenceModel(model, reference_mode="cached", packing=True)
+        lp2, _ = packed.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                       batch["labels"], batch["pixel_values"], **_extra(batch))
+        torch.testing.assert_close(lp2, lp, rtol=RTOL, atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="packing"):
+            PreferenceModel(model, reference_mode="cached", packing=True)
+
+    # the DPO step: gradients reach the decoder, the loss is finite
+    model.train()
+    pm = PreferenceModel(model, reference_mode="cached")
+    out = pm(batch["input_ids"], batch["attention_mask"], batch["labels"],
+             batch["pixel_values"], ref_chosen_logps=lp[:b].detach() - 0.5,
+             ref_rejected_logps=lp[b:].detach(), **_extra(batch))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    decoder = model.get_decoder()
+    grads = [p.grad for p in decoder.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads[:4])
+    assert any(float(g.abs().sum()) > 0 for g in grads if g is not None)
+
+
+def test_unsupported_families_fail_clearly(tmp_path):
+    from transformers import MllamaConfig
+
+    model, _ = build_tiny_vlm("paligemma2")
+    with pytest.raises(UnsupportedModelError, match="final_logit_softcapping"):
+        PreferenceModel(model, reference_mode="cached")
+    with pytest.raises(UnsupportedModelError, match="Mllama"):
+        get_adapter("mllama")
+    MllamaConfig().save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="cross-attention"):
+        load_vlm(str(tmp_path))
+
+
+def test_one_chat_template_rule(tmp_path, tiny_llava_dir):
+    from types import SimpleNamespace
+
+    from bpo_fast.models.tiny import CHAT_TEMPLATE
+    from bpo_fast.models.vlm import DEFAULT_CHAT_TEMPLATES, resolve_chat_template
+
+    bare = SimpleNamespace(chat_template=None)
+    # the processor's own template wins over the family default
+    assert resolve_chat_template(SimpleNamespace(chat_template="{{ x }}"), "qwen2_vl") == "{{ x }}"
+    # no template: the family's documented default
+    assert resolve_chat_template(bare, "qwen2_vl") == DEFAULT_CHAT_TEMPLATES["qwen2_vl"]()
+    assert resolve_chat_template(bare, "llava") == CHAT_TEMPLATE
+    assert resolve_chat_template(bare, "paligemma") is None  # the processor builds the prompt
+    # --chat-template: a template string or a file, over everything else
+    f = tmp_path / "t.jinja"
+    f.write_text("{{ messages }}")
+    assert resolve_chat_template(SimpleNamespace(chat_template="{{ x }}"), "llava", str(f)) == \
+        "{{ messages }}"
+    with pytest.raises(ValueError, match="--chat-template"):
+        resolve_chat_template(bare, "llava", "no-such-file")
+    with pytest.raises(ValueError, match="--chat-template"):
+        resolve_chat_template(bare, "some_new_vlm")
+    # the collator applies the rule: a processor saved without a template gets the family's
+    processor = load_processor(tiny_llava_dir)
+    processor.chat_template = None
+    assert PreferenceCollator(processor).template == CHAT_TEMPLATE
+    assert PreferenceCollator(processor, chat_template="{{ 'Q' }}").template == "{{ 'Q' }}"
