@@ -308,7 +308,7 @@ def test_rules_only_needs_no_model_and_config_errors(tmp_path):
         build_pairs(PairBuilderConfig(data=data, out=str(out), top_p=0))
     with pytest.raises(TypeError, match="config"):
         build_pairs({"data": data})
-    with pytest.raises(FileNotFoundError, match="image_root"):
+    with pytest.raises(ValueError, match="image_root"):
         build_pairs(PairBuilderConfig(data=data, out=str(out), image_root=str(tmp_path / "nope"),
                                       strategies=("error_injection",)))
     with pytest.raises(ValueError, match="limit"):
@@ -360,7 +360,7 @@ def test_cli_end_to_end(tiny_llava_dir, tmp_path, capsys):
     assert main(args + ["--resume"]) == 0
     assert len(read_out(out)) == len(recs)
     assert main(["merge-pairs", "--out", str(tmp_path / "m.jsonl"), str(out)]) == 0
-    assert main(["merge-pairs", "--out", str(tmp_path / "m.jsonl"), str(tmp_path / "nothing.jsonl")]) == 1
+    assert main(["merge-pairs", "--out", str(tmp_path / "m.jsonl"), str(tmp_path / "nothing.jsonl")]) == 2
 
 
 def test_sigkill_mid_run_then_resume_matches_full_run(tmp_path):

@@ -70,6 +70,9 @@ def add_arguments(p):
     io.add_argument("--resume", action="store_true",
                     help="continue an interrupted run: drop a torn last line, skip ids already written")
     io.add_argument("--overwrite", action="store_true", help="start over if --out exists")
+    io.add_argument("--strict", action="store_true",
+                    help="stop at the first malformed record (else it is logged to the errors "
+                         "file with its line number and skipped)")
 
     st = p.add_argument_group("strategies")
     st.add_argument("--strategies", type=_strategies, default=("image_weakened", "error_injection"),
@@ -139,17 +142,17 @@ def config_from_args(args):
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device,
         dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, errors=args.errors,
         limit=args.limit, progress=not args.no_progress, fsync=not args.no_fsync,
+        strict=args.strict,
     )
 
 
 def run(args):
     from bpo_fast.data.pairs import build_pairs
+    from bpo_fast.errors import output_file
 
-    try:
-        summary = build_pairs(config_from_args(args))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
-        print(f"bpo-fast build-pairs: error: {exc}", file=sys.stderr)
-        return 2
+    if args.summary_json:
+        output_file(args.summary_json, "--summary-json")
+    summary = build_pairs(config_from_args(args))
     print(summary.format(), file=sys.stderr)
     if args.summary_json:
         tmp = args.summary_json + ".tmp"

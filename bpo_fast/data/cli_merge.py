@@ -14,7 +14,8 @@ examples:
   bpo-fast merge-pairs --out all.jsonl run1.jsonl run2.rank*.jsonl
 
 Every record is checked with the pair schema (bpo_fast.data.schema.validate_pair); by default
-one bad record aborts the merge and nothing is written. The first record of each id wins. The
+one bad record (a line that is not JSON, or fails the schema) aborts the merge and nothing is
+written; a torn last line (what a killed writer leaves) is skipped and reported. The first record of each id wins. The
 output is written to a temporary file and renamed, so it is either complete or absent.
 """
 
@@ -27,7 +28,8 @@ def add_arguments(p):
                         "are found and merged in rank order)")
     p.add_argument("--out", required=True, metavar="FILE", help="merged JSONL (written atomically)")
     p.add_argument("--skip-invalid", action="store_true",
-                   help="drop records that fail the schema instead of aborting")
+                   help="drop records that are not valid JSON or fail the schema (reported with "
+                        "file:line and counted) instead of aborting")
     p.add_argument("--strict", action="store_true",
                    help="fail when one id appears with different content in two inputs")
 
@@ -35,11 +37,7 @@ def add_arguments(p):
 def run(args):
     from bpo_fast.data.pairs import merge_pairs
 
-    try:
-        s = merge_pairs(args.inputs, args.out, skip_invalid=args.skip_invalid,
-                        strict_conflicts=args.strict)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"bpo-fast merge-pairs: error: {exc}", file=sys.stderr)
-        return 1
+    s = merge_pairs(args.inputs, args.out, skip_invalid=args.skip_invalid,
+                    strict_conflicts=args.strict)
     print(s.format(), file=sys.stderr)
     return 0

@@ -36,6 +36,7 @@ import torch
 from bpo_fast.data.images import ImageGeometry, ImageLoadDataset, collate_images, normalize_uint8
 from bpo_fast.data.inject import LLMInjector, RuleInjector, load_template
 from bpo_fast.data.jsonl import JsonlWriter, iter_jsonl, read_ids, repair_torn_tail
+from bpo_fast.errors import UserError, input_dir, input_file, output_file
 from bpo_fast.data.llava_format import TURN_MODES, MalformedRecord, iter_records, record_to_samples
 from bpo_fast.data.schema import (INJECTORS, STRATEGIES, SchemaError, normalize_text,
                                   turns_to_messages, validate_pair)
@@ -86,6 +87,7 @@ class PairBuilderConfig:
     limit: int = None              # only the first N records of the data file (before sharding)
     progress: bool = True
     fsync: bool = True
+    strict: bool = False           # a malformed record stops the run (else: logged and skipped)
     max_batches: int = None        # stop cleanly after N written batches (tests, dry runs)
 
 
@@ -576,6 +578,7 @@ class _Run:
         # "#2", "#3", ... in file order, the same on every rank, so pair ids stay unique and
         # stable across runs and world sizes instead of the record being lost.
         seen = {}
+        good = 0
         for index, line, rec in iter_records(cfg.data):
             if cfg.limit is not None and index >= cfg.limit:
                 break
@@ -589,6 +592,9 @@ class _Run:
             try:
                 got = record_to_samples(rec, turns=cfg.turns, index=index, line=line)
             except MalformedRecord as exc:
+                if cfg.strict:
+                    raise UserError(f"data: {cfg.data}:{line}: {exc} (without strict / --strict "
+                                    "bad records are logged and skipped)") from None
                 errs.append({"stage": "record", "line": line, "index": index,
                              "source_id": None if raw_id is None else str(raw_id), "reason": str(exc)})
                 continue
@@ -597,6 +603,11 @@ class _Run:
                 for smp in got:
                     smp.source_id = f"{smp.source_id}#{occurrence}"
             samples.extend(got)
+            good += 1
+        if errs and not good and all(e["reason"].startswith("invalid JSON") for e in errs):
+            raise UserError(f"data: no line of {cfg.data!r} is a JSON record (first, line "
+                            f"{errs[0]['line']}: {errs[0]['reason']}); expected LLaVA-format "
+                            "JSON or JSONL")
         s.samples = len(samples)
         self._log_errors(errs)
         return samples
@@ -855,8 +866,16 @@ def _validate_config(cfg):
                          f"got {list(cfg.noise_steps)}")
     if "image_weakened" in cfg.strategies and any(s is not None for s in cfg.noise_steps):
         _schedule(cfg.noise_schedule, cfg.num_noise_steps)  # unknown kind: fail before any work
-    if cfg.image_root is not None and not os.path.isdir(cfg.image_root):
-        raise FileNotFoundError(f"image_root: {cfg.image_root!r} is not a directory")
+    input_file(cfg.data, "data", what="LLaVA-format JSON/JSONL file", text=True)
+    if cfg.image_root is not None:
+        input_dir(cfg.image_root, "image_root")
+    output_file(cfg.out, "out")
+    if cfg.errors:
+        output_file(cfg.errors, "errors")
+    if isinstance(cfg.lexicon, (str, os.PathLike)):
+        input_file(cfg.lexicon, "lexicon", what="JSON lexicon file", text=True)
+    if cfg.inject_template:
+        input_file(cfg.inject_template, "inject_template", what="text template", text=True)
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or isinstance(cfg.limit, bool)
                                   or cfg.limit < 1):
         raise ValueError(f"limit: expected an int >= 1 or None, got {cfg.limit!r}")
@@ -881,6 +900,8 @@ def build_pairs(config, model=None, processor=None):
     if needs_model and not cfg.model and model is None:
         raise ValueError("model: required for image_weakened and for injector='llm' (a model "
                          "directory, or pass model= and processor=)")
+    if needs_model and model is None:
+        input_dir(cfg.model, "model", what="model directory (a save_pretrained folder)")
     return _Run(cfg, model, processor).run()
 
 
@@ -905,10 +926,10 @@ class MergeSummary:
         lines = [f"merged {len(self.inputs)} file(s) -> {self.out}: {self.written} pairs, "
                  f"{self.duplicates} duplicate(s) dropped, {self.conflicts} conflicting duplicate(s)"]
         if self.torn:
-            lines.append(f"skipped {len(self.torn)} unparseable line(s) (torn tails): " +
+            lines.append(f"skipped {len(self.torn)} torn last line(s) (a killed writer): " +
                          "; ".join(f"{f}:{n}" for f, n, _ in self.torn[:5]))
         if self.invalid:
-            lines.append(f"{len(self.invalid)} record(s) fail the schema: " +
+            lines.append(f"skipped {len(self.invalid)} invalid record(s) (bad JSON or schema): " +
                          "; ".join(f"{f}:{n}: {r}" for f, n, r in self.invalid[:5]))
         return "\n".join(lines)
 
@@ -952,6 +973,8 @@ def merge_pairs(inputs, out, *, skip_invalid=False, strict_conflicts=False):
     files = []
     for p in inputs:
         shards = find_shards(p)
+        if os.path.isdir(p):
+            raise UserError(f"inputs: {p!r} is a directory, expected a pair file (JSONL)")
         if os.path.isfile(p):
             if shards and not _is_shard(p):
                 raise ValueError(f"inputs: {p!r} is a file and also the base of shards "
@@ -963,11 +986,19 @@ def merge_pairs(inputs, out, *, skip_invalid=False, strict_conflicts=False):
             files.extend(shards)
     if os.path.abspath(out) in {os.path.abspath(f) for f in files}:
         raise ValueError("out: must differ from the inputs")
+    for f in files:
+        input_file(f, "inputs", what="pair file (JSONL)", text=True)
+    output_file(out, "out")
     s = MergeSummary(out=os.fspath(out), inputs=files)
     seen = {}
     records = []
     for f in files:
-        for n, rec in iter_jsonl(f, on_bad=lambda n, r, f=f: s.torn.append((f, n, r))):
+        def on_bad(n, reason, f=f):
+            # a torn last line is what a kill leaves (skipped, reported); a bad line before the
+            # end is damage: it fails like a record that breaks the schema
+            (s.torn if reason.startswith("torn") else s.invalid).append((f, n, reason))
+
+        for n, rec in iter_jsonl(f, on_bad=on_bad):
             try:
                 validate_pair(rec)
             except SchemaError as exc:
@@ -985,7 +1016,7 @@ def merge_pairs(inputs, out, *, skip_invalid=False, strict_conflicts=False):
             seen[rec["id"]] = rec
             records.append(rec)
     if s.invalid and not skip_invalid:
-        raise ValueError(f"{len(s.invalid)} record(s) fail the pair schema, nothing written; first: "
+        raise UserError(f"{len(s.invalid)} record(s) are not JSON or fail the pair schema, nothing written; first: "
                          + "; ".join(f"{f}:{n}: {r}" for f, n, r in s.invalid[:3])
                          + " (use skip_invalid / --skip-invalid to drop them)")
     s.written = atomic_write_jsonl(out, records)

@@ -1,6 +1,6 @@
 """``bpo-fast demo``: BPO end to end on the built-in shapes world (see :mod:`bpo_fast.demo.pipeline`)."""
 
-import sys
+from bpo_fast.errors import UserError, int_at_least, output_dir
 
 
 def add_arguments(parser):
@@ -14,7 +14,8 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
                         help="a small run (under 2 minutes on 2 CPU cores): checks the pipeline, "
                              "its numbers are not meaningful")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help="torch CPU threads (default: torch's choice)")
 
 
 def _seeds(args):
@@ -23,9 +24,9 @@ def _seeds(args):
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
-        raise SystemExit(f"bpo-fast demo: --seeds: expected comma-separated integers, got {args.seeds!r}")
+        raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise SystemExit(f"bpo-fast demo: --seeds: expected distinct integers, got {args.seeds!r}")
+        raise UserError(f"--seeds: expected distinct integers, got {args.seeds!r}")
     return seeds
 
 
@@ -35,8 +36,8 @@ def run(args):
     from bpo_fast.demo.pipeline import DemoConfig, main_table, run_demo
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bpo-fast demo: --device cuda: no CUDA GPU is available", file=sys.stderr)
-        return 2
+        raise UserError("--device cuda: no CUDA GPU is available")
+    output_dir(args.out, "--out")
     kw = dict(out=args.out, device=args.device, seeds=_seeds(args), threads=args.threads)
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
     report = run_demo(cfg)

@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from bpo_fast.errors import UserError, input_file, output_file
+
 
 def add_arguments(parser):
     parser.add_argument("--captions", required=True, metavar="FILE",
@@ -31,37 +33,33 @@ def add_arguments(parser):
                              "id without a caption is an error)")
 
 
-def _error(msg):
-    print(f"bpo-fast eval-chair: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def run(args):
     from bpo_fast.eval.chair import (InputError, SynonymTable, compute_chair, load_captions,
                                      load_ground_truth)
 
+    input_file(args.captions, "--captions", what="captions JSON/JSONL file", text=True)
+    input_file(args.ground_truth, "--ground-truth", what="ground-truth JSON/JSONL file", text=True)
+    if args.synonyms:
+        input_file(args.synonyms, "--synonyms", what="synonym text/JSON file", text=True)
+    if args.out:
+        output_file(args.out, "--out")
     try:
         captions = load_captions(args.captions)
         truth = load_ground_truth(args.ground_truth)
         table = SynonymTable.from_file(args.synonyms) if args.synonyms else None
     except InputError as exc:
-        return _error(str(exc))
-    except (OSError, ValueError, TypeError) as exc:
-        return _error(f"{type(exc).__name__}: {exc}")
+        raise UserError(str(exc)) from None
 
     missing = [i for i in captions if i not in truth]
     if missing:
-        return _error(f"{len(missing)} caption id(s) of {args.captions} are not in "
-                      f"{args.ground_truth}: {_show(missing)}")
+        raise UserError(f"--captions: {len(missing)} caption id(s) of {args.captions} are not in "
+                        f"{args.ground_truth}: {_show(missing)}")
     extra = [i for i in truth if i not in captions]
     if extra and not args.subset:
-        return _error(f"{len(extra)} id(s) of {args.ground_truth} have no caption in "
-                      f"{args.captions}: {_show(extra)} (use --subset to score only the "
-                      f"captioned images)")
-    try:
-        result = compute_chair(captions, truth, table, ignore_extra_ground_truth=args.subset)
-    except (ValueError, TypeError) as exc:
-        return _error(str(exc))
+        raise UserError(f"--ground-truth: {len(extra)} id(s) of {args.ground_truth} have no "
+                        f"caption in {args.captions}: {_show(extra)} (use --subset to score only "
+                        f"the captioned images)")
+    result = compute_chair(captions, truth, table, ignore_extra_ground_truth=args.subset)
 
     print(format_scores(result))
     if result.unknown_ground_truth:

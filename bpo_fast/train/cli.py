@@ -94,10 +94,6 @@ def run(args):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = train(config_from_args(args))
-    except (ValueError, FileNotFoundError) as exc:
-        from bpo_fast.cli import input_error
-
-        return input_error("train", exc)
     finally:
         import torch.distributed as dist
 

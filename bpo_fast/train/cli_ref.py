@@ -24,6 +24,8 @@ def add_arguments(parser):
     parser.add_argument("--attn-implementation", default=None,
                         help="force an attention implementation (default: flash-attn if usable, else sdpa)")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (else it is refused)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -34,15 +36,11 @@ def run(args):
     from bpo_fast.train.ref_cache import compute_reference_logps
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cache = compute_reference_logps(
-            args.model, args.data, args.image_root, args.out, batch_size=args.batch_size,
-            max_length=args.max_length, dtype=parse_dtype(args.dtype, args.device),
-            device=args.device, temperature=args.temperature, strict=args.strict,
-            attn_implementation=args.attn_implementation, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        from bpo_fast.cli import input_error
-
-        return input_error("ref-logps", exc)
+    cache = compute_reference_logps(
+        args.model, args.data, args.image_root, args.out, batch_size=args.batch_size,
+        max_length=args.max_length, dtype=parse_dtype(args.dtype, args.device),
+        device=args.device, temperature=args.temperature, strict=args.strict,
+        attn_implementation=args.attn_implementation, progress=not args.no_progress,
+        overwrite=args.overwrite)
     print(f"wrote reference log-probs of {len(cache)} pairs to {args.out}")
     return 0

@@ -150,6 +150,22 @@ class TrainConfig:
         if self.ref_dtype is not None:
             parse_dtype(self.ref_dtype)
 
+    def check_paths(self):
+        """The inputs exist and are what they should be, the output can be written: before any
+        work starts (raises :class:`bpo_fast.errors.UserError` naming the option)."""
+        from bpo_fast.errors import input_dir, input_file, output_dir
+
+        input_dir(self.model, "model", what="model directory (a save_pretrained folder)")
+        input_file(self.data, "data", what="preference pairs JSONL file", text=True)
+        input_dir(self.image_root, "image_root", what="image directory")
+        if self.ref_model:
+            input_dir(self.ref_model, "ref_model", what="model directory (a save_pretrained folder)")
+        if self.reference == "cached":
+            input_file(self.ref_cache, "ref_cache", what="safetensors file from `bpo-fast ref-logps`")
+        output_dir(self.output, "output")
+        if self.resume not in (None, True, False, "", "latest"):
+            input_dir(self.resume, "resume", what="checkpoint directory")
+
     def to_dict(self):
         return dataclasses.asdict(self)
 

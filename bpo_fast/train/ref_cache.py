@@ -104,7 +104,7 @@ def _read_partial(path):
 
 def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, max_length=None,
                             dtype=None, device=None, temperature=1.0, strict=False,
-                            attn_implementation=None, progress=True):
+                            attn_implementation=None, progress=True, overwrite=False):
     """Reference log-probs of every usable pair of ``data`` under the model at ``model_path``,
     written to ``out`` (safetensors, see the module doc). Returns the :class:`RefLogpsCache`."""
     from transformers import AutoProcessor
@@ -112,8 +112,16 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
     from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
     from bpo_fast.models.preference import PreferenceModel, load_vlm
 
+    from bpo_fast.errors import UserError, input_dir, input_file, output_file
+
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    input_dir(model_path, "model", what="model directory (a save_pretrained folder)")
+    input_file(data, "data", what="preference pairs JSONL file", text=True)
+    input_dir(image_root, "image_root", what="image directory")
+    output_file(out, "out")
+    if os.path.exists(out) and not overwrite:
+        raise UserError(f"out: {out!r} exists; pass overwrite=True (--overwrite) to replace it")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -386,6 +386,7 @@ def train(config):
         config = TrainConfig.from_dict(config)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    config.check_paths()
     stale = _checkpoints(config.output) if config.resume in (None, False, "") else []
     if stale and not config.overwrite:
         raise ValueError(
