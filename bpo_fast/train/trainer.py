@@ -9,8 +9,10 @@ sharded with FSDP2 (``fully_shard``), every rank reads its share of each global 
 Checkpoints (``<output>/checkpoint-<step>/``, written to ``.tmp`` and renamed when complete):
 ``trainable.safetensors`` (the trained weights: LoRA adapters, or the full trainable parameters),
 ``optimizer/`` (DCP), ``scheduler.pt``, ``rng_<rank>.pt`` (torch/CUDA/python/numpy), and
-``trainer_state.json`` (step, epoch, micro-batches consumed in that epoch, config). ``resume``
-restores all of it, so the following losses equal those of an uninterrupted run.
+``trainer_state.json`` (step, epoch, micro-batches consumed in that epoch, config), and
+``manifest.json`` (size and sha256 of every file, written last). ``resume`` checks the manifest,
+skips a damaged checkpoint (naming it) for the newest good one, and restores all of it, so the
+following losses equal those of an uninterrupted run.
 
 The final model goes to ``<output>`` with ``save_pretrained`` (plus the processor): full weights,
 or the LoRA adapter (``PeftModel.from_pretrained(base, output)``); with ``merge_lora`` the merged
@@ -18,6 +20,7 @@ full weights go to ``<output>`` and the adapter to ``<output>/adapter``.
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -41,7 +44,6 @@ logger = logging.getLogger("bpo_fast")
 METRIC_KEYS = ("step", "loss", "dpo_loss", "reward_chosen", "reward_rejected", "reward_margin",
                "reward_accuracy", "logps_chosen", "logps_rejected", "lr", "tokens_per_s",
                "peak_mem_bytes", "epoch")
-_TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,9 +285,87 @@ def save_checkpoint(path, pm, optimizer, scheduler, state, world, rank):
             json.dump(state, f, indent=1)
     _barrier(world)
     if rank == 0:
+        write_manifest(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     _barrier(world)
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path, block=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _checkpoint_files(path):
+    out = []
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), path)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(path):
+    """``manifest.json`` in a checkpoint folder: every file's size and sha256 (each file
+    fsynced first, so the manifest never describes bytes still in the page cache only)."""
+    files = {}
+    for rel in _checkpoint_files(path):
+        full = os.path.join(path, rel)
+        with open(full, "rb") as f:
+            os.fsync(f.fileno())
+        files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+    tmp = os.path.join(path, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": "bpo_fast.checkpoint.v1", "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, MANIFEST))
+
+
+def verify_checkpoint(path):
+    """``None`` when ``path`` is a complete checkpoint matching its manifest, else the reason."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        return f"no {MANIFEST} (incomplete, or written by an older bpo-fast)"
+    try:
+        with open(mpath) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} is unreadable ({exc})"
+    for rel, want in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        size = os.path.getsize(full)
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, the manifest says {want['size']}"
+        if _sha256(full) != want["sha256"]:
+            return f"{rel} does not match its sha256"
+    for need in ("trainer_state.json", "trainable.safetensors", "scheduler.pt"):
+        if need not in files:
+            return f"{need} is not in the manifest"
+    return None
 
 
 def load_checkpoint(path, pm, optimizer, scheduler, world, rank):
@@ -313,6 +393,10 @@ def load_checkpoint(path, pm, optimizer, scheduler, world, rank):
 
 
 def _resolve_resume(config):
+    """The checkpoint to resume from: the one named, or the newest that passes
+    :func:`verify_checkpoint` (a damaged newer one is named and skipped)."""
+    from bpo_fast.errors import UserError
+
     if config.resume in (None, False, ""):
         return None
     if config.resume is True or config.resume == "latest":
@@ -320,9 +404,23 @@ def _resolve_resume(config):
         if not found:
             logger.warning("resume: no checkpoint under %s, starting from scratch", config.output)
             return None
-        return found[-1]
-    if not os.path.isfile(os.path.join(config.resume, "trainer_state.json")):
-        raise FileNotFoundError(f"resume: {config.resume!r} is not a checkpoint directory")
+        bad = []
+        for path in reversed(found):
+            reason = verify_checkpoint(path)
+            if reason is None:
+                if bad:
+                    logger.warning("resume: falling back to %s (the newest good checkpoint)", path)
+                return path
+            logger.warning("resume: skipping damaged checkpoint %s: %s", path, reason)
+            bad.append(f"{os.path.basename(path)} ({reason})")
+        raise UserError(f"resume: no usable checkpoint under {config.output!r}: "
+                        + "; ".join(bad) + " (--overwrite starts over)")
+    if not os.path.isfile(os.path.join(config.resume, "trainer_state.json")) \
+            and not os.path.isfile(os.path.join(config.resume, MANIFEST)):
+        raise UserError(f"resume: {config.resume!r} is not a checkpoint directory")
+    reason = verify_checkpoint(config.resume)
+    if reason is not None:
+        raise UserError(f"resume: checkpoint {config.resume!r} is damaged: {reason}")
     return config.resume
 
 
@@ -401,28 +499,12 @@ def train(config):
     ds = PreferenceDataset(config.data, config.image_root, strict=config.strict)
     cache = None
     if config.reference == "cached":
-        from bpo_fast.train.ref_cache import RefLogpsCache
+        from bpo_fast.train.ref_cache import RefLogpsCache, check_compatible
 
         cache = RefLogpsCache.load(config.ref_cache)
-        cached_len = cache.metadata.get("max_length")
-        if str(cached_len) != str(config.max_length):
-            raise ValueError(f"ref_cache: computed with max_length={cached_len}, training uses "
-                             f"{config.max_length}; the log-probs would not match")
-        cached_t = float(cache.metadata.get("temperature", 1.0))
-        if cached_t != 1.0:
-            raise ValueError(f"ref_cache: computed with temperature={cached_t}, training scores "
-                             "the policy at temperature 1.0; the log-probs would not match")
-        ref_path = os.path.abspath(config.ref_model or config.model)
-        cached_model = cache.metadata.get("model")
-        if cached_model and os.path.abspath(cached_model) != ref_path:
-            # a copy of the same model elsewhere is legitimate: say it, do not refuse
-            logger.warning("ref_cache: computed with the model at %s, the reference here is %s; "
-                           "the log-probs are only right if they are the same weights",
-                           cached_model, ref_path)
-        missing = [i for i in ds.ids if i not in cache]
-        if missing:
-            raise ValueError(f"ref_cache: {len(missing)} pair id(s) of {config.data} are not in "
-                             f"{config.ref_cache} (e.g. {missing[:3]}); rerun `bpo-fast ref-logps`")
+        check_compatible(cache, path=config.ref_cache, max_length=config.max_length,
+                         reference_model=config.ref_model or config.model, ids=ds.ids,
+                         data=config.data)
 
     pm, lora, dtype = build_preference_model(config, device, world)
     pm.train()  # the reference stays in eval mode (PreferenceModel.train)
