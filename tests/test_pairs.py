@@ -398,6 +398,7 @@ def test_sigkill_mid_run_then_resume_matches_full_run(tmp_path):
     assert set(ids_k) == set(ids_f)
     # the rule injector is deterministic per id: the resumed file has the same pairs
     assert {r["id"]: r["rejected"] for r in read_out(killed)} == {r["id"]: r["rejected"] for r in read_out(full)}
+    assert killed.read_bytes() == full.read_bytes()
 
 
 def test_generated_token_count():
@@ -511,3 +512,40 @@ def test_repeated_source_ids_are_renamed_consistently_across_shards(tmp_path, mo
         build_pairs(PairBuilderConfig(out=str(tmp_path / "sh.jsonl"), rank=r, world_size=2, **base))
     m = merge_pairs(str(tmp_path / "sh.jsonl"), str(tmp_path / "m.jsonl"))
     assert m.conflicts == 0 and {r["id"]: r["chosen"] for r in read_out(tmp_path / "m.jsonl")} == one
+
+
+def test_resumed_run_is_byte_identical_and_resume_is_idempotent(tiny, tmp_path):
+    """Each record's noise and sampling derive from (seed, record id, strategy): an interrupted
+    and resumed run writes the bytes of an uninterrupted one, whatever the batch size."""
+    model, proc = tiny
+    data, root = make_data(tmp_path, n=5)
+    kw = dict(noise_steps=(300, None), strategies=("image_weakened", "error_injection"),
+              injector="llm", max_new_tokens=6, min_new_tokens=0)
+    full = tmp_path / "full.jsonl"
+    build_pairs(cfg(data, root, full, **kw), model, proc)
+    want = full.read_bytes()
+    assert want.count(b"\n") >= 10
+    # stopped after one batch, a torn line from the kill, then resumed
+    part = tmp_path / "part.jsonl"
+    s1 = build_pairs(cfg(data, root, part, max_batches=1, **kw), model, proc)
+    assert s1.stopped_early
+    with open(part, "ab") as f:
+        f.write(b'{"id": "r3:t0:image_weakened:300", "rejec')
+    build_pairs(cfg(data, root, part, resume=True, **kw), model, proc)
+    assert part.read_bytes() == want
+    # another batch size (other batch neighbours, other generate calls): the same pairs
+    other = tmp_path / "other.jsonl"
+    build_pairs(cfg(data, root, other, **{**kw, "batch_size": 3, "gen_batch_size": 1}), model, proc)
+    assert other.read_bytes() == want
+    # resuming a finished run changes nothing
+    errs = tmp_path / "part.errors.jsonl"
+    errs_before = errs.read_bytes() if errs.exists() else None
+    s3 = build_pairs(cfg(data, root, part, resume=True, **kw), model, proc)
+    assert s3.total_written == 0 and part.read_bytes() == want
+    assert (errs.read_bytes() if errs.exists() else None) == errs_before
+    # and the seed matters: another seed samples other answers
+    seeded = tmp_path / "seed1.jsonl"
+    build_pairs(cfg(data, root, seeded, seed=1, **kw), model, proc)
+    a = {r["id"]: r["rejected"] for r in read_out(full)}
+    b = {r["id"]: r["rejected"] for r in read_out(seeded)}
+    assert sum(a[k] != b[k] for k in a.keys() & b.keys()) >= len(a) // 2

@@ -309,8 +309,9 @@ _LABEL = re.compile(r"^\s*(rewritten answer( with errors)?|answer|rewrite)\s*:\s
 class LLMInjector:
     """Error injection with the model's language backbone (text only, no image).
 
-    ``generate_fn(texts) -> (list[str], n_generated_tokens)`` runs batched text-only generation
-    (the pair builder passes its own, which shares the model, padding and sampling settings).
+    ``generate_fn(texts, keys) -> (list[str], n_generated_tokens)`` runs batched text-only
+    generation; ``keys`` are the pairs' ids, for per-pair random streams (the pair builder passes
+    its own, which shares the model, padding and sampling settings).
     """
 
     name = "llm"
@@ -329,6 +330,7 @@ class LLMInjector:
         return [self.chat_format(fill_template(self.template, s.question, s.chosen)) for s in samples]
 
     def inject_batch(self, samples):
-        texts, ntok = self.generate_fn(self.prompts(samples))
+        keys = [s.pair_id("error_injection", self.name) for s in samples]
+        texts, ntok = self.generate_fn(self.prompts(samples), keys)
         self.generated_tokens += ntok
         return [_LABEL.sub("", t).strip() for t in texts]

@@ -336,12 +336,12 @@ class _Generator:
             # Llama-style tokenizers may have no pad token; left padding only needs an id.
             self.tok.pad_token = self.tok.eos_token
         self.eos = self.tok.eos_token_id
+        # do_sample=False: when sampling, _RowSampler picks each row's token from the row's own
+        # random stream and hands generate a one-hot score, which greedy decoding then takes
         self.gen_kwargs = {"max_new_tokens": cfg.max_new_tokens, "use_cache": True,
-                           "pad_token_id": self.tok.pad_token_id, "do_sample": cfg.do_sample}
+                           "pad_token_id": self.tok.pad_token_id, "do_sample": False}
         if cfg.min_new_tokens:
             self.gen_kwargs["min_new_tokens"] = cfg.min_new_tokens
-        if cfg.do_sample:
-            self.gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
         self.image_token = None
         self.n_image_tokens = None
 
@@ -376,8 +376,9 @@ class _Generator:
         return text.replace(self.image_token, self.image_token * self.n_image_tokens)
 
     @torch.inference_mode()
-    def generate(self, texts, pixel_values=None, seed=0, max_new_tokens=None):
-        """-> (decoded answers, generated token count)."""
+    def generate(self, texts, pixel_values=None, row_seeds=None, max_new_tokens=None):
+        """-> (decoded answers, generated token count). ``row_seeds``: one seed per text (its
+        sampling stream: a row's answer does not depend on the rows batched with it)."""
         enc = self.tok(list(texts), padding=True, return_tensors="pt", padding_side="left")
         kwargs = dict(self.gen_kwargs)
         if max_new_tokens is not None:
@@ -388,22 +389,28 @@ class _Generator:
                   "attention_mask": enc["attention_mask"].to(self.device)}
         if pixel_values is not None:
             inputs["pixel_values"] = pixel_values.to(self.dtype)
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            # Seeded per batch; fork_rng keeps the caller's global RNG untouched.
-            torch.manual_seed(seed)
-            out = self.model.generate(**inputs, **kwargs)
+        if self.cfg.do_sample:
+            from transformers import LogitsProcessorList
+
+            if row_seeds is None or len(row_seeds) != len(texts):
+                raise ValueError("row_seeds: expected one seed per text when sampling")
+            kwargs["logits_processor"] = LogitsProcessorList([_RowSampler(
+                row_seeds, kwargs["max_new_tokens"], inputs["input_ids"].shape[1],
+                self.cfg.temperature, self.cfg.top_p, self.device)])
+        out = self.model.generate(**inputs, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
         ntok = _count_generated(new, self.eos)
         texts = self.tok.batch_decode(new, skip_special_tokens=True)
         return [t.strip() for t in texts], ntok
 
 
-    def generate_split(self, texts, pixel_values=None, seed=0, max_new_tokens=None, on_split=None):
+    def generate_split(self, texts, pixel_values=None, row_seeds=None, max_new_tokens=None,
+                       on_split=None):
         """:meth:`generate`, halving the rows on CUDA out-of-memory (a batch of unusually long
-        prompts must not kill a day-long run); ``on_split()`` is called for each halving."""
+        prompts must not kill a day-long run); ``on_split()`` is called for each halving. Each
+        row keeps its seed, so a halved batch gives the same answers."""
         try:
-            return self.generate(texts, pixel_values, seed, max_new_tokens)
+            return self.generate(texts, pixel_values, row_seeds, max_new_tokens)
         except torch.cuda.OutOfMemoryError:
             if len(texts) <= 1:
                 raise
@@ -411,14 +418,53 @@ class _Generator:
         if on_split is not None:
             on_split()
         h = len(texts) // 2
-        halves = [(texts[:h], None if pixel_values is None else pixel_values[:h], seed),
-                  (texts[h:], None if pixel_values is None else pixel_values[h:], seed + 1)]
+        rs = row_seeds if row_seeds is not None else [None] * len(texts)
+        halves = [(texts[:h], None if pixel_values is None else pixel_values[:h],
+                   None if row_seeds is None else rs[:h]),
+                  (texts[h:], None if pixel_values is None else pixel_values[h:],
+                   None if row_seeds is None else rs[h:])]
         answers, ntok = [], 0
         for t, pv, sd in halves:
             a, n = self.generate_split(t, pv, sd, max_new_tokens, on_split)
             answers.extend(a)
             ntok += n
         return answers, ntok
+
+
+class _RowSampler:
+    """A ``generate`` logits processor that samples each row from its own random stream.
+
+    Row ``i`` draws its uniforms from ``torch.Generator().manual_seed(row_seeds[i])`` (on the
+    CPU: the same numbers on every device), one per generated position, and picks its token by
+    inverse CDF over the temperature-scaled, top-p-filtered distribution (ties broken by a stable
+    sort). The scores it returns are -inf except at the picked token, so ``generate`` run greedy
+    (after its own processors, e.g. ``min_new_tokens``) emits exactly these tokens. A row's answer
+    therefore depends on its seed and its prompt only, not on the batch it was generated in.
+    """
+
+    def __init__(self, row_seeds, max_new_tokens, prompt_len, temperature, top_p, device):
+        u = []
+        for sd in row_seeds:
+            g = torch.Generator().manual_seed(int(sd))
+            u.append(torch.rand(max_new_tokens, generator=g, dtype=torch.float64))
+        self.u = torch.stack(u).to(device)
+        self.prompt_len = prompt_len
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+
+    def __call__(self, input_ids, scores):
+        t = min(input_ids.shape[1] - self.prompt_len, self.u.shape[1] - 1)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        sp, idx = probs.sort(dim=-1, descending=True, stable=True)
+        if self.top_p < 1.0:
+            # the smallest prefix whose mass reaches top_p (the first token always stays)
+            sp = sp * ((sp.cumsum(-1) - sp) < self.top_p)
+        cdf = sp.double().cumsum(-1)
+        target = (self.u[:, t] * cdf[:, -1]).unsqueeze(1)
+        j = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[1] - 1)
+        tok = idx.gather(1, j)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tok, 0.0)
 
 
 def _count_generated(new, eos):
@@ -520,17 +566,22 @@ class _Run:
             if os.path.exists(self.errors_path):
                 for _, e in iter_jsonl(self.errors_path):
                     self.logged_errors.add(self._error_key(e))
+                    if e.get("stage") == "dropped" and isinstance(e.get("pair_id"), str):
+                        self.done.add(e["pair_id"])  # decided: an uninterrupted run drops it too
         self.writer = JsonlWriter(self.out, fsync=cfg.fsync)
         self.err_writer = None  # opened at the first error: a clean run leaves no errors file
+        self._drops = []
 
     @staticmethod
     def _error_key(e):
-        return (e.get("stage"), e.get("line"), e.get("source_id"), e.get("reason"))
+        return (e.get("stage"), e.get("line"), e.get("source_id"), e.get("reason"),
+                e.get("pair_id"))
 
     def _log_errors(self, errs):
         fresh = []
         for e in errs:
-            self.summary.errors[e["stage"]] = self.summary.errors.get(e["stage"], 0) + 1
+            if e["stage"] != "dropped":  # drops are counted in summary.dropped
+                self.summary.errors[e["stage"]] = self.summary.errors.get(e["stage"], 0) + 1
             key = self._error_key(e)
             if key not in self.logged_errors:  # a resumed run does not log the same error twice
                 self.logged_errors.add(key)
@@ -553,15 +604,21 @@ class _Run:
             good.append(r)
             self.summary.written[r["strategy"]] = self.summary.written.get(r["strategy"], 0) + 1
         self.writer.write_batch(good)
-        self._log_errors(errs)
+        # after the pairs: a kill in between only makes a resumed run decide those drops again
+        self._log_errors(errs + self._drops)
+        self._drops = []
         self.summary.timings["write_s"] += time.perf_counter() - t
         self.batches_written += 1
 
     def _count_oom(self):
         self.summary.oom_splits += 1
 
-    def _drop(self, reason):
+    def _drop(self, reason, smp, pid):
+        """A rejected answer that is empty or equals the chosen one: counted, and logged to the
+        errors file (stage "dropped") so that a resumed run does not generate it again."""
         self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + 1
+        self._drops.append({"stage": "dropped", "line": smp.line, "source_id": smp.source_id,
+                            "pair_id": pid, "reason": f"rejected answer is {reason}"})
 
     def _stop(self):
         mb = self.cfg.max_batches
@@ -681,13 +738,16 @@ class _Run:
             good_keys = [batch["keys"][i] for i in batch["good"]]
             if not good_keys:
                 continue
-            # keyed by the batch's first pair id (unique): independent of rank and world size
-            bseed = _derive_seed(cfg.seed, units[good_keys[0]]["rows"][0][2])
             t0 = time.perf_counter()
             u8 = batch["pixels"].to(self.device, non_blocking=True)  # [n, H, W, C] uint8
-            pix = pixels_for_levels(u8, self.levels, self.geometry, out_dtype=self.dtype,
-                                    schedule=cfg.noise_schedule, num_noise_steps=cfg.num_noise_steps,
-                                    seed=bseed, layout="NHWC")
+            # each image's noise from its own seed (seed, record id, strategy): the same in
+            # whatever batch, rank or resumed run the record lands
+            pix = torch.cat([
+                pixels_for_levels(u8[b:b + 1], self.levels, self.geometry, out_dtype=self.dtype,
+                                  schedule=cfg.noise_schedule, num_noise_steps=cfg.num_noise_steps,
+                                  seed=_derive_seed(cfg.seed, units[key]["source_id"],
+                                                    "image_weakened"), layout="NHWC")
+                for b, key in enumerate(good_keys)])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t["noise_s"] += time.perf_counter() - t0
@@ -707,15 +767,16 @@ class _Run:
                     texts.append(prompts[key])
                 idx = torch.tensor([r[3] for r in chunk], device=self.device)
                 t0 = time.perf_counter()
-                answers, ntok = self.gen.generate_split(texts, flat.index_select(0, idx),
-                                                        seed=_derive_seed(bseed, c),
-                                                        on_split=self._count_oom)
+                answers, ntok = self.gen.generate_split(
+                    texts, flat.index_select(0, idx),
+                    row_seeds=[_derive_seed(cfg.seed, r[2]) for r in chunk],
+                    on_split=self._count_oom)
                 t["generate_s"] += time.perf_counter() - t0
                 self.summary.generated_tokens += ntok
                 for (smp, k, pid, _), ans in zip(chunk, answers):
                     reason = _rejection_reason(smp.chosen, ans)
                     if reason:
-                        self._drop(reason)
+                        self._drop(reason, smp, pid)
                         continue
                     records.append(self._record(smp, pid, ans, "image_weakened", self.levels[k],
                                                 None, settings))
@@ -726,13 +787,15 @@ class _Run:
         del it, loader
 
     # -- error injection ---------------------------------------------------------------------
-    def _llm_generate(self, texts):
+    def _llm_generate(self, texts, keys):
+        """The LLM injector's generation: row ``i`` sampled from the seed of pair ``keys[i]``."""
         t0 = time.perf_counter()
         out = []
         ntok = 0
         bs = self.cfg.gen_batch_size or self.cfg.batch_size
+        seeds = [_derive_seed(self.cfg.seed, k) for k in keys]
         for c in range(0, len(texts), bs):
-            a, n = self.gen.generate_split(texts[c:c + bs], None, seed=_derive_seed(self._ei_seed, c),
+            a, n = self.gen.generate_split(texts[c:c + bs], None, row_seeds=seeds[c:c + bs],
                                            max_new_tokens=self.cfg.inject_max_new_tokens,
                                            on_split=self._count_oom)
             out.extend(a)
@@ -762,7 +825,6 @@ class _Run:
             settings = {"max_edits": cfg.max_edits}
         for c in range(0, len(todo), cfg.batch_size):
             chunk = todo[c:c + cfg.batch_size]
-            self._ei_seed = _derive_seed(cfg.seed, chunk[0][1])
             t0 = time.perf_counter()
             rejected = self.injector.inject_batch([smp for smp, _ in chunk])
             self.summary.timings["inject_s"] += time.perf_counter() - t0
@@ -770,7 +832,7 @@ class _Run:
             for (smp, pid), rej in zip(chunk, rejected):
                 reason = _rejection_reason(smp.chosen, rej)
                 if reason:
-                    self._drop(reason)
+                    self._drop(reason, smp, pid)
                     continue
                 records.append(self._record(smp, pid, rej, "error_injection", None, cfg.injector, settings))
             self._write(records)
