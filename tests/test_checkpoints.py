@@ -101,3 +101,50 @@ def test_checkpoint_is_written_with_a_manifest(full_run):
                 "rng_0.pt"} <= set(m["files"])
         assert any(k.startswith("optimizer" + os.sep) for k in m["files"])
     assert not any(n.endswith(".tmp") for n in os.listdir(full_run))
+
+
+@pytest.fixture
+def nan_at_call(monkeypatch):
+    """Make the loss of the n-th forward call NaN (what a diverging step looks like)."""
+    from bpo_fast.models.preference import PreferenceModel
+
+    orig = PreferenceModel.forward
+    state = {"calls": 0, "at": None}
+
+    def forward(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        state["calls"] += 1
+        if state["calls"] == state["at"]:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(PreferenceModel, "forward", forward)
+    return state
+
+
+def test_nonfinite_loss_stops_naming_the_records(tiny_llava_dir, data, tmp_path, nan_at_call,
+                                                 capsys):
+    nan_at_call["at"] = 3     # step 2's first micro-batch (grad_accum 2)
+    path, root = data
+    rc = main(["train", "--model", tiny_llava_dir, "--data", path, "--image-root", root,
+               "--output", str(tmp_path / "o"), "--batch-size", "2", "--grad-accum", "2",
+               "--max-steps", "3", "--max-length", "64", "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "step 2: non-finite loss" in err and "pair-" in err, err
+    assert "--on-nonfinite skip" in err
+
+
+def test_nonfinite_step_is_skipped_and_grad_norm_logged(tiny_llava_dir, data, tmp_path,
+                                                        nan_at_call, caplog):
+    import math
+
+    nan_at_call["at"] = 2
+    with caplog.at_level("WARNING", logger="bpo_fast"):
+        res = train(_cfg(tiny_llava_dir, data, tmp_path / "o", max_steps=3, save_every=0,
+                         on_nonfinite="skip"))
+    assert res["skipped_steps"] == 1 and res["steps"] == 3
+    assert "step 2: non-finite loss" in caplog.text and "pair-" in caplog.text
+    rows = _metrics(str(tmp_path / "o"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+               for r in rows)

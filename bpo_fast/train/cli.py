@@ -58,6 +58,7 @@ def add_arguments(parser):
     g.add_argument("--batch-size", type=int, default=4, help="pairs per process and micro-step")
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop")
 
     g = parser.add_argument_group("runtime")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
@@ -101,7 +102,9 @@ def run(args):
             dist.destroy_process_group()
     print(f"trained {result['steps']} steps; model in {result['output']}, metrics in "
           f"{result['metrics_path']}" + (f", skipped {result['skipped']} bad record(s)"
-                                         if result["skipped"] else ""))
+                                         if result["skipped"] else "")
+          + (f", skipped {result['skipped_steps']} non-finite step(s)"
+             if result.get("skipped_steps") else ""))
     return 0
 
 

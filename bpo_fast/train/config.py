@@ -71,6 +71,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     max_grad_norm: float = 1.0      # <= 0 disables clipping
+    on_nonfinite: str = "stop"      # a non-finite loss or gradient: "stop" the run or "skip" the step
 
     # runtime
     dtype: str = "auto"             # auto: bf16 on CUDA (fp32 master weights + autocast), fp32 on CPU
@@ -140,6 +141,8 @@ class TrainConfig:
                              f"{self.keep_checkpoints!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers: expected an int >= 0, got {self.num_workers!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
         from bpo_fast.ops.dpo import LOSS_TYPES

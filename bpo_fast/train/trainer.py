@@ -36,14 +36,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bpo_fast.errors import UserError
 from bpo_fast.train.config import TrainConfig, parse_dtype
 
 logger = logging.getLogger("bpo_fast")
 
 # loss: the optimised objective; dpo_loss: its DPO part (they differ by the RPO term)
 METRIC_KEYS = ("step", "loss", "dpo_loss", "reward_chosen", "reward_rejected", "reward_margin",
-               "reward_accuracy", "logps_chosen", "logps_rejected", "lr", "tokens_per_s",
-               "peak_mem_bytes", "epoch")
+               "reward_accuracy", "logps_chosen", "logps_rejected", "grad_norm", "lr",
+               "tokens_per_s", "peak_mem_bytes", "epoch")
+
+
+class NonFiniteError(UserError):
+    """A training step met a non-finite loss or gradient (``on_nonfinite="stop"``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,6 +561,10 @@ def train(config):
     use_micro = steps_per_epoch * config.grad_accum
     loader_gen = torch.Generator().manual_seed(config.seed)  # keeps DataLoader off the global RNG
     acc = _Accumulator(device)
+    step_ids, skipped_steps = [], 0
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    max_norm = config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 \
+        else float("inf")   # inf: the norm is measured (and logged), nothing is clipped
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -583,12 +592,34 @@ def train(config):
                 out = pm(**inputs)
             (out.loss / config.grad_accum).backward()
             acc.add(out, inputs["attention_mask"])
+            step_ids.extend(batch["ids"])
             if not last_micro:
                 continue
-            if config.max_grad_norm and config.max_grad_norm > 0:
-                gn = torch.nn.utils.clip_grad_norm_(
-                    [p for p in pm.parameters() if p.requires_grad], config.max_grad_norm)
-                del gn
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            # one host sync per step (the metrics below need one anyway); every rank agrees
+            local = torch.stack([acc.nonfinite, (~torch.isfinite(grad_norm)).to(acc.nonfinite)])
+            bad = _all_reduce(local.clone(), "sum", world)
+            if bool(bad.any()):
+                what = " and ".join(n for n, b in zip(("loss", "gradient"), bad.tolist()) if b)
+                shown = f"{step_ids[:16]}" + (f" (+{len(step_ids) - 16} more)"
+                                              if len(step_ids) > 16 else "")
+                where = (f"the batch of record id(s) {shown}" if world == 1 or local[0] or not bad[0]
+                         else "another rank's batch")
+                msg = f"step {step + 1}: non-finite {what} in {where}" + \
+                    (f" (rank {rank})" if world > 1 else "")
+                if config.on_nonfinite == "stop":
+                    raise NonFiniteError(msg + "; stopped (--on-nonfinite skip skips such steps; "
+                                         "a lower --learning-rate or --max-grad-norm may help)")
+                logger.warning("%s; step skipped (on_nonfinite=skip)", msg)
+                optimizer.zero_grad(set_to_none=True)
+                acc.reset()
+                step_ids = []
+                skipped_steps += 1
+                t0 = time.perf_counter()
+                continue
+            step_ids = []
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -601,7 +632,7 @@ def train(config):
                    "reward_chosen": m["reward_chosen"],
                    "reward_rejected": m["reward_rejected"], "reward_margin": m["reward_margin"],
                    "reward_accuracy": m["reward_accuracy"], "logps_chosen": m["logps_chosen"],
-                   "logps_rejected": m["logps_rejected"], "lr": lr,
+                   "logps_rejected": m["logps_rejected"], "grad_norm": float(grad_norm), "lr": lr,
                    "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
                    "peak_mem_bytes": _peak_mem(device),
                    "epoch": epoch + micro_in_epoch / use_micro}
@@ -629,7 +660,8 @@ def train(config):
         bar.close()
     save_final(pm, config, lora, dtype, world, rank)
     return {"output": config.output, "steps": step, "metrics_path": metrics_path,
-            "history": history, "final_checkpoint": last_ckpt, "skipped": len(ds.skipped)}
+            "history": history, "final_checkpoint": last_ckpt, "skipped": len(ds.skipped),
+            "skipped_steps": skipped_steps}
 
 
 def _truncate_metrics(path, step):
@@ -662,6 +694,7 @@ class _Accumulator:
 
     def reset(self):
         self.sums = torch.zeros(len(self._KEYS), dtype=torch.float64, device=self.device)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
         self.n = 0
         self.tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
@@ -674,6 +707,7 @@ class _Accumulator:
                             torch.as_tensor(d.reward_accuracy).detach().float().mean(),
                             out.policy_chosen_logps.detach().float().mean(),
                             out.policy_rejected_logps.detach().float().mean()])
+        self.nonfinite += (~torch.isfinite(vals[0])).to(self.nonfinite)
         self.sums += vals.to(self.sums)
         self.tokens += attention_mask.sum()
         self.n += 1
