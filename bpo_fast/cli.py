@@ -65,9 +65,10 @@ def build_parser(only=None):
         prog="bpo-fast", usage="bpo-fast [-h] COMMAND [options]", description=f"{desc}\n\ncommands:\n{listing}",
         epilog="bpo-fast COMMAND --help shows the options of a command.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS,
+                                prog="bpo-fast")
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, usage="%(prog)s [options]")
         if only is not None and name != only:
             continue
         try:
