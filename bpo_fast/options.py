@@ -29,7 +29,7 @@ _UNSET = object()  # argparse default: "not given on the command line"
 
 def option(default=dataclasses.MISSING, *, help, cli=None, choices=None, type=None,
            metavar=None, group=None, positional=False, nargs=None, const=None, aliases=(),
-           negate=False, default_text=None):
+           negate=False, required=False, default_text=None):
     """A dataclass field that is also a command-line option.
 
     ``cli``: the flag without dashes (default: the field name with ``-`` for ``_``); a bool
@@ -37,11 +37,14 @@ def option(default=dataclasses.MISSING, *, help, cli=None, choices=None, type=No
     ``cli="no-progress"``). ``choices``: a tuple or a callable returning one (read lazily, e.g.
     from a registry). ``type``: the parser of one value (default: from the field's default).
     ``negate``: a bool defaulting to True whose flag turns it off (``--greedy`` for do_sample).
-    ``default_text``: how ``--help`` shows the default when it is computed (e.g. "2 * r").
+    ``required``: the command line (or ``--config``) must give it, though the Python API has a
+    default (``None``, checked later). ``default_text``: how ``--help`` shows the default when
+    it is computed (e.g. "2 * r").
     """
     meta = {"help": help, "cli": cli, "choices": choices, "type": type, "metavar": metavar,
             "group": group, "positional": positional, "nargs": nargs, "const": const,
-            "aliases": tuple(aliases), "negate": negate, "default_text": default_text}
+            "aliases": tuple(aliases), "negate": negate, "required": required,
+            "default_text": default_text}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -57,6 +60,10 @@ def _flag(f):
 def _choices(f):
     c = f.metadata.get("choices")
     return tuple(c()) if callable(c) else c
+
+
+def _required(f):
+    return f.default is dataclasses.MISSING or bool(f.metadata.get("required"))
 
 
 def _is_negated(f):
@@ -99,7 +106,7 @@ def add_arguments(parser, cls, *, config=True):
         target = parser if g is None else groups.setdefault(g, parser.add_argument_group(g))
         help_ = m["help"]
         dt = _default_text(f)
-        if f.default is dataclasses.MISSING and not m.get("positional"):
+        if _required(f) and not m.get("positional"):
             help_ += " (required)"
         elif dt is not None:
             help_ += f" (default: {dt})"
@@ -131,8 +138,8 @@ def add_arguments(parser, cls, *, config=True):
         target.add_argument(*names, **kw)
     if config:
         parser.add_argument("--config", metavar="FILE", default=None,
-                            help="read options from a JSON or YAML file (keys: the option names "
-                                 "above, with - or _); options on the command line win")
+                            help="read options from a JSON or YAML file (keys: the long option "
+                                 "names, with - or _); options on the command line win")
 
 
 def load_config_file(path, cls):
@@ -200,14 +207,17 @@ def from_args(cls, args, **extra):
         if v is not _UNSET:
             values[f.name] = v
     values.update(extra)
-    missing = [_flag(f) if not f.metadata.get("positional") else f.name.upper()
-               for f in dataclasses.fields(cls)
-               if f.name not in values and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [_flag(f) if not f.metadata.get("positional")
+               else (f.metadata.get("metavar") or f.name).upper()
+               for f in cli_fields(cls) if f.name not in values and _required(f)]
     if missing:
         raise UserError(f"the following arguments are required: {', '.join(missing)} (on the "
                         "command line or in --config)")
     return cls(**values)
+
+
+def _md(text):
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def markdown_table(cls):
@@ -218,15 +228,17 @@ def markdown_table(cls):
         if m.get("positional"):
             name = f"`{(m.get('metavar') or f.name).upper()}`"
         else:
-            name = f"`{_flag(f)}`"
+            name = ", ".join(f"`{n}`" for n in [_flag(f)] + ["--" + x for x in m.get("aliases", ())])
         if _choices(f) is not None:
             name += " {" + ", ".join(str(c) for c in _choices(f)) + "}"
         dt = _default_text(f)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if _required(f):
             dt = "required"
         elif isinstance(f.default, bool):
             dt = "off"             # a flag: not given unless asked for
-        help_ = m["help"].replace("|", "\\|")
+        help_ = _md(m["help"])
+        if dt not in (None, "required", "off"):
+            dt = f"`{dt}`"
         rows.append(f"| {name} | {dt if dt is not None else ''} | {help_} |")
     return "\n".join(rows)
 

@@ -13,29 +13,39 @@ works too) or a JSON object ``{id: caption}``. Ground truth: JSONL / JSON array 
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 from bpo_fast.errors import UserError, input_file, output_file
+from bpo_fast.options import add_arguments as add_options
+from bpo_fast.options import from_args, option
+
+
+@dataclass
+class ChairOptions:
+    """The options of ``bpo-fast eval-chair``."""
+
+    captions: str = option(None, help="captions: JSONL/JSON of {id, caption} (or {question_id, "
+                                      "text})", metavar="FILE", required=True)
+    ground_truth: str = option(None, help="ground-truth objects: JSONL/JSON of {id, objects: "
+                                          "[names]}", metavar="FILE", required=True)
+    synonyms: str = option(None, help="synonym table, one object a line: 'canonical, syn1, syn2, "
+                                      "...' (or JSON {canonical: [syns]})", metavar="FILE",
+                           default_text="the ground-truth names")
+    out: str = option(None, help="write scores and per-caption details (mentions, hallucinated "
+                                 "and missing objects) to this JSON file", metavar="FILE")
+    subset: bool = option(False, help="score only the images that have a caption (otherwise a "
+                                      "ground-truth id without a caption is an error)")
 
 
 def add_arguments(parser):
-    parser.add_argument("--captions", required=True, metavar="FILE",
-                        help="captions: JSONL/JSON of {id, caption} (or {question_id, text})")
-    parser.add_argument("--ground-truth", required=True, metavar="FILE",
-                        help="ground-truth objects: JSONL/JSON of {id, objects: [names]}")
-    parser.add_argument("--synonyms", metavar="FILE", default=None,
-                        help="synonym table, one object a line: 'canonical, syn1, syn2, ...' "
-                             "(or JSON {canonical: [syns]}); default: the ground-truth names")
-    parser.add_argument("--out", metavar="FILE", default=None,
-                        help="write scores and per-caption details (mentions, hallucinated and "
-                             "missing objects) to this JSON file")
-    parser.add_argument("--subset", action="store_true",
-                        help="score only the images that have a caption (otherwise a ground-truth "
-                             "id without a caption is an error)")
+    add_options(parser, ChairOptions)
 
 
 def run(args):
     from bpo_fast.eval.chair import (InputError, SynonymTable, compute_chair, load_captions,
                                      load_ground_truth)
+
+    args = from_args(ChairOptions, args)
 
     input_file(args.captions, "--captions", what="captions JSON/JSONL file", text=True)
     input_file(args.ground_truth, "--ground-truth", what="ground-truth JSON/JSONL file", text=True)

@@ -7,7 +7,7 @@ import torch
 
 from bpo_fast.options import DTYPE_CHOICES, canonical_dtype, option, parse_device
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from bpo_fast.runtime import DTYPES, parse_dtype  # noqa: F401  (re-exported)
 
 _DATA, _REF, _LOSS = "data and model", "reference", "loss"
 _WHAT, _OPT, _RUN = "what trains", "optimisation", "runtime"
@@ -29,23 +29,6 @@ def _bool_or_auto(v):
 
         raise argparse.ArgumentTypeError(f"expected auto, on or off, got {v!r}")
     return table[key]
-
-
-def parse_dtype(name, device=None):
-    """``"auto"`` -> bf16 on CUDA, fp32 elsewhere; ``"fp32"/"bf16"/"fp16"`` -> the torch dtype."""
-    if name in (None, "auto"):
-        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        key = canonical_dtype(name)
-    except Exception:
-        raise ValueError(f"dtype: expected 'auto' or one of {list(DTYPES)} (or float32, "
-                         f"bfloat16, float16), got {name!r}") from None
-    if key == "auto":
-        return parse_dtype("auto", device)
-    return DTYPES[key]
 
 
 @dataclass

@@ -136,9 +136,10 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
     output_file(out, "out")
     if os.path.exists(out) and not overwrite:
         raise UserError(f"out: {out!r} exists; pass overwrite=True (--overwrite) to replace it")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from bpo_fast.runtime import parse_dtype, resolve_device
+
+    device = resolve_device(device)
+    dtype = parse_dtype(dtype, device)
     ds = PreferenceDataset(data, image_root, strict=strict)
     partial = out + ".partial.jsonl"
     done = _read_partial(partial)

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from bpo_fast.errors import UserError
-from bpo_fast.train.config import TrainConfig, parse_dtype
+from bpo_fast.runtime import init_distributed, parse_dtype
+from bpo_fast.train.config import TrainConfig
 
 logger = logging.getLogger("bpo_fast")
 
@@ -88,27 +89,6 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
 # --------------------------------------------------------------------------------------------
 # distributed helpers
 # --------------------------------------------------------------------------------------------
-
-def _dist_setup(config):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        world, rank = dist.get_world_size(), dist.get_rank()
-    else:
-        world, rank = 1, 0
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if config.device:
-        device = torch.device(config.device)
-        if device.type == "cuda" and device.index is None and world > 1:
-            device = torch.device("cuda", local)
-    else:
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return world, rank, device
-
 
 def _all_reduce(t, op="mean", world=1):
     if world > 1:
@@ -496,7 +476,7 @@ def train(config):
             f"output: {config.output!r} holds checkpoints of an earlier run "
             f"({os.path.basename(stale[-1])}); pass resume (--resume) to continue it or "
             f"overwrite (--overwrite) to start over")
-    world, rank, device = _dist_setup(config)
+    world, rank, device = init_distributed(config.device)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)  # same on every rank: LoRA init must agree across ranks
