@@ -81,3 +81,40 @@ def init_distributed(device=None):
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return world, rank, dev
+
+
+def quiet_libraries():
+    """Keep the libraries' own progress bars and info chatter (transformers' weight loading and
+    saving, huggingface_hub) out of our output: a command shows one progress display, its own."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_warning()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class console:
+    """``with console():`` around a long command: INFO logging of ``bpo_fast`` to stderr, written
+    through tqdm so that log lines never tear the progress bar, and the libraries kept quiet."""
+
+    def __enter__(self):
+        import logging
+
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        quiet_libraries()
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._redirect.__exit__(*exc)

@@ -235,9 +235,11 @@ def test_bad_images_and_malformed_records_go_to_errors_file(tiny, tmp_path):
     data, root = make_data(tmp_path, n=3, bad_image=True, malformed=True)
     out = tmp_path / "p.jsonl"
     s = build_pairs(cfg(data, root, out, noise_steps=(500,)), model, proc)
-    errs = [e for _, e in iter_jsonl(tmp_path / "p.errors.jsonl")]
+    logged = [e for _, e in iter_jsonl(tmp_path / "p.errors.jsonl")]
+    errs = [e for e in logged if e["stage"] != "dropped"]   # drops are logged, counted apart
     by_stage = Counter(e["stage"] for e in errs)
     assert by_stage == {"image": 2, "record": 2} and s.errors == dict(by_stage)
+    assert f"{data}:2: invalid JSON" in s.format()          # the first bad line, with file:line
     lines = open(data).read().splitlines()
     for e in errs:
         assert e["reason"] and e["line"] >= 1
@@ -254,7 +256,7 @@ def test_bad_images_and_malformed_records_go_to_errors_file(tiny, tmp_path):
     assert not any(r["source_id"] in ("badimg", "noimg") for r in recs)
     # a resumed run does not log the same errors again
     build_pairs(cfg(data, root, out, noise_steps=(500,), resume=True), model, proc)
-    assert len(list(iter_jsonl(tmp_path / "p.errors.jsonl"))) == len(errs)
+    assert len(list(iter_jsonl(tmp_path / "p.errors.jsonl"))) == len(logged)
 
 
 def test_all_turns_json_array_and_text_only(tiny, tmp_path):

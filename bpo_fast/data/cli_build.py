@@ -56,7 +56,10 @@ def run(args):
     cfg = config_from_args(args)
     if cfg.summary_json:
         output_file(cfg.summary_json, "--summary-json")
-    summary = build_pairs(cfg)
+    from bpo_fast.runtime import console
+
+    with console():
+        summary = build_pairs(cfg)
     print(summary.format(), file=sys.stderr)
     if cfg.summary_json:
         tmp = cfg.summary_json + ".tmp"

@@ -183,6 +183,7 @@ class BuildSummary:
     stopped_early: bool = False
     oom_splits: int = 0                                  # generate batches halved on CUDA OOM
     renamed_duplicate_ids: int = 0                       # repeated source ids, made "<id>#<n>"
+    first_bad_record: str = None                         # "<data>:<line>: <reason>" of the first
 
     @property
     def total_written(self):
@@ -214,6 +215,9 @@ class BuildSummary:
             lines.append(f"resume: dropped a torn last line ({self.torn_bytes_dropped} bytes)")
         if self.stopped_early:
             lines.append("stopped early (max_batches)")
+        if self.first_bad_record:
+            lines.append(f"bad records skipped: {self.errors.get('record', 0)}, the first at "
+                         f"{self.first_bad_record} (--strict stops at the first)")
         if self.renamed_duplicate_ids:
             lines.append(f"records with a repeated id, renamed <id>#<n>: {self.renamed_duplicate_ids}")
         if self.oom_splits:
@@ -453,6 +457,8 @@ class _Run:
                             f"{errs[0]['line']}: {errs[0]['reason']}); expected LLaVA-format "
                             "JSON or JSONL")
         s.samples = len(samples)
+        if errs:
+            s.first_bad_record = f"{cfg.data}:{errs[0]['line']}: {errs[0]['reason']}"
         self._log_errors(errs)
         return samples
 

@@ -51,6 +51,9 @@ def run(args):
     output_dir(args.out, "--out")
     kw = dict(out=args.out, device=args.device, seeds=_seeds(args), threads=args.threads)
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
-    report = run_demo(cfg)
+    from bpo_fast.runtime import console
+
+    with console():
+        report = run_demo(cfg)
     main_table(report)
     return 0

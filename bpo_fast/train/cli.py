@@ -26,13 +26,12 @@ def config_from_args(args):
 
 
 def run(args):
-    import logging
-
+    from bpo_fast.runtime import console
     from bpo_fast.train.trainer import train
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = train(config_from_args(args))
+        with console():
+            result = train(config_from_args(args))
     finally:
         import torch.distributed as dist
 

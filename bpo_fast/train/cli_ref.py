@@ -44,16 +44,16 @@ def add_arguments(parser):
 
 
 def run(args):
-    import logging
-
     from bpo_fast.options import from_args
+    from bpo_fast.runtime import console
     from bpo_fast.train.ref_cache import compute_reference_logps
 
     o = from_args(RefLogpsOptions, args)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cache = compute_reference_logps(
-        o.model, o.data, o.image_root, o.out, batch_size=o.batch_size, max_length=o.max_length,
-        dtype=o.dtype, device=o.device, temperature=o.temperature, strict=o.strict,
-        attn_implementation=o.attn_implementation, progress=o.progress, overwrite=o.overwrite)
+    with console():
+        cache = compute_reference_logps(
+            o.model, o.data, o.image_root, o.out, batch_size=o.batch_size,
+            max_length=o.max_length, dtype=o.dtype, device=o.device, temperature=o.temperature,
+            strict=o.strict, attn_implementation=o.attn_implementation, progress=o.progress,
+            overwrite=o.overwrite)
     print(f"wrote reference log-probs of {len(cache)} pairs to {o.out}")
     return 0
