@@ -232,3 +232,14 @@ def test_subprocess_exit_codes(w, tmp_path):
     assert p.returncode == 0 and "preference training" in p.stdout
     assert all(f"  {c}" in p.stdout for c in ("build-pairs", "merge-pairs", "ref-logps", "train",
                                               "eval-chair", "demo", "info"))
+
+
+def test_a_bug_under_main_keeps_its_traceback(w, monkeypatch):
+    import bpo_fast.eval.chair as chair
+
+    def broken(*a, **k):
+        return {}["no such key"]       # a KeyError by the interpreter in our code: a bug
+
+    monkeypatch.setattr(chair, "compute_chair", broken)
+    with pytest.raises(KeyError):
+        main(_chair(w))

@@ -460,7 +460,8 @@ def save_final(pm, config, lora, dtype, world, rank):
 
 def train(config):
     """Run DPO training as configured; returns ``{"output", "steps", "metrics_path", "history",
-    "final_checkpoint", "skipped"}`` (``history``: the metric dicts written to ``metrics.jsonl``)."""
+    "final_checkpoint", "skipped", "skipped_steps"}`` (``history``: the metric dicts written to
+    ``metrics.jsonl``; ``skipped``: bad records; ``skipped_steps``: non-finite steps skipped)."""
     from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
     from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
@@ -476,6 +477,7 @@ def train(config):
             f"output: {config.output!r} holds checkpoints of an earlier run "
             f"({os.path.basename(stale[-1])}); pass resume (--resume) to continue it or "
             f"overwrite (--overwrite) to start over")
+    ckpt = _resolve_resume(config)  # reads and verifies files only: before the slow model load
     world, rank, device = init_distributed(config.device)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -510,25 +512,13 @@ def train(config):
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
 
     step, epoch, micro_in_epoch = 0, 0, 0
-    ckpt = _resolve_resume(config)
     if ckpt is not None:
         st = load_checkpoint(ckpt, pm, optimizer, scheduler, world, rank)
         step, epoch, micro_in_epoch = st["step"], st["epoch"], st["micro_in_epoch"]
         logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt, step, epoch,
                     micro_in_epoch)
 
-    os.makedirs(config.output, exist_ok=True)
-    metrics_path = os.path.join(config.output, "metrics.jsonl")
-    if rank == 0:
-        if ckpt is None:
-            # a fresh run (overwrite): an old checkpoint left here would be what --resume finds
-            for path in stale:
-                shutil.rmtree(path, ignore_errors=True)
-            open(metrics_path, "w").close()
-        else:  # drop lines past the checkpoint (written by the interrupted run after it)
-            _truncate_metrics(metrics_path, step)
-        with open(os.path.join(config.output, "train_config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=1, default=str)
+    metrics_path = _prepare_output(config, ckpt, stale, step, rank)
 
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
@@ -578,21 +568,7 @@ def train(config):
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
-            # one host sync per step (the metrics below need one anyway); every rank agrees
-            local = torch.stack([acc.nonfinite, (~torch.isfinite(grad_norm)).to(acc.nonfinite)])
-            bad = _all_reduce(local.clone(), "sum", world)
-            if bool(bad.any()):
-                what = " and ".join(n for n, b in zip(("loss", "gradient"), bad.tolist()) if b)
-                shown = f"{step_ids[:16]}" + (f" (+{len(step_ids) - 16} more)"
-                                              if len(step_ids) > 16 else "")
-                where = (f"the batch of record id(s) {shown}" if world == 1 or local[0] or not bad[0]
-                         else "another rank's batch")
-                msg = f"step {step + 1}: non-finite {what} in {where}" + \
-                    (f" (rank {rank})" if world > 1 else "")
-                if config.on_nonfinite == "stop":
-                    raise NonFiniteError(msg + "; stopped (--on-nonfinite skip skips such steps; "
-                                         "a lower --learning-rate or --max-grad-norm may help)")
-                logger.warning("%s; step skipped (on_nonfinite=skip)", msg)
+            if _nonfinite(acc, grad_norm, step_ids, step, config.on_nonfinite, world, rank):
                 optimizer.zero_grad(set_to_none=True)
                 acc.reset()
                 step_ids = []
@@ -642,6 +618,44 @@ def train(config):
     return {"output": config.output, "steps": step, "metrics_path": metrics_path,
             "history": history, "final_checkpoint": last_ckpt, "skipped": len(ds.skipped),
             "skipped_steps": skipped_steps}
+
+
+def _prepare_output(config, ckpt, stale, step, rank):
+    """The output folder of a fresh or resumed run; returns the metrics.jsonl path."""
+    os.makedirs(config.output, exist_ok=True)
+    metrics_path = os.path.join(config.output, "metrics.jsonl")
+    if rank == 0:
+        if ckpt is None:
+            # a fresh run (overwrite): an old checkpoint left here would be what --resume finds
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
+            open(metrics_path, "w").close()
+        else:  # drop lines past the checkpoint (written by the interrupted run after it)
+            _truncate_metrics(metrics_path, step)
+        with open(os.path.join(config.output, "train_config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1, default=str)
+    return metrics_path
+
+
+def _nonfinite(acc, grad_norm, step_ids, step, mode, world, rank):
+    """Whether this step met a non-finite loss or gradient (on any rank): ``mode="stop"``
+    raises :class:`NonFiniteError` naming the batch's record ids, ``"skip"`` says so and returns
+    True. One host sync per step (the metrics need one anyway)."""
+    local = torch.stack([acc.nonfinite, (~torch.isfinite(grad_norm)).to(acc.nonfinite)])
+    bad = _all_reduce(local.clone(), "sum", world)
+    if not bool(bad.any()):
+        return False
+    what = " and ".join(n for n, b in zip(("loss", "gradient"), bad.tolist()) if b)
+    shown = f"{step_ids[:16]}" + (f" (+{len(step_ids) - 16} more)" if len(step_ids) > 16 else "")
+    where = (f"the batch of record id(s) {shown}" if world == 1 or local[0] or not bad[0]
+             else "another rank's batch")
+    msg = f"step {step + 1}: non-finite {what} in {where}" + (f" (rank {rank})" if world > 1
+                                                               else "")
+    if mode == "stop":
+        raise NonFiniteError(msg + "; stopped (--on-nonfinite skip skips such steps; a lower "
+                             "--learning-rate or --max-grad-norm may help)")
+    logger.warning("%s; step skipped (on_nonfinite=skip)", msg)
+    return True
 
 
 def _truncate_metrics(path, step):
