@@ -551,3 +551,24 @@ def test_resumed_run_is_byte_identical_and_resume_is_idempotent(tiny, tmp_path):
     a = {r["id"]: r["rejected"] for r in read_out(full)}
     b = {r["id"]: r["rejected"] for r in read_out(seeded)}
     assert sum(a[k] != b[k] for k in a.keys() & b.keys()) >= len(a) // 2
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_row_sampler_draws_from_the_distribution_one_stream_per_row(top_p):
+    from bpo_fast.data.generation import _RowSampler
+
+    scores = torch.tensor([[float("-inf"), 2.0, 1.0, 0.0, -1.0]])
+    probs = torch.softmax(scores, -1)[0]
+    if top_p < 1:   # 0.64 + 0.24 reaches 0.7: the two most likely tokens, renormalised
+        probs = torch.tensor([0.0, probs[1], probs[2], 0.0, 0.0])
+        probs /= probs.sum()
+    n = 4000
+    s = _RowSampler(list(range(n)), 1, 3, 1.0, top_p, "cpu")
+    out = s(torch.zeros(n, 3, dtype=torch.long), scores.expand(n, -1))
+    picked = out.argmax(-1)
+    assert torch.isfinite(out).sum() == n and (out.max(-1).values == 0).all()
+    freq = torch.bincount(picked, minlength=5).float() / n
+    assert freq[0] == 0 and (freq - probs).abs().max() < 0.03, (freq, probs)
+    # a row's draw depends on its seed only, not on its neighbours
+    one = _RowSampler([7], 1, 3, 1.0, top_p, "cpu")(torch.zeros(1, 3, dtype=torch.long), scores)
+    assert one.argmax(-1).item() == picked[7].item()

@@ -244,14 +244,17 @@ class _RowSampler:
     def __call__(self, input_ids, scores):
         t = min(input_ids.shape[1] - self.prompt_len, self.u.shape[1] - 1)
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        sp, idx = probs.sort(dim=-1, descending=True, stable=True)
         if self.top_p < 1.0:
+            sp, idx = probs.sort(dim=-1, descending=True, stable=True)
             # the smallest prefix whose mass reaches top_p (the first token always stays)
             sp = sp * ((sp.cumsum(-1) - sp) < self.top_p)
+        else:
+            sp, idx = probs, None  # no sort needed: the CDF in vocabulary order
         cdf = sp.double().cumsum(-1)
         target = (self.u[:, t] * cdf[:, -1]).unsqueeze(1)
-        j = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[1] - 1)
-        tok = idx.gather(1, j)
+        # the first position whose CDF passes the target: it has mass (u < 1, so one exists)
+        j = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
+        tok = j if idx is None else idx.gather(1, j)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, tok, 0.0)
 
