@@ -1,4 +1,9 @@
-"""The ``bpo-fast`` command.
+"""bpo-fast: fast BPO/DPO preference training for vision-language models.
+
+Build preference pairs the BPO way (image-weakened prompting, error injection), precompute
+reference log-probs, train with DPO (Triton log-prob and loss kernels, FSDP2 over GPUs), and
+score captions with CHAIR. Every command takes --help; bad input ends in one line naming the
+argument or file (exit status 2).
 
 Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only maps names to modules, so ``bpo-fast --help`` does not
@@ -24,28 +29,10 @@ COMMANDS = {
 
 
 def raised_here(exc):
-    """True when ``exc`` was raised by bpo_fast's own code (a check that names the argument),
-    False when it came out of a library (torch, transformers, ...): commands print the first
-    as one line and let the second through with its traceback."""
-    import os
+    """Kept for callers of the old name: see :func:`bpo_fast.errors.raised_here`."""
+    from bpo_fast.errors import raised_here as _raised_here
 
-    tb = exc.__traceback__
-    last = None
-    while tb is not None:
-        last = tb.tb_frame.f_code.co_filename
-        tb = tb.tb_next
-    root = os.path.dirname(os.path.abspath(__file__))
-    return last is not None and os.path.abspath(last).startswith(root + os.sep)
-
-
-def input_error(command, exc):
-    """For a command's ``except (ValueError, FileNotFoundError)``: our own check (its message
-    names the argument) is printed as one line and gives exit status 2; a library's error is
-    raised again with its traceback."""
-    if not raised_here(exc):
-        raise exc
-    print(f"bpo-fast {command}: error: {exc}", file=sys.stderr)
-    return 2
+    return _raised_here(exc)
 
 
 def add_arguments(parser):
@@ -72,10 +59,17 @@ def run(args):
 
 
 def build_parser(only=None):
-    parser = argparse.ArgumentParser(prog="bpo-fast", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    desc = __doc__.split("\n\nEach subcommand")[0]
+    width = max(len(n) for n in COMMANDS) + 2
+    listing = "\n".join(f"  {n:<{width}}{h}" for n, (_, h) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="bpo-fast", usage="bpo-fast [-h] COMMAND [options]", description=f"{desc}\n\ncommands:\n{listing}",
+        epilog="bpo-fast COMMAND --help shows the options of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS,
+                                prog="bpo-fast")
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, usage="%(prog)s [options]")
         if only is not None and name != only:
             continue
         try:
@@ -101,7 +95,9 @@ def main(argv=None):
         print(f"bpo-fast {args.command}: cannot load the command ({args._import_error})",
               file=sys.stderr)
         return 1
-    return int(args._run(args) or 0)
+    from bpo_fast.errors import run_command
+
+    return run_command(args.command, args._run, args)
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def test_cli_on_a_world(tmp_path, capsys):
     ("duplicate", r"caps.jsonl:2: duplicate id '1' \(first at line 1\)"),
     ("empty", r"caps.jsonl: the captions file is empty"),
     ("not_object", r"caps.jsonl:1: expected a JSON object"),
-    ("no_file", r"captions file: no such file"),
+    ("no_file", r"--captions: no such file"),
     ("bad_synonyms", r"syn.txt:1: expected 'canonical, synonym"),
 ])
 def test_cli_bad_inputs(files, capsys, case, expect):

@@ -141,7 +141,8 @@ def test_llm_injector_uses_template_and_strips_labels():
 
     calls = []
 
-    def fake_generate(texts):
+    def fake_generate(texts, keys):
+        assert len(keys) == len(texts) and keys[0].endswith(":error_injection:llm")
         calls.append(texts)
         return ["Rewritten answer: a blue cup.", "  two dogs  "], 7
 

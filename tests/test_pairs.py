@@ -235,9 +235,11 @@ def test_bad_images_and_malformed_records_go_to_errors_file(tiny, tmp_path):
     data, root = make_data(tmp_path, n=3, bad_image=True, malformed=True)
     out = tmp_path / "p.jsonl"
     s = build_pairs(cfg(data, root, out, noise_steps=(500,)), model, proc)
-    errs = [e for _, e in iter_jsonl(tmp_path / "p.errors.jsonl")]
+    logged = [e for _, e in iter_jsonl(tmp_path / "p.errors.jsonl")]
+    errs = [e for e in logged if e["stage"] != "dropped"]   # drops are logged, counted apart
     by_stage = Counter(e["stage"] for e in errs)
     assert by_stage == {"image": 2, "record": 2} and s.errors == dict(by_stage)
+    assert f"{data}:2: invalid JSON" in s.format()          # the first bad line, with file:line
     lines = open(data).read().splitlines()
     for e in errs:
         assert e["reason"] and e["line"] >= 1
@@ -254,7 +256,7 @@ def test_bad_images_and_malformed_records_go_to_errors_file(tiny, tmp_path):
     assert not any(r["source_id"] in ("badimg", "noimg") for r in recs)
     # a resumed run does not log the same errors again
     build_pairs(cfg(data, root, out, noise_steps=(500,), resume=True), model, proc)
-    assert len(list(iter_jsonl(tmp_path / "p.errors.jsonl"))) == len(errs)
+    assert len(list(iter_jsonl(tmp_path / "p.errors.jsonl"))) == len(logged)
 
 
 def test_all_turns_json_array_and_text_only(tiny, tmp_path):
@@ -308,7 +310,7 @@ def test_rules_only_needs_no_model_and_config_errors(tmp_path):
         build_pairs(PairBuilderConfig(data=data, out=str(out), top_p=0))
     with pytest.raises(TypeError, match="config"):
         build_pairs({"data": data})
-    with pytest.raises(FileNotFoundError, match="image_root"):
+    with pytest.raises(ValueError, match="image_root"):
         build_pairs(PairBuilderConfig(data=data, out=str(out), image_root=str(tmp_path / "nope"),
                                       strategies=("error_injection",)))
     with pytest.raises(ValueError, match="limit"):
@@ -360,7 +362,7 @@ def test_cli_end_to_end(tiny_llava_dir, tmp_path, capsys):
     assert main(args + ["--resume"]) == 0
     assert len(read_out(out)) == len(recs)
     assert main(["merge-pairs", "--out", str(tmp_path / "m.jsonl"), str(out)]) == 0
-    assert main(["merge-pairs", "--out", str(tmp_path / "m.jsonl"), str(tmp_path / "nothing.jsonl")]) == 1
+    assert main(["merge-pairs", "--out", str(tmp_path / "m.jsonl"), str(tmp_path / "nothing.jsonl")]) == 2
 
 
 def test_sigkill_mid_run_then_resume_matches_full_run(tmp_path):
@@ -398,6 +400,7 @@ def test_sigkill_mid_run_then_resume_matches_full_run(tmp_path):
     assert set(ids_k) == set(ids_f)
     # the rule injector is deterministic per id: the resumed file has the same pairs
     assert {r["id"]: r["rejected"] for r in read_out(killed)} == {r["id"]: r["rejected"] for r in read_out(full)}
+    assert killed.read_bytes() == full.read_bytes()
 
 
 def test_generated_token_count():
@@ -511,3 +514,61 @@ def test_repeated_source_ids_are_renamed_consistently_across_shards(tmp_path, mo
         build_pairs(PairBuilderConfig(out=str(tmp_path / "sh.jsonl"), rank=r, world_size=2, **base))
     m = merge_pairs(str(tmp_path / "sh.jsonl"), str(tmp_path / "m.jsonl"))
     assert m.conflicts == 0 and {r["id"]: r["chosen"] for r in read_out(tmp_path / "m.jsonl")} == one
+
+
+def test_resumed_run_is_byte_identical_and_resume_is_idempotent(tiny, tmp_path):
+    """Each record's noise and sampling derive from (seed, record id, strategy): an interrupted
+    and resumed run writes the bytes of an uninterrupted one, whatever the batch size."""
+    model, proc = tiny
+    data, root = make_data(tmp_path, n=5)
+    kw = dict(noise_steps=(300, None), strategies=("image_weakened", "error_injection"),
+              injector="llm", max_new_tokens=6, min_new_tokens=0)
+    full = tmp_path / "full.jsonl"
+    build_pairs(cfg(data, root, full, **kw), model, proc)
+    want = full.read_bytes()
+    assert want.count(b"\n") >= 10
+    # stopped after one batch, a torn line from the kill, then resumed
+    part = tmp_path / "part.jsonl"
+    s1 = build_pairs(cfg(data, root, part, max_batches=1, **kw), model, proc)
+    assert s1.stopped_early
+    with open(part, "ab") as f:
+        f.write(b'{"id": "r3:t0:image_weakened:300", "rejec')
+    build_pairs(cfg(data, root, part, resume=True, **kw), model, proc)
+    assert part.read_bytes() == want
+    # another batch size (other batch neighbours, other generate calls): the same pairs
+    other = tmp_path / "other.jsonl"
+    build_pairs(cfg(data, root, other, **{**kw, "batch_size": 3, "gen_batch_size": 1}), model, proc)
+    assert other.read_bytes() == want
+    # resuming a finished run changes nothing
+    errs = tmp_path / "part.errors.jsonl"
+    errs_before = errs.read_bytes() if errs.exists() else None
+    s3 = build_pairs(cfg(data, root, part, resume=True, **kw), model, proc)
+    assert s3.total_written == 0 and part.read_bytes() == want
+    assert (errs.read_bytes() if errs.exists() else None) == errs_before
+    # and the seed matters: another seed samples other answers
+    seeded = tmp_path / "seed1.jsonl"
+    build_pairs(cfg(data, root, seeded, seed=1, **kw), model, proc)
+    a = {r["id"]: r["rejected"] for r in read_out(full)}
+    b = {r["id"]: r["rejected"] for r in read_out(seeded)}
+    assert sum(a[k] != b[k] for k in a.keys() & b.keys()) >= len(a) // 2
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_row_sampler_draws_from_the_distribution_one_stream_per_row(top_p):
+    from bpo_fast.data.generation import _RowSampler
+
+    scores = torch.tensor([[float("-inf"), 2.0, 1.0, 0.0, -1.0]])
+    probs = torch.softmax(scores, -1)[0]
+    if top_p < 1:   # 0.64 + 0.24 reaches 0.7: the two most likely tokens, renormalised
+        probs = torch.tensor([0.0, probs[1], probs[2], 0.0, 0.0])
+        probs /= probs.sum()
+    n = 4000
+    s = _RowSampler(list(range(n)), 1, 3, 1.0, top_p, "cpu")
+    out = s(torch.zeros(n, 3, dtype=torch.long), scores.expand(n, -1))
+    picked = out.argmax(-1)
+    assert torch.isfinite(out).sum() == n and (out.max(-1).values == 0).all()
+    freq = torch.bincount(picked, minlength=5).float() / n
+    assert freq[0] == 0 and (freq - probs).abs().max() < 0.03, (freq, probs)
+    # a row's draw depends on its seed only, not on its neighbours
+    one = _RowSampler([7], 1, 3, 1.0, top_p, "cpu")(torch.zeros(1, 3, dtype=torch.long), scores)
+    assert one.argmax(-1).item() == picked[7].item()

@@ -239,7 +239,8 @@ def test_ref_cache_resumes_from_partial_file(tiny_llava_dir, data, tmp_path):
         f.write(json.dumps({"id": full.ids[0], "chosen": 0.0, "rejected": 0.0, "chosen_tokens": 1,
                             "rejected_tokens": 1, "settings": {**settings, "max_length": 7}}) + "\n")
     with pytest.raises(ValueError, match="other settings"):
-        compute_reference_logps(tiny_llava_dir, path, root, out_file, progress=False, device="cpu")
+        compute_reference_logps(tiny_llava_dir, path, root, out_file, progress=False, device="cpu",
+                                overwrite=True)
 
 
 def test_packed_rows_match_padded(tiny_llava_dir, batch):

@@ -162,7 +162,7 @@ def test_config_validation(tiny_llava_dir, data, tmp_path):
     assert _cfg(tiny_llava_dir, data, tmp_path, lora_r=8).reference == "lora"
     with pytest.raises(ValueError, match="global batch"):
         train(_cfg(tiny_llava_dir, data, tmp_path / "x", batch_size=8, grad_accum=2))
-    with pytest.raises(FileNotFoundError, match="resume"):
+    with pytest.raises(ValueError, match="resume"):
         train(_cfg(tiny_llava_dir, data, tmp_path / "y", resume=str(tmp_path / "none")))
 
 

@@ -101,8 +101,11 @@ def load_lexicon(path_or_dict=None):
         return lex
     extra = path_or_dict
     if isinstance(path_or_dict, (str, os.PathLike)):
-        with open(path_or_dict, encoding="utf-8") as f:
-            extra = json.load(f)
+        try:
+            with open(path_or_dict, encoding="utf-8") as f:
+                extra = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"lexicon: {os.fspath(path_or_dict)!r} is not a JSON file ({exc})") from None
     if not isinstance(extra, dict):
         raise TypeError("lexicon: expected a dict or a JSON file holding an object")
     unknown = set(extra) - set(DEFAULT_LEXICON)
@@ -166,9 +169,6 @@ class RuleInjector:
         self.vocabulary_ok = ok
         # digits are rewritten digit by digit: only when the vocabulary can spell them
         self.digits_ok = all(ok(str(d)) for d in range(10))
-
-    def config(self):
-        return {"injector": self.name, "seed": self.seed, "max_edits": self.max_edits}
 
     # -- candidates -------------------------------------------------------------------------
     def _kind(self, tok):
@@ -309,8 +309,9 @@ _LABEL = re.compile(r"^\s*(rewritten answer( with errors)?|answer|rewrite)\s*:\s
 class LLMInjector:
     """Error injection with the model's language backbone (text only, no image).
 
-    ``generate_fn(texts) -> (list[str], n_generated_tokens)`` runs batched text-only generation
-    (the pair builder passes its own, which shares the model, padding and sampling settings).
+    ``generate_fn(texts, keys) -> (list[str], n_generated_tokens)`` runs batched text-only
+    generation; ``keys`` are the pairs' ids, for per-pair random streams (the pair builder passes
+    its own, which shares the model, padding and sampling settings).
     """
 
     name = "llm"
@@ -325,13 +326,11 @@ class LLMInjector:
             raise ValueError("template: must contain the placeholder {answer}")
         self.generated_tokens = 0
 
-    def config(self):
-        return {"injector": self.name}
-
     def prompts(self, samples):
         return [self.chat_format(fill_template(self.template, s.question, s.chosen)) for s in samples]
 
     def inject_batch(self, samples):
-        texts, ntok = self.generate_fn(self.prompts(samples))
+        keys = [s.pair_id("error_injection", self.name) for s in samples]
+        texts, ntok = self.generate_fn(self.prompts(samples), keys)
         self.generated_tokens += ntok
         return [_LABEL.sub("", t).strip() for t in texts]

@@ -1,20 +1,31 @@
 """``bpo-fast demo``: BPO end to end on the built-in shapes world (see :mod:`bpo_fast.demo.pipeline`)."""
 
-import sys
+from dataclasses import dataclass
+
+from bpo_fast.errors import UserError, int_at_least, output_dir
+from bpo_fast.options import add_arguments as add_options
+from bpo_fast.options import from_args, option, parse_device
+
+
+@dataclass
+class DemoOptions:
+    """The options of ``bpo-fast demo``."""
+
+    out: str = option("demo_out", help="output folder; a finished stage found there with the "
+                                       "same settings is reused", metavar="DIR")
+    device: str = option("cpu", help="where the models run: cpu, cuda or cuda:N",
+                         type=parse_device, metavar="DEVICE")
+    seed: int = option(0, help="seed of the world and every stage")
+    seeds: str = option(None, help="several seeds, comma-separated (e.g. 0,1,2): one run each, "
+                                   "one report", metavar="LIST")
+    quick: bool = option(False, help="a small run (under 2 minutes on 2 CPU cores): checks the "
+                                     "pipeline, its numbers are not meaningful")
+    threads: int = option(None, help="torch CPU threads", type=int_at_least(1), metavar="N",
+                          default_text="torch's choice")
 
 
 def add_arguments(parser):
-    parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out); "
-                        "a finished stage found there with the same settings is reused")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where the models run (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world and every stage")
-    parser.add_argument("--seeds", default=None,
-                        help="several seeds, comma-separated (e.g. 0,1,2): one run each, one report")
-    parser.add_argument("--quick", action="store_true",
-                        help="a small run (under 2 minutes on 2 CPU cores): checks the pipeline, "
-                             "its numbers are not meaningful")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_options(parser, DemoOptions)
 
 
 def _seeds(args):
@@ -23,9 +34,9 @@ def _seeds(args):
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
-        raise SystemExit(f"bpo-fast demo: --seeds: expected comma-separated integers, got {args.seeds!r}")
+        raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise SystemExit(f"bpo-fast demo: --seeds: expected distinct integers, got {args.seeds!r}")
+        raise UserError(f"--seeds: expected distinct integers, got {args.seeds!r}")
     return seeds
 
 
@@ -34,11 +45,15 @@ def run(args):
 
     from bpo_fast.demo.pipeline import DemoConfig, main_table, run_demo
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bpo-fast demo: --device cuda: no CUDA GPU is available", file=sys.stderr)
-        return 2
+    args = from_args(DemoOptions, args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA GPU is available")
+    output_dir(args.out, "--out")
     kw = dict(out=args.out, device=args.device, seeds=_seeds(args), threads=args.threads)
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
-    report = run_demo(cfg)
+    from bpo_fast.runtime import console
+
+    with console():
+        report = run_demo(cfg)
     main_table(report)
     return 0

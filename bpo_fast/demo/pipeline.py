@@ -89,8 +89,16 @@ class DemoConfig:
         return d
 
 
+_BAR = None  # the demo's one progress display (stages done over all seeds), set by run_demo
+
+
 def _say(msg):
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    line = f"[demo {time.strftime('%H:%M:%S')}] {msg}"
+    if _BAR is None:
+        print(line, flush=True)
+        return
+    _BAR.write(line)
+    _BAR.update(1)
 
 
 def _f(x):
@@ -357,7 +365,17 @@ def run_demo(cfg):
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()
-    runs = [run_seed(cfg, s) for s in cfg.seeds]
+    global _BAR
+    from tqdm.auto import tqdm
+
+    # a stage ends with a _say line: world, before, after, (control,) done per seed
+    _BAR = tqdm(total=len(cfg.seeds) * (5 if cfg.control else 4), desc="demo", unit="stage",
+                dynamic_ncols=True, file=sys.stderr)
+    try:
+        runs = [run_seed(cfg, s) for s in cfg.seeds]
+    finally:
+        _BAR.close()
+        _BAR = None
     by_seed = lambda k: {r["seed"]: r[k] for r in runs}  # noqa: E731
     pair_counts = {}
     for r in runs:

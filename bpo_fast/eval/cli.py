@@ -13,55 +13,63 @@ works too) or a JSON object ``{id: caption}``. Ground truth: JSONL / JSON array 
 import json
 import os
 import sys
+from dataclasses import dataclass
+
+from bpo_fast.errors import UserError, input_file, output_file
+from bpo_fast.options import add_arguments as add_options
+from bpo_fast.options import from_args, option
+
+
+@dataclass
+class ChairOptions:
+    """The options of ``bpo-fast eval-chair``."""
+
+    captions: str = option(None, help="captions: JSONL/JSON of {id, caption} (or {question_id, "
+                                      "text})", metavar="FILE", required=True)
+    ground_truth: str = option(None, help="ground-truth objects: JSONL/JSON of {id, objects: "
+                                          "[names]}", metavar="FILE", required=True)
+    synonyms: str = option(None, help="synonym table, one object a line: 'canonical, syn1, syn2, "
+                                      "...' (or JSON {canonical: [syns]})", metavar="FILE",
+                           default_text="the ground-truth names")
+    out: str = option(None, help="write scores and per-caption details (mentions, hallucinated "
+                                 "and missing objects) to this JSON file", metavar="FILE")
+    subset: bool = option(False, help="score only the images that have a caption (otherwise a "
+                                      "ground-truth id without a caption is an error)")
 
 
 def add_arguments(parser):
-    parser.add_argument("--captions", required=True, metavar="FILE",
-                        help="captions: JSONL/JSON of {id, caption} (or {question_id, text})")
-    parser.add_argument("--ground-truth", required=True, metavar="FILE",
-                        help="ground-truth objects: JSONL/JSON of {id, objects: [names]}")
-    parser.add_argument("--synonyms", metavar="FILE", default=None,
-                        help="synonym table, one object a line: 'canonical, syn1, syn2, ...' "
-                             "(or JSON {canonical: [syns]}); default: the ground-truth names")
-    parser.add_argument("--out", metavar="FILE", default=None,
-                        help="write scores and per-caption details (mentions, hallucinated and "
-                             "missing objects) to this JSON file")
-    parser.add_argument("--subset", action="store_true",
-                        help="score only the images that have a caption (otherwise a ground-truth "
-                             "id without a caption is an error)")
-
-
-def _error(msg):
-    print(f"bpo-fast eval-chair: error: {msg}", file=sys.stderr)
-    return 2
+    add_options(parser, ChairOptions)
 
 
 def run(args):
     from bpo_fast.eval.chair import (InputError, SynonymTable, compute_chair, load_captions,
                                      load_ground_truth)
 
+    args = from_args(ChairOptions, args)
+
+    input_file(args.captions, "--captions", what="captions JSON/JSONL file", text=True)
+    input_file(args.ground_truth, "--ground-truth", what="ground-truth JSON/JSONL file", text=True)
+    if args.synonyms:
+        input_file(args.synonyms, "--synonyms", what="synonym text/JSON file", text=True)
+    if args.out:
+        output_file(args.out, "--out")
     try:
         captions = load_captions(args.captions)
         truth = load_ground_truth(args.ground_truth)
         table = SynonymTable.from_file(args.synonyms) if args.synonyms else None
     except InputError as exc:
-        return _error(str(exc))
-    except (OSError, ValueError, TypeError) as exc:
-        return _error(f"{type(exc).__name__}: {exc}")
+        raise UserError(str(exc)) from None
 
     missing = [i for i in captions if i not in truth]
     if missing:
-        return _error(f"{len(missing)} caption id(s) of {args.captions} are not in "
-                      f"{args.ground_truth}: {_show(missing)}")
+        raise UserError(f"--captions: {len(missing)} caption id(s) of {args.captions} are not in "
+                        f"{args.ground_truth}: {_show(missing)}")
     extra = [i for i in truth if i not in captions]
     if extra and not args.subset:
-        return _error(f"{len(extra)} id(s) of {args.ground_truth} have no caption in "
-                      f"{args.captions}: {_show(extra)} (use --subset to score only the "
-                      f"captioned images)")
-    try:
-        result = compute_chair(captions, truth, table, ignore_extra_ground_truth=args.subset)
-    except (ValueError, TypeError) as exc:
-        return _error(str(exc))
+        raise UserError(f"--ground-truth: {len(extra)} id(s) of {args.ground_truth} have no "
+                        f"caption in {args.captions}: {_show(extra)} (use --subset to score only "
+                        f"the captioned images)")
+    result = compute_chair(captions, truth, table, ignore_extra_ground_truth=args.subset)
 
     print(format_scores(result))
     if result.unknown_ground_truth:

@@ -7,45 +7,57 @@ Train with it: ``bpo-fast train ... --reference cached --ref-cache ref.safetenso
 ``--max-length``).
 """
 
+from dataclasses import dataclass
+
+from bpo_fast.options import DTYPE_CHOICES, canonical_dtype, option, parse_device
+
+
+@dataclass
+class RefLogpsOptions:
+    """The options of ``bpo-fast ref-logps``."""
+
+    model: str = option(None, help="local path of the reference model (HF save_pretrained "
+                                   "folder)", metavar="DIR", required=True)
+    data: str = option(None, help="preference pairs (JSONL)", metavar="FILE", required=True)
+    image_root: str = option(None, help="directory the image paths are relative to",
+                             metavar="DIR", required=True)
+    out: str = option(None, help="output .safetensors file", metavar="FILE", required=True)
+    overwrite: bool = option(False, help="replace an existing --out (else it is refused)")
+    batch_size: int = option(8, help="pairs per forward")
+    max_length: int = option(1024, help="truncate rows to this many tokens; use the same value "
+                                        "for training (train's default too)")
+    dtype: str = option("auto", help="reference dtype (auto: bf16 on CUDA, fp32 on CPU)",
+                        type=canonical_dtype, choices=DTYPE_CHOICES)
+    device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, metavar="DEVICE",
+                         default_text="cuda if available")
+    temperature: float = option(1.0, help="score at this temperature (training needs 1.0)")
+    attn_implementation: str = option(None, help="force an attention implementation",
+                                      default_text="flash_attention_2 when usable, else sdpa")
+    strict: bool = option(False, help="fail on the first bad record")
+    chat_template: str = option(None, help="a Jinja chat template, or a file holding one; use "
+                                           "the same one for training", metavar="TEMPLATE",
+                                default_text="the processor's own, else the model family's "
+                                             "documented default (bpo_fast.models.vlm)")
+    progress: bool = option(True, help="no progress bar", cli="no-progress")
+
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="local path of the reference model")
-    parser.add_argument("--data", required=True, help="preference pairs (JSONL)")
-    parser.add_argument("--image-root", required=True, help="directory the image paths are relative to")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward (default 8)")
-    parser.add_argument("--max-length", type=int, default=1024,
-                        help="truncate rows to this many tokens; use the same value for training "
-                             "(default 1024, as `bpo-fast train`)")
-    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                        help="reference dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--attn-implementation", default=None,
-                        help="force an attention implementation (default: flash-attn if usable, else sdpa)")
-    parser.add_argument("--strict", action="store_true", help="fail on the first bad record")
-    parser.add_argument("--chat-template", default=None, metavar="TEMPLATE",
-                        help="a Jinja chat template, or a file holding one (default: the processor's own, else the model family's documented default; see bpo_fast.models.vlm); use the same one for training")
-    parser.add_argument("--no-progress", action="store_true")
+    from bpo_fast.options import add_arguments as add_options
+
+    add_options(parser, RefLogpsOptions)
 
 
 def run(args):
-    import logging
-
-    from bpo_fast.train.config import parse_dtype
+    from bpo_fast.options import from_args
+    from bpo_fast.runtime import console
     from bpo_fast.train.ref_cache import compute_reference_logps
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    o = from_args(RefLogpsOptions, args)
+    with console():
         cache = compute_reference_logps(
-            args.model, args.data, args.image_root, args.out, batch_size=args.batch_size,
-            max_length=args.max_length, dtype=parse_dtype(args.dtype, args.device),
-            device=args.device, temperature=args.temperature, strict=args.strict,
-            attn_implementation=args.attn_implementation, progress=not args.no_progress,
-            chat_template=args.chat_template)
-    except (ValueError, FileNotFoundError) as exc:
-        from bpo_fast.cli import input_error
-
-        return input_error("ref-logps", exc)
-    print(f"wrote reference log-probs of {len(cache)} pairs to {args.out}")
+            o.model, o.data, o.image_root, o.out, batch_size=o.batch_size,
+            max_length=o.max_length, dtype=o.dtype, device=o.device, temperature=o.temperature,
+            strict=o.strict, attn_implementation=o.attn_implementation, progress=o.progress,
+            overwrite=o.overwrite, chat_template=o.chat_template)
+    print(f"wrote reference log-probs of {len(cache)} pairs to {o.out}")
     return 0

@@ -5,19 +5,30 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from bpo_fast.options import DTYPE_CHOICES, canonical_dtype, option, parse_device
+
+from bpo_fast.runtime import DTYPES, parse_dtype  # noqa: F401  (re-exported)
+
+_DATA, _REF, _LOSS = "data and model", "reference", "loss"
+_WHAT, _OPT, _RUN = "what trains", "optimisation", "runtime"
 
 
-def parse_dtype(name, device=None):
-    """``"auto"`` -> bf16 on CUDA, fp32 elsewhere; ``"fp32"/"bf16"/"fp16"`` -> the torch dtype."""
-    if name in (None, "auto"):
-        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype: expected 'auto' or one of {list(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+def _loss_types():
+    from bpo_fast.ops.losses import LOSS_TYPES
+
+    return tuple(LOSS_TYPES)
+
+
+def _bool_or_auto(v):
+    if isinstance(v, bool) or v == "auto":
+        return v
+    key = str(v).lower()
+    table = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+    if key not in table:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {v!r}")
+    return table[key]
 
 
 @dataclass
@@ -29,64 +40,113 @@ class TrainConfig:
     """
 
     # data and model
-    model: str
-    data: str
-    image_root: str
-    output: str
-    max_length: int = 1024          # tokens per row (prompt + image tokens kept, responses cut)
-    strict: bool = False            # raise on the first bad record instead of skipping it
-    chat_template: str = None       # Jinja template or file (default: processor's, else family's)
+    model: str = option(help="local path of the policy model (HF save_pretrained folder)",
+                        group=_DATA, metavar="DIR")
+    data: str = option(help="preference pairs (JSONL, from build-pairs / merge-pairs)",
+                       group=_DATA, metavar="FILE")
+    image_root: str = option(help="directory the pairs' image paths are relative to",
+                             group=_DATA, metavar="DIR")
+    output: str = option(help="output directory: final model, checkpoint-N/, metrics.jsonl",
+                         group=_DATA, metavar="DIR")
+    max_length: int = option(1024, help="tokens per row (prompt and image tokens kept, answers "
+                                        "cut)", group=_DATA)
+    strict: bool = option(False, help="fail on the first bad record (else: skipped, counted, "
+                                      "reported with its line)", group=_DATA)
+    chat_template: str = option(None, help="a Jinja chat template, or a file holding one",
+                                group=_DATA, metavar="TEMPLATE",
+                                default_text="the processor's own, else the model family's "
+                                             "documented default (bpo_fast.models.vlm)")
 
-    # reference: "model" (frozen copy), "lora" (adapters disabled), "cached" (ref_cache file);
-    # None: "lora" when lora_r > 0, else "model"
-    reference: str = None
-    ref_model: str = None           # reference weights for "model" (default: model)
-    ref_cache: str = None           # safetensors from `bpo-fast ref-logps` for "cached"
-    ref_dtype: str = None           # reference dtype (default: dtype)
+    # reference
+    reference: str = option(None, help="the reference: a frozen copy of the model, the policy "
+                                       "with its LoRA adapters disabled, or a ref-logps cache",
+                            choices=("model", "lora", "cached"), group=_REF,
+                            default_text="lora with --lora-r, else model")
+    ref_model: str = option(None, help="reference weights for --reference model", group=_REF,
+                            metavar="DIR", default_text="--model")
+    ref_cache: str = option(None, help="safetensors from `bpo-fast ref-logps` for --reference "
+                                       "cached", group=_REF, metavar="FILE")
+    ref_dtype: str = option(None, help="dtype of the reference model", group=_REF,
+                            type=canonical_dtype, choices=DTYPE_CHOICES, default_text="--dtype")
 
     # loss
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    rpo_alpha: float = None         # + rpo_alpha * NLL of the chosen answers (RPO; TRL's name)
+    beta: float = option(0.1, help="DPO beta: strength of the KL anchor to the reference",
+                         group=_LOSS)
+    loss_type: str = option("sigmoid", help="DPO variant (docs/losses.md: formulas, parameters "
+                                              "each one reads)", choices=_loss_types, group=_LOSS)
+    label_smoothing: float = option(0.0, help="probability that a pair's preference is "
+                                              "flipped, in [0, 0.5): read by cdpo, robust, "
+                                              "exo_pair (exo_pair needs > 0)", group=_LOSS)
+    rpo_alpha: float = option(None, help="add this times the chosen answers' mean per-token NLL "
+                                         "to the loss (RPO; TRL 1.16: loss_type=[sigmoid, sft], "
+                                         "loss_weights=[1, alpha])", group=_LOSS,
+                              default_text="off")
 
     # what trains
-    lora_r: int = 0                 # > 0: LoRA on the language model
-    lora_alpha: float = None        # default 2 * lora_r
-    lora_dropout: float = 0.05
-    lora_target_modules: list = None  # default: the LLM's q/k/v/o/gate/up/down projections
-    train_projector: bool = False
-    train_vision: bool = False
-    merge_lora: bool = False        # also write merged full weights at the end
+    lora_r: int = option(0, help="LoRA rank on the language model (0: full fine-tuning)",
+                         group=_WHAT)
+    lora_alpha: float = option(None, help="LoRA alpha", group=_WHAT, default_text="2 * r")
+    lora_dropout: float = option(0.05, help="LoRA dropout", group=_WHAT)
+    lora_target_modules: list = option(
+        None, help="comma-separated module names (matched as name suffixes) or a regex (matched "
+                   "against the full module path)", group=_WHAT, type=str,
+        default_text="the LLM's q/k/v/o/gate/up/down projections")
+    train_projector: bool = option(False, help="also train the projector", group=_WHAT)
+    train_vision: bool = option(False, help="also train the vision tower (not with LoRA)",
+                                group=_WHAT)
+    merge_lora: bool = option(False, help="also write merged full weights at the end",
+                              group=_WHAT)
 
     # optimisation
-    learning_rate: float = 5e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    warmup_steps: int = None        # default: warmup_ratio * total steps
-    warmup_ratio: float = 0.1
-    epochs: int = 1
-    max_steps: int = None           # optimiser steps to run (overrides epochs; default: epochs x data)
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0      # <= 0 disables clipping
+    learning_rate: float = option(5e-6, help="peak learning rate (cosine schedule after "
+                                             "warmup)", group=_OPT, aliases=("lr",))
+    weight_decay: float = option(0.0, help="AdamW weight decay (matrices only)", group=_OPT)
+    adam_beta1: float = option(0.9, help="AdamW beta1", group=_OPT)
+    adam_beta2: float = option(0.999, help="AdamW beta2", group=_OPT)
+    adam_eps: float = option(1e-8, help="AdamW epsilon", group=_OPT)
+    warmup_steps: int = option(None, help="linear warmup steps", group=_OPT,
+                               default_text="--warmup-ratio x total steps")
+    warmup_ratio: float = option(0.1, help="warmup as a fraction of the total steps", group=_OPT)
+    epochs: int = option(1, help="passes over the data", group=_OPT)
+    max_steps: int = option(None, help="optimiser steps to run (overrides --epochs)", group=_OPT,
+                            default_text="epochs x steps per epoch")
+    batch_size: int = option(4, help="pairs per process and micro-step", group=_OPT)
+    grad_accum: int = option(1, help="micro-steps per optimiser step", group=_OPT)
+    max_grad_norm: float = option(1.0, help="clip the gradient norm to this (<= 0: no "
+                                            "clipping; the norm is logged either way)",
+                                  group=_OPT)
+    on_nonfinite: str = option("stop", help="a non-finite loss or gradient: stop the run, or "
+                                            "skip the step (both name the batch's record ids)",
+                               choices=("stop", "skip"), group=_OPT)
 
     # runtime
-    dtype: str = "auto"             # auto: bf16 on CUDA (fp32 master weights + autocast), fp32 on CPU
-    device: str = None              # default: cuda if available
-    gradient_checkpointing: bool = False
-    attn_implementation: str = None  # default: flash_attention_2 when usable, else sdpa
-    packing: object = "auto"        # padding-free rows (auto: with flash-attention)
-    seed: int = 0
-    save_every: int = 0             # checkpoint every N optimiser steps (0: only at the end)
-    keep_checkpoints: int = None    # keep only the newest N checkpoints
-    resume: object = None           # True: newest checkpoint under output; or a checkpoint path
-    overwrite: bool = False         # start over in an output that holds an earlier run's checkpoints
-    num_workers: int = 0
-    progress: bool = True
-    log_every: int = 1              # metrics.jsonl line every N steps
+    dtype: str = option("auto", help="compute dtype (auto: bf16 on CUDA with fp32 master "
+                                     "weights and autocast, fp32 on CPU)", type=canonical_dtype,
+                        choices=DTYPE_CHOICES, group=_RUN)
+    device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, group=_RUN,
+                         metavar="DEVICE",
+                         default_text="cuda if available (cuda:LOCAL_RANK under torchrun)")
+    gradient_checkpointing: bool = option(False, help="recompute activations in backward",
+                                          group=_RUN)
+    attn_implementation: str = option(None, help="force an attention implementation (eager, "
+                                                 "sdpa, flash_attention_2)", group=_RUN,
+                                      default_text="flash_attention_2 when usable, else sdpa")
+    packing: object = option("auto", help="padding-free rows: auto (with flash-attention), on "
+                                          "or off", type=_bool_or_auto, group=_RUN,
+                          metavar="auto|on|off")
+    seed: int = option(0, help="seed of initialisation, data order and dropout", group=_RUN)
+    save_every: int = option(0, help="checkpoint every N optimiser steps (0: only at the end)",
+                             group=_RUN)
+    keep_checkpoints: int = option(None, help="keep only the newest N checkpoints", group=_RUN,
+                                   default_text="all")
+    resume: object = option(None, help="continue from the newest good checkpoint in --output, "
+                                       "or from the one given", nargs="?", const=True,
+                            metavar="CHECKPOINT", group=_RUN, default_text="off")
+    overwrite: bool = option(False, help="start over in an --output that holds an earlier "
+                                         "run's checkpoints (they are deleted)", group=_RUN)
+    num_workers: int = option(0, help="DataLoader worker processes", group=_RUN)
+    progress: bool = option(True, help="no progress bar", cli="no-progress", group=_RUN)
+    log_every: int = option(1, help="a metrics.jsonl line every N steps", group=_RUN)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "epochs"):
@@ -140,19 +200,46 @@ class TrainConfig:
                              f"{self.keep_checkpoints!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers: expected an int >= 0, got {self.num_workers!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
         parse_dtype(self.dtype)
+        self.dtype = self.dtype if isinstance(self.dtype, torch.dtype) else canonical_dtype(self.dtype)
         if self.ref_dtype is not None:
             parse_dtype(self.ref_dtype)
+            if not isinstance(self.ref_dtype, torch.dtype):
+                self.ref_dtype = canonical_dtype(self.ref_dtype)
+
+    def check_paths(self):
+        """The inputs exist and are what they should be, the output can be written: before any
+        work starts (raises :class:`bpo_fast.errors.UserError` naming the option)."""
+        from bpo_fast.errors import input_dir, input_file, output_dir
+
+        input_dir(self.model, "model", what="model directory (a save_pretrained folder)")
+        input_file(self.data, "data", what="preference pairs JSONL file", text=True)
+        input_dir(self.image_root, "image_root", what="image directory")
+        if self.ref_model:
+            input_dir(self.ref_model, "ref_model", what="model directory (a save_pretrained folder)")
+        if self.reference == "cached":
+            input_file(self.ref_cache, "ref_cache", what="safetensors file from `bpo-fast ref-logps`")
+        output_dir(self.output, "output")
+        if self.resume not in (None, True, False, "", "latest"):
+            input_dir(self.resume, "resume", what="checkpoint directory")
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d):
+        """The config from a dict of field names (e.g. a saved ``train_config.json``); an
+        unknown key is an error naming it (a typo would otherwise be silently dropped)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(k for k in d if k not in names)
+        if unknown:
+            raise ValueError(f"config: unknown option(s) {unknown}; expected some of "
+                             f"{sorted(names)}")
+        return cls(**d)
 
 
 __all__ = ["TrainConfig", "parse_dtype", "DTYPES"]

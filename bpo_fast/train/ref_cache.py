@@ -1,9 +1,10 @@
 """Reference log-probs computed once over a data set, stored in a safetensors file keyed by pair id.
 
-File layout (``safetensors``): tensors ``chosen_logps``/``rejected_logps`` (float32 ``[N]``) and
-``chosen_tokens``/``rejected_tokens`` (int64 ``[N]``); metadata ``ids`` (JSON list, row order),
-``model``, ``format`` ("bpo_fast.ref_logps.v1"), and the settings that change the numbers
-(``temperature``, ``max_length``).
+File layout (``safetensors``): tensors ``chosen_logps``/``rejected_logps`` (float32 ``[N]``);
+metadata ``ids`` (JSON list, row order), ``model``, ``format`` ("bpo_fast.ref_logps.v1"), the
+settings that change the numbers (``temperature``, ``max_length``), and ``sha256`` (of the ids
+and both tensors: :meth:`RefLogpsCache.load` refuses a file that does not match, e.g. a torn
+copy). :func:`check_compatible` holds the rules a cache must meet to be used for a training run.
 
 Writing is resume-safe: every finished batch is appended (and flushed) to ``<out>.partial.jsonl``;
 a rerun skips the ids already there; the safetensors file is written at the end to a temporary
@@ -11,6 +12,7 @@ name and renamed into place, and only then is the partial file removed. A crash 
 output or a complete one, never a torn file.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -24,8 +26,7 @@ FORMAT = "bpo_fast.ref_logps.v1"
 class RefLogpsCache:
     """Cached reference log-probs: ``lookup(ids) -> (chosen, rejected)`` float32 tensors."""
 
-    def __init__(self, ids, chosen_logps, rejected_logps, chosen_tokens=None, rejected_tokens=None,
-                 metadata=None):
+    def __init__(self, ids, chosen_logps, rejected_logps, metadata=None):
         n = len(ids)
         if chosen_logps.shape != (n,) or rejected_logps.shape != (n,):
             raise ValueError(f"chosen_logps/rejected_logps: expected [{n}] each, got "
@@ -36,25 +37,41 @@ class RefLogpsCache:
             raise ValueError("ids: duplicated pair ids in the cache")
         self.chosen_logps = chosen_logps.float()
         self.rejected_logps = rejected_logps.float()
-        self.chosen_tokens = chosen_tokens
-        self.rejected_tokens = rejected_tokens
         self.metadata = dict(metadata or {})
+
+    def checksum(self):
+        h = hashlib.sha256(json.dumps(self.ids).encode())
+        h.update(self.chosen_logps.contiguous().numpy().tobytes())
+        h.update(self.rejected_logps.contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     @classmethod
     def load(cls, path):
+        """Read a cache; a missing, torn or foreign file raises
+        :class:`~bpo_fast.errors.UserError` naming it."""
         from safetensors import safe_open
 
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ref cache: {path!r} not found (make it with `bpo-fast "
-                                    "ref-logps`)")
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"ref cache: {path!r} is not a {FORMAT} file "
-                                 f"(format={meta.get('format')!r})")
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(json.loads(meta["ids"]), t["chosen_logps"], t["rejected_logps"],
-                   t.get("chosen_tokens"), t.get("rejected_tokens"), meta)
+        from bpo_fast.errors import UserError, input_file
+
+        input_file(path, "ref_cache", what="safetensors file from `bpo-fast ref-logps`")
+        redo = "; recompute it with `bpo-fast ref-logps`"
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors' errors have no common base class
+            raise UserError(f"ref_cache: {path!r} is damaged or not a safetensors file "
+                            f"({' '.join(str(exc).split())}){redo}") from None
+        if meta.get("format") != FORMAT:
+            raise UserError(f"ref_cache: {path!r} is not a {FORMAT} file "
+                            f"(format={meta.get('format')!r})")
+        try:
+            cache = cls(json.loads(meta["ids"]), t["chosen_logps"], t["rejected_logps"], meta)
+        except (KeyError, ValueError) as exc:
+            raise UserError(f"ref_cache: {path!r} is incomplete ({exc}){redo}") from None
+        if "sha256" in meta and cache.checksum() != meta["sha256"]:
+            raise UserError(f"ref_cache: {path!r} does not match its checksum (damaged){redo}")
+        return cache
 
     def __len__(self):
         return len(self.ids)
@@ -76,12 +93,9 @@ class RefLogpsCache:
         from safetensors.torch import save_file
 
         meta = {k: str(v) for k, v in self.metadata.items()}
-        meta.update(format=FORMAT, ids=json.dumps(self.ids))
+        meta.update(format=FORMAT, ids=json.dumps(self.ids), sha256=self.checksum())
         tensors = {"chosen_logps": self.chosen_logps.contiguous(),
                    "rejected_logps": self.rejected_logps.contiguous()}
-        if self.chosen_tokens is not None:
-            tensors["chosen_tokens"] = self.chosen_tokens.long().contiguous()
-            tensors["rejected_tokens"] = self.rejected_tokens.long().contiguous()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}"
         save_file(tensors, tmp, metadata=meta)
@@ -104,18 +118,28 @@ def _read_partial(path):
 
 def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, max_length=None,
                             dtype=None, device=None, temperature=1.0, strict=False,
-                            attn_implementation=None, progress=True, chat_template=None):
+                            attn_implementation=None, progress=True, overwrite=False,
+                            chat_template=None):
     """Reference log-probs of every usable pair of ``data`` under the model at ``model_path``,
     written to ``out`` (safetensors, see the module doc). Returns the :class:`RefLogpsCache`."""
     from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
     from bpo_fast.models.preference import PreferenceModel, load_vlm
     from bpo_fast.models.vlm import load_processor
 
+    from bpo_fast.errors import UserError, input_dir, input_file, output_file
+
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    input_dir(model_path, "model", what="model directory (a save_pretrained folder)")
+    input_file(data, "data", what="preference pairs JSONL file", text=True)
+    input_dir(image_root, "image_root", what="image directory")
+    output_file(out, "out")
+    if os.path.exists(out) and not overwrite:
+        raise UserError(f"out: {out!r} exists; pass overwrite=True (--overwrite) to replace it")
+    from bpo_fast.runtime import parse_dtype, resolve_device
+
+    device = resolve_device(device)
+    dtype = parse_dtype(dtype, device)
     ds = PreferenceDataset(data, image_root, strict=strict)
     partial = out + ".partial.jsonl"
     done = _read_partial(partial)
@@ -161,7 +185,6 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                 lp, n = lp.float().cpu(), n.cpu()
                 for j, pid in enumerate(batch["ids"]):
                     rec = {"id": pid, "chosen": lp[j].item(), "rejected": lp[b + j].item(),
-                           "chosen_tokens": int(n[j]), "rejected_tokens": int(n[b + j]),
                            "settings": settings}
                     done[pid] = rec
                     f.write(json.dumps(rec) + "\n")
@@ -176,10 +199,32 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
         ids,
         torch.tensor([done[i]["chosen"] for i in ids], dtype=torch.float32),
         torch.tensor([done[i]["rejected"] for i in ids], dtype=torch.float32),
-        torch.tensor([done[i]["chosen_tokens"] for i in ids], dtype=torch.long),
-        torch.tensor([done[i]["rejected_tokens"] for i in ids], dtype=torch.long),
         metadata={**settings, "data": os.path.abspath(data), "skipped": len(ds.skipped)})
     cache.save(out)
     os.remove(partial) if os.path.exists(partial) else None
     logger.info("ref-logps: wrote %d pairs to %s", len(ids), out)
     return cache
+
+
+def check_compatible(cache, *, path, max_length, reference_model, ids, data):
+    """The rules a cache must meet to stand in for the reference of a training run: the same
+    ``max_length``, temperature 1.0 (the policy's), every pair id of the data; a cache computed
+    with a model at another path only warns (a copy of the same weights is legitimate)."""
+    cached_len = cache.metadata.get("max_length")
+    if str(cached_len) != str(max_length):
+        raise ValueError(f"ref_cache: {path!r} was computed with max_length={cached_len}, "
+                         f"training uses {max_length}; the log-probs would not match")
+    cached_t = float(cache.metadata.get("temperature", 1.0))
+    if cached_t != 1.0:
+        raise ValueError(f"ref_cache: {path!r} was computed with temperature={cached_t}, training "
+                         "scores the policy at temperature 1.0; the log-probs would not match")
+    ref_path = os.path.abspath(reference_model)
+    cached_model = cache.metadata.get("model")
+    if cached_model and os.path.abspath(cached_model) != ref_path:
+        logger.warning("ref_cache: computed with the model at %s, the reference here is %s; "
+                       "the log-probs are only right if they are the same weights",
+                       cached_model, ref_path)
+    missing = [i for i in ids if i not in cache]
+    if missing:
+        raise ValueError(f"ref_cache: {len(missing)} pair id(s) of {data} are not in {path} "
+                         f"(e.g. {missing[:3]}); rerun `bpo-fast ref-logps`")

@@ -9,8 +9,10 @@ sharded with FSDP2 (``fully_shard``), every rank reads its share of each global 
 Checkpoints (``<output>/checkpoint-<step>/``, written to ``.tmp`` and renamed when complete):
 ``trainable.safetensors`` (the trained weights: LoRA adapters, or the full trainable parameters),
 ``optimizer/`` (DCP), ``scheduler.pt``, ``rng_<rank>.pt`` (torch/CUDA/python/numpy), and
-``trainer_state.json`` (step, epoch, micro-batches consumed in that epoch, config). ``resume``
-restores all of it, so the following losses equal those of an uninterrupted run.
+``trainer_state.json`` (step, epoch, micro-batches consumed in that epoch, config), and
+``manifest.json`` (size and sha256 of every file, written last). ``resume`` checks the manifest,
+skips a damaged checkpoint (naming it) for the newest good one, and restores all of it, so the
+following losses equal those of an uninterrupted run.
 
 The final model goes to ``<output>`` with ``save_pretrained`` (plus the processor): full weights,
 or the LoRA adapter (``PeftModel.from_pretrained(base, output)``); with ``merge_lora`` the merged
@@ -18,6 +20,7 @@ full weights go to ``<output>`` and the adapter to ``<output>/adapter``.
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -33,15 +36,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bpo_fast.train.config import TrainConfig, parse_dtype
+from bpo_fast.errors import UserError
+from bpo_fast.runtime import init_distributed, parse_dtype
+from bpo_fast.train.config import TrainConfig
 
 logger = logging.getLogger("bpo_fast")
 
 # loss: the optimised objective; dpo_loss: its DPO part (they differ by the RPO term)
 METRIC_KEYS = ("step", "loss", "dpo_loss", "reward_chosen", "reward_rejected", "reward_margin",
-               "reward_accuracy", "logps_chosen", "logps_rejected", "lr", "tokens_per_s",
-               "peak_mem_bytes", "epoch")
-_TEXT_KEYS = ("input_ids", "attention_mask", "labels")
+               "reward_accuracy", "logps_chosen", "logps_rejected", "grad_norm", "lr",
+               "tokens_per_s", "peak_mem_bytes", "epoch")
+
+
+class NonFiniteError(UserError):
+    """A training step met a non-finite loss or gradient (``on_nonfinite="stop"``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,27 +89,6 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
 # --------------------------------------------------------------------------------------------
 # distributed helpers
 # --------------------------------------------------------------------------------------------
-
-def _dist_setup(config):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        world, rank = dist.get_world_size(), dist.get_rank()
-    else:
-        world, rank = 1, 0
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if config.device:
-        device = torch.device(config.device)
-        if device.type == "cuda" and device.index is None and world > 1:
-            device = torch.device("cuda", local)
-    else:
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return world, rank, device
-
 
 def _all_reduce(t, op="mean", world=1):
     if world > 1:
@@ -296,9 +283,87 @@ def save_checkpoint(path, pm, optimizer, scheduler, state, world, rank):
             json.dump(state, f, indent=1)
     _barrier(world)
     if rank == 0:
+        write_manifest(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     _barrier(world)
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path, block=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _checkpoint_files(path):
+    out = []
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), path)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(path):
+    """``manifest.json`` in a checkpoint folder: every file's size and sha256 (each file
+    fsynced first, so the manifest never describes bytes still in the page cache only)."""
+    files = {}
+    for rel in _checkpoint_files(path):
+        full = os.path.join(path, rel)
+        with open(full, "rb") as f:
+            os.fsync(f.fileno())
+        files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+    tmp = os.path.join(path, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": "bpo_fast.checkpoint.v1", "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, MANIFEST))
+
+
+def verify_checkpoint(path):
+    """``None`` when ``path`` is a complete checkpoint matching its manifest, else the reason."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        return f"no {MANIFEST} (incomplete, or written by an older bpo-fast)"
+    try:
+        with open(mpath) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} is unreadable ({exc})"
+    for rel, want in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        size = os.path.getsize(full)
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, the manifest says {want['size']}"
+        if _sha256(full) != want["sha256"]:
+            return f"{rel} does not match its sha256"
+    for need in ("trainer_state.json", "trainable.safetensors", "scheduler.pt"):
+        if need not in files:
+            return f"{need} is not in the manifest"
+    return None
 
 
 def load_checkpoint(path, pm, optimizer, scheduler, world, rank):
@@ -326,6 +391,10 @@ def load_checkpoint(path, pm, optimizer, scheduler, world, rank):
 
 
 def _resolve_resume(config):
+    """The checkpoint to resume from: the one named, or the newest that passes
+    :func:`verify_checkpoint` (a damaged newer one is named and skipped)."""
+    from bpo_fast.errors import UserError
+
     if config.resume in (None, False, ""):
         return None
     if config.resume is True or config.resume == "latest":
@@ -333,9 +402,23 @@ def _resolve_resume(config):
         if not found:
             logger.warning("resume: no checkpoint under %s, starting from scratch", config.output)
             return None
-        return found[-1]
-    if not os.path.isfile(os.path.join(config.resume, "trainer_state.json")):
-        raise FileNotFoundError(f"resume: {config.resume!r} is not a checkpoint directory")
+        bad = []
+        for path in reversed(found):
+            reason = verify_checkpoint(path)
+            if reason is None:
+                if bad:
+                    logger.warning("resume: falling back to %s (the newest good checkpoint)", path)
+                return path
+            logger.warning("resume: skipping damaged checkpoint %s: %s", path, reason)
+            bad.append(f"{os.path.basename(path)} ({reason})")
+        raise UserError(f"resume: no usable checkpoint under {config.output!r}: "
+                        + "; ".join(bad) + " (--overwrite starts over)")
+    if not os.path.isfile(os.path.join(config.resume, "trainer_state.json")) \
+            and not os.path.isfile(os.path.join(config.resume, MANIFEST)):
+        raise UserError(f"resume: {config.resume!r} is not a checkpoint directory")
+    reason = verify_checkpoint(config.resume)
+    if reason is not None:
+        raise UserError(f"resume: checkpoint {config.resume!r} is damaged: {reason}")
     return config.resume
 
 
@@ -390,7 +473,8 @@ def save_final(pm, config, lora, dtype, world, rank):
 
 def train(config):
     """Run DPO training as configured; returns ``{"output", "steps", "metrics_path", "history",
-    "final_checkpoint", "skipped"}`` (``history``: the metric dicts written to ``metrics.jsonl``)."""
+    "final_checkpoint", "skipped", "skipped_steps"}`` (``history``: the metric dicts written to
+    ``metrics.jsonl``; ``skipped``: bad records; ``skipped_steps``: non-finite steps skipped)."""
     from transformers import get_cosine_schedule_with_warmup
 
     from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
@@ -401,13 +485,15 @@ def train(config):
         config = TrainConfig.from_dict(config)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    config.check_paths()
     stale = _checkpoints(config.output) if config.resume in (None, False, "") else []
     if stale and not config.overwrite:
         raise ValueError(
             f"output: {config.output!r} holds checkpoints of an earlier run "
             f"({os.path.basename(stale[-1])}); pass resume (--resume) to continue it or "
             f"overwrite (--overwrite) to start over")
-    world, rank, device = _dist_setup(config)
+    ckpt = _resolve_resume(config)  # reads and verifies files only: before the slow model load
+    world, rank, device = init_distributed(config.device)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)  # same on every rank: LoRA init must agree across ranks
@@ -415,28 +501,12 @@ def train(config):
     ds = PreferenceDataset(config.data, config.image_root, strict=config.strict)
     cache = None
     if config.reference == "cached":
-        from bpo_fast.train.ref_cache import RefLogpsCache
+        from bpo_fast.train.ref_cache import RefLogpsCache, check_compatible
 
         cache = RefLogpsCache.load(config.ref_cache)
-        cached_len = cache.metadata.get("max_length")
-        if str(cached_len) != str(config.max_length):
-            raise ValueError(f"ref_cache: computed with max_length={cached_len}, training uses "
-                             f"{config.max_length}; the log-probs would not match")
-        cached_t = float(cache.metadata.get("temperature", 1.0))
-        if cached_t != 1.0:
-            raise ValueError(f"ref_cache: computed with temperature={cached_t}, training scores "
-                             "the policy at temperature 1.0; the log-probs would not match")
-        ref_path = os.path.abspath(config.ref_model or config.model)
-        cached_model = cache.metadata.get("model")
-        if cached_model and os.path.abspath(cached_model) != ref_path:
-            # a copy of the same model elsewhere is legitimate: say it, do not refuse
-            logger.warning("ref_cache: computed with the model at %s, the reference here is %s; "
-                           "the log-probs are only right if they are the same weights",
-                           cached_model, ref_path)
-        missing = [i for i in ds.ids if i not in cache]
-        if missing:
-            raise ValueError(f"ref_cache: {len(missing)} pair id(s) of {config.data} are not in "
-                             f"{config.ref_cache} (e.g. {missing[:3]}); rerun `bpo-fast ref-logps`")
+        check_compatible(cache, path=config.ref_cache, max_length=config.max_length,
+                         reference_model=config.ref_model or config.model, ids=ds.ids,
+                         data=config.data)
 
     pm, lora, dtype = build_preference_model(config, device, world)
     pm.train()  # the reference stays in eval mode (PreferenceModel.train)
@@ -459,25 +529,13 @@ def train(config):
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
 
     step, epoch, micro_in_epoch = 0, 0, 0
-    ckpt = _resolve_resume(config)
     if ckpt is not None:
         st = load_checkpoint(ckpt, pm, optimizer, scheduler, world, rank)
         step, epoch, micro_in_epoch = st["step"], st["epoch"], st["micro_in_epoch"]
         logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt, step, epoch,
                     micro_in_epoch)
 
-    os.makedirs(config.output, exist_ok=True)
-    metrics_path = os.path.join(config.output, "metrics.jsonl")
-    if rank == 0:
-        if ckpt is None:
-            # a fresh run (overwrite): an old checkpoint left here would be what --resume finds
-            for path in stale:
-                shutil.rmtree(path, ignore_errors=True)
-            open(metrics_path, "w").close()
-        else:  # drop lines past the checkpoint (written by the interrupted run after it)
-            _truncate_metrics(metrics_path, step)
-        with open(os.path.join(config.output, "train_config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=1, default=str)
+    metrics_path = _prepare_output(config, ckpt, stale, step, rank)
 
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
@@ -490,6 +548,10 @@ def train(config):
     use_micro = steps_per_epoch * config.grad_accum
     loader_gen = torch.Generator().manual_seed(config.seed)  # keeps DataLoader off the global RNG
     acc = _Accumulator(device)
+    step_ids, skipped_steps = [], 0
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    max_norm = config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 \
+        else float("inf")   # inf: the norm is measured (and logged), nothing is clipped
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -517,12 +579,20 @@ def train(config):
                 out = pm(**inputs)
             (out.loss / config.grad_accum).backward()
             acc.add(out, inputs["attention_mask"])
+            step_ids.extend(batch["ids"])
             if not last_micro:
                 continue
-            if config.max_grad_norm and config.max_grad_norm > 0:
-                gn = torch.nn.utils.clip_grad_norm_(
-                    [p for p in pm.parameters() if p.requires_grad], config.max_grad_norm)
-                del gn
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            if _nonfinite(acc, grad_norm, step_ids, step, config.on_nonfinite, world, rank):
+                optimizer.zero_grad(set_to_none=True)
+                acc.reset()
+                step_ids = []
+                skipped_steps += 1
+                t0 = time.perf_counter()
+                continue
+            step_ids = []
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -535,7 +605,7 @@ def train(config):
                    "reward_chosen": m["reward_chosen"],
                    "reward_rejected": m["reward_rejected"], "reward_margin": m["reward_margin"],
                    "reward_accuracy": m["reward_accuracy"], "logps_chosen": m["logps_chosen"],
-                   "logps_rejected": m["logps_rejected"], "lr": lr,
+                   "logps_rejected": m["logps_rejected"], "grad_norm": float(grad_norm), "lr": lr,
                    "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
                    "peak_mem_bytes": _peak_mem(device),
                    "epoch": epoch + micro_in_epoch / use_micro}
@@ -563,7 +633,46 @@ def train(config):
         bar.close()
     save_final(pm, config, lora, dtype, world, rank)
     return {"output": config.output, "steps": step, "metrics_path": metrics_path,
-            "history": history, "final_checkpoint": last_ckpt, "skipped": len(ds.skipped)}
+            "history": history, "final_checkpoint": last_ckpt, "skipped": len(ds.skipped),
+            "skipped_steps": skipped_steps}
+
+
+def _prepare_output(config, ckpt, stale, step, rank):
+    """The output folder of a fresh or resumed run; returns the metrics.jsonl path."""
+    os.makedirs(config.output, exist_ok=True)
+    metrics_path = os.path.join(config.output, "metrics.jsonl")
+    if rank == 0:
+        if ckpt is None:
+            # a fresh run (overwrite): an old checkpoint left here would be what --resume finds
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
+            open(metrics_path, "w").close()
+        else:  # drop lines past the checkpoint (written by the interrupted run after it)
+            _truncate_metrics(metrics_path, step)
+        with open(os.path.join(config.output, "train_config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1, default=str)
+    return metrics_path
+
+
+def _nonfinite(acc, grad_norm, step_ids, step, mode, world, rank):
+    """Whether this step met a non-finite loss or gradient (on any rank): ``mode="stop"``
+    raises :class:`NonFiniteError` naming the batch's record ids, ``"skip"`` says so and returns
+    True. One host sync per step (the metrics need one anyway)."""
+    local = torch.stack([acc.nonfinite, (~torch.isfinite(grad_norm)).to(acc.nonfinite)])
+    bad = _all_reduce(local.clone(), "sum", world)
+    if not bool(bad.any()):
+        return False
+    what = " and ".join(n for n, b in zip(("loss", "gradient"), bad.tolist()) if b)
+    shown = f"{step_ids[:16]}" + (f" (+{len(step_ids) - 16} more)" if len(step_ids) > 16 else "")
+    where = (f"the batch of record id(s) {shown}" if world == 1 or local[0] or not bad[0]
+             else "another rank's batch")
+    msg = f"step {step + 1}: non-finite {what} in {where}" + (f" (rank {rank})" if world > 1
+                                                               else "")
+    if mode == "stop":
+        raise NonFiniteError(msg + "; stopped (--on-nonfinite skip skips such steps; a lower "
+                             "--learning-rate or --max-grad-norm may help)")
+    logger.warning("%s; step skipped (on_nonfinite=skip)", msg)
+    return True
 
 
 def _truncate_metrics(path, step):
@@ -596,6 +705,7 @@ class _Accumulator:
 
     def reset(self):
         self.sums = torch.zeros(len(self._KEYS), dtype=torch.float64, device=self.device)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
         self.n = 0
         self.tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
@@ -608,6 +718,7 @@ class _Accumulator:
                             torch.as_tensor(d.reward_accuracy).detach().float().mean(),
                             out.policy_chosen_logps.detach().float().mean(),
                             out.policy_rejected_logps.detach().float().mean()])
+        self.nonfinite += (~torch.isfinite(vals[0])).to(self.nonfinite)
         self.sums += vals.to(self.sums)
         self.tokens += attention_mask.sum()
         self.n += 1
