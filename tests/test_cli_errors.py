@@ -126,6 +126,15 @@ CASES = [
      ["pairs_bad_mid.jsonl:3", "invalid JSON"]),
     ("merge out unwritable", lambda w, m: ["merge-pairs", "--out", w["under_file"], w["pairs"]],
      ["out", "notes.txt"]),
+    # convert
+    ("convert png", lambda w, m: ["convert", "--out", w["root"] + "/c.jsonl", w["png"]],
+     ["INPUT", "img.png", "PNG"]),
+    ("convert dir", lambda w, m: ["convert", "--out", w["root"] + "/c.jsonl", w["dir"]],
+     ["INPUT", "a_dir", "directory"]),
+    ("convert out unwritable", lambda w, m: ["convert", "--out", w["under_file"], w["pairs"]],
+     ["out", "notes.txt"]),
+    ("convert out is input", lambda w, m: ["convert", "--out", w["pairs"], w["pairs"]],
+     ["out", "inputs"]),
     # ref-logps
     ("ref out exists", lambda w, m: _ref(w, m, **{"--out": w["exists"]}), ["out", "exists", "--overwrite"]),
     ("ref out unwritable", lambda w, m: _ref(w, m, **{"--out": w["under_file"]}), ["out", "notes.txt"]),

@@ -25,17 +25,14 @@ def add_arguments(p):
 def run(args):
     import os
 
-    from bpo_fast.cli import input_error
     from bpo_fast.data.bpo_format import convert, dumps_counts
+    from bpo_fast.errors import UserError, input_file, output_file
 
-    try:
-        for path in args.inputs:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"INPUT: {path!r} is not a file")
-        if os.path.abspath(args.out) in {os.path.abspath(p) for p in args.inputs}:
-            raise ValueError("--out: must differ from the inputs")
-        counts = convert(args.inputs, args.out, strict=args.strict)
-    except (ValueError, FileNotFoundError) as exc:
-        return input_error("convert", exc)
+    for path in args.inputs:
+        input_file(path, "INPUT", what="official BPO JSON/JSONL or pair JSONL file", text=True)
+    if os.path.abspath(args.out) in {os.path.abspath(p) for p in args.inputs}:
+        raise UserError("out: must differ from the inputs")
+    output_file(args.out, "out")
+    counts = convert(args.inputs, args.out, strict=args.strict)
     print(dumps_counts(counts), file=sys.stderr)
     return 0
