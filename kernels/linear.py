@@ -350,12 +350,12 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
 # H100: 227 KB); bench/linear.py times them. float32 (ieee products, no tensor cores worth the
 # name) gets small tiles of its own.
 _TILES = {
-    ("fwd", 80, "half"): (128, 128, 64, 8, 3),
+    ("fwd", 80, "half"): (128, 128, 32, 8, 4),
     ("fwd", 90, "half"): (128, 128, 64, 8, 3),
     ("bwd", 80, "half"): (128, 64, 32, 8, 3),
     ("bwd", 90, "half"): (128, 64, 64, 8, 3),
-    ("det", 80, "half"): (64, 64, 64, 4, 3),
-    ("det", 90, "half"): (64, 64, 64, 4, 3),
+    ("det", 80, "half"): (64, 64, 32, 4, 3),
+    ("det", 90, "half"): (64, 64, 32, 4, 3),
     ("fwd", 80, "float32"): (64, 64, 32, 4, 2),
     ("fwd", 90, "float32"): (64, 64, 32, 4, 2),
     ("bwd", 80, "float32"): (32, 64, 16, 4, 2),
