@@ -17,9 +17,10 @@ Two GPU strategies live here; ``bpo_fast/ops/linear.py`` orchestrates them and
   default under ``torch.use_deterministic_algorithms(True)``).
 
 Scored positions are compacted by the caller; hidden rows are read through a per-row element
-offset (``row_off``) so that any strided ``hidden [N, T, H]`` works without a copy; when every
-stride of ``hidden`` (but the last, 1) and its start are 16-byte aligned, the kernels are told
-so (``ROW_ALIGN``, a ``tl.multiple_of`` hint) and load hidden rows with 16-byte vectors.
+offset (``row_off``) so that any strided ``hidden [N, T, H]`` works without a copy when every
+stride of ``hidden`` (but the last, 1) and its start are 16-byte aligned: the kernels are told
+so (``ROW_ALIGN``, a ``tl.multiple_of`` hint) and load hidden rows with 16-byte vectors (else
+the launchers compact the scored rows into an aligned copy first).
 
 Tiles come from a fixed table per (arch, dtype) (:func:`tile_config`), checked for every
 supported Triton by ``python -m bpo_fast.tools.gpu_check``: no spills, shared memory within the
@@ -349,14 +350,14 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
 # H100: 227 KB); bench/linear.py times them. float32 (ieee products, no tensor cores worth the
 # name) gets small tiles of its own.
 _TILES = {
-    ("fwd", 80, "half"): (128, 128, 64, 8, 3),
+    ("fwd", 80, "half"): (128, 128, 32, 8, 4),
     ("fwd", 90, "half"): (128, 128, 64, 8, 3),
     ("bwd", 80, "half"): (128, 64, 32, 8, 3),
     ("bwd", 90, "half"): (128, 64, 64, 8, 3),
-    ("det", 80, "half"): (64, 64, 64, 4, 3),
-    ("det", 90, "half"): (64, 64, 64, 4, 3),
-    ("fwd", 80, "float32"): (64, 64, 32, 4, 2),
-    ("fwd", 90, "float32"): (64, 64, 32, 4, 2),
+    ("det", 80, "half"): (64, 64, 32, 4, 3),
+    ("det", 90, "half"): (64, 64, 32, 4, 3),
+    ("fwd", 80, "float32"): (64, 64, 16, 4, 2),
+    ("fwd", 90, "float32"): (64, 64, 16, 4, 2),
     ("bwd", 80, "float32"): (32, 64, 16, 4, 2),
     ("bwd", 90, "float32"): (32, 64, 16, 4, 2),
     ("det", 80, "float32"): (32, 64, 16, 4, 2),
@@ -391,8 +392,24 @@ def _row_align(hidden):
     return vec if ok else 1
 
 
-def _check_rows(hidden, row_off):
+def _aligned_rows(hidden, row_off):
+    """``(hidden, row_off, ROW_ALIGN)`` for the kernels: as given when every row of ``hidden``
+    starts 16-byte aligned, else a compacted copy of the ``S`` scored rows (row stride padded
+    to 16 bytes; ``S * H`` elements, only for such inputs), so the kernels always read hidden
+    rows with 16-byte vectors and have one variant per dtype."""
     assert row_off.dtype == torch.int64 and row_off.dim() == 1, "row_off: int64 [S]"
+    vec = _row_align(hidden)
+    if vec > 1:
+        return hidden, row_off, vec
+    H = hidden.shape[-1]
+    vec = 16 // hidden.element_size()
+    hp = triton.cdiv(H, vec) * vec
+    flat = hidden.as_strided((hidden.untyped_storage().nbytes() // hidden.element_size()
+                              - hidden.storage_offset(),), (1,))
+    cols = torch.arange(H, device=hidden.device) * hidden.stride(-1)
+    rows = torch.empty((row_off.numel(), hp), device=hidden.device, dtype=hidden.dtype)
+    rows[:, :H] = flat[row_off[:, None] + cols[None, :]]
+    return rows, torch.arange(row_off.numel(), device=hidden.device) * hp, vec
 
 
 def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None):
@@ -400,13 +417,13 @@ def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None)
     i.e. combinations of ``hidden``'s strides; last dim stride ``hidden.stride(-1)``):
     ``(lse, target_logit)`` of ``(h @ W.T + b) / temperature``, float32.
     ``config=(BM, BV, BK, num_warps, num_stages)`` overrides :func:`tile_config`."""
-    _check_rows(hidden, row_off)
     S = row_off.numel()
     V, H = weight.shape
     dev = weight.device
     if S == 0:
         z = torch.zeros(0, device=dev, dtype=torch.float32)
         return z, z.clone()
+    hidden, row_off, row_align = _aligned_rows(hidden, row_off)
     target = gpu_target(dev)
     BM, BV, BK, warps, stages = config or tile_config("fwd", hidden.dtype,
                                                       target and target[0])
@@ -418,7 +435,7 @@ def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None)
         hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
         bias if bias is not None else weight, targets, m, s, t,
         S, V, H, float(inv_temp), split, int(bias is not None),
-        ROW_ALIGN=_row_align(hidden), BM=BM, BV=BV, BK=BK,
+        ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK,
         PREC=_prec(hidden.dtype), num_warps=warps, num_stages=stages)
     mx = m.max(0).values
     lse = mx + torch.log((s * torch.exp(m - mx)).sum(0))
@@ -435,12 +452,12 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
     non-atomic passes (grad_hidden by row blocks, grad_weight/grad_bias by vocabulary blocks),
     each output added to by one program in a fixed order, so results are bitwise reproducible;
     else one pass with relaxed float32 atomics (faster, order-dependent rounding)."""
-    _check_rows(hidden, row_off)
     S = row_off.numel()
     V, H = weight.shape
     dev = weight.device
     if S == 0 or (gh is None and gw is None and gb is None):
         return
+    hidden, row_off, row_align = _aligned_rows(hidden, row_off)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     target = gpu_target(dev)
@@ -454,7 +471,7 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
             bias if bias is not None else weight, targets, lse, gscale, out(gh), out(gw), out(gb),
             S, V, H, float(inv_temp), int(bias is not None), int(gh is not None),
             int(gw is not None), int(gb is not None))
-    common = dict(ROW_ALIGN=_row_align(hidden), BM=BM, BV=BV, BK=BK,
+    common = dict(ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK,
                   PREC=_prec(hidden.dtype), num_warps=warps, num_stages=stages)
     if not deterministic:
         grid = (triton.cdiv(S, BM) * triton.cdiv(V, BV),)

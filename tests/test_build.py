@@ -75,3 +75,54 @@ def test_wheel_contains_the_extension(tmp_path):
 
     assert info["built"] is True
     assert info["cuda"] == (torch.version.cuda is not None and CUDA_HOME is not None)
+    # release build: no host debug info (BPO_FAST_DEBUG=1 keeps it)
+    assert info["debug"] is False
+    so = [n for n in names if n.startswith("bpo_fast/_C") and n.endswith(".so")][0]
+    (tmp_path / "C.so").write_bytes(zipfile.ZipFile(wheels[0]).read(so))
+    if shutil.which("readelf"):
+        sections = subprocess.run(["readelf", "-S", str(tmp_path / "C.so")], capture_output=True,
+                                  text=True).stdout
+        assert ".debug_info" not in sections
+
+
+def _setup_helpers():
+    """setup.py's functions, without running setup()."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        src = f.read().split("ext_modules, cmdclass = _extensions()")[0]
+    g = {"__file__": os.path.join(ROOT, "setup.py"), "__name__": "setup_helpers"}
+    exec(compile(src, "setup.py", "exec"), g)
+    return g
+
+
+def test_cuda_home_is_found_through_an_nvcc_wrapper(tmp_path, monkeypatch):
+    """An nvcc wrapper script outside the toolkit (torch would guess CUDA_HOME=/usr/local):
+    setup.py asks nvcc where it really lives and checks libcudart is there."""
+    g = _setup_helpers()
+    real = tmp_path / "cuda-13.0"
+    (real / "bin").mkdir(parents=True)
+    (real / "targets" / "x86_64-linux" / "lib").mkdir(parents=True)
+    (real / "targets" / "x86_64-linux" / "lib" / "libcudart.so.13").write_text("")
+    nvcc = real / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ _HERE_={real}/bin' >&2\n")
+    nvcc.chmod(0o755)
+    wrap = tmp_path / "usr" / "bin"
+    wrap.mkdir(parents=True)
+    (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {nvcc} "$@"\n')
+    (wrap / "nvcc").chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrap}:{os.environ['PATH']}")
+    home, origin = g["_find_cuda_home"]()
+    assert home == str(real) and str(wrap) in origin
+    assert g["_cudart_dirs"](home) == [str(real / "targets" / "x86_64-linux" / "lib")]
+    assert g["_cudart_dirs"](str(tmp_path / "usr")) == []
+
+
+def test_a_cuda_home_without_libcudart_stops_the_build_in_one_line(tmp_path):
+    env = dict(os.environ, FORCE_CUDA="1", CUDA_HOME=str(tmp_path))
+    env.pop("BPO_FAST_SKIP_EXT", None)
+    proc = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: CUDA_HOME=") and "libcudart" in err[0], err

@@ -110,11 +110,18 @@ def _head(S=21, H=40, V=75, offset=0, seed=4):
     return hidden, weight, bias, targets, gs
 
 
-@pytest.mark.parametrize("offset", [0, 1])  # ROW_ALIGN hint on / off
+@pytest.mark.parametrize("offset", [0, 1])  # aligned rows / the launcher's aligned copy
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_forward(bias, offset):
     hidden, weight, b, targets, _ = _head(offset=offset)
     assert KL._row_align(hidden) == (4 if offset == 0 else 1)
+    roff0 = torch.tensor([3, 0, 7]) * hidden.stride(0)
+    rows, roff, align = KL._aligned_rows(hidden, roff0)
+    assert align == 4 and KL._row_align(rows) == 4
+    if offset == 0:
+        assert rows is hidden and roff is roff0
+    else:
+        assert torch.equal(roff, torch.arange(3) * 40) and torch.equal(rows, hidden[[3, 0, 7]])
     row_off = torch.arange(hidden.shape[0]) * hidden.stride(0)  # from hidden's data pointer
     lse, tl = KL.fused_forward(hidden.to(DEV), row_off.to(DEV), weight.to(DEV),
                                b.to(DEV) if bias else None, targets.to(DEV), 0.5)
@@ -128,7 +135,7 @@ def test_fused_forward(bias, offset):
 @pytest.mark.parametrize("need", ["h", "w", "b", "hw", "hb", "wb", "hwb"])
 def test_fused_backward(need, deterministic):
     bias = "b" in need
-    hidden, weight, b, targets, gs = _head()
+    hidden, weight, b, targets, gs = _head(H=37, offset=int(deterministic))  # odd H: padded copy
     S, H = hidden.shape
     V = weight.shape[0]
     row_off = torch.arange(S) * H

@@ -47,6 +47,7 @@ mkdir -p "$work/src"
 git ls-files -z --cached --others --exclude-standard | (cd "$ROOT" && xargs -0 tar cf - --) \
   | tar xf - -C "$work/src"
 
+export BPO_FAST_GIT_SHA="$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo -dirty)"
 stamp "pip wheel (FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCHS MAX_JOBS=$MAX_JOBS)"
 mkdir -p "$OUT"
 tb=$(date +%s)
@@ -88,6 +89,8 @@ stamp "install the wheel, import it on the CPU, CPU noise tests against it"
 "${PIP[@]}" install -q --no-deps "$whl"
 mkdir -p "$work/t"
 cp "$ROOT/tests/conftest.py" "$ROOT/tests/test_noise.py" "$work/t/"
+printf '[pytest]\nmarkers =\n    cuda: needs a CUDA GPU\n    slow: long-running test\n' \
+  > "$work/t/pytest.ini"
 (cd "$work/t" && env -u PYTHONPATH "$VPY" - <<'EOF'
 import json, bpo_fast, torch
 info = bpo_fast.extension_info()

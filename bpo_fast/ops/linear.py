@@ -27,7 +27,8 @@ Implementations (``impl=``), all computing the same thing:
   the tile) for bf16/fp16: see ``kernels.linear.dlogits``).
 * ``"triton"``: CCE-style Triton kernels that compute logit tiles with ``tl.dot`` and reduce
   them in registers (forward), and recompute them to accumulate the gradients with float32
-  atomics (backward).
+  atomics (backward; a deterministic two-pass backward without atomics when
+  ``torch.use_deterministic_algorithms(True)`` is on).
 * ``"hybrid"``: the ``"triton"`` forward with the ``"cublas"`` backward (lets the benchmark
   pick the best forward and the best backward separately).
 
