@@ -670,18 +670,33 @@ def cpu_grid_variant(name, mode, base, processor, batch, g=CPU_GRID):
     raise ValueError(name)
 
 
+def _vm_hwm():
+    """This process's peak RSS in bytes (VmHWM: per address space, so unlike ru_maxrss it does
+    not carry the forking parent's peak across exec); ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _rss_probe(name, mode, steps=2):
     """Peak RSS (bytes) of a fresh process that builds the model, one implementation, and runs
     ``steps`` steps: weights, optimiser state, reference and activations included."""
     import json
     import subprocess
 
-    code = ("import sys, resource, json; sys.path.insert(0, %r); import bench.dpo_step as D; "
+    code = ("import sys, json; sys.path.insert(0, %r); import bench.dpo_step as D; "
             "import torch; torch.manual_seed(0); "
             "m, p = D.cpu_grid_model(); b = D.cpu_grid_batch(m, p); "
             "s, f = D.cpu_grid_variant(%r, %r, m, p, b); del m; "
             "[s() for _ in range(%d)]; "
-            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))"
+            "print(json.dumps(D._vm_hwm()))"
             % (common.ROOT, name, mode, steps))
     env = dict(os.environ)
     env["PYTHONPATH"] = common.ROOT + os.pathsep + env.get("PYTHONPATH", "")

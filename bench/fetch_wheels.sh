@@ -9,4 +9,9 @@ LIGER=${LIGER_VERSION:-0.8.5}
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "trl==$TRL" "liger-kernel==$LIGER"
+# what TRL's DPOTrainer needs beyond torch/transformers/accelerate (the `trl` rows of
+# bench/dpo_step.py run the real trainer)
+grep -v '^trl==' bench/requirements-trl.txt | python3 -m pip download -q --no-deps \
+    --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl -r /dev/stdin
 ls -l .whl

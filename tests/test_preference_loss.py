@@ -220,3 +220,26 @@ def test_preference_model_runs_three_gemms_per_scored_token():
             assert c.per_token(S, H) == pytest.approx(3.0), (lt, rpo)
             assert (out.loss > out.dpo.loss) if rpo else (out.loss is out.dpo.loss)
             model.zero_grad(set_to_none=True)
+
+
+def test_autocast_does_not_reach_inside_the_op():
+    """Under bf16 autocast (what `bpo-fast train` uses with fp32 master weights) the op runs
+    its GEMMs in the dtype it is given, with float32 logits: the 3-GEMM path equals the
+    composed one, and both equal the same computation without autocast."""
+    hidden, weight, labels, _, ref_c, ref_r = inputs(bias=False, seed=4)
+    h16, w16 = hidden.bfloat16(), weight.bfloat16()
+    res = []
+    for gif in (True, False):
+        p = [h16.clone().requires_grad_(True), w16.clone().requires_grad_(True)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = preference_loss(*p, labels, ref_c, ref_r, rpo_alpha=0.5, grad_in_forward=gif)
+        res.append((out.loss, out.policy_chosen_logps, torch.autograd.grad(out.loss, p)))
+    p = [h16.clone().requires_grad_(True), w16.clone().requires_grad_(True)]
+    plain = preference_loss(*p, labels, ref_c, ref_r, rpo_alpha=0.5, grad_in_forward=False)
+    for loss, lp, g in res:
+        assert loss.dtype == torch.float32 and lp.dtype == torch.float32
+        torch.testing.assert_close(loss, plain.loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lp, plain.policy_chosen_logps, rtol=1e-5, atol=1e-3)
+    for a, b in zip(res[0][2], res[1][2]):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3)

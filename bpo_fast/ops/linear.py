@@ -431,11 +431,24 @@ def _resolve_impl(impl, device):
     return impl
 
 
+def _no_autocast(device):
+    """The ops run their GEMMs in the dtype they are given (the caller casts, as
+    PreferenceModel._head does) with float32 outputs and accumulators; an enclosing autocast
+    must not recast them (on CPU it would turn the float32 logit tiles into bf16)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """Per scored token log-prob ``[S]`` float32 from hidden [N, T, H] and weight [V, H]."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, n_idx, t_idx, targets, temperature, impl, plan):
+        with _no_autocast(weight.device):
+            return _LinearLogprobs._forward(ctx, hidden, weight, bias, n_idx, t_idx, targets,
+                                            temperature, impl, plan)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, n_idx, t_idx, targets, temperature, impl, plan):
         inv_temp = 1.0 / temperature
         if n_idx.numel() == 0:
             lse = torch.zeros(0, device=weight.device, dtype=torch.float32)
@@ -569,8 +582,13 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
     log-probs) take the recomputing path."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_c, ref_r, n_idx, t_idx, targets, counts, lengths,
-                temperature, impl, plan, group_tokens, dpo_kw, rpo_alpha):
+    def forward(ctx, *args):
+        with _no_autocast(args[1].device):
+            return _LinearPreferenceGradInForward._forward(ctx, *args)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, ref_c, ref_r, n_idx, t_idx, targets, counts, lengths,
+                 temperature, impl, plan, group_tokens, dpo_kw, rpo_alpha):
         from bpo_fast.ops.dpo import dpo_loss_and_grad
 
         ctx.set_materialize_grads(False)
