@@ -27,7 +27,10 @@ __all__ = ["UserError", "is_user_error", "format_error", "run_command", "input_f
 
 EXIT_USER_ERROR = 2
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.realpath(__file__))
+# our code: the package, and the Triton kernels it ships (bpo_fast/kernels may be a symlink)
+_OURS = tuple(sorted({_PACKAGE + os.sep,
+                      os.path.realpath(os.path.join(_PACKAGE, "kernels")) + os.sep}))
 
 
 class UserError(ValueError):
@@ -49,7 +52,7 @@ def raised_here(exc):
     if tb is None:
         return False
     path = os.path.realpath(tb.tb_frame.f_code.co_filename)
-    if not path.startswith(_PACKAGE + os.sep):
+    if not path.startswith(_OURS):
         return False
     return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith(
         "raise")

@@ -228,7 +228,8 @@ def markdown_table(cls):
         if m.get("positional"):
             name = f"`{(m.get('metavar') or f.name).upper()}`"
         else:
-            name = ", ".join(f"`{n}`" for n in [_flag(f)] + ["--" + x for x in m.get("aliases", ())])
+            flags = [_flag(f)] + ["--" + x for x in m.get("aliases", ())]
+            name = ", ".join(f"`{n}`" for n in flags)
         if _choices(f) is not None:
             name += " {" + ", ".join(str(c) for c in _choices(f)) + "}"
         dt = _default_text(f)

@@ -148,3 +148,34 @@ def test_nonfinite_step_is_skipped_and_grad_norm_logged(tiny_llava_dir, data, tm
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
                for r in rows)
+
+
+def test_sigkill_mid_run_then_resume_loses_nothing(tiny_llava_dir, data, full_run, tmp_path):
+    """A real kill (SIGKILL) of `bpo-fast train` after its first checkpoint, then --resume: the
+    metrics of every step equal those of the uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path, root = data
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "bpo_fast.cli", "train", "--model", tiny_llava_dir,
+            "--data", path, "--image-root", root, "--output", str(out), "--batch-size", "2",
+            "--max-length", "64", "--lr", "2e-3", "--warmup-steps", "0", "--max-steps", "4",
+            "--save-every", "2", "--no-progress", "--device", "cpu"]     # as full_run's
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint-2").exists() and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(argv + ["--resume"], env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    got, want = _metrics(str(out)), _metrics(full_run)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert all(verify_checkpoint(str(out / f"checkpoint-{s}")) is None for s in (2, 4))

@@ -1,5 +1,6 @@
 """``bpo-fast demo``: BPO end to end on the built-in shapes world (see :mod:`bpo_fast.demo.pipeline`)."""
 
+import sys
 from dataclasses import dataclass
 
 from bpo_fast.errors import UserError, int_at_least, output_dir
@@ -55,5 +56,5 @@ def run(args):
 
     with console():
         report = run_demo(cfg)
-    main_table(report)
+    main_table(report, file=sys.stdout)  # the stdout of now (its default is bound at import)
     return 0

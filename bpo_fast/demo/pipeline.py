@@ -92,13 +92,16 @@ class DemoConfig:
 _BAR = None  # the demo's one progress display (stages done over all seeds), set by run_demo
 
 
-def _say(msg):
+def _say(msg, stage_done=False):
+    """A log line (through the progress bar when there is one); ``stage_done``: one of the
+    seed's stages the bar counts (world, before, after, control, done) has finished."""
     line = f"[demo {time.strftime('%H:%M:%S')}] {msg}"
     if _BAR is None:
         print(line, flush=True)
         return
     _BAR.write(line)
-    _BAR.update(1)
+    if stage_done:
+        _BAR.update(1)
 
 
 def _f(x):
@@ -316,13 +319,13 @@ def run_seed(cfg, seed):
     t0 = time.time()
     world = make_world(os.path.join(root, "world"), cfg.n_train, cfg.n_eval, seed=seed,
                        config=cfg.world)
-    _say(f"seed {seed}: world with {cfg.n_train} training / {cfg.n_eval} held-out images")
+    _say(f"seed {seed}: world with {cfg.n_train} training / {cfg.n_eval} held-out images", stage_done=True)
     sft_dir = os.path.join(root, "sft_model")
     sft_key = _sft(world, cfg, seed, sft_dir)
     caps_before = _captions(sft_dir, sft_key, world, cfg,
                             os.path.join(root, "captions_before.jsonl"))
     before = score_captions(caps_before, world)
-    _say(f"seed {seed}: before BPO CHAIR-i {_f(before.chair_i)} recall {_f(before.recall)}")
+    _say(f"seed {seed}: before BPO CHAIR-i {_f(before.chair_i)} recall {_f(before.recall)}", stage_done=True)
     pairs, pairs_key, summaries = _pairs(world, cfg, seed, sft_dir, sft_key,
                                          os.path.join(root, "pairs"))
     bpo_dir = os.path.join(root, "bpo_model")
@@ -330,7 +333,7 @@ def run_seed(cfg, seed):
     caps_after = _captions(bpo_dir, bpo_key, world, cfg,
                            os.path.join(root, "captions_after.jsonl"))
     after = score_captions(caps_after, world)
-    _say(f"seed {seed}: after BPO CHAIR-i {_f(after.chair_i)} recall {_f(after.recall)}")
+    _say(f"seed {seed}: after BPO CHAIR-i {_f(after.chair_i)} recall {_f(after.recall)}", stage_done=True)
     control = None
     if cfg.control:
         ctl_dir = os.path.join(root, "control_model")
@@ -342,8 +345,8 @@ def run_seed(cfg, seed):
         control = score_captions(_captions(ctl_dir, ctl_key, world, cfg,
                                            os.path.join(root, "captions_control.jsonl")), world)
         _say(f"seed {seed}: supervised control CHAIR-i {_f(control.chair_i)} "
-             f"recall {_f(control.recall)}")
-    _say(f"seed {seed}: done ({time.time() - t0:.0f}s)")
+             f"recall {_f(control.recall)}", stage_done=True)
+    _say(f"seed {seed}: done ({time.time() - t0:.0f}s)", stage_done=True)
     truth = {pc["id"]: pc["ground_truth"] for pc in before.per_caption}
     examples = [{"id": i, "truth": ", ".join(truth[i]), "before": caps_before[i],
                  "after": caps_after[i]} for i in list(caps_before)[:4]]

@@ -205,7 +205,8 @@ class TrainConfig:
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
         parse_dtype(self.dtype)
-        self.dtype = self.dtype if isinstance(self.dtype, torch.dtype) else canonical_dtype(self.dtype)
+        if not isinstance(self.dtype, torch.dtype):
+            self.dtype = canonical_dtype(self.dtype)
         if self.ref_dtype is not None:
             parse_dtype(self.ref_dtype)
             if not isinstance(self.ref_dtype, torch.dtype):
@@ -220,9 +221,11 @@ class TrainConfig:
         input_file(self.data, "data", what="preference pairs JSONL file", text=True)
         input_dir(self.image_root, "image_root", what="image directory")
         if self.ref_model:
-            input_dir(self.ref_model, "ref_model", what="model directory (a save_pretrained folder)")
+            input_dir(self.ref_model, "ref_model",
+                      what="model directory (a save_pretrained folder)")
         if self.reference == "cached":
-            input_file(self.ref_cache, "ref_cache", what="safetensors file from `bpo-fast ref-logps`")
+            input_file(self.ref_cache, "ref_cache",
+                       what="safetensors file from `bpo-fast ref-logps`")
         output_dir(self.output, "output")
         if self.resume not in (None, True, False, "", "latest"):
             input_dir(self.resume, "resume", what="checkpoint directory")
