@@ -162,3 +162,19 @@ def test_one_chat_template_rule(tmp_path, tiny_llava_dir):
     processor.chat_template = None
     assert PreferenceCollator(processor).template == CHAT_TEMPLATE
     assert PreferenceCollator(processor, chat_template="{{ 'Q' }}").template == "{{ 'Q' }}"
+
+
+def test_cli_names_the_unsupported_model(tmp_path, capsys):
+    from transformers import MllamaConfig
+
+    from bpo_fast.cli import main
+
+    from test_vlm_train import write_pairs
+
+    MllamaConfig().save_pretrained(tmp_path / "mllama")
+    data = write_pairs(str(tmp_path), n=1)
+    rc = main(["ref-logps", "--model", str(tmp_path / "mllama"), "--data", data,
+               "--image-root", str(tmp_path), "--out", str(tmp_path / "r.safetensors"),
+               "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cross-attention" in err and "Traceback" not in err

@@ -46,7 +46,7 @@ IGNORE_INDEX = -100
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(ValueError):
     """A model (type or configuration) that :class:`bpo_fast.PreferenceModel` cannot run exactly."""
 
 
