@@ -727,18 +727,25 @@ class _Run:
                                                         on_split=self._count_oom)
                 t["generate_s"] += time.perf_counter() - t0
                 self.summary.generated_tokens += ntok
-                for (smp, k, pid, _), ans in zip(chunk, answers):
-                    reason = _rejection_reason(smp.chosen, ans)
-                    if reason:
-                        self._drop(reason)
-                        continue
-                    records.append(self._record(smp, pid, ans, "image_weakened", self.levels[k],
-                                                None, settings))
+                records.extend(self._weakened_records(chunk, answers, settings))
             self._write(records)
             self._progress(len(rows))
             if self._stop():
                 break
         del it, loader
+
+    def _weakened_records(self, chunk, answers, settings):
+        """Pair records of generated rows ``(sample, level index, pair id, ...)``; equal or empty
+        answers are dropped (counted)."""
+        out = []
+        for (smp, k, pid, _), ans in zip(chunk, answers):
+            reason = _rejection_reason(smp.chosen, ans)
+            if reason:
+                self._drop(reason)
+                continue
+            out.append(self._record(smp, pid, ans, "image_weakened", self.levels[k], None,
+                                    settings))
+        return out
 
     def _image_weakened_rows(self, units, bad_images):
         """image_weakened through the family's processor (:mod:`bpo_fast.data.vlm_generation`)."""
@@ -776,13 +783,7 @@ class _Run:
                 answers, ntok = self.gen.generate_inputs(inputs, seed=bseed)
                 self.summary.timings["generate_s"] += time.perf_counter() - t0
                 self.summary.generated_tokens += ntok
-                for (smp, k, pid, _), ans in zip(chunk, answers):
-                    reason = _rejection_reason(smp.chosen, ans)
-                    if reason:
-                        self._drop(reason)
-                        continue
-                    records.append(self._record(smp, pid, ans, "image_weakened", self.levels[k],
-                                                None, settings))
+                records.extend(self._weakened_records(chunk, answers, settings))
             self._write(records)
             self._progress(len(rows))
             if self._stop():

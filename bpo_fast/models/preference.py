@@ -70,14 +70,9 @@ def unwrap(model):
 
 
 def image_token_id(model):
-    cfg = unwrap(model).config
-    for name in ("image_token_id", "image_token_index"):
-        v = getattr(cfg, name, None)
-        if v is not None:
-            return int(v)
-    raise ValueError(f"model: {type(unwrap(model)).__name__}.config has no image_token_id / "
-                     "image_token_index; PreferenceModel needs a vision-language model that marks "
-                     "image positions with a placeholder token (e.g. LlavaForConditionalGeneration)")
+    from bpo_fast.models.vlm import image_token_id as _image_token_id
+
+    return _image_token_id(model)
 
 
 def check_vlm_api(model):

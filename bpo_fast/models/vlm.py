@@ -383,14 +383,17 @@ def _vision_dtype(base):
     return None
 
 
-def _image_token_id(model):
+def image_token_id(model):
+    """The placeholder token id the model's image features replace."""
     cfg = _unwrap(model).config
     for name in ("image_token_id", "image_token_index"):
         v = getattr(cfg, name, None)
         if v is not None:
             return int(v)
-    raise UnsupportedModelError(f"model: {type(_unwrap(model)).__name__}.config has no "
-                                "image_token_id")
+    raise UnsupportedModelError(
+        f"model: {type(_unwrap(model)).__name__}.config has no image_token_id / "
+        "image_token_index; PreferenceModel needs a vision-language model that marks image "
+        "positions with a placeholder token (e.g. LlavaForConditionalGeneration)")
 
 
 class PaddedTilesAdapter(VLMAdapter):
@@ -410,7 +413,7 @@ class QwenVLAdapter(VLMAdapter):
     packable = False
 
     def row_kwargs(self, model, input_ids, attention_mask, labels, images):
-        tid = _image_token_id(model)
+        tid = image_token_id(model)
         grid = images["image_grid_thw"]
         return {"image_grid_thw": torch.cat([grid, grid]),
                 "mm_token_type_ids": (input_ids == tid).to(torch.int32)}
@@ -423,7 +426,7 @@ class Gemma3Adapter(VLMAdapter):
     packable = False
 
     def row_kwargs(self, model, input_ids, attention_mask, labels, images):
-        return {"token_type_ids": (input_ids == _image_token_id(model)).long()}
+        return {"token_type_ids": (input_ids == image_token_id(model)).long()}
 
 
 class PaliGemmaAdapter(VLMAdapter):
