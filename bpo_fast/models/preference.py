@@ -1,14 +1,14 @@
 """Policy and reference forward together for DPO on vision-language models.
 
-:class:`PreferenceModel` wraps a Hugging Face vision-language model (``LlavaForConditionalGeneration``
-first; any model with the same shape of API: ``get_image_features``, ``get_input_embeddings``,
-``get_decoder``, ``get_output_embeddings`` and ``config.image_token_id``) and runs one DPO step's
-forward the cheap way:
+:class:`PreferenceModel` wraps a Hugging Face vision-language model of a family the model layer
+knows (:mod:`bpo_fast.models.vlm`: LLaVA, LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, Idefics3/SmolVLM,
+Gemma 3, PaliGemma, InternVL) and runs one DPO step's forward the cheap way:
 
 - the batch holds ``2B`` rows ``[chosen; rejected]`` and ``B`` images, one per pair; each image goes
-  through the vision tower and projector **once** and its features are scattered into both rows'
-  input embeddings;
-- the language model's decoder (the base model, not the LM-head wrapper) gives hidden states, and the
+  through the vision tower and projector **once** (the model's own ``get_image_features``) and the
+  family's base model places the features in both rows (``mm_encoder_outputs``), with its own
+  masks and position ids, so the log-probs are the HF forward's;
+- the base model (not the LM-head wrapper) gives hidden states, and the
   LM head goes straight into :func:`bpo_fast.ops.linear.linear_sequence_logprobs` (the fused
   LM-head log-probs) and :func:`bpo_fast.ops.dpo.dpo_loss`: no ``[2B, T, V]`` logits tensor exists;
 - the reference is (a) a separate frozen model (``"model"``, its own dtype, no autograd), (b) the
