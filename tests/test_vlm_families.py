@@ -19,7 +19,11 @@ from bpo_fast.models.tiny_vlm import FAMILIES, build_tiny_vlm
 from bpo_fast.models.vlm import UnsupportedModelError, get_adapter, load_processor
 
 RTOL = 1e-5
-SIZES = [(20, 12), (12, 28), (33, 17)]  # (width, height): landscape, portrait, odd
+# (width, height): landscape, portrait, square: different patch / tile counts per image in every
+# family with a variable layout (asserted below)
+SIZES = [(20, 12), (12, 28), (36, 36)]
+VARIABLE = {"llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "qwen2_vl",
+            "qwen2_5_vl", "qwen3_vl"}
 
 
 def _items():
@@ -84,6 +88,8 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
     collator = PreferenceCollator(processor)
     assert collator.model_type == family
     items = _items()
+    shapes = {tuple(collator.encode_pair(it)[3]["pixel_values"].shape) for it in items}
+    assert (len(shapes) > 1) == (family in VARIABLE), shapes
     batch = collator(items)
     b = len(items)
 
