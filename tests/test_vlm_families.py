@@ -131,14 +131,16 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
 def test_unsupported_families_fail_clearly(tmp_path):
     from transformers import MllamaConfig
 
-    model, _ = build_tiny_vlm("paligemma2")
+    model, _ = build_tiny_vlm("paligemma2", str(tmp_path / "pg2"))
     with pytest.raises(UnsupportedModelError, match="final_logit_softcapping"):
         PreferenceModel(model, reference_mode="cached")
+    with pytest.raises(UnsupportedModelError, match="PaliGemma 2"):
+        load_vlm(str(tmp_path / "pg2"))  # before loading (which fails under sdpa)
     with pytest.raises(UnsupportedModelError, match="Mllama"):
         get_adapter("mllama")
-    MllamaConfig().save_pretrained(tmp_path)
+    MllamaConfig().save_pretrained(tmp_path / "mllama")
     with pytest.raises(UnsupportedModelError, match="cross-attention"):
-        load_vlm(str(tmp_path))
+        load_vlm(str(tmp_path / "mllama"))
 
 
 def test_one_chat_template_rule(tmp_path, tiny_llava_dir):

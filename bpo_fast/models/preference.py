@@ -192,9 +192,11 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
         raise FileNotFoundError(f"model: {path!r} is not a directory (a local save_pretrained "
                                 "folder; nothing is downloaded)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    from bpo_fast.models.vlm import get_adapter
+    from bpo_fast.models.vlm import check_logit_transform, get_adapter
 
-    get_adapter(config.model_type)  # a clear error for unsupported families, before loading
+    # clear errors for unsupported families and heads, before loading
+    get_adapter(config.model_type)
+    check_logit_transform(config, f"model {path!r}")
     impl = choose_attention(attn_implementation, device, compute_dtype or dtype)
     kwargs = dict(dtype=dtype, attn_implementation=impl, local_files_only=True)
     if config.model_type == "llava":

@@ -39,6 +39,7 @@ model (``final_logit_softcapping``), and any ``model_type`` not in :data:`ADAPTE
 import torch
 
 __all__ = ["VLMAdapter", "ADAPTERS", "get_adapter", "supported_model_types", "lm_head_parts",
+           "check_logit_transform", "load_processor", "image_token_id",
            "resolve_chat_template", "UnsupportedModelError", "DEFAULT_CHAT_TEMPLATES"]
 
 IGNORE_INDEX = -100
@@ -167,25 +168,30 @@ def resolve_chat_template(processor, model_type=None, override=None):
 # the LM head
 # --------------------------------------------------------------------------------------------
 
-def lm_head_parts(model):
-    """``(weight, bias)`` of the LM head; raises :class:`UnsupportedModelError` for a logit
-    transform the fused head does not compute (the log-probs would silently differ from HF's)."""
-    base = _unwrap(model)
-    cfg = base.config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for c in (cfg, text):
+def check_logit_transform(config, what="model"):
+    """Raise :class:`UnsupportedModelError` when ``config`` (or its text config) transforms the
+    logits in a way the fused LM-head log-probs do not compute (the numbers would silently
+    differ from HF's): Gemma 2's ``final_logit_softcapping`` (PaliGemma 2), logit scales."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for c in (config, text):
         cap = getattr(c, "final_logit_softcapping", None)
         if cap:
             raise UnsupportedModelError(
-                f"model: {type(base).__name__} ({cfg.model_type}, text model "
-                f"{getattr(text, 'model_type', '?')}) caps its logits (final_logit_softcapping="
-                f"{cap}); the fused LM-head log-probs do not apply the cap, so this model "
-                "(e.g. PaliGemma 2, Gemma 2) is not supported")
+                f"{what}: {config.model_type} (text model {getattr(text, 'model_type', '?')}) "
+                f"caps its logits (final_logit_softcapping={cap}); the fused LM-head log-probs "
+                "do not apply the cap, so this model (e.g. PaliGemma 2, Gemma 2) is not supported")
         for name in ("logit_scale", "logits_scaling"):
             v = getattr(c, name, None)
             if v not in (None, 1, 1.0):
-                raise UnsupportedModelError(f"model: {type(base).__name__}.config.{name}={v} "
+                raise UnsupportedModelError(f"{what}: {config.model_type} config.{name}={v} "
                                             "scales the logits; not supported by the fused head")
+
+
+def lm_head_parts(model):
+    """``(weight, bias)`` of the LM head; raises :class:`UnsupportedModelError` for a logit
+    transform the fused head does not compute (:func:`check_logit_transform`)."""
+    base = _unwrap(model)
+    check_logit_transform(base.config, f"model {type(base).__name__}")
     head = base.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
