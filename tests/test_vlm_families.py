@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bpo_fast.data.preference import PreferenceCollator
-from bpo_fast.models.preference import PreferenceModel, load_vlm
+from bpo_fast.models.preference import PreferenceModel, load_vlm, prepare_policy
 from bpo_fast.models.tiny_vlm import FAMILIES, build_tiny_vlm
 from bpo_fast.models.vlm import UnsupportedModelError, get_adapter, load_processor
 
@@ -114,12 +114,16 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
         with pytest.raises(ValueError, match="packing"):
             PreferenceModel(model, reference_mode="cached", packing=True)
 
-    # the DPO step: gradients reach the decoder, the loss is finite
-    model.train()
-    pm = PreferenceModel(model, reference_mode="cached")
+    # the DPO step against a frozen reference copy: the reference reuses the policy's image
+    # features (same frozen image path), equals it at the start; gradients reach the decoder
+    policy = prepare_policy(model)
+    policy.train()
+    pm = PreferenceModel(policy, load_vlm(path), reference_mode="model")
+    assert pm.share_image_features
     out = pm(batch["input_ids"], batch["attention_mask"], batch["labels"],
-             batch["pixel_values"], ref_chosen_logps=lp[:b].detach() - 0.5,
-             ref_rejected_logps=lp[b:].detach(), **_extra(batch))
+             batch["pixel_values"], **_extra(batch))
+    torch.testing.assert_close(out.ref_chosen_logps, lp[:b].detach(), rtol=RTOL, atol=1e-5)
+    torch.testing.assert_close(out.ref_rejected_logps, lp[b:].detach(), rtol=RTOL, atol=1e-5)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     decoder = model.get_decoder()
