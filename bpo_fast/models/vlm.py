@@ -212,6 +212,8 @@ class VLMAdapter:
     packable = True
     # the prompt comes from a chat template (False: the processor builds it, PaliGemma)
     uses_chat_template = True
+    # dim 0 of pixel_values counts images (False: InternVL's flattened tiles)
+    images_along_dim0 = True
 
     def base_model(self, model):
         base = _unwrap(model)
@@ -262,7 +264,7 @@ class VLMAdapter:
         if "image_grid_thw" in images:
             return int(images["image_grid_thw"].shape[0])
         pv = images.get("pixel_values")
-        return int(pv.shape[0]) if isinstance(pv, torch.Tensor) and self.name != "internvl" else None
+        return int(pv.shape[0]) if isinstance(pv, torch.Tensor) and self.images_along_dim0 else None
 
     def encode(self, model, images):
         """The model's own ``get_image_features`` on the batch's images (one per pair), as the
@@ -410,6 +412,13 @@ class PaddedTilesAdapter(VLMAdapter):
     pad_images = True
 
 
+class FlatTilesAdapter(VLMAdapter):
+    """InternVL: each image cropped to tiles (+ a thumbnail), all tiles of the batch flattened
+    along dim 0; the tile count of each image is in its placeholder tokens."""
+
+    images_along_dim0 = False
+
+
 class QwenVLAdapter(VLMAdapter):
     """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: flattened patches + ``image_grid_thw``; the base forward
     builds the M-RoPE ``position_ids`` with the model's own ``get_rope_index`` (from
@@ -473,7 +482,7 @@ ADAPTERS = {
     "llava_onevision": PaddedTilesAdapter(),
     "idefics3": PaddedTilesAdapter(),
     "smolvlm": PaddedTilesAdapter(),
-    "internvl": VLMAdapter(),
+    "internvl": FlatTilesAdapter(),
     "qwen2_vl": QwenVLAdapter(),
     "qwen2_5_vl": QwenVLAdapter(),
     "qwen3_vl": QwenVLAdapter(),
