@@ -14,12 +14,16 @@ import pytest
 import torch
 
 from bpo_fast.data.preference import PreferenceCollator
-from bpo_fast.models.preference import PreferenceModel, load_vlm
+from bpo_fast.models.preference import PreferenceModel, load_vlm, prepare_policy
 from bpo_fast.models.tiny_vlm import FAMILIES, build_tiny_vlm
 from bpo_fast.models.vlm import UnsupportedModelError, get_adapter, load_processor
 
 RTOL = 1e-5
-SIZES = [(20, 12), (12, 28), (33, 17)]  # (width, height): landscape, portrait, odd
+# (width, height): landscape, portrait, square: different patch / tile counts per image in every
+# family with a variable layout (asserted below)
+SIZES = [(20, 12), (12, 28), (36, 36)]
+VARIABLE = {"llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "qwen2_vl",
+            "qwen2_5_vl", "qwen3_vl"}
 
 
 def _items():
@@ -84,6 +88,8 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
     collator = PreferenceCollator(processor)
     assert collator.model_type == family
     items = _items()
+    shapes = {tuple(collator.encode_pair(it)[3]["pixel_values"].shape) for it in items}
+    assert (len(shapes) > 1) == (family in VARIABLE), shapes
     batch = collator(items)
     b = len(items)
 
@@ -108,12 +114,16 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
         with pytest.raises(ValueError, match="packing"):
             PreferenceModel(model, reference_mode="cached", packing=True)
 
-    # the DPO step: gradients reach the decoder, the loss is finite
-    model.train()
-    pm = PreferenceModel(model, reference_mode="cached")
+    # the DPO step against a frozen reference copy: the reference reuses the policy's image
+    # features (same frozen image path), equals it at the start; gradients reach the decoder
+    policy = prepare_policy(model)
+    policy.train()
+    pm = PreferenceModel(policy, load_vlm(path), reference_mode="model")
+    assert pm.share_image_features
     out = pm(batch["input_ids"], batch["attention_mask"], batch["labels"],
-             batch["pixel_values"], ref_chosen_logps=lp[:b].detach() - 0.5,
-             ref_rejected_logps=lp[b:].detach(), **_extra(batch))
+             batch["pixel_values"], **_extra(batch))
+    torch.testing.assert_close(out.ref_chosen_logps, lp[:b].detach(), rtol=RTOL, atol=1e-5)
+    torch.testing.assert_close(out.ref_rejected_logps, lp[b:].detach(), rtol=RTOL, atol=1e-5)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     decoder = model.get_decoder()
@@ -125,14 +135,16 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
 def test_unsupported_families_fail_clearly(tmp_path):
     from transformers import MllamaConfig
 
-    model, _ = build_tiny_vlm("paligemma2")
+    model, _ = build_tiny_vlm("paligemma2", str(tmp_path / "pg2"))
     with pytest.raises(UnsupportedModelError, match="final_logit_softcapping"):
         PreferenceModel(model, reference_mode="cached")
+    with pytest.raises(UnsupportedModelError, match="PaliGemma 2"):
+        load_vlm(str(tmp_path / "pg2"))  # before loading (which fails under sdpa)
     with pytest.raises(UnsupportedModelError, match="Mllama"):
         get_adapter("mllama")
-    MllamaConfig().save_pretrained(tmp_path)
+    MllamaConfig().save_pretrained(tmp_path / "mllama")
     with pytest.raises(UnsupportedModelError, match="cross-attention"):
-        load_vlm(str(tmp_path))
+        load_vlm(str(tmp_path / "mllama"))
 
 
 def test_one_chat_template_rule(tmp_path, tiny_llava_dir):
@@ -162,3 +174,19 @@ def test_one_chat_template_rule(tmp_path, tiny_llava_dir):
     processor.chat_template = None
     assert PreferenceCollator(processor).template == CHAT_TEMPLATE
     assert PreferenceCollator(processor, chat_template="{{ 'Q' }}").template == "{{ 'Q' }}"
+
+
+def test_cli_names_the_unsupported_model(tmp_path, capsys):
+    from transformers import MllamaConfig
+
+    from bpo_fast.cli import main
+
+    from test_vlm_train import write_pairs
+
+    MllamaConfig().save_pretrained(tmp_path / "mllama")
+    data = write_pairs(str(tmp_path), n=1)
+    rc = main(["ref-logps", "--model", str(tmp_path / "mllama"), "--data", data,
+               "--image-root", str(tmp_path), "--out", str(tmp_path / "r.safetensors"),
+               "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cross-attention" in err and "Traceback" not in err

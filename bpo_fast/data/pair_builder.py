@@ -581,18 +581,25 @@ class _Run:
                     on_split=self._count_oom)
                 t["generate_s"] += time.perf_counter() - t0
                 self.summary.generated_tokens += ntok
-                for (smp, k, pid, _), ans in zip(chunk, answers):
-                    reason = _rejection_reason(smp.chosen, ans)
-                    if reason:
-                        self._drop(reason, smp, pid)
-                        continue
-                    records.append(self._record(smp, pid, ans, "image_weakened", self.levels[k],
-                                                None, settings))
+                records.extend(self._weakened_records(chunk, answers, settings))
             self._write(records)
             self._progress(len(rows))
             if self._stop():
                 break
         del it, loader
+
+    def _weakened_records(self, chunk, answers, settings):
+        """Pair records of generated rows ``(sample, level index, pair id, ...)``; equal or empty
+        answers are dropped (counted and logged)."""
+        out = []
+        for (smp, k, pid, _), ans in zip(chunk, answers):
+            reason = _rejection_reason(smp.chosen, ans)
+            if reason:
+                self._drop(reason, smp, pid)
+                continue
+            out.append(self._record(smp, pid, ans, "image_weakened", self.levels[k], None,
+                                    settings))
+        return out
 
     def _image_weakened_rows(self, units, bad_images):
         """image_weakened through the family's processor (:mod:`bpo_fast.data.vlm_generation`):
@@ -632,13 +639,7 @@ class _Run:
                     inputs, row_seeds=[derive_seed(cfg.seed, r[2]) for r in chunk])
                 t["generate_s"] += time.perf_counter() - t0
                 self.summary.generated_tokens += ntok
-                for (smp, k, pid, _), ans in zip(chunk, answers):
-                    reason = _rejection_reason(smp.chosen, ans)
-                    if reason:
-                        self._drop(reason, smp, pid)
-                        continue
-                    records.append(self._record(smp, pid, ans, "image_weakened", self.levels[k],
-                                                None, settings))
+                records.extend(self._weakened_records(chunk, answers, settings))
             self._write(records)
             self._progress(len(rows))
             if self._stop():

@@ -1,14 +1,14 @@
 """Policy and reference forward together for DPO on vision-language models.
 
-:class:`PreferenceModel` wraps a Hugging Face vision-language model (``LlavaForConditionalGeneration``
-first; any model with the same shape of API: ``get_image_features``, ``get_input_embeddings``,
-``get_decoder``, ``get_output_embeddings`` and ``config.image_token_id``) and runs one DPO step's
-forward the cheap way:
+:class:`PreferenceModel` wraps a Hugging Face vision-language model of a family the model layer
+knows (:mod:`bpo_fast.models.vlm`: LLaVA, LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, Idefics3/SmolVLM,
+Gemma 3, PaliGemma, InternVL) and runs one DPO step's forward the cheap way:
 
 - the batch holds ``2B`` rows ``[chosen; rejected]`` and ``B`` images, one per pair; each image goes
-  through the vision tower and projector **once** and its features are scattered into both rows'
-  input embeddings;
-- the language model's decoder (the base model, not the LM-head wrapper) gives hidden states, and the
+  through the vision tower and projector **once** (the model's own ``get_image_features``) and the
+  family's base model places the features in both rows (``mm_encoder_outputs``), with its own
+  masks and position ids, so the log-probs are the HF forward's;
+- the base model (not the LM-head wrapper) gives hidden states, and the
   LM head goes straight into :func:`bpo_fast.ops.linear.linear_sequence_logprobs` (the fused
   LM-head log-probs) and :func:`bpo_fast.ops.dpo.dpo_loss`: no ``[2B, T, V]`` logits tensor exists;
 - the reference is (a) a separate frozen model (``"model"``, its own dtype, no autograd), (b) the
@@ -71,14 +71,9 @@ def unwrap(model):
 
 
 def image_token_id(model):
-    cfg = unwrap(model).config
-    for name in ("image_token_id", "image_token_index"):
-        v = getattr(cfg, name, None)
-        if v is not None:
-            return int(v)
-    raise ValueError(f"model: {type(unwrap(model)).__name__}.config has no image_token_id / "
-                     "image_token_index; PreferenceModel needs a vision-language model that marks "
-                     "image positions with a placeholder token (e.g. LlavaForConditionalGeneration)")
+    from bpo_fast.models.vlm import image_token_id as _image_token_id
+
+    return _image_token_id(model)
 
 
 def check_vlm_api(model):
@@ -198,9 +193,11 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
         raise FileNotFoundError(f"model: {path!r} is not a directory (a local save_pretrained "
                                 "folder; nothing is downloaded)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    from bpo_fast.models.vlm import get_adapter
+    from bpo_fast.models.vlm import check_logit_transform, get_adapter
 
-    get_adapter(config.model_type)  # a clear error for unsupported families, before loading
+    # clear errors for unsupported families and heads, before loading
+    get_adapter(config.model_type)
+    check_logit_transform(config, f"model {path!r}")
     impl = choose_attention(attn_implementation, device, compute_dtype or dtype)
     kwargs = dict(dtype=dtype, attn_implementation=impl, local_files_only=True)
     if config.model_type == "llava":

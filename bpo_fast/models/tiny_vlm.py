@@ -160,23 +160,18 @@ def _idefics3(family):
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
     tok = build_word_tokenizer(WORDS, special_tokens=grid, named_tokens=named)
     text = _llama(tok)
-    if family == "idefics3":
-        vis = tr.Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, image_size=16, patch_size=4)
-        cfg = tr.Idefics3Config(vision_config=vis, text_config=text, scale_factor=2,
-                                image_token_id=tok.image_token_id)
-        ip = tr.Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
-        proc = build_processor(tr.Idefics3Processor, image_processor=ip, tokenizer=tok, image_seq_len=4,
-                                    chat_template=_template(family))
-        return tr.Idefics3ForConditionalGeneration(cfg), proc
-    vis = tr.SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, image_size=16, patch_size=4)
-    cfg = tr.SmolVLMConfig(vision_config=vis, text_config=text, scale_factor=2,
-                           image_token_id=tok.image_token_id)
-    ip = tr.SmolVLMImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
-    proc = build_processor(tr.SmolVLMProcessor, image_processor=ip, tokenizer=tok, image_seq_len=4,
-                               chat_template=_template(family))
-    return tr.SmolVLMForConditionalGeneration(cfg), proc
+    # Idefics3 and SmolVLM: the same layout under two names
+    name = "Idefics3" if family == "idefics3" else "SmolVLM"
+    vis = getattr(tr, f"{name}VisionConfig")(hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=16, patch_size=4)
+    cfg = getattr(tr, f"{name}Config")(vision_config=vis, text_config=text, scale_factor=2,
+                                       image_token_id=tok.image_token_id)
+    ip = getattr(tr, f"{name}ImageProcessorPil")(size={"longest_edge": 32},
+                                                 max_image_size={"longest_edge": 16})
+    proc = build_processor(getattr(tr, f"{name}Processor"), image_processor=ip, tokenizer=tok,
+                           image_seq_len=4, chat_template=_template(family))
+    return getattr(tr, f"{name}ForConditionalGeneration")(cfg), proc
 
 
 def _gemma3(family):

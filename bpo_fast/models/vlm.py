@@ -39,6 +39,7 @@ model (``final_logit_softcapping``), and any ``model_type`` not in :data:`ADAPTE
 import torch
 
 __all__ = ["VLMAdapter", "ADAPTERS", "get_adapter", "supported_model_types", "lm_head_parts",
+           "check_logit_transform", "load_processor", "image_token_id",
            "resolve_chat_template", "UnsupportedModelError", "DEFAULT_CHAT_TEMPLATES"]
 
 IGNORE_INDEX = -100
@@ -46,7 +47,7 @@ IGNORE_INDEX = -100
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(ValueError):
     """A model (type or configuration) that :class:`bpo_fast.PreferenceModel` cannot run exactly."""
 
 
@@ -167,25 +168,30 @@ def resolve_chat_template(processor, model_type=None, override=None):
 # the LM head
 # --------------------------------------------------------------------------------------------
 
-def lm_head_parts(model):
-    """``(weight, bias)`` of the LM head; raises :class:`UnsupportedModelError` for a logit
-    transform the fused head does not compute (the log-probs would silently differ from HF's)."""
-    base = _unwrap(model)
-    cfg = base.config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for c in (cfg, text):
+def check_logit_transform(config, what="model"):
+    """Raise :class:`UnsupportedModelError` when ``config`` (or its text config) transforms the
+    logits in a way the fused LM-head log-probs do not compute (the numbers would silently
+    differ from HF's): Gemma 2's ``final_logit_softcapping`` (PaliGemma 2), logit scales."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for c in (config, text):
         cap = getattr(c, "final_logit_softcapping", None)
         if cap:
             raise UnsupportedModelError(
-                f"model: {type(base).__name__} ({cfg.model_type}, text model "
-                f"{getattr(text, 'model_type', '?')}) caps its logits (final_logit_softcapping="
-                f"{cap}); the fused LM-head log-probs do not apply the cap, so this model "
-                "(e.g. PaliGemma 2, Gemma 2) is not supported")
+                f"{what}: {config.model_type} (text model {getattr(text, 'model_type', '?')}) "
+                f"caps its logits (final_logit_softcapping={cap}); the fused LM-head log-probs "
+                "do not apply the cap, so this model (e.g. PaliGemma 2, Gemma 2) is not supported")
         for name in ("logit_scale", "logits_scaling"):
             v = getattr(c, name, None)
             if v not in (None, 1, 1.0):
-                raise UnsupportedModelError(f"model: {type(base).__name__}.config.{name}={v} "
+                raise UnsupportedModelError(f"{what}: {config.model_type} config.{name}={v} "
                                             "scales the logits; not supported by the fused head")
+
+
+def lm_head_parts(model):
+    """``(weight, bias)`` of the LM head; raises :class:`UnsupportedModelError` for a logit
+    transform the fused head does not compute (:func:`check_logit_transform`)."""
+    base = _unwrap(model)
+    check_logit_transform(base.config, f"model {type(base).__name__}")
     head = base.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
@@ -206,6 +212,8 @@ class VLMAdapter:
     packable = True
     # the prompt comes from a chat template (False: the processor builds it, PaliGemma)
     uses_chat_template = True
+    # dim 0 of pixel_values counts images (False: InternVL's flattened tiles)
+    images_along_dim0 = True
 
     def base_model(self, model):
         base = _unwrap(model)
@@ -256,7 +264,7 @@ class VLMAdapter:
         if "image_grid_thw" in images:
             return int(images["image_grid_thw"].shape[0])
         pv = images.get("pixel_values")
-        return int(pv.shape[0]) if isinstance(pv, torch.Tensor) and self.name != "internvl" else None
+        return int(pv.shape[0]) if isinstance(pv, torch.Tensor) and self.images_along_dim0 else None
 
     def encode(self, model, images):
         """The model's own ``get_image_features`` on the batch's images (one per pair), as the
@@ -383,14 +391,17 @@ def _vision_dtype(base):
     return None
 
 
-def _image_token_id(model):
+def image_token_id(model):
+    """The placeholder token id the model's image features replace."""
     cfg = _unwrap(model).config
     for name in ("image_token_id", "image_token_index"):
         v = getattr(cfg, name, None)
         if v is not None:
             return int(v)
-    raise UnsupportedModelError(f"model: {type(_unwrap(model)).__name__}.config has no "
-                                "image_token_id")
+    raise UnsupportedModelError(
+        f"model: {type(_unwrap(model)).__name__}.config has no image_token_id / "
+        "image_token_index; PreferenceModel needs a vision-language model that marks image "
+        "positions with a placeholder token (e.g. LlavaForConditionalGeneration)")
 
 
 class PaddedTilesAdapter(VLMAdapter):
@@ -399,6 +410,13 @@ class PaddedTilesAdapter(VLMAdapter):
     processor pads a batch."""
 
     pad_images = True
+
+
+class FlatTilesAdapter(VLMAdapter):
+    """InternVL: each image cropped to tiles (+ a thumbnail), all tiles of the batch flattened
+    along dim 0; the tile count of each image is in its placeholder tokens."""
+
+    images_along_dim0 = False
 
 
 class QwenVLAdapter(VLMAdapter):
@@ -410,7 +428,7 @@ class QwenVLAdapter(VLMAdapter):
     packable = False
 
     def row_kwargs(self, model, input_ids, attention_mask, labels, images):
-        tid = _image_token_id(model)
+        tid = image_token_id(model)
         grid = images["image_grid_thw"]
         return {"image_grid_thw": torch.cat([grid, grid]),
                 "mm_token_type_ids": (input_ids == tid).to(torch.int32)}
@@ -423,7 +441,7 @@ class Gemma3Adapter(VLMAdapter):
     packable = False
 
     def row_kwargs(self, model, input_ids, attention_mask, labels, images):
-        return {"token_type_ids": (input_ids == _image_token_id(model)).long()}
+        return {"token_type_ids": (input_ids == image_token_id(model)).long()}
 
 
 class PaliGemmaAdapter(VLMAdapter):
@@ -464,7 +482,7 @@ ADAPTERS = {
     "llava_onevision": PaddedTilesAdapter(),
     "idefics3": PaddedTilesAdapter(),
     "smolvlm": PaddedTilesAdapter(),
-    "internvl": VLMAdapter(),
+    "internvl": FlatTilesAdapter(),
     "qwen2_vl": QwenVLAdapter(),
     "qwen2_5_vl": QwenVLAdapter(),
     "qwen3_vl": QwenVLAdapter(),
