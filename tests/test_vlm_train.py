@@ -132,3 +132,20 @@ def test_ref_logps_equal_the_hf_forward_qwen2_vl(pairs, tmp_path_factory, tmp_pa
             ids = enc["input_ids"][0]
             lp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
             torch.testing.assert_close(value[0], lp[prompt - 1:].sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_train_cli_chat_template_option(pairs, tmp_path_factory, tmp_path, capsys):
+    from bpo_fast.cli import main
+    from bpo_fast.models.vlm import DEFAULT_CHAT_TEMPLATES
+
+    model = _model_dir("qwen2_vl", tmp_path_factory)
+    path, root = pairs
+    tpl = tmp_path / "chat.jinja"
+    tpl.write_text(DEFAULT_CHAT_TEMPLATES["qwen2_vl"]())
+    base = ["train", "--model", model, "--data", path, "--image-root", root, "--device", "cpu",
+            "--dtype", "fp32", "--max-steps", "1", "--batch-size", "2", "--lora-r", "2",
+            "--no-progress", "--max-length", "256"]
+    assert main(base + ["--output", str(tmp_path / "a"), "--chat-template", str(tpl)]) == 0
+    rc = main(base + ["--output", str(tmp_path / "b"), "--chat-template", "no-such.jinja"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--chat-template" in err and "Traceback" not in err

@@ -36,6 +36,8 @@ Unsupported, with a clear error: Mllama (cross-attention images), PaliGemma 2 / 
 model (``final_logit_softcapping``), and any ``model_type`` not in :data:`ADAPTERS`.
 """
 
+import functools
+
 import torch
 
 __all__ = ["VLMAdapter", "ADAPTERS", "get_adapter", "supported_model_types", "lm_head_parts",
@@ -276,7 +278,7 @@ class VLMAdapter:
             dtype = _vision_dtype(base)
             if dtype is not None:
                 images["pixel_values"] = pv.to(dtype)
-        accepted = _parameters(base.get_image_features)
+        accepted = _parameters(type(base).get_image_features)
         if accepted is not None:
             images = {k: v for k, v in images.items() if k in accepted}
         return base.get_image_features(**images, return_dict=True)
@@ -370,8 +372,9 @@ def _common_prefix(a, b):
     return n
 
 
+@functools.lru_cache(maxsize=None)
 def _parameters(fn):
-    """Named parameters of ``fn``, or None when it takes ``**kwargs`` beyond them."""
+    """Named parameters of ``fn`` (looked up once per function)."""
     import inspect
 
     try:
