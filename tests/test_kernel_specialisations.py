@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from bpo_fast.ops.dpo import LOSS_TYPES, _reference_loss_and_grad
+from bpo_fast.ops.dpo import _reference_loss_and_grad
+from bpo_fast.ops.losses import LOSS_TYPES, REGISTRY
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs the Triton interpreter or a GPU", allow_module_level=True)
@@ -40,13 +41,14 @@ def test_pairs_kernel_per_sequence(lt, has_len):
     lr = torch.tensor([2, 5, 4, 0, 9]) if has_len else None
     if lt in ("ipo", "sigmoid_norm") and not has_len:
         lc = lr = torch.ones(B, dtype=torch.int64)
-    e = 0.1 if lt in ("sigmoid", "robust", "exo_pair") else 0.0
+    e = 0.1 if "label_smoothing" in REGISTRY[lt].params else 0.0
+    tau = 0.5 if "discopop_tau" in REGISTRY[lt].params else 0.05  # a parameter must be read
     # bf16 policy inputs: the launcher casts them (one compiled variant for every dtype)
     res = KD.dpo_pairs(pc.bfloat16().to(DEV), pr.bfloat16().to(DEV), rc.to(DEV), rr.to(DEV),
                        None if lc is None else lc.to(DEV), None if lr is None else lr.to(DEV),
-                       beta=0.3, loss_type=LOSS_TYPES.index(lt), label_smoothing=e, tau=0.5)
+                       beta=0.3, loss_type=REGISTRY[lt].kernel_id, label_smoothing=e, tau=tau)
     ref, dc, dr = _reference_loss_and_grad(pc.bfloat16().float(), pr.bfloat16().float(), rc, rr,
-                                           lc, lr, 0.3, lt, e, 0.5)
+                                           lc, lr, 0.3, lt, e, tau)
     tol = dict(atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(res["losses"].cpu(), ref.losses, **tol)
     torch.testing.assert_close(res["loss"].cpu(), ref.loss, **tol)
@@ -67,16 +69,17 @@ def test_pairs_kernel_token_mode(lt):
     labels[4] = -100  # all masked: 0 log-prob, 0 tokens
     tok = torch.where(labels[:, 1:] == -100, torch.zeros(()), tok)
     rc, rr = -20 * torch.rand(B, generator=g), -20 * torch.rand(B, generator=g)
-    e = 0.1 if lt in ("sigmoid", "robust", "exo_pair") else 0.0
+    e = 0.1 if "label_smoothing" in REGISTRY[lt].params else 0.0
+    tau = 0.5 if "discopop_tau" in REGISTRY[lt].params else 0.05  # a parameter must be read
     res = KD.dpo_pairs(None, None, rc.to(DEV), rr.to(DEV), beta=0.2,
-                       loss_type=LOSS_TYPES.index(lt), label_smoothing=e, tau=0.5,
+                       loss_type=REGISTRY[lt].kernel_id, label_smoothing=e, tau=tau,
                        token_logps=tok.to(DEV), labels=labels.to(DEV))
     logps = tok.sum(1)
     n = (labels[:, 1:] != -100).sum(1)
     torch.testing.assert_close(res["logps"].cpu(), logps, atol=1e-4, rtol=1e-5)
     assert torch.equal(res["n_tokens"].cpu(), n)
     ref, dc, dr = _reference_loss_and_grad(logps[:B], logps[B:], rc, rr, n[:B], n[B:], 0.2, lt,
-                                           e, 0.5)
+                                           e, tau)
     torch.testing.assert_close(res["losses"].cpu(), ref.losses, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(res["dlosses"].cpu(), torch.cat([dc, dr]), atol=1e-4, rtol=1e-4)
 
