@@ -40,8 +40,10 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+# the folder holding the bpo_fast package (the repository root in a checkout)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RESULTS = os.path.join(ROOT, "bench", "results", "gpu-check.json")
+RESULTS = (os.path.join(ROOT, "bench", "results", "gpu-check.json")
+           if os.path.isdir(os.path.join(ROOT, "bench")) else "gpu-check.json")
 CACHE_ROOT = os.environ.get("BPO_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
                                                              "bpo-fast"))
 
@@ -427,8 +429,9 @@ def ensure_triton(version, installed):
 
 
 def _source_hash(module):
-    name = module.rsplit(".", 1)[-1]
-    with open(os.path.join(ROOT, "kernels", f"{name}.py"), "rb") as f:
+    import importlib.util
+
+    with open(importlib.util.find_spec(module).origin, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
