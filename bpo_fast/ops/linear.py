@@ -251,6 +251,16 @@ class _TorchReducer:
         gb = d.sum(0) if need_gb else None
         return d.to(dtype), gb
 
+    @staticmethod
+    def dlogits_from_exp(e, targets, logsum, gscale, dtype, need_gb):
+        """``d = gscale * (onehot - softmax)`` from what :meth:`update` left in a whole-vocabulary
+        tile, ``e = exp(z / T - max)``, in place: no second GEMM, no second ``exp`` pass (the
+        3-GEMM path on CPU)."""
+        d = e.mul_((-gscale * torch.exp(-logsum))[:, None])
+        d.scatter_add_(1, targets[:, None], gscale[:, None])
+        gb = d.sum(0) if need_gb else None
+        return d.to(dtype), gb
+
 
 class _TritonReducer:
     @staticmethod
@@ -630,9 +640,9 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
             m = torch.full((tok.numel(),), float("-inf"), device=dev, dtype=f32)
             s_ = torch.zeros_like(m)
             tlog = torch.zeros_like(m)
-            # the torch reducer folds in place; the Triton one leaves z as it is
-            reducer.update(z.clone() if reducer is _TorchReducer else z, bias, tgt, m, s_, tlog,
-                           0, inv_temp)
+            # the torch reducer folds in place (z becomes exp(z / T - max), which its gradient
+            # reuses); the Triton one leaves z as it is
+            reducer.update(z, bias, tgt, m, s_, tlog, 0, inv_temp)
             lse_g = _row_stats(reducer, m, s_)
             lse[tok] = lse_g
             logps.index_add_(0, rows, _logp(tlog, lse_g))
@@ -649,8 +659,12 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
             g_tok = dl.float()[local] / B
             if rpo_alpha:
                 g_tok = g_tok - torch.where(rows < B, rpo_grad, 0.0)
-            d, gb = reducer.dlogits(z, bias, tgt, lse_g, g_tok * inv_temp, 0, inv_temp, dtype,
-                                    need_b)
+            if reducer is _TorchReducer:
+                d, gb = reducer.dlogits_from_exp(z, tgt, lse_g[:, 1], g_tok * inv_temp, dtype,
+                                                 need_b)
+            else:
+                d, gb = reducer.dlogits(z, bias, tgt, lse_g, g_tok * inv_temp, 0, inv_temp,
+                                        dtype, need_b)
             if need_b:
                 gb32 += gb
             if need_h:
