@@ -11,6 +11,8 @@ from bpo_fast.runtime import DTYPES, parse_dtype  # noqa: F401  (re-exported)
 
 _DATA, _REF, _LOSS = "data and model", "reference", "loss"
 _WHAT, _OPT, _RUN = "what trains", "optimisation", "runtime"
+_EVAL = "evaluation and logging"
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 def _loss_types():
@@ -148,6 +150,48 @@ class TrainConfig:
     progress: bool = option(True, help="no progress bar", cli="no-progress", group=_RUN)
     log_every: int = option(1, help="a metrics.jsonl line every N steps", group=_RUN)
 
+    # evaluation and logging
+    eval_data: list = option(
+        None, help="evaluation pair sets as NAME=FILE (or FILE: named by its file stem), space- "
+                   "or comma-separated; a FILE holds pairs like --data (a record may carry "
+                   "\"objects\": [names] for --eval-chair)", nargs="+", type=str, group=_EVAL,
+        metavar="NAME=FILE", default_text="none")
+    eval_image_root: str = option(None, help="directory the eval pairs' image paths are "
+                                             "relative to", group=_EVAL, metavar="DIR",
+                                  default_text="--image-root")
+    eval_every: int = option(0, help="evaluate every N optimiser steps (0: only after the last "
+                                     "step); logs eval_<set>/<metric> lines in metrics.jsonl",
+                             group=_EVAL)
+    eval_batch_size: int = option(None, help="pairs per eval batch", group=_EVAL,
+                                  default_text="--batch-size")
+    eval_generate: int = option(0, help="at each evaluation, greedy answers on the first N "
+                                        "pairs of each eval set, written to "
+                                        "<output>/eval_samples.jsonl and the tracker",
+                                group=_EVAL)
+    eval_max_new_tokens: int = option(64, help="token limit of each --eval-generate answer",
+                                      group=_EVAL)
+    eval_chair: bool = option(False, help="score the --eval-generate answers with CHAIR "
+                                          "(eval_<set>/chair_i, chair_s, chair_recall) on the "
+                                          "sets whose records carry \"objects\"", group=_EVAL)
+    eval_chair_synonyms: str = option(None, help="CHAIR synonym file (bpo_fast.eval.chair "
+                                                 "formats)", group=_EVAL, metavar="FILE",
+                                      default_text="the ground-truth names themselves")
+    save_best: str = option(None, help="keep the checkpoint with the best value of this eval "
+                                       "metric in <output>/best-<step>/ (e.g. "
+                                       "eval_val/reward_accuracy; a bare metric name when there "
+                                       "is one eval set)", group=_EVAL, metavar="METRIC",
+                            default_text="off")
+    save_best_mode: str = option("auto", help="whether larger or smaller --save-best values are "
+                                              "better (auto: max for accuracies, margins, "
+                                              "rewards, log-probs and recall; min otherwise)",
+                                 choices=("auto", "min", "max"), group=_EVAL)
+    report_to: str = option("none", help="also log metrics to this tracker (tensorboard: "
+                                         "<output>/tensorboard; wandb: its own settings, e.g. "
+                                         "WANDB_PROJECT, WANDB_MODE=offline); optional "
+                                         "dependencies", choices=REPORT_TO, group=_EVAL)
+    run_name: str = option(None, help="the run's name in the tracker", group=_EVAL,
+                           default_text="the --output folder name")
+
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "epochs"):
             v = getattr(self, name)
@@ -204,12 +248,49 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
+        self._check_eval()
         parse_dtype(self.dtype)
         self.dtype = self.dtype if isinstance(self.dtype, torch.dtype) else canonical_dtype(self.dtype)
         if self.ref_dtype is not None:
             parse_dtype(self.ref_dtype)
             if not isinstance(self.ref_dtype, torch.dtype):
                 self.ref_dtype = canonical_dtype(self.ref_dtype)
+
+    def _check_eval(self):
+        from bpo_fast.train.eval import parse_eval_sets, resolve_best_metric
+
+        for name in ("eval_every", "eval_generate"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+        if not isinstance(self.eval_max_new_tokens, int) or self.eval_max_new_tokens < 1:
+            raise ValueError(f"eval_max_new_tokens: expected a positive int, got "
+                             f"{self.eval_max_new_tokens!r}")
+        if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int)
+                                                 or self.eval_batch_size < 1):
+            raise ValueError(f"eval_batch_size: expected a positive int or None, got "
+                             f"{self.eval_batch_size!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to: expected one of {list(REPORT_TO)}, got "
+                             f"{self.report_to!r}")
+        sets = parse_eval_sets(self.eval_data)   # validates the NAME=FILE syntax
+        if not sets:
+            for name in ("eval_image_root", "save_best"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: needs eval sets (eval_data, --eval-data)")
+            if self.eval_every or self.eval_generate or self.eval_chair:
+                raise ValueError("eval_every / eval_generate / eval_chair: need eval sets "
+                                 "(eval_data, --eval-data)")
+        if self.eval_chair and not self.eval_generate:
+            raise ValueError("eval_chair: scores generated answers; set eval_generate "
+                             "(--eval-generate N) too")
+        if self.save_best:
+            self.save_best, mode = resolve_best_metric(self.save_best, sets, self.save_best_mode,
+                                                       chair=self.eval_chair)
+            self.save_best_mode = mode
+        elif self.save_best_mode not in ("auto", "min", "max"):
+            raise ValueError(f"save_best_mode: expected auto, min or max, got "
+                             f"{self.save_best_mode!r}")
 
     def check_paths(self):
         """The inputs exist and are what they should be, the output can be written: before any
@@ -226,6 +307,16 @@ class TrainConfig:
         output_dir(self.output, "output")
         if self.resume not in (None, True, False, "", "latest"):
             input_dir(self.resume, "resume", what="checkpoint directory")
+        if self.eval_data:
+            from bpo_fast.train.eval import parse_eval_sets
+
+            for name, path in parse_eval_sets(self.eval_data):
+                input_file(path, "eval_data", what=f"eval pairs file of set {name!r}", text=True)
+            if self.eval_image_root:
+                input_dir(self.eval_image_root, "eval_image_root", what="image directory")
+        if self.eval_chair_synonyms:
+            input_file(self.eval_chair_synonyms, "eval_chair_synonyms", what="CHAIR synonym file",
+                       text=True)
 
     def to_dict(self):
         return dataclasses.asdict(self)
