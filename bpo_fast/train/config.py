@@ -44,12 +44,22 @@ class TrainConfig:
     # data and model
     model: str = option(help="local path of the policy model (HF save_pretrained folder)",
                         group=_DATA, metavar="DIR")
-    data: str = option(help="preference pairs (JSONL, from build-pairs / merge-pairs)",
+    data: str = option(help="preference pairs: our JSONL (build-pairs / merge-pairs), official "
+                            "BPO records, or via HF datasets a JSON/JSONL/Parquet/Arrow file or "
+                            "folder in our schema or TRL's standard / conversational preference "
+                            "format (images: `images` list; none: text only)",
                        group=_DATA, metavar="FILE")
     image_root: str = option(help="directory the pairs' image paths are relative to",
                              group=_DATA, metavar="DIR")
     output: str = option(help="output directory: final model, checkpoint-N/, metrics.jsonl",
                          group=_DATA, metavar="DIR")
+    data_format: str = option("auto", help="reader of --data/--eval-data: pairs (our reader: "
+                                            "pair JSONL, official BPO), hf (datasets), or auto "
+                                            "(hf for Parquet/Arrow/folders and TRL-format JSON)",
+                              choices=("auto", "pairs", "hf"), group=_DATA)
+    streaming: bool = option(False, help="read --data lazily through datasets streaming (data "
+                                         "larger than memory; needs --max-steps; shuffled in a "
+                                         "1000-pair buffer)", group=_DATA)
     max_length: int = option(1024, help="tokens per row (prompt and image tokens kept, answers "
                                         "cut)", group=_DATA)
     strict: bool = option(False, help="fail on the first bad record (else: skipped, counted, "
@@ -182,8 +192,9 @@ class TrainConfig:
                                        "is one eval set)", group=_EVAL, metavar="METRIC",
                             default_text="off")
     save_best_mode: str = option("auto", help="whether larger or smaller --save-best values are "
-                                              "better (auto: max for accuracies, margins, "
-                                              "rewards, log-probs and recall; min otherwise)",
+                                              "better (auto: max for reward_accuracy, "
+                                              "reward_margin, reward_chosen, logps_chosen, "
+                                              "chair_recall; min for the others)",
                                  choices=("auto", "min", "max"), group=_EVAL)
     report_to: str = option("none", help="also log metrics to this tracker (tensorboard: "
                                          "<output>/tensorboard; wandb: its own settings, e.g. "
@@ -249,6 +260,17 @@ class TrainConfig:
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
         self._check_eval()
+        if self.data_format not in ("auto", "pairs", "hf"):
+            raise ValueError(f"data_format: expected auto, pairs or hf, got {self.data_format!r}")
+        if self.streaming:
+            if self.max_steps is None:
+                raise ValueError("streaming: the length of a stream is unknown; set max_steps "
+                                 "(--max-steps)")
+            if self.reference == "cached":
+                raise ValueError("streaming: not with reference='cached' (the cache is checked "
+                                 "against every pair id up front)")
+            if self.num_workers:
+                raise ValueError("streaming: reads in the main process; set num_workers 0")
         parse_dtype(self.dtype)
         self.dtype = self.dtype if isinstance(self.dtype, torch.dtype) else canonical_dtype(self.dtype)
         if self.ref_dtype is not None:
@@ -298,7 +320,9 @@ class TrainConfig:
         from bpo_fast.errors import input_dir, input_file, output_dir
 
         input_dir(self.model, "model", what="model directory (a save_pretrained folder)")
-        input_file(self.data, "data", what="preference pairs JSONL file", text=True)
+        from bpo_fast.data.hf_pairs import check_data_path
+
+        check_data_path(self.data, "data")
         input_dir(self.image_root, "image_root", what="image directory")
         if self.ref_model:
             input_dir(self.ref_model, "ref_model", what="model directory (a save_pretrained folder)")
@@ -311,7 +335,7 @@ class TrainConfig:
             from bpo_fast.train.eval import parse_eval_sets
 
             for name, path in parse_eval_sets(self.eval_data):
-                input_file(path, "eval_data", what=f"eval pairs file of set {name!r}", text=True)
+                check_data_path(path, "eval_data")
             if self.eval_image_root:
                 input_dir(self.eval_image_root, "eval_image_root", what="image directory")
         if self.eval_chair_synonyms:

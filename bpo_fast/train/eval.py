@@ -122,17 +122,17 @@ def _objects_by_id(path):
 
 
 class _EvalSet:
-    def __init__(self, name, path, image_root, strict):
-        from bpo_fast.data.preference import PreferenceDataset
+    def __init__(self, name, path, image_root, strict, data_format="auto"):
+        from bpo_fast.data.hf_pairs import open_pairs
 
         self.name, self.path = name, path
         try:
-            self.ds = PreferenceDataset(path, image_root, strict=strict)
+            self.ds = open_pairs(path, image_root, strict=strict, data_format=data_format)
         except ValueError as exc:
             from bpo_fast.errors import UserError
 
             raise UserError(f"eval_data: set {name!r}: {exc}") from None
-        self.objects = _objects_by_id(path)
+        self.objects = self.ds.objects() if hasattr(self.ds, "objects") else _objects_by_id(path)
 
 
 class Evaluator:
@@ -145,8 +145,8 @@ class Evaluator:
         import contextlib
 
         self.config = config
-        self.sets = [_EvalSet(n, p, config.eval_image_root or config.image_root, config.strict)
-                     for n, p in parse_eval_sets(config.eval_data)]
+        self.sets = [_EvalSet(n, p, config.eval_image_root or config.image_root, config.strict,
+                              config.data_format) for n, p in parse_eval_sets(config.eval_data)]
         self.collate, self.processor, self.model_type = collate, processor, model_type
         self.cache, self.world, self.rank = cache, world, rank
         self.device = device or torch.device("cpu")
@@ -223,31 +223,29 @@ class Evaluator:
         """Greedy answers on the first ``eval_generate`` pairs: ``[{"id", "prompt", "answer",
         "chosen"}]``."""
         from bpo_fast.data.schema import turns_to_messages
-        from bpo_fast.data.vlm_generation import ProcessorRows
 
         n = min(self.config.eval_generate, len(s.ds))
-        if n == 0:
-            return []
-        rows_of = ProcessorRows(self.processor, self.model_type, schedule=None)
         model = pm.policy
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                      torch.float32)
         tok = self.processor.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         out = []
-        for i in range(0, n, self.batch_size):
-            items = [s.ds[j] for j in range(i, min(n, i + self.batch_size))]
-            texts = [self.collate.prompt_text(turns_to_messages(it["prompt"])) for it in items]
-            batch = rows_of([(t, it["image"], None, 0) for t, it in zip(texts, items)],
-                            self.device, dtype)
+        # one pair at a time (no padding to get right; pairs may hold any number of images)
+        for j in range(n):
+            it = s.ds[j]
+            text = self.collate.prompt_text(turns_to_messages(it["prompt"]))
+            images = it["images"] if it.get("images") is not None else [it["image"]]
+            enc = self.processor(images=images or None, text=[text], return_tensors="pt")
+            enc = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+                   for k, v in enc.items() if isinstance(v, torch.Tensor)}
             with self.autocast:
-                seqs = model.generate(**batch, max_new_tokens=self.config.eval_max_new_tokens,
-                                      do_sample=False, num_beams=1,
-                                      pad_token_id=rows_of.pad_id)
-            new = seqs[:, batch["input_ids"].shape[1]:]
-            for it, t, ids in zip(items, texts, new):
-                out.append({"id": it["id"], "prompt": t,
-                            "answer": tok.decode(ids, skip_special_tokens=True).strip(),
-                            "chosen": it["chosen"]})
+                seqs = model.generate(**enc, max_new_tokens=self.config.eval_max_new_tokens,
+                                      do_sample=False, num_beams=1, pad_token_id=pad)
+            new = seqs[0, enc["input_ids"].shape[1]:]
+            out.append({"id": it["id"], "prompt": text,
+                        "answer": tok.decode(new, skip_special_tokens=True).strip(),
+                        "chosen": it["chosen"]})
         return out
 
     def chair(self, s, samples):

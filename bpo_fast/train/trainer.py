@@ -477,7 +477,7 @@ def train(config):
     ``metrics.jsonl``; ``skipped``: bad records; ``skipped_steps``: non-finite steps skipped)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
+    from bpo_fast.data.preference import PreferenceCollator
     from bpo_fast.models.preference import unwrap
     from bpo_fast.models.vlm import load_processor
 
@@ -501,7 +501,14 @@ def train(config):
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)  # same on every rank: LoRA init must agree across ranks
 
-    ds = PreferenceDataset(config.data, config.image_root, strict=config.strict)
+    from bpo_fast.data.hf_pairs import StreamingPairs, open_pairs
+
+    if config.streaming:
+        ds = StreamingPairs(config.data, config.image_root, seed=config.seed, rank=rank,
+                            world=world)
+    else:
+        ds = open_pairs(config.data, config.image_root, strict=config.strict,
+                        data_format=config.data_format)
     cache = None
     if config.reference == "cached":
         from bpo_fast.train.ref_cache import RefLogpsCache, check_compatible
@@ -530,9 +537,13 @@ def train(config):
                                         if dtype != torch.float32 else None))
         if config.save_best:
             best = BestTracker(config.save_best, config.save_best_mode, config.output)
-    sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank, seed=config.seed)
-    micro_per_epoch = sampler.per_rank // config.batch_size
-    steps_per_epoch = micro_per_epoch // config.grad_accum
+    if config.streaming:  # length unknown: an epoch ends when the stream does
+        sampler, steps_per_epoch = ds, None
+    else:
+        sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank,
+                                              seed=config.seed)
+        micro_per_epoch = sampler.per_rank // config.batch_size
+        steps_per_epoch = micro_per_epoch // config.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(f"data: {len(ds)} usable pairs are fewer than one global batch "
                          f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x "
@@ -564,7 +575,7 @@ def train(config):
 
         bar = tqdm(total=total, initial=step, desc="dpo", unit="step", dynamic_ncols=True)
     history, last_ckpt = [], None
-    use_micro = steps_per_epoch * config.grad_accum
+    use_micro = steps_per_epoch * config.grad_accum if steps_per_epoch else math.inf
     loader_gen = torch.Generator().manual_seed(config.seed)  # keeps DataLoader off the global RNG
     acc = _Accumulator(device)
     step_ids, skipped_steps = [], 0
@@ -579,9 +590,11 @@ def train(config):
             epoch, micro_in_epoch = epoch + 1, 0
         sampler.set_epoch(epoch, start=micro_in_epoch * config.batch_size)
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
-            num_workers=config.num_workers, drop_last=True, generator=loader_gen,
+            ds, batch_size=config.batch_size, sampler=None if config.streaming else sampler,
+            collate_fn=collate, num_workers=config.num_workers, drop_last=True,
+            generator=None if config.streaming else loader_gen,
             pin_memory=device.type == "cuda")
+        micro_before = micro_in_epoch
         for batch in loader:
             if micro_in_epoch >= use_micro or step >= total:
                 break
@@ -657,6 +670,11 @@ def train(config):
             t0 = time.perf_counter()  # eval and checkpoint time is not the next step's
             if step >= total:
                 break
+        if config.streaming and step < total:  # the stream ended: the next epoch
+            if micro_in_epoch == micro_before:
+                raise ValueError(f"data: the stream {config.data!r} gave no full batch of "
+                                 f"{config.batch_size} pairs")
+            epoch, micro_in_epoch = epoch + 1, 0
     if bar is not None:
         bar.close()
     tracker.close()
