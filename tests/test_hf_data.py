@@ -93,6 +93,8 @@ def test_readers_give_the_same_batches(tiny_llava_dir, files):
     c = open_pairs(std, root)
     assert isinstance(b, HFPreferenceDataset) and isinstance(c, HFPreferenceDataset)
     assert type(a).__name__ == "PreferenceDataset" and len(a) == len(b) == len(c) == 8
+    # embedded images stay undecoded bytes in the table until a pair is read
+    assert set(c.table[0]["images"][0]) == {"bytes", "path"}
     ba, bb, bc = (col([d[i] for i in range(3)]) for d in (a, b, c))
     for k in ("input_ids", "labels", "attention_mask", "pixel_values"):
         assert torch.equal(ba[k], bb[k]), k

@@ -215,20 +215,33 @@ def _item(rec, index, image_root, line):
             "chosen": rec["chosen"], "rejected": rec["rejected"], "line": line}
 
 
-def _undecoded(table):
-    """The table with its ``datasets.Image`` columns left as ``{"bytes", "path"}``."""
+def _undecoded_feature(feat):
+    """``feat`` with its ``datasets.Image`` parts set to ``decode=False`` (None: no image)."""
+    import copy
+
     import datasets
 
+    if isinstance(feat, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feat, list) and feat:
+        inner = _undecoded_feature(feat[0])
+        return None if inner is None else [inner]
+    inner = getattr(feat, "feature", None)   # Sequence / List (datasets 2.x - 5.x)
+    if inner is not None:
+        new = _undecoded_feature(inner)
+        if new is not None:
+            feat = copy.copy(feat)
+            feat.feature = new
+            return feat
+    return None
+
+
+def _undecoded(table):
+    """The table with its ``datasets.Image`` columns left as ``{"bytes", "path"}`` (decoded one
+    pair at a time in ``__getitem__``, not all at once up front)."""
     for name, feat in (table.features or {}).items():
-        inner = getattr(feat, "feature", feat) if isinstance(feat, datasets.Sequence) else feat
-        if isinstance(feat, list) and feat:
-            inner = feat[0]
-        if isinstance(inner, datasets.Image):
-            new = datasets.Image(decode=False)
-            if isinstance(feat, list):
-                new = [new]
-            elif isinstance(feat, datasets.Sequence):
-                new = datasets.Sequence(new)
+        new = _undecoded_feature(feat)
+        if new is not None:
             table = table.cast_column(name, new)
     return table
 
