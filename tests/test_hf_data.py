@@ -176,6 +176,18 @@ def test_parquet_our_schema_trains_like_jsonl_and_streams(tiny_llava_dir, files,
     # epoch
     s = train(_cfg(tiny_llava_dir, ours, root, tmp_path / "s", streaming=True, max_steps=3))
     assert s["steps"] == 3 and [r["epoch"] for r in s["history"]] == [0, 0, 1]
+    # resumed from checkpoint-2 (the end of the first pass): the same third step
+    import shutil
+
+    full = train(_cfg(tiny_llava_dir, ours, root, tmp_path / "sf", streaming=True, max_steps=3,
+                      save_every=1))
+    part = tmp_path / "sp"
+    os.makedirs(part)
+    shutil.copytree(tmp_path / "sf" / "checkpoint-2", part / "checkpoint-2")
+    res = train(_cfg(tiny_llava_dir, ours, root, part, streaming=True, max_steps=3,
+                     save_every=1, resume=True))
+    assert res["history"][-1]["step"] == 3
+    assert res["history"][-1]["loss"] == pytest.approx(full["history"][-1]["loss"], abs=1e-6)
     with pytest.raises(ValueError, match="max_steps"):
         _cfg(tiny_llava_dir, ours, root, tmp_path / "x", streaming=True, max_steps=None)
 

@@ -288,25 +288,6 @@ def append_samples(output, samples):
     return path
 
 
-def truncate_samples(output, step):
-    """On resume: drop the samples written after ``step`` by the interrupted run."""
-    path = os.path.join(output, SAMPLES_FILE)
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (ValueError, KeyError):
-                break
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
-
-
 class BestTracker:
     """The best value of ``--save-best`` so far, and its checkpoint ``<output>/best-<step>``."""
 

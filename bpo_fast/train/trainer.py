@@ -592,7 +592,7 @@ def train(config):
         loader = torch.utils.data.DataLoader(
             ds, batch_size=config.batch_size, sampler=None if config.streaming else sampler,
             collate_fn=collate, num_workers=config.num_workers, drop_last=True,
-            generator=None if config.streaming else loader_gen,
+            generator=loader_gen,
             pin_memory=device.type == "cuda")
         micro_before = micro_in_epoch
         for batch in loader:
@@ -671,7 +671,7 @@ def train(config):
             if step >= total:
                 break
         if config.streaming and step < total:  # the stream ended: the next epoch
-            if micro_in_epoch == micro_before:
+            if micro_in_epoch == micro_before == 0:
                 raise ValueError(f"data: the stream {config.data!r} gave no full batch of "
                                  f"{config.batch_size} pairs")
             epoch, micro_in_epoch = epoch + 1, 0
@@ -727,9 +727,11 @@ def _prepare_output(config, ckpt, stale, step, rank):
             _clear_eval_outputs(config.output)
         else:  # drop lines past the checkpoint (written by the interrupted run after it)
             _truncate_metrics(metrics_path, step)
-            from bpo_fast.train.eval import truncate_samples
+            from bpo_fast.train.eval import SAMPLES_FILE
 
-            truncate_samples(config.output, step)
+            samples = os.path.join(config.output, SAMPLES_FILE)
+            if os.path.isfile(samples):  # the same rule for the eval samples (step <= N kept)
+                _truncate_metrics(samples, step)
         with open(os.path.join(config.output, "train_config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=1, default=str)
     return metrics_path
