@@ -178,3 +178,19 @@ def test_wandb_offline(tiny_llava_dir, sets, tmp_path, monkeypatch):
                             output=str(tmp_path / "w"), batch_size=2, device="cpu", max_length=64,
                             max_steps=1, progress=False, report_to="wandb"))
     assert res["steps"] == 1 and os.path.isdir(tmp_path / "w" / "wandb")
+
+
+def test_eval_with_lora_reference(tiny_llava_dir, sets, tmp_path):
+    """LoRA: the eval reference is the policy with its adapters off, samples come from the
+    PeftModel; at step 0-like weights (lr 0) policy == reference, so the eval loss is log 2."""
+    train_path, root, val, hard, eval_root = sets
+    res = train(TrainConfig(model=tiny_llava_dir, data=train_path, image_root=root,
+                            output=str(tmp_path / "lora"), batch_size=2, device="cpu",
+                            max_length=64, max_steps=1, progress=False, lora_r=4,
+                            learning_rate=0.0, warmup_steps=0, eval_data=[f"val={val}"],
+                            eval_image_root=eval_root, eval_generate=2, eval_max_new_tokens=3))
+    ev = [r for r in res["history"] if "eval_val/loss" in r]
+    assert len(ev) == 1 and ev[0]["eval_val/loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert ev[0]["eval_val/reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    lines = open(tmp_path / "lora" / "eval_samples.jsonl").read().splitlines()
+    assert len(lines) == 2
