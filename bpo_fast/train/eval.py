@@ -248,6 +248,19 @@ class Evaluator:
                         "chosen": it["chosen"]})
         return out
 
+    def _generate_unsharded(self, pm, s):
+        """FSDP2: ``generate`` calls the policy directly, past the root module's hooks that
+        gather its own parameters (embeddings, vision path, LM head): gather them for the call
+        (the decoder layers gather themselves)."""
+        sharded = self.world > 1 and callable(getattr(pm, "unshard", None))
+        if sharded:
+            pm.unshard()
+        try:
+            return self.generate(pm, s)
+        finally:
+            if sharded:
+                pm.reshard()
+
     def chair(self, s, samples):
         from bpo_fast.eval.chair import compute_chair
 
@@ -271,7 +284,7 @@ class Evaluator:
             for s in self.sets:
                 metrics.update(self.metrics(pm, s))
                 if self.config.eval_generate:
-                    gen = self.generate(pm, s)
+                    gen = self._generate_unsharded(pm, s)
                     samples.extend({"step": step, "set": s.name, **x} for x in gen)
                     if self.config.eval_chair:
                         metrics.update(self.chair(s, gen))
