@@ -16,7 +16,7 @@ with images in ``images`` (a list, TRL's name) or ``image`` (one): paths relativ
 ``--image-root``, or the ``datasets.Image`` feature (bytes or paths). A record with no image is a
 text-only pair. Image placeholders: where the messages hold ``{"type": "image"}`` parts (or
 ``<image>`` in the text) their count must equal the images'; where they hold none, the images go
-in front of the first user turn (as TRL's ``prepare_multimodal_messages`` does).
+in front of the first user turn.
 
 ``id``: the record's ``id`` when it has one, else ``<file stem>:<row>``; ``objects`` (a list of
 names, for ``--eval-chair``) is kept.
