@@ -6,7 +6,9 @@
                                         # full fine-tune and LoRA -> bench/results/dpo_step-cpu.json
 
 The real TRL rows need ``trl`` importable: ``pip install --no-deps -r bench/requirements-trl.txt``
-(TRL 1.16 and its data libraries; torch is not touched).
+(TRL 1.16 and its data libraries; torch is not touched). The Liger row needs ``liger_kernel``
+importable: ``pip install --no-deps liger-kernel`` (measured with 0.8.5; its loss is plain PyTorch
++ ``torch.compile``, so it also runs on CPU).
 
 Models (random weights from configs, bf16, nothing downloaded):
 - ``llava-7b-lora``: CLIP ViT-L/14-336 vision tower (576 image tokens) + 2-layer GELU projector +
@@ -38,6 +40,10 @@ Rows:
   ``_compute_loss``, fused LM head, reference handling, ``accelerator.backward``) and its AdamW,
   on the same model, batch and hyper-parameters; its step-1 loss and log-probs are checked
   against ours (params.check).
+- ``liger`` (when ``liger_kernel`` imports): Liger-Kernel's ``LigerFusedLinearDPOLoss`` (chunked
+  fused LM head + DPO loss) in place of our loss op on our model path (images encoded once per
+  pair, the same reference handling): the loss heads compared on the same hidden states; its
+  step-1 loss is checked against the naive step's (params.check).
 - ``naive_full_logits``: a hand-written naive full-logits step, labelled as such (the fallback
   when ``trl`` is not importable; on GPU also run beside it): ``[chosen; rejected]`` with the
   image duplicated per row (every image through the vision tower twice per model), full
@@ -319,6 +325,11 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
         rows.append(_trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp, b_loss,
                              device, warmup, reps, tokens, gc, dtype))
 
+    # --- Liger's fused-linear DPO loss on the same model path (when liger_kernel imports) ----
+    if liger_available():
+        rows.append(_liger_row(case, base_params, make_policy, reference, batch, b_lp, b_loss,
+                               device, warmup, reps, tokens, ctx, lora))
+
     # --- ours ------------------------------------------------------------------------------
     variants = [("sdpa", False, "model" if not lora else "lora")]
     if flash_attn_available() and device.type == "cuda":
@@ -404,6 +415,89 @@ def _trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp, b_loss
                          tokens_per_s=tokens / (med * 1e-3))
     except Exception as exc:  # a baseline that cannot run is a row with its error
         row = common.row(case, "trl", params=params, pass_="fwd+bwd",
+                         error=f"{type(exc).__name__}: {exc}"[:300])
+    _empty()
+    return row
+
+
+def liger_available():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss  # noqa: F401
+    except Exception:  # not installed, or its import needs what this machine lacks
+        return False
+    return True
+
+
+def _liger_row(case, base_params, make_policy, reference, batch, b_lp, b_loss, device, warmup,
+               reps, tokens, ctx, lora):
+    """Liger-Kernel's ``LigerFusedLinearDPOLoss`` (``liger_kernel.chunked_loss``: chunked LM head
+    + DPO loss, its own backward) in place of our loss op, on our model path (each image encoded
+    once per pair, ``[chosen; rejected]`` through the policy once, the reference's hidden states
+    under ``no_grad``): what Liger's loss head costs against ours on the same hidden states. The
+    caller shifts (hidden ``[:, :-1]``, labels ``[:, 1:]``), as TRL's Liger path does. Liger
+    compiles its chunk function with ``torch.compile`` on CUDA; on CPU it runs eagerly
+    (``compiled=False``). Its step-1 loss is checked against the naive step's."""
+    import liger_kernel
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    from bpo_fast.models.preference import PreferenceModel
+
+    version = getattr(liger_kernel, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as _v
+
+        version = _v("liger-kernel")
+    params = {**base_params, "baseline": f"liger-kernel {version} LigerFusedLinearDPOLoss "
+                                         "on bpo_fast's model path",
+              "reference": "lora-disabled" if lora else "model"}
+    try:
+        policy = make_policy("sdpa")
+        _perturb(policy)
+        pm = PreferenceModel(policy, None if lora else reference,
+                             reference_mode="lora" if lora else "model", beta=BETA, packing=False)
+        loss_fn = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=True,
+                                          compiled=device.type == "cuda")
+        opt = _optimizer(pm.parameters(), device)
+        image_kw = {k: v for k, v in batch.items()
+                    if k not in ("input_ids", "attention_mask", "labels")}
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+
+        def hidden(model, features, grad):
+            with torch.set_grad_enabled(grad):
+                h = pm.hidden_states(model, ids, mask, features, labels, **image_kw)
+                return pm._head(model, h)
+
+        def liger_loss():
+            feats = pm.encode(pm.policy, **image_kw)
+            h, w, bias = hidden(pm.policy, feats, True)
+            with torch.no_grad():
+                if lora:
+                    with pm.policy.disable_adapter():
+                        rh, rw, rb = hidden(pm.policy, feats, False)
+                else:
+                    rh, rw, rb = hidden(pm.reference, feats, False)
+            out = loss_fn(w, h[:, :-1], labels[:, 1:], bias, rh[:, :-1], rw, rb)
+            return out[0] if isinstance(out, tuple) else out
+
+        with ctx():
+            loss = float(liger_loss().detach())
+        params["check"] = {"loss": loss, "naive_loss": b_loss}
+        if abs(loss - b_loss) > 2e-2:
+            raise AssertionError(f"liger disagrees with the baseline: {params['check']}")
+
+        def step():
+            with ctx():
+                out = liger_loss()
+            out.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        med, p20, p80, peak, total = time_steps(step, warmup, reps)
+        row = common.row(case, "liger", med, p20, p80, params=params, pass_="fwd+bwd",
+                         peak_mem_bytes=peak, peak_total_bytes=total,
+                         tokens_per_s=tokens / (med * 1e-3))
+    except Exception as exc:  # a baseline that cannot run is a row with its error
+        row = common.row(case, "liger", params=params, pass_="fwd+bwd",
                          error=f"{type(exc).__name__}: {exc}"[:300])
     _empty()
     return row

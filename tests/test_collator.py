@@ -103,7 +103,6 @@ def _bad_cases(root):
         "empty_response": json.dumps({**_good(3), "chosen": "   "}),
         "schema_missing_field": json.dumps({k: v for k, v in _good(4).items() if k != "strategy"}),
         "schema_bad_strategy": json.dumps({**_good(5), "strategy": "made_up"}),
-        "text_only": json.dumps({**_good(6), "image": None}),
         "duplicate_id": json.dumps(_good(0)),
         "not_an_object": "[1, 2, 3]",
     }
@@ -111,7 +110,7 @@ def _bad_cases(root):
 
 @pytest.mark.parametrize("case", ["malformed", "missing_image", "unreadable_image",
                                   "empty_response", "schema_missing_field", "schema_bad_strategy",
-                                  "text_only", "duplicate_id", "not_an_object"])
+                                  "duplicate_id", "not_an_object"])
 def test_bad_records_are_skipped_or_raise_in_strict_mode(tmp_path, case):
     root = str(tmp_path)
     make_pairs(root, n=1)
@@ -125,6 +124,20 @@ def test_bad_records_are_skipped_or_raise_in_strict_mode(tmp_path, case):
     assert [r["line"] for r in ds.records] == [1, 4]
     with pytest.raises(BadRecordError, match=r"mixed\.jsonl:3:"):
         PreferenceDataset(path, root, strict=True)
+
+
+def test_text_only_record_is_a_pair(tmp_path):
+    """``"image": null`` is a text-only pair (issue 16): kept, no image, no image tokens."""
+    root = str(tmp_path)
+    make_pairs(root, n=1)
+    path = os.path.join(root, "text.jsonl")
+    rec = {**_good(6), "image": None,
+           "prompt": [{"from": "human", "value": "what color is the sky?"}]}
+    with open(path, "w") as f:
+        f.write(json.dumps(_good(0)) + "\n" + json.dumps(rec) + "\n")
+    ds = PreferenceDataset(path, root)
+    assert len(ds) == 2 and not ds.skipped
+    assert ds[1]["image"] is None and ds[1]["images"] == []
 
 
 def test_all_bad_is_an_error(tmp_path):

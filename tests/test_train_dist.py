@@ -69,3 +69,29 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tiny_llava_dir, tmp_pa
     m2 = LlavaForConditionalGeneration.from_pretrained(two).state_dict()
     for k in m1:
         assert (m1[k] - m2[k]).abs().max() < 1e-4, k
+
+
+def test_two_process_eval_matches_one_process(tiny_llava_dir, tmp_path):
+    """Eval under FSDP2: each rank scores its share (3 pairs over 2 ranks: one padded, weight 0),
+    the sums are all-reduced, greedy samples come from the sharded policy; the eval metrics equal
+    the one-process run's."""
+    from bpo_fast.cli import main
+
+    root = str(tmp_path / "d")
+    # make_pairs names its images img/0000.png..: the val set gets its own folder
+    vroot = str(tmp_path / "v")
+    val = make_pairs(vroot, n=3, seed=7, name="val.jsonl")
+    data = make_pairs(root, n=8, seed=5)
+    extra = ("--eval-data", f"val={val}", "--eval-image-root", vroot, "--eval-generate", "1",
+             "--eval-max-new-tokens", "2", "--eval-batch-size", "1")
+    one = str(tmp_path / "one")
+    assert main(_train_args(tiny_llava_dir, data, root, one, 4, *extra)) == 0
+    two = str(tmp_path / "two")
+    _torchrun(_train_args(tiny_llava_dir, data, root, two, 2, *extra), tmp_path)
+    ev1 = [r for r in _metrics(one) if "eval_val/loss" in r]
+    ev2 = [r for r in _metrics(two) if "eval_val/loss" in r]
+    assert len(ev1) == len(ev2) == 1
+    for k in ev1[0]:
+        assert ev1[0][k] == pytest.approx(ev2[0][k], abs=1e-4), k
+    with open(os.path.join(two, "eval_samples.jsonl")) as f:
+        assert len(f.read().splitlines()) == 1

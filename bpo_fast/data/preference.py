@@ -3,7 +3,8 @@
 :class:`PreferenceDataset` reads the JSONL written by the pair builder (see
 :mod:`bpo_fast.data.schema`) or the official BPO release (``completions`` records, JSON array or
 JSONL: :mod:`bpo_fast.data.bpo_format`), checks every record once up front and skips the bad ones (malformed
-JSON, schema errors such as an empty response, a missing or unreadable image, a text-only record),
+JSON, schema errors such as an empty response, a missing or unreadable image; a record with
+``"image": null`` is a text-only pair),
 counting them and warning with the line number, or raises with ``strict=True``.
 
 :class:`PreferenceCollator` turns pairs into the ``[chosen; rejected]`` batch
@@ -51,7 +52,8 @@ def _check_image(path):
 class PreferenceDataset(torch.utils.data.Dataset):
     """Pairs from ``path`` (JSONL) with images under ``image_root``.
 
-    Items are dicts ``{"index", "id", "image" (RGB PIL image), "prompt" (LLaVA turns), "chosen",
+    Items are dicts ``{"index", "id", "image" (RGB PIL image, None for a text-only pair), "images"
+    (the pair's images as a list), "prompt" (LLaVA turns), "chosen",
     "rejected", "line"}``. ``skipped`` lists the records left out (line number and reason).
     ``check_images=False`` only checks that image files exist (faster on huge sets; a corrupt
     image then fails when it is loaded).
@@ -103,9 +105,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"schema: {exc}") from None
         if rec["id"] in seen:
             raise ValueError(f"id: {rec['id']!r} already used on line {seen[rec['id']]}")
-        if rec["image"] is None:
-            raise ValueError("image: null (text-only pairs) is not supported by the trainer, which "
-                             "takes one image per pair")
+        if rec["image"] is None:  # a text-only pair
+            return {"id": rec["id"], "image_path": None, "prompt": rec["prompt"],
+                    "chosen": rec["chosen"], "rejected": rec["rejected"], "line": line_no}
         img = os.path.join(self.image_root, rec["image"])
         if self.check_images:
             _check_image(img)  # opens and verifies the file: catches corrupt images up front
@@ -121,9 +123,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         rec = self.records[i]
-        with Image.open(rec["image_path"]) as im:
-            image = im.convert("RGB")
-        return {"index": i, "id": rec["id"], "image": image, "prompt": rec["prompt"],
+        image = None
+        if rec["image_path"] is not None:
+            with Image.open(rec["image_path"]) as im:
+                image = im.convert("RGB")
+        return {"index": i, "id": rec["id"], "image": image,
+                "images": [image] if image is not None else [], "prompt": rec["prompt"],
                 "chosen": rec["chosen"], "rejected": rec["rejected"], "line": rec["line"]}
 
     @property
@@ -208,9 +213,10 @@ class PreferenceCollator:
         """(prompt ids with image tokens expanded, chosen response ids, rejected response ids,
         image-processor outputs) of one pair."""
         messages = turns_to_messages(item["prompt"])
+        images = item["images"] if item.get("images") is not None else [item["image"]]
         prompt, (chosen, rejected), image_out = self.adapter.encode_pair(
             self.processor, self.template, messages, self.prompt_text(messages),
-            [item["chosen"], item["rejected"]], item["image"], self.tokenizer)
+            [item["chosen"], item["rejected"]], images, self.tokenizer)
         return prompt, chosen, rejected, image_out
 
     def __call__(self, items):

@@ -74,7 +74,8 @@ def validate_pair(rec):
 
 
 def turns_to_messages(turns):
-    """LLaVA turns -> HF chat messages; ``<image>`` becomes a ``{"type": "image"}`` item."""
+    """LLaVA turns -> HF chat messages; each ``<image>`` becomes a ``{"type": "image"}`` item
+    (in front of the turn's text, LLaVA's layout)."""
     validate_turns(turns, "turns")
     messages = []
     for t in turns:
@@ -82,7 +83,7 @@ def turns_to_messages(turns):
         text = t["value"]
         content = []
         if IMAGE_PLACEHOLDER in text:
-            content.append({"type": "image"})
+            content.extend({"type": "image"} for _ in range(text.count(IMAGE_PLACEHOLDER)))
             text = text.replace(IMAGE_PLACEHOLDER, "").strip()
         content.append({"type": "text", "text": text})
         messages.append({"role": role, "content": content})

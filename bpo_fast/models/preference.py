@@ -341,17 +341,20 @@ class PreferenceModel(nn.Module):
         if attention_mask.shape != input_ids.shape or labels.shape != input_ids.shape:
             raise ValueError(f"attention_mask/labels: expected shape {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)} / {tuple(labels.shape)}")
+        if pixel_values is None:  # a text-only batch
+            return
         if not isinstance(pixel_values, torch.Tensor):
-            raise ValueError(f"pixel_values: expected a tensor, got {type(pixel_values).__name__}")
-        n = self.adapter.num_images({"pixel_values": pixel_values, **(image_kwargs or {})})
-        if n is not None and n * 2 != input_ids.shape[0]:
-            raise ValueError(f"pixel_values: expected one image per pair (B = "
-                             f"{input_ids.shape[0] // 2} images), got {n} "
-                             f"(pixel_values {tuple(pixel_values.shape)})")
+            raise ValueError(f"pixel_values: expected a tensor or None, got "
+                             f"{type(pixel_values).__name__}")
+        # pairs may hold any number of images (several, or none); that the images fill the
+        # rows' image tokens exactly is checked in hidden_states
 
     def encode(self, model, pixel_values, **image_kwargs):
         """The image encoder output of the batch's ``B`` images (no autograd when the image path
-        is frozen), as the family's base model takes it (``mm_encoder_outputs["image"]``)."""
+        is frozen), as the family's base model takes it (``mm_encoder_outputs["image"]``); None
+        for a text-only batch (``pixel_values`` None)."""
+        if pixel_values is None:
+            return None
         params = self._image_params(model)
         frozen = not any(p.requires_grad for _, p in params)
         ctx = torch.no_grad() if frozen or not torch.is_grad_enabled() else contextlib.nullcontext()
@@ -373,11 +376,12 @@ class PreferenceModel(nn.Module):
         each pair. ``labels`` and the image inputs feed the family's row inputs (PaliGemma's
         prefix mask, Qwen's M-RoPE grids)."""
         n_slots = int((input_ids == self.image_token_id).sum())
-        n_feat = self.adapter.num_feature_tokens(features)
+        n_feat = self.adapter.num_feature_tokens(features) if features is not None else 0
         if n_slots != 2 * n_feat:
-            raise ValueError(f"input_ids: {n_slots} image tokens in the {input_ids.shape[0]} rows, "
-                             f"but the images give {n_feat} features per row set "
-                             f"(expected {2 * n_feat} image tokens)")
+            raise ValueError(f"pixel_values: the images give {n_feat} features per row set but "
+                             f"input_ids hold {n_slots} image tokens in the "
+                             f"{input_ids.shape[0]} rows (expected {2 * n_feat}: each pair's "
+                             "images once in its chosen and once in its rejected row)")
         if labels is None:
             labels = torch.full_like(input_ids, IGNORE_INDEX)
         return self.adapter.hidden_states(model, input_ids, attention_mask, labels, image_kwargs,
@@ -432,7 +436,7 @@ class PreferenceModel(nn.Module):
 
     # ---- the step ------------------------------------------------------------------------
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values, ref_chosen_logps=None,
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, ref_chosen_logps=None,
                 ref_rejected_logps=None, **image_kwargs):
         """DPO forward on ``[chosen; rejected]`` rows; returns a :class:`PreferenceOutput`.
 
@@ -448,7 +452,8 @@ class PreferenceModel(nn.Module):
             if ref_chosen_logps is not None or ref_rejected_logps is not None:
                 raise ValueError("ref_chosen_logps/ref_rejected_logps: pass both or neither")
             ref_c, ref_r = self.reference_logps(input_ids, attention_mask, labels, pixel_values,
-                                                features=self.adapter.detach(features),
+                                                features=(self.adapter.detach(features)
+                                                          if features is not None else None),
                                                 **image_kwargs)
         else:
             ref_c, ref_r = (torch.as_tensor(t, device=input_ids.device).float().reshape(-1)

@@ -233,8 +233,11 @@ class VLMAdapter:
 
     def collate_images(self, per_pair):
         """Per-pair image inputs (dicts of what the processor returned for one image) -> one
-        batch dict, images in pair order."""
+        batch dict, images in pair order (text-only pairs contribute nothing)."""
         out = {}
+        per_pair = [p for p in per_pair if p]
+        if not per_pair:
+            return out
         for key in per_pair[0]:
             vals = [p[key] for p in per_pair]
             if not isinstance(vals[0], torch.Tensor):
@@ -315,14 +318,15 @@ class VLMAdapter:
         """Last hidden states ``[2B, T, H]`` of the base model with ``enc`` placed in both rows."""
         base = self.base_model(model)
         kwargs = self.row_kwargs(model, input_ids, attention_mask, labels, images)
-        mm = {"image": self.for_rows(enc)}
+        if enc is not None:  # None: a text-only batch
+            kwargs["mm_encoder_outputs"] = {"image": self.for_rows(enc)}
         if packed:
-            return self._packed(base, input_ids, attention_mask, mm, kwargs)
-        out = base(input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs=mm,
-                   use_cache=False, return_dict=True, **kwargs)
+            return self._packed(base, input_ids, attention_mask, kwargs)
+        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   return_dict=True, **kwargs)
         return out.last_hidden_state
 
-    def _packed(self, base, input_ids, attention_mask, mm, kwargs):
+    def _packed(self, base, input_ids, attention_mask, kwargs):
         """Rows packed into one padding-free sequence; ``position_ids`` restart at each row (how
         transformers delimits sequences for flash-attention varlen). Image features keep their
         order: packing keeps the row-major order of the placeholder tokens."""
@@ -332,7 +336,7 @@ class VLMAdapter:
         ids = input_ids.reshape(-1).index_select(0, idx).unsqueeze(0)
         pos = (torch.cumsum(attention_mask.long(), dim=1) - 1).reshape(-1).index_select(0, idx)
         out = base(input_ids=ids, position_ids=pos.unsqueeze(0), attention_mask=None,
-                   mm_encoder_outputs=mm, use_cache=False, return_dict=True, **kwargs)
+                   use_cache=False, return_dict=True, **kwargs)
         h = out.last_hidden_state[0]
         full = h.new_zeros(n * t, h.shape[-1]).index_copy(0, idx, h)
         return full.view(n, t, -1)
@@ -345,8 +349,9 @@ class VLMAdapter:
 
         The answer tokens are what follows the common prefix of the prompt and prompt+answer
         tokenised without the image expansion (robust to tokenisers that merge across the
-        boundary)."""
-        enc = processor(images=[image], text=[prompt_text], return_tensors="pt")
+        boundary). ``image``: one image, or the pair's list of images (empty: text only)."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        enc = processor(images=images or None, text=[prompt_text], return_tensors="pt")
         prompt_ids = enc["input_ids"][0].tolist()
         plain_prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         fulls = []

@@ -18,7 +18,12 @@ class RefLogpsOptions:
 
     model: str = option(None, help="local path of the reference model (HF save_pretrained "
                                    "folder)", metavar="DIR", required=True)
-    data: str = option(None, help="preference pairs (JSONL)", metavar="FILE", required=True)
+    data: str = option(None, help="preference pairs: our JSONL, official BPO records, or a "
+                                  "JSON/JSONL/Parquet/Arrow file or folder (HF datasets) in our "
+                                  "schema or TRL's preference formats", metavar="FILE",
+                       required=True)
+    data_format: str = option("auto", help="reader of --data: pairs, hf (datasets) or auto (as "
+                                           "`bpo-fast train`)", choices=("auto", "pairs", "hf"))
     image_root: str = option(None, help="directory the image paths are relative to",
                              metavar="DIR", required=True)
     out: str = option(None, help="output .safetensors file", metavar="FILE", required=True)
@@ -58,6 +63,6 @@ def run(args):
             o.model, o.data, o.image_root, o.out, batch_size=o.batch_size,
             max_length=o.max_length, dtype=o.dtype, device=o.device, temperature=o.temperature,
             strict=o.strict, attn_implementation=o.attn_implementation, progress=o.progress,
-            overwrite=o.overwrite, chat_template=o.chat_template)
+            overwrite=o.overwrite, chat_template=o.chat_template, data_format=o.data_format)
     print(f"wrote reference log-probs of {len(cache)} pairs to {o.out}")
     return 0

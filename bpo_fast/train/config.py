@@ -11,6 +11,8 @@ from bpo_fast.runtime import DTYPES, parse_dtype  # noqa: F401  (re-exported)
 
 _DATA, _REF, _LOSS = "data and model", "reference", "loss"
 _WHAT, _OPT, _RUN = "what trains", "optimisation", "runtime"
+_EVAL = "evaluation and logging"
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 def _loss_types():
@@ -42,12 +44,22 @@ class TrainConfig:
     # data and model
     model: str = option(help="local path of the policy model (HF save_pretrained folder)",
                         group=_DATA, metavar="DIR")
-    data: str = option(help="preference pairs (JSONL, from build-pairs / merge-pairs)",
+    data: str = option(help="preference pairs: our JSONL (build-pairs / merge-pairs), official "
+                            "BPO records, or via HF datasets a JSON/JSONL/Parquet/Arrow file or "
+                            "folder in our schema or TRL's standard / conversational preference "
+                            "format (images: `images` list; none: text only)",
                        group=_DATA, metavar="FILE")
     image_root: str = option(help="directory the pairs' image paths are relative to",
                              group=_DATA, metavar="DIR")
     output: str = option(help="output directory: final model, checkpoint-N/, metrics.jsonl",
                          group=_DATA, metavar="DIR")
+    data_format: str = option("auto", help="reader of --data/--eval-data: pairs (our reader: "
+                                            "pair JSONL, official BPO), hf (datasets), or auto "
+                                            "(hf for Parquet/Arrow/folders and TRL-format JSON)",
+                              choices=("auto", "pairs", "hf"), group=_DATA)
+    streaming: bool = option(False, help="read --data lazily through datasets streaming (data "
+                                         "larger than memory; needs --max-steps; shuffled in a "
+                                         "1000-pair buffer)", group=_DATA)
     max_length: int = option(1024, help="tokens per row (prompt and image tokens kept, answers "
                                         "cut)", group=_DATA)
     strict: bool = option(False, help="fail on the first bad record (else: skipped, counted, "
@@ -148,6 +160,49 @@ class TrainConfig:
     progress: bool = option(True, help="no progress bar", cli="no-progress", group=_RUN)
     log_every: int = option(1, help="a metrics.jsonl line every N steps", group=_RUN)
 
+    # evaluation and logging
+    eval_data: list = option(
+        None, help="evaluation pair sets as NAME=FILE (or FILE: named by its file stem), space- "
+                   "or comma-separated; a FILE holds pairs like --data (a record may carry "
+                   "\"objects\": [names] for --eval-chair)", nargs="+", type=str, group=_EVAL,
+        metavar="NAME=FILE", default_text="none")
+    eval_image_root: str = option(None, help="directory the eval pairs' image paths are "
+                                             "relative to", group=_EVAL, metavar="DIR",
+                                  default_text="--image-root")
+    eval_every: int = option(0, help="evaluate every N optimiser steps (0: only after the last "
+                                     "step); logs eval_<set>/<metric> lines in metrics.jsonl",
+                             group=_EVAL)
+    eval_batch_size: int = option(None, help="pairs per eval batch", group=_EVAL,
+                                  default_text="--batch-size")
+    eval_generate: int = option(0, help="at each evaluation, greedy answers on the first N "
+                                        "pairs of each eval set, written to "
+                                        "<output>/eval_samples.jsonl and the tracker",
+                                group=_EVAL)
+    eval_max_new_tokens: int = option(64, help="token limit of each --eval-generate answer",
+                                      group=_EVAL)
+    eval_chair: bool = option(False, help="score the --eval-generate answers with CHAIR "
+                                          "(eval_<set>/chair_i, chair_s, chair_recall) on the "
+                                          "sets whose records carry \"objects\"", group=_EVAL)
+    eval_chair_synonyms: str = option(None, help="CHAIR synonym file (bpo_fast.eval.chair "
+                                                 "formats)", group=_EVAL, metavar="FILE",
+                                      default_text="the ground-truth names themselves")
+    save_best: str = option(None, help="keep the checkpoint with the best value of this eval "
+                                       "metric in <output>/best-<step>/ (e.g. "
+                                       "eval_val/reward_accuracy; a bare metric name when there "
+                                       "is one eval set)", group=_EVAL, metavar="METRIC",
+                            default_text="off")
+    save_best_mode: str = option("auto", help="whether larger or smaller --save-best values are "
+                                              "better (auto: max for reward_accuracy, "
+                                              "reward_margin, reward_chosen, logps_chosen, "
+                                              "chair_recall; min for the others)",
+                                 choices=("auto", "min", "max"), group=_EVAL)
+    report_to: str = option("none", help="also log metrics to this tracker (tensorboard: "
+                                         "<output>/tensorboard; wandb: its own settings, e.g. "
+                                         "WANDB_PROJECT, WANDB_MODE=offline); optional "
+                                         "dependencies", choices=REPORT_TO, group=_EVAL)
+    run_name: str = option(None, help="the run's name in the tracker", group=_EVAL,
+                           default_text="the --output folder name")
+
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "epochs"):
             v = getattr(self, name)
@@ -204,6 +259,18 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
+        self._check_eval()
+        if self.data_format not in ("auto", "pairs", "hf"):
+            raise ValueError(f"data_format: expected auto, pairs or hf, got {self.data_format!r}")
+        if self.streaming:
+            if self.max_steps is None:
+                raise ValueError("streaming: the length of a stream is unknown; set max_steps "
+                                 "(--max-steps)")
+            if self.reference == "cached":
+                raise ValueError("streaming: not with reference='cached' (the cache is checked "
+                                 "against every pair id up front)")
+            if self.num_workers:
+                raise ValueError("streaming: reads in the main process; set num_workers 0")
         parse_dtype(self.dtype)
         if not isinstance(self.dtype, torch.dtype):
             self.dtype = canonical_dtype(self.dtype)
@@ -212,13 +279,51 @@ class TrainConfig:
             if not isinstance(self.ref_dtype, torch.dtype):
                 self.ref_dtype = canonical_dtype(self.ref_dtype)
 
+    def _check_eval(self):
+        from bpo_fast.train.eval import parse_eval_sets, resolve_best_metric
+
+        for name in ("eval_every", "eval_generate"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+        if not isinstance(self.eval_max_new_tokens, int) or self.eval_max_new_tokens < 1:
+            raise ValueError(f"eval_max_new_tokens: expected a positive int, got "
+                             f"{self.eval_max_new_tokens!r}")
+        if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int)
+                                                 or self.eval_batch_size < 1):
+            raise ValueError(f"eval_batch_size: expected a positive int or None, got "
+                             f"{self.eval_batch_size!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to: expected one of {list(REPORT_TO)}, got "
+                             f"{self.report_to!r}")
+        sets = parse_eval_sets(self.eval_data)   # validates the NAME=FILE syntax
+        if not sets:
+            for name in ("eval_image_root", "save_best"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: needs eval sets (eval_data, --eval-data)")
+            if self.eval_every or self.eval_generate or self.eval_chair:
+                raise ValueError("eval_every / eval_generate / eval_chair: need eval sets "
+                                 "(eval_data, --eval-data)")
+        if self.eval_chair and not self.eval_generate:
+            raise ValueError("eval_chair: scores generated answers; set eval_generate "
+                             "(--eval-generate N) too")
+        if self.save_best:
+            self.save_best, mode = resolve_best_metric(self.save_best, sets, self.save_best_mode,
+                                                       chair=self.eval_chair)
+            self.save_best_mode = mode
+        elif self.save_best_mode not in ("auto", "min", "max"):
+            raise ValueError(f"save_best_mode: expected auto, min or max, got "
+                             f"{self.save_best_mode!r}")
+
     def check_paths(self):
         """The inputs exist and are what they should be, the output can be written: before any
         work starts (raises :class:`bpo_fast.errors.UserError` naming the option)."""
         from bpo_fast.errors import input_dir, input_file, output_dir
 
         input_dir(self.model, "model", what="model directory (a save_pretrained folder)")
-        input_file(self.data, "data", what="preference pairs JSONL file", text=True)
+        from bpo_fast.data.hf_pairs import check_data_path
+
+        check_data_path(self.data, "data")
         input_dir(self.image_root, "image_root", what="image directory")
         if self.ref_model:
             input_dir(self.ref_model, "ref_model",
@@ -229,6 +334,16 @@ class TrainConfig:
         output_dir(self.output, "output")
         if self.resume not in (None, True, False, "", "latest"):
             input_dir(self.resume, "resume", what="checkpoint directory")
+        if self.eval_data:
+            from bpo_fast.train.eval import parse_eval_sets
+
+            for name, path in parse_eval_sets(self.eval_data):
+                check_data_path(path, "eval_data")
+            if self.eval_image_root:
+                input_dir(self.eval_image_root, "eval_image_root", what="image directory")
+        if self.eval_chair_synonyms:
+            input_file(self.eval_chair_synonyms, "eval_chair_synonyms", what="CHAIR synonym file",
+                       text=True)
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -119,19 +119,21 @@ def _read_partial(path):
 def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, max_length=None,
                             dtype=None, device=None, temperature=1.0, strict=False,
                             attn_implementation=None, progress=True, overwrite=False,
-                            chat_template=None):
+                            chat_template=None, data_format="auto"):
     """Reference log-probs of every usable pair of ``data`` under the model at ``model_path``,
     written to ``out`` (safetensors, see the module doc). Returns the :class:`RefLogpsCache`."""
-    from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
+    from bpo_fast.data.preference import PreferenceCollator
     from bpo_fast.models.preference import PreferenceModel, load_vlm
     from bpo_fast.models.vlm import load_processor
 
-    from bpo_fast.errors import UserError, input_dir, input_file, output_file
+    from bpo_fast.errors import UserError, input_dir, output_file
 
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     input_dir(model_path, "model", what="model directory (a save_pretrained folder)")
-    input_file(data, "data", what="preference pairs JSONL file", text=True)
+    from bpo_fast.data.hf_pairs import check_data_path, open_pairs
+
+    check_data_path(data, "data")
     input_dir(image_root, "image_root", what="image directory")
     output_file(out, "out")
     if os.path.exists(out) and not overwrite:
@@ -140,7 +142,7 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
 
     device = resolve_device(device)
     dtype = parse_dtype(dtype, device)
-    ds = PreferenceDataset(data, image_root, strict=strict)
+    ds = open_pairs(data, image_root, strict=strict, data_format=data_format)
     partial = out + ".partial.jsonl"
     done = _read_partial(partial)
     settings = {"model": os.path.abspath(model_path), "temperature": float(temperature),

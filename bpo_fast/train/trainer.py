@@ -45,7 +45,7 @@ logger = logging.getLogger("bpo_fast")
 # loss: the optimised objective; dpo_loss: its DPO part (they differ by the RPO term)
 METRIC_KEYS = ("step", "loss", "dpo_loss", "reward_chosen", "reward_rejected", "reward_margin",
                "reward_accuracy", "logps_chosen", "logps_rejected", "grad_norm", "lr",
-               "tokens_per_s", "peak_mem_bytes", "epoch")
+               "tokens_per_s", "samples_per_s", "peak_mem_bytes", "epoch")
 
 
 class NonFiniteError(UserError):
@@ -477,7 +477,7 @@ def train(config):
     ``metrics.jsonl``; ``skipped``: bad records; ``skipped_steps``: non-finite steps skipped)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from bpo_fast.data.preference import PreferenceCollator, PreferenceDataset
+    from bpo_fast.data.preference import PreferenceCollator
     from bpo_fast.models.preference import unwrap
     from bpo_fast.models.vlm import load_processor
 
@@ -493,12 +493,22 @@ def train(config):
             f"({os.path.basename(stale[-1])}); pass resume (--resume) to continue it or "
             f"overwrite (--overwrite) to start over")
     ckpt = _resolve_resume(config)  # reads and verifies files only: before the slow model load
+    from bpo_fast.train.tracking import check_tracker, make_tracker, samples_markdown
+
+    check_tracker(config.report_to)  # an optional library missing: say so before the model loads
     world, rank, device = init_distributed(config.device)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)  # same on every rank: LoRA init must agree across ranks
 
-    ds = PreferenceDataset(config.data, config.image_root, strict=config.strict)
+    from bpo_fast.data.hf_pairs import StreamingPairs, open_pairs
+
+    if config.streaming:
+        ds = StreamingPairs(config.data, config.image_root, seed=config.seed, rank=rank,
+                            world=world)
+    else:
+        ds = open_pairs(config.data, config.image_root, strict=config.strict,
+                        data_format=config.data_format)
     cache = None
     if config.reference == "cached":
         from bpo_fast.train.ref_cache import RefLogpsCache, check_compatible
@@ -516,9 +526,24 @@ def train(config):
     collate = PreferenceCollator(processor, max_length=config.max_length,
                                  model_type=unwrap(pm.policy).config.model_type,
                                  chat_template=config.chat_template)
-    sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank, seed=config.seed)
-    micro_per_epoch = sampler.per_rank // config.batch_size
-    steps_per_epoch = micro_per_epoch // config.grad_accum
+    evaluator = best = None
+    if config.eval_data:
+        from bpo_fast.train.eval import BestTracker, Evaluator
+
+        evaluator = Evaluator(config, collate=collate, processor=processor,
+                              model_type=collate.model_type, cache=cache, world=world, rank=rank,
+                              device=device,
+                              autocast=(torch.autocast(device.type, dtype=dtype)
+                                        if dtype != torch.float32 else None))
+        if config.save_best:
+            best = BestTracker(config.save_best, config.save_best_mode, config.output)
+    if config.streaming:  # length unknown: an epoch ends when the stream does
+        sampler, steps_per_epoch = ds, None
+    else:
+        sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank,
+                                              seed=config.seed)
+        micro_per_epoch = sampler.per_rank // config.batch_size
+        steps_per_epoch = micro_per_epoch // config.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(f"data: {len(ds)} usable pairs are fewer than one global batch "
                          f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x "
@@ -529,6 +554,7 @@ def train(config):
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
 
     step, epoch, micro_in_epoch = 0, 0, 0
+    st = None
     if ckpt is not None:
         st = load_checkpoint(ckpt, pm, optimizer, scheduler, world, rank)
         step, epoch, micro_in_epoch = st["step"], st["epoch"], st["micro_in_epoch"]
@@ -536,6 +562,10 @@ def train(config):
                     micro_in_epoch)
 
     metrics_path = _prepare_output(config, ckpt, stale, step, rank)
+    if best is not None:  # rank 0 also drops the best-N folders the restored state does not know
+        best.load((st or {}).get("best"), remove_unknown=rank == 0)
+    tracker = make_tracker(config, rank=rank, resumed_step=step if ckpt is not None else None)
+    pairs_per_step = config.batch_size * config.grad_accum * world
 
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
@@ -545,7 +575,7 @@ def train(config):
 
         bar = tqdm(total=total, initial=step, desc="dpo", unit="step", dynamic_ncols=True)
     history, last_ckpt = [], None
-    use_micro = steps_per_epoch * config.grad_accum
+    use_micro = steps_per_epoch * config.grad_accum if steps_per_epoch else math.inf
     loader_gen = torch.Generator().manual_seed(config.seed)  # keeps DataLoader off the global RNG
     acc = _Accumulator(device)
     step_ids, skipped_steps = [], 0
@@ -560,9 +590,11 @@ def train(config):
             epoch, micro_in_epoch = epoch + 1, 0
         sampler.set_epoch(epoch, start=micro_in_epoch * config.batch_size)
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
-            num_workers=config.num_workers, drop_last=True, generator=loader_gen,
+            ds, batch_size=config.batch_size, sampler=None if config.streaming else sampler,
+            collate_fn=collate, num_workers=config.num_workers, drop_last=True,
+            generator=loader_gen,
             pin_memory=device.type == "cuda")
+        micro_before = micro_in_epoch
         for batch in loader:
             if micro_in_epoch >= use_micro or step >= total:
                 break
@@ -607,6 +639,7 @@ def train(config):
                    "reward_accuracy": m["reward_accuracy"], "logps_chosen": m["logps_chosen"],
                    "logps_rejected": m["logps_rejected"], "grad_norm": float(grad_norm), "lr": lr,
                    "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
+                   "samples_per_s": pairs_per_step / max(elapsed, 1e-9),
                    "peak_mem_bytes": _peak_mem(device),
                    "epoch": epoch + micro_in_epoch / use_micro}
             if device.type == "cuda":
@@ -615,26 +648,70 @@ def train(config):
                 history.append(rec)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+                tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['reward_accuracy']:.2f}",
                                 margin=f"{rec['reward_margin']:.3f}")
+            state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+                     "world_size": world, "total_steps": total, "config": config.to_dict()}
+            if best is not None:
+                state["best"] = best.state()
+            if evaluator is not None and ((config.eval_every and step % config.eval_every == 0)
+                                          or step == total):
+                _evaluate(evaluator, best, pm, step, state, optimizer, scheduler, config,
+                          metrics_path, history, tracker, samples_markdown, world, rank, bar)
             if (config.save_every and step % config.save_every == 0) or step == total:
                 last_ckpt = os.path.join(config.output, f"checkpoint-{step}")
-                state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-                         "world_size": world, "total_steps": total, "config": config.to_dict()}
                 save_checkpoint(last_ckpt, pm, optimizer, scheduler, state, world, rank)
                 if rank == 0 and config.keep_checkpoints:
                     for old in _checkpoints(config.output)[:-config.keep_checkpoints]:
                         shutil.rmtree(old, ignore_errors=True)
+            t0 = time.perf_counter()  # eval and checkpoint time is not the next step's
             if step >= total:
                 break
+        if config.streaming and step < total:  # the stream ended: the next epoch
+            if micro_in_epoch == micro_before == 0:
+                raise ValueError(f"data: the stream {config.data!r} gave no full batch of "
+                                 f"{config.batch_size} pairs")
+            epoch, micro_in_epoch = epoch + 1, 0
     if bar is not None:
         bar.close()
+    tracker.close()
     save_final(pm, config, lora, dtype, world, rank)
     return {"output": config.output, "steps": step, "metrics_path": metrics_path,
             "history": history, "final_checkpoint": last_ckpt, "skipped": len(ds.skipped),
-            "skipped_steps": skipped_steps}
+            "skipped_steps": skipped_steps, "best": best.state() if best is not None else None}
+
+
+def _evaluate(evaluator, best, pm, step, state, optimizer, scheduler, config, metrics_path,
+              history, tracker, samples_markdown, world, rank, bar):
+    """One evaluation at ``step``: metrics line + tracker, samples, best checkpoint."""
+    from bpo_fast.train.eval import append_samples
+
+    metrics, samples = evaluator.run(pm, step)
+    rec = {"step": step, **metrics}
+    if rank == 0:
+        history.append(rec)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        tracker.log(metrics, step)
+        if samples:
+            append_samples(config.output, samples)
+            for name in dict.fromkeys(x["set"] for x in samples):
+                tracker.log_text(f"eval_{name}/samples",
+                                 samples_markdown([x for x in samples if x["set"] == name]), step)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                         if k.endswith(("/loss", "/reward_accuracy", "/chair_i")))
+        (bar.write if bar is not None else logger.info)(f"step {step} eval: {shown}")
+    if best is not None and best.improved(metrics):
+        path = best.update(metrics, step)
+        state["best"] = best.state()
+        save_checkpoint(path, pm, optimizer, scheduler, state, world, rank)
+        if rank == 0:
+            for old in best.existing():
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
 
 
 def _prepare_output(config, ckpt, stale, step, rank):
@@ -647,11 +724,28 @@ def _prepare_output(config, ckpt, stale, step, rank):
             for path in stale:
                 shutil.rmtree(path, ignore_errors=True)
             open(metrics_path, "w").close()
+            _clear_eval_outputs(config.output)
         else:  # drop lines past the checkpoint (written by the interrupted run after it)
             _truncate_metrics(metrics_path, step)
+            from bpo_fast.train.eval import SAMPLES_FILE
+
+            samples = os.path.join(config.output, SAMPLES_FILE)
+            if os.path.isfile(samples):  # the same rule for the eval samples (step <= N kept)
+                _truncate_metrics(samples, step)
         with open(os.path.join(config.output, "train_config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=1, default=str)
     return metrics_path
+
+
+def _clear_eval_outputs(output):
+    """A fresh run: the samples file and best checkpoints of an earlier run go."""
+    from bpo_fast.train.eval import SAMPLES_FILE
+
+    if os.path.isfile(os.path.join(output, SAMPLES_FILE)):
+        os.remove(os.path.join(output, SAMPLES_FILE))
+    for name in os.listdir(output):
+        if re.fullmatch(r"best-\d+", name):
+            shutil.rmtree(os.path.join(output, name), ignore_errors=True)
 
 
 def _nonfinite(acc, grad_norm, step_ids, step, mode, world, rank):
