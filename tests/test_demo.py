@@ -45,6 +45,16 @@ def test_quick_demo_runs_end_to_end(quick_demo, capsys):
     assert summary["compare"]["chair_i"]["bpo_vs_control"]["n"] == 1
     assert set(summary["stage_times"]["3"]) >= {"world", "sft", "pairs", "bpo", "control"}
     assert all(v is not None and v >= 0 for v in summary["stage_times"]["3"].values())
+    # the POPE probe of every arm: greedy yes/no answers to the held-out images' questions
+    assert "POPE prior accuracy" in summary["compare"]
+    assert set(summary["compare"]["POPE prior accuracy"]["arms"]) == {"before", "after", "control"}
+    with Image.open(os.path.join(out, "pope.png")) as im:
+        im.verify()
+    with open(os.path.join(seed_dir, "pope_after.jsonl")) as f:
+        answers = [json.loads(line) for line in f]
+    assert answers and all(a["question_id"].split(":")[1] in ("present", "random", "prior")
+                           for a in answers)
+    assert {a["question_id"].split(":")[1] for a in answers} == {"present", "random", "prior"}
     table = open(os.path.join(out, "report.md")).read()
     assert "\n3 " in table and "\nrun " not in table          # the one-seed row is the seed
 

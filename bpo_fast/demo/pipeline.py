@@ -18,7 +18,9 @@ again with the same settings, so an interrupted demo resumes):
    over more supervised training on the data set's own answers.
 6. **eval**: greedy captions of the held-out images before (SFT model), after BPO and after the
    control, scored with CHAIR (:mod:`bpo_fast.eval.chair`), plus the prior-partner
-   hallucination rate.
+   hallucination rate; and each model's greedy yes/no answers (3 tokens) to the POPE questions
+   of the held-out images (:mod:`bpo_fast.eval.pope`: present, random-absent and
+   prior-partner-absent objects of the world's prior pairs).
 7. **report**: :func:`bpo_fast.demo.report.write_report` (Markdown, PNG plots, a printed table).
 """
 
@@ -72,6 +74,9 @@ class DemoConfig:
     dpo_epochs: int = 1
     dpo_batch_size: int = 8
     control: bool = True              # the supervised-only control arm (see the module doc)
+    # POPE probe of every arm: at most this many present / random / prior-partner questions per
+    # held-out image (0: no POPE)
+    pope_per_image: int = 3
     # threads for torch on CPU (None: torch's default)
     threads: int = None
 
@@ -196,6 +201,43 @@ def _captions(model_dir, model_key, world, cfg, path):
     os.replace(tmp, path)
     _mark_done(path + ".done", key)
     return caps
+
+
+def _pope_questions(world, cfg, seed):
+    """The POPE question set of the held-out images: present, random-absent and
+    prior-partner-absent objects (the world's prior pairs), deterministic from the seed."""
+    from bpo_fast.eval.chair import load_ground_truth
+    from bpo_fast.eval.pope import build_questions
+
+    truth = load_ground_truth(world.eval_truth)
+    return build_questions(truth, seed=seed, per_image=cfg.pope_per_image,
+                           prior=[list(p) for p in cfg.world.prior_pairs],
+                           vocabulary=cfg.world.objects), truth
+
+
+def _pope_answers(model_dir, model_key, world, cfg, seed, path):
+    """Greedy yes/no answers (a few tokens) of the model in ``model_dir`` to the POPE questions
+    (cached in ``path`` like the captions). Returns the :class:`PopeResult`."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from bpo_fast.demo.sft import generate_answers
+    from bpo_fast.eval.pope import load_answers, score_pope, write_jsonl
+
+    questions, truth = _pope_questions(world, cfg, seed)
+    key = {"model": os.path.abspath(model_dir), "model_key": model_key, "n_eval": cfg.n_eval,
+           "per_image": cfg.pope_per_image, "n_questions": len(questions), "seed": seed}
+    if not _stage_done(path + ".done", key):
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        records, images = _read_eval(world)
+        by_id = dict(zip((r["id"] for r in records), images))
+        answers = generate_answers(model, processor, [by_id[q["image_id"]] for q in questions],
+                                   [q["question"] for q in questions], max_new_tokens=3,
+                                   device=cfg.device)
+        write_jsonl(path, [{"question_id": q["question_id"], "answer": a}
+                           for q, a in zip(questions, answers)])
+        _mark_done(path + ".done", key)
+    return score_pope(questions, load_answers(path), truth)
 
 
 def _sft(world, cfg, seed, out_dir):
@@ -362,7 +404,15 @@ def run_seed(cfg, seed):
         path = os.path.join(root, name)
         return times.run(stage, path + ".done", _captions, model_dir, key, world, cfg, path)
 
+    def pope(arm, model_dir, key):
+        if not cfg.pope_per_image:
+            return None
+        path = os.path.join(root, f"pope_{arm}.jsonl")
+        return times.run(f"pope {arm}", path + ".done", _pope_answers, model_dir, key, world,
+                         cfg, seed, path)
+
     caps_before = captions("captions before", sft_dir, sft_key, "captions_before.jsonl")
+    pope_before = pope("before", sft_dir, sft_key)
     before = score_captions(caps_before, world)
     _say(f"seed {seed}: before BPO CHAIR-i {_f(before.chair_i)} recall {_f(before.recall)}", stage_done=True)
     pairs_dir = os.path.join(root, "pairs")
@@ -372,9 +422,10 @@ def run_seed(cfg, seed):
     metrics, bpo_key = times.run("bpo", os.path.join(bpo_dir, "bpo.done"), _bpo, world, cfg,
                                  seed, sft_dir, pairs, pairs_key, bpo_dir)
     caps_after = captions("captions after", bpo_dir, bpo_key, "captions_after.jsonl")
+    pope_after = pope("after", bpo_dir, bpo_key)
     after = score_captions(caps_after, world)
     _say(f"seed {seed}: after BPO CHAIR-i {_f(after.chair_i)} recall {_f(after.recall)}", stage_done=True)
-    control = None
+    control = pope_control = None
     if cfg.control:
         ctl_dir = os.path.join(root, "control_model")
         from bpo_fast.demo.report import load_metrics
@@ -384,6 +435,7 @@ def run_seed(cfg, seed):
                             cfg, seed, sft_dir, sft_key, pairs, pairs_key, dpo_steps, ctl_dir)
         control = score_captions(captions("captions control", ctl_dir, ctl_key,
                                           "captions_control.jsonl"), world)
+        pope_control = pope("control", ctl_dir, ctl_key)
         _say(f"seed {seed}: supervised control CHAIR-i {_f(control.chair_i)} "
              f"recall {_f(control.recall)}", stage_done=True)
     _say(f"seed {seed}: done ({time.time() - t0:.0f}s)", stage_done=True)
@@ -397,6 +449,7 @@ def run_seed(cfg, seed):
             "prior_after": prior_hallucination(after, cfg.world)["all"]["rate"],
             "prior_control": (prior_hallucination(control, cfg.world)["all"]["rate"]
                               if control is not None else None),
+            "pope": {"before": pope_before, "after": pope_after, "control": pope_control},
             "seconds": time.time() - t0, "stage_times": dict(times.times)}
 
 
@@ -450,6 +503,9 @@ def run_demo(cfg):
     report = write_report(
         cfg.out, metrics=metrics, chair_before=by_seed("before"), chair_after=by_seed("after"),
         chair_control=by_seed("control") if cfg.control else None,
+        pope={arm: {r["seed"]: r["pope"][arm] for r in runs}
+              for arm in ("before", "after", "control") if all(r["pope"][arm] for r in runs)}
+        or None,
         settings=settings, stage_times=by_seed("stage_times"), examples=runs[0]["examples"],
         extra_metrics=extra, notes=notes,
     )

@@ -166,7 +166,11 @@ def _pope_values(pope):
         raise TypeError(f"pope: expected a dict with some of {list(ARMS)} -> {{seed: POPE result}}")
     out = {}
     for arm, runs in pope.items():
-        for seed, res in _as_runs(runs, arm).items():
+        if isinstance(runs, dict) and "settings" not in runs:
+            runs = {str(k): v for k, v in runs.items()}           # {seed: result}
+        else:
+            runs = {_ONE_RUN: runs}
+        for seed, res in runs.items():
             d = res.to_dict(details=False) if hasattr(res, "to_dict") else res
             if not isinstance(d, dict) or "settings" not in d:
                 raise TypeError(f"pope[{arm!r}][{seed}]: expected a PopeResult or its dict "
@@ -632,8 +636,8 @@ def _extra_values(extra):
     return out
 
 
-_STAGES = ("world", "sft", "captions before", "pairs", "bpo", "captions after", "control",
-           "captions control")
+_STAGES = ("world", "sft", "captions before", "pope before", "pairs", "bpo", "captions after",
+           "pope after", "control", "captions control", "pope control")
 
 
 def _stage_table(stage_times):
