@@ -184,3 +184,24 @@ def test_cli_write_answer_score(tmp_path, capsys):
     assert main(["eval-pope", "--ground-truth", str(gt), "--questions", str(q), "--prior",
                  str(prior), "--answers", str(yes)]) == 2
     assert "--prior" in capsys.readouterr().err
+
+
+def test_generate_answers_one_question_per_image(tiny_llava_dir):
+    """Questions of different lengths in one batch (left padding) give the answers each gets
+    alone."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from bpo_fast.demo.sft import generate_answers
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir, local_files_only=True)
+    images = [Image.new("RGB", (32, 32), c) for c in ((200, 10, 10), (10, 200, 10), (9, 9, 200))]
+    prompts = ["is there a red circle in the image?", "what is it?",
+               "is there a dog ? is there a cat ? is there a red circle in the image?"]
+    batched = generate_answers(model, processor, images, prompts, max_new_tokens=4)
+    alone = [generate_answers(model, processor, [im], p, max_new_tokens=4)[0]
+             for im, p in zip(images, prompts)]
+    assert batched == alone and all(isinstance(a, str) for a in batched)
+    with pytest.raises(ValueError, match="one question per image"):
+        generate_answers(model, processor, images, prompts[:2])
