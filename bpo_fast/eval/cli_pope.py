@@ -37,8 +37,9 @@ class PopeOptions:
                                    "{object: [partners]} or [[anchor, partner], ...]",
                         metavar="FILE", default_text="no prior-partner questions")
     seed: int = option(0, help="seed of the question draw")
-    per_image: int = option(3, help="at most this many questions of each kind (present, random, "
-                                    "prior) per image", type=int_at_least(1), metavar="N")
+    per_image: int = option(3, help="at most this many present-object questions per image, and "
+                                    "as many of each absent kind (random, prior) where there "
+                                    "are candidates", type=int_at_least(1), metavar="N")
     write_questions: str = option(None, help="write the question set to this JSONL file (with "
                                              "no --answers: only that)", metavar="FILE")
     out: str = option(None, help="write the scores and per-question details to this JSON file",
