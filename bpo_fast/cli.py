@@ -24,6 +24,7 @@ COMMANDS = {
     "ref-logps": ("bpo_fast.train.cli_ref", "precompute reference log-probs into a safetensors cache"),
     "train": ("bpo_fast.train.cli", "DPO training of a vision-language model on preference pairs"),
     "eval-chair": ("bpo_fast.eval.cli", "CHAIR hallucination scores of captions"),
+    "eval-pope": ("bpo_fast.eval.cli_pope", "POPE-style yes/no object probe: build questions, score answers"),
     "info": ("bpo_fast.cli", "what was built (extension, CUDA archs) and the versions in use"),
 }
 

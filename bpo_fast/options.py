@@ -283,12 +283,13 @@ def _command_options():
     from bpo_fast.data.pairs import PairBuilderConfig
     from bpo_fast.demo.cli import DemoOptions
     from bpo_fast.eval.cli import ChairOptions
+    from bpo_fast.eval.cli_pope import PopeOptions
     from bpo_fast.train.cli_ref import RefLogpsOptions
     from bpo_fast.train.config import TrainConfig
 
     return {"build-pairs": PairBuilderConfig, "merge-pairs": MergeOptions,
             "ref-logps": RefLogpsOptions, "train": TrainConfig, "eval-chair": ChairOptions,
-            "demo": DemoOptions}
+            "eval-pope": PopeOptions, "demo": DemoOptions}
 
 
 COMMAND_OPTIONS = _command_options  # a function: importing the classes imports torch

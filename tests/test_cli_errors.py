@@ -168,6 +168,16 @@ CASES = [
     ("chair synonyms dir", lambda w, m: _chair(w, **{"--synonyms": w["dir"]}), ["--synonyms", "directory"]),
     ("chair out unwritable", lambda w, m: _chair(w, **{"--out": w["under_file"]}), ["--out", "notes.txt"]),
     ("chair out dir", lambda w, m: _chair(w, **{"--out": w["dir"]}), ["--out", "directory"]),
+    # eval-pope
+    ("pope gt png", lambda w, m: ["eval-pope", "--ground-truth", w["png"], "--answers", w["caps"]],
+     ["--ground-truth", "PNG"]),
+    ("pope answers dir", lambda w, m: ["eval-pope", "--ground-truth", w["gt"], "--answers", w["dir"]],
+     ["--answers", "directory"]),
+    ("pope nothing to do", lambda w, m: ["eval-pope", "--ground-truth", w["gt"]], ["--answers"]),
+    ("pope answers unknown ids", lambda w, m: ["eval-pope", "--ground-truth", w["gt"],
+                                              "--answers", w["caps"]], ["caps.jsonl", "answer"]),
+    ("pope per-image 0", lambda w, m: ["eval-pope", "--ground-truth", w["gt"], "--per-image", "0"],
+     ["--per-image"]),
     # demo
     ("demo threads", lambda w, m: ["demo", "--threads", "-3", "--out", w["root"] + "/d"], ["--threads"]),
     ("demo seeds", lambda w, m: ["demo", "--seeds", "1,x", "--out", w["root"] + "/d"], ["--seeds"]),

@@ -39,16 +39,35 @@ def test_quick_demo_runs_end_to_end(quick_demo, capsys):
     report = open(os.path.join(out, "report.md")).read()
     assert "CHAIR" in report and "recall" in report.lower()
     assert "supervised-only control" in report           # what the pairs add over more SFT
+    assert report.splitlines()[2].startswith("**The aim (BPO below the SFT start and the control")
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert any("control" in k for k in summary["extra"])
+    assert set(summary["compare"]["chair_i"]["arms"]) == {"before", "after", "control"}
+    assert summary["compare"]["chair_i"]["bpo_vs_control"]["n"] == 1
+    assert set(summary["stage_times"]["3"]) >= {"world", "sft", "pairs", "bpo", "control"}
+    assert all(v is not None and v >= 0 for v in summary["stage_times"]["3"].values())
+    # the POPE probe of every arm: greedy yes/no answers to the held-out images' questions
+    assert "POPE prior accuracy" in summary["compare"]
+    assert set(summary["compare"]["POPE prior accuracy"]["arms"]) == {"before", "after", "control"}
+    with Image.open(os.path.join(out, "pope.png")) as im:
+        im.verify()
+    with open(os.path.join(seed_dir, "pope_after.jsonl")) as f:
+        answers = [json.loads(line) for line in f]
+    assert answers and all(a["question_id"].split(":")[1] in ("present", "random", "prior")
+                           for a in answers)
+    assert {a["question_id"].split(":")[1] for a in answers} == {"present", "random", "prior"}
+    table = open(os.path.join(out, "report.md")).read()
+    assert "\n3 " in table and "\nrun " not in table          # the one-seed row is the seed
 
 
 def test_quick_demo_reuses_finished_stages(quick_demo):
     rc, out = quick_demo
     seed_dir = os.path.join(out, "seed3")
     before = os.path.getmtime(os.path.join(seed_dir, "bpo_model", "metrics.jsonl"))
+    first = json.load(open(os.path.join(out, "summary.json")))["stage_times"]
     assert main(["demo", "--quick", "--out", out, "--seed", "3"]) == 0
     assert os.path.getmtime(os.path.join(seed_dir, "bpo_model", "metrics.jsonl")) == before
+    # the reused stages report the times of the run that computed them
+    assert json.load(open(os.path.join(out, "summary.json")))["stage_times"] == first
 
 
 def test_demo_bad_arguments(tmp_path, capsys):

@@ -51,16 +51,20 @@ def test_report_several_seeds(tmp_path):
     check_png(out["training_plot"])
     md = open(out["report"]).read()
     assert md.startswith("# BPO on the shapes world")
-    assert "![CHAIR before and after BPO](chair.png)" in md
+    assert "![CHAIR of every arm per seed](chair.png)" in md
     assert "![DPO training curves](training.png)" in md
     assert "BPO lowered CHAIR-i in all 3 seeds: from 31.0% to 19.0%" in md
-    assert "within the tolerance" in md and "is met in this run" in md
+    assert "BPO beats the SFT start on CHAIR-i in all 3 seeds; mean difference (BPO - SFT " \
+        "start) -12.0 [-12.0, -12.0] points, outside the seed noise" in md
+    # without a control arm the aim is not claimed
+    assert "within the tolerance" in md and "is not met in this run: no supervised control" in md
+    assert md.index("is not met") < md.index("## Setup")                # the headline comes first
     assert "| beta | 0.1 |" in md and "a red circle \\| and" in md and "Nothing else" in md
     assert "Seed 2: 120 steps; DPO loss fell" in md
-    table = out["table"]
-    assert table.splitlines()[0].split()[:3] == ["run", "CHAIR-i", "before"]
-    assert [line.split()[0] for line in table.splitlines()[2:6]] == ["0", "1", "2", "mean"]
-    assert "31.0" in table.splitlines()[5] and "19.0" in table.splitlines()[5]
+    table = out["table"].splitlines()
+    assert table[1].split() == ["seed", "SFT", "BPO"] * 1 + ["SFT", "BPO"] * 2
+    assert [line.split()[0] for line in table[3:9]] == ["0", "1", "2", "mean", "CI", "CI"]
+    assert table[6].split()[1:3] == ["31.0", "19.0"] and table[7].split()[2:4] == ["30.0", "18.0"]
     summ = json.load(open(out["summary_json"]))
     assert summ["chair"]["chair_i"]["n_down"] == 3
     assert summ["chair"]["chair_i"]["change_mean"] == pytest.approx(-0.12)
@@ -80,11 +84,17 @@ def test_report_says_what_the_numbers_say(tmp_path):
     assert "CHAIR-i went down in 1 and up in 1 of the 2 seeds" in md
     assert "within the spread between seeds and should not be read as an effect" in md
     assert "more than the tolerance" in md and "is not met in this run" in md
+    assert "recall dropped by 20.0 points" in md
     # higher CHAIR-i everywhere
     out = write_report(str(tmp_path), chair_before={"chair_i": 0.1, "chair_s": 0.2, "recall": 0.5},
                        chair_after={"chair_i": 0.2, "chair_s": 0.3, "recall": 0.6})
     md = open(out["report"]).read()
-    assert "BPO raised CHAIR-i: from 10.0% to 20.0%" in md and "recall did not drop" in md
+    assert "BPO raised CHAIR-i: from 10.0% to 20.0%" in md and "Recall did not drop" in md
+    assert "BPO does not beat the SFT start on CHAIR-i in its one seed" in md
+    assert "no claim beyond this seed" in md
+    # a single run given without a seed: its table row is not labelled "run"
+    assert out["table"].splitlines()[3].split()[0] == "-"
+    assert "run" not in out["table"].split()
     assert "No training metrics were given." in md and out["training_plot"] is None
     assert "is not met" in md
 
@@ -147,9 +157,86 @@ def test_extra_metrics(tmp_path):
     out = write_report(str(tmp_path), chair_before={0: ok, 1: ok}, chair_after={0: ok, 1: ok},
                        extra_metrics={"prior-partner hallucination": ({0: 0.8, 1: 0.6}, {0: 0.2, 1: None})})
     md = open(out["report"]).read()
-    assert "| prior-partner hallucination | 70.0 | 20.0 |" in md
+    assert "| prior-partner hallucination | 70.0 [60.0, 80.0] | 20.0 (1 seed, no CI) |" in md
     assert json.load(open(out["summary_json"]))["extra"]["prior-partner hallucination"]["n"] == 2
     with pytest.raises(TypeError, match="extra_metrics"):
         write_report(str(tmp_path), chair_before=ok, chair_after=ok, extra_metrics={"x": 0.5})
     with pytest.raises(ValueError, match="extra_metrics"):
         write_report(str(tmp_path), chair_before=ok, chair_after=ok, extra_metrics={"x": (0.5, "a")})
+
+
+def _arms(bpo_ci, ctl_ci, sft_ci=(0.60, 0.62, 0.61), recall=(0.70, 0.70)):
+    mk = lambda ci, r: {s: {"chair_i": v, "chair_s": 0.5, "recall": r}  # noqa: E731
+                        for s, v in enumerate(ci)}
+    return mk(sft_ci, recall[0]), mk(bpo_ci, recall[1]), mk(ctl_ci, recall[0])
+
+
+def test_headline_bpo_against_the_control(tmp_path):
+    # the control ends below BPO in 2 of 3 seeds: the headline must say so, not "met"
+    before, after, control = _arms((0.50, 0.52, 0.51), (0.49, 0.53, 0.50))
+    out = write_report(str(tmp_path / "a"), chair_before=before, chair_after=after,
+                       chair_control=control)
+    md = open(out["report"]).read()
+    first = md.splitlines()[2]
+    assert first.startswith("**The aim") and "is not met in this run" in first
+    assert "BPO beat the control on CHAIR-i in 1 of 3 seeds" in first
+    assert "the 95% CI of BPO minus the control on CHAIR-i does not exclude 0" in first
+    assert "BPO beats the control on CHAIR-i in only 1 of 3 seeds; mean difference (BPO - " \
+        "control) +0.3 [" in md and "within the seed noise" in md
+    assert out["headline"][0] == first
+    table = out["table"].splitlines()
+    assert table[1].split()[:4] == ["seed", "SFT", "BPO", "control"]
+    assert table[3].split()[:4] == ["0", "60.0", "50.0", "49.0"]
+    cmp_ = json.load(open(out["summary_json"]))["compare"]["chair_i"]
+    assert cmp_["bpo_vs_control"]["diffs"] == pytest.approx({"0": 0.01, "1": -0.01, "2": 0.01})
+    assert cmp_["arms"]["control"]["mean"] == pytest.approx(0.50666, abs=1e-4)
+    check_png(out["chair_plot"])
+    # BPO below both in every seed, clearly, at no recall cost: met
+    before, after, control = _arms((0.40, 0.42, 0.41), (0.50, 0.53, 0.51))
+    out = write_report(str(tmp_path / "b"), chair_before=before, chair_after=after,
+                       chair_control=control)
+    md = open(out["report"]).read()
+    assert "is met in this run" in md.splitlines()[2]
+    assert "BPO beats the control on CHAIR-i in all 3 seeds" in md
+    assert "outside the seed noise (the 95% CI excludes 0)" in md
+    # ... but not at a recall loss of 3 points
+    before, after, control = _arms((0.40, 0.42, 0.41), (0.50, 0.53, 0.51), recall=(0.70, 0.67))
+    out = write_report(str(tmp_path / "c"), chair_before=before, chair_after=after,
+                       chair_control=control)
+    assert "is not met in this run: recall dropped by 3.0 points" in open(out["report"]).read()
+
+
+def test_pope_in_the_report(tmp_path):
+    before, after, control = _arms((0.40, 0.42, 0.41), (0.50, 0.53, 0.51))
+
+    def res(prior_acc):
+        return {"settings": {"prior": {"accuracy": prior_acc, "f1": prior_acc, "yes_ratio": 0.5},
+                             "random": {"accuracy": 0.9, "f1": 0.9, "yes_ratio": 0.5}}}
+    pope = {"before": {s: res(0.6) for s in range(3)},
+            "after": {s: res(0.7 + 0.01 * s) for s in range(3)},
+            "control": {s: res(0.72) for s in range(3)}}
+    out = write_report(str(tmp_path), chair_before=before, chair_after=after,
+                       chair_control=control, pope=pope)
+    check_png(out["pope_plot"])
+    md = open(out["report"]).read()
+    # CHAIR-i beats the control, POPE prior accuracy does not (71 vs 72): not met
+    assert "is not met in this run: BPO beat the control on POPE prior accuracy in 0 of 3" in md
+    assert "| POPE prior accuracy | 60.0 [60.0, 60.0] | 71.0 [70.0, 72.0] | 72.0 [72.0, 72.0] " \
+        "| -1.0 [-2.0, +0.0] |" in md
+    assert "![POPE of every arm per seed](pope.png)" in md
+    with pytest.raises(TypeError, match="pope"):
+        write_report(str(tmp_path), chair_before=before, chair_after=after, pope={"x": {}})
+
+
+def test_stage_times_are_the_stages_own(tmp_path):
+    ok = {"chair_i": 0.1, "chair_s": 0.1, "recall": 0.5}
+    out = write_report(str(tmp_path), chair_before={3: ok}, chair_after={3: ok},
+                       stage_times={3: {"world": 2.0, "sft": 601.4, "bpo": None}})
+    md = open(out["report"]).read()
+    assert "| world | 2s |" in md and "| sft | 601s |" in md and "| bpo | ? |" in md
+    assert "| **all stages** | 603s+? |" in md
+    assert out["table"].splitlines()[3].split()[0] == "3"       # the seed, not "run"
+    summ = json.load(open(out["summary_json"]))
+    assert summ["stage_times"]["3"]["sft"] == 601.4 and summ["stage_seconds_total"] is None
+    with pytest.raises(TypeError, match="stage_times"):
+        write_report(str(tmp_path), chair_before=ok, chair_after=ok, stage_times={3: 5})

@@ -18,7 +18,9 @@ again with the same settings, so an interrupted demo resumes):
    over more supervised training on the data set's own answers.
 6. **eval**: greedy captions of the held-out images before (SFT model), after BPO and after the
    control, scored with CHAIR (:mod:`bpo_fast.eval.chair`), plus the prior-partner
-   hallucination rate.
+   hallucination rate; and each model's greedy yes/no answers (3 tokens) to the POPE questions
+   of the held-out images (:mod:`bpo_fast.eval.pope`: present, random-absent and
+   prior-partner-absent objects of the world's prior pairs).
 7. **report**: :func:`bpo_fast.demo.report.write_report` (Markdown, PNG plots, a printed table).
 """
 
@@ -72,6 +74,9 @@ class DemoConfig:
     dpo_epochs: int = 1
     dpo_batch_size: int = 8
     control: bool = True              # the supervised-only control arm (see the module doc)
+    # POPE probe of every arm: at most this many present / random / prior-partner questions per
+    # held-out image (0: no POPE)
+    pope_per_image: int = 3
     # threads for torch on CPU (None: torch's default)
     threads: int = None
 
@@ -124,6 +129,40 @@ def _mark_done(path, key):
     os.replace(tmp, path)
 
 
+class _StageTimes:
+    """Each stage's own wall time, kept in ``stage_times.json`` of the seed's folder: a stage
+    that runs (its done-marker is written anew) records its time; a stage reused from an
+    earlier run keeps the time recorded by that run (None when that run kept none)."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.times = json.load(f)
+        except (OSError, ValueError):
+            self.times = {}
+
+    def run(self, stage, marker, fn, *args):
+        def stamp():
+            try:
+                return os.stat(marker).st_mtime_ns
+            except OSError:
+                return None
+
+        before, t0 = stamp(), time.perf_counter()
+        out = fn(*args)
+        after = stamp()
+        if after is not None and after != before:
+            self.times[stage] = round(time.perf_counter() - t0, 2)
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.times, f, indent=1)
+            os.replace(tmp, self.path)
+        else:
+            self.times.setdefault(stage, None)
+        return out
+
+
 def _read_eval(world):
     from PIL import Image
 
@@ -162,6 +201,43 @@ def _captions(model_dir, model_key, world, cfg, path):
     os.replace(tmp, path)
     _mark_done(path + ".done", key)
     return caps
+
+
+def _pope_questions(world, cfg, seed):
+    """The POPE question set of the held-out images: present, random-absent and
+    prior-partner-absent objects (the world's prior pairs), deterministic from the seed."""
+    from bpo_fast.eval.chair import load_ground_truth
+    from bpo_fast.eval.pope import build_questions
+
+    truth = load_ground_truth(world.eval_truth)
+    return build_questions(truth, seed=seed, per_image=cfg.pope_per_image,
+                           prior=[list(p) for p in cfg.world.prior_pairs],
+                           vocabulary=cfg.world.objects), truth
+
+
+def _pope_answers(model_dir, model_key, world, cfg, seed, path):
+    """Greedy yes/no answers (a few tokens) of the model in ``model_dir`` to the POPE questions
+    (cached in ``path`` like the captions). Returns the :class:`PopeResult`."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from bpo_fast.demo.sft import generate_answers
+    from bpo_fast.eval.pope import load_answers, score_pope, write_jsonl
+
+    questions, truth = _pope_questions(world, cfg, seed)
+    key = {"model": os.path.abspath(model_dir), "model_key": model_key, "n_eval": cfg.n_eval,
+           "per_image": cfg.pope_per_image, "n_questions": len(questions), "seed": seed}
+    if not _stage_done(path + ".done", key):
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        records, images = _read_eval(world)
+        by_id = dict(zip((r["id"] for r in records), images))
+        answers = generate_answers(model, processor, [by_id[q["image_id"]] for q in questions],
+                                   [q["question"] for q in questions], max_new_tokens=3,
+                                   device=cfg.device)
+        write_jsonl(path, [{"question_id": q["question_id"], "answer": a}
+                           for q, a in zip(questions, answers)])
+        _mark_done(path + ".done", key)
+    return score_pope(questions, load_answers(path), truth)
 
 
 def _sft(world, cfg, seed, out_dir):
@@ -317,33 +393,49 @@ def run_seed(cfg, seed):
     root = os.path.join(cfg.out, f"seed{seed}")
     os.makedirs(root, exist_ok=True)
     t0 = time.time()
-    world = make_world(os.path.join(root, "world"), cfg.n_train, cfg.n_eval, seed=seed,
-                       config=cfg.world)
+    times = _StageTimes(os.path.join(root, "stage_times.json"))
+    world = times.run("world", os.path.join(root, "world", "world.json"), make_world,
+                      os.path.join(root, "world"), cfg.n_train, cfg.n_eval, seed, cfg.world)
     _say(f"seed {seed}: world with {cfg.n_train} training / {cfg.n_eval} held-out images", stage_done=True)
     sft_dir = os.path.join(root, "sft_model")
-    sft_key = _sft(world, cfg, seed, sft_dir)
-    caps_before = _captions(sft_dir, sft_key, world, cfg,
-                            os.path.join(root, "captions_before.jsonl"))
+    sft_key = times.run("sft", os.path.join(sft_dir, "sft.done"), _sft, world, cfg, seed, sft_dir)
+
+    def captions(stage, model_dir, key, name):
+        path = os.path.join(root, name)
+        return times.run(stage, path + ".done", _captions, model_dir, key, world, cfg, path)
+
+    def pope(arm, model_dir, key):
+        if not cfg.pope_per_image:
+            return None
+        path = os.path.join(root, f"pope_{arm}.jsonl")
+        return times.run(f"pope {arm}", path + ".done", _pope_answers, model_dir, key, world,
+                         cfg, seed, path)
+
+    caps_before = captions("captions before", sft_dir, sft_key, "captions_before.jsonl")
+    pope_before = pope("before", sft_dir, sft_key)
     before = score_captions(caps_before, world)
     _say(f"seed {seed}: before BPO CHAIR-i {_f(before.chair_i)} recall {_f(before.recall)}", stage_done=True)
-    pairs, pairs_key, summaries = _pairs(world, cfg, seed, sft_dir, sft_key,
-                                         os.path.join(root, "pairs"))
+    pairs_dir = os.path.join(root, "pairs")
+    pairs, pairs_key, summaries = times.run("pairs", os.path.join(pairs_dir, "pairs.jsonl.done"),
+                                            _pairs, world, cfg, seed, sft_dir, sft_key, pairs_dir)
     bpo_dir = os.path.join(root, "bpo_model")
-    metrics, bpo_key = _bpo(world, cfg, seed, sft_dir, pairs, pairs_key, bpo_dir)
-    caps_after = _captions(bpo_dir, bpo_key, world, cfg,
-                           os.path.join(root, "captions_after.jsonl"))
+    metrics, bpo_key = times.run("bpo", os.path.join(bpo_dir, "bpo.done"), _bpo, world, cfg,
+                                 seed, sft_dir, pairs, pairs_key, bpo_dir)
+    caps_after = captions("captions after", bpo_dir, bpo_key, "captions_after.jsonl")
+    pope_after = pope("after", bpo_dir, bpo_key)
     after = score_captions(caps_after, world)
     _say(f"seed {seed}: after BPO CHAIR-i {_f(after.chair_i)} recall {_f(after.recall)}", stage_done=True)
-    control = None
+    control = pope_control = None
     if cfg.control:
         ctl_dir = os.path.join(root, "control_model")
         from bpo_fast.demo.report import load_metrics
 
         dpo_steps = int(load_metrics(metrics)[-1]["step"])
-        ctl_key = _control(world, cfg, seed, sft_dir, sft_key, pairs, pairs_key, dpo_steps,
-                           ctl_dir)
-        control = score_captions(_captions(ctl_dir, ctl_key, world, cfg,
-                                           os.path.join(root, "captions_control.jsonl")), world)
+        ctl_key = times.run("control", os.path.join(ctl_dir, "control.done"), _control, world,
+                            cfg, seed, sft_dir, sft_key, pairs, pairs_key, dpo_steps, ctl_dir)
+        control = score_captions(captions("captions control", ctl_dir, ctl_key,
+                                          "captions_control.jsonl"), world)
+        pope_control = pope("control", ctl_dir, ctl_key)
         _say(f"seed {seed}: supervised control CHAIR-i {_f(control.chair_i)} "
              f"recall {_f(control.recall)}", stage_done=True)
     _say(f"seed {seed}: done ({time.time() - t0:.0f}s)", stage_done=True)
@@ -357,7 +449,8 @@ def run_seed(cfg, seed):
             "prior_after": prior_hallucination(after, cfg.world)["all"]["rate"],
             "prior_control": (prior_hallucination(control, cfg.world)["all"]["rate"]
                               if control is not None else None),
-            "seconds": time.time() - t0}
+            "pope": {"before": pope_before, "after": pope_after, "control": pope_control},
+            "seconds": time.time() - t0, "stage_times": dict(times.times)}
 
 
 def run_demo(cfg):
@@ -397,85 +490,45 @@ def run_demo(cfg):
         "DPO": f"{cfg.loss_type}, beta {cfg.beta}, lr {cfg.dpo_lr}, {cfg.dpo_epochs} epoch(s), "
                f"batch {cfg.dpo_batch_size}" +
                (f", + {cfg.rpo_alpha} x chosen NLL (RPO)" if cfg.rpo_alpha else ""),
-        "wall time": f"{time.time() - t0:.0f}s",
+        "wall time of this invocation": f"{time.time() - t0:.0f}s (stages reused from an "
+                                        f"earlier run take no time here; their own times are "
+                                        f"in the stage table)",
     }
     metrics = {r["seed"]: load_metrics(r["metrics"]) for r in runs}
-    extra = {"prior-partner hallucination": (by_seed("prior_before"), by_seed("prior_after"))}
-    notes, control_table = None, ""
+    prior = (by_seed("prior_before"), by_seed("prior_after"))
     if cfg.control:
-        ctl = by_seed("control")
-        for name, key in (("CHAIR-i", "chair_i"), ("recall", "recall")):
-            extra[f"{name}, supervised control (after = control)"] = (
-                {s: getattr(r["before"], key) for s, r in zip(cfg.seeds, runs)},
-                {s: getattr(c, key) for s, c in ctl.items()})
-        extra["prior-partner hallucination, supervised control (after = control)"] = (
-            by_seed("prior_before"), by_seed("prior_control"))
-        notes, control_table = _control_notes(runs)
+        prior += (by_seed("prior_control"),)
+    extra = {"prior-partner hallucination (lower is better)": prior}
+    notes = _control_notes() if cfg.control else None
     report = write_report(
-        cfg.out, metrics=metrics if len(runs) > 1 else metrics[cfg.seeds[0]],
-        chair_before=by_seed("before") if len(runs) > 1 else runs[0]["before"],
-        chair_after=by_seed("after") if len(runs) > 1 else runs[0]["after"],
-        settings=settings, examples=runs[0]["examples"],
+        cfg.out, metrics=metrics, chair_before=by_seed("before"), chair_after=by_seed("after"),
+        chair_control=by_seed("control") if cfg.control else None,
+        pope={arm: {r["seed"]: r["pope"][arm] for r in runs}
+              for arm in ("before", "after", "control") if all(r["pope"][arm] for r in runs)}
+        or None,
+        settings=settings, stage_times=by_seed("stage_times"), examples=runs[0]["examples"],
         extra_metrics=extra, notes=notes,
     )
-    report["control_table"] = control_table
     with open(os.path.join(cfg.out, "demo_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f, indent=1)
     return report
 
 
-def _control_notes(runs):
-    """(Markdown paragraphs, text table) comparing BPO with the supervised control, per seed;
-    every sentence follows from the numbers."""
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}"
-
-    def cols(*v):
-        return "".join(f"{x:>8}" for x in v)
-
-    head = ("CHAIR-i", "recall", "prior-partner halluc.")
-    lines = [f"{'':6}" + "".join(f"{h[:22]:>24}" for h in head),
-             f"{'run':<6}" + cols(*(("SFT", "BPO", "control") * 3))]
-    for r in runs:
-        c = r["control"]
-        lines.append(f"{r['seed']!s:<6}" + cols(
-            pct(r["before"].chair_i), pct(r["after"].chair_i), pct(c.chair_i),
-            pct(r["before"].recall), pct(r["after"].recall), pct(c.recall),
-            pct(r["prior_before"]), pct(r["prior_after"]), pct(r["prior_control"])))
-    lines.append("(percent; control = the SFT model trained on the same chosen answers, same steps "
-                 "and lr, no rejected answers)")
-    # CHAIR-i is None for a model that mentions no object: such seeds are left out
-    ok = [r for r in runs if None not in (r["before"].chair_i, r["after"].chair_i,
-                                          r["control"].chair_i)]
-    n = len(ok)
-    d_bpo = [r["after"].chair_i - r["before"].chair_i for r in ok]
-    d_ctl = [r["control"].chair_i - r["before"].chair_i for r in ok]
-    better = sum(r["after"].chair_i < r["control"].chair_i for r in ok)
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    text = [
+def _control_notes():
+    """What the control arm is (the numbers are in the report's tables and headline)."""
+    return [
         "**BPO against a supervised-only control.** The control trains the same SFT model on "
-        "the same chosen answers with the same number of steps, learning rate and frozen vision tower, without the rejected answers. What BPO "
-        "does beyond it is what the bootstrapped preference pairs add.", "",
-        "```\n" + "\n".join(lines) + "\n```", "",
-        f"CHAIR-i changed by {100 * mean(d_bpo):+.1f} points with BPO and by "
-        f"{100 * mean(d_ctl):+.1f} points with the control (mean over {n} seed(s)); BPO ended "
-        f"lower than the control in {better} of {n}.",
-    ]
-    pb = [r["prior_after"] for r in runs if r["prior_after"] is not None]
-    pc = [r["prior_control"] for r in runs if r["prior_control"] is not None]
-    p0 = [r["prior_before"] for r in runs if r["prior_before"] is not None]
-    if pb and pc and p0:
-        text.append("")
-        text.append(f"Prior-partner hallucination: {100 * mean(p0):.1f}% before, "
-                    f"{100 * mean(pb):.1f}% after BPO, {100 * mean(pc):.1f}% after the control.")
-    text += ["", "How the demo's defaults were chosen, and what else was tried (SFT length, DPO "
-             "without the RPO term, learning rates, beta, loss types, noise level, patch size): "
-             "the README of bpo-fast, section \"The demo\"."]
-    return text, "\n".join(lines)
+        "the same chosen answers with the same number of steps, learning rate and frozen vision "
+        "tower, without the rejected answers. What BPO does beyond it is what the bootstrapped "
+        "preference pairs add.", "",
+        "How the demo's defaults were chosen, and what else was tried (SFT length, DPO without "
+        "the RPO term, learning rates, beta, loss types, noise level, patch size): the README of "
+        "bpo-fast, section \"The demo\"."]
 
 
 def main_table(report, file=sys.stdout):
     print(report["table"], file=file)
-    if report.get("control_table"):
-        print("\n" + report["control_table"], file=file)
+    if report.get("headline"):
+        print("\n" + "\n".join(line.replace("**", "") for line in report["headline"] if line),
+              file=file)
     print(f"\nreport: {report['report']}", file=file)

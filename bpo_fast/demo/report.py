@@ -9,34 +9,41 @@ Inputs
   ``learning_rate``) are accepted too. Where a line has ``dpo_loss`` (the trainer's DPO part of
   an objective with an extra term, e.g. RPO), that is the loss reported. A step logged twice
   (a resumed run) keeps its last line.
-- CHAIR results before and after BPO: :class:`bpo_fast.eval.chair.ChairResult`\\ s or dicts
-  with ``chair_i``, ``chair_s``, ``recall`` (fractions in [0, 1] or None).
+- CHAIR results of up to three arms: the SFT start (``chair_before``), BPO (``chair_after``)
+  and the supervised-only control (``chair_control``, optional):
+  :class:`bpo_fast.eval.chair.ChairResult`\\ s or dicts with ``chair_i``, ``chair_s``,
+  ``recall`` (fractions in [0, 1] or None).
+- POPE results (optional): ``{"before"|"after"|"control": {seed: PopeResult or its dict}}``.
 
-Each input is either one run or a dict ``{seed: run}`` for several seeds; before/after are
-paired by seed.
+Each input is either one run or a dict ``{seed: run}`` for several seeds; the arms are paired
+by seed.
 
 API
 ---
-- :func:`write_report(out_dir, *, metrics, chair_before, chair_after, settings=None,
-  examples=None, notes=None, title=...) -> dict` writes ``training.png`` (DPO loss, reward
-  margin, reward accuracy, chosen/rejected rewards over steps), ``chair.png`` (CHAIR-i, CHAIR-s
-  and recall before/after: mean over seeds, each seed a dot), ``report.md`` and
+- :func:`write_report(out_dir, *, metrics, chair_before, chair_after, chair_control=None,
+  pope=None, settings=None, stage_times=None, examples=None, notes=None, title=...) -> dict`
+  writes ``training.png`` (DPO loss, reward margin, reward accuracy, chosen/rejected rewards
+  over steps), ``chair.png`` (CHAIR-i, CHAIR-s and recall of every arm per seed, and the mean
+  with its bootstrap 95% CI), ``pope.png`` (when POPE results are given), ``report.md`` and
   ``summary.json``; returns their paths, the text table (``"table"``) and the numbers
   (``"summary"``).
-- :func:`format_table(chair_before, chair_after) -> str`, :func:`load_metrics(path) -> list`,
-  :func:`plot_training`, :func:`plot_chair`, :func:`summarize`.
+- :func:`format_table`, :func:`load_metrics`, :func:`plot_training`, :func:`plot_chair`,
+  :func:`plot_pope`, :func:`summarize`, :func:`headline`.
 
-The Markdown says what the numbers say: every sentence in it is chosen by comparing the
-numbers (direction per seed, size against the seed-to-seed spread, recall cost against
-``recall_tolerance``), never written in advance.
+The Markdown says what the numbers say: the headline and every sentence are chosen by
+comparing the numbers (BPO against the SFT start and against the control, per seed and as the
+mean paired difference with its bootstrap 95% CI, recall cost against ``recall_tolerance``),
+never written in advance.
 """
 
 import json
 import math
 import os
 
+from bpo_fast.eval.stats import ci_excludes_zero, mean_ci, paired_differences
+
 __all__ = ["METRIC_KEYS", "METRIC_ALIASES", "load_metrics", "plot_training", "plot_chair",
-           "format_table", "summarize", "write_report"]
+           "plot_pope", "format_table", "summarize", "headline", "write_report"]
 
 # The keys the report reads from each metrics line (the trainer writes these names).
 METRIC_KEYS = ("step", "loss", "reward_chosen", "reward_rejected", "reward_margin",
@@ -48,7 +55,16 @@ METRIC_ALIASES = {
 }
 CHAIR_KEYS = ("chair_i", "chair_s", "recall")
 _CHAIR_LABELS = {"chair_i": "CHAIR-i", "chair_s": "CHAIR-s", "recall": "recall"}
+LOWER_IS_BETTER = {"chair_i": True, "chair_s": True, "recall": False}
+ARMS = ("before", "after", "control")
+ARM_LABELS = {"before": "SFT start", "after": "BPO", "control": "control"}
+# POPE numbers the report shows: (name, setting/split, score, higher is better)
+POPE_KEYS = (("prior accuracy", "settings", "prior", "accuracy"),
+             ("prior F1", "settings", "prior", "f1"),
+             ("random accuracy", "settings", "random", "accuracy"),
+             ("prior yes-ratio", "settings", "prior", "yes_ratio"))
 LN2 = math.log(2.0)
+_ONE_RUN = "run"   # the key of a single run given without a seed (shown as "-")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -93,7 +109,7 @@ def _as_runs(x, what):
                                          or hasattr(v, "scores") for v in x.values()) \
             and not any(k in x for k in CHAIR_KEYS):
         return {str(k): v for k, v in x.items()}
-    return {"run": x}
+    return {_ONE_RUN: x}
 
 
 def _metrics_rows(run):
@@ -126,13 +142,47 @@ def _chair_scores(x, what):
     return out
 
 
-def _paired(chair_before, chair_after):
-    before = {k: _chair_scores(v, f"chair_before[{k}]") for k, v in _as_runs(chair_before, "b").items()}
-    after = {k: _chair_scores(v, f"chair_after[{k}]") for k, v in _as_runs(chair_after, "a").items()}
-    if not before or set(before) != set(after):
-        raise ValueError(f"chair_before/chair_after: expected results for the same seeds, got "
-                         f"{sorted(before)} and {sorted(after)}")
-    return before, after
+def _paired(chair_before, chair_after, chair_control=None):
+    """``{arm: {seed: scores}}`` for the arms given (``control`` only when given)."""
+    arms = {"before": chair_before, "after": chair_after}
+    if chair_control is not None:
+        arms["control"] = chair_control
+    out = {a: {k: _chair_scores(v, f"chair_{a}[{k}]") for k, v in _as_runs(x, a).items()}
+           for a, x in arms.items()}
+    seeds = set(out["before"])
+    if not seeds or any(set(v) != seeds for v in out.values()):
+        raise ValueError("chair_before/chair_after" + ("/chair_control" if chair_control is not None
+                                                       else "") +
+                         f": expected results for the same seeds, got "
+                         f"{' and '.join(str(sorted(v)) for v in out.values())}")
+    return out
+
+
+def _pope_values(pope):
+    """``{name: {arm: {seed: value}}}`` from ``{arm: {seed: PopeResult or dict}}``."""
+    if pope is None:
+        return {}
+    if not isinstance(pope, dict) or not pope or not set(pope) <= set(ARMS):
+        raise TypeError(f"pope: expected a dict with some of {list(ARMS)} -> {{seed: POPE result}}")
+    out = {}
+    for arm, runs in pope.items():
+        if isinstance(runs, dict) and "settings" not in runs:
+            runs = {str(k): v for k, v in runs.items()}           # {seed: result}
+        else:
+            runs = {_ONE_RUN: runs}
+        for seed, res in runs.items():
+            d = res.to_dict(details=False) if hasattr(res, "to_dict") else res
+            if not isinstance(d, dict) or "settings" not in d:
+                raise TypeError(f"pope[{arm!r}][{seed}]: expected a PopeResult or its dict "
+                                f"(with 'settings')")
+            for name, part, key, score in POPE_KEYS:
+                v = d[part].get(key, {}).get(score) if isinstance(d[part], dict) else None
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                      or not math.isfinite(v)):
+                    raise ValueError(f"pope[{arm!r}][{seed}]: {name}: expected a finite number "
+                                     f"or None, got {v!r}")
+                out.setdefault(name, {}).setdefault(arm, {})[seed] = v
+    return out
 
 
 # --------------------------------------------------------------------------- numbers
@@ -147,16 +197,32 @@ def _mean_std(xs):
     return m, sd
 
 
-def summarize(chair_before, chair_after, metrics=None):
-    """The numbers the report is written from: per metric, before/after means and standard
-    deviations over seeds, the paired change, and in how many seeds it went down/up; per run,
-    the training curves' start and end (mean of the first/last tenth of the logged steps)."""
-    before, after = _paired(chair_before, chair_after)
-    seeds = sorted(before)
-    out = {"seeds": seeds, "chair": {}, "training": {}}
+def _compare(values, seed=0):
+    """Per arm: mean with its bootstrap 95% CI; BPO minus the SFT start and minus the control,
+    paired by seed, with theirs."""
+    out = {"arms": {a: mean_ci(v, seed=seed) for a, v in values.items()}}
+    if "before" in values and "after" in values:
+        out["bpo_vs_sft"] = paired_differences(values["after"], values["before"], seed=seed)
+    if "control" in values and "after" in values:
+        out["bpo_vs_control"] = paired_differences(values["after"], values["control"], seed=seed)
+    return out
+
+
+def summarize(chair_before, chair_after, metrics=None, chair_control=None, pope=None,
+              extra_metrics=None):
+    """The numbers the report is written from.
+
+    ``chair``: per metric, before/after values, means and standard deviations over seeds, the
+    paired change, and in how many seeds it went down/up. ``compare``: per metric (CHAIR's,
+    POPE's, ``extra_metrics``'), each arm's mean with its bootstrap 95% CI and the paired
+    differences BPO - SFT start and BPO - control with theirs. ``training``: per run, the
+    curves' start and end (mean of the first/last tenth of the logged steps)."""
+    arms = _paired(chair_before, chair_after, chair_control)
+    seeds = sorted(arms["before"], key=_seed_key)
+    out = {"seeds": seeds, "arms": list(arms), "chair": {}, "compare": {}, "training": {}}
     for k in CHAIR_KEYS:
-        b = [before[s][k] for s in seeds]
-        a = [after[s][k] for s in seeds]
+        b = [arms["before"][s][k] for s in seeds]
+        a = [arms["after"][s][k] for s in seeds]
         d = [y - x for x, y in zip(b, a) if x is not None and y is not None]
         mb, sb = _mean_std(b)
         ma, sa = _mean_std(a)
@@ -165,6 +231,15 @@ def summarize(chair_before, chair_after, metrics=None):
                            "after_mean": ma, "after_std": sa, "change_mean": md, "change_std": sd,
                            "n_down": sum(x < 0 for x in d), "n_up": sum(x > 0 for x in d),
                            "n_paired": len(d)}
+        if "control" in arms:
+            out["chair"][k]["control"] = [arms["control"][s][k] for s in seeds]
+        out["compare"][k] = dict(_compare({a: {s: arms[a][s][k] for s in seeds} for a in arms}),
+                                 label=_CHAIR_LABELS[k], lower_is_better=LOWER_IS_BETTER[k])
+    for name, vals in _pope_values(pope).items():
+        out["compare"][f"POPE {name}"] = dict(_compare(vals), label=f"POPE {name}",
+                                              lower_is_better=False if "yes" not in name else None)
+    for name, vals in _extra_values(extra_metrics).items():
+        out["compare"][name] = dict(_compare(vals), label=name, lower_is_better=None)
     for label, run in _as_runs(metrics, "metrics").items():
         rows = _metrics_rows(run)
         if not rows:
@@ -187,23 +262,44 @@ def _pct(x, signed=False):
     return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
 
 
-def format_table(chair_before, chair_after):
-    """Plain-text table: CHAIR-i, CHAIR-s, recall (%) before/after per seed, and the mean."""
-    before, after = _paired(chair_before, chair_after)
-    seeds = sorted(before)
-    header = f"{'run':<10}" + "".join(f"{_CHAIR_LABELS[k] + ' before':>16}{'after':>8}"
-                                      for k in CHAIR_KEYS)
-    lines = [header, "-" * len(header)]
+def _ci_txt(c, signed=False):
+    """``12.3 [10.1, 14.0]`` (percent points) from a mean_ci/paired_differences dict."""
+    if c is None or c.get("mean") is None:
+        return "n/a"
+    if c["n"] < 2:
+        return f"{_pct(c['mean'], signed)} (1 seed, no CI)"
+    return f"{_pct(c['mean'], signed)} [{_pct(c['lo'], signed)}, {_pct(c['hi'], signed)}]"
+
+
+def _seed_label(s):
+    return "-" if s == _ONE_RUN else str(s)
+
+
+def format_table(chair_before, chair_after, chair_control=None):
+    """Plain-text table: CHAIR-i, CHAIR-s, recall (%) of each arm (SFT start, BPO, control) per
+    seed; with several seeds, the mean and its bootstrap 95% CI."""
+    arms = _paired(chair_before, chair_after, chair_control)
+    seeds = sorted(arms["before"], key=_seed_key)
+    names = [{"before": "SFT"}.get(a, ARM_LABELS[a]) for a in arms]
+    w = 9
+    top = f"{'':<8}" + "".join(f"{_CHAIR_LABELS[k]:^{w * len(arms)}}" for k in CHAIR_KEYS)
+    header = f"{'seed':<8}" + "".join(f"{n:>{w}}" for _ in CHAIR_KEYS for n in names)
+    lines = [top.rstrip(), header, "-" * len(header)]
     for s in seeds:
-        lines.append(f"{s:<10}" + "".join(f"{_pct(before[s][k]):>16}{_pct(after[s][k]):>8}"
-                                          for k in CHAIR_KEYS))
+        lines.append(f"{_seed_label(s):<8}" + "".join(f"{_pct(arms[a][s][k]):>{w}}"
+                                                      for k in CHAIR_KEYS for a in arms))
     if len(seeds) > 1:
-        summ = summarize(chair_before, chair_after)["chair"]
-        row = f"{'mean':<10}"
-        for k in CHAIR_KEYS:
-            row += f"{_pct(summ[k]['before_mean']):>16}{_pct(summ[k]['after_mean']):>8}"
-        lines.append(row)
-    lines.append("(percent; CHAIR-i/CHAIR-s: lower is better, recall: higher is better)")
+        cis = {(k, a): mean_ci([arms[a][s][k] for s in seeds]) for k in CHAIR_KEYS for a in arms}
+        lines.append(f"{'mean':<8}" + "".join(f"{_pct(cis[k, a]['mean']):>{w}}"
+                                              for k in CHAIR_KEYS for a in arms))
+        for end in ("lo", "hi"):
+            lines.append(f"{'CI ' + end:<8}" + "".join(f"{_pct(cis[k, a][end]):>{w}}"
+                                                       for k in CHAIR_KEYS for a in arms))
+    lines.append(f"(percent over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}; "
+                 + ("CI: bootstrap 95% over seeds; " if len(seeds) > 1 else "")
+                 + "CHAIR-i/CHAIR-s: lower is better, recall: higher is better"
+                 + ("; control = the same SFT start trained on the chosen answers only"
+                    if "control" in arms else "") + ")")
     return "\n".join(lines)
 
 
@@ -258,7 +354,7 @@ def plot_training(metrics, path):
                     continue
                 xs, ys = zip(*pts)
                 style = "-" if j == 0 else "--"
-                name = f"seed {label}" if label != "run" else None
+                name = f"seed {label}" if label != _ONE_RUN else None
                 if len(xs) > 30:
                     ax.plot(xs, ys, style, color=c, alpha=0.25, lw=0.8)
                     ax.plot(xs, _smooth(ys, max(3, len(xs) // 20)), style, color=c, lw=1.6,
@@ -274,7 +370,7 @@ def plot_training(metrics, path):
             ax.axhline(0.5, color="gray", ls=":", lw=1)
         if key == "reward_margin" or key is None:
             ax.axhline(0.0, color="gray", ls=":", lw=1)
-    if any(label != "run" for label in runs):
+    if any(label != _ONE_RUN for label in runs):
         axes.flat[0].legend(fontsize=8)
     fig.suptitle("DPO training", fontsize=12)
     fig.tight_layout()
@@ -283,49 +379,167 @@ def plot_training(metrics, path):
     return path
 
 
-def plot_chair(chair_before, chair_after, path):
-    """Grouped bars: CHAIR-i, CHAIR-s and recall (%) before and after BPO; bar = mean over
-    seeds, error bar = standard deviation, dots = single seeds."""
+_ARM_COLOURS = {"before": "#8c8c8c", "after": "#2a7ab9", "control": "#e08a2c"}
+
+
+def _plot_arms(values, labels, path, title):
+    """One panel per metric: for every seed a group of bars (one per arm), then the mean over
+    seeds with its bootstrap 95% CI as error bar. ``values``: ``{metric: {arm: {seed: v}}}``."""
     plt = _pyplot()
-    before, after = _paired(chair_before, chair_after)
-    seeds = sorted(before)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.36
-    for j, (name, data, colour) in enumerate((("before BPO (SFT)", before, "#8c8c8c"),
-                                              ("after BPO", after, "#2a7ab9"))):
-        for i, k in enumerate(CHAIR_KEYS):
-            vals = [100 * data[s][k] for s in seeds if data[s][k] is not None]
-            x = i + (j - 0.5) * width
-            if not vals:
-                ax.text(x, 1, "n/a", ha="center", fontsize=8)
-                continue
-            m, sd = _mean_std(vals)
-            ax.bar(x, m, width, color=colour, yerr=sd if len(vals) > 1 else None, capsize=3,
-                   label=name if i == 0 else None)
-            ax.scatter([x] * len(vals), vals, color="black", s=10, zorder=3)
-            top = max(vals + [m + (sd or 0.0)])
-            ax.annotate(f"{m:.1f}", (x, top), xytext=(0, 3), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(CHAIR_KEYS)))
-    ax.set_xticklabels(["CHAIR-i (lower better)", "CHAIR-s (lower better)",
-                        "recall (higher better)"])
-    ax.set_ylabel("%")
-    ax.set_ylim(0, max(ax.get_ylim()[1], 10) * 1.08)
-    n = len(seeds)
-    ax.set_title(f"Hallucination on held-out images ({n} seed{'s' if n > 1 else ''})", fontsize=11)
-    ax.legend(fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    metrics = list(values)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        arms = [a for a in ARMS if a in values[m]]
+        seeds = sorted({s for a in arms for s in values[m][a]}, key=_seed_key)
+        groups = [_seed_label(s) for s in seeds] + (["mean"] if len(seeds) > 1 else [])
+        width = 0.8 / len(arms)
+        for j, arm in enumerate(arms):
+            xs, ys, err = [], [], [[], []]
+            for i, s in enumerate(seeds):
+                v = values[m][arm].get(s)
+                if v is not None:
+                    xs.append(i + (j - (len(arms) - 1) / 2) * width)
+                    ys.append(100 * v)
+            ax.bar(xs, ys, width, color=_ARM_COLOURS[arm], label=ARM_LABELS[arm])
+            if len(seeds) > 1:
+                c = mean_ci([values[m][arm].get(s) for s in seeds])
+                if c["mean"] is not None:
+                    x = len(seeds) + (j - (len(arms) - 1) / 2) * width
+                    err = [[100 * (c["mean"] - c["lo"])], [100 * (c["hi"] - c["mean"])]]
+                    ax.bar([x], [100 * c["mean"]], width, color=_ARM_COLOURS[arm],
+                           edgecolor="black", yerr=err, capsize=4)
+                    ax.annotate(f"{100 * c['mean']:.1f}", (x, 100 * c["hi"]), xytext=(0, 3),
+                                textcoords="offset points", ha="center", fontsize=6)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([g if g == "mean" else f"seed {g}" for g in groups], fontsize=8)
+        ax.set_title(labels.get(m, m), fontsize=10)
+        ax.set_ylabel("%")
+        ax.grid(axis="y", alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
+    n = len({s for m in values for a in values[m] for s in values[m][a]})
+    fig.suptitle(f"{title} ({n} seed{'s' if n > 1 else ''}"
+                 + ("; mean: error bar = bootstrap 95% CI over seeds" if n > 1 else "") + ")",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     _save(fig, path)
     plt.close(fig)
     return path
 
 
+def plot_chair(chair_before, chair_after, path, chair_control=None):
+    """CHAIR-i, CHAIR-s and recall (%) of every arm (SFT start, BPO, control when given) per
+    seed, and their means with bootstrap 95% CIs."""
+    arms = _paired(chair_before, chair_after, chair_control)
+    values = {k: {a: {s: v[k] for s, v in arms[a].items()} for a in arms} for k in CHAIR_KEYS}
+    labels = {"chair_i": "CHAIR-i (lower is better)", "chair_s": "CHAIR-s (lower is better)",
+              "recall": "recall (higher is better)"}
+    return _plot_arms(values, labels, path, "Hallucination on held-out images")
+
+
+def plot_pope(pope, path):
+    """POPE accuracy (prior-partner and random settings), prior F1 and yes-ratio (%) of every
+    arm per seed, with the means' bootstrap 95% CIs."""
+    values = _pope_values(pope)
+    if not values:
+        raise ValueError("pope: no POPE results to plot")
+    return _plot_arms(values, {"prior yes-ratio": "prior yes-ratio (50 = balanced)"}, path,
+                      "POPE on held-out images")
+
+
 # --------------------------------------------------------------------------- Markdown
 
 
-def _verdict(summ, recall_tolerance):
-    """Sentences about CHAIR chosen by the numbers."""
+def _comparison(c, vs, unit="points"):
+    """One sentence: BPO against ``vs`` ("bpo_vs_sft"/"bpo_vs_control") on one metric."""
+    d = c.get(vs)
+    if d is None or not d["n"]:
+        return None
+    low = c["lower_is_better"]
+    other = {"bpo_vs_sft": "the SFT start", "bpo_vs_control": "the control"}[vs]
+    n = d["n"]
+    wins = d["n_below"] if low else d["n_above"]
+    if wins == n:
+        where = f"in all {n} seeds" if n > 1 else "in its one seed"
+        txt = f"BPO beats {other} on {c['label']} {where}"
+    elif wins == 0:
+        txt = (f"BPO does not beat {other} on {c['label']} in any of the {n} seeds" if n > 1
+               else f"BPO does not beat {other} on {c['label']} in its one seed")
+    else:
+        txt = f"BPO beats {other} on {c['label']} in only {wins} of {n} seeds"
+    short = {"bpo_vs_sft": "SFT start", "bpo_vs_control": "control"}[vs]
+    if n < 2:
+        return (txt + f"; difference (BPO - {short}) {_pct(d['mean'], True)} {unit} (one seed: "
+                "no confidence interval, so no claim beyond this seed).")
+    txt += f"; mean difference (BPO - {short}) {_ci_txt(d, True)} {unit}"
+    if ci_excludes_zero(d):
+        good = (d["hi"] < 0) == bool(low)
+        return txt + (", outside the seed noise (the 95% CI excludes 0)." if good else
+                      f", and the 95% CI excludes 0: BPO is reliably worse than {other} here.")
+    return txt + ": the 95% CI includes 0, so the difference is within the seed noise."
+
+
+def headline(summ, recall_tolerance=0.02):
+    """The report's opening sentences, from :func:`summarize`'s numbers: BPO against the SFT
+    start and the control on CHAIR-i (and POPE prior-partner accuracy when given), the recall
+    cost, and whether the aim is met -- BPO beats the SFT start and the control on each of
+    those in every seed, the CI of BPO - control excludes 0, and recall drops by less than
+    ``recall_tolerance``."""
+    cmp_ = summ["compare"]
+    main = [k for k in ("chair_i", "POPE prior accuracy") if k in cmp_]
+    out = []
+    failures = []
+    for k in main:
+        c = cmp_[k]
+        if not c["bpo_vs_sft"]["n"]:
+            out.append(f"{c['label']} is undefined (no object mentions) for BPO or the SFT "
+                       "start, so no comparison can be made.")
+            failures.append(f"{c['label']} could not be compared")
+            continue
+        for vs in ("bpo_vs_sft", "bpo_vs_control"):
+            s = _comparison(c, vs)
+            if s:
+                out.append(s)
+        for vs, who in (("bpo_vs_sft", "the SFT start"), ("bpo_vs_control", "the control")):
+            d = c.get(vs)
+            if d is None:
+                continue
+            wins = d["n_below"] if c["lower_is_better"] else d["n_above"]
+            if wins < d["n"]:
+                failures.append(f"BPO beat {who} on {c['label']} in {wins} of {d['n']} seeds")
+        dc = c.get("bpo_vs_control")
+        if dc is not None and not (ci_excludes_zero(dc) and
+                                   (dc["hi"] < 0) == bool(c["lower_is_better"])):
+            failures.append(f"the 95% CI of BPO minus the control on {c['label']} "
+                            + ("rests on one seed" if dc["n"] < 2 else "does not exclude 0"
+                               if not ci_excludes_zero(dc) else "lies on the wrong side of 0"))
+    rc = cmp_["recall"]["bpo_vs_sft"]
+    if rc["n"]:
+        drop = -rc["mean"]
+        if drop <= 0:
+            out.append(f"Recall did not drop (BPO - SFT start {_ci_txt(rc, True)} points).")
+        else:
+            within = drop < recall_tolerance
+            out.append(f"Recall dropped by {_pct(drop)} points (BPO - SFT start "
+                       f"{_ci_txt(rc, True)}), {'within' if within else 'more than'} the "
+                       f"tolerance of {_pct(recall_tolerance)} points"
+                       + ("" if within else ": part of the lower hallucination rate comes from "
+                                            "mentioning fewer objects") + ".")
+            if not within:
+                failures.append(f"recall dropped by {_pct(drop)} points")
+    if "control" not in summ["arms"]:
+        failures.append("no supervised control was run, so what the preference pairs add is "
+                        "not measured")
+    aim = (f"BPO below the SFT start and the control on {' and '.join(cmp_[k]['label'] for k in main)} "
+           f"in every seed, the 95% CI of BPO minus the control excluding 0, recall loss under "
+           f"{_pct(recall_tolerance)} points")
+    verdict = (f"**The aim ({aim}) is met in this run.**" if not failures else
+               f"**The aim ({aim}) is not met in this run: {'; '.join(failures)}.**")
+    return [verdict, ""] + out
+
+
+def _verdict(summ):
+    """Sentences about CHAIR before/after BPO chosen by the numbers."""
     ci, rc, cs = summ["chair"]["chair_i"], summ["chair"]["recall"], summ["chair"]["chair_s"]
     n = ci["n_paired"]
     out = []
@@ -356,30 +570,18 @@ def _verdict(summ, recall_tolerance):
                    f"{' and should not be read as an effect' if noisy else ''}.")
     if cs["n_paired"]:
         out.append(f"CHAIR-s (captions with any hallucination) went from "
-                   f"{_pct(cs['before_mean'])}% to {_pct(cs['after_mean'])}%.")
-    if rc["n_paired"]:
-        dr = rc["change_mean"]
-        if dr >= 0:
-            cost = "recall did not drop"
-        elif -dr <= recall_tolerance:
-            cost = (f"recall dropped by {_pct(-dr)} points, within the tolerance of "
-                    f"{_pct(recall_tolerance)} points")
-        else:
-            cost = (f"recall dropped by {_pct(-dr)} points, more than the tolerance of "
-                    f"{_pct(recall_tolerance)} points: part of the lower hallucination rate "
-                    f"comes from mentioning fewer objects")
-        out.append(f"Recall went from {_pct(rc['before_mean'])}% to {_pct(rc['after_mean'])}%: "
-                   f"{cost}.")
-        aim = ci["n_down"] == n and n > 0 and (dr >= 0 or -dr <= recall_tolerance)
-        out.append("**The aim (lower CHAIR-i in every seed at no more than a small loss of "
-                   f"recall) is {'met' if aim else 'not met'} in this run.**")
+                   f"{_pct(cs['before_mean'])}% to {_pct(cs['after_mean'])}%"
+                   + (f" ({_pct(summ['compare']['chair_s']['arms']['control']['mean'])}% with the "
+                      "control)" if "control" in summ["arms"]
+                      and summ["compare"]["chair_s"]["arms"]["control"]["mean"] is not None
+                      else "") + ".")
     return out
 
 
 def _training_text(summ):
     out = []
     for label, tr in summ["training"].items():
-        who = f"Seed {label}" if label != "run" else "Training"
+        who = f"Seed {label}" if label != _ONE_RUN else "Training"
         parts = [f"{tr['steps']} steps"]
         if "loss" in tr:
             lo = tr["loss"]
@@ -407,71 +609,151 @@ def _atomic_write(path, text):
     os.replace(tmp, path)
 
 
-def _extra_rows(extra):
-    """``{name: (before, after)}`` (each a number, None or ``{seed: number}``) -> rows of
-    ``(name, before_mean, after_mean, n_seeds)``."""
+def _extra_values(extra):
+    """``{name: (before, after[, control])}`` (each a number, None or ``{seed: number}``) ->
+    ``{name: {arm: {seed: value}}}``."""
     if extra is None:
-        return []
+        return {}
     if not isinstance(extra, dict):
-        raise TypeError(f"extra_metrics: expected a dict name -> (before, after), got {type(extra).__name__}")
-    rows = []
-    for name, pair in extra.items():
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise TypeError(f"extra_metrics[{name!r}]: expected a (before, after) pair")
-        means = []
-        for side in pair:
-            vals = list(side.values()) if isinstance(side, dict) else [side]
-            for v in vals:
+        raise TypeError(f"extra_metrics: expected a dict name -> (before, after[, control]), got {type(extra).__name__}")
+    out = {}
+    for name, sides in extra.items():
+        if not isinstance(sides, (tuple, list)) or len(sides) not in (2, 3):
+            raise TypeError(f"extra_metrics[{name!r}]: expected a (before, after) or (before, "
+                            f"after, control) tuple")
+        vals = {}
+        for arm, side in zip(ARMS, sides):
+            side = {str(k): v for k, v in side.items()} if isinstance(side, dict) else {_ONE_RUN: side}
+            for v in side.values():
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                       or not math.isfinite(v)):
                     raise ValueError(f"extra_metrics[{name!r}]: expected finite numbers or None, got {v!r}")
-            means.append((_mean_std(vals)[0], len([v for v in vals if v is not None])))
-        rows.append((str(name), means[0][0], means[1][0], max(means[0][1], means[1][1])))
-    return rows
+            vals[arm] = side
+        if any(set(v) != set(vals["before"]) for v in vals.values()):
+            raise ValueError(f"extra_metrics[{name!r}]: expected values for the same seeds in "
+                             f"every arm")
+        out[str(name)] = vals
+    return out
 
 
-def write_report(out_dir, *, metrics=None, chair_before, chair_after, settings=None,
-                 examples=None, notes=None, title="BPO on the shapes world",
-                 recall_tolerance=0.05, extra_metrics=None):
-    """Write ``training.png`` (when there are metrics), ``chair.png``, ``report.md`` and
-    ``summary.json`` into ``out_dir``.
+_STAGES = ("world", "sft", "captions before", "pope before", "pairs", "bpo", "captions after",
+           "pope after", "control", "captions control", "pope control")
 
-    ``extra_metrics``: ``{name: (before, after)}`` further fractions shown in percent (each a
-    number, None or ``{seed: number}``; e.g. the world's prior-partner hallucination rate).
-    ``settings``: ``{name: value}`` shown as the setup table. ``examples``: up to a few dicts
-    ``{"id", "truth", "before", "after"}`` (ground-truth objects and the two captions) shown as
-    a table. ``notes``: extra Markdown paragraphs (e.g. what an investigation found).
-    Returns ``{"report", "summary_json", "chair_plot", "training_plot", "table", "summary"}``.
+
+def _stage_table(stage_times):
+    """Markdown rows of ``{seed: {stage: seconds or None}}``: the stages' own times, kept from
+    the run that computed them."""
+    seeds = sorted(stage_times, key=_seed_key)
+    stages = [s for s in _STAGES if any(s in stage_times[k] for k in seeds)]
+    stages += sorted({s for k in seeds for s in stage_times[k]} - set(stages))
+    rows = ["| stage | " + " | ".join(f"seed {k}" for k in seeds) + " |",
+            "|---|" + "---|" * len(seeds)]
+    tot = {k: 0.0 for k in seeds}
+    unknown = set()
+    for st in stages:
+        cells = []
+        for k in seeds:
+            v = stage_times[k].get(st)
+            if v is None:
+                unknown.add(k)
+                cells.append("?" if st in stage_times[k] else "")
+            else:
+                tot[k] += v
+                cells.append(f"{v:.0f}s")
+        rows.append(f"| {_md_escape(st)} | " + " | ".join(cells) + " |")
+    rows.append("| **all stages** | " + " | ".join(f"{tot[k]:.0f}s" + ("+?" if k in unknown else "")
+                                                  for k in seeds) + " |")
+    return rows, sum(tot.values()), bool(unknown)
+
+
+def _seed_key(s):
+    s = str(s)
+    return (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s)
+
+
+def write_report(out_dir, *, metrics=None, chair_before, chair_after, chair_control=None,
+                 pope=None, settings=None, stage_times=None, examples=None, notes=None,
+                 title="BPO on the shapes world", recall_tolerance=0.02, extra_metrics=None):
+    """Write ``training.png`` (when there are metrics), ``chair.png``, ``pope.png`` (when
+    ``pope`` is given), ``report.md`` and ``summary.json`` into ``out_dir``.
+
+    ``chair_control``: the supervised-only control arm (same shape as ``chair_before``).
+    ``pope``: ``{"before"|"after"|"control": {seed: PopeResult or its dict}}``.
+    ``extra_metrics``: ``{name: (before, after[, control])}`` further fractions shown in percent
+    (each a number, None or ``{seed: number}``; e.g. the world's prior-partner hallucination
+    rate). ``settings``: ``{name: value}`` shown as the setup table. ``stage_times``: ``{seed:
+    {stage: seconds}}``, each stage's own wall time from the run that computed it (None: not
+    known). ``examples``: up to a few dicts ``{"id", "truth", "before", "after"}`` (ground-truth
+    objects and the two captions) shown as a table. ``notes``: extra Markdown paragraphs.
+    Returns ``{"report", "summary_json", "chair_plot", "pope_plot", "training_plot", "table",
+    "summary", "headline"}`` (``headline``: the opening Markdown lines).
     """
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir: expected a path, got {type(out_dir).__name__}")
     if not (isinstance(recall_tolerance, (int, float)) and 0 <= recall_tolerance <= 1):
         raise ValueError(f"recall_tolerance: expected a fraction in [0, 1], got {recall_tolerance!r}")
+    if stage_times is not None and (not isinstance(stage_times, dict) or not all(
+            isinstance(v, dict) for v in stage_times.values())):
+        raise TypeError("stage_times: expected a dict seed -> {stage: seconds}")
     os.makedirs(out_dir, exist_ok=True)
-    summ = summarize(chair_before, chair_after, metrics)
-    table = format_table(chair_before, chair_after)
-    chair_png = plot_chair(chair_before, chair_after, os.path.join(out_dir, "chair.png"))
+    summ = summarize(chair_before, chair_after, metrics, chair_control=chair_control, pope=pope,
+                     extra_metrics=extra_metrics)
+    table = format_table(chair_before, chair_after, chair_control)
+    chair_png = plot_chair(chair_before, chair_after, os.path.join(out_dir, "chair.png"),
+                           chair_control=chair_control)
+    pope_png = plot_pope(pope, os.path.join(out_dir, "pope.png")) if pope else None
     train_png = None
     if summ["training"]:
         train_png = plot_training(metrics, os.path.join(out_dir, "training.png"))
 
-    md = [f"# {title}", ""]
+    head = headline(summ, recall_tolerance)
+    md = [f"# {title}", ""] + head + [""]
+    if settings or stage_times:
+        md += ["## Setup", ""]
     if settings:
-        md += ["## Setup", "", "| setting | value |", "|---|---|"]
+        md += ["| setting | value |", "|---|---|"]
         md += [f"| {_md_escape(k)} | {_md_escape(v)} |" for k, v in settings.items()]
         md.append("")
+    if stage_times:
+        rows, total, unknown = _stage_table(stage_times)
+        md += ["Wall time of each stage, from the run that computed it (a stage reused from an "
+               "earlier run keeps that run's time):", ""] + rows + [""]
+        summ["stage_times"] = {str(k): v for k, v in stage_times.items()}
+        summ["stage_seconds_total"] = None if unknown else total
+    arms_txt = ("Before = the supervised (SFT) start, BPO = the same model after BPO, control = "
+                "the same SFT start trained on the pairs' chosen answers only (same steps and "
+                "learning rate)." if chair_control is not None else
+                "Before = the supervised model, after = the same model after BPO.")
     md += ["## Hallucination (CHAIR) on held-out images", "",
            "CHAIR-i: hallucinated object mentions / all mentions. CHAIR-s: captions with at least "
            "one hallucinated object / all captions. Recall: ground-truth objects mentioned / all "
-           "ground-truth objects. Before = the supervised model, after = the same model after "
-           "BPO.", "", "```", table, "```", ""]
-    md += _verdict(summ, recall_tolerance)
-    extra = _extra_rows(extra_metrics)
-    if extra:
-        md += ["", "| further metric (%, mean over seeds) | before | after |", "|---|---|---|"]
-        md += [f"| {_md_escape(n)} | {_pct(b)} | {_pct(a)} |" for n, b, a, _ in extra]
-        summ["extra"] = {n: {"before_mean": b, "after_mean": a, "n": k} for n, b, a, k in extra}
-    md += ["", "![CHAIR before and after BPO](chair.png)", ""]
+           "ground-truth objects. " + arms_txt, "", "```", table, "```", ""]
+    md += _verdict(summ)
+    further = [k for k in summ["compare"] if k not in CHAIR_KEYS]
+    if further:
+        arms = [a for a in ARMS if any(a in summ["compare"][k]["arms"] for k in further)]
+        md += ["", "| metric (%, mean [bootstrap 95% CI] over seeds) | "
+               + " | ".join(ARM_LABELS[a] for a in arms)
+               + (" | BPO - control |" if "control" in arms else " |"),
+               "|---|" + "---|" * (len(arms) + ("control" in arms))]
+        for k in further:
+            c = summ["compare"][k]
+            cells = [_ci_txt(c["arms"].get(a)) for a in arms]
+            if "control" in arms:
+                cells.append(_ci_txt(c.get("bpo_vs_control"), True))
+            md.append(f"| {_md_escape(c['label'])} | " + " | ".join(cells) + " |")
+        summ["extra"] = {k: {"before_mean": summ["compare"][k]["arms"]["before"]["mean"],
+                             "after_mean": summ["compare"][k]["arms"]["after"]["mean"],
+                             "n": max(v["n"] for v in summ["compare"][k]["arms"].values())}
+                         for k in further if not k.startswith("POPE ")}
+    md += ["", "![CHAIR of every arm per seed](chair.png)", ""]
+    if pope_png:
+        md += ["## POPE (yes/no object probe) on held-out images", "",
+               "Questions \"Is there a <object> in the image?\": POPE random = present objects + "
+               "random absent ones, POPE prior = present objects + absent prior partners of "
+               "present objects (the question a model answering from its language prior gets "
+               "wrong). Yes-ratio 50% = balanced.", "",
+               "![POPE of every arm per seed](pope.png)", ""]
     md += ["## DPO training", ""]
     if train_png:
         md += _training_text(summ) + ["", "![DPO training curves](training.png)", ""]
@@ -496,4 +778,5 @@ def write_report(out_dir, *, metrics=None, chair_before, chair_after, settings=N
     _atomic_write(summary_json, json.dumps({"title": title, "settings": settings or {}, **summ},
                                            indent=1, default=str))
     return {"report": report, "summary_json": summary_json, "chair_plot": chair_png,
-            "training_plot": train_png, "table": table, "summary": summ}
+            "pope_plot": pope_png, "training_plot": train_png, "table": table, "summary": summ,
+            "headline": head}

@@ -132,19 +132,31 @@ def sft_train(model, processor, data, image_root, *, epochs=3, batch_size=32, lr
 @torch.inference_mode()
 def generate_answers(model, processor, images, prompt, *, batch_size=64, max_new_tokens=48,
                      device="cpu"):
-    """Greedy answers of ``model`` to ``prompt`` (a question string) for each PIL image."""
+    """Greedy answers of ``model`` to ``prompt`` (a question string, or a list of one question
+    per image) for each PIL image."""
     tok = processor.tokenizer
-    messages = turns_to_messages([{"from": "human", "value": "<image>\n" + prompt}])
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(images):
+        raise ValueError(f"prompt: expected one question per image ({len(images)}), got "
+                         f"{len(prompts)}")
+    texts = [processor.apply_chat_template(
+        turns_to_messages([{"from": "human", "value": "<image>\n" + p}]),
+        add_generation_prompt=True, tokenize=False) for p in prompts]
     model.to(device).eval()
     answers = []
-    for b in range(0, len(images), batch_size):
-        chunk = images[b:b + batch_size]
-        enc = processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = out[:, enc["input_ids"].shape[1]:]
-        answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    side = tok.padding_side
+    tok.padding_side = "left"          # prompts of different lengths: generate after the prompt
+    try:
+        for b in range(0, len(images), batch_size):
+            chunk = images[b:b + batch_size]
+            enc = processor(images=chunk, text=texts[b:b + batch_size], return_tensors="pt",
+                            padding=True)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tok.padding_side = side
     return answers

@@ -1,0 +1,127 @@
+"""``bpo-fast eval-pope``: a POPE-style yes/no object probe (:mod:`bpo_fast.eval.pope`).
+
+Build the questions (deterministic from --seed), let your model answer them, score the answers:
+
+    bpo-fast eval-pope --ground-truth objects.jsonl --prior prior.json --write-questions q.jsonl
+    # ... answer every {"question_id", "question", "image_id"} of q.jsonl into answers.jsonl
+    bpo-fast eval-pope --ground-truth objects.jsonl --questions q.jsonl --answers answers.jsonl
+
+Without --questions the question set is built again from the ground truth, --prior, --seed and
+--per-image (the same set as --write-questions wrote with those options). Answers: JSONL / JSON
+array of ``{"question_id", "answer"}`` (LLaVA's ``{"question_id", "text"}`` too) or a JSON object
+``{question_id: answer}``. Exit status 2 on bad input, with the file and line in the message.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+from bpo_fast.errors import UserError, input_file, int_at_least, output_file
+from bpo_fast.options import add_arguments as add_options
+from bpo_fast.options import from_args, option
+
+
+@dataclass
+class PopeOptions:
+    """The options of ``bpo-fast eval-pope``."""
+
+    ground_truth: str = option(None, help="ground-truth objects: JSONL/JSON of {id, objects: "
+                                          "[names]}", metavar="FILE", required=True)
+    answers: str = option(None, help="the model's answers: JSONL/JSON of {question_id, answer} "
+                                     "(or {question_id, text}); scored against the ground truth",
+                          metavar="FILE")
+    questions: str = option(None, help="the question set the answers answer (as written by "
+                                       "--write-questions)", metavar="FILE",
+                            default_text="built from --ground-truth, --prior, --seed")
+    prior: str = option(None, help="co-occurrence prior for the prior-partner questions: JSON "
+                                   "{object: [partners]} or [[anchor, partner], ...]",
+                        metavar="FILE", default_text="no prior-partner questions")
+    seed: int = option(0, help="seed of the question draw")
+    per_image: int = option(3, help="at most this many present-object questions per image, and "
+                                    "as many of each absent kind (random, prior) where there "
+                                    "are candidates", type=int_at_least(1), metavar="N")
+    write_questions: str = option(None, help="write the question set to this JSONL file (with "
+                                             "no --answers: only that)", metavar="FILE")
+    out: str = option(None, help="write the scores and per-question details to this JSON file",
+                      metavar="FILE")
+
+
+def add_arguments(parser):
+    add_options(parser, PopeOptions)
+
+
+def run(args):
+    from bpo_fast.eval.chair import InputError, load_ground_truth
+    from bpo_fast.eval.pope import (build_questions, load_answers, load_prior, load_questions,
+                                    score_pope, write_jsonl)
+
+    args = from_args(PopeOptions, args)
+    input_file(args.ground_truth, "--ground-truth", what="ground-truth JSON/JSONL file", text=True)
+    for name in ("answers", "questions", "prior"):
+        path = getattr(args, name)
+        if path:
+            input_file(path, f"--{name}", what=f"{name} JSON/JSONL file", text=True)
+    if args.questions and args.prior:
+        raise UserError("--prior: not used with --questions (the question file already holds "
+                        "the prior-partner questions); give one of them")
+    if not args.answers and not args.write_questions:
+        raise UserError("--answers: required to score (or give --write-questions to only write "
+                        "the question set)")
+    for name in ("write_questions", "out"):
+        if getattr(args, name):
+            output_file(getattr(args, name), "--" + name.replace("_", "-"))
+    if args.out and not args.answers:
+        raise UserError("--out: there are no scores without --answers")
+    try:
+        truth = load_ground_truth(args.ground_truth)
+        prior = load_prior(args.prior) if args.prior else None
+        if args.questions:
+            questions = load_questions(args.questions)
+        else:
+            questions = build_questions(truth, seed=args.seed, per_image=args.per_image,
+                                        prior=prior)
+        answers = load_answers(args.answers) if args.answers else None
+    except InputError as exc:
+        raise UserError(str(exc)) from None
+    if prior is not None and not any(q["split"] == "prior" for q in questions):
+        raise UserError(f"--prior: no image of {args.ground_truth} holds an object of the prior "
+                        f"without its partner, so there is no prior-partner question")
+    if args.write_questions:
+        write_jsonl(args.write_questions, questions)
+        counts = {s: sum(q["split"] == s for q in questions) for s in ("present", "random", "prior")}
+        print(f"wrote {args.write_questions}: {len(questions)} questions "
+              f"({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    if answers is None:
+        return 0
+    src = args.questions or "the questions built from --ground-truth"
+    qids = {q["question_id"] for q in questions}
+    missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
+    if missing:
+        raise UserError(f"--answers: {len(missing)} of the {len(questions)} question(s) of {src} "
+                        f"have no answer in {args.answers}: {_show(missing)}")
+    extra = [a for a in answers if a not in qids]
+    if extra:
+        raise UserError(f"--answers: {len(extra)} answer(s) of {args.answers} are to question "
+                        f"ids not in {src}: {_show(extra)}")
+    try:
+        result = score_pope(questions, answers, truth)
+    except ValueError as exc:
+        raise UserError(f"--questions: {exc}") from None
+    print(result.format())
+    if args.out:
+        out = {"ground_truth": os.path.abspath(args.ground_truth),
+               "answers": os.path.abspath(args.answers),
+               "questions": os.path.abspath(args.questions) if args.questions else None,
+               "prior": os.path.abspath(args.prior) if args.prior else None,
+               "seed": args.seed, "per_image": args.per_image, **result.to_dict()}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _show(ids, k=5):
+    return ", ".join(repr(i) for i in ids[:k]) + (f", ... ({len(ids) - k} more)" if len(ids) > k else "")
