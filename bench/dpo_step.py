@@ -389,9 +389,26 @@ def _trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp, b_loss
     params = {**base_params, "baseline": f"trl {trl.__version__} DPOTrainer.training_step",
               "reference": "lora-disabled" if lora else "model"}
     try:
-        t = TRLStep(policy, None if lora else reference, processor, tb, beta=BETA, lr=1e-7,
-                    image_size=image_size, device=device, gradient_checkpointing=gc,
-                    bf16=dtype == torch.bfloat16)
+        kw = dict(beta=BETA, lr=1e-7, image_size=image_size, device=device,
+                  gradient_checkpointing=gc, bf16=dtype == torch.bfloat16)
+        if lora:
+            # TRL's reference is "adapters disabled" only for an adapter it adds itself (given
+            # a PeftModel it copies the adapter as the reference): hand it the base model and
+            # the LoRA config, then load our (perturbed) adapter weights into its adapter
+            src = {n: p for n, p in policy.named_parameters() if "lora_" in n}
+            base = build_model(cfg, device, dtype, seed=0, attn="sdpa")
+            t = TRLStep(base, None, processor, tb, peft_config=lora_config(
+                base_params["lora_r"], base), **kw)
+            with torch.no_grad():
+                dst = {n: p for n, p in t.model.named_parameters() if n in src}
+                if len(dst) != len(src):
+                    raise RuntimeError(f"TRL's adapter has {len(dst)} of our {len(src)} LoRA "
+                                       f"tensors")
+                for n, p in dst.items():
+                    p.copy_(src[n])
+            del policy
+        else:
+            t = TRLStep(policy, reference, processor, tb, **kw)
         with torch.no_grad():
             loss = float(t.trainer.compute_loss(t.model, t.inputs))
         lp = t.logps()
