@@ -867,25 +867,21 @@ def main(argv=None):
                          "writes bench/results/dpo_step_op-cpu.json")
     args = ap.parse_args(argv)
 
-    if args.cpu_op:
-        rows = cpu_op_grid(reps=args.reps)
-        common.print_table(rows, cols=("case", "impl", "median_ms", "p20_ms", "p80_ms"))
-        path = common.write_results(
-            "dpo_step_op", rows, {"note": "CPU, 2 cores shared with other jobs: interleaved, "
-                                          "medians"},
-            path=args.out or os.path.join(common.RESULTS, "dpo_step_op-cpu.json"))
-        print("wrote", path)
-        return 0
-
-    if args.cpu_grid:
-        rows = cpu_grid(reps=args.reps, warmup=1, rss=not args.no_rss)
-        common.print_table(rows, cols=("case", "impl", "median_ms", "peak_rss_bytes", "error"))
+    if args.cpu_op or args.cpu_grid:
+        bench = "dpo_step_op" if args.cpu_op else "dpo_step"
+        if args.cpu_op:
+            rows = cpu_op_grid(reps=args.reps)
+            cols = ("case", "impl", "median_ms", "p20_ms", "p80_ms")
+        else:
+            rows = cpu_grid(reps=args.reps, warmup=1, rss=not args.no_rss)
+            cols = ("case", "impl", "median_ms", "peak_rss_bytes", "error")
+        common.print_table(rows, cols=cols)
         for r in rows:
-            print(r["impl"], r["speedup_vs"], r["params"]["check"])
+            print(r["impl"], r["speedup_vs"], r["params"].get("check", ""))
         path = common.write_results(
-            "dpo_step", rows, {"note": "CPU, 2 cores shared with other jobs: variants "
-                                       "interleaved, medians; compare ratios, not times"},
-            path=args.out or os.path.join(common.RESULTS, "dpo_step-cpu.json"))
+            bench, rows, {"note": "CPU, 2 cores shared with other jobs: variants interleaved, "
+                                  "medians; compare ratios, not times"},
+            path=args.out or os.path.join(common.RESULTS, f"{bench}-cpu.json"))
         print("wrote", path)
         return 0
 
