@@ -400,9 +400,26 @@ def _trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp, b_loss
     params = {**base_params, "baseline": f"trl {trl.__version__} DPOTrainer.training_step",
               "reference": "lora-disabled" if lora else "model"}
     try:
-        t = TRLStep(policy, None if lora else reference, processor, tb, beta=BETA, lr=1e-7,
-                    image_size=image_size, device=device, gradient_checkpointing=gc,
-                    bf16=dtype == torch.bfloat16)
+        kw = dict(beta=BETA, lr=1e-7, image_size=image_size, device=device,
+                  gradient_checkpointing=gc, bf16=dtype == torch.bfloat16)
+        if lora:
+            # TRL's reference is "adapters disabled" only for an adapter it adds itself (given
+            # a PeftModel it copies the adapter as the reference): hand it the base model and
+            # the LoRA config, then load our (perturbed) adapter weights into its adapter
+            src = {n: p for n, p in policy.named_parameters() if "lora_" in n}
+            base = build_model(cfg, device, dtype, seed=0, attn="sdpa")
+            t = TRLStep(base, None, processor, tb, peft_config=lora_config(
+                base_params["lora_r"], base), **kw)
+            with torch.no_grad():
+                dst = {n: p for n, p in t.model.named_parameters() if n in src}
+                if len(dst) != len(src):
+                    raise RuntimeError(f"TRL's adapter has {len(dst)} of our {len(src)} LoRA "
+                                       f"tensors")
+                for n, p in dst.items():
+                    p.copy_(src[n])
+            del policy
+        else:
+            t = TRLStep(policy, reference, processor, tb, **kw)
         with torch.no_grad():
             loss = float(t.trainer.compute_loss(t.model, t.inputs))
         lp = t.logps()
@@ -868,6 +885,54 @@ def cpu_grid(reps=3, warmup=1, rss=True, modes=("full", "lora")):
     return rows
 
 
+def cpu_op_grid(reps=15, warmup=2):
+    """The loss op alone on the CPU grid's shapes (LM head V 32000 x H 512, the grid's 2 x
+    512-token pairs, RPO on): forward + backward of :func:`bpo_fast.ops.preference.
+    preference_loss` on its 3-GEMM path vs its composed path, interleaved; trainable and
+    frozen LM head (full fine-tune / LoRA)."""
+    import time
+
+    from bpo_fast.ops.preference import preference_loss
+
+    g = CPU_GRID
+    base, processor = cpu_grid_model()
+    batch = cpu_grid_batch(base, processor)
+    labels = batch["labels"]
+    gen = torch.Generator().manual_seed(0)
+    N, T = labels.shape
+    hidden0 = torch.randn(N, T, g["hidden_size"], generator=gen)
+    weight0 = torch.randn(g["vocab"], g["hidden_size"], generator=gen) * 0.02
+    ref = torch.full((N // 2,), -4400.0)
+    scored = int((labels[:, 1:] != -100).sum())
+    rows = []
+    for mode in ("full", "lora"):
+        hidden = hidden0.clone().requires_grad_(True)
+        weight = weight0.clone().requires_grad_(mode == "full")
+        times = {True: [], False: []}
+        for it in range(warmup + reps):
+            for gif in ((True, False) if it % 2 == 0 else (False, True)):
+                t0 = time.perf_counter()
+                out = preference_loss(hidden, weight, labels, ref, ref, rpo_alpha=1.0,
+                                      grad_in_forward=gif)
+                out.loss.backward()
+                if it >= warmup:
+                    times[gif].append((time.perf_counter() - t0) * 1e3)
+                hidden.grad = weight.grad = None
+        med = {k: statistics.median(v) for k, v in times.items()}
+        case = (f"preference_loss V{g['vocab']} H{g['hidden_size']} {mode} "
+                f"scored_tokens={scored}")
+        for gif, name in ((True, "bpo_fast"), (False, "bpo_fast_composed")):
+            v = sorted(times[gif])
+            rows.append(common.row(
+                case, name, med[gif], v[len(v) // 5], v[(4 * len(v)) // 5], pass_="fwd+bwd",
+                params={"mode": mode, "scored_tokens": scored, "reps": reps,
+                        "order": "interleaved, alternating first", "rpo_alpha": 1.0,
+                        "lm_head_gemms_per_scored_token": 3 if gif else 4},
+                speedup_vs={"bpo_fast_composed" if gif else "bpo_fast":
+                            med[not gif] / med[gif]}))
+    return rows
+
+
 def _empty():
     import gc
 
@@ -891,17 +956,26 @@ def main(argv=None):
                     help="CPU: the LLaVA-shaped grid (V 32000, H 512, 2 x 512-token pairs; full "
                          "fine-tune and LoRA), writes bench/results/dpo_step-cpu.json")
     ap.add_argument("--no-rss", action="store_true", help="--cpu-grid without the peak-RSS probes")
+    ap.add_argument("--cpu-op", action="store_true",
+                    help="CPU: the loss op alone on the grid's shapes, 3-GEMM vs composed path; "
+                         "writes bench/results/dpo_step_op-cpu.json")
     args = ap.parse_args(argv)
 
-    if args.cpu_grid:
-        rows = cpu_grid(reps=args.reps, warmup=1, rss=not args.no_rss)
-        common.print_table(rows, cols=("case", "impl", "median_ms", "peak_rss_bytes", "error"))
+    if args.cpu_op or args.cpu_grid:
+        bench = "dpo_step_op" if args.cpu_op else "dpo_step"
+        if args.cpu_op:
+            rows = cpu_op_grid(reps=args.reps)
+            cols = ("case", "impl", "median_ms", "p20_ms", "p80_ms")
+        else:
+            rows = cpu_grid(reps=args.reps, warmup=1, rss=not args.no_rss)
+            cols = ("case", "impl", "median_ms", "peak_rss_bytes", "error")
+        common.print_table(rows, cols=cols)
         for r in rows:
-            print(r["impl"], r["speedup_vs"], r["params"]["check"])
+            print(r["impl"], r["speedup_vs"], r["params"].get("check", ""))
         path = common.write_results(
-            "dpo_step", rows, {"note": "CPU, 2 cores shared with other jobs: variants "
-                                       "interleaved, medians; compare ratios, not times"},
-            path=args.out or os.path.join(common.RESULTS, "dpo_step-cpu.json"))
+            bench, rows, {"note": "CPU, 2 cores shared with other jobs: variants interleaved, "
+                                  "medians; compare ratios, not times"},
+            path=args.out or os.path.join(common.RESULTS, f"{bench}-cpu.json"))
         print("wrote", path)
         return 0
 
