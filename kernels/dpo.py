@@ -20,7 +20,9 @@ compiled variant, which ``bpo_fast.tools.gpu_check`` compiles for sm_80/sm_90 on
 supported Triton. The backward of the fused path uses the saved ``dlosses`` inside the
 logits-gradient kernel (``kernels/logprobs.py``, ``MODE_DPO``).
 
-Loss-type ids follow ``bpo_fast.ops.dpo.LOSS_TYPES``; the formulas are in that module's doc.
+Loss-type ids are the named constants below; the loss registry (``bpo_fast/ops/losses.py``) maps
+each loss type to one of them (``cdpo`` shares ``SIGMOID``'s branch) and holds the reference
+formulas; ``tests/test_losses.py`` checks the two agree.
 """
 
 import math
@@ -246,8 +248,8 @@ def dpo_pairs(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_l
     """Launch the pair kernels. Either ``policy_chosen``/``policy_rejected`` ``[B]`` (any float
     dtype) with optional token counts, or ``token_logps [2B, T-1]`` float32 contiguous +
     ``labels [2B, T]`` (then the policy inputs and counts are ignored and may be None; the
-    counts come from the labels). ``loss_type`` is the index into ``LOSS_TYPES``. Returns a
-    dict of float32 tensors: ``loss``, ``reward_accuracy`` (scalars), ``losses``,
+    counts come from the labels). ``loss_type`` is a kernel id (``REGISTRY[name].kernel_id``).
+    Returns a dict of float32 tensors: ``loss``, ``reward_accuracy`` (scalars), ``losses``,
     ``chosen_rewards``, ``rejected_rewards``, ``reward_margins`` ``[B]``, ``dlosses [2B]``, and
     for the token mode ``logps [2B]`` float32 and ``n_tokens [2B]`` int64."""
     tokens = token_logps is not None
