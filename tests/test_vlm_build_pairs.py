@@ -9,7 +9,7 @@ import torch
 from bpo_fast.data.pairs import PairBuilderConfig, build_pairs
 from bpo_fast.models.tiny_vlm import build_tiny_vlm
 
-BUILD_FAMILIES = ["qwen2_vl", "idefics3", "gemma3", "llava_next"]
+BUILD_FAMILIES = ["qwen2_vl", "idefics3", "gemma3", "llava_next", "paligemma"]
 
 
 @pytest.mark.parametrize("family", BUILD_FAMILIES)
@@ -47,9 +47,12 @@ def test_build_pairs_image_weakened_with_the_family_prompt(family, tmp_path, mon
 
     proc = load_processor(model_dir)
     template = resolve_chat_template(proc, family)
-    want = proc.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "what color is the circle ?"}]}],
-        tokenize=False, add_generation_prompt=True, chat_template=template)
+    if template is None:  # PaliGemma: the processor builds the prompt from image token + text
+        want = proc.image_token + "what color is the circle ?"
+    else:
+        want = proc.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "what color is the circle ?"}]}],
+            tokenize=False, add_generation_prompt=True, chat_template=template)
     assert rows[0][0] == want
     # each generated row is exactly the processor's expansion of that prompt and image
     # (left-padded), and its pixels the processor's (clean) or x_t of them (noised)

@@ -145,17 +145,23 @@ class Generator:
 
     def chat_template(self):
         """The chat template of every prompt (``--chat-template``, else the processor's, else the
-        family's documented default; a ``ValueError`` naming ``--chat-template`` otherwise)."""
+        family's documented default; a ``ValueError`` naming ``--chat-template`` otherwise), or
+        None for a family whose processor builds the prompt (PaliGemma)."""
         if self._template is None:
             from bpo_fast.models.vlm import resolve_chat_template
 
-            model_type = self.model.config.model_type
-            self._template = resolve_chat_template(self.processor, model_type,
-                                                   getattr(self.cfg, "chat_template", None))
-            if self._template is None:
-                raise ValueError(f"model: {model_type} builds its prompts in its processor (no "
-                                 "chat template); build-pairs does not support it")
-        return self._template
+            self._template = (resolve_chat_template(self.processor, self.model.config.model_type,
+                                                    getattr(self.cfg, "chat_template", None))
+                              or False)
+        return self._template or None
+
+    def _render(self, messages, **expand):
+        template = self.chat_template()
+        if template is None:  # the processor builds the prompt: its image token + the text
+            from bpo_fast.models.vlm import processor_prompt
+
+            return processor_prompt(self.processor, messages)
+        return render_prompt(self.processor, messages, chat_template=template, **expand)
 
     def settings(self):
         keys = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p")
@@ -167,14 +173,15 @@ class Generator:
 
     def prompt(self, turns):
         """The generation prompt of LLaVA turns (the last one the question), images expanded."""
-        return render_prompt(self.processor, turns_to_messages(turns),
-                             chat_template=self.chat_template(), image_token=self.image_token,
-                             n_image_tokens=self.n_image_tokens)
+        return self._render(turns_to_messages(turns), image_token=self.image_token,
+                            n_image_tokens=self.n_image_tokens)
 
     def text_prompt(self, text):
         """The generation prompt of one text-only user message (the LLM error injector's)."""
         msgs = [{"role": "user", "content": [{"type": "text", "text": text}]}]
-        return render_prompt(self.processor, msgs, chat_template=self.chat_template())
+        if self.chat_template() is None:  # a text-only prompt: the processor adds <bos>
+            return text
+        return self._render(msgs)
 
     @torch.inference_mode()
     def generate(self, texts, pixel_values=None, row_seeds=None, max_new_tokens=None):

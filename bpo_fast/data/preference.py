@@ -200,11 +200,10 @@ class PreferenceCollator:
 
     def prompt_text(self, messages):
         """The prompt as the model sees it before the image expansion (generation prompt on)."""
-        if self.template is None:  # the processor builds the prompt (PaliGemma): its image
-            # token, then the question (the processor adds <bos> and the separator)
-            question = "\n".join(c["text"] for m in messages for c in m["content"]
-                                 if c.get("type") == "text" and m["role"] == "user").strip()
-            return getattr(self.processor, "image_token", "<image>") + question
+        if self.template is None:  # the processor builds the prompt (PaliGemma)
+            from bpo_fast.models.vlm import processor_prompt
+
+            return processor_prompt(self.processor, messages)
         return self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True,
                                                   chat_template=self.template)

@@ -42,7 +42,7 @@ import torch
 
 __all__ = ["VLMAdapter", "ADAPTERS", "get_adapter", "supported_model_types", "lm_head_parts",
            "check_logit_transform", "load_processor", "image_token_id",
-           "resolve_chat_template", "UnsupportedModelError", "DEFAULT_CHAT_TEMPLATES"]
+           "resolve_chat_template", "processor_prompt", "UnsupportedModelError", "DEFAULT_CHAT_TEMPLATES"]
 
 IGNORE_INDEX = -100
 # processor outputs that describe the text rows, not the images: the collator builds its own
@@ -164,6 +164,15 @@ def resolve_chat_template(processor, model_type=None, override=None):
         return DEFAULT_CHAT_TEMPLATES[model_type]()
     raise ValueError(f"processor: has no chat template and model_type {model_type!r} has no "
                      "default one; pass --chat-template (a Jinja template or a file holding one)")
+
+
+def processor_prompt(processor, messages):
+    """The prompt text of ``messages`` for a family whose processor builds the prompt itself (no
+    chat template, :func:`resolve_chat_template` gave None: PaliGemma): its image token, then
+    the user's text; the processor adds ``<bos>`` and the separator."""
+    question = "\n".join(c["text"] for m in messages for c in m["content"]
+                         if c.get("type") == "text" and m["role"] == "user").strip()
+    return getattr(processor, "image_token", "<image>") + question
 
 
 # --------------------------------------------------------------------------------------------
