@@ -147,3 +147,20 @@ def atomic_write_jsonl(path, records):
             os.remove(tmp)
         raise
     return n
+
+
+def atomic_write_json(path, obj):
+    """Write one JSON document to ``path`` through a temporary file + ``os.replace``."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -10,7 +10,6 @@ works too) or a JSON object ``{id: caption}``. Ground truth: JSONL / JSON array 
 :mod:`bpo_fast.eval.chair`. Exit status 2 on bad input, with the file and line in the message.
 """
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -81,12 +80,9 @@ def run(args):
                "ground_truth": os.path.abspath(args.ground_truth),
                "synonyms": os.path.abspath(args.synonyms) if args.synonyms else None,
                **result.to_dict()}
-        d = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(d, exist_ok=True)
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.out)
+        from bpo_fast.data.jsonl import atomic_write_json
+
+        atomic_write_json(args.out, out)
         print(f"wrote {args.out}")
     return 0
 

@@ -12,11 +12,11 @@ array of ``{"question_id", "answer"}`` (LLaVA's ``{"question_id", "text"}`` too)
 ``{question_id: answer}``. Exit status 2 on bad input, with the file and line in the message.
 """
 
-import json
 import os
 from dataclasses import dataclass
 
 from bpo_fast.errors import UserError, input_file, int_at_least, output_file
+from bpo_fast.eval.cli import _show
 from bpo_fast.options import add_arguments as add_options
 from bpo_fast.options import from_args, option
 
@@ -114,14 +114,10 @@ def run(args):
                "questions": os.path.abspath(args.questions) if args.questions else None,
                "prior": os.path.abspath(args.prior) if args.prior else None,
                "seed": args.seed, "per_image": args.per_image, **result.to_dict()}
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.out)
+        from bpo_fast.data.jsonl import atomic_write_json
+
+        atomic_write_json(args.out, out)
         print(f"wrote {args.out}")
     return 0
 
 
-def _show(ids, k=5):
-    return ", ".join(repr(i) for i in ids[:k]) + (f", ... ({len(ids) - k} more)" if len(ids) > k else "")
