@@ -600,13 +600,42 @@ def main(argv=None):
         keep = ("kernel", "config", "arch", "triton", "regs", "spill_stores", "spill_loads",
                 "stack", "smem", "loads", "fail", "error", "duplicate_of", "id")
         with open(a.output + ".tmp", "w") as f:
-            json.dump(dict(summary, rows=[{k: r.get(k) for k in keep} for r in rows]), f,
-                      indent=0)
+            json.dump(_results_file(summary, rows, keep, versions), f, indent=0)
         os.replace(a.output + ".tmp", a.output)
     print(f"\n{'PASS' if not failed else 'FAIL'}: {len(rows) - len(failed)}/{len(rows)} ok, "
           f"{len(jobs)} launches, Triton {', '.join(versions)}, {elapsed:.0f} s "
           f"({len(compiled)} compiled, {len(rows) - len(compiled)} cached)")
     return 0 if not failed else 1
+
+
+def _results_file(summary, rows, keep, versions):
+    """The gate's table in the bench results format (shared/BENCH.md): a compile check, not a
+    timing, so every row's ``median_ms`` is null and ``gpu`` says no device ran it."""
+    import datetime
+    import subprocess
+
+    import triton
+
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                      stderr=subprocess.DEVNULL, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = None
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    return dict(
+        bench="gpu_check", gpu="none (ahead-of-time compile for " + ", ".join(summary["archs"]) + ")",
+        versions={"torch": torch_version, "triton": triton.__version__, "bpo_fast": sha,
+                  "triton_checked": list(versions)},
+        date=datetime.date.today().isoformat(), command="python -m bpo_fast.tools.gpu_check",
+        summary=summary,
+        rows=[dict(case=f"{r['kernel']} {r['config']} sm_{r['arch']} triton {r['triton']}",
+                   impl="bpo_fast", median_ms=None, **{k: r.get(k) for k in keep})
+              for r in rows])
 
 
 if __name__ == "__main__":
