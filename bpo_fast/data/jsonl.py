@@ -127,36 +127,15 @@ class JsonlWriter:
         self.close()
 
 
-def atomic_write_jsonl(path, records):
-    """Write ``records`` to ``path`` through a temporary file + ``os.replace`` (all or nothing)."""
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    n = 0
-    try:
-        with open(tmp, "wb") as f:
-            for r in records:
-                f.write(dumps_line(r).encode("utf-8"))
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return n
-
-
-def atomic_write_json(path, obj):
-    """Write one JSON document to ``path`` through a temporary file + ``os.replace``."""
+def _atomic_write(path, write):
+    """``write(binary file)`` into a temporary file beside ``path``, fsync, ``os.replace``: all
+    or nothing. Returns what ``write`` returns."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
+        with open(tmp, "wb") as f:
+            out = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -164,3 +143,21 @@ def atomic_write_json(path, obj):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return out
+
+
+def atomic_write_jsonl(path, records):
+    """Write ``records`` to ``path`` through a temporary file + ``os.replace`` (all or nothing)."""
+    def write(f):
+        n = 0
+        for r in records:
+            f.write(dumps_line(r).encode("utf-8"))
+            n += 1
+        return n
+
+    return _atomic_write(path, write)
+
+
+def atomic_write_json(path, obj):
+    """Write one JSON document to ``path`` through a temporary file + ``os.replace``."""
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode("utf-8")))
