@@ -33,7 +33,7 @@ import triton.language as tl
 
 (SIGMOID, ROBUST, HINGE, IPO, EXO_PAIR, NCA_PAIR, BCO_PAIR, SPPO_HARD, APO_ZERO, APO_DOWN,
  DISCOPOP, SIGMOID_NORM) = range(12)
-N_LOSS_TYPES = 12
+N_LOSS_TYPES = SIGMOID_NORM + 1
 # constexpr twins of the ids for the branches inside @triton.jit code
 _SIGMOID, _ROBUST, _HINGE, _IPO = (tl.constexpr(SIGMOID), tl.constexpr(ROBUST),
                                    tl.constexpr(HINGE), tl.constexpr(IPO))

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from bpo_fast.cli import main
+from bpo_fast.data.jsonl import atomic_write_jsonl
 from bpo_fast.eval.pope import (build_questions, load_answers, load_prior, load_questions,
-                                parse_yes_no, question_text, score_pope, write_jsonl)
+                                parse_yes_no, question_text, score_pope)
 
 GT = {"1": ["dog", "cat"], "2": ["dog"], "3": ["car", "person"], "4": ["Cat", "bird"]}
 PRIOR = {"dog": ["frisbee"], "car": ["road", "tree"], "bird": "tree"}
@@ -136,7 +137,7 @@ def test_files(tmp_path):
     with pytest.raises(ValueError, match="anchor, partner"):
         load_prior(str(pr))
     qs = build_questions(GT, prior=PRIOR)
-    write_jsonl(str(tmp_path / "q.jsonl"), qs)
+    atomic_write_jsonl(str(tmp_path / "q.jsonl"), qs)
     assert load_questions(str(tmp_path / "q.jsonl")) == qs
 
 

@@ -5,8 +5,6 @@ Thin wrapper over :func:`bpo_fast.data.pairs.build_pairs`; the options are the f
 """
 
 import argparse
-import json
-import os
 import sys
 
 EPILOG = """\
@@ -62,8 +60,7 @@ def run(args):
         summary = build_pairs(cfg)
     print(summary.format(), file=sys.stderr)
     if cfg.summary_json:
-        tmp = cfg.summary_json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(summary.to_dict(), f, indent=1)
-        os.replace(tmp, cfg.summary_json)
+        from bpo_fast.data.jsonl import atomic_write_json
+
+        atomic_write_json(cfg.summary_json, summary.to_dict())
     return 0

@@ -71,7 +71,6 @@ def pixels_for_levels(images, levels, geometry, *, out_dtype=torch.float32, sche
     nchw = images.permute(0, 3, 1, 2) if layout == "NHWC" else images  # a view
     levels = list(levels)
     B, C, H, W = nchw.shape
-    out = torch.empty((B, len(levels), C, H, W), dtype=out_dtype, device=images.device)
     noisy = [(k, s) for k, s in enumerate(levels) if s is not None]
     if noisy:
         from bpo_fast.ops.noise import NoiseSchedule, diffusion_noise
@@ -86,8 +85,9 @@ def pixels_for_levels(images, levels, geometry, *, out_dtype=torch.float32, sche
                                  check_timesteps=False)
         if len(noisy) == len(levels):
             return noised
-        for j, (k, _) in enumerate(noisy):
-            out[:, k] = noised[:, j]
+    out = torch.empty((B, len(levels), C, H, W), dtype=out_dtype, device=images.device)
+    for j, (k, _) in enumerate(noisy):
+        out[:, k] = noised[:, j]
     for k, s in enumerate(levels):
         if s is None:
             out[:, k] = normalize_uint8(nchw, geometry, out_dtype=out_dtype)

@@ -614,8 +614,9 @@ class _Run:
         for b0 in range(0, len(units), cfg.batch_size):
             rows, errs = [], []
             for u in units[b0:b0 + cfg.batch_size]:
-                path = u["image"] if os.path.isabs(u["image"]) else os.path.join(cfg.image_root, u["image"])
                 try:
+                    path = u["image"] if os.path.isabs(u["image"]) or not cfg.image_root \
+                        else os.path.join(cfg.image_root, u["image"])
                     with Image.open(path) as im:
                         image = im.convert("RGB")
                 except Exception as exc:  # a bad image never stops the run: logged, skipped

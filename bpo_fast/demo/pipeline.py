@@ -221,7 +221,8 @@ def _pope_answers(model_dir, model_key, world, cfg, seed, path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from bpo_fast.demo.sft import generate_answers
-    from bpo_fast.eval.pope import load_answers, score_pope, write_jsonl
+    from bpo_fast.data.jsonl import atomic_write_jsonl
+    from bpo_fast.eval.pope import load_answers, score_pope
 
     questions, truth = _pope_questions(world, cfg, seed)
     key = {"model": os.path.abspath(model_dir), "model_key": model_key, "n_eval": cfg.n_eval,
@@ -234,7 +235,7 @@ def _pope_answers(model_dir, model_key, world, cfg, seed, path):
         answers = generate_answers(model, processor, [by_id[q["image_id"]] for q in questions],
                                    [q["question"] for q in questions], max_new_tokens=3,
                                    device=cfg.device)
-        write_jsonl(path, [{"question_id": q["question_id"], "answer": a}
+        atomic_write_jsonl(path, [{"question_id": q["question_id"], "answer": a}
                            for q, a in zip(questions, answers)])
         _mark_done(path + ".done", key)
     return score_pope(questions, load_answers(path), truth)

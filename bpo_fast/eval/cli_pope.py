@@ -53,7 +53,7 @@ def add_arguments(parser):
 def run(args):
     from bpo_fast.eval.chair import InputError, load_ground_truth
     from bpo_fast.eval.pope import (build_questions, load_answers, load_prior, load_questions,
-                                    score_pope, write_jsonl)
+                                    score_pope)
 
     args = from_args(PopeOptions, args)
     input_file(args.ground_truth, "--ground-truth", what="ground-truth JSON/JSONL file", text=True)
@@ -87,7 +87,9 @@ def run(args):
         raise UserError(f"--prior: no image of {args.ground_truth} holds an object of the prior "
                         f"without its partner, so there is no prior-partner question")
     if args.write_questions:
-        write_jsonl(args.write_questions, questions)
+        from bpo_fast.data.jsonl import atomic_write_jsonl
+
+        atomic_write_jsonl(args.write_questions, questions)
         counts = {s: sum(q["split"] == s for q in questions) for s in ("present", "random", "prior")}
         print(f"wrote {args.write_questions}: {len(questions)} questions "
               f"({', '.join(f'{k} {v}' for k, v in counts.items())})")

@@ -43,8 +43,7 @@ from dataclasses import dataclass, field
 from bpo_fast.eval.chair import InputError, _iter_json_items
 
 __all__ = ["SPLITS", "SETTINGS", "build_questions", "question_text", "load_prior",
-           "load_questions", "load_answers", "parse_yes_no", "score_pope", "PopeResult",
-           "write_jsonl"]
+           "load_questions", "load_answers", "parse_yes_no", "score_pope", "PopeResult"]
 
 SPLITS = ("present", "random", "prior")
 SETTINGS = {"random": ("present", "random"), "prior": ("present", "prior")}
@@ -144,18 +143,6 @@ def build_questions(ground_truth, *, seed=0, per_image=3, prior=None, vocabulary
                             "label": "yes" if split == "present" else "no",
                             "question": question_text(obj)})
     return out
-
-
-def write_jsonl(path, rows):
-    """Write ``rows`` as JSONL, atomically."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 # --------------------------------------------------------------------------- files

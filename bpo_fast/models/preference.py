@@ -219,15 +219,6 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
     return model
 
 
-def encode_images(model, pixel_values, **image_kwargs):
-    """Image features of ``pixel_values`` (one image per pair, laid out as the family's processor
-    returns them) through the model's own ``get_image_features``: the encoder output the base
-    model takes as ``mm_encoder_outputs["image"]`` (see :mod:`bpo_fast.models.vlm`)."""
-    from bpo_fast.models.vlm import get_adapter
-
-    return get_adapter(model).encode(model, {"pixel_values": pixel_values, **image_kwargs})
-
-
 # --------------------------------------------------------------------------------------------
 # the wrapper
 # --------------------------------------------------------------------------------------------

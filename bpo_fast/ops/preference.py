@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from bpo_fast.ops import linear as L
-from bpo_fast.ops.dpo import DPOOutput, _check_vector, check_dpo_inputs, dpo_loss
+from bpo_fast.ops.dpo import DPOOutput, _check_vector, dpo_loss
 from bpo_fast.ops.losses import (LossConfig, check_finite as _check_finite, check_length_count,
                                  check_rpo_alpha, loss_config)
 
@@ -137,7 +137,6 @@ def preference_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps
             chunk_sizes=chunk_sizes)
         lengths = _lengths(cfg, n_tok, labels, ignore_index, length_count)
         lc, lr = (None, None) if lengths is None else (lengths[:B], lengths[B:])
-        check_dpo_inputs(logps[:B], logps[B:], ref_c, ref_r, cfg.loss_type, lc, lr)
         dpo = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, chosen_lengths=lc,
                        rejected_lengths=lr, **dpo_kw)
         dpo.policy_chosen_logps, dpo.policy_rejected_logps = logps[:B], logps[B:]

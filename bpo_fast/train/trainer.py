@@ -333,12 +333,10 @@ def write_manifest(path):
         with open(full, "rb") as f:
             os.fsync(f.fileno())
         files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
-    tmp = os.path.join(path, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"format": "bpo_fast.checkpoint.v1", "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(path, MANIFEST))
+    from bpo_fast.data.jsonl import atomic_write_json
+
+    atomic_write_json(os.path.join(path, MANIFEST), {"format": "bpo_fast.checkpoint.v1",
+                                                     "files": files})
 
 
 def verify_checkpoint(path):
@@ -393,8 +391,6 @@ def load_checkpoint(path, pm, optimizer, scheduler, world, rank):
 def _resolve_resume(config):
     """The checkpoint to resume from: the one named, or the newest that passes
     :func:`verify_checkpoint` (a damaged newer one is named and skipped)."""
-    from bpo_fast.errors import UserError
-
     if config.resume in (None, False, ""):
         return None
     if config.resume is True or config.resume == "latest":
@@ -632,7 +628,6 @@ def train(config):
             step += 1
             elapsed = time.perf_counter() - t0
             m = acc.result(world)
-            t0 = time.perf_counter()
             rec = {"step": step, "loss": m["loss"], "dpo_loss": m["dpo_loss"],
                    "reward_chosen": m["reward_chosen"],
                    "reward_rejected": m["reward_rejected"], "reward_margin": m["reward_margin"],
@@ -653,15 +648,18 @@ def train(config):
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['reward_accuracy']:.2f}",
                                 margin=f"{rec['reward_margin']:.3f}")
-            state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-                     "world_size": world, "total_steps": total, "config": config.to_dict()}
-            if best is not None:
-                state["best"] = best.state()
-            if evaluator is not None and ((config.eval_every and step % config.eval_every == 0)
-                                          or step == total):
+            do_eval = evaluator is not None and (
+                (config.eval_every and step % config.eval_every == 0) or step == total)
+            do_save = (config.save_every and step % config.save_every == 0) or step == total
+            if do_eval or do_save:  # the checkpoint's state: built only when one may be written
+                state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+                         "world_size": world, "total_steps": total, "config": config.to_dict()}
+                if best is not None:
+                    state["best"] = best.state()
+            if do_eval:
                 _evaluate(evaluator, best, pm, step, state, optimizer, scheduler, config,
                           metrics_path, history, tracker, samples_markdown, world, rank, bar)
-            if (config.save_every and step % config.save_every == 0) or step == total:
+            if do_save:
                 last_ckpt = os.path.join(config.output, f"checkpoint-{step}")
                 save_checkpoint(last_ckpt, pm, optimizer, scheduler, state, world, rank)
                 if rank == 0 and config.keep_checkpoints:
