@@ -6,7 +6,9 @@ three pairs with images of different sizes and aspect ratios (so anyres / splitt
 different patch and tile counts per image, the processors' defaults) goes through our collator
 and :class:`PreferenceModel`; each row is compared, in fp32, with
 ``log_softmax(model(**processor(images=[image], text=[full text])).logits)`` gathered on the
-answer tokens, the row's token ids included. Gradients must reach the decoder.
+answer tokens, the row's token ids included. Gradients must reach the decoder. Batches that mix
+text-only, single-image and multi-image pairs are held to the same contract (the reference
+passes each sample's images as one list, as ``apply_chat_template`` does).
 """
 
 import numpy as np
@@ -255,18 +257,33 @@ def test_one_chat_template_rule(tmp_path, tiny_llava_dir):
     assert PreferenceCollator(processor, chat_template="{{ 'Q' }}").template == "{{ 'Q' }}"
 
 
-def test_cli_names_the_unsupported_model(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["ref-logps", "train", "build-pairs"])
+def test_cli_names_the_unsupported_model(command, tmp_path, capsys):
+    """Mllama: every command that loads a model stops with one line naming the limitation, from
+    the config alone (the folder holds no weights: nothing is loaded first)."""
+    import json
+
     from transformers import MllamaConfig
 
     from bpo_fast.cli import main
 
     from test_vlm_train import write_pairs
 
-    MllamaConfig().save_pretrained(tmp_path / "mllama")
+    model = str(tmp_path / "mllama")
+    MllamaConfig().save_pretrained(model)
     data = write_pairs(str(tmp_path), n=1)
-    rc = main(["ref-logps", "--model", str(tmp_path / "mllama"), "--data", data,
-               "--image-root", str(tmp_path), "--out", str(tmp_path / "r.safetensors"),
-               "--device", "cpu", "--no-progress"])
+    common = ["--model", model, "--image-root", str(tmp_path), "--device", "cpu"]
+    if command == "ref-logps":
+        args = ["--data", data, "--out", str(tmp_path / "r.safetensors"), "--no-progress"]
+    elif command == "train":
+        args = ["--data", data, "--output", str(tmp_path / "out"), "--no-progress"]
+    else:
+        llava = tmp_path / "llava.json"
+        llava.write_text(json.dumps([{"id": "a", "image": "img/0.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is on the table ?"},
+            {"from": "gpt", "value": "a red cup"}]}]))
+        args = ["--data", str(llava), "--out", str(tmp_path / "p.jsonl")]
+    rc = main([command] + common + args)
     err = capsys.readouterr().err
     assert rc == 2 and "cross-attention" in err and "Traceback" not in err
 
