@@ -186,16 +186,24 @@ def test_family_text_only_and_multi_image_pairs(family, tmp_path_factory):
     mixed = [_pair(0, [_image(20, 12, 0)]), _pair(1, []),
              _pair(2, [_image(12, 28, 1), _image(36, 36, 2)])]
     text = [_pair(0, [], "why is the sky blue ?"), _pair(1, [])]
-    if family == "paligemma":
-        with pytest.raises(ValueError, match=r"pair 'q1' \(line 2\): a text-only pair .*paligemma"):
-            collator(mixed)
-        with pytest.raises(ValueError, match=r"pair 'q2' \(line 3\): 2 images, .*one image"):
-            collator([mixed[0], mixed[2]])
+    adapter = get_adapter(family)
+    if not (adapter.text_only_pairs and adapter.multi_image_pairs):  # PaliGemma
+        if not adapter.text_only_pairs:
+            with pytest.raises(ValueError, match=rf"pair 'q1' \(line 2\): a text-only pair .*{family}"):
+                collator(mixed)
+        if not adapter.multi_image_pairs:
+            with pytest.raises(ValueError, match=r"pair 'q2' \(line 3\): 2 images, .*one image"):
+                collator([mixed[0], mixed[2]])
         return
     batch = collator(mixed)
     if family == "llava_onevision":  # the 2-image pair has no anyres patches
         assert batch["batch_num_images"].tolist() == [1, 2]
     lp = _check_rows(family, model, processor, collator, mixed, batch)
+    if adapter.packable:  # packed rows (flash varlen) place the same features
+        packed = PreferenceModel(model, reference_mode="cached", packing=True)
+        lp2, _ = packed.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                       batch["labels"], batch["pixel_values"], **_extra(batch))
+        torch.testing.assert_close(lp2, lp, rtol=RTOL, atol=1e-5)
     tbatch = collator(text)
     assert "pixel_values" not in tbatch
     _check_rows(family, model, processor, collator, text, tbatch)

@@ -28,6 +28,13 @@ What an adapter adds on top (all small):
   (:func:`lm_head_parts`), which rejects logit transforms the fused head does not compute
   (Gemma 2 ``final_logit_softcapping``: PaliGemma 2).
 
+Pairs may hold no image or several, mixed in one batch: the collator passes each pair's images to
+the processor as one sample's list (as ``apply_chat_template`` does: LLaVA-OneVision then sets
+``batch_num_images`` and skips anyres for multi-image samples), text-only pairs contribute no
+image inputs, and Qwen's text-only rows (or a text-only batch, no ``image_grid_thw``) get the
+positions HF gives them. Families that take one image per prompt say so
+(``text_only_pairs``/``multi_image_pairs``; :meth:`VLMAdapter.check_pair_images`): PaliGemma.
+
 Cost: the generic base forward is what HF's own forward runs minus the LM head, so no family pays
 more than HF for exactness. Only the LLaVA-style families (1-D positions, plain causal mask) can
 pack rows without padding (flash-attention varlen); the others always run the padded batch.
