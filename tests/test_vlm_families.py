@@ -86,6 +86,29 @@ def _extra(batch):
             if k not in ("input_ids", "attention_mask", "labels", "pixel_values", "ids", "index")}
 
 
+def _check_rows(family, model, processor, collator, items, batch):
+    pm = PreferenceModel(model, reference_mode="cached")
+    lp, _ = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                              batch["labels"], batch.get("pixel_values"), **_extra(batch))
+    b = len(items)
+    for i, item in enumerate(items):
+        for row, key in ((i, "chosen"), (b + i, "rejected")):
+            want, ids = hf_row_logps(model, processor, collator, item, item[key])
+            n = int(batch["attention_mask"][row].sum())
+            assert batch["input_ids"][row, :n].tolist() == ids.tolist(), (family, row)
+            torch.testing.assert_close(lp[row], want, rtol=RTOL, atol=1e-6,
+                                       msg=lambda m: f"{family} row {row}: {m}")
+    return lp
+
+
+def _check_packed(model, batch, lp):
+    """Packed rows (no padding; flash-attention varlen on GPUs) give the padded batch's numbers."""
+    packed = PreferenceModel(model, reference_mode="cached", packing=True)
+    lp2, _ = packed.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                   batch["labels"], batch["pixel_values"], **_extra(batch))
+    torch.testing.assert_close(lp2, lp, rtol=RTOL, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_factory):
     if family == "smolvlm":
@@ -101,24 +124,11 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
     assert (len(shapes) > 1) == (family in VARIABLE), shapes
     batch = collator(items)
     b = len(items)
-
-    pm = PreferenceModel(model, reference_mode="cached")
-    lp, n_tok = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                                  batch["labels"], batch["pixel_values"], **_extra(batch))
-    for i, item in enumerate(items):
-        for row, key in ((i, "chosen"), (b + i, "rejected")):
-            want, ids = hf_row_logps(model, processor, collator, item, item[key])
-            n = int(batch["attention_mask"][row].sum())
-            assert batch["input_ids"][row, :n].tolist() == ids.tolist(), (family, row)
-            torch.testing.assert_close(lp[row], want, rtol=RTOL, atol=1e-6,
-                                       msg=lambda m: f"{family} row {row}: {m}")
+    lp = _check_rows(family, model, processor, collator, items, batch)
 
     # packed rows (no padding; flash-attention varlen on GPUs) give the same numbers
     if get_adapter(model).packable:
-        packed = PreferenceModel(model, reference_mode="cached", packing=True)
-        lp2, _ = packed.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                                       batch["labels"], batch["pixel_values"], **_extra(batch))
-        torch.testing.assert_close(lp2, lp, rtol=RTOL, atol=1e-5)
+        _check_packed(model, batch, lp)
     else:
         with pytest.raises(ValueError, match="packing"):
             PreferenceModel(model, reference_mode="cached", packing=True)
@@ -155,21 +165,6 @@ def _pair(i, images, question="what is on the table ?"):
             "chosen": "a red cup" + " and a book" * i, "rejected": "a blue ball ."}
 
 
-def _check_rows(family, model, processor, collator, items, batch):
-    pm = PreferenceModel(model, reference_mode="cached")
-    lp, _ = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                              batch["labels"], batch.get("pixel_values"), **_extra(batch))
-    b = len(items)
-    for i, item in enumerate(items):
-        for row, key in ((i, "chosen"), (b + i, "rejected")):
-            want, ids = hf_row_logps(model, processor, collator, item, item[key])
-            n = int(batch["attention_mask"][row].sum())
-            assert batch["input_ids"][row, :n].tolist() == ids.tolist(), (family, row)
-            torch.testing.assert_close(lp[row], want, rtol=RTOL, atol=1e-6,
-                                       msg=lambda m: f"{family} row {row}: {m}")
-    return lp
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_text_only_and_multi_image_pairs(family, tmp_path_factory):
     """A batch mixing a 1-image pair, a text-only pair and a 2-image pair (images of different
@@ -200,10 +195,7 @@ def test_family_text_only_and_multi_image_pairs(family, tmp_path_factory):
         assert batch["batch_num_images"].tolist() == [1, 2]
     lp = _check_rows(family, model, processor, collator, mixed, batch)
     if adapter.packable:  # packed rows (flash varlen) place the same features
-        packed = PreferenceModel(model, reference_mode="cached", packing=True)
-        lp2, _ = packed.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                                       batch["labels"], batch["pixel_values"], **_extra(batch))
-        torch.testing.assert_close(lp2, lp, rtol=RTOL, atol=1e-5)
+        _check_packed(model, batch, lp)
     tbatch = collator(text)
     assert "pixel_values" not in tbatch
     _check_rows(family, model, processor, collator, text, tbatch)
