@@ -102,10 +102,11 @@ def test_train_two_steps_and_final_model_loads(family, lora, pairs, tmp_path_fac
 
 def _assert_ref_logps_equal_hf(model_dir, data, root, out, batch_size):
     """``ref-logps`` on ``data`` equals, per pair, the HF forward of the processor's inputs of
-    each sample (its image, or none for a text-only pair) gathered on the answer tokens."""
-    from PIL import Image
-
+    each sample (its images as one list, as ``apply_chat_template`` passes them; none for a
+    text-only pair) gathered on the answer tokens."""
+    from bpo_fast.data.hf_pairs import open_pairs
     from bpo_fast.data.preference import PreferenceCollator
+    from bpo_fast.data.schema import turns_to_messages
     from bpo_fast.models.preference import load_vlm
     from bpo_fast.models.vlm import load_processor
     from bpo_fast.train.ref_cache import RefLogpsCache, compute_reference_logps
@@ -115,20 +116,17 @@ def _assert_ref_logps_equal_hf(model_dir, data, root, out, batch_size):
     cache = RefLogpsCache.load(out)
     model, proc = load_vlm(model_dir), load_processor(model_dir)
     template = PreferenceCollator(proc).template
-    recs = [json.loads(line) for line in open(data)]
-    for rec in recs:
-        images, content = None, [{"type": "text", "text": "what is on the table ?"}]
-        if rec["image"] is not None:
-            images = [Image.open(os.path.join(root, rec["image"])).convert("RGB")]
-            content = [{"type": "image"}] + content
-        msgs = [{"role": "user", "content": content}]
+    ds = open_pairs(data, root)
+    for item in (ds[i] for i in range(len(ds))):
+        images = [item["images"]] if item["images"] else None
+        msgs = turns_to_messages(item["prompt"])
         prompt = proc(images=images, text=[proc.apply_chat_template(
             msgs, tokenize=False, add_generation_prompt=True, chat_template=template)],
             return_tensors="pt")["input_ids"].shape[1]
-        got = cache.lookup([rec["id"]])
+        got = cache.lookup([item["id"]])
         for key, value in (("chosen", got[0]), ("rejected", got[1])):
             full = proc.apply_chat_template(
-                msgs + [{"role": "assistant", "content": [{"type": "text", "text": rec[key]}]}],
+                msgs + [{"role": "assistant", "content": [{"type": "text", "text": item[key]}]}],
                 tokenize=False, chat_template=template)
             enc = proc(images=images, text=[full], return_tensors="pt")
             with torch.no_grad():
@@ -136,6 +134,7 @@ def _assert_ref_logps_equal_hf(model_dir, data, root, out, batch_size):
             ids = enc["input_ids"][0]
             lp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
             torch.testing.assert_close(value[0], lp[prompt - 1:].sum(), rtol=1e-5, atol=1e-6)
+    return ds
 
 
 def test_ref_logps_equal_the_hf_forward_qwen2_vl(pairs, tmp_path_factory, tmp_path):
@@ -167,6 +166,32 @@ def test_text_only_pairs_ref_logps_and_train_qwen(family, mixed_pairs, tmp_path_
     assert res["steps"] == 2
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_multi_image_pairs_ref_logps_and_train_llava_onevision(pairs, tmp_path_factory,
+                                                              tmp_path):
+    """TRL conversational records (``images`` lists): a 2-image pair (two sizes) between
+    1-image pairs and a text-only pair. LLaVA-OneVision runs the 2-image sample without anyres
+    (``batch_num_images``); ``ref-logps`` equals the HF forward, ``train`` runs."""
+    _, root = pairs
+    data = str(tmp_path / "trl.jsonl")
+    q = [{"type": "text", "text": "what is on the table ?"}]
+    recs = [(["img/0.png"], "a red cup"), (["img/1.png", "img/2.png"], "two cups"),
+            ([], "a book"), (["img/3.png"], "a red cup and a book")]
+    with open(data, "w") as f:
+        for i, (images, chosen) in enumerate(recs):
+            f.write(json.dumps({
+                "id": f"m{i}", "images": images,
+                "prompt": [{"role": "user", "content": [{"type": "image"} for _ in images] + q}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": "a blue ball ."}]}) + "\n")
+    model = _model_dir("llava_onevision", tmp_path_factory)
+    ds = _assert_ref_logps_equal_hf(model, data, root, str(tmp_path / "ref.safetensors"),
+                                    batch_size=4)
+    assert [len(ds[i]["images"]) for i in range(len(ds))] == [1, 2, 0, 1]
+    res = train(_cfg(model, (data, root), tmp_path / "out", lora_r=4, reference="lora",
+                     batch_size=4, max_steps=1))
+    assert res["steps"] == 1
 
 
 def test_one_image_family_rejects_text_only_pairs_up_front(mixed_pairs, tmp_path_factory,
