@@ -229,9 +229,11 @@ class VLMAdapter:
     uses_chat_template = True
     # dim 0 of pixel_values counts images (False: InternVL's flattened tiles)
     images_along_dim0 = True
-    # pairs without an image / with several images (the processor and the model take them)
+    # pairs without an image / with several images (the processor and the model take them);
+    # where not, why (said in the error)
     text_only_pairs = True
     multi_image_pairs = True
+    one_image_reason = "the family takes exactly one image per prompt"
 
     def check_pair_images(self, n, where="pair"):
         """Raise a ``ValueError`` naming ``where`` when the family cannot take a pair with ``n``
@@ -242,8 +244,6 @@ class VLMAdapter:
         if n > 1 and not self.multi_image_pairs:
             raise ValueError(f"{where}: {n} images, but {self.name} models take one image per "
                              f"prompt ({self.one_image_reason})")
-
-    one_image_reason = ""
 
     def base_model(self, model):
         base = _unwrap(model)

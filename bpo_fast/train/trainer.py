@@ -751,7 +751,7 @@ def _nonfinite(acc, grad_norm, step_ids, step, mode, world, rank):
     """Whether this step met a non-finite loss or gradient (on any rank): ``mode="stop"``
     raises :class:`NonFiniteError` naming the batch's record ids, ``"skip"`` says so and returns
     True. The flags travel in the step's one reduction of the metrics
-    (:meth:`_Accumulator.reduce`): one collective and one host sync per step."""
+    (:meth:`_Accumulator.reduce`): one collective per step."""
     local = torch.stack([acc.nonfinite, (~torch.isfinite(grad_norm)).to(acc.nonfinite)])
     bad = acc.reduce(local, world)
     if not bool(bad.any()):
@@ -830,9 +830,8 @@ class _Accumulator:
         """The step's metrics (means over micro-batches and ranks, tokens summed), from the
         reduction :meth:`reduce` did this step."""
         k = len(self._KEYS)
-        reduced = self._reduced
-        vals = (reduced[:k] / world).tolist()
-        out = dict(zip(self._KEYS, vals))
-        out["tokens"] = float(reduced[k])
+        vals = self._reduced.tolist()  # one copy to the host
+        out = {name: v / world for name, v in zip(self._KEYS, vals[:k])}
+        out["tokens"] = vals[k]
         self.reset()
         return out
