@@ -300,7 +300,7 @@ class VLMAdapter:
         return int(pv.shape[0]) if isinstance(pv, torch.Tensor) and self.images_along_dim0 else None
 
     def encode(self, model, images):
-        """The model's own ``get_image_features`` on the batch's images (one per pair), as the
+        """The model's own ``get_image_features`` on the batch's images (each pair's once), as the
         base forward's ``mm_encoder_outputs["image"]``."""
         base = self.base_model(model)
         images = dict(images)
