@@ -7,7 +7,10 @@
 can only claim what the tests cover: a family is "exact" when ``tests/test_vlm_families.py``
 compares it with the HF forward (:data:`bpo_fast.models.tiny_vlm.FAMILIES`), "train" when
 ``tests/test_vlm_train.py`` runs it (``TRAIN_FAMILIES``); "packing" is compared with the
-padded forward in ``tests/test_vlm_families.py`` too.
+padded forward in ``tests/test_vlm_families.py`` too; "text-only / multi-image pairs" says what
+``test_family_text_only_and_multi_image_pairs`` holds each family to, from the adapter's
+``text_only_pairs`` / ``multi_image_pairs``: "yes" = exact against the HF forward in a batch
+mixing them with single-image pairs, "error" = a clear error naming the pair.
 """
 
 import os
@@ -23,7 +26,8 @@ END = "<!-- supported-models:end -->"
 LAYOUT = {
     "llava": "one image = fixed patch grid",
     "llava_next": "anyres patches + `image_sizes` (zero-padded per batch)",
-    "llava_onevision": "anyres patches + `image_sizes` (zero-padded per batch)",
+    "llava_onevision": "anyres patches + `image_sizes` (zero-padded per batch); multi-image "
+                       "samples: one base patch per image (`batch_num_images`)",
     "qwen2_vl": "flattened patches + `image_grid_thw`; M-RoPE via `get_rope_index`",
     "qwen2_5_vl": "flattened patches + `image_grid_thw`; M-RoPE via `get_rope_index`",
     "qwen3_vl": "as Qwen2-VL + deepstack features",
@@ -51,13 +55,16 @@ def table():
     if missing:
         raise SystemExit(f"adapters without an exactness test: {missing}")
     lines = ["| `model_type` | images | log-probs = HF forward (test) | `train` full + LoRA (test) "
-             "| packing (flash varlen) |", "|---|---|---|---|---|"]
+             "| text-only / multi-image pairs (test) | packing (flash varlen) |",
+             "|---|---|---|---|---|---|"]
     for name in sorted(ADAPTERS):
         a = ADAPTERS[name]
+        pairs = " / ".join("yes" if ok else "error" for ok in (a.text_only_pairs,
+                                                                a.multi_image_pairs))
         lines.append(f"| `{name}` | {LAYOUT[name]} | yes | {'yes' if name in TRAIN_FAMILIES else '-'} "
-                     f"| {'yes' if a.packable else 'no'} |")
+                     f"| {pairs} | {'yes' if a.packable else 'no'} |")
     for name, why in UNSUPPORTED_ROWS:
-        lines.append(f"| {name} | {why} | - | - | - |")
+        lines.append(f"| {name} | {why} | - | - | - | - |")
     return "\n".join(lines)
 
 

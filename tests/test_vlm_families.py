@@ -6,7 +6,9 @@ three pairs with images of different sizes and aspect ratios (so anyres / splitt
 different patch and tile counts per image, the processors' defaults) goes through our collator
 and :class:`PreferenceModel`; each row is compared, in fp32, with
 ``log_softmax(model(**processor(images=[image], text=[full text])).logits)`` gathered on the
-answer tokens, the row's token ids included. Gradients must reach the decoder.
+answer tokens, the row's token ids included. Gradients must reach the decoder. Batches that mix
+text-only, single-image and multi-image pairs are held to the same contract (the reference
+passes each sample's images as one list, as ``apply_chat_template`` does).
 """
 
 import numpy as np
@@ -53,16 +55,20 @@ def hf_row_logps(model, processor, collator, item, answer, device="cpu"):
     from bpo_fast.data.schema import turns_to_messages
 
     messages = turns_to_messages(item["prompt"])
+    # the sample's images as one list, as HF's apply_chat_template passes them (LLaVA-OneVision:
+    # batch_num_images); None for a text-only pair
+    images = item.get("images", [item.get("image")])
+    images = [images] if images and images[0] is not None else None
     if collator.template is None:  # PaliGemma: prompt + suffix through the processor
-        enc = processor(images=[item["image"]], text=[collator.prompt_text(messages)],
+        enc = processor(images=images, text=[collator.prompt_text(messages)],
                         suffix=[answer], return_tensors="pt")
         n_prompt = int((enc["token_type_ids"][0] == 0).sum())
     else:
         full = processor.apply_chat_template(
             messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
             tokenize=False, chat_template=collator.template)
-        enc = processor(images=[item["image"]], text=[full], return_tensors="pt")
-        prompt = processor(images=[item["image"]], text=[collator.prompt_text(messages)],
+        enc = processor(images=images, text=[full], return_tensors="pt")
+        prompt = processor(images=images, text=[collator.prompt_text(messages)],
                            return_tensors="pt")
         n_prompt = prompt["input_ids"].shape[1]
     with torch.no_grad():
@@ -80,6 +86,29 @@ def _extra(batch):
             if k not in ("input_ids", "attention_mask", "labels", "pixel_values", "ids", "index")}
 
 
+def _check_rows(family, model, processor, collator, items, batch):
+    pm = PreferenceModel(model, reference_mode="cached")
+    lp, _ = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                              batch["labels"], batch.get("pixel_values"), **_extra(batch))
+    b = len(items)
+    for i, item in enumerate(items):
+        for row, key in ((i, "chosen"), (b + i, "rejected")):
+            want, ids = hf_row_logps(model, processor, collator, item, item[key])
+            n = int(batch["attention_mask"][row].sum())
+            assert batch["input_ids"][row, :n].tolist() == ids.tolist(), (family, row)
+            torch.testing.assert_close(lp[row], want, rtol=RTOL, atol=1e-6,
+                                       msg=lambda m: f"{family} row {row}: {m}")
+    return lp
+
+
+def _check_packed(model, batch, lp):
+    """Packed rows (no padding; flash-attention varlen on GPUs) give the padded batch's numbers."""
+    packed = PreferenceModel(model, reference_mode="cached", packing=True)
+    lp2, _ = packed.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                   batch["labels"], batch["pixel_values"], **_extra(batch))
+    torch.testing.assert_close(lp2, lp, rtol=RTOL, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_factory):
     if family == "smolvlm":
@@ -95,24 +124,11 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
     assert (len(shapes) > 1) == (family in VARIABLE), shapes
     batch = collator(items)
     b = len(items)
-
-    pm = PreferenceModel(model, reference_mode="cached")
-    lp, n_tok = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                                  batch["labels"], batch["pixel_values"], **_extra(batch))
-    for i, item in enumerate(items):
-        for row, key in ((i, "chosen"), (b + i, "rejected")):
-            want, ids = hf_row_logps(model, processor, collator, item, item[key])
-            n = int(batch["attention_mask"][row].sum())
-            assert batch["input_ids"][row, :n].tolist() == ids.tolist(), (family, row)
-            torch.testing.assert_close(lp[row], want, rtol=RTOL, atol=1e-6,
-                                       msg=lambda m: f"{family} row {row}: {m}")
+    lp = _check_rows(family, model, processor, collator, items, batch)
 
     # packed rows (no padding; flash-attention varlen on GPUs) give the same numbers
     if get_adapter(model).packable:
-        packed = PreferenceModel(model, reference_mode="cached", packing=True)
-        lp2, _ = packed.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                                       batch["labels"], batch["pixel_values"], **_extra(batch))
-        torch.testing.assert_close(lp2, lp, rtol=RTOL, atol=1e-5)
+        _check_packed(model, batch, lp)
     else:
         with pytest.raises(ValueError, match="packing"):
             PreferenceModel(model, reference_mode="cached", packing=True)
@@ -133,6 +149,68 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
     grads = [p.grad for p in decoder.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads[:4])
     assert any(float(g.abs().sum()) > 0 for g in grads if g is not None)
+
+
+def _image(w, h, seed):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _pair(i, images, question="what is on the table ?"):
+    return {"index": i, "id": f"q{i}", "images": images,
+            "image": images[0] if len(images) == 1 else None, "line": i + 1,
+            "prompt": [{"from": "human", "value": "<image>\n" * len(images) + question}],
+            "chosen": "a red cup" + " and a book" * i, "rejected": "a blue ball ."}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_text_only_and_multi_image_pairs(family, tmp_path_factory):
+    """A batch mixing a 1-image pair, a text-only pair and a 2-image pair (images of different
+    sizes; LLaVA-OneVision: anyres for the single image only, ``batch_num_images``), and an
+    all-text batch: exact against the HF forward of each sample, and the DPO step's gradient
+    reaches the decoder. Families that take one image per prompt (PaliGemma) raise, naming the
+    pair and the limitation."""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+    path = _build(family, tmp_path_factory)
+    processor = load_processor(path)
+    model = load_vlm(path)
+    collator = PreferenceCollator(processor)
+    mixed = [_pair(0, [_image(20, 12, 0)]), _pair(1, []),
+             _pair(2, [_image(12, 28, 1), _image(36, 36, 2)])]
+    text = [_pair(0, [], "why is the sky blue ?"), _pair(1, [])]
+    adapter = get_adapter(family)
+    if not (adapter.text_only_pairs and adapter.multi_image_pairs):  # PaliGemma
+        if not adapter.text_only_pairs:
+            with pytest.raises(ValueError, match=rf"pair 'q1' \(line 2\): a text-only pair .*{family}"):
+                collator(mixed)
+        if not adapter.multi_image_pairs:
+            with pytest.raises(ValueError, match=r"pair 'q2' \(line 3\): 2 images, .*one image"):
+                collator([mixed[0], mixed[2]])
+        return
+    batch = collator(mixed)
+    if family == "llava_onevision":  # the 2-image pair has no anyres patches
+        assert batch["batch_num_images"].tolist() == [1, 2]
+    lp = _check_rows(family, model, processor, collator, mixed, batch)
+    if adapter.packable:  # packed rows (flash varlen) place the same features
+        _check_packed(model, batch, lp)
+    tbatch = collator(text)
+    assert "pixel_values" not in tbatch
+    _check_rows(family, model, processor, collator, text, tbatch)
+
+    # forward + backward on both batches (cached reference values: the HF numbers)
+    pm = PreferenceModel(prepare_policy(model), reference_mode="cached")
+    pm.train()
+    for bt, ref in ((batch, lp.detach()), (tbatch, None)):
+        b = bt["input_ids"].shape[0] // 2
+        ref = torch.zeros(2 * b) if ref is None else ref
+        out = pm(bt["input_ids"], bt["attention_mask"], bt["labels"], bt.get("pixel_values"),
+                 ref_chosen_logps=ref[:b], ref_rejected_logps=ref[b:], **_extra(bt))
+        out.loss.backward()
+    grads = [p.grad for p in model.get_decoder().parameters() if p.requires_grad]
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
 
 
 def test_unsupported_families_fail_clearly(tmp_path):
@@ -179,18 +257,33 @@ def test_one_chat_template_rule(tmp_path, tiny_llava_dir):
     assert PreferenceCollator(processor, chat_template="{{ 'Q' }}").template == "{{ 'Q' }}"
 
 
-def test_cli_names_the_unsupported_model(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["ref-logps", "train", "build-pairs"])
+def test_cli_names_the_unsupported_model(command, tmp_path, capsys):
+    """Mllama: every command that loads a model stops with one line naming the limitation, from
+    the config alone (the folder holds no weights: nothing is loaded first)."""
+    import json
+
     from transformers import MllamaConfig
 
     from bpo_fast.cli import main
 
     from test_vlm_train import write_pairs
 
-    MllamaConfig().save_pretrained(tmp_path / "mllama")
+    model = str(tmp_path / "mllama")
+    MllamaConfig().save_pretrained(model)
     data = write_pairs(str(tmp_path), n=1)
-    rc = main(["ref-logps", "--model", str(tmp_path / "mllama"), "--data", data,
-               "--image-root", str(tmp_path), "--out", str(tmp_path / "r.safetensors"),
-               "--device", "cpu", "--no-progress"])
+    common = ["--model", model, "--image-root", str(tmp_path), "--device", "cpu"]
+    if command == "ref-logps":
+        args = ["--data", data, "--out", str(tmp_path / "r.safetensors"), "--no-progress"]
+    elif command == "train":
+        args = ["--data", data, "--output", str(tmp_path / "out"), "--no-progress"]
+    else:
+        llava = tmp_path / "llava.json"
+        llava.write_text(json.dumps([{"id": "a", "image": "img/0.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is on the table ?"},
+            {"from": "gpt", "value": "a red cup"}]}]))
+        args = ["--data", str(llava), "--out", str(tmp_path / "p.jsonl")]
+    rc = main([command] + common + args)
     err = capsys.readouterr().err
     assert rc == 2 and "cross-attention" in err and "Traceback" not in err
 

@@ -19,21 +19,24 @@ TRAIN_FAMILIES = sorted(FAMILIES)  # every supported family, full and LoRA
 SIZES = [(20, 12), (12, 28), (33, 17), (16, 16)]
 
 
-def write_pairs(root, n=4):
-    """Pair JSONL (our schema) with images of mixed sizes under ``root``."""
+def write_pairs(root, n=4, text_only=(), name="pairs.jsonl"):
+    """Pair JSONL (our schema) with images of mixed sizes under ``root``; the pairs whose index
+    is in ``text_only`` have no image (``"image": null``, no ``<image>`` in the prompt)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(root, "img"), exist_ok=True)
-    path = os.path.join(root, "pairs.jsonl")
+    path = os.path.join(root, name)
     with open(path, "w") as f:
         for i in range(n):
             w, h = SIZES[i % len(SIZES)]
             Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
                 os.path.join(root, "img", f"{i}.png"))
+            text = i in text_only
             f.write(json.dumps({
-                "id": f"p{i}", "image": f"img/{i}.png",
-                "prompt": [{"from": "human", "value": "<image>\nwhat is on the table ?"}],
+                "id": f"p{i}", "image": None if text else f"img/{i}.png",
+                "prompt": [{"from": "human", "value": ("" if text else "<image>\n")
+                            + "what is on the table ?"}],
                 "chosen": "a red cup" + " and a book" * (i % 2), "rejected": "a blue ball .",
                 "strategy": "image_weakened", "noise_step": 500, "injector": None}) + "\n")
     return path
@@ -97,41 +100,119 @@ def test_train_two_steps_and_final_model_loads(family, lora, pairs, tmp_path_fac
             final.get_input_embeddings().weight.data_ptr()
 
 
-def test_ref_logps_equal_the_hf_forward_qwen2_vl(pairs, tmp_path_factory, tmp_path):
-    from PIL import Image
-
+def _assert_ref_logps_equal_hf(model_dir, data, root, out, batch_size):
+    """``ref-logps`` on ``data`` equals, per pair, the HF forward of the processor's inputs of
+    each sample (its images as one list, as ``apply_chat_template`` passes them; none for a
+    text-only pair) gathered on the answer tokens."""
+    from bpo_fast.data.hf_pairs import open_pairs
     from bpo_fast.data.preference import PreferenceCollator
+    from bpo_fast.data.schema import turns_to_messages
     from bpo_fast.models.preference import load_vlm
     from bpo_fast.models.vlm import load_processor
     from bpo_fast.train.ref_cache import RefLogpsCache, compute_reference_logps
 
-    model_dir = _model_dir("qwen2_vl", tmp_path_factory)
-    data, root = pairs
-    out = str(tmp_path / "ref.safetensors")
-    compute_reference_logps(model_dir, data, root, out, batch_size=3, device="cpu",
+    compute_reference_logps(model_dir, data, root, out, batch_size=batch_size, device="cpu",
                             dtype=torch.float32, progress=False, max_length=256)
     cache = RefLogpsCache.load(out)
     model, proc = load_vlm(model_dir), load_processor(model_dir)
     template = PreferenceCollator(proc).template
-    recs = [json.loads(line) for line in open(data)]
-    for rec in recs:
-        image = Image.open(os.path.join(root, rec["image"])).convert("RGB")
-        msgs = [{"role": "user", "content": [{"type": "image"},
-                                              {"type": "text", "text": "what is on the table ?"}]}]
-        prompt = proc(images=[image], text=[proc.apply_chat_template(
+    ds = open_pairs(data, root)
+    for item in (ds[i] for i in range(len(ds))):
+        images = [item["images"]] if item["images"] else None
+        msgs = turns_to_messages(item["prompt"])
+        prompt = proc(images=images, text=[proc.apply_chat_template(
             msgs, tokenize=False, add_generation_prompt=True, chat_template=template)],
             return_tensors="pt")["input_ids"].shape[1]
-        got = cache.lookup([rec["id"]])
+        got = cache.lookup([item["id"]])
         for key, value in (("chosen", got[0]), ("rejected", got[1])):
             full = proc.apply_chat_template(
-                msgs + [{"role": "assistant", "content": [{"type": "text", "text": rec[key]}]}],
+                msgs + [{"role": "assistant", "content": [{"type": "text", "text": item[key]}]}],
                 tokenize=False, chat_template=template)
-            enc = proc(images=[image], text=[full], return_tensors="pt")
+            enc = proc(images=images, text=[full], return_tensors="pt")
             with torch.no_grad():
                 logits = model(**enc).logits[0, :-1].float()
             ids = enc["input_ids"][0]
             lp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
             torch.testing.assert_close(value[0], lp[prompt - 1:].sum(), rtol=1e-5, atol=1e-6)
+    return ds
+
+
+def test_ref_logps_equal_the_hf_forward_qwen2_vl(pairs, tmp_path_factory, tmp_path):
+    data, root = pairs
+    _assert_ref_logps_equal_hf(_model_dir("qwen2_vl", tmp_path_factory), data, root,
+                               str(tmp_path / "ref.safetensors"), batch_size=3)
+
+
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+TEXT_ONLY = (0, 1, 3)  # of 5 pairs: batches of 2 = [text, text], [image, text], [image]
+
+
+@pytest.fixture(scope="module")
+def mixed_pairs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("vlm_mixed_pairs"))
+    return write_pairs(root, n=5, text_only=TEXT_ONLY), root
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_text_only_pairs_ref_logps_and_train_qwen(family, mixed_pairs, tmp_path_factory,
+                                                  tmp_path):
+    """Text-only pairs on the M-RoPE families: ``ref-logps`` over an all-text batch, a mixed one
+    and an image-only one equals the HF forward; ``train`` (LoRA) runs 2 steps on them."""
+    data, root = mixed_pairs
+    model = _model_dir(family, tmp_path_factory)
+    _assert_ref_logps_equal_hf(model, data, root, str(tmp_path / "ref.safetensors"),
+                               batch_size=2)
+    res = train(_cfg(model, mixed_pairs, tmp_path / "out", lora_r=4, reference="lora"))
+    assert res["steps"] == 2
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_multi_image_pairs_ref_logps_and_train_llava_onevision(pairs, tmp_path_factory,
+                                                              tmp_path):
+    """TRL conversational records (``images`` lists): a 2-image pair (two sizes) between
+    1-image pairs and a text-only pair. LLaVA-OneVision runs the 2-image sample without anyres
+    (``batch_num_images``); ``ref-logps`` equals the HF forward, ``train`` runs."""
+    _, root = pairs
+    data = str(tmp_path / "trl.jsonl")
+    q = [{"type": "text", "text": "what is on the table ?"}]
+    recs = [(["img/0.png"], "a red cup"), (["img/1.png", "img/2.png"], "two cups"),
+            ([], "a book"), (["img/3.png"], "a red cup and a book")]
+    with open(data, "w") as f:
+        for i, (images, chosen) in enumerate(recs):
+            f.write(json.dumps({
+                "id": f"m{i}", "images": images,
+                "prompt": [{"role": "user", "content": [{"type": "image"} for _ in images] + q}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": "a blue ball ."}]}) + "\n")
+    model = _model_dir("llava_onevision", tmp_path_factory)
+    ds = _assert_ref_logps_equal_hf(model, data, root, str(tmp_path / "ref.safetensors"),
+                                    batch_size=4)
+    assert [len(ds[i]["images"]) for i in range(len(ds))] == [1, 2, 0, 1]
+    res = train(_cfg(model, (data, root), tmp_path / "out", lora_r=4, reference="lora",
+                     batch_size=4, max_steps=1))
+    assert res["steps"] == 1
+
+
+def test_one_image_family_rejects_text_only_pairs_up_front(mixed_pairs, tmp_path_factory,
+                                                          tmp_path, capsys):
+    """PaliGemma (one image per prompt): ``ref-logps`` and ``train`` stop before any batch runs,
+    naming the first text-only pair; exit 2, one line."""
+    from bpo_fast.cli import main
+
+    data, root = mixed_pairs
+    model = _model_dir("paligemma", tmp_path_factory)
+    out = tmp_path / "r.safetensors"
+    rc = main(["ref-logps", "--model", model, "--data", data, "--image-root", root, "--out",
+               str(out), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pair 'p0' (line 1): a text-only pair" in err and "paligemma" in err
+    assert "Traceback" not in err and not out.exists()
+    rc = main(["train", "--model", model, "--data", data, "--image-root", root, "--device", "cpu",
+               "--output", str(tmp_path / "t"), "--max-steps", "1", "--batch-size", "2",
+               "--lora-r", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a text-only pair" in err and "Traceback" not in err
 
 
 def test_train_cli_chat_template_option(pairs, tmp_path_factory, tmp_path, capsys):

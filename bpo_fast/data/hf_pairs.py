@@ -350,19 +350,33 @@ class StreamingPairs(torch.utils.data.IterableDataset):
             yield item
 
 
-def _first_record(path):
-    """The first JSON record of a .json/.jsonl file (None when it cannot be read cheaply)."""
+def _first_record(path, chunk=1 << 16, limit=1 << 26):
+    """The first JSON record of a .json/.jsonl file, read incrementally: the first line of a
+    JSONL file, the first element of a JSON array (chunks are read until it parses, never the
+    whole array). None when it cannot be read (or is not within ``limit`` characters)."""
+    dec = json.JSONDecoder()
     try:
         with open(path, encoding="utf-8") as f:
-            head = f.read(1 << 16).lstrip()
-        if head.startswith("["):
-            from bpo_fast.data.bpo_format import _iter_raw
-
-            for _, rec in _iter_raw(path):
-                return rec
-            return None
-        line = head.split("\n", 1)[0]
-        return json.loads(line)
+            buf = f.read(chunk)
+            is_array = buf.lstrip().startswith("[")
+            while True:
+                if is_array:
+                    pos = buf.index("[") + 1
+                    while pos < len(buf) and buf[pos] in " \t\r\n":
+                        pos += 1
+                    if buf[pos:pos + 1] == "]":
+                        return None  # an empty array
+                    try:
+                        return dec.raw_decode(buf, pos)[0]
+                    except ValueError:
+                        pass  # the first element goes on past what was read
+                elif "\n" in buf.lstrip():
+                    return json.loads(buf.lstrip().split("\n", 1)[0])
+                more = f.read(chunk)
+                if not more or len(buf) >= limit:
+                    return None if is_array else json.loads(buf.lstrip())
+                buf += more
+                chunk *= 2
     except (OSError, ValueError):
         return None
 

@@ -288,7 +288,10 @@ def _rejection_reason(chosen, rejected):
 
 
 class _Run:
-    def __init__(self, cfg, model, processor):
+    """One build. ``cfg`` comes from :func:`_validate_config` (``noise_steps`` parsed there);
+    ``need_model``: whether a strategy generates with the model (:func:`_needs_model`)."""
+
+    def __init__(self, cfg, model, processor, need_model):
         self.cfg = cfg
         self.t0 = time.perf_counter()
         self.rank, self.world, local_rank = dist_env(cfg.rank, cfg.world_size)
@@ -299,10 +302,8 @@ class _Run:
                                     world_size=self.world)
         self.summary.timings = {"decode_wait_s": 0.0, "noise_s": 0.0, "generate_s": 0.0,
                                 "inject_s": 0.0, "write_s": 0.0}
-        self.levels = parse_noise_steps(cfg.noise_steps)
+        self.levels = cfg.noise_steps
         self._check_out()  # before the (slow) model load
-        need_model = "image_weakened" in cfg.strategies or (
-            "error_injection" in cfg.strategies and cfg.injector == "llm")
         self.model = self.processor = self.gen = None
         if need_model or processor is not None or model is not None:
             if model is None or processor is None:
@@ -817,12 +818,17 @@ def build_pairs(config, model=None, processor=None):
     cfg = _validate_config(config)
     if (model is None) != (processor is None):
         raise ValueError("model and processor: pass both or neither")
-    needs_model = "image_weakened" in cfg.strategies or (
-        "error_injection" in cfg.strategies and cfg.injector == "llm")
+    needs_model = _needs_model(cfg)
     if needs_model and not cfg.model and model is None:
         raise ValueError("model: required for image_weakened and for injector='llm' (a model "
                          "directory, or pass model= and processor=)")
     if needs_model and model is None:
         input_dir(cfg.model, "model", what="model directory (a save_pretrained folder)")
-    return _Run(cfg, model, processor).run()
+    return _Run(cfg, model, processor, needs_model).run()
+
+
+def _needs_model(cfg):
+    """Whether a strategy generates with the model (image-weakened answers, the LLM injector)."""
+    return "image_weakened" in cfg.strategies or (
+        "error_injection" in cfg.strategies and cfg.injector == "llm")
 

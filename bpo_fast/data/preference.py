@@ -136,22 +136,26 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return [r["id"] for r in self.records]
 
 
-_PROCESSOR_TYPES = {  # processor class name prefix -> model_type
-    "LlavaNext": "llava_next", "LlavaOnevision": "llava_onevision", "Llava": "llava",
-    "Qwen2VL": "qwen2_vl", "Qwen2_5_VL": "qwen2_5_vl", "Qwen3VL": "qwen3_vl",
-    "Idefics3": "idefics3", "SmolVLM": "smolvlm", "Gemma3": "gemma3", "PaliGemma": "paligemma",
-    "InternVL": "internvl", "Mllama": "mllama",
-}
-
-
 def model_type_of_processor(processor):
-    """The family of a processor from its class name (``Qwen2VLProcessor`` -> ``qwen2_vl``);
+    """The family of a processor (``Qwen2VLProcessor`` -> ``qwen2_vl``): the ``model_type`` of
+    the model-layer registry (:data:`bpo_fast.models.vlm.ADAPTERS`, and the families it rejects)
+    whose processor class (transformers' processor mapping) the processor is, or derives from;
     ``llava`` for an unknown class (any LLaVA-style processor)."""
-    name = type(processor).__name__
-    for prefix in sorted(_PROCESSOR_TYPES, key=len, reverse=True):
-        if name.startswith(prefix):
-            return _PROCESSOR_TYPES[prefix]
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    from bpo_fast.models.vlm import ADAPTERS, UNSUPPORTED
+
+    by_class = {PROCESSOR_MAPPING_NAMES[mt]: mt for mt in (*ADAPTERS, *UNSUPPORTED)
+                if mt in PROCESSOR_MAPPING_NAMES}
+    for cls in type(processor).__mro__:
+        if cls.__name__ in by_class:
+            return by_class[cls.__name__]
     return "llava"
+
+
+def _where(item):
+    line = item.get("line")
+    return f"pair {item['id']!r}" + (f" (line {line})" if line is not None else "")
 
 
 @dataclass
@@ -198,6 +202,17 @@ class PreferenceCollator:
         if self.pad_id is None:
             raise ValueError("processor: the tokenizer has neither a pad nor an eos token")
 
+    def check_dataset(self, dataset):
+        """Raise (naming the first such pair) when ``dataset`` holds pairs whose image count the
+        family cannot take (:meth:`~bpo_fast.models.vlm.VLMAdapter.check_pair_images`: e.g.
+        text-only or multi-image pairs on PaliGemma), before any model work; a dataset without
+        an up-front record list (a stream) is checked batch by batch in :meth:`encode_pair`."""
+        if self.adapter.text_only_pairs and self.adapter.multi_image_pairs:
+            return
+        for rec in getattr(dataset, "records", None) or ():
+            n = rec["n_images"] if "n_images" in rec else int(rec.get("image_path") is not None)
+            self.adapter.check_pair_images(n, _where(rec))
+
     def prompt_text(self, messages):
         """The prompt as the model sees it before the image expansion (generation prompt on)."""
         if self.template is None:  # the processor builds the prompt (PaliGemma)
@@ -212,7 +227,9 @@ class PreferenceCollator:
         """(prompt ids with image tokens expanded, chosen response ids, rejected response ids,
         image-processor outputs) of one pair."""
         messages = turns_to_messages(item["prompt"])
-        images = item["images"] if item.get("images") is not None else [item["image"]]
+        images = item["images"] if item.get("images") is not None else \
+            [im for im in (item.get("image"),) if im is not None]
+        self.adapter.check_pair_images(len(images), _where(item))
         prompt, (chosen, rejected), image_out = self.adapter.encode_pair(
             self.processor, self.template, messages, self.prompt_text(messages),
             [item["chosen"], item["rejected"]], images, self.tokenizer)

@@ -4,7 +4,8 @@
 knows (:mod:`bpo_fast.models.vlm`: LLaVA, LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, Idefics3/SmolVLM,
 Gemma 3, PaliGemma, InternVL) and runs one DPO step's forward the cheap way:
 
-- the batch holds ``2B`` rows ``[chosen; rejected]`` and ``B`` images, one per pair; each image goes
+- the batch holds ``2B`` rows ``[chosen; rejected]`` and the images of its ``B`` pairs (one per
+  pair, or none or several: text-only and multi-image pairs mix freely); each image goes
   through the vision tower and projector **once** (the model's own ``get_image_features``) and the
   family's base model places the features in both rows (``mm_encoder_outputs``), with its own
   masks and position ids, so the log-probs are the HF forward's;
@@ -224,7 +225,7 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
 # --------------------------------------------------------------------------------------------
 
 class PreferenceModel(nn.Module):
-    """Policy (+ reference) forward on a ``[chosen; rejected]`` batch with one image per pair.
+    """Policy (+ reference) forward on a ``[chosen; rejected]`` batch, each pair's images once.
 
     Args:
         policy: the trained HF vision-language model (a peft ``PeftModel`` for ``"lora"``).
@@ -362,8 +363,8 @@ class PreferenceModel(nn.Module):
 
     def hidden_states(self, model, input_ids, attention_mask, features, labels=None,
                       **image_kwargs):
-        """Last hidden states ``[2B, T, H]`` of the family's base model with ``features`` (one
-        image per pair, from :meth:`encode`) placed in both the chosen and the rejected row of
+        """Last hidden states ``[2B, T, H]`` of the family's base model with ``features`` (the
+        pairs' images, from :meth:`encode`; None for a text-only batch) placed in both the chosen and the rejected row of
         each pair. ``labels`` and the image inputs feed the family's row inputs (PaliGemma's
         prefix mask, Qwen's M-RoPE grids)."""
         n_slots = int((input_ids == self.image_token_id).sum())

@@ -28,6 +28,13 @@ What an adapter adds on top (all small):
   (:func:`lm_head_parts`), which rejects logit transforms the fused head does not compute
   (Gemma 2 ``final_logit_softcapping``: PaliGemma 2).
 
+Pairs may hold no image or several, mixed in one batch: the collator passes each pair's images to
+the processor as one sample's list (as ``apply_chat_template`` does: LLaVA-OneVision then sets
+``batch_num_images`` and skips anyres for multi-image samples), text-only pairs contribute no
+image inputs, and Qwen's text-only rows (or a text-only batch, no ``image_grid_thw``) get the
+positions HF gives them. Families that take one image per prompt say so
+(``text_only_pairs``/``multi_image_pairs``; :meth:`VLMAdapter.check_pair_images`): PaliGemma.
+
 Cost: the generic base forward is what HF's own forward runs minus the LM head, so no family pays
 more than HF for exactness. Only the LLaVA-style families (1-D positions, plain causal mask) can
 pack rows without padding (flash-attention varlen); the others always run the padded batch.
@@ -40,6 +47,8 @@ import functools
 
 import torch
 
+from bpo_fast.models.preference import unwrap as _unwrap  # the one peft-unwrapping rule
+
 __all__ = ["VLMAdapter", "ADAPTERS", "get_adapter", "supported_model_types", "lm_head_parts",
            "check_logit_transform", "load_processor", "image_token_id",
            "resolve_chat_template", "processor_prompt", "UnsupportedModelError", "DEFAULT_CHAT_TEMPLATES"]
@@ -51,11 +60,6 @@ TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids
 
 class UnsupportedModelError(ValueError):
     """A model (type or configuration) that :class:`bpo_fast.PreferenceModel` cannot run exactly."""
-
-
-def _unwrap(model):
-    return model.get_base_model() if hasattr(model, "disable_adapter") and hasattr(
-        model, "get_base_model") else model
 
 
 def _map_features(fn, x):
@@ -225,6 +229,21 @@ class VLMAdapter:
     uses_chat_template = True
     # dim 0 of pixel_values counts images (False: InternVL's flattened tiles)
     images_along_dim0 = True
+    # pairs without an image / with several images (the processor and the model take them);
+    # where not, why (said in the error)
+    text_only_pairs = True
+    multi_image_pairs = True
+    one_image_reason = "the family takes exactly one image per prompt"
+
+    def check_pair_images(self, n, where="pair"):
+        """Raise a ``ValueError`` naming ``where`` when the family cannot take a pair with ``n``
+        images (text-only or multi-image pairs where the family has one image per prompt)."""
+        if n == 0 and not self.text_only_pairs:
+            raise ValueError(f"{where}: a text-only pair (no image), but {self.name} models need "
+                             f"one image per prompt ({self.one_image_reason})")
+        if n > 1 and not self.multi_image_pairs:
+            raise ValueError(f"{where}: {n} images, but {self.name} models take one image per "
+                             f"prompt ({self.one_image_reason})")
 
     def base_model(self, model):
         base = _unwrap(model)
@@ -281,7 +300,7 @@ class VLMAdapter:
         return int(pv.shape[0]) if isinstance(pv, torch.Tensor) and self.images_along_dim0 else None
 
     def encode(self, model, images):
-        """The model's own ``get_image_features`` on the batch's images (one per pair), as the
+        """The model's own ``get_image_features`` on the batch's images (each pair's once), as the
         base forward's ``mm_encoder_outputs["image"]``."""
         base = self.base_model(model)
         images = dict(images)
@@ -360,7 +379,11 @@ class VLMAdapter:
         tokenised without the image expansion (robust to tokenisers that merge across the
         boundary). ``image``: one image, or the pair's list of images (empty: text only)."""
         images = list(image) if isinstance(image, (list, tuple)) else [image]
-        enc = processor(images=images or None, text=[prompt_text], return_tensors="pt")
+        # the pair's images as one sample's list (``[[img, ...]]``), as HF's apply_chat_template
+        # passes them: LLaVA-OneVision then knows a multi-image sample (``batch_num_images``: no
+        # anyres for its images); a flat list would read as one single-image sample per image
+        enc = processor(images=[images] if images else None, text=[prompt_text],
+                        return_tensors="pt")
         prompt_ids = enc["input_ids"][0].tolist()
         plain_prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         fulls = []
@@ -445,10 +468,14 @@ class QwenVLAdapter(VLMAdapter):
     packable = False
 
     def row_kwargs(self, model, input_ids, attention_mask, labels, images):
-        tid = image_token_id(model)
-        grid = images["image_grid_thw"]
-        return {"image_grid_thw": torch.cat([grid, grid]),
-                "mm_token_type_ids": (input_ids == tid).to(torch.int32)}
+        # rows without images (text-only pairs) are all-text groups for get_rope_index: 1-D
+        # positions on the 3 axes; a text-only batch has no grid, and the base forward then
+        # leaves the positions to the text model, as HF does for the processor's text-only rows
+        kwargs = {"mm_token_type_ids": (input_ids == image_token_id(model)).to(torch.int32)}
+        grid = images.get("image_grid_thw")
+        if grid is not None:
+            kwargs["image_grid_thw"] = torch.cat([grid, grid])
+        return kwargs
 
 
 class Gemma3Adapter(VLMAdapter):
@@ -468,6 +495,8 @@ class PaliGemmaAdapter(VLMAdapter):
 
     packable = False
     uses_chat_template = False
+    text_only_pairs = multi_image_pairs = False
+    one_image_reason = "its processor builds the prompt around exactly one image"
 
     def row_kwargs(self, model, input_ids, attention_mask, labels, images):
         scored = labels != IGNORE_INDEX

@@ -167,6 +167,7 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
         collate = PreferenceCollator(load_processor(model_path), max_length=max_length,
                                      model_type=model.config.model_type,
                                      chat_template=chat_template)
+        collate.check_dataset(ds)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, todo),
                                              batch_size=batch_size, collate_fn=collate)
         bar = None
@@ -179,10 +180,11 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                 dev = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 extra = {k: v for k, v in dev.items()
                          if k not in ("input_ids", "attention_mask", "labels", "pixel_values", "index")}
-                pm._check_batch(dev["input_ids"], dev["attention_mask"], dev["labels"],
-                                dev["pixel_values"], extra)
+                pixels = dev.get("pixel_values")  # None: a text-only batch
+                pm._check_batch(dev["input_ids"], dev["attention_mask"], dev["labels"], pixels,
+                                extra)
                 lp, n = pm.sequence_logps(model, dev["input_ids"], dev["attention_mask"],
-                                          dev["labels"], dev["pixel_values"], **extra)
+                                          dev["labels"], pixels, **extra)
                 b = len(batch["ids"])
                 lp, n = lp.float().cpu(), n.cpu()
                 for j, pid in enumerate(batch["ids"]):

@@ -522,6 +522,7 @@ def train(config):
     collate = PreferenceCollator(processor, max_length=config.max_length,
                                  model_type=unwrap(pm.policy).config.model_type,
                                  chat_template=config.chat_template)
+    collate.check_dataset(ds)  # pairs the family cannot take (PaliGemma: one image each)
     evaluator = best = None
     if config.eval_data:
         from bpo_fast.train.eval import BestTracker, Evaluator
@@ -749,9 +750,10 @@ def _clear_eval_outputs(output):
 def _nonfinite(acc, grad_norm, step_ids, step, mode, world, rank):
     """Whether this step met a non-finite loss or gradient (on any rank): ``mode="stop"``
     raises :class:`NonFiniteError` naming the batch's record ids, ``"skip"`` says so and returns
-    True. One host sync per step (the metrics need one anyway)."""
+    True. The flags travel in the step's one reduction of the metrics
+    (:meth:`_Accumulator.reduce`): one collective per step."""
     local = torch.stack([acc.nonfinite, (~torch.isfinite(grad_norm)).to(acc.nonfinite)])
-    bad = _all_reduce(local.clone(), "sum", world)
+    bad = acc.reduce(local, world)
     if not bool(bad.any()):
         return False
     what = " and ".join(n for n, b in zip(("loss", "gradient"), bad.tolist()) if b)
@@ -796,6 +798,7 @@ class _Accumulator:
         self.reset()
 
     def reset(self):
+        self._reduced = None
         self.sums = torch.zeros(len(self._KEYS), dtype=torch.float64, device=self.device)
         self.nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
         self.n = 0
@@ -815,12 +818,20 @@ class _Accumulator:
         self.tokens += attention_mask.sum()
         self.n += 1
 
+    def reduce(self, flags, world):
+        """One all-reduce (sum) of the step's metric means, token count and ``flags`` (the
+        non-finite loss / gradient flags) over ranks; returns the summed flags and keeps the
+        rest for :meth:`result`."""
+        local = torch.cat([self.sums / max(self.n, 1), self.tokens.view(1), flags.to(self.sums)])
+        self._reduced = _all_reduce(local, "sum", world)
+        return self._reduced[len(self._KEYS) + 1:]
+
     def result(self, world):
-        means = self.sums / max(self.n, 1)
-        _all_reduce(means, "mean", world)
-        tokens = _all_reduce(self.tokens.clone(), "sum", world)
-        vals = means.tolist()
-        out = dict(zip(self._KEYS, vals))
-        out["tokens"] = float(tokens)
+        """The step's metrics (means over micro-batches and ranks, tokens summed), from the
+        reduction :meth:`reduce` did this step."""
+        k = len(self._KEYS)
+        vals = self._reduced.tolist()  # one copy to the host
+        out = {name: v / world for name, v in zip(self._KEYS, vals[:k])}
+        out["tokens"] = vals[k]
         self.reset()
         return out
