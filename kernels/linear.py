@@ -20,10 +20,10 @@ Two GPU strategies live here; ``bpo_fast/ops/linear.py`` orchestrates them and
 ``SOFTCAP=True`` (a constexpr, so the un-capped specialisations compile exactly as without it)
 every kernel turns the logit ``z = h @ W.T + b`` into ``cap * tanh(z / cap)`` before the
 temperature and the log-sum-exp, and the backward multiplies ``d`` by the derivative
-``1 - tanh(z / cap)^2``. ``tanh`` is formed from one ``exp`` (:func:`_tanh_sech2`: the
-interpreter has no libdevice ``tanh``), with a series near 0 so that it keeps float32 relative
-accuracy, and the derivative as ``4 e / (1 + e)^2`` (``e = exp(-2 |z| / cap)``), exact also
-where ``tanh`` rounds to 1.
+``1 - tanh(z / cap)^2``, formed as ``(1 - t)(1 + t)`` from the capped logit itself (``t = x /
+cap``: no second tile held, the same rounding as PyTorch's ``tanh`` backward). ``tanh`` is
+formed from one ``exp`` (:func:`_tanh`: the interpreter has no libdevice ``tanh``), with a series
+near 0 so that it keeps float32 relative accuracy.
 
 Scored positions are compacted by the caller; hidden rows are read through a per-row element
 offset (``row_off``) so that any strided ``hidden [N, T, H]`` works without a copy when every
@@ -53,26 +53,29 @@ from bpo_fast.kernels import gpu_target
 
 
 @triton.jit
-def _tanh_sech2(y):
-    """``(tanh(y), 1 - tanh(y)^2)`` in float32 from one ``exp``: ``e = exp(-2|y|)``,
-    ``tanh = sign(y) (1 - e) / (1 + e)`` (an odd series below ``|y| = 1/8``, where ``1 - e``
-    would cancel), ``sech^2 = 4 e / (1 + e)^2`` (no cancellation anywhere)."""
+def _tanh(y):
+    """``tanh(y)`` in float32 from one ``exp``: ``sign(y) (1 - e) / (1 + e)``, ``e = exp(-2|y|)``,
+    and its odd series below ``|y| = 1/8``, where ``1 - e`` would cancel."""
     a = tl.abs(y)
     e = tl.exp(-2.0 * a)
     y2 = y * y
     series = a * (1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333
                                                          + y2 * -0.05396825396825397)))
     t = tl.where(a < 0.125, series, (1.0 - e) / (1.0 + e))
-    t = tl.where(y < 0, -t, t)
-    one_e = 1.0 + e
-    return t, 4.0 * e / (one_e * one_e)
+    return tl.where(y < 0, -t, t)
 
 
 @triton.jit
 def _softcap(x, softcap):
     """``softcap * tanh(x / softcap)``."""
-    t, _ = _tanh_sech2(x / softcap)
-    return t * softcap
+    return _tanh(x / softcap) * softcap
+
+
+@triton.jit
+def _softcap_grad(d, x, softcap):
+    """``d * (1 - t^2)`` with ``t = x / softcap`` the tanh of the capped logit ``x``."""
+    t = x / softcap
+    return d * ((1.0 - t) * (1.0 + t))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,12 +165,11 @@ def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, b_ptr, tgt_ptr, lse_ptr, g
         if HAS_BIAS:
             x += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if SOFTCAP:
-            th, sech2 = _tanh_sech2(x / softcap)
-            x = th * softcap
+            x = _softcap(x, softcap)
         p = tl.exp(x * inv_temp - lse)
         d = (tl.where(cols == t, 1.0, 0.0) - p) * gs
         if SOFTCAP:
-            d = d * sech2
+            d = _softcap_grad(d, x, softcap)
         tl.store(d_row + cols, d.to(d_ptr.dtype.element_ty), mask=mask)
 
 
@@ -239,12 +241,11 @@ def _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_
     gs = tl.load(gs_ptr + rows, mask=rmask, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
     if SOFTCAP:
-        th, sech2 = _tanh_sech2(acc / softcap)
-        acc = th * softcap
+        acc = _softcap(acc, softcap)
     p = tl.exp(acc * inv_temp - lse[:, None])
     d = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p) * gs[:, None]
     if SOFTCAP:
-        d = d * sech2
+        d = _softcap_grad(d, acc, softcap)
     return tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
 
 
@@ -429,18 +430,29 @@ _TILES = {
     ("det", 80, "float32"): (32, 64, 16, 4, 2),
     ("det", 90, "float32"): (32, 64, 16, 4, 2),
 }
+# With the logit soft-cap (SOFTCAP) the deterministic grad_hidden pass (ROWS) holds the tanh's
+# temporaries next to its d tile and the grad_hidden tile: at 4 warps Triton 3.6's register
+# budget spills (8 B, fp32 and 2-byte sm_80); 8 warps halve each thread's share of the tiles.
+# The un-capped kernels keep the tiles above.
+_SOFTCAP_TILES = {
+    ("det", 80, "half"): (64, 64, 32, 8, 3),
+    ("det", 90, "half"): (64, 64, 32, 8, 3),
+    ("det", 80, "float32"): (32, 32, 16, 4, 2),
+    ("det", 90, "float32"): (32, 32, 16, 4, 2),
+}
 _INTERPRETER_TILE = (16, 32, 16, 4, 1)  # small tiles: speed of the CPU emulation
 _GROUP = 8
 
 
-def tile_config(kind, dtype, arch):
+def tile_config(kind, dtype, arch, softcap=False):
     """(BM, BV, BK, num_warps, num_stages) of a fused kernel (``kind``: "fwd", "bwd" or "det")
-    for ``dtype`` on sm_``arch`` (``None``: the interpreter). Archs between and after the two
-    we check take the nearest one below (sm_86/89 -> sm_80, sm_100+ -> sm_90)."""
+    for ``dtype`` on sm_``arch`` (``None``: the interpreter), with the logit soft-cap or not.
+    Archs between and after the two we check take the nearest one below (sm_86/89 -> sm_80,
+    sm_100+ -> sm_90)."""
     if arch is None:
         return _INTERPRETER_TILE
-    key = "float32" if dtype == torch.float32 else "half"
-    return _TILES[(kind, 90 if arch >= 90 else 80, key)]
+    key = (kind, 90 if arch >= 90 else 80, "float32" if dtype == torch.float32 else "half")
+    return (_SOFTCAP_TILES.get(key) if softcap else None) or _TILES[key]
 
 
 def _prec(dtype):
@@ -494,7 +506,7 @@ def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None,
     hidden, row_off, row_align = _aligned_rows(hidden, row_off)
     target = gpu_target(dev)
     BM, BV, BK, warps, stages = config or tile_config("fwd", hidden.dtype,
-                                                      target and target[0])
+                                                      target and target[0], softcap is not None)
     # split the vocabulary across programs when there are too few row blocks to fill the GPU
     sms = target[1] if target else 1
     split = max(1, min(triton.cdiv(V, BV), triton.cdiv(4 * sms, triton.cdiv(S, BM))))
@@ -531,7 +543,8 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
         deterministic = torch.are_deterministic_algorithms_enabled()
     target = gpu_target(dev)
     BM, BV, BK, warps, stages = config or tile_config("det" if deterministic else "bwd",
-                                                      hidden.dtype, target and target[0])
+                                                      hidden.dtype, target and target[0],
+                                                      softcap is not None)
 
     cap, has_cap = _cap_args(softcap)
 
