@@ -264,7 +264,9 @@ class PreferenceModel(nn.Module):
         rpo_alpha: when set, adds ``rpo_alpha`` times the chosen answers' negative log-likelihood
             per token (RPO, as TRL's ``rpo_alpha``): keeps DPO from lowering the chosen answers'
             likelihood along with the rejected ones (shorter, emptier answers).
-        temperature: logits are divided by it before the log-softmax.
+        temperature: logits are divided by it before the log-softmax (after the family's logit
+            soft-cap, e.g. PaliGemma 2's ``final_logit_softcapping``, which the fused head
+            applies as the HF forward does).
         packing: ``"auto"`` (pack when the decoder runs flash-attention), ``True`` or ``False``.
         share_image_features: ``"auto"`` reuses the policy's image features for the reference
             when both use the same frozen vision tower and projector; ``False`` never does.
