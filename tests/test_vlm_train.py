@@ -134,6 +134,35 @@ def test_ref_logps_equal_the_hf_forward_qwen2_vl(pairs, tmp_path_factory, tmp_pa
             torch.testing.assert_close(value[0], lp[prompt - 1:].sum(), rtol=1e-5, atol=1e-6)
 
 
+def test_ref_logps_equal_the_capped_hf_forward_paligemma2(pairs, tmp_path_factory, tmp_path):
+    """PaliGemma 2: `ref-logps` writes the log-probs of HF's capped logits (Gemma 2
+    final_logit_softcapping, applied inside the fused head), under the eager attention
+    load_vlm picks for its text model."""
+    from PIL import Image
+
+    from bpo_fast.data.preference import PreferenceCollator
+    from bpo_fast.models.preference import load_vlm
+    from bpo_fast.models.vlm import load_processor
+    from bpo_fast.train.ref_cache import RefLogpsCache, compute_reference_logps
+    from test_vlm_families import hf_row_logps
+
+    model_dir = _model_dir("paligemma2", tmp_path_factory)
+    data, root = pairs
+    out = str(tmp_path / "ref.safetensors")
+    compute_reference_logps(model_dir, data, root, out, batch_size=3, device="cpu",
+                            dtype=torch.float32, progress=False, max_length=256)
+    cache = RefLogpsCache.load(out)
+    model, proc = load_vlm(model_dir), load_processor(model_dir)
+    collator = PreferenceCollator(proc)
+    for rec in (json.loads(line) for line in open(data)):
+        item = {"image": Image.open(os.path.join(root, rec["image"])).convert("RGB"),
+                "prompt": rec["prompt"]}
+        got = cache.lookup([rec["id"]])
+        for key, value in (("chosen", got[0]), ("rejected", got[1])):
+            want, _ = hf_row_logps(model, proc, collator, item, rec[key])
+            torch.testing.assert_close(value[0], want, rtol=1e-5, atol=1e-6)
+
+
 def test_train_cli_chat_template_option(pairs, tmp_path_factory, tmp_path, capsys):
     from bpo_fast.cli import main
     from bpo_fast.models.vlm import DEFAULT_CHAT_TEMPLATES

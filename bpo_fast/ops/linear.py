@@ -452,7 +452,9 @@ def _triton_backward(hidden, weight, bias, n_idx, t_idx, targets, stats, gscale,
     gb32 = torch.zeros(V, device=dev, dtype=f32) if need_b else None
     row_off = _row_offsets(hidden, n_idx, t_idx)
     lse = stats.sum(1)
-    # token chunks bound the fp32 grad_hidden accumulator
+    # token chunks bound the fp32 grad_hidden accumulator. A hidden whose rows are not 16-byte
+    # aligned is copied by K.fused_backward chunk by chunk, each chunk only its own scored rows:
+    # the S rows are copied once per backward in all, with a chunk's rows held at a time
     for t0, t1 in plan[0]:
         gh32 = torch.zeros(t1 - t0, H, device=dev, dtype=f32) if need_h else None
         K.fused_backward(hidden, row_off[t0:t1], weight, bias, targets[t0:t1], lse[t0:t1],
