@@ -189,22 +189,21 @@ def logit_softcap(config, what="model"):
     compute (the numbers would silently differ from HF's): a cap in a family whose forward is
     not known to apply it, logit scales."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    cap = None
     for c in (config, text):
         v = getattr(c, "final_logit_softcapping", None)
-        if v:
-            if not ADAPTERS.get(config.model_type, VLMAdapter).caps_logits:
-                raise UnsupportedModelError(
-                    f"{what}: {config.model_type} (text model {getattr(text, 'model_type', '?')}) "
-                    f"sets final_logit_softcapping={v}, and bpo-fast does not know whether this "
-                    "family's forward applies it; not supported")
-            cap = float(v)
+        if v and not ADAPTERS.get(config.model_type, VLMAdapter).caps_logits:
+            raise UnsupportedModelError(
+                f"{what}: {config.model_type} (text model {getattr(text, 'model_type', '?')}) "
+                f"sets final_logit_softcapping={v}, and bpo-fast does not know whether this "
+                "family's forward applies it; not supported")
         for name in ("logit_scale", "logits_scaling"):
             v = getattr(c, name, None)
             if v not in (None, 1, 1.0):
                 raise UnsupportedModelError(f"{what}: {config.model_type} config.{name}={v} "
                                             "scales the logits; not supported by the fused head")
-    return cap
+    # what the capping families' forward reads (PaliGemma: the text config's value only)
+    cap = getattr(text, "final_logit_softcapping", None)
+    return float(cap) if cap else None
 
 
 check_logit_transform = logit_softcap  # the older name: raises for what the head cannot compute
