@@ -145,3 +145,38 @@ def test_invalid_cap_is_a_clear_error(bad):
             lambda: PreferenceLoss(logit_softcap=bad)):
         with pytest.raises(ValueError, match="logit_softcap must be None or a finite number > 0"):
             call()
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the compiled capped kernels (bf16 / fp32, several tiles, deterministic backward)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cuda_capped_matches_fp32_reference(impl, dtype, deterministic):
+    dev = torch.device("cuda")
+    hidden, weight, labels, bias = make(N=8, T=257, H=200, V=5003, device=dev, bias=True)
+    hidden, weight, bias = (hidden * 4).to(dtype), weight.to(dtype), bias.to(dtype)
+    params = [hidden, weight, bias]
+    for p in params:
+        p.requires_grad_(True)
+    gout = torch.randn(labels.shape[0], labels.shape[1] - 1, device=dev)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        out, g = grads_of(lambda: linear_token_logprobs(
+            hidden, weight, labels, bias=bias, impl=impl, chunk_sizes=(300, 1024),
+            temperature=0.9, logit_softcap=5.0), params, gout)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    ref, g_ref = grads_of(lambda: linear_token_logprobs_reference(
+        hidden, weight, labels, bias=bias, temperature=0.9, logit_softcap=5.0), params, gout)
+    half = dtype != torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-3 if half else 1e-4, rtol=1e-3 if half else 1e-4)
+    for a, b in zip(g, g_ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2 if half else 1e-4,
+                                   rtol=2e-2 if half else 1e-3)
