@@ -2,7 +2,8 @@
 
 - `train` runs 2 steps, full fine-tune and LoRA, writes a checkpoint and a final model that
   ``from_pretrained`` loads (tied embeddings included);
-- `ref-logps` writes exactly the HF forward's log-probs (Qwen2-VL: M-RoPE).
+- `ref-logps` writes exactly the HF forward's log-probs (Qwen2-VL: M-RoPE; PaliGemma 2: the
+  logit soft-cap).
 """
 
 import json
@@ -97,47 +98,11 @@ def test_train_two_steps_and_final_model_loads(family, lora, pairs, tmp_path_fac
             final.get_input_embeddings().weight.data_ptr()
 
 
-def test_ref_logps_equal_the_hf_forward_qwen2_vl(pairs, tmp_path_factory, tmp_path):
-    from PIL import Image
-
-    from bpo_fast.data.preference import PreferenceCollator
-    from bpo_fast.models.preference import load_vlm
-    from bpo_fast.models.vlm import load_processor
-    from bpo_fast.train.ref_cache import RefLogpsCache, compute_reference_logps
-
-    model_dir = _model_dir("qwen2_vl", tmp_path_factory)
-    data, root = pairs
-    out = str(tmp_path / "ref.safetensors")
-    compute_reference_logps(model_dir, data, root, out, batch_size=3, device="cpu",
-                            dtype=torch.float32, progress=False, max_length=256)
-    cache = RefLogpsCache.load(out)
-    model, proc = load_vlm(model_dir), load_processor(model_dir)
-    template = PreferenceCollator(proc).template
-    recs = [json.loads(line) for line in open(data)]
-    for rec in recs:
-        image = Image.open(os.path.join(root, rec["image"])).convert("RGB")
-        msgs = [{"role": "user", "content": [{"type": "image"},
-                                              {"type": "text", "text": "what is on the table ?"}]}]
-        prompt = proc(images=[image], text=[proc.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=True, chat_template=template)],
-            return_tensors="pt")["input_ids"].shape[1]
-        got = cache.lookup([rec["id"]])
-        for key, value in (("chosen", got[0]), ("rejected", got[1])):
-            full = proc.apply_chat_template(
-                msgs + [{"role": "assistant", "content": [{"type": "text", "text": rec[key]}]}],
-                tokenize=False, chat_template=template)
-            enc = proc(images=[image], text=[full], return_tensors="pt")
-            with torch.no_grad():
-                logits = model(**enc).logits[0, :-1].float()
-            ids = enc["input_ids"][0]
-            lp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
-            torch.testing.assert_close(value[0], lp[prompt - 1:].sum(), rtol=1e-5, atol=1e-6)
-
-
-def test_ref_logps_equal_the_capped_hf_forward_paligemma2(pairs, tmp_path_factory, tmp_path):
-    """PaliGemma 2: `ref-logps` writes the log-probs of HF's capped logits (Gemma 2
-    final_logit_softcapping, applied inside the fused head), under the eager attention
-    load_vlm picks for its text model."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "paligemma2"])
+def test_ref_logps_equal_the_hf_forward(family, pairs, tmp_path_factory, tmp_path):
+    """`ref-logps` writes exactly the HF forward's log-probs: Qwen2-VL (M-RoPE), PaliGemma 2
+    (HF's capped logits: Gemma 2 final_logit_softcapping, applied inside the fused head; eager
+    attention for its text model)."""
     from PIL import Image
 
     from bpo_fast.data.preference import PreferenceCollator
@@ -146,7 +111,7 @@ def test_ref_logps_equal_the_capped_hf_forward_paligemma2(pairs, tmp_path_factor
     from bpo_fast.train.ref_cache import RefLogpsCache, compute_reference_logps
     from test_vlm_families import hf_row_logps
 
-    model_dir = _model_dir("paligemma2", tmp_path_factory)
+    model_dir = _model_dir(family, tmp_path_factory)
     data, root = pairs
     out = str(tmp_path / "ref.safetensors")
     compute_reference_logps(model_dir, data, root, out, batch_size=3, device="cpu",
