@@ -2,6 +2,8 @@
 
     python bench/linear.py --all      # GPU: the full grid, writes bench/results/linear-<gpu>.json
     python bench/linear.py --smoke    # CPU: tiny shapes (Triton interpreted), writes nothing
+    python bench/linear.py --all --softcap 30 --out bench/results/linear-softcap-<gpu>.json
+                                      # GPU: our implementations with Gemma 2's logit soft-cap
 
 Grid (issue 4): H = 4096, V in {32000, 128256, 152064}, N*T in {8192, 32768} tokens as sequences
 of T = 2048 (rows [chosen; rejected]), the second half of each row scored (the first half stands
@@ -48,13 +50,14 @@ LOSS_TYPE = "sigmoid"
 # ----------------------------------------------------------------------------------------------
 
 
-def ours(variant, grad_in_forward=None):
+def ours(variant, grad_in_forward=None, softcap=None):
     from bpo_fast.ops.linear import fused_linear_dpo_loss
 
     def fn(hidden, weight, labels, ref_c, ref_r):
         return fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, beta=BETA,
                                      loss_type=LOSS_TYPE, impl=variant,
-                                     grad_in_forward=grad_in_forward).loss
+                                     grad_in_forward=grad_in_forward,
+                                     logit_softcap=softcap).loss
     return fn
 
 
@@ -143,7 +146,7 @@ def check(out, ref, tol):
     return errs, bad
 
 
-def impls(device):
+def impls(device, softcap=None):
     from bpo_fast.ops import linear as L
 
     default = L._resolve_impl("auto", device)
@@ -152,9 +155,11 @@ def impls(device):
     variants = [("cublas", True), ("cublas", False), ("triton", False), ("hybrid", False),
                 ("torch", True)]
     out = [("bpo_fast", v + ("-recompute" if v in ("cublas", "torch") and not gif else ""),
-            ours(v, gif), {"variant": v, "grad_in_forward": gif,
-                           "default": v == default and gif == (v in ("cublas", "torch"))})
+            ours(v, gif, softcap), {"variant": v, "grad_in_forward": gif,
+                                    "default": v == default and gif == (v in ("cublas", "torch"))})
            for v, gif in variants]
+    if softcap is not None:  # the baselines below compute un-capped logits
+        return out
     out += [("logits+bpo_fast", None, logits_ours, {}), ("torch", None, logits_naive, {})]
     for name, maker in (("liger", liger), ("trl", trl)):
         try:
@@ -164,17 +169,20 @@ def impls(device):
     return out
 
 
-def run_case(NT, T, H, V, dtype, device, tflops, rows, smoke):
+def run_case(NT, T, H, V, dtype, device, tflops, rows, smoke, softcap=None):
     hidden, weight, labels, ref_lp = make_inputs(NT, T, H, V, dtype, device)
     S = int((labels[:, 1:] != -100).sum())
     case = f"H={H} V={V} NT={NT} T={T} scored={S} {str(dtype).replace('torch.', '')}"
     params = {"H": H, "V": V, "NT": NT, "T": T, "scored": S,
               "dtype": str(dtype).replace("torch.", "")}
+    if softcap is not None:
+        case += f" softcap={softcap:g}"
+        params["logit_softcap"] = softcap
     flops = 6.0 * S * H * V
     floor_ms = flops / (tflops * 1e12) * 1e3 if tflops else None
     grads_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
-    reference = fwd_bwd(ours("torch", False), hidden, weight, labels, ref_lp)()
-    for impl, variant, fn, extra in impls(device):
+    reference = fwd_bwd(ours("torch", False, softcap), hidden, weight, labels, ref_lp)()
+    for impl, variant, fn, extra in impls(device, softcap):
         # ours keep float32 logits; the baselines that round logits to bf16 get a looser check
         tol = 1e-4 if dtype == torch.float32 else (1e-2 if impl == "bpo_fast" else 5e-2)
         r = dict(case=case, impl=impl, pass_="fwd+bwd", params=dict(params, **{
@@ -220,6 +228,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="*", default=[8192, 32768])
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--softcap", type=float, default=None,
+                    help="logit soft-cap (Gemma 2: 30): our implementations only, with the cap")
     ap.add_argument("--out", default=None,
                     help="results path (default bench/results/linear-<gpu>.json)")
     args = ap.parse_args(argv)
@@ -228,7 +238,8 @@ def main(argv=None):
     rows = []
     if args.smoke or not cuda:
         # CPU: fp32 (the interpreter mishandles bf16), shapes the interpreter gets through quickly
-        run_case(128, 32, 48, 301, torch.float32, device, None, rows, smoke=True)
+        run_case(128, 32, 48, 301, torch.float32, device, None, rows, smoke=True,
+                 softcap=args.softcap)
         common.print_table(rows, cols=("case", "impl", "variant", "median_ms", "error"))
         return 0 if all("error" not in r or r["impl"] in ("liger", "trl") for r in rows) else 1
     tflops = common.bf16_tflops()
@@ -237,7 +248,7 @@ def main(argv=None):
     for V in args.vocab:
         for NT in args.tokens:
             run_case(NT, args.seq, args.hidden, V, torch.bfloat16, device, tflops, rows,
-                     smoke=False)
+                     smoke=False, softcap=args.softcap)
     path = common.write_results("linear", rows, ceilings, path=args.out)
     print("wrote", path)
     return 0

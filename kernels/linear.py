@@ -16,6 +16,15 @@ Two GPU strategies live here; ``bpo_fast/ops/linear.py`` orchestrates them and
   (fast path), or deterministically with two non-atomic passes (``deterministic=True``, the
   default under ``torch.use_deterministic_algorithms(True)``).
 
+**Logit soft-capping** (Gemma 2 / PaliGemma 2 ``final_logit_softcapping``): with
+``SOFTCAP=True`` (a constexpr, so the un-capped specialisations compile exactly as without it)
+every kernel turns the logit ``z = h @ W.T + b`` into ``cap * tanh(z / cap)`` before the
+temperature and the log-sum-exp, and the backward multiplies ``d`` by the derivative
+``1 - tanh(z / cap)^2``, formed as ``(1 - t)(1 + t)`` from the capped logit itself (``t = x /
+cap``: no second tile held, the same rounding as PyTorch's ``tanh`` backward). ``tanh`` is
+formed from one ``exp`` (:func:`_tanh`: the interpreter has no libdevice ``tanh``), with a series
+near 0 so that it keeps float32 relative accuracy.
+
 Scored positions are compacted by the caller; hidden rows are read through a per-row element
 offset (``row_off``) so that any strided ``hidden [N, T, H]`` works without a copy when every
 stride of ``hidden`` (but the last, 1) and its start are 16-byte aligned: the kernels are told
@@ -39,14 +48,45 @@ from bpo_fast.kernels import gpu_target
 
 
 # ----------------------------------------------------------------------------------------------
+# logit soft-capping
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(y):
+    """``tanh(y)`` in float32 from one ``exp``: ``sign(y) (1 - e) / (1 + e)``, ``e = exp(-2|y|)``,
+    and its odd series below ``|y| = 1/8``, where ``1 - e`` would cancel."""
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    y2 = y * y
+    series = a * (1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333
+                                                         + y2 * -0.05396825396825397)))
+    t = tl.where(a < 0.125, series, (1.0 - e) / (1.0 + e))
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _softcap(x, softcap):
+    """``softcap * tanh(x / softcap)``."""
+    return _tanh(x / softcap) * softcap
+
+
+@triton.jit
+def _softcap_grad(d, x, softcap):
+    """``d * (1 - t^2)`` with ``t = x / softcap`` the tanh of the capped logit ``x``."""
+    t = x / softcap
+    return d * ((1.0 - t) * (1.0 + t))
+
+
+# ----------------------------------------------------------------------------------------------
 # cublas strategy: row-wise reductions of a float32 logits chunk
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["v0"])
 def _lse_update_kernel(z_ptr, stride_z, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
-                       v0, n_cols, inv_temp,
-                       HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+                       v0, n_cols, inv_temp, softcap,
+                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     m = tl.load(m_ptr + row)
@@ -57,6 +97,8 @@ def _lse_update_kernel(z_ptr, stride_z, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
         x = tl.load(z_row + cols, mask=mask, other=0.0)
         if HAS_BIAS:
             x += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            x = _softcap(x, softcap)
         x = tl.where(mask, x * inv_temp, float("-inf"))
         # every block holds at least one real column, so m_new is finite and exp(m - m_new)
         # is 0 (not NaN) on the first block where m is still -inf
@@ -72,6 +114,8 @@ def _lse_update_kernel(z_ptr, stride_z, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
     zt = tl.load(z_row + t_safe)
     if HAS_BIAS:
         zt += tl.load(b_ptr + t_safe).to(tl.float32)
+    if SOFTCAP:
+        zt = _softcap(zt, softcap)
     tl.store(t_ptr + row, zt * inv_temp, mask=hit)
 
 
@@ -80,26 +124,33 @@ def _row_config(n_cols):
     return block_v, 8 if block_v >= 2048 else 4
 
 
-def lse_update(z, bias_v, targets, m, s, tgt_logit, v0, inv_temp, block_v=None):
-    """Fold the float32 chunk ``z [C, Vc]`` (columns ``v0 .. v0+Vc`` of the logits, before bias
-    and temperature) into the running max ``m [C]`` and sum-exp ``s [C]`` (in place), and write
-    ``(z + b)[target] / temperature`` into ``tgt_logit [C]`` for rows whose target is in range.
-    """
+def _cap_args(softcap):
+    """(runtime value, SOFTCAP constexpr) of an optional logit cap."""
+    return (1.0, False) if softcap is None else (float(softcap), True)
+
+
+def lse_update(z, bias_v, targets, m, s, tgt_logit, v0, inv_temp, block_v=None, softcap=None):
+    """Fold the float32 chunk ``z [C, Vc]`` (columns ``v0 .. v0+Vc`` of the logits, before bias,
+    cap and temperature) into the running max ``m [C]`` and sum-exp ``s [C]`` (in place), and
+    write ``x[target]`` into ``tgt_logit [C]`` for rows whose target is in range, where
+    ``x = cap(z + b) / temperature`` and ``cap(y) = softcap * tanh(y / softcap)`` (identity when
+    ``softcap`` is None)."""
     C, n_cols = z.shape
     if C == 0:
         return
     assert z.dtype == torch.float32 and z.stride(1) == 1
     bv, warps = _row_config(n_cols)
+    cap, has_cap = _cap_args(softcap)
     _lse_update_kernel[(C,)](
         z, z.stride(0), bias_v if bias_v is not None else z, targets, m, s, tgt_logit,
-        v0, n_cols, float(inv_temp),
-        HAS_BIAS=bias_v is not None, BLOCK_V=block_v or bv, num_warps=warps)
+        v0, n_cols, float(inv_temp), cap,
+        HAS_BIAS=bias_v is not None, SOFTCAP=has_cap, BLOCK_V=block_v or bv, num_warps=warps)
 
 
 @triton.jit(do_not_specialize=["v0"])
 def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, b_ptr, tgt_ptr, lse_ptr, gs_ptr,
-                    v0, n_cols, inv_temp,
-                    HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+                    v0, n_cols, inv_temp, softcap,
+                    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     # d_ptr is z_ptr itself (float32 d) or a buffer of its own (2-byte d): see dlogits()
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
@@ -113,14 +164,19 @@ def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, b_ptr, tgt_ptr, lse_ptr, g
         x = tl.load(z_row + cols, mask=mask, other=0.0)
         if HAS_BIAS:
             x += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            x = _softcap(x, softcap)
         p = tl.exp(x * inv_temp - lse)
         d = (tl.where(cols == t, 1.0, 0.0) - p) * gs
+        if SOFTCAP:
+            d = _softcap_grad(d, x, softcap)
         tl.store(d_row + cols, d.to(d_ptr.dtype.element_ty), mask=mask)
 
 
-def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, block_v=None):
+def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, block_v=None, softcap=None):
     """``d = (onehot(target - v0) - softmax) * gscale`` in ``dtype`` for the float32 chunk
-    ``z [C, Vc]`` (``gscale`` is ``g / temperature`` per row). Returns ``d [C, Vc]``.
+    ``z [C, Vc]`` (``gscale`` is ``g / temperature`` per row), times ``1 - tanh(z / softcap)^2``
+    when the logits are capped (``softcap``, see :func:`lse_update`). Returns ``d [C, Vc]``.
 
     Race-free by construction. For float32 ``d`` is written over ``z`` in place: element ``i``
     is loaded and stored by the same thread at the same address (the load and the store use one
@@ -137,10 +193,11 @@ def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, block_v=None):
     if C == 0:
         return d
     bv, warps = _row_config(n_cols)
+    cap, has_cap = _cap_args(softcap)
     _dlogits_kernel[(C,)](
         z, z.stride(0), d, d.stride(0), bias_v if bias_v is not None else z, targets, lse, gscale,
-        v0, n_cols, float(inv_temp),
-        HAS_BIAS=bias_v is not None, BLOCK_V=block_v or bv, num_warps=warps)
+        v0, n_cols, float(inv_temp), cap,
+        HAS_BIAS=bias_v is not None, SOFTCAP=has_cap, BLOCK_V=block_v or bv, num_warps=warps)
     return d
 
 
@@ -174,15 +231,21 @@ def _row_offsets(roff_ptr, rows, rmask, ROW_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_temp, has_bias):
-    """``d = (onehot(target) - softmax) * gscale`` of a logit tile, 0 outside the bounds."""
+def _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_temp, has_bias,
+            softcap, SOFTCAP: tl.constexpr):
+    """``d = (onehot(target) - softmax) * gscale`` of a logit tile (times the cap's derivative
+    with ``SOFTCAP``), 0 outside the bounds."""
     if has_bias:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     gs = tl.load(gs_ptr + rows, mask=rmask, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    if SOFTCAP:
+        acc = _softcap(acc, softcap)
     p = tl.exp(acc * inv_temp - lse[:, None])
     d = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p) * gs[:, None]
+    if SOFTCAP:
+        d = _softcap_grad(d, acc, softcap)
     return tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
 
 
@@ -195,9 +258,10 @@ _FLAGS = ["has_bias", "need_gh", "need_gw", "need_gb"]
 
 @triton.jit(do_not_specialize=["S", "SPLIT"] + _FLAGS)
 def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
-                      m_ptr, s_ptr, t_ptr, S, V, H, inv_temp, SPLIT, has_bias,
+                      m_ptr, s_ptr, t_ptr, S, V, H, inv_temp, softcap, SPLIT, has_bias,
                       ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
-                      BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                      BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                      SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     # this program's share of the vocabulary: whole BV blocks (a share may be empty, which the
@@ -219,6 +283,8 @@ def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
                           H, BM, BV, BK, PREC)
         if has_bias:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if SOFTCAP:
+            acc = _softcap(acc, softcap)
         x = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
@@ -232,11 +298,11 @@ def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
 
 @triton.jit(do_not_specialize=["S"] + _FLAGS)
 def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
-                      lse_ptr, gs_ptr, gh_ptr, gw_ptr, gb_ptr, S, V, H, inv_temp,
+                      lse_ptr, gs_ptr, gh_ptr, gw_ptr, gb_ptr, S, V, H, inv_temp, softcap,
                       has_bias, need_gh, need_gw, need_gb,
                       ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
                       BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                      GROUP: tl.constexpr):
+                      SOFTCAP: tl.constexpr, GROUP: tl.constexpr):
     # Program order: GROUP row blocks at a time, the row block fastest within the group, so the
     # programs running at once cover GROUP row blocks x (resident / GROUP) vocabulary blocks:
     # the float32 atomics into grad_weight (per vocabulary block) and grad_hidden (per row
@@ -258,7 +324,7 @@ def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
     acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, stride_wk,
                       H, BM, BV, BK, PREC)
     d = _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_temp,
-                has_bias)
+                has_bias, softcap, SOFTCAP)
     if need_gb:
         tl.atomic_add(gb_ptr + cols, tl.sum(d, axis=0), mask=cmask, sem="relaxed")
     # the two gradient products take d in the matmul dtype (tensor cores), accumulate in fp32
@@ -285,9 +351,10 @@ def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
 @triton.jit(do_not_specialize=["S"] + _FLAGS)
 def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
                           tgt_ptr, lse_ptr, gs_ptr, gh_ptr, gw_ptr, gb_ptr, S, V, H, inv_temp,
-                          has_bias, need_gh, need_gw, need_gb, ROWS: tl.constexpr,
+                          softcap, has_bias, need_gh, need_gw, need_gb, ROWS: tl.constexpr,
                           ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
-                          BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                          BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                          SOFTCAP: tl.constexpr):
     # Deterministic backward, no atomics: each program owns a block of outputs and adds into
     # it in a fixed order. ROWS: a row block of grad_hidden, looping over the vocabulary;
     # else a vocabulary block of grad_weight (and grad_bias), looping over the rows. Each pass
@@ -302,7 +369,7 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
             acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv,
                               stride_wk, H, BM, BV, BK, PREC)
             d = _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr,
-                        inv_temp, has_bias)
+                        inv_temp, has_bias, softcap, SOFTCAP)
             dc = d.to(w_ptr.dtype.element_ty)
             for k0 in range(0, H, BK):
                 ks = k0 + tl.arange(0, BK)
@@ -325,7 +392,7 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
             acc = _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv,
                               stride_wk, H, BM, BV, BK, PREC)
             d = _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr,
-                        inv_temp, has_bias)
+                        inv_temp, has_bias, softcap, SOFTCAP)
             if need_gb:
                 gb += tl.sum(d, axis=0)
             if need_gw:
@@ -363,18 +430,29 @@ _TILES = {
     ("det", 80, "float32"): (32, 64, 16, 4, 2),
     ("det", 90, "float32"): (32, 64, 16, 4, 2),
 }
+# With the logit soft-cap (SOFTCAP) the deterministic grad_hidden pass (ROWS) holds the tanh's
+# temporaries next to its d tile and the grad_hidden tile: at 4 warps Triton 3.6's register
+# budget spills (8 B, fp32 and 2-byte sm_80); 8 warps halve each thread's share of the tiles.
+# The un-capped kernels keep the tiles above.
+_SOFTCAP_TILES = {
+    ("det", 80, "half"): (64, 64, 32, 8, 3),
+    ("det", 90, "half"): (64, 64, 32, 8, 3),
+    ("det", 80, "float32"): (32, 32, 16, 4, 2),
+    ("det", 90, "float32"): (32, 32, 16, 4, 2),
+}
 _INTERPRETER_TILE = (16, 32, 16, 4, 1)  # small tiles: speed of the CPU emulation
 _GROUP = 8
 
 
-def tile_config(kind, dtype, arch):
+def tile_config(kind, dtype, arch, softcap=False):
     """(BM, BV, BK, num_warps, num_stages) of a fused kernel (``kind``: "fwd", "bwd" or "det")
-    for ``dtype`` on sm_``arch`` (``None``: the interpreter). Archs between and after the two
-    we check take the nearest one below (sm_86/89 -> sm_80, sm_100+ -> sm_90)."""
+    for ``dtype`` on sm_``arch`` (``None``: the interpreter), with the logit soft-cap or not.
+    Archs between and after the two we check take the nearest one below (sm_86/89 -> sm_80,
+    sm_100+ -> sm_90)."""
     if arch is None:
         return _INTERPRETER_TILE
-    key = "float32" if dtype == torch.float32 else "half"
-    return _TILES[(kind, 90 if arch >= 90 else 80, key)]
+    key = (kind, 90 if arch >= 90 else 80, "float32" if dtype == torch.float32 else "half")
+    return (_SOFTCAP_TILES.get(key) if softcap else None) or _TILES[key]
 
 
 def _prec(dtype):
@@ -412,41 +490,44 @@ def _aligned_rows(hidden, row_off):
     return rows, torch.arange(row_off.numel(), device=hidden.device) * hp, vec
 
 
-def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None):
+def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None, softcap=None):
     """Per scored row (``row_off`` element offsets into ``hidden``'s storage of row starts,
     i.e. combinations of ``hidden``'s strides; last dim stride ``hidden.stride(-1)``):
-    ``(lse, target_logit)`` of ``(h @ W.T + b) / temperature``, float32.
+    ``(stats [S, 2], target_logit [S])`` float32 of ``x = cap(h @ W.T + b) / temperature``, where
+    ``stats`` is (row max, log-sum) (``logsumexp(x) = max + log-sum``) and ``cap`` the optional
+    logit soft-cap (``softcap * tanh(. / softcap)``).
     ``config=(BM, BV, BK, num_warps, num_stages)`` overrides :func:`tile_config`."""
     S = row_off.numel()
     V, H = weight.shape
     dev = weight.device
     if S == 0:
         z = torch.zeros(0, device=dev, dtype=torch.float32)
-        return z, z.clone()
+        return z.view(0, 2), z.clone()
     hidden, row_off, row_align = _aligned_rows(hidden, row_off)
     target = gpu_target(dev)
     BM, BV, BK, warps, stages = config or tile_config("fwd", hidden.dtype,
-                                                      target and target[0])
+                                                      target and target[0], softcap is not None)
     # split the vocabulary across programs when there are too few row blocks to fill the GPU
     sms = target[1] if target else 1
     split = max(1, min(triton.cdiv(V, BV), triton.cdiv(4 * sms, triton.cdiv(S, BM))))
     m, s, t = (torch.empty((split, S), device=dev, dtype=torch.float32) for _ in range(3))
+    cap, has_cap = _cap_args(softcap)
     _fused_fwd_kernel[(triton.cdiv(S, BM), split)](
         hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
         bias if bias is not None else weight, targets, m, s, t,
-        S, V, H, float(inv_temp), split, int(bias is not None),
+        S, V, H, float(inv_temp), cap, split, int(bias is not None),
         ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK,
-        PREC=_prec(hidden.dtype), num_warps=warps, num_stages=stages)
+        PREC=_prec(hidden.dtype), SOFTCAP=has_cap, num_warps=warps, num_stages=stages)
     mx = m.max(0).values
-    lse = mx + torch.log((s * torch.exp(m - mx)).sum(0))
-    return lse, t.sum(0)
+    return torch.stack([mx, torch.log((s * torch.exp(m - mx)).sum(0))], 1), t.sum(0)
 
 
 def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp,
-                   gh=None, gw=None, gb=None, config=None, deterministic=None):
+                   gh=None, gw=None, gb=None, config=None, deterministic=None, softcap=None):
     """Accumulate into ``gh [S, H]``, ``gw [V, H]``, ``gb [V]`` (each optional, each float32,
     contiguous) the gradients of ``sum(gscale * temperature * logp)``; ``gscale`` is
-    ``g / temperature`` per scored row.
+    ``g / temperature`` per scored row, ``lse [S]`` the log-sum-exp of the forward's
+    (capped, tempered) logits, ``softcap`` the cap of :func:`fused_forward`.
 
     ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``): two
     non-atomic passes (grad_hidden by row blocks, grad_weight/grad_bias by vocabulary blocks),
@@ -462,17 +543,20 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
         deterministic = torch.are_deterministic_algorithms_enabled()
     target = gpu_target(dev)
     BM, BV, BK, warps, stages = config or tile_config("det" if deterministic else "bwd",
-                                                      hidden.dtype, target and target[0])
+                                                      hidden.dtype, target and target[0],
+                                                      softcap is not None)
+
+    cap, has_cap = _cap_args(softcap)
 
     def out(t):  # a private 1-element stand-in for an absent output
         return t if t is not None else torch.zeros(1, device=dev, dtype=torch.float32)
 
     args = (hidden, row_off, hidden.stride(-1), weight, weight.stride(0), weight.stride(1),
             bias if bias is not None else weight, targets, lse, gscale, out(gh), out(gw), out(gb),
-            S, V, H, float(inv_temp), int(bias is not None), int(gh is not None),
+            S, V, H, float(inv_temp), cap, int(bias is not None), int(gh is not None),
             int(gw is not None), int(gb is not None))
-    common = dict(ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK,
-                  PREC=_prec(hidden.dtype), num_warps=warps, num_stages=stages)
+    common = dict(ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK, PREC=_prec(hidden.dtype),
+                  SOFTCAP=has_cap, num_warps=warps, num_stages=stages)
     if not deterministic:
         grid = (triton.cdiv(S, BM) * triton.cdiv(V, BV),)
         _fused_bwd_kernel[grid](*args, GROUP=_GROUP, **common)

@@ -36,10 +36,12 @@ LAYOUT = {
     "gemma3": "`token_type_ids`: bidirectional attention within each image",
     "paligemma": "prefix-LM mask (`token_type_ids`), prompt built by the processor",
     "internvl": "crop-to-tiles, flattened",
+    "paligemma2": "as PaliGemma; Gemma 2 `final_logit_softcapping` applied in the fused head; "
+                  "eager attention for the text model",
 }
+# rows for the families whose name is not their model_type
+FAMILY_ROWS = {"paligemma2": "`paligemma` (Gemma 2 text: PaliGemma 2)"}
 UNSUPPORTED_ROWS = [
-    ("paligemma (Gemma 2 text: PaliGemma 2)", "error: `final_logit_softcapping` is not applied "
-     "by the fused head"),
     ("mllama", "error: images enter through cross-attention layers"),
 ]
 
@@ -57,11 +59,16 @@ def table():
     lines = ["| `model_type` | images | log-probs = HF forward (test) | `train` full + LoRA (test) "
              "| text-only / multi-image pairs (test) | packing (flash varlen) |",
              "|---|---|---|---|---|---|"]
-    for name in sorted(ADAPTERS):
-        a = ADAPTERS[name]
+    from bpo_fast.models.tiny_vlm import model_type
+
+    extra = sorted(f for f in FAMILIES if f not in ADAPTERS)
+    for name in sorted(ADAPTERS) + extra:
+        a = ADAPTERS[model_type(name)]
+        label = FAMILY_ROWS.get(name, f"`{name}`")
         pairs = " / ".join("yes" if ok else "error" for ok in (a.text_only_pairs,
                                                                 a.multi_image_pairs))
-        lines.append(f"| `{name}` | {LAYOUT[name]} | yes | {'yes' if name in TRAIN_FAMILIES else '-'} "
+        lines.append(f"| {label} | {LAYOUT[name]} | yes | "
+                     f"{'yes' if name in TRAIN_FAMILIES else '-'} "
                      f"| {pairs} | {'yes' if a.packable else 'no'} |")
     for name, why in UNSUPPORTED_ROWS:
         lines.append(f"| {name} | {why} | - | - | - | - |")
@@ -84,7 +91,10 @@ if __name__ == "__main__":
         text, old = readme_block()
         if old is None:
             raise SystemExit(f"README.md has no {BEGIN!r} marker")
-        with open(README, "w", encoding="utf-8") as f:
-            f.write(text.replace(old, block()))
+        new = text.replace(old, block())  # before opening README for writing: an error here
+        tmp = README + ".tmp"               # must not leave it truncated
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(new)
+        os.replace(tmp, README)
     else:
         print(block())

@@ -113,9 +113,16 @@ def _head(S=21, H=40, V=75, offset=0, seed=4):
     return hidden, weight, bias, targets, gs
 
 
+def _cap(z, softcap):
+    """The reference soft-cap (HF Gemma 2): softcap * tanh(z / softcap)."""
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+# a cap of 1.5 on logits of std ~1.6 (up to ~6): most of them well into tanh's saturation
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("offset", [0, 1])  # aligned rows / the launcher's aligned copy
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_forward(bias, offset):
+def test_fused_forward(bias, offset, softcap):
     hidden, weight, b, targets, _ = _head(offset=offset)
     assert KL._row_align(hidden) == (4 if offset == 0 else 1)
     roff0 = torch.tensor([3, 0, 7]) * hidden.stride(0)
@@ -126,33 +133,42 @@ def test_fused_forward(bias, offset):
     else:
         assert torch.equal(roff, torch.arange(3) * 40) and torch.equal(rows, hidden[[3, 0, 7]])
     row_off = torch.arange(hidden.shape[0]) * hidden.stride(0)  # from hidden's data pointer
-    lse, tl = KL.fused_forward(hidden.to(DEV), row_off.to(DEV), weight.to(DEV),
-                               b.to(DEV) if bias else None, targets.to(DEV), 0.5)
-    z = (hidden @ weight.T + (b if bias else 0)) * 0.5
-    torch.testing.assert_close(lse.cpu(), torch.logsumexp(z, 1), atol=1e-5, rtol=1e-5)
+    stats, tl = KL.fused_forward(hidden.to(DEV), row_off.to(DEV), weight.to(DEV),
+                                 b.to(DEV) if bias else None, targets.to(DEV), 0.5,
+                                 softcap=softcap)
+    z = _cap(hidden @ weight.T + (b if bias else 0), softcap) * 0.5
+    assert stats.shape == (hidden.shape[0], 2)
+    torch.testing.assert_close(stats[:, 0].cpu(), z.max(1).values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.sum(1).cpu(), torch.logsumexp(z, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tl.cpu(), z.gather(1, targets[:, None])[:, 0], atol=1e-5,
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("need", ["h", "w", "b", "hw", "hb", "wb", "hwb"])
-def test_fused_backward(need, deterministic):
+def test_fused_backward(need, deterministic, softcap):
+    if softcap is not None and need not in ("hwb", "w"):
+        pytest.skip("the cap is checked on one full and one partial gradient set")
     bias = "b" in need
     hidden, weight, b, targets, gs = _head(H=37, offset=int(deterministic))  # odd H: padded copy
     S, H = hidden.shape
     V = weight.shape[0]
     row_off = torch.arange(S) * H
-    z = (hidden @ weight.T + (b if bias else 0)) * 0.5
+    z0 = hidden @ weight.T + (b if bias else 0)
+    z = _cap(z0, softcap) * 0.5
     lse = torch.logsumexp(z, 1)
-    # reference: d/dz of sum(gs * temperature * logp) = gs * (onehot - softmax)
+    # reference: d/dz of sum(gs * temperature * logp) = gs * (onehot - softmax) (* cap')
     d = (torch.nn.functional.one_hot(targets, V).float() - torch.softmax(z, 1)) * gs[:, None]
+    if softcap is not None:
+        d = d * (1 - torch.tanh(z0 / softcap) ** 2)
     f32 = dict(device=DEV, dtype=torch.float32)
     gh = torch.zeros(S, H, **f32) if "h" in need else None
     gw = torch.zeros(V, H, **f32) if "w" in need else None
     gb = torch.zeros(V, **f32) if "b" in need else None
     args = (hidden.to(DEV), row_off.to(DEV), weight.to(DEV), b.to(DEV) if bias else None,
             targets.to(DEV), lse.to(DEV), gs.to(DEV), 0.5)
-    KL.fused_backward(*args, gh=gh, gw=gw, gb=gb, deterministic=deterministic)
+    KL.fused_backward(*args, gh=gh, gw=gw, gb=gb, deterministic=deterministic, softcap=softcap)
     tol = dict(atol=1e-5, rtol=1e-4)
     if gh is not None:
         torch.testing.assert_close(gh.cpu(), d @ weight, **tol)
@@ -162,7 +178,8 @@ def test_fused_backward(need, deterministic):
         torch.testing.assert_close(gb.cpu(), d.sum(0), **tol)
     if deterministic:  # the same bits again
         again = [None if t is None else torch.zeros_like(t) for t in (gh, gw, gb)]
-        KL.fused_backward(*args, gh=again[0], gw=again[1], gb=again[2], deterministic=True)
+        KL.fused_backward(*args, gh=again[0], gw=again[1], gb=again[2], deterministic=True,
+                          softcap=softcap)
         for x, y in zip((gh, gw, gb), again):
             assert x is None or torch.equal(x, y)
 
@@ -198,8 +215,9 @@ class _Spy:
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("bias", [False, True])
-def test_lse_update(bias):
+def test_lse_update(bias, softcap):
     g = torch.Generator().manual_seed(5)
     C, V, v0 = 6, 130, 40
     z = torch.randn(C, V, generator=g)
@@ -208,8 +226,8 @@ def test_lse_update(bias):
     m = torch.full((C,), float("-inf"))
     s = torch.zeros(C)
     t = torch.full((C,), 7.0)
-    KL.lse_update(z, b if bias else None, tgt, m, s, t, v0, 2.0)
-    x = (z + (b if bias else 0)) * 2.0
+    KL.lse_update(z, b if bias else None, tgt, m, s, t, v0, 2.0, softcap=softcap)
+    x = _cap(z + (b if bias else 0), softcap) * 2.0
     torch.testing.assert_close(m + torch.log(s), torch.logsumexp(x, 1))
     hit = (tgt >= v0) & (tgt < v0 + V)
     want = torch.where(hit, x.gather(1, (tgt - v0).clamp(0, V - 1)[:, None])[:, 0], 7.0)
@@ -278,6 +296,10 @@ def test_gate_records_every_specialisation():
     assert tiles == {KL.tile_config("bwd", dt, 80)[:3] for dt in (torch.float32, torch.bfloat16)}
     assert set(kinds) >= {"_fwd_kernel", "_seq_sum_kernel", "_lse_update_kernel",
                           "_dlogits_kernel", "_fused_fwd_kernel", "_dpo_mean_kernel"}
+    # every fused LM-head kernel is recorded with and without the logit soft-cap
+    for k in ("_fused_fwd_kernel", "_fused_bwd_kernel", "_fused_bwd_det_kernel",
+              "_lse_update_kernel", "_dlogits_kernel"):
+        assert {j["kwargs"]["SOFTCAP"]["b"] for j in kinds[k]} == {False, True}, k
 
 
 def test_gate_verdicts():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bpo_fast.data.pairs import PairBuilderConfig, build_pairs
-from bpo_fast.models.tiny_vlm import build_tiny_vlm
+from bpo_fast.models.tiny_vlm import build_tiny_vlm, model_type
 
-BUILD_FAMILIES = ["qwen2_vl", "idefics3", "gemma3", "llava_next", "paligemma"]
+BUILD_FAMILIES = ["qwen2_vl", "idefics3", "gemma3", "llava_next", "paligemma", "paligemma2"]
 
 
 @pytest.mark.parametrize("family", BUILD_FAMILIES)
@@ -46,7 +46,7 @@ def test_build_pairs_image_weakened_with_the_family_prompt(family, tmp_path, mon
     from bpo_fast.models.vlm import load_processor, resolve_chat_template
 
     proc = load_processor(model_dir)
-    template = resolve_chat_template(proc, family)
+    template = resolve_chat_template(proc, model_type(family))
     if template is None:  # PaliGemma: the processor builds the prompt from image token + text
         want = proc.image_token + "what color is the circle ?"
     else:
@@ -60,7 +60,7 @@ def test_build_pairs_image_weakened_with_the_family_prompt(family, tmp_path, mon
     enc = proc(images=[first[1]], text=[first[0]], return_tensors="pt")
     n = int(b0["attention_mask"][0].sum())
     assert b0["input_ids"][0, -n:].tolist() == enc["input_ids"][0].tolist()
-    assn = vlm_generation.ProcessorRows(proc, family, _sched())
+    assn = vlm_generation.ProcessorRows(proc, model_type(family), _sched())
     pv = enc["pixel_values"]
     assert assn.noised(pv, None, 0) is pv
     x = assn.noised(pv, 500, 7)

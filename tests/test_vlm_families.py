@@ -17,7 +17,7 @@ import torch
 
 from bpo_fast.data.preference import PreferenceCollator
 from bpo_fast.models.preference import PreferenceModel, load_vlm, prepare_policy
-from bpo_fast.models.tiny_vlm import FAMILIES, build_tiny_vlm
+from bpo_fast.models.tiny_vlm import FAMILIES, build_tiny_vlm, model_type
 from bpo_fast.models.vlm import UnsupportedModelError, get_adapter, load_processor
 
 RTOL = 1e-5
@@ -116,9 +116,9 @@ def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_
     path = _build(family, tmp_path_factory)
     processor = load_processor(path)
     model = load_vlm(path)
-    assert get_adapter(model).name == family
+    assert get_adapter(model).name == model_type(family)
     collator = PreferenceCollator(processor)
-    assert collator.model_type == family
+    assert collator.model_type == model_type(family)
     items = _items()
     shapes = {tuple(collator.encode_pair(it)[3]["pixel_values"].shape) for it in items}
     assert (len(shapes) > 1) == (family in VARIABLE), shapes
@@ -181,10 +181,10 @@ def test_family_text_only_and_multi_image_pairs(family, tmp_path_factory):
     mixed = [_pair(0, [_image(20, 12, 0)]), _pair(1, []),
              _pair(2, [_image(12, 28, 1), _image(36, 36, 2)])]
     text = [_pair(0, [], "why is the sky blue ?"), _pair(1, [])]
-    adapter = get_adapter(family)
+    adapter = get_adapter(model_type(family))
     if not (adapter.text_only_pairs and adapter.multi_image_pairs):  # PaliGemma
         if not adapter.text_only_pairs:
-            with pytest.raises(ValueError, match=rf"pair 'q1' \(line 2\): a text-only pair .*{family}"):
+            with pytest.raises(ValueError, match=rf"pair 'q1' \(line 2\): a text-only pair .*{model_type(family)}"):
                 collator(mixed)
         if not adapter.multi_image_pairs:
             with pytest.raises(ValueError, match=r"pair 'q2' \(line 3\): 2 images, .*one image"):
@@ -213,14 +213,44 @@ def test_family_text_only_and_multi_image_pairs(family, tmp_path_factory):
     assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
 
 
+def test_paligemma2_cap_and_attention(tmp_path_factory):
+    """PaliGemma 2 (Gemma 2 text): the fused head applies the text config's
+    final_logit_softcapping (the same numbers as HF's capped logits: the family test above), the
+    cap matters on the tiny model, and loading picks eager attention for the Gemma 2 text model
+    (it has no SDPA path) while the vision tower keeps SDPA."""
+    from bpo_fast.models.vlm import logit_softcap
+
+    path = _build("paligemma2", tmp_path_factory)
+    model = load_vlm(path)
+    assert logit_softcap(model.config) == model.config.text_config.final_logit_softcapping
+    assert model.config.text_config._attn_implementation == "eager"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    collator = PreferenceCollator(load_processor(path))
+    batch = collator(_items()[:1])
+    pm = PreferenceModel(model, reference_mode="cached")
+    lp, _ = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                              batch["labels"], batch["pixel_values"], **_extra(batch))
+    cap = model.config.text_config.final_logit_softcapping
+    model.config.text_config.final_logit_softcapping = None
+    try:
+        uncapped, _ = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                        batch["labels"], batch["pixel_values"], **_extra(batch))
+    finally:
+        model.config.text_config.final_logit_softcapping = cap
+    assert (lp - uncapped).abs().min() > 1e-2, (lp, uncapped)
+
+
 def test_unsupported_families_fail_clearly(tmp_path):
     from transformers import MllamaConfig
 
-    model, _ = build_tiny_vlm("paligemma2", str(tmp_path / "pg2"))
+    # a cap in a family whose forward does not apply it (Gemma 3's VLM forward ignores it)
+    model, _ = build_tiny_vlm("gemma3")
+    model.config.text_config.final_logit_softcapping = 30.0
     with pytest.raises(UnsupportedModelError, match="final_logit_softcapping"):
         PreferenceModel(model, reference_mode="cached")
-    with pytest.raises(UnsupportedModelError, match="PaliGemma 2"):
-        load_vlm(str(tmp_path / "pg2"))  # before loading (which fails under sdpa)
+    model.config.save_pretrained(tmp_path / "g3")
+    with pytest.raises(UnsupportedModelError, match="final_logit_softcapping"):
+        load_vlm(str(tmp_path / "g3"))  # before loading
     with pytest.raises(UnsupportedModelError, match="Mllama"):
         get_adapter("mllama")
     MllamaConfig().save_pretrained(tmp_path / "mllama")

@@ -2,7 +2,8 @@
 
 - `train` runs 2 steps, full fine-tune and LoRA, writes a checkpoint and a final model that
   ``from_pretrained`` loads (tied embeddings included);
-- `ref-logps` writes exactly the HF forward's log-probs (Qwen2-VL: M-RoPE).
+- `ref-logps` writes exactly the HF forward's log-probs (Qwen2-VL: M-RoPE; PaliGemma 2: the
+  logit soft-cap).
 """
 
 import json
@@ -110,6 +111,7 @@ def _assert_ref_logps_equal_hf(model_dir, data, root, out, batch_size):
     from bpo_fast.models.preference import load_vlm
     from bpo_fast.models.vlm import load_processor
     from bpo_fast.train.ref_cache import RefLogpsCache, compute_reference_logps
+    from test_vlm_families import hf_row_logps
 
     compute_reference_logps(model_dir, data, root, out, batch_size=batch_size, device="cpu",
                             dtype=torch.float32, progress=False, max_length=256)
@@ -213,6 +215,36 @@ def test_one_image_family_rejects_text_only_pairs_up_front(mixed_pairs, tmp_path
                "--lora-r", "2", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "a text-only pair" in err and "Traceback" not in err
+
+
+def test_ref_logps_equal_the_hf_forward_paligemma2(pairs, tmp_path_factory, tmp_path):
+    """`ref-logps` writes exactly the HF forward's log-probs on PaliGemma 2 (HF's capped logits:
+    Gemma 2 final_logit_softcapping, applied inside the fused head; eager attention for its text
+    model; the processor builds the prompt, so the family's own row builder is the reference)."""
+    from PIL import Image
+
+    from bpo_fast.data.preference import PreferenceCollator
+    from bpo_fast.data.schema import turns_to_messages
+    from bpo_fast.models.preference import load_vlm
+    from bpo_fast.models.vlm import load_processor
+    from bpo_fast.train.ref_cache import RefLogpsCache, compute_reference_logps
+    from test_vlm_families import hf_row_logps
+
+    model_dir = _model_dir("paligemma2", tmp_path_factory)
+    data, root = pairs
+    out = str(tmp_path / "ref.safetensors")
+    compute_reference_logps(model_dir, data, root, out, batch_size=3, device="cpu",
+                            dtype=torch.float32, progress=False, max_length=256)
+    cache = RefLogpsCache.load(out)
+    model, proc = load_vlm(model_dir), load_processor(model_dir)
+    collator = PreferenceCollator(proc)
+    for rec in (json.loads(line) for line in open(data)):
+        item = {"image": Image.open(os.path.join(root, rec["image"])).convert("RGB"),
+                "prompt": rec["prompt"]}
+        got = cache.lookup([rec["id"]])
+        for key, value in (("chosen", got[0]), ("rejected", got[1])):
+            want, _ = hf_row_logps(model, proc, collator, item, rec[key])
+            torch.testing.assert_close(value[0], want, rtol=1e-5, atol=1e-6)
 
 
 def test_train_cli_chat_template_option(pairs, tmp_path_factory, tmp_path, capsys):

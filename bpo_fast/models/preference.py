@@ -179,6 +179,33 @@ def choose_attention(requested=None, device=None, dtype=None):
     return impl
 
 
+def _per_submodel_attention(config, impl):
+    """``impl``, or a per-sub-config dict when the text model cannot run it: Gemma 2 (PaliGemma
+    2's text model) has no SDPA path in transformers (``_supports_sdpa = False``: its attention
+    soft-caps the scores, which SDPA cannot), so loading the whole model with the default
+    ``sdpa`` fails; its text model gets ``eager`` (what HF recommends for training Gemma 2) and
+    the vision tower keeps ``impl``."""
+    if impl != "sdpa" or not hasattr(config, "get_text_config"):
+        return impl
+    text = config.get_text_config()
+    if text is config:
+        return impl
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        text_cls = MODEL_MAPPING[type(text)]
+    except (ImportError, KeyError):
+        return impl
+    if getattr(text_cls, "_supports_sdpa", True):
+        return impl
+    key = next((k for k in getattr(config, "sub_configs", {}) if getattr(config, k) is text),
+               "text_config")
+    logger.info("attention: eager for the text model %s (no SDPA support), %s elsewhere",
+                text_cls.__name__, impl)
+    return {"": impl, key: "eager", **{k: impl for k in getattr(config, "sub_configs", {})
+                                         if k != key}}
+
+
 def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None,
              compute_dtype=None):
     """Load a vision-language model from a local path (no downloads) with a chosen attention.
@@ -200,6 +227,8 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
     get_adapter(config.model_type)
     check_logit_transform(config, f"model {path!r}")
     impl = choose_attention(attn_implementation, device, compute_dtype or dtype)
+    if attn_implementation is None:
+        impl = _per_submodel_attention(config, impl)
     kwargs = dict(dtype=dtype, attn_implementation=impl, local_files_only=True)
     if config.model_type == "llava":
         from transformers import LlavaForConditionalGeneration as cls
@@ -236,7 +265,9 @@ class PreferenceModel(nn.Module):
         rpo_alpha: when set, adds ``rpo_alpha`` times the chosen answers' negative log-likelihood
             per token (RPO, as TRL's ``rpo_alpha``): keeps DPO from lowering the chosen answers'
             likelihood along with the rejected ones (shorter, emptier answers).
-        temperature: logits are divided by it before the log-softmax.
+        temperature: logits are divided by it before the log-softmax (after the family's logit
+            soft-cap, e.g. PaliGemma 2's ``final_logit_softcapping``, which the fused head
+            applies as the HF forward does).
         packing: ``"auto"`` (pack when the decoder runs flash-attention), ``True`` or ``False``.
         share_image_features: ``"auto"`` reuses the policy's image features for the reference
             when both use the same frozen vision tower and projector; ``False`` never does.
@@ -380,9 +411,11 @@ class PreferenceModel(nn.Module):
                                           features, packed=self._use_packing(model))
 
     def _head(self, model, hidden):
-        from bpo_fast.models.vlm import lm_head_parts
+        """``(hidden, weight, bias, logit_softcap)`` for the fused head, in the compute dtype."""
+        from bpo_fast.models.vlm import lm_head_parts, logit_softcap
 
         weight, bias = lm_head_parts(model)
+        cap = logit_softcap(unwrap(model).config)
         # Under autocast the LM head runs in the autocast dtype (the decoder's residual stream may
         # come out fp32 when the weights are fp32 master copies); the weight cast is tracked by
         # autograd so the gradient still reaches the fp32 weight.
@@ -390,7 +423,7 @@ class PreferenceModel(nn.Module):
             hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
         w = weight.to(hidden.dtype)
         b = bias.to(hidden.dtype) if bias is not None else None
-        return hidden, w, b
+        return hidden, w, b, cap
 
     def sequence_logps(self, model, input_ids, attention_mask, labels, pixel_values,
                        features=None, **image_kwargs):
@@ -401,9 +434,9 @@ class PreferenceModel(nn.Module):
             features = self.encode(model, pixel_values, **image_kwargs)
         hidden = self.hidden_states(model, input_ids, attention_mask, features, labels,
                                     pixel_values=pixel_values, **image_kwargs)
-        hidden, w, b = self._head(model, hidden)
+        hidden, w, b, cap = self._head(model, hidden)
         return linear_sequence_logprobs(hidden, w, labels, bias=b, ignore_index=IGNORE_INDEX,
-                                        temperature=self.temperature)
+                                        temperature=self.temperature, logit_softcap=cap)
 
     @torch.no_grad()
     def reference_logps(self, input_ids, attention_mask, labels, pixel_values, features=None,
@@ -455,12 +488,12 @@ class PreferenceModel(nn.Module):
                                  f"{tuple(ref_c.shape)} / {tuple(ref_r.shape)}")
         hidden = self.hidden_states(self.policy, input_ids, attention_mask, features, labels,
                                     pixel_values=pixel_values, **image_kwargs)
-        hidden, w, bias = self._head(self.policy, hidden)
+        hidden, w, bias, cap = self._head(self.policy, hidden)
         # the loss block: one op (fused LM head, preference loss, RPO term; 3 LM-head GEMMs per
         # scored token when a gradient is needed)
         res = preference_loss(hidden, w, labels, ref_c, ref_r, loss=self.loss_config,
                               rpo_alpha=self.rpo_alpha, bias=bias, ignore_index=IGNORE_INDEX,
-                              temperature=self.temperature)
+                              temperature=self.temperature, logit_softcap=cap)
         out, loss = res.dpo, res.loss
         # [B]-sized copies rather than views: FSDP2 hooks the outputs of the root module, and
         # views of them would be unsafe to modify in place

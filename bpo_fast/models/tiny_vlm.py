@@ -13,6 +13,8 @@ on), at tiny sizes so that mixed image sizes give different patch/tile counts.
 
 The chat template saved with each processor is the family's default
 (:data:`bpo_fast.models.vlm.DEFAULT_CHAT_TEMPLATES`), except PaliGemma, which has none.
+``paligemma2`` is PaliGemma with a Gemma 2 text model (``model_type`` "paligemma"; logit
+soft-capping, attention soft-capping, no SDPA).
 """
 
 import os
@@ -21,7 +23,7 @@ import torch
 
 from bpo_fast.models.tiny import DEFAULT_WORDS, build_word_tokenizer
 
-__all__ = ["FAMILIES", "UNSUPPORTED_FAMILIES", "build_tiny_vlm"]
+__all__ = ["FAMILIES", "MODEL_TYPES", "UNSUPPORTED_FAMILIES", "build_tiny_vlm", "model_type"]
 
 WORDS = list(DEFAULT_WORDS) + ["model", "system"]
 H, I, LAYERS, HEADS, KV = 64, 128, 2, 4, 2
@@ -205,7 +207,11 @@ def _paligemma(family, gemma2=False):
                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV,
                   head_dim=H // HEADS, pad_token_id=tok.pad_token_id,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    text = tr.Gemma2Config(**common) if gemma2 else tr.GemmaConfig(**common)
+    # PaliGemma 2's Gemma 2 caps its logits (final_logit_softcapping, 30 in the released
+    # models, whose logits reach tens); the tiny model's logits stay below ~0.5, so its cap is
+    # scaled down with them (0.3) to bend them as much as the real cap bends real logits
+    text = (tr.Gemma2Config(**common, final_logit_softcapping=0.3) if gemma2
+            else tr.GemmaConfig(**common))
     vis = _siglip(16, 4)
     vis.projection_dim = H
     cfg = tr.PaliGemmaConfig(vision_config=vis, text_config=text, image_token_id=tok.image_token_id,
@@ -243,10 +249,17 @@ FAMILIES = {
     "llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision,
     "qwen2_vl": _qwen, "qwen2_5_vl": _qwen, "qwen3_vl": _qwen,
     "idefics3": _idefics3, "smolvlm": _idefics3, "gemma3": _gemma3, "paligemma": _paligemma,
-    "internvl": _internvl,
+    "paligemma2": lambda f: _paligemma(f, gemma2=True), "internvl": _internvl,
 }
+# the config.model_type of the families whose name differs from it
+MODEL_TYPES = {"paligemma2": "paligemma"}
 # built so that tests can check the clear error
-UNSUPPORTED_FAMILIES = {"paligemma2": lambda f: _paligemma(f, gemma2=True)}
+UNSUPPORTED_FAMILIES = {}
+
+
+def model_type(family):
+    """``config.model_type`` of a family of :data:`FAMILIES`."""
+    return MODEL_TYPES.get(family, family)
 
 
 def build_tiny_vlm(family, save_dir=None, *, seed=0, tie_word_embeddings=False):

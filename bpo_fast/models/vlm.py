@@ -25,8 +25,9 @@ What an adapter adds on top (all small):
   ``token_type_ids`` marking image tokens; PaliGemma: ``token_type_ids`` 0 on the prefix, 1 on
   the answer);
 - the chat-template rule (:func:`resolve_chat_template`) and the LM head
-  (:func:`lm_head_parts`), which rejects logit transforms the fused head does not compute
-  (Gemma 2 ``final_logit_softcapping``: PaliGemma 2).
+  (:func:`lm_head_parts`): weight, bias and the logit soft-cap the family's forward applies
+  (PaliGemma 2's Gemma 2 ``final_logit_softcapping``, honoured inside the fused head); other
+  logit transforms are rejected.
 
 Pairs may hold no image or several, mixed in one batch: the collator passes each pair's images to
 the processor as one sample's list (as ``apply_chat_template`` does: LLaVA-OneVision then sets
@@ -39,8 +40,9 @@ Cost: the generic base forward is what HF's own forward runs minus the LM head, 
 more than HF for exactness. Only the LLaVA-style families (1-D positions, plain causal mask) can
 pack rows without padding (flash-attention varlen); the others always run the padded batch.
 
-Unsupported, with a clear error: Mllama (cross-attention images), PaliGemma 2 / any Gemma 2 text
-model (``final_logit_softcapping``), and any ``model_type`` not in :data:`ADAPTERS`.
+Unsupported, with a clear error: Mllama (cross-attention images), logit scales, a
+``final_logit_softcapping`` in a family whose forward is not known to apply it, and any
+``model_type`` not in :data:`ADAPTERS`.
 """
 
 import functools
@@ -50,7 +52,7 @@ import torch
 from bpo_fast.models.preference import unwrap as _unwrap  # the one peft-unwrapping rule
 
 __all__ = ["VLMAdapter", "ADAPTERS", "get_adapter", "supported_model_types", "lm_head_parts",
-           "check_logit_transform", "load_processor", "image_token_id",
+           "check_logit_transform", "logit_softcap", "load_processor", "image_token_id",
            "resolve_chat_template", "processor_prompt", "UnsupportedModelError", "DEFAULT_CHAT_TEMPLATES"]
 
 IGNORE_INDEX = -100
@@ -183,30 +185,39 @@ def processor_prompt(processor, messages):
 # the LM head
 # --------------------------------------------------------------------------------------------
 
-def check_logit_transform(config, what="model"):
-    """Raise :class:`UnsupportedModelError` when ``config`` (or its text config) transforms the
-    logits in a way the fused LM-head log-probs do not compute (the numbers would silently
-    differ from HF's): Gemma 2's ``final_logit_softcapping`` (PaliGemma 2), logit scales."""
+def logit_softcap(config, what="model"):
+    """The logit soft-cap that ``config``'s family forward applies and the fused head then applies
+    too (``logit_softcap`` of :func:`bpo_fast.ops.linear.linear_sequence_logprobs`), or None.
+    PaliGemma's forward caps with its text config's ``final_logit_softcapping`` (Gemma 2 text:
+    PaliGemma 2). Raises :class:`UnsupportedModelError` for a transform the fused head does not
+    compute (the numbers would silently differ from HF's): a cap in a family whose forward is
+    not known to apply it, logit scales."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for c in (config, text):
-        cap = getattr(c, "final_logit_softcapping", None)
-        if cap:
+        v = getattr(c, "final_logit_softcapping", None)
+        if v and not ADAPTERS.get(config.model_type, VLMAdapter).caps_logits:
             raise UnsupportedModelError(
                 f"{what}: {config.model_type} (text model {getattr(text, 'model_type', '?')}) "
-                f"caps its logits (final_logit_softcapping={cap}); the fused LM-head log-probs "
-                "do not apply the cap, so this model (e.g. PaliGemma 2, Gemma 2) is not supported")
+                f"sets final_logit_softcapping={v}, and bpo-fast does not know whether this "
+                "family's forward applies it; not supported")
         for name in ("logit_scale", "logits_scaling"):
             v = getattr(c, name, None)
             if v not in (None, 1, 1.0):
                 raise UnsupportedModelError(f"{what}: {config.model_type} config.{name}={v} "
                                             "scales the logits; not supported by the fused head")
+    # what the capping families' forward reads (PaliGemma: the text config's value only)
+    cap = getattr(text, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+check_logit_transform = logit_softcap  # the older name: raises for what the head cannot compute
 
 
 def lm_head_parts(model):
     """``(weight, bias)`` of the LM head; raises :class:`UnsupportedModelError` for a logit
-    transform the fused head does not compute (:func:`check_logit_transform`)."""
+    transform the fused head does not compute (:func:`logit_softcap`, which gives the cap)."""
     base = _unwrap(model)
-    check_logit_transform(base.config, f"model {type(base).__name__}")
+    logit_softcap(base.config, f"model {type(base).__name__}")
     head = base.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
@@ -229,6 +240,8 @@ class VLMAdapter:
     uses_chat_template = True
     # dim 0 of pixel_values counts images (False: InternVL's flattened tiles)
     images_along_dim0 = True
+    # the family's forward caps the logits with final_logit_softcapping (see logit_softcap)
+    caps_logits = False
     # pairs without an image / with several images (the processor and the model take them);
     # where not, why (said in the error)
     text_only_pairs = True
@@ -495,6 +508,7 @@ class PaliGemmaAdapter(VLMAdapter):
 
     packable = False
     uses_chat_template = False
+    caps_logits = True  # PaliGemma 2 (Gemma 2 text): final_logit_softcapping
     text_only_pairs = multi_image_pairs = False
     one_image_reason = "its processor builds the prompt around exactly one image"
 

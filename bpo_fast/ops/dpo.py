@@ -18,7 +18,6 @@ of the length-normalised types (``ipo``, ``sigmoid_norm``) are the scored labels
 preference_loss` also offers TRL's count (``length_count="completion"``).
 """
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -26,7 +25,7 @@ from typing import Optional
 import torch
 
 from bpo_fast.ops.losses import LENGTH_NORMALISED, LOSS_TYPES, REGISTRY, loss_config  # noqa: F401
-from bpo_fast.ops.losses import check_finite as _check_finite
+from bpo_fast.ops.losses import check_finite as _check_finite, check_temperature
 
 
 @dataclass
@@ -430,9 +429,7 @@ class DPOLoss(torch.nn.Module):
         # the settings of the logits path are checked here, not at the first call
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        check_temperature(temperature)
         _check_inplace(inplace_backward)
         self.ignore_index = ignore_index
         self.temperature = temperature

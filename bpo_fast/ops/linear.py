@@ -11,12 +11,20 @@ logits (nor their gradient). How:
 2. **Chunk** the ``[S, V]`` logits into ``[ct, cv]`` tiles whose float32 size is bounded by
    ``chunk_bytes``: each tile is produced with float32 accumulation *and float32 output* (a
    logit rounded to bf16 before the log-sum-exp biases training), folded into a running
-   (max, sum-exp) per token, and dropped. Only the float32 per-token log-sum-exp (and the
-   compacted index) is saved for backward.
+   (max, sum-exp) per token, and dropped. Only the float32 per-token (max, log-sum) (and the
+   compacted index) is saved for backward, by every implementation.
 3. **Backward** recomputes each tile, forms ``d = (onehot - softmax) * g / temperature`` in the
    matmul dtype and runs the two gradient GEMMs; ``grad_hidden``, ``grad_weight`` and
    ``grad_bias`` accumulate in float32 and are written in the input dtype. An input with
    ``requires_grad=False`` costs nothing (frozen LM head: no ``grad_weight`` GEMM).
+
+**Logit soft-capping** (``logit_softcap=cap``, Gemma 2 / PaliGemma 2's
+``final_logit_softcapping``): each float32 tile becomes ``cap * tanh(z / cap)`` (``z`` with the
+bias) before the temperature and the log-sum-exp, and the backward multiplies ``d`` by
+``1 - tanh(z / cap)^2``, in every implementation. That is HF's order (``lm_head``, then the cap)
+followed by TRL's (the temperature divides the model's capped logits). The Triton kernels take
+it as a constexpr (``SOFTCAP``), so the un-capped kernels are compiled exactly as without it;
+the torch reducer holds one more float32 tile while a capped tile is reduced.
 
 Implementations (``impl=``), all computing the same thing:
 
@@ -47,10 +55,11 @@ instead of 4 (no recompute). Extra gradient terms on the per-pair losses or the 
 take the recomputing backward.
 """
 
-import math
 import os
 
 import torch
+
+from bpo_fast.ops.losses import check_logit_softcap, check_temperature
 
 IMPLS = ("auto", "torch", "cublas", "triton", "hybrid")
 DEFAULT_CHUNK_BYTES = 512 << 20
@@ -104,9 +113,7 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature):
         raise ValueError(f"hidden, weight, labels and bias must be on one device, got {devs}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     return N, T, H, V
 
 
@@ -223,59 +230,99 @@ def _addmm_f32_(acc, a, b):
 
 
 class _TorchReducer:
+    """The plain-PyTorch tile reducer. ``stats [C, 2]`` = (row max, log-sum) of the logits
+    ``x = cap(z + b) / T``: the softmax is formed as ``exp((x - max) - log-sum)``, never the
+    difference of two large numbers (relative error ~1e-7 also at ``|x| ~ 1e4``)."""
+
     @staticmethod
-    def update(z, bias_v, targets, m, s, tlog, v0, inv_temp):
-        cv = z.shape[1]
+    def _logits(z, bias_v, inv_temp, softcap):
+        """``x = cap(z + b) / T`` of a float32 tile; in place (``x`` is ``z``) without a cap; with
+        one ``z`` becomes ``tanh((z + b) / cap)`` (the derivative's input) and ``x`` is a new
+        tile."""
         if bias_v is not None:
             z.add_(bias_v.float())
-        z.mul_(inv_temp)
+        if softcap is None:
+            return z.mul_(inv_temp)
+        return z.div_(softcap).tanh_().mul(softcap * inv_temp)
+
+    @staticmethod
+    def update(z, bias_v, targets, m, s, tlog, v0, inv_temp, softcap=None):
+        """Fold the tile into the running (max ``m``, sum-exp ``s``) and gather the target
+        logits. Leaves in ``z`` what :meth:`dlogits_from_state` reads: ``exp(x - max)``
+        without a cap, ``tanh((z + b) / cap)`` with one."""
+        cv = z.shape[1]
+        x = _TorchReducer._logits(z, bias_v, inv_temp, softcap)
         t = targets - v0
         hit = (t >= 0) & (t < cv)
-        tlog.copy_(torch.where(hit, z.gather(1, t.clamp(0, cv - 1)[:, None]).squeeze(1), tlog))
-        m_new = torch.maximum(m, z.max(1).values)
-        s.mul_(torch.exp(m - m_new)).add_(z.sub_(m_new[:, None]).exp_().sum(1))
+        tlog.copy_(torch.where(hit, x.gather(1, t.clamp(0, cv - 1)[:, None]).squeeze(1), tlog))
+        m_new = torch.maximum(m, x.max(1).values)
+        s.mul_(torch.exp(m - m_new)).add_(x.sub_(m_new[:, None]).exp_().sum(1))
         m.copy_(m_new)
 
     @staticmethod
-    def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, need_gb):
-        cv = z.shape[1]
-        if bias_v is not None:
-            z.add_(bias_v.float())
-        # lse: [ct, 2] (row max, log-sum) of _row_stats: p = exp((z - max) - log-sum), never
-        # the difference of two large numbers (relative error ~1e-7 also at |logits| ~ 1e4)
-        d = z.mul_(inv_temp).sub_(lse[:, :1]).sub_(lse[:, 1:]).exp_().neg_()
+    def _d(x, th, targets, stats, gscale, v0, dtype, need_gb):
+        """``d = gscale * (onehot - softmax(x))`` (times ``1 - th^2`` with a cap), in place over
+        ``x``; ``th`` is overwritten."""
+        cv = x.shape[1]
+        d = x.sub_(stats[:, :1]).sub_(stats[:, 1:]).exp_().neg_()
         t = targets - v0
         hit = (t >= 0) & (t < cv)
         d.scatter_add_(1, t.clamp(0, cv - 1)[:, None], hit.to(d.dtype)[:, None])
         d.mul_(gscale[:, None])
+        if th is not None:
+            d.mul_(th.mul_(th).neg_().add_(1.0))
         gb = d.sum(0) if need_gb else None
         return d.to(dtype), gb
 
     @staticmethod
-    def dlogits_from_exp(e, targets, logsum, gscale, dtype, need_gb):
-        """``d = gscale * (onehot - softmax)`` from what :meth:`update` left in a whole-vocabulary
-        tile, ``e = exp(z / T - max)``, in place: no second GEMM, no second ``exp`` pass (the
-        3-GEMM path on CPU)."""
-        d = e.mul_((-gscale * torch.exp(-logsum))[:, None])
-        d.scatter_add_(1, targets[:, None], gscale[:, None])
-        gb = d.sum(0) if need_gb else None
-        return d.to(dtype), gb
+    def dlogits(z, bias_v, targets, stats, gscale, v0, inv_temp, dtype, need_gb, softcap=None):
+        """``d logp / d z`` of a recomputed tile ``z`` (before bias), scaled by ``gscale``."""
+        x = _TorchReducer._logits(z, bias_v, inv_temp, softcap)
+        return _TorchReducer._d(x, None if softcap is None else z, targets, stats, gscale, v0,
+                                dtype, need_gb)
+
+    @staticmethod
+    def dlogits_from_state(z, bias_v, targets, stats, gscale, inv_temp, dtype, need_gb,
+                           softcap=None):
+        """:meth:`dlogits` of a whole-vocabulary tile from what :meth:`update` left in ``z``, in
+        place: no second GEMM (the 3-GEMM path on CPU). Without a cap ``z = exp(x - max)``, so
+        ``d = gscale * (onehot - z * exp(-log-sum))`` costs no second ``exp`` pass; with one
+        ``z = tanh((z + b) / cap)`` and the logits are rebuilt from it (``bias_v`` is already
+        in)."""
+        if softcap is None:
+            d = z.mul_((-gscale * torch.exp(-stats[:, 1]))[:, None])
+            d.scatter_add_(1, targets[:, None], gscale[:, None])
+            gb = d.sum(0) if need_gb else None
+            return d.to(dtype), gb
+        return _TorchReducer._d(z.mul(softcap * inv_temp), z, targets, stats, gscale, 0, dtype,
+                                need_gb)
 
 
 class _TritonReducer:
-    @staticmethod
-    def update(z, bias_v, targets, m, s, tlog, v0, inv_temp):
-        from bpo_fast.kernels import linear as K
-
-        K.lse_update(z, bias_v, targets, m, s, tlog, v0, inv_temp)
+    """The Triton row kernels of ``kernels/linear.py`` over cuBLAS tiles; ``z`` is left as it is
+    (their backward recomputes from ``z`` itself); they take the log-sum-exp ``max + log-sum``
+    of :func:`_row_stats`."""
 
     @staticmethod
-    def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, need_gb):
+    def update(z, bias_v, targets, m, s, tlog, v0, inv_temp, softcap=None):
         from bpo_fast.kernels import linear as K
 
-        d = K.dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype)
+        K.lse_update(z, bias_v, targets, m, s, tlog, v0, inv_temp, softcap=softcap)
+
+    @staticmethod
+    def dlogits(z, bias_v, targets, stats, gscale, v0, inv_temp, dtype, need_gb, softcap=None):
+        from bpo_fast.kernels import linear as K
+
+        d = K.dlogits(z, bias_v, targets, stats.sum(1), gscale, v0, inv_temp, dtype,
+                      softcap=softcap)
         gb = d.sum(0, dtype=torch.float32) if need_gb else None
         return d, gb
+
+    @staticmethod
+    def dlogits_from_state(z, bias_v, targets, stats, gscale, inv_temp, dtype, need_gb,
+                           softcap=None):
+        return _TritonReducer.dlogits(z, bias_v, targets, stats, gscale, 0, inv_temp, dtype,
+                                      need_gb, softcap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +334,8 @@ def _gather(hidden, n_idx, t_idx, lo, hi):
     return hidden[n_idx[lo:hi], t_idx[lo:hi]]
 
 
-def _chunked_forward(reducer, hidden, weight, bias, n_idx, t_idx, targets, inv_temp, plan):
+def _chunked_forward(reducer, hidden, weight, bias, n_idx, t_idx, targets, inv_temp, plan,
+                     softcap):
     S = n_idx.numel()
     dev = weight.device
     m = torch.full((S,), float("-inf"), device=dev, dtype=torch.float32)
@@ -299,29 +347,24 @@ def _chunked_forward(reducer, hidden, weight, bias, n_idx, t_idx, targets, inv_t
         for v0, v1 in v_chunks:
             z = _mm_f32(h_c, weight[v0:v1])
             reducer.update(z, None if bias is None else bias[v0:v1], targets[t0:t1],
-                           m[t0:t1], s[t0:t1], tlog[t0:t1], v0, inv_temp)
+                           m[t0:t1], s[t0:t1], tlog[t0:t1], v0, inv_temp, softcap)
             del z  # let the allocator hand the same block to the next tile
-    return _row_stats(reducer, m, s), tlog
+    return _row_stats(m, s), tlog
 
 
-def _row_stats(reducer, m, s):
-    """What backward needs per token from the running (max, sum-exp): ``[S, 2]`` = (max,
-    log-sum) for the torch reducer (its softmax is then formed relative to the max), the
-    log-sum-exp ``[S]`` for the Triton row kernels."""
-    if reducer is _TorchReducer:
-        return torch.stack([m, torch.log(s)], 1)
-    return m + torch.log(s)
+def _row_stats(m, s):
+    """What backward needs per token from the running (max, sum-exp), for every impl:
+    ``[S, 2]`` = (max, log-sum); the log-sum-exp is their sum."""
+    return torch.stack([m, torch.log(s)], 1)
 
 
 def _logp(tlog, stats):
     """Token log-probs from the target logit and :func:`_row_stats`."""
-    if stats.dim() == 2:
-        return (tlog - stats[:, 0]) - stats[:, 1]
-    return tlog - stats
+    return (tlog - stats[:, 0]) - stats[:, 1]
 
 
-def _chunked_backward(reducer, hidden, weight, bias, n_idx, t_idx, targets, lse, gscale,
-                      inv_temp, plan, need_h, need_w, need_b):
+def _chunked_backward(reducer, hidden, weight, bias, n_idx, t_idx, targets, stats, gscale,
+                      inv_temp, plan, need_h, need_w, need_b, softcap):
     S = n_idx.numel()
     V, H = weight.shape
     dtype, dev = weight.dtype, weight.device
@@ -342,7 +385,7 @@ def _chunked_backward(reducer, hidden, weight, bias, n_idx, t_idx, targets, lse,
         w_v = weight[v0:v1]
         z = _mm_f32(h_c, w_v)
         d, gb = reducer.dlogits(z, None if bias is None else bias[v0:v1], targets[t0:t1],
-                                lse[t0:t1], gscale[t0:t1], v0, inv_temp, dtype, need_b)
+                                stats[t0:t1], gscale[t0:t1], v0, inv_temp, dtype, need_b, softcap)
         if need_b:
             gb32[v0:v1] += gb
         if need_h:
@@ -391,16 +434,15 @@ def _row_offsets(hidden, n_idx, t_idx):
     return n_idx * hidden.stride(0) + t_idx * hidden.stride(1)
 
 
-def _triton_forward(hidden, weight, bias, n_idx, t_idx, targets, inv_temp):
+def _triton_forward(hidden, weight, bias, n_idx, t_idx, targets, inv_temp, softcap):
     from bpo_fast.kernels import linear as K
 
-    lse, tlog = K.fused_forward(hidden, _row_offsets(hidden, n_idx, t_idx), weight, bias,
-                                targets, inv_temp)
-    return lse, tlog
+    return K.fused_forward(hidden, _row_offsets(hidden, n_idx, t_idx), weight, bias, targets,
+                           inv_temp, softcap=softcap)
 
 
-def _triton_backward(hidden, weight, bias, n_idx, t_idx, targets, lse, gscale, inv_temp, plan,
-                     need_h, need_w, need_b):
+def _triton_backward(hidden, weight, bias, n_idx, t_idx, targets, stats, gscale, inv_temp, plan,
+                     need_h, need_w, need_b, softcap):
     from bpo_fast.kernels import linear as K
 
     V, H = weight.shape
@@ -409,11 +451,14 @@ def _triton_backward(hidden, weight, bias, n_idx, t_idx, targets, lse, gscale, i
     gw32 = torch.zeros(V, H, device=dev, dtype=f32) if need_w else None
     gb32 = torch.zeros(V, device=dev, dtype=f32) if need_b else None
     row_off = _row_offsets(hidden, n_idx, t_idx)
-    # token chunks bound the fp32 grad_hidden accumulator
+    lse = stats.sum(1)
+    # token chunks bound the fp32 grad_hidden accumulator. A hidden whose rows are not 16-byte
+    # aligned is copied by K.fused_backward chunk by chunk, each chunk only its own scored rows:
+    # the S rows are copied once per backward in all, with a chunk's rows held at a time
     for t0, t1 in plan[0]:
         gh32 = torch.zeros(t1 - t0, H, device=dev, dtype=f32) if need_h else None
         K.fused_backward(hidden, row_off[t0:t1], weight, bias, targets[t0:t1], lse[t0:t1],
-                         gscale[t0:t1], inv_temp, gh=gh32, gw=gw32, gb=gb32)
+                         gscale[t0:t1], inv_temp, gh=gh32, gw=gw32, gb=gb32, softcap=softcap)
         if need_h:
             gh[n_idx[t0:t1], t_idx[t0:t1]] = gh32.to(hidden.dtype)
     return (gh, None if gw32 is None else gw32.to(weight.dtype),
@@ -452,54 +497,58 @@ class _LinearLogprobs(torch.autograd.Function):
     """Per scored token log-prob ``[S]`` float32 from hidden [N, T, H] and weight [V, H]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, n_idx, t_idx, targets, temperature, impl, plan):
+    def forward(ctx, hidden, weight, bias, n_idx, t_idx, targets, temperature, impl, plan,
+                softcap):
         with _no_autocast(weight.device):
             return _LinearLogprobs._forward(ctx, hidden, weight, bias, n_idx, t_idx, targets,
-                                            temperature, impl, plan)
+                                            temperature, impl, plan, softcap)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, n_idx, t_idx, targets, temperature, impl, plan):
+    def _forward(ctx, hidden, weight, bias, n_idx, t_idx, targets, temperature, impl, plan,
+                 softcap):
         inv_temp = 1.0 / temperature
         if n_idx.numel() == 0:
-            lse = torch.zeros(0, device=weight.device, dtype=torch.float32)
-            tlog = lse
+            stats = torch.zeros(0, 2, device=weight.device, dtype=torch.float32)
+            tlog = stats[:, 0]
         elif impl in ("triton", "hybrid"):
-            lse, tlog = _triton_forward(hidden, weight, bias, n_idx, t_idx, targets, inv_temp)
+            stats, tlog = _triton_forward(hidden, weight, bias, n_idx, t_idx, targets, inv_temp,
+                                          softcap)
         else:
             reducer = _TritonReducer if impl == "cublas" else _TorchReducer
-            lse, tlog = _chunked_forward(reducer, hidden, weight, bias, n_idx, t_idx, targets,
-                                         inv_temp, plan)
-        ctx.save_for_backward(hidden, weight, bias, n_idx, t_idx, targets, lse)
-        ctx.inv_temp, ctx.impl, ctx.plan = inv_temp, impl, plan
-        return _logp(tlog, lse)
+            stats, tlog = _chunked_forward(reducer, hidden, weight, bias, n_idx, t_idx, targets,
+                                           inv_temp, plan, softcap)
+        ctx.save_for_backward(hidden, weight, bias, n_idx, t_idx, targets, stats)
+        ctx.inv_temp, ctx.impl, ctx.plan, ctx.softcap = inv_temp, impl, plan, softcap
+        return _logp(tlog, stats)
 
     @staticmethod
     def backward(ctx, g):
-        hidden, weight, bias, n_idx, t_idx, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, n_idx, t_idx, targets, stats = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         if not (need_h or need_w or need_b):
-            return (None,) * 9
+            return (None,) * 10
         if n_idx.numel() == 0:
             gh = torch.zeros_like(hidden) if need_h else None
             gw = torch.zeros_like(weight) if need_w else None
             gb = torch.zeros_like(bias) if need_b else None
         else:
             gscale = g.float().contiguous() * ctx.inv_temp
-            args = (hidden, weight, bias, n_idx, t_idx, targets, lse, gscale, ctx.inv_temp,
-                    ctx.plan, need_h, need_w, need_b)
+            args = (hidden, weight, bias, n_idx, t_idx, targets, stats, gscale, ctx.inv_temp,
+                    ctx.plan, need_h, need_w, need_b, ctx.softcap)
             if ctx.impl == "triton":
                 gh, gw, gb = _triton_backward(*args)
             else:
                 reducer = _TorchReducer if ctx.impl == "torch" else _TritonReducer
                 gh, gw, gb = _chunked_backward(reducer, *args)
-        return gh, gw, gb, None, None, None, None, None, None
+        return (gh, gw, gb) + (None,) * 7
 
 
 def _scored_logprobs(hidden, weight, labels, bias, ignore_index, temperature, impl,
-                     chunk_bytes, chunk_sizes, check_finite=False):
+                     chunk_bytes, chunk_sizes, check_finite=False, logit_softcap=None):
     """(per scored token log-probs [S] float32, n_idx, t_idx, N, T): the common core."""
     N, T, H, V = _check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
+    softcap = check_logit_softcap(logit_softcap)
     if check_finite:
         from bpo_fast.ops.losses import check_finite as _check_finite
 
@@ -509,7 +558,7 @@ def _scored_logprobs(hidden, weight, labels, bias, ignore_index, temperature, im
     chunk_bytes = _chunk_budget(chunk_bytes, chunk_sizes)
     plan = _plan(n_idx.numel(), V, chunk_bytes, chunk_sizes)
     logp = _LinearLogprobs.apply(hidden, weight, bias, n_idx, t_idx, targets,
-                                 float(temperature), impl, plan)
+                                 float(temperature), impl, plan, softcap)
     return logp, n_idx, t_idx, N, T
 
 
@@ -520,10 +569,16 @@ def _scored_logprobs(hidden, weight, labels, bias, ignore_index, temperature, im
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100,
                           temperature=1.0, impl="auto", chunk_bytes=None, chunk_sizes=None,
-                          check_finite=False):
+                          check_finite=False, logit_softcap=None):
     """Per-token log-probs ``[N, T - 1]`` float32 of ``labels`` under
-    ``(hidden @ weight.T + bias) / temperature``, without building the logits: the same as
-    :func:`bpo_fast.ops.logprobs.token_logprobs` on those logits.
+    ``cap(hidden @ weight.T + bias) / temperature``, without building the logits: the same as
+    :func:`bpo_fast.ops.logprobs.token_logprobs` on those logits
+    (:func:`linear_token_logprobs_reference` materialises them).
+
+    ``logit_softcap``: ``None`` (no cap) or a finite number ``> 0``: the logits are
+    ``logit_softcap * tanh(z / logit_softcap)`` before the temperature, as Gemma 2 /
+    PaliGemma 2 (``config.final_logit_softcapping``) and TRL (temperature applied to the
+    model's capped logits) compute them.
 
     ``hidden [N, T, H]`` (fp32/bf16/fp16, any strides), ``weight [V, H]`` (same dtype),
     ``labels [N, T]`` in the HF convention: entry ``t`` scores ``labels[:, t + 1]`` from
@@ -536,24 +591,44 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
     """
     logp, n_idx, t_idx, N, T = _scored_logprobs(hidden, weight, labels, bias, ignore_index,
                                                 temperature, impl, chunk_bytes, chunk_sizes,
-                                                check_finite)
+                                                check_finite, logit_softcap)
     out = torch.zeros(N, max(T - 1, 0), device=weight.device, dtype=torch.float32)
     return out.index_put((n_idx, t_idx), logp)
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100,
                              temperature=1.0, impl="auto", chunk_bytes=None, chunk_sizes=None,
-                             check_finite=False):
+                             check_finite=False, logit_softcap=None):
     """``(logps [N] float32, n_tokens [N] int64)``: the summed log-prob of each sequence's scored
     tokens and their count; see :func:`linear_token_logprobs`. An all-masked row gives (0, 0)."""
     logp, n_idx, _, N, _ = _scored_logprobs(hidden, weight, labels, bias, ignore_index,
                                             temperature, impl, chunk_bytes, chunk_sizes,
-                                            check_finite)
+                                            check_finite, logit_softcap)
     dev = weight.device
     logps = torch.zeros(N, device=dev, dtype=torch.float32).index_add(0, n_idx, logp)
     n_tokens = torch.zeros(N, device=dev, dtype=torch.long).index_add_(
         0, n_idx, torch.ones_like(n_idx))
     return logps, n_tokens
+
+
+def linear_token_logprobs_reference(hidden, weight, labels, *, bias=None, ignore_index=-100,
+                                    temperature=1.0, logit_softcap=None):
+    """Plain-PyTorch spec of :func:`linear_token_logprobs`: materialises the float32 logits
+    ``z = hidden @ weight.T (+ bias)``, caps them (``logit_softcap * tanh(z / logit_softcap)``,
+    as HF Gemma 2 / PaliGemma 2 do) and runs
+    :func:`bpo_fast.ops.logprobs.token_logprobs_reference` with ``temperature`` (TRL divides the
+    model's capped logits by it). Differentiable through autograd; ``[N, T, V]`` float32: for
+    tests, not for big shapes."""
+    from bpo_fast.ops.logprobs import token_logprobs_reference
+
+    _check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
+    cap = check_logit_softcap(logit_softcap)
+    z = hidden.float() @ weight.float().t()
+    if bias is not None:
+        z = z + bias.float()
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    return token_logprobs_reference(z, labels, ignore_index=ignore_index, temperature=temperature)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,7 +673,7 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, hidden, weight, bias, ref_c, ref_r, n_idx, t_idx, targets, counts, lengths,
-                 temperature, impl, plan, group_tokens, dpo_kw, rpo_alpha):
+                 temperature, impl, plan, group_tokens, dpo_kw, rpo_alpha, softcap):
         from bpo_fast.ops.dpo import dpo_loss_and_grad
 
         ctx.set_materialize_grads(False)
@@ -617,7 +692,7 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
         n_chosen = max(1, sum(counts[:B]))
         rpo_grad = rpo_alpha / n_chosen  # -d (rpo_alpha * nll) / d logp of each chosen row
 
-        lse = torch.zeros((S, 2) if reducer is _TorchReducer else (S,), device=dev, dtype=f32)
+        stats = torch.zeros(S, 2, device=dev, dtype=f32)
         logps = torch.zeros(N, device=dev, dtype=f32)
         gh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
         gb32 = torch.zeros(V, device=dev, dtype=f32) if need_b else None
@@ -640,12 +715,12 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
             m = torch.full((tok.numel(),), float("-inf"), device=dev, dtype=f32)
             s_ = torch.zeros_like(m)
             tlog = torch.zeros_like(m)
-            # the torch reducer folds in place (z becomes exp(z / T - max), which its gradient
-            # reuses); the Triton one leaves z as it is
-            reducer.update(z, bias, tgt, m, s_, tlog, 0, inv_temp)
-            lse_g = _row_stats(reducer, m, s_)
-            lse[tok] = lse_g
-            logps.index_add_(0, rows, _logp(tlog, lse_g))
+            # the torch reducer folds in place (z keeps what its gradient reuses: exp(x - max),
+            # or tanh with a cap); the Triton one leaves z as it is
+            reducer.update(z, bias, tgt, m, s_, tlog, 0, inv_temp, softcap)
+            stats_g = _row_stats(m, s_)
+            stats[tok] = stats_g
+            logps.index_add_(0, rows, _logp(tlog, stats_g))
             if not (need_h or need_w or need_b):
                 continue
             # this group's rows [chosen i0..i1; rejected i0..i1] as a [2P] DPO batch
@@ -659,12 +734,8 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
             g_tok = dl.float()[local] / B
             if rpo_alpha:
                 g_tok = g_tok - torch.where(rows < B, rpo_grad, 0.0)
-            if reducer is _TorchReducer:
-                d, gb = reducer.dlogits_from_exp(z, tgt, lse_g[:, 1], g_tok * inv_temp, dtype,
-                                                 need_b)
-            else:
-                d, gb = reducer.dlogits(z, bias, tgt, lse_g, g_tok * inv_temp, 0, inv_temp,
-                                        dtype, need_b)
+            d, gb = reducer.dlogits_from_state(z, bias, tgt, stats_g, g_tok * inv_temp, inv_temp,
+                                               dtype, need_b, softcap)
             if need_b:
                 gb32 += gb
             if need_h:
@@ -681,15 +752,16 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
         out, dl_all = dpo_loss_and_grad(logps, ref_c, ref_r, lengths=lengths, **dpo_kw)
         nll = -logps[:B].sum() / n_chosen
         loss = out.loss.float() + rpo_alpha * nll
-        ctx.save_for_backward(hidden, weight, bias, n_idx, t_idx, targets, lse, dl_all,
+        ctx.save_for_backward(hidden, weight, bias, n_idx, t_idx, targets, stats, dl_all,
                               gh, gw, None if gb32 is None else gb32.to(dtype))
         ctx.inv_temp, ctx.impl, ctx.plan, ctx.B, ctx.n_chosen = inv_temp, impl, plan, B, n_chosen
+        ctx.softcap = softcap
         ctx.need = (need_h, need_w, need_b)
         return loss, out.loss.float(), out.losses.float(), nll, logps
 
     @staticmethod
     def backward(ctx, g_loss, g_dpo, g_losses, g_nll, g_logps):
-        (hidden, weight, bias, n_idx, t_idx, targets, lse, dl_all, gh_s, gw_s,
+        (hidden, weight, bias, n_idx, t_idx, targets, stats, dl_all, gh_s, gw_s,
          gb_s) = ctx.saved_tensors
         need_h, need_w, need_b = ctx.need
         B = ctx.B
@@ -712,18 +784,19 @@ class _LinearPreferenceGradInForward(torch.autograd.Function):
         if g_row is not None and n_idx.numel() and (need_h or need_w or need_b):
             gscale = g_row[n_idx].contiguous() * ctx.inv_temp
             extra = _chunked_backward(_TritonReducer if ctx.impl == "cublas" else _TorchReducer,
-                                      hidden, weight, bias, n_idx, t_idx, targets, lse, gscale,
-                                      ctx.inv_temp, ctx.plan, need_h, need_w, need_b)
+                                      hidden, weight, bias, n_idx, t_idx, targets, stats, gscale,
+                                      ctx.inv_temp, ctx.plan, need_h, need_w, need_b,
+                                      ctx.softcap)
             grads = [e if g is None else (g if e is None else g + e)
                      for g, e in zip(grads, extra)]
-        return (*grads,) + (None,) * 13
+        return (*grads,) + (None,) * 14
 
 
 def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *,
                           bias=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
                           ignore_index=-100, temperature=1.0, discopop_tau=0.05, impl="auto",
                           chunk_bytes=None, chunk_sizes=None, grad_in_forward=None,
-                          check_finite=False):
+                          check_finite=False, logit_softcap=None):
     """The DPO loss from hidden states and the LM head: a thin name for
     :func:`bpo_fast.ops.preference.preference_loss` without the RPO term, returning its
     :class:`~bpo_fast.ops.dpo.DPOOutput` (``.dpo``: loss, per-pair losses, rewards, margins,
@@ -731,14 +804,15 @@ def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected
     ``hidden [2B, T, H]`` / ``labels [2B, T]`` are the chosen sequences, rows ``B..2B-1`` the
     rejected ones; gradients reach ``hidden``, ``weight`` and ``bias``. See
     :func:`~bpo_fast.ops.preference.preference_loss` for ``impl``, ``grad_in_forward`` (3 GEMMs
-    per token instead of 4) and the rest."""
+    per token instead of 4), ``logit_softcap`` and the rest."""
     from bpo_fast.ops.preference import preference_loss
 
     return preference_loss(
         hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, loss=loss_type, beta=beta,
         label_smoothing=label_smoothing, discopop_tau=discopop_tau, bias=bias,
         ignore_index=ignore_index, temperature=temperature, impl=impl, chunk_bytes=chunk_bytes,
-        chunk_sizes=chunk_sizes, grad_in_forward=grad_in_forward, check_finite=check_finite).dpo
+        chunk_sizes=chunk_sizes, grad_in_forward=grad_in_forward, check_finite=check_finite,
+        logit_softcap=logit_softcap).dpo
 
 
 def __getattr__(name):

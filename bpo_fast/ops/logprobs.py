@@ -6,10 +6,11 @@ position ``t`` of the logits scores ``labels[:, t + 1]``; ``ignore_index`` posit
 everything accumulates in float32 whatever the logits' dtype.
 """
 
-import math
 import os
 
 import torch
+
+from bpo_fast.ops.losses import check_temperature
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -47,9 +48,7 @@ def check_logits_labels(logits, labels, ignore_index=-100, temperature=1.0, *,
         raise ValueError(f"labels must be on logits' device {logits.device}, got {labels.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     return N, T, V
 
 

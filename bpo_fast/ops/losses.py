@@ -317,6 +317,28 @@ def check_rpo_alpha(rpo_alpha):
     return v
 
 
+def check_temperature(temperature):
+    """``temperature``: a finite number > 0 (the logits are divided by it), else ValueError."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return temperature
+
+
+def check_logit_softcap(logit_softcap):
+    """``logit_softcap``: ``None`` (no cap) or a finite number > 0 (the LM head's logits become
+    ``logit_softcap * tanh(z / logit_softcap)``, Gemma 2's ``final_logit_softcapping``);
+    returned as a float (or None), else ValueError naming it."""
+    if logit_softcap is None:
+        return None
+    if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float)) \
+            or not math.isfinite(logit_softcap) or logit_softcap <= 0:
+        raise ValueError(f"logit_softcap must be None or a finite number > 0 (the LM head's "
+                         f"logits are capped to logit_softcap * tanh(z / logit_softcap)), got "
+                         f"{logit_softcap!r}")
+    return float(logit_softcap)
+
+
 def check_length_count(length_count):
     if length_count not in LENGTH_COUNTS:
         raise ValueError(f"length_count must be one of {list(LENGTH_COUNTS)}, got "

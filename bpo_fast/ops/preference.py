@@ -23,7 +23,8 @@ import torch
 from bpo_fast.ops import linear as L
 from bpo_fast.ops.dpo import DPOOutput, _check_vector, dpo_loss
 from bpo_fast.ops.losses import (LossConfig, check_finite as _check_finite, check_length_count,
-                                 check_rpo_alpha, loss_config)
+                                 check_logit_softcap, check_rpo_alpha, check_temperature,
+                                 loss_config)
 
 
 @dataclass
@@ -65,7 +66,7 @@ def preference_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps
                     loss="sigmoid", beta=0.1, label_smoothing=0.0, discopop_tau=0.05,
                     rpo_alpha=0.0, bias=None, ignore_index=-100, temperature=1.0,
                     length_count="scored", impl="auto", chunk_bytes=None, chunk_sizes=None,
-                    grad_in_forward=None, check_finite=False):
+                    grad_in_forward=None, check_finite=False, logit_softcap=None):
     """Preference loss (+ RPO) from hidden states; returns a :class:`PreferenceLossOutput`.
 
     ``hidden [2B, T, H]`` / ``labels [2B, T]``: rows ``0..B-1`` chosen, ``B..2B-1`` rejected
@@ -87,10 +88,15 @@ def preference_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps
     ``False`` gives the composed path (forward, then a recomputing backward), which the
     ``"triton"``/``"hybrid"`` impls always take. ``check_finite=True`` raises a ``ValueError``
     naming the input (hidden, weight, bias, ref log-probs) that holds NaN or inf.
+
+    ``logit_softcap``: ``None`` or a finite number ``> 0``: the LM head's logits are
+    ``logit_softcap * tanh(z / logit_softcap)`` (Gemma 2 / PaliGemma 2
+    ``final_logit_softcapping``), capped before ``temperature`` divides them, as HF and TRL do.
     """
     cfg, rpo_alpha, length_count = _settings(loss, beta, label_smoothing, discopop_tau,
                                              rpo_alpha, length_count)
     N, T, H, V = L._check_inputs(hidden, weight, labels, bias, ignore_index, temperature)
+    softcap = check_logit_softcap(logit_softcap)
     if N == 0 or N % 2:
         raise ValueError(f"hidden must hold an even, non-zero number of rows [chosen; rejected] "
                          f"(2B), got {N}")
@@ -125,7 +131,7 @@ def preference_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps
         lengths = _lengths(cfg, counts_t, labels, ignore_index, length_count)
         total, dpo_part, losses, nll, logps = L._LinearPreferenceGradInForward.apply(
             hidden, weight, bias, ref_c, ref_r, n_idx, t_idx, targets, counts, lengths,
-            float(temperature), resolved, plan, group_tokens, dpo_kw, rpo_alpha)
+            float(temperature), resolved, plan, group_tokens, dpo_kw, rpo_alpha, softcap)
         if not rpo_alpha:
             dpo_part = total  # one tensor: its backward is the stored 3-GEMM gradient
         dpo = _dpo_output(dpo_part, losses, logps, ref_c, ref_r, cfg.beta)
@@ -134,7 +140,7 @@ def preference_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps
         logps, n_tok = L.linear_sequence_logprobs(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index,
             temperature=temperature, impl=impl, chunk_bytes=chunk_bytes,
-            chunk_sizes=chunk_sizes)
+            chunk_sizes=chunk_sizes, logit_softcap=softcap)
         lengths = _lengths(cfg, n_tok, labels, ignore_index, length_count)
         lc, lr = (None, None) if lengths is None else (lengths[:B], lengths[B:])
         dpo = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, chosen_lengths=lc,
@@ -167,7 +173,7 @@ class PreferenceLoss(torch.nn.Module):
     def __init__(self, loss="sigmoid", beta=0.1, label_smoothing=0.0, *, discopop_tau=0.05,
                  rpo_alpha=0.0, ignore_index=-100, temperature=1.0, length_count="scored",
                  impl="auto", chunk_bytes=None, chunk_sizes=None, grad_in_forward=None,
-                 check_finite=False):
+                 check_finite=False, logit_softcap=None):
         super().__init__()
         self.config, self.rpo_alpha, self.length_count = _settings(
             loss, beta, label_smoothing, discopop_tau, rpo_alpha, length_count)
@@ -175,7 +181,8 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError(f"impl must be one of {L.IMPLS}, got {impl!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        _check_temperature(temperature)
+        check_temperature(temperature)
+        self.logit_softcap = check_logit_softcap(logit_softcap)
         L._chunk_budget(chunk_bytes, chunk_sizes)
         if grad_in_forward not in (None, True, False):
             raise TypeError(f"grad_in_forward must be None, True or False, got "
@@ -196,12 +203,14 @@ class PreferenceLoss(torch.nn.Module):
             rpo_alpha=self.rpo_alpha, bias=bias, ignore_index=self.ignore_index,
             temperature=self.temperature, length_count=self.length_count, impl=self.impl,
             chunk_bytes=self.chunk_bytes, chunk_sizes=self.chunk_sizes,
-            grad_in_forward=self.grad_in_forward, check_finite=self.check_finite)
+            grad_in_forward=self.grad_in_forward, check_finite=self.check_finite,
+            logit_softcap=self.logit_softcap)
 
     def extra_repr(self):
         c = self.config
         return (f"loss={c.loss_type!r}, beta={c.beta}, label_smoothing={c.label_smoothing}, "
-                f"rpo_alpha={self.rpo_alpha}, temperature={self.temperature}")
+                f"rpo_alpha={self.rpo_alpha}, temperature={self.temperature}"
+                + (f", logit_softcap={self.logit_softcap}" if self.logit_softcap else ""))
 
 
 class LinearDPOLoss(PreferenceLoss):
@@ -216,10 +225,3 @@ class LinearDPOLoss(PreferenceLoss):
         return super().forward(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
                                bias=bias).dpo
 
-
-def _check_temperature(temperature):
-    import math
-
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

@@ -210,6 +210,11 @@ def _launch_logprobs():
                                                B=N // 2, out=out)
 
 
+# Gemma 2's final_logit_softcapping (the value does not matter: the cap is a runtime float, the
+# SOFTCAP constexpr is what specialises)
+SOFTCAPS = (None, 30.0)
+
+
 def _launch_linear():
     import torch
 
@@ -230,7 +235,8 @@ def _launch_linear():
                     lse = torch.empty(S, dtype=f32, **meta)
                     gs = torch.empty(S, dtype=f32, **meta)
                     for bias in (None, b):
-                        K.fused_forward(hid, roff, w, bias, tgt, 1.0)
+                        for cap in SOFTCAPS:
+                            K.fused_forward(hid, roff, w, bias, tgt, 1.0, softcap=cap)
                         gh = torch.empty(S, H, dtype=f32, **meta)
                         gw = torch.empty(V, H, dtype=f32, **meta)
                         gb = torch.empty(V, dtype=f32, **meta)
@@ -238,20 +244,22 @@ def _launch_linear():
                             if need & 4 and bias is None:
                                 continue
                             for det in (False, True):
-                                K.fused_backward(hid, roff, w, bias, tgt, lse, gs, 1.0,
-                                                 gh=gh if need & 1 else None,
-                                                 gw=gw if need & 2 else None,
-                                                 gb=gb if need & 4 else None,
-                                                 deterministic=det)
+                                for cap in SOFTCAPS:
+                                    K.fused_backward(hid, roff, w, bias, tgt, lse, gs, 1.0,
+                                                     gh=gh if need & 1 else None,
+                                                     gw=gw if need & 2 else None,
+                                                     gb=gb if need & 4 else None,
+                                                     deterministic=det, softcap=cap)
                     # the cuBLAS strategy's row kernels over float32 chunks of the logits
                     for cv in sorted({min(V, c) for c in (4096, 16384, V)}):
                         z = torch.empty(S, cv, dtype=f32, **meta)
                         bv = None if bias is None else b[:cv]
                         m = torch.empty(S, dtype=f32, **meta)
-                        K.lse_update(z, bv, tgt, m, m, m, 0, 1.0)
-                        K.lse_update(z, None, tgt, m, m, m, 0, 1.0)
-                        K.dlogits(z, None, tgt, lse, gs, 0, 1.0, dtype)
-                        K.dlogits(z, b[:cv], tgt, lse, gs, 0, 1.0, dtype)
+                        for cap in SOFTCAPS:
+                            K.lse_update(z, bv, tgt, m, m, m, 0, 1.0, softcap=cap)
+                            K.lse_update(z, None, tgt, m, m, m, 0, 1.0, softcap=cap)
+                            K.dlogits(z, None, tgt, lse, gs, 0, 1.0, dtype, softcap=cap)
+                            K.dlogits(z, b[:cv], tgt, lse, gs, 0, 1.0, dtype, softcap=cap)
 
 
 LAUNCHERS = (_launch_dpo, _launch_logprobs, _launch_linear)
