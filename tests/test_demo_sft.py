@@ -50,13 +50,15 @@ def test_packed_rows_score_every_answer_as_its_own_sample(small):
 
 def test_a_record_whose_turns_are_no_prefix_keeps_one_row_per_sample(small, monkeypatch):
     world, model, processor, records = small
-    real = S.PreferenceCollator.encode_pair
+    cls = type(S.PreferenceCollator(processor).adapter)
+    real = cls.encode_pair
 
-    def shifted(self, item):                 # a template that rewrites earlier turns
-        p, c, r, im = real(self, item)
-        return (p[:-1] + [p[-1], p[-1]] if len(item["prompt"]) > 1 else p), c, r, im
+    def shifted(self, processor, template, messages, text, answers, image, tokenizer):
+        p, a, im = real(self, processor, template, messages, text, answers, image, tokenizer)
+        # a template that renders earlier turns differently once more turns follow
+        return (p + [p[-1]] if len(messages) > 1 else p), a, im
 
-    monkeypatch.setattr(S.PreferenceCollator, "encode_pair", shifted)
+    monkeypatch.setattr(cls, "encode_pair", shifted)
     enc = S._Encoded(processor, S.sft_samples(records[:2]), world.images, pack=True)
     assert len(enc) == enc.samples == 6 and enc.answers == [1] * 6
 
