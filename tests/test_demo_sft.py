@@ -79,3 +79,20 @@ def test_epoch_batches_split_answers_evenly():
     groups = enc.epoch_batches(list(range(1200)), 113)
     assert len(groups) == 113 and {len(g) for g in groups} == {10, 11}
     assert sorted(i for g in groups for i in g) == list(range(1200))
+
+
+def test_text_only_records_train_without_pixels(small):
+    world, model, processor, records = small
+    text = [{"id": f"t{i}", "conversations": [
+        {**t, "value": t["value"].replace("<image>\n", "")} for t in r["conversations"]]}
+        for i, r in enumerate(records)]
+    enc = S._Encoded(processor, S.sft_samples(text), world.images, pack=True)
+    assert enc.pixel_values is None and len(enc) == len(text)
+    assert enc.batch([0, 1])[3] is None
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert all(int((r == image_token).sum()) == 0 for r in enc.rows)
+    losses = S.sft_train(copy.deepcopy(model), processor, text, world.images, epochs=1,
+                         batch_size=18, lr=1e-3)
+    assert len(losses) == 2 and all(l == l for l in losses)
+    with pytest.raises(ValueError, match="with and without an image"):
+        S._Encoded(processor, S.sft_samples(text[:1] + records[:1]), world.images)

@@ -70,9 +70,11 @@ class _Encoded:
                 groups.append([sample])
         for group in groups:
             rec = group[0][0]
-            path = os.path.join(image_root, rec["image"])
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            path = None if rec.get("image") is None else os.path.join(image_root, rec["image"])
+            image = None
+            if path is not None:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
             encoded = []
             for _, prompt, answer in group:
                 # the collator's encoding (chat template, image tokens, prompt/answer split) of
@@ -80,7 +82,7 @@ class _Encoded:
                 messages = turns_to_messages(prompt)
                 prompt_ids, (resp,), image_out = collator.adapter.encode_pair(
                     processor, collator.template, messages, collator.prompt_text(messages),
-                    [answer], [image], collator.tokenizer)
+                    [answer], [image] if image is not None else [], collator.tokenizer)
                 encoded.append((prompt_ids, resp))
             full = encoded[-1][0] + encoded[-1][1]
             if all(p + r == full[:len(p) + len(r)] for p, r in encoded):
@@ -90,14 +92,19 @@ class _Encoded:
                 rows = [(full, labels, len(encoded))]
             else:
                 rows = [(p + r, [IGNORE_INDEX] * len(p) + r, 1) for p, r in encoded]
-            if path not in pixels:
+            if path is not None and path not in pixels:
                 pixels[path] = (len(pixels), image_out["pixel_values"][0])
             for ids, labels, n in rows:
                 self.rows.append(torch.tensor(ids, dtype=torch.long))
                 self.labels.append(torch.tensor(labels, dtype=torch.long))
                 self.answers.append(n)
-                self.image_index.append(pixels[path][0])
-        self.pixel_values = torch.stack([p for _, p in sorted(pixels.values(), key=lambda x: x[0])])
+                self.image_index.append(pixels[path][0] if path is not None else -1)
+        if pixels and -1 in self.image_index:
+            raise ValueError("data: records with and without an image in one data set; train "
+                             "the text-only records in a call of their own")
+        self.pixel_values = (torch.stack([p for _, p in sorted(pixels.values(),
+                                                               key=lambda x: x[0])])
+                             if pixels else None)
 
     def __len__(self):
         return len(self.rows)
@@ -129,14 +136,17 @@ class _Encoded:
             ids[j, :n] = self.rows[i]
             labels[j, :n] = self.labels[i]
             mask[j, :n] = 1
-        pix = self.pixel_values[[self.image_index[i] for i in idx]]
+        pix = (self.pixel_values[[self.image_index[i] for i in idx]]
+               if self.pixel_values is not None else None)
         return ids, mask, labels, pix
 
 
 def sft_train(model, processor, data, image_root, *, epochs=3, batch_size=32, lr=3e-3,
               warmup_ratio=0.05, weight_decay=0.0, seed=0, device="cpu", turns="all",
               max_steps=None, log=None, pack=True):
-    """Train ``model`` in place on ``data`` (LLaVA-format JSON/JSONL path or record list).
+    """Train ``model`` in place on ``data`` (LLaVA-format JSON/JSONL path or record list;
+    records with ``"image": null`` or no image are text-only, e.g. a text pretraining corpus --
+    all of a data set's records or none).
 
     All parameters train (the tiny model is trained from scratch). The loss of a step is the
     mean NLL of the answer tokens of its ``batch_size`` samples (gpt turns, each with the
@@ -164,7 +174,8 @@ def sft_train(model, processor, data, image_root, *, epochs=3, batch_size=32, lr
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     rng = random.Random(seed)
-    pixels = enc.pixel_values.to(device=device, dtype=model.dtype)
+    pixels = (enc.pixel_values.to(device=device, dtype=model.dtype)
+              if enc.pixel_values is not None else None)   # None: text-only records
     losses, step = [], 0
     while step < total:
         order = list(range(len(enc)))
@@ -174,7 +185,7 @@ def sft_train(model, processor, data, image_root, *, epochs=3, batch_size=32, lr
                 break
             adapt_threads()
             ids, mask, labels, _ = enc.batch(idx)
-            pix = pixels[[enc.image_index[i] for i in idx]]
+            pix = pixels[[enc.image_index[i] for i in idx]] if pixels is not None else None
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                         pixel_values=pix, labels=labels.to(device))
             out.loss.backward()
