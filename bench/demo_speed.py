@@ -171,6 +171,7 @@ def main(argv=None):
     ap.add_argument("--old", help="the tree to compare against (a checkout)")
     ap.add_argument("--old-label", default=None, help="its commit, for the results (default: "
                                                       "git rev-parse in --old)")
+    ap.add_argument("--new-label", default=None, help="the same for --new")
     ap.add_argument("--new", default=ROOT, help="the tree under test (default: this one)")
     ap.add_argument("--cases", default="sft,generate,quick")
     ap.add_argument("--reps", type=int, default=3)
@@ -201,6 +202,8 @@ def main(argv=None):
             for k, v in impls.items()}
     if args.old_label:
         shas["before"] = args.old_label
+    if args.new_label:
+        shas["bpo_fast"] = args.new_label
     me = [sys.executable, os.path.abspath(__file__)]
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
@@ -235,9 +238,11 @@ def main(argv=None):
             for impl, ms in runs.items():
                 med, p20, p80 = _stats([m["wall_s"] * 1000 for m in ms])
                 res = [m["result"] for m in ms if m["result"]]
+                label = ("demo --quick" if case == "quick" else
+                         f"{case} n_train={args.n_train}" if case == "sft" else
+                         f"{case} n_eval={args.n_eval}")
                 rows.append(row(
-                    f"{case} n_train={args.n_train} n_eval={args.n_eval}"
-                    + (" +1 busy process" if args.busy else ""), impl,
+                    label + (" +1 busy process" if args.busy else ""), impl,
                     median_ms=med, p20_ms=p20, p80_ms=p80, pass_="wall",
                     params={"case": case, "n_train": args.n_train, "n_eval": args.n_eval,
                             "busy_processes": int(args.busy), "reps": args.reps,
@@ -260,7 +265,7 @@ def main(argv=None):
         {"note": "CPU, 2 cores, SHARED with other engineers' jobs (load average at the end "
                  f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}): variants interleaved, medians; "
                  "wall and CPU of fresh processes"},
-        extra_versions={"before": shas["before"]},
+        extra_versions={"before": shas["before"], "bpo_fast": shas["bpo_fast"]},
         path=args.out or os.path.join(ROOT, "bench", "results",
                                       "demo_speed-cpu-busy.json" if args.busy
                                       else "demo_speed-cpu.json"))
