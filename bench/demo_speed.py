@@ -4,8 +4,9 @@ Each measurement is one fresh process (``PYTHONPATH`` = the tree), so imports, t
 caches start cold as in a user's run; the variants are interleaved (round robin, rotating
 start) and the medians reported, because the machine may be shared. Cases:
 
-- ``sft``: the supervised stage as the demo runs it (tiny LLaVA built from the demo's config,
-  :func:`bpo_fast.demo.sft.sft_train` on the world's records, pre-processing included),
+- ``sft``: the supervised stage (:func:`bpo_fast.demo.sft.sft_train` on the world's records,
+  pre-processing included) of a tiny LLaVA, with the model and SFT settings fixed below (the
+  2d774a4 demo's: both trees do the same work whatever their demo defaults are),
 - ``generate``: greedy captions of the held-out images plus three yes/no questions per image
   (the demo's caption and POPE generation) by a trained SFT model,
 - ``quick``: the whole ``bpo-fast demo --quick`` command.
@@ -46,17 +47,23 @@ def _threads(new):
     return torch.get_num_threads()
 
 
-def _tiny(cfg):
+# The model and SFT settings of the measurement, fixed here (the 2d774a4 demo's defaults) so
+# that both trees do the same work whatever their DemoConfig says.
+MODEL = dict(image_size=64, patch_size=32, hidden=128, layers=2, heads=4)
+SFT = dict(epochs=4, batch_size=32, lr=1e-3, max_new_tokens=48)
+
+
+def _tiny(world_cfg):
     from bpo_fast.demo.world import world_vocabulary
     from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
 
-    tiny = TinyLlavaConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
-                           vision_hidden=cfg.hidden_size, hidden_size=cfg.hidden_size,
-                           intermediate_size=2 * cfg.hidden_size, num_layers=cfg.num_layers,
-                           num_heads=4, num_kv_heads=4, vision_heads=4,
-                           words=world_vocabulary(cfg.world) + ["user", "assistant", ":"],
-                           image_mean=tuple(c / 255 for c in cfg.world.background),
-                           image_std=(0.5, 0.5, 0.5))
+    h = MODEL["hidden"]
+    tiny = TinyLlavaConfig(
+        image_size=MODEL["image_size"], patch_size=MODEL["patch_size"], vision_hidden=h,
+        hidden_size=h, intermediate_size=2 * h, num_layers=MODEL["layers"],
+        num_heads=MODEL["heads"], num_kv_heads=MODEL["heads"], vision_heads=MODEL["heads"],
+        words=world_vocabulary(world_cfg) + ["user", "assistant", ":"],
+        image_mean=tuple(c / 255 for c in world_cfg.background), image_std=(0.5,) * 3)
     return build_tiny_llava(None, tiny, seed=0)
 
 
@@ -74,10 +81,10 @@ def worker(args):
     if args.worker == "sft":
         from bpo_fast.demo.sft import sft_train
 
-        model, processor = _tiny(cfg)
+        model, processor = _tiny(cfg.world)
         t0 = time.perf_counter()
         losses = sft_train(model, processor, world["train"], world["images"],
-                           epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
+                           epochs=SFT["epochs"], batch_size=SFT["batch_size"], lr=SFT["lr"],
                            seed=0)
         out.update(steps=len(losses), last_loss=losses[-1])
         if args.save:
@@ -98,7 +105,7 @@ def worker(args):
         objs = cfg.world.objects
         t0 = time.perf_counter()
         caps = generate_answers(model, processor, images, EVAL_PROMPT,
-                                max_new_tokens=cfg.max_new_tokens)
+                                max_new_tokens=SFT["max_new_tokens"])
         qs = [f"is there a {objs[(i + k) % len(objs)]} in the image?"
               for i in range(len(images)) for k in range(3)]
         yes_no = generate_answers(model, processor, [im for im in images for _ in range(3)], qs,
