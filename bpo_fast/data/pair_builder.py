@@ -50,7 +50,7 @@ from bpo_fast.data.llava_format import TURN_MODES, MalformedRecord, iter_records
 from bpo_fast.data.schema import INJECTORS, STRATEGIES, SchemaError, normalize_text, validate_pair
 from bpo_fast.errors import UserError, input_dir, input_file, output_file
 from bpo_fast.options import DTYPE_CHOICES, canonical_dtype, option, parse_device
-from bpo_fast.runtime import dist_env, parse_dtype, resolve_device
+from bpo_fast.runtime import adapt_threads, dist_env, parse_dtype, resolve_device
 
 __all__ = ["PairBuilderConfig", "BuildSummary", "build_pairs", "parse_noise_steps", "shard_path",
            "errors_path"]
@@ -613,6 +613,7 @@ class _Run:
         gen_bs = cfg.gen_batch_size or cfg.batch_size * len(self.levels)
         t = self.summary.timings
         for b0 in range(0, len(units), cfg.batch_size):
+            adapt_threads()  # follows the free CPUs when the caller chose threads that way
             rows, errs = [], []
             for u in units[b0:b0 + cfg.batch_size]:
                 try:
@@ -685,6 +686,7 @@ class _Run:
         else:
             settings = {"max_edits": cfg.max_edits}
         for c in range(0, len(todo), cfg.batch_size):
+            adapt_threads()
             chunk = todo[c:c + cfg.batch_size]
             t0 = time.perf_counter()
             rejected = self.injector.inject_batch([smp for smp, _ in chunk])
