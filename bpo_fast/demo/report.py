@@ -636,7 +636,7 @@ def _extra_values(extra):
     return out
 
 
-_STAGES = ("world", "sft", "captions before", "pope before", "pairs", "bpo", "captions after",
+_STAGES = ("world", "pretrain", "sft", "captions before", "pope before", "pairs", "bpo", "captions after",
            "pope after", "control", "captions control", "pope control")
 
 
