@@ -26,7 +26,8 @@ import time
 
 _UPSTREAM = ("world", "pretrain_model", "sft_model", "pairs", "stage_times.json",
              "captions_before.jsonl", "captions_before.jsonl.done", "pope_before.jsonl",
-             "pope_before.jsonl.done")
+             "pope_before.jsonl.done", "control_model", "captions_control.jsonl",
+             "captions_control.jsonl.done", "pope_control.jsonl", "pope_control.jsonl.done")
 
 
 def _value(text):

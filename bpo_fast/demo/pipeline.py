@@ -46,12 +46,13 @@ class DemoConfig:
     seeds: tuple = (0, 1, 2, 3, 4)
     # world: a large text-only corpus with a strong prior, a short image-caption alignment set
     # with a weaker one, validation and held-out images where the prior is right half the time
-    n_text: int = 3000
+    n_text: int = 2000
     n_train: int = 400
     n_val: int = 100
     n_eval: int = 150
     world: WorldConfig = field(default_factory=lambda: WorldConfig(
-        prior_strength=0.8, text_prior_strength=0.95, eval_prior_strength=0.5, qa_per_image=1))
+        prior_strength=0.8, text_prior_strength=0.95, eval_prior_strength=0.5, qa_per_image=1,
+        jitter=False, shape_scale=(0.7, 0.7)))
     # which split the captions and POPE answers are scored on: "eval" (held-out, the reported
     # numbers) or "val" (for choosing settings; never choose on "eval")
     score_split: str = "eval"
@@ -60,12 +61,16 @@ class DemoConfig:
     patch_size: int = 32              # one image token per grid cell of the default world
     hidden_size: int = 128
     num_layers: int = 2
-    # stage 1: text-only pretraining of the language model
+    # stage 1: the vision tower's own pretraining (per-patch colour/kind, as LLaVA starts from
+    # a pretrained CLIP) and the text-only pretraining of the language model
+    n_vision: int = 2000
+    vision_epochs: int = 2
+    vision_lr: float = 2e-3
     pretrain_epochs: int = 2
     pretrain_batch_size: int = 64
     pretrain_lr: float = 2e-3
     # stage 2: short image-caption alignment (descriptions and QA turns), every parameter
-    sft_epochs: int = 2
+    sft_epochs: int = 8
     sft_batch_size: int = 32
     sft_lr: float = 1e-3
     # pair building
@@ -74,6 +79,7 @@ class DemoConfig:
     noise_schedule: str = "sigmoid"
     rule_injection: bool = True       # error injection by rules on the pair images
     pair_turns: str = "first"         # the turns the builder answers: "first" (description), "all"
+    pair_greedy: bool = False         # greedy answers from the weakened image (else sampled)
     max_new_tokens: int = 48
     llm_injector_images: int = 100    # images whose answer the model itself rewrites
     # DPO
@@ -294,18 +300,31 @@ def _logger(stage, total_hint):
 def _pretrain(world, cfg, seed, out_dir):
     """Stage 1: a fresh tiny LLaVA whose language model reads the text-only corpus (the
     strong co-occurrence prior) and nothing else. Returns its settings key."""
-    from bpo_fast.demo.pretrain import pretrain_text
+    from bpo_fast.demo.pretrain import pretrain_text, pretrain_vision
+    from bpo_fast.demo.world import generate_scenes, patch_labels, render
     from bpo_fast.models.tiny import build_tiny_llava
 
     key = {"seed": seed, "n_text": cfg.n_text, "epochs": cfg.pretrain_epochs,
            "lr": cfg.pretrain_lr, "batch": cfg.pretrain_batch_size, "hidden": cfg.hidden_size,
            "layers": cfg.num_layers, "patch": cfg.patch_size, "image_size": cfg.image_size,
-           "world": cfg.world.to_dict()}
+           "world": cfg.world.to_dict(), "n_vision": cfg.n_vision,
+           "vision_epochs": cfg.vision_epochs, "vision_lr": cfg.vision_lr}
     marker = os.path.join(out_dir, "pretrain.done")
     if _stage_done(marker, key):
         _say(f"pretrain: reusing {out_dir}")
         return key
     model, processor = build_tiny_llava(None, _tiny_config(cfg), seed=seed)
+    vision_losses = []
+    if cfg.n_vision and cfg.vision_epochs:
+        # the vision tower's own pretraining (LLaVA's CLIP): images of the world, no text
+        scenes = generate_scenes(cfg.n_vision, seed, cfg.world, "vision")
+        pix = processor.image_processor([render(sc, cfg.world) for sc in scenes],
+                                        return_tensors="pt")["pixel_values"]
+        labels = torch.tensor([patch_labels(sc, cfg.patch_size, cfg.world) for sc in scenes])
+        vision_losses = pretrain_vision(model, pix, labels, epochs=cfg.vision_epochs,
+                                        batch_size=128, lr=cfg.vision_lr, seed=seed,
+                                        device=cfg.device,
+                                        log=_logger("vision", cfg.vision_epochs * cfg.n_vision // 128))
     with open(world.text, encoding="utf-8") as f:
         records = json.load(f)
     losses = []
@@ -318,7 +337,7 @@ def _pretrain(world, cfg, seed, out_dir):
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "pretrain_losses.json"), "w", encoding="utf-8") as f:
-        json.dump(losses, f)
+        json.dump({"text": losses, "vision": vision_losses}, f)
     _mark_done(marker, key)
     return key
 
@@ -370,7 +389,8 @@ def _pairs(world, cfg, seed, model_dir, model_key, out_dir):
     key = {"seed": seed, "pair_images": cfg.pair_images, "llm": cfg.llm_injector_images,
            "noise_step": cfg.noise_step, "schedule": cfg.noise_schedule,
            "max_new_tokens": cfg.max_new_tokens, "model": _rel(model_dir),
-           "model_key": model_key, "rules": cfg.rule_injection, "turns": cfg.pair_turns}
+           "model_key": model_key, "rules": cfg.rule_injection, "turns": cfg.pair_turns,
+           "greedy": cfg.pair_greedy}
     marker = merged + ".done"
     if _stage_done(marker, key):
         _say(f"pairs: reusing {merged}")
@@ -381,7 +401,7 @@ def _pairs(world, cfg, seed, model_dir, model_key, out_dir):
     common = dict(model=model_dir, image_root=world.images, turns=cfg.pair_turns, seed=seed,
                   device=cfg.device, max_new_tokens=cfg.max_new_tokens, num_workers=0,
                   batch_size=32, overwrite=True, progress=False, fsync=False,
-                  lexicon=world.lexicon)
+                  lexicon=world.lexicon, do_sample=not cfg.pair_greedy)
     summaries = {}
     strategies = (("image_weakened",) if cfg.pair_images else ()) + (
         ("error_injection",) if cfg.rule_injection else ())
@@ -598,6 +618,7 @@ def run_demo(cfg):
         or None,
         settings=settings, stage_times=by_seed("stage_times"), examples=runs[0]["examples"],
         extra_metrics=extra, notes=notes,
+        scored_on={"eval": "held-out images", "val": "validation images"}[cfg.score_split],
     )
     with open(os.path.join(cfg.out, "demo_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f, indent=1)

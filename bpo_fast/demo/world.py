@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 
 __all__ = [
     "WorldConfig", "Shape", "Scene", "WorldPaths", "make_world", "generate_scenes", "render",
-    "caption", "qa_pairs", "scene_objects", "parse_caption_objects", "world_vocabulary",
+    "caption", "qa_pairs", "scene_objects", "patch_labels", "parse_caption_objects", "world_vocabulary",
     "world_synonyms", "world_lexicon", "write_synonyms", "read_world", "score_captions",
     "prior_hallucination", "prior_statistics", "EVAL_PROMPT", "DESCRIBE_PROMPTS",
     "PALETTE", "KINDS",
@@ -389,6 +389,26 @@ def caption(scene):
     return f"{_CAPTION_LEAD} {body}."
 
 
+def patch_labels(scene, patch_size, config=None):
+    """Per patch of a ``patch_size`` grid over the image (row-major): ``(colour, kind)`` indices
+    (1-based into ``config.colours`` / ``config.kinds``; 0 = no shape) of the shape in the grid
+    cell that holds the patch's centre. The targets of the vision tower's pretraining."""
+    cfg = config or WorldConfig()
+    n = cfg.image_size // patch_size
+    by_cell = {sh.cell: sh for sh in scene.shapes}
+    rows, cols = cfg.grid
+    out = []
+    for pr in range(n):
+        for pc in range(n):
+            y, x = (pr + 0.5) * patch_size, (pc + 0.5) * patch_size
+            cell = min(int(y * rows // cfg.image_size), rows - 1) * cols + min(
+                int(x * cols // cfg.image_size), cols - 1)
+            sh = by_cell.get(cell)
+            out.append((0, 0) if sh is None else (cfg.colours.index(sh.colour) + 1,
+                                                  cfg.kinds.index(sh.kind) + 1))
+    return out
+
+
 def scene_objects(scene):
     """The distinct objects ("colour kind") of a scene, in order of first appearance."""
     return [g[0] for g in _groups(scene)]
@@ -408,7 +428,10 @@ def qa_pairs(scene, rng, n, config=None):
     out = []
     for _ in range(n):
         qtype = rng.choice(("count", "exist", "where", "colour"))
-        ask_absent = absent and rng.random() < 0.5
+        # existence and count questions ask about an absent object half the time (so "yes" and
+        # "no" are equally frequent answers); where/colour questions about a present one
+        ask_absent = absent and (not present or (qtype in ("count", "exist")
+                                                 and rng.random() < 0.5))
         if ask_absent:
             obj = rng.choice(tricky) if tricky and rng.random() < 0.5 else rng.choice(absent)
         else:
