@@ -21,8 +21,10 @@ class DemoOptions:
                                    "one report", metavar="LIST")
     quick: bool = option(False, help="a small run (under 2 minutes on 2 CPU cores): checks the "
                                      "pipeline, its numbers are not meaningful")
-    threads: int = option(None, help="torch CPU threads", type=int_at_least(1), metavar="N",
-                          default_text="torch's choice")
+    threads: int = option(None, help="torch CPU threads (default: the CPUs of the affinity mask "
+                                     "that other processes leave free, measured from /proc/stat "
+                                     "and followed while the demo runs)",
+                          type=int_at_least(1), metavar="N", default_text="the free CPUs")
 
 
 def add_arguments(parser):

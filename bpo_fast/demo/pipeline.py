@@ -93,7 +93,7 @@ class DemoConfig:
     # POPE probe of every arm: at most this many present / random / prior-partner questions per
     # held-out image (0: no POPE)
     pope_per_image: int = 3
-    # threads for torch on CPU (None: torch's default)
+    # torch's CPU threads (None: the CPUs other processes leave free, followed while it runs)
     threads: int = None
 
     def __post_init__(self):
@@ -561,13 +561,20 @@ def run_demo(cfg):
     """Run the demo for every seed of ``cfg`` and write the report; returns the report dict."""
     from bpo_fast.demo.report import load_metrics, write_report
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    from bpo_fast.runtime import release_threads, use_threads
+
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()
     global _BAR
     from tqdm.auto import tqdm
 
+    # torch's CPU threads: --threads, or the CPUs other processes leave free, re-measured
+    # between the training steps and generation batches (bpo_fast.runtime.use_threads)
+    threads_before = torch.get_num_threads()
+    if cfg.device == "cpu":
+        use_threads(cfg.threads)
+    elif cfg.threads:
+        torch.set_num_threads(cfg.threads)
     # a stage ends with a _say line: world, before, after, (control,) done per seed
     _BAR = tqdm(total=len(cfg.seeds) * (5 if cfg.control else 4), desc="demo", unit="stage",
                 dynamic_ncols=True, file=sys.stderr)
@@ -576,6 +583,8 @@ def run_demo(cfg):
     finally:
         _BAR.close()
         _BAR = None
+        release_threads()
+        torch.set_num_threads(threads_before)
     by_seed = lambda k: {r["seed"]: r[k] for r in runs}  # noqa: E731
     pair_counts = {}
     for r in runs:

@@ -44,30 +44,87 @@ def sft_samples(records, *, turns="all"):
 
 
 class _Encoded:
-    """Pre-tokenised samples (the processor runs once per image, not once per epoch)."""
+    """Pre-tokenised rows (the processor runs once per sample and each image once per run, not
+    once per epoch; the pixels are kept as one tensor).
 
-    def __init__(self, processor, samples, image_root):
+    ``pack=True`` (the ``turns="all"`` default): the samples of one record -- its gpt turns,
+    each with the earlier turns as its prompt -- are one row, the record's whole conversation
+    with every answer labelled, wherever each sample's tokens are a prefix of the last one's
+    (checked; a record where they are not keeps one row per sample). A causal model's logits
+    at a position depend only on the tokens before it, so every answer token is scored exactly
+    as in its own sample, while the shared prefix (image tokens, earlier turns) is computed once
+    instead of once per turn, and the rows are of similar length (little padding)."""
+
+    def __init__(self, processor, samples, image_root, *, pack=False):
         from PIL import Image
 
         collator = PreferenceCollator(processor)
         self.pad_id = collator.pad_id
-        self.rows, self.labels, self.image_index, pixels = [], [], [], {}
-        for rec, prompt, answer in samples:
-            path = os.path.join(image_root, rec["image"])
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-            item = {"image": image, "prompt": prompt, "chosen": answer, "rejected": answer,
-                    "id": rec["id"]}
-            prompt_ids, resp, _, image_out = collator.encode_pair(item)
-            self.rows.append(prompt_ids + resp)
-            self.labels.append([IGNORE_INDEX] * len(prompt_ids) + resp)
-            if path not in pixels:
+        self.rows, self.labels, self.image_index, self.answers, pixels = [], [], [], [], {}
+        self.samples = len(samples)
+        groups = []                                   # consecutive samples of one record
+        for sample in samples:
+            if pack and groups and groups[-1][0][0] is sample[0]:
+                groups[-1].append(sample)
+            else:
+                groups.append([sample])
+        for group in groups:
+            rec = group[0][0]
+            path = None if rec.get("image") is None else os.path.join(image_root, rec["image"])
+            image = None
+            if path is not None:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+            encoded = []
+            for _, prompt, answer in group:
+                # the collator's encoding (chat template, image tokens, prompt/answer split) of
+                # one answer (its encode_pair renders a chosen and a rejected answer)
+                messages = turns_to_messages(prompt)
+                prompt_ids, (resp,), image_out = collator.adapter.encode_pair(
+                    processor, collator.template, messages, collator.prompt_text(messages),
+                    [answer], [image] if image is not None else [], collator.tokenizer)
+                encoded.append((prompt_ids, resp))
+            full = encoded[-1][0] + encoded[-1][1]
+            if all(p + r == full[:len(p) + len(r)] for p, r in encoded):
+                labels = [IGNORE_INDEX] * len(full)
+                for p, r in encoded:
+                    labels[len(p):len(p) + len(r)] = r
+                rows = [(full, labels, len(encoded))]
+            else:
+                rows = [(p + r, [IGNORE_INDEX] * len(p) + r, 1) for p, r in encoded]
+            if path is not None and path not in pixels:
                 pixels[path] = (len(pixels), image_out["pixel_values"][0])
-            self.image_index.append(pixels[path][0])
-        self.pixel_values = torch.stack([p for _, p in sorted(pixels.values(), key=lambda x: x[0])])
+            for ids, labels, n in rows:
+                self.rows.append(torch.tensor(ids, dtype=torch.long))
+                self.labels.append(torch.tensor(labels, dtype=torch.long))
+                self.answers.append(n)
+                self.image_index.append(pixels[path][0] if path is not None else -1)
+        if pixels and -1 in self.image_index:
+            raise ValueError("data: records with and without an image in one data set; train "
+                             "the text-only records in a call of their own")
+        self.pixel_values = (torch.stack([p for _, p in sorted(pixels.values(),
+                                                               key=lambda x: x[0])])
+                             if pixels else None)
 
     def __len__(self):
         return len(self.rows)
+
+    def epoch_batches(self, order, steps):
+        """``order`` (row indices) cut into ``steps`` consecutive batches of about equally many
+        answers (samples), so a step sees about ``samples / steps`` answers packed or not."""
+        total = sum(self.answers[i] for i in order)
+        out, cur, seen, k = [], [], 0, 1
+        for i in order:
+            cur.append(i)
+            seen += self.answers[i]
+            if seen >= k * total / steps - 1e-9:
+                out.append(cur)
+                cur = []
+                while k < steps and seen >= k * total / steps - 1e-9:
+                    k += 1
+        if cur:
+            out.append(cur)
+        return out
 
     def batch(self, idx):
         t = max(len(self.rows[i]) for i in idx)
@@ -76,48 +133,63 @@ class _Encoded:
         mask = torch.zeros((len(idx), t), dtype=torch.long)
         for j, i in enumerate(idx):
             n = len(self.rows[i])
-            ids[j, :n] = torch.tensor(self.rows[i])
-            labels[j, :n] = torch.tensor(self.labels[i])
+            ids[j, :n] = self.rows[i]
+            labels[j, :n] = self.labels[i]
             mask[j, :n] = 1
-        pix = self.pixel_values[[self.image_index[i] for i in idx]]
+        pix = (self.pixel_values[[self.image_index[i] for i in idx]]
+               if self.pixel_values is not None else None)
         return ids, mask, labels, pix
 
 
 def sft_train(model, processor, data, image_root, *, epochs=3, batch_size=32, lr=3e-3,
               warmup_ratio=0.05, weight_decay=0.0, seed=0, device="cpu", turns="all",
-              max_steps=None, log=None):
-    """Train ``model`` in place on ``data`` (LLaVA-format JSON/JSONL path or record list).
+              max_steps=None, log=None, pack=True):
+    """Train ``model`` in place on ``data`` (LLaVA-format JSON/JSONL path or record list;
+    records with ``"image": null`` or no image are text-only, e.g. a text pretraining corpus --
+    all of a data set's records or none).
 
-    All parameters train (the tiny model is trained from scratch). Returns the per-step losses.
-    ``log(step, total, loss)`` is called after each step when given.
+    All parameters train (the tiny model is trained from scratch). The loss of a step is the
+    mean NLL of the answer tokens of its ``batch_size`` samples (gpt turns, each with the
+    earlier turns as its prompt); an epoch is ``ceil(samples / batch_size)`` steps. ``pack``
+    (``turns="all"``): a record's samples are computed as one row, its whole conversation (the
+    same loss, a record's turns in the same step; see :class:`_Encoded`). Returns the per-step
+    losses. ``log(step, total, loss)`` is called after each step when given.
     """
+    from bpo_fast.runtime import adapt_threads
+
     records = _load_records(data) if isinstance(data, str) else list(data)
     if not records:
         raise ValueError("data: no records")
     if batch_size < 1 or epochs < 1:
         raise ValueError("batch_size/epochs: expected positive integers")
-    enc = _Encoded(processor, sft_samples(records, turns=turns), image_root)
-    n = len(enc)
-    steps_per_epoch = math.ceil(n / batch_size)
+    enc = _Encoded(processor, sft_samples(records, turns=turns), image_root,
+                   pack=pack and turns == "all")
+    steps_per_epoch = math.ceil(enc.samples / batch_size)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # one fused kernel for all parameters (CPU and CUDA), not ~10 small ops per parameter
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     warmup = max(1, int(warmup_ratio * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     rng = random.Random(seed)
+    pixels = (enc.pixel_values.to(device=device, dtype=model.dtype)
+              if enc.pixel_values is not None else None)   # None: text-only records
     losses, step = [], 0
     while step < total:
-        order = list(range(n))
+        order = list(range(len(enc)))
         rng.shuffle(order)
-        for b in range(0, n, batch_size):
+        for idx in enc.epoch_batches(order, steps_per_epoch):
             if step >= total:
                 break
-            ids, mask, labels, pix = (t.to(device) for t in enc.batch(order[b:b + batch_size]))
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=pix.to(model.dtype),
-                        labels=labels)
+            adapt_threads()
+            ids, mask, labels, _ = enc.batch(idx)
+            pix = pixels[[enc.image_index[i] for i in idx]] if pixels is not None else None
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        pixel_values=pix, labels=labels.to(device))
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -134,6 +206,8 @@ def generate_answers(model, processor, images, prompt, *, batch_size=64, max_new
                      device="cpu"):
     """Greedy answers of ``model`` to ``prompt`` (a question string, or a list of one question
     per image) for each PIL image."""
+    from bpo_fast.runtime import adapt_threads
+
     tok = processor.tokenizer
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(images):
@@ -148,6 +222,7 @@ def generate_answers(model, processor, images, prompt, *, batch_size=64, max_new
     tok.padding_side = "left"          # prompts of different lengths: generate after the prompt
     try:
         for b in range(0, len(images), batch_size):
+            adapt_threads()
             chunk = images[b:b + batch_size]
             enc = processor(images=chunk, text=texts[b:b + batch_size], return_tensors="pt",
                             padding=True)
