@@ -300,7 +300,8 @@ def _logger(stage, total_hint):
 def _pretrain(world, cfg, seed, out_dir):
     """Stage 1: a fresh tiny LLaVA whose language model reads the text-only corpus (the
     strong co-occurrence prior) and nothing else. Returns its settings key."""
-    from bpo_fast.demo.pretrain import pretrain_text, pretrain_vision
+    from bpo_fast.demo.pretrain import pretrain_vision
+    from bpo_fast.demo.sft import sft_train
     from bpo_fast.demo.world import generate_scenes, patch_labels, render
     from bpo_fast.models.tiny import build_tiny_llava
 
@@ -308,7 +309,8 @@ def _pretrain(world, cfg, seed, out_dir):
            "lr": cfg.pretrain_lr, "batch": cfg.pretrain_batch_size, "hidden": cfg.hidden_size,
            "layers": cfg.num_layers, "patch": cfg.patch_size, "image_size": cfg.image_size,
            "world": cfg.world.to_dict(), "n_vision": cfg.n_vision,
-           "vision_epochs": cfg.vision_epochs, "vision_lr": cfg.vision_lr}
+           "vision_epochs": cfg.vision_epochs, "vision_lr": cfg.vision_lr,
+           "text_loss": "answer tokens"}
     marker = os.path.join(out_dir, "pretrain.done")
     if _stage_done(marker, key):
         _say(f"pretrain: reusing {out_dir}")
@@ -329,11 +331,12 @@ def _pretrain(world, cfg, seed, out_dir):
         records = json.load(f)
     losses = []
     if records and cfg.pretrain_epochs:
-        losses = pretrain_text(model, processor, records, epochs=cfg.pretrain_epochs,
-                               batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr, seed=seed,
-                               device=cfg.device,
-                               log=_logger("pretrain", cfg.pretrain_epochs * len(records)
-                                           // cfg.pretrain_batch_size))
+        # text-only records: the language model alone trains (no pixels, no vision gradient)
+        losses = sft_train(model, processor, records, None, epochs=cfg.pretrain_epochs,
+                           batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr, seed=seed,
+                           device=cfg.device,
+                           log=_logger("pretrain", cfg.pretrain_epochs * len(records)
+                                       * (1 + cfg.world.qa_per_image) // cfg.pretrain_batch_size))
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "pretrain_losses.json"), "w", encoding="utf-8") as f:
@@ -343,14 +346,14 @@ def _pretrain(world, cfg, seed, out_dir):
 
 
 def _sft(world, cfg, seed, pretrain_dir, pretrain_key, out_dir):
-    """Stage 2: the short image-caption alignment of the text-pretrained model (every
-    parameter trains: the vision tower starts from random weights). Returns its settings key."""
+    """Stage 2: the short image-caption alignment of the pretrained model (projector and
+    language model; the pretrained vision tower is frozen). Returns its settings key."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from bpo_fast.demo.sft import sft_train
 
     key = {"seed": seed, "n_train": cfg.n_train, "epochs": cfg.sft_epochs, "lr": cfg.sft_lr,
-           "batch": cfg.sft_batch_size, "pretrain_key": pretrain_key,
+           "batch": cfg.sft_batch_size, "pretrain_key": pretrain_key, "vision": "frozen",
            "pretrain": _rel(pretrain_dir)}
     marker = os.path.join(out_dir, "sft.done")
     if _stage_done(marker, key):
@@ -358,6 +361,8 @@ def _sft(world, cfg, seed, pretrain_dir, pretrain_key, out_dir):
         return key
     model = LlavaForConditionalGeneration.from_pretrained(pretrain_dir, local_files_only=True)
     processor = AutoProcessor.from_pretrained(pretrain_dir, local_files_only=True)
+    # as LLaVA: the pretrained vision tower stays frozen; projector and language model align
+    model.model.vision_tower.requires_grad_(False)
     losses = sft_train(model, processor, world.train, world.images, epochs=cfg.sft_epochs,
                        batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=seed,
                        device=cfg.device,
