@@ -83,6 +83,10 @@ def run(name, overrides, seeds, root, base, results, threads):
 
     if threads:
         torch.set_num_threads(threads)
+    else:   # the CPUs other processes leave free, followed while it runs (as bpo-fast demo)
+        from bpo_fast.runtime import use_threads
+
+        use_threads(None)
     cfg = make_config(overrides, out=os.path.join(root, name), seeds=tuple(seeds),
                       score_split="val", threads=threads)
     t0 = time.time()
@@ -155,7 +159,7 @@ def main(argv=None):
     ap.add_argument("--root", default="/tmp/demo_inv")
     ap.add_argument("--base", default=None, help="copy finished upstream stages from this folder")
     ap.add_argument("--results", default="docs/demo-investigation.jsonl")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the free CPUs)")
     ap.add_argument("--markdown", action="store_true", help="print the results as a table")
     args = ap.parse_args(argv)
     if args.markdown:

@@ -3,25 +3,34 @@
 Stages (each one's output lands in ``out``; a finished stage is reused when the demo is run
 again with the same settings, so an interrupted demo resumes):
 
-1. **world**: :func:`bpo_fast.demo.world.make_world` draws the shapes world (LLaVA-format data,
-   images, ground truth, synonyms, rule-injector lexicon) with a language prior in its captions.
-2. **sft**: a tiny LLaVA (:func:`bpo_fast.models.tiny.build_tiny_llava`, word-level tokenizer
-   over the world's vocabulary) is trained briefly on the world's captions and QA turns
-   (:func:`bpo_fast.demo.sft.sft_train`) and saved with ``save_pretrained``.
-3. **pairs**: the real pair builder (:func:`bpo_fast.data.pairs.build_pairs`) bootstraps rejected
-   answers: image-weakened prompting at the default noise level, error injection with the rule
-   injector and with the model itself; :func:`bpo_fast.data.pairs.merge_pairs` merges them.
-4. **bpo**: the real DPO trainer (:func:`bpo_fast.train.train`) with a frozen reference copy
+1. **world**: :func:`bpo_fast.demo.world.make_world` draws the shapes world with the paper's
+   imbalance: a large text-only corpus (descriptions and QA) with a strong co-occurrence prior,
+   a smaller image-caption alignment split with a weaker one, and validation / held-out images
+   where the prior is right half of the time (LLaVA-format data, images, ground truth, synonyms,
+   rule-injector lexicon).
+2. **pretrain**: a tiny LLaVA (:func:`bpo_fast.models.tiny.build_tiny_llava`, word-level
+   tokenizer over the world's vocabulary); its vision tower learns on its own to name each
+   patch's shape (:func:`bpo_fast.demo.pretrain.pretrain_vision`, the part CLIP plays in
+   LLaVA), its language model reads the text corpus (:func:`bpo_fast.demo.sft.sft_train` on
+   text-only records).
+3. **sft** (alignment): a short image-caption stage on the alignment split (projector and
+   language model; the vision tower frozen), saved with ``save_pretrained``: the SFT start.
+4. **pairs**: the real pair builder (:func:`bpo_fast.data.pairs.build_pairs`) bootstraps rejected
+   answers: image-weakened prompting (greedy answers from the noised image, by default) and
+   error injection with the rule injector (and, when asked, the model itself);
+   :func:`bpo_fast.data.pairs.merge_pairs` merges them.
+5. **bpo**: the real DPO trainer (:func:`bpo_fast.train.train`) with a frozen reference copy
    (DPO + the RPO term: the chosen answers' NLL, by default).
-5. **control**: the same SFT model trained on the same chosen answers, with the same steps,
+6. **control**: the same SFT model trained on the same chosen answers, with the same steps,
    learning rate and frozen vision tower, but no rejected answers: what the preference pairs add
    over more supervised training on the data set's own answers.
-6. **eval**: greedy captions of the held-out images before (SFT model), after BPO and after the
-   control, scored with CHAIR (:mod:`bpo_fast.eval.chair`), plus the prior-partner
-   hallucination rate; and each model's greedy yes/no answers (3 tokens) to the POPE questions
-   of the held-out images (:mod:`bpo_fast.eval.pope`: present, random-absent and
-   prior-partner-absent objects of the world's prior pairs).
-7. **report**: :func:`bpo_fast.demo.report.write_report` (Markdown, PNG plots, a printed table).
+7. **eval**: greedy captions of the held-out images (``score_split="val"``: the validation
+   images, for choosing settings) before (SFT model), after BPO and after the control, scored
+   with CHAIR (:mod:`bpo_fast.eval.chair`), plus the prior-partner hallucination rate; and each
+   model's greedy yes/no answers (3 tokens) to the POPE questions of the same images
+   (:mod:`bpo_fast.eval.pope`: present, random-absent and prior-partner-absent objects of the
+   world's prior pairs).
+8. **report**: :func:`bpo_fast.demo.report.write_report` (Markdown, PNG plots, a printed table).
 """
 
 import dataclasses
@@ -52,7 +61,7 @@ class DemoConfig:
     n_eval: int = 150
     world: WorldConfig = field(default_factory=lambda: WorldConfig(
         prior_strength=0.8, text_prior_strength=0.95, eval_prior_strength=0.5, qa_per_image=1,
-        jitter=False, shape_scale=(0.7, 0.7)))
+        qa_exist_weight=4, jitter=False, shape_scale=(0.7, 0.7)))
     # which split the captions and POPE answers are scored on: "eval" (held-out, the reported
     # numbers) or "val" (for choosing settings; never choose on "eval")
     score_split: str = "eval"
@@ -70,7 +79,7 @@ class DemoConfig:
     pretrain_batch_size: int = 64
     pretrain_lr: float = 2e-3
     # stage 2: short image-caption alignment (descriptions and QA turns), every parameter
-    sft_epochs: int = 8
+    sft_epochs: int = 4
     sft_batch_size: int = 32
     sft_lr: float = 1e-3
     # pair building
@@ -79,9 +88,9 @@ class DemoConfig:
     noise_schedule: str = "sigmoid"
     rule_injection: bool = True       # error injection by rules on the pair images
     pair_turns: str = "first"         # the turns the builder answers: "first" (description), "all"
-    pair_greedy: bool = False         # greedy answers from the weakened image (else sampled)
+    pair_greedy: bool = True          # greedy answers from the weakened image (else sampled)
     max_new_tokens: int = 48
-    llm_injector_images: int = 100    # images whose answer the model itself rewrites
+    llm_injector_images: int = 0      # images whose answer the model itself rewrites
     # DPO
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -104,7 +113,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **kw):
         base = dict(seeds=(0,), n_text=600, n_train=150, n_val=20, n_eval=40, pair_images=48,
-                    llm_injector_images=16, max_new_tokens=40, pretrain_epochs=1)
+                    max_new_tokens=40, pretrain_epochs=1, n_vision=512, sft_epochs=4)
         base.update(kw)
         return cls(**base)
 
@@ -646,9 +655,8 @@ def _control_notes():
         "the same chosen answers with the same number of steps, learning rate and frozen vision "
         "tower, without the rejected answers. What BPO does beyond it is what the bootstrapped "
         "preference pairs add.", "",
-        "How the demo's defaults were chosen, and what else was tried (SFT length, DPO without "
-        "the RPO term, learning rates, beta, loss types, noise level, patch size): the README of "
-        "bpo-fast, section \"The demo\"."]
+        "How the demo's defaults were chosen (on the validation split) and what else was "
+        "tried, with the numbers: docs/demo-investigation.md in the bpo-fast repository."]
 
 
 def main_table(report, file=sys.stdout):

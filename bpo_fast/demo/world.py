@@ -8,8 +8,11 @@ its caption lists them in one canonical template family over a small closed voca
     bottom right and a green cross at the bottom left.
 
 **Language prior.** ``WorldConfig.prior_pairs`` lists (anchor, partner) objects, e.g.
-("red circle", "blue square"): when an image holds the anchor, it also holds the partner with
-probability ``prior_strength`` (training split) or ``eval_prior_strength`` (held-out split). With
+("red circle", "blue square"): when a scene holds the anchor, it also holds the partner with
+probability ``text_prior_strength`` (the text-only pretraining corpus: the same conversations,
+no image), ``prior_strength`` (the image-caption alignment split, "train") or
+``eval_prior_strength`` (the validation and held-out splits). The paper's imbalance: a language
+model that read a large corpus with a strong prior, aligned on few images with a weaker one. With
 a strong training prior and a weaker held-out one, a model that writes "blue square" because it
 wrote "red circle" (rather than because it saw one) is caught by CHAIR on the held-out images.
 The prior is exact: anchors are never added or removed after the i.i.d. draw, partners are only
@@ -22,13 +25,16 @@ so it does not depend on how many scenes are generated or in which order.
 Public API
 ----------
 - :class:`WorldConfig`: sizes, palette, kinds, grid, object counts, prior pairs and strengths.
-- :func:`make_world(out_dir, n_train, n_eval, seed=0, config=None) -> WorldPaths`: writes the
+- :func:`make_world(out_dir, n_train, n_eval, seed=0, config=None, *, n_text=0, n_val=0) ->
+  WorldPaths`: writes the
   world to disk (see :class:`WorldPaths` for the files); reuses a complete world written with the
   same arguments (``world.json`` is written last and marks completion).
 - :func:`generate_scenes(n, seed=0, config=None, split="train", start=0) -> list[Scene]`
 - :func:`render(scene, config=None) -> PIL.Image.Image` (RGB, ``config.image_size`` square; no
   anti-aliasing, so every shape pixel has exactly its colour and the rest is the background).
 - :func:`caption(scene) -> str`, :func:`qa_pairs(scene, rng, n, config=None) -> list[(q, a)]`
+- :func:`patch_labels(scene, patch_size, config=None)`: per image patch, the colour and kind of
+  the shape in its cell (the vision tower's pretraining targets).
 - :func:`scene_objects(scene) -> list[str]`: the distinct objects ("red circle", ...) of a scene,
   the ground truth for CHAIR.
 - :func:`parse_caption_objects(text, config=None) -> list[dict]`: the object groups a caption
@@ -111,6 +117,7 @@ class WorldConfig:
     text_prior_strength: float = 0.95       # the same in the text-only pretraining corpus
     anchor_rate: float = 0.3                # P(an image is seeded with a random anchor)
     qa_per_image: int = 2                   # question/answer turns after the description
+    qa_exist_weight: int = 1                # weight of "is there a ...?" among 4 question kinds
 
     def __post_init__(self):
         # tuples even when built from JSON lists, so configs compare and hash the same
@@ -170,6 +177,9 @@ class WorldConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 raise ValueError(f"config.{name}: expected a probability in [0, 1], got {v!r}")
+        if not isinstance(self.qa_exist_weight, int) or self.qa_exist_weight < 0:
+            raise ValueError(f"config.qa_exist_weight: expected an int >= 0, got "
+                             f"{self.qa_exist_weight!r}")
         if not isinstance(self.qa_per_image, int) or self.qa_per_image < 0:
             raise ValueError(f"config.qa_per_image: expected an int >= 0, got {self.qa_per_image!r}")
 
@@ -427,7 +437,8 @@ def qa_pairs(scene, rng, n, config=None):
     tricky = [p for a, p in cfg.prior_pairs if a in present and p not in present]
     out = []
     for _ in range(n):
-        qtype = rng.choice(("count", "exist", "where", "colour"))
+        qtype = rng.choices(("count", "exist", "where", "colour"),
+                            weights=(1, cfg.qa_exist_weight, 1, 1))[0]
         # existence and count questions ask about an absent object half the time (so "yes" and
         # "no" are equally frequent answers); where/colour questions about a present one
         ask_absent = absent and (not present or (qtype in ("count", "exist")
