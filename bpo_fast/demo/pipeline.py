@@ -86,6 +86,7 @@ class DemoConfig:
     pair_images: int = 300            # alignment images the pair builder answers / rewrites
     noise_step: int = 500             # image-weakened prompting level (the builder's default)
     noise_schedule: str = "sigmoid"
+    image_weakened: bool = True       # image-weakened prompting on the pair images
     rule_injection: bool = True       # error injection by rules on the pair images
     pair_turns: str = "first"         # the turns the builder answers: "first" (description), "all"
     pair_greedy: bool = True          # greedy answers from the weakened image (else sampled)
@@ -404,6 +405,7 @@ def _pairs(world, cfg, seed, model_dir, model_key, out_dir):
            "noise_step": cfg.noise_step, "schedule": cfg.noise_schedule,
            "max_new_tokens": cfg.max_new_tokens, "model": _rel(model_dir),
            "model_key": model_key, "rules": cfg.rule_injection, "turns": cfg.pair_turns,
+           "weakened": cfg.image_weakened,
            "greedy": cfg.pair_greedy}
     marker = merged + ".done"
     if _stage_done(marker, key):
@@ -417,13 +419,15 @@ def _pairs(world, cfg, seed, model_dir, model_key, out_dir):
                   batch_size=32, overwrite=True, progress=False, fsync=False,
                   lexicon=world.lexicon, do_sample=not cfg.pair_greedy)
     summaries = {}
-    strategies = (("image_weakened",) if cfg.pair_images else ()) + (
+    strategies = (("image_weakened",) if cfg.image_weakened else ()) + (
         ("error_injection",) if cfg.rule_injection else ())
     runs = []
     if strategies:
         runs.append(("weakened_rules", data, dict(strategies=strategies, injector="rules",
                                                   noise_steps=(cfg.noise_step,),
                                                   noise_schedule=cfg.noise_schedule)))
+    if strategies and not cfg.pair_images:
+        raise ValueError("pair_images: expected > 0 with image_weakened or rule_injection")
     if cfg.llm_injector_images:
         runs.append(("llm", data_llm, dict(strategies=("error_injection",), injector="llm")))
     if not runs:
