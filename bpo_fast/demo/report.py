@@ -240,7 +240,8 @@ def summarize(chair_before, chair_after, metrics=None, chair_control=None, pope=
         out["compare"][f"POPE {name}"] = dict(_compare(vals), label=f"POPE {name}",
                                               lower_is_better=False if "yes" not in name else None)
     for name, vals in _extra_values(extra_metrics).items():
-        out["compare"][name] = dict(_compare(vals), label=name, lower_is_better=None)
+        low = True if "lower is better" in name else False if "higher is better" in name else None
+        out["compare"][name] = dict(_compare(vals), label=name, lower_is_better=low)
     for label, run in _as_runs(metrics, "metrics").items():
         rows = _metrics_rows(run)
         if not rows:
@@ -842,6 +843,16 @@ def readme_section(out_dir, image_dir, *, image_prefix="docs/", wall_time=None,
     lines = [f"`{command}` ({len(seeds)} seed{'s' if len(seeds) != 1 else ''}, scored on the "
              f"{summ.get('scored_on', 'held-out images')}; {when}) reported:", ""]
     lines += [line for line in summ["headline"]]
+    # the other metrics with a direction, BPO against the control (sentences from the numbers)
+    more = []
+    for k, c in summ["compare"].items():
+        if k in ("chair_i", "POPE prior accuracy") or c.get("lower_is_better") is None:
+            continue
+        sentence = _comparison(c, "bpo_vs_control")
+        if sentence:
+            more.append(sentence)
+    if more:
+        lines += ["", "Other metrics, BPO against the control: " + " ".join(more)]
     lines += ["", "```", summ["table"], "```", ""] + list(summ["ci_table"]) + [""]
     lines += [p for plot in plots for p in (plot, "")]
     times = summ.get("stage_times") or {}
