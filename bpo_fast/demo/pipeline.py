@@ -94,7 +94,7 @@ class DemoConfig:
     llm_injector_images: int = 0      # images whose answer the model itself rewrites
     # DPO
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: str = "sigmoid_norm"    # DPO on per-token log-ratios (chosen on the validation split)
     rpo_alpha: float = 1.0            # + the chosen answers' NLL (keeps them likely)
     dpo_lr: float = 1e-4
     dpo_epochs: int = 1
