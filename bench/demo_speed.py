@@ -4,8 +4,9 @@ Each measurement is one fresh process (``PYTHONPATH`` = the tree), so imports, t
 caches start cold as in a user's run; the variants are interleaved (round robin, rotating
 start) and the medians reported, because the machine may be shared. Cases:
 
-- ``sft``: the supervised stage as the demo runs it (tiny LLaVA built from the demo's config,
-  :func:`bpo_fast.demo.sft.sft_train` on the world's records, pre-processing included),
+- ``sft``: the supervised stage (:func:`bpo_fast.demo.sft.sft_train` on the world's records,
+  pre-processing included) of a tiny LLaVA, with the model and SFT settings fixed below (the
+  2d774a4 demo's: both trees do the same work whatever their demo defaults are),
 - ``generate``: greedy captions of the held-out images plus three yes/no questions per image
   (the demo's caption and POPE generation) by a trained SFT model,
 - ``quick``: the whole ``bpo-fast demo --quick`` command.
@@ -46,17 +47,23 @@ def _threads(new):
     return torch.get_num_threads()
 
 
-def _tiny(cfg):
+# The model and SFT settings of the measurement, fixed here (the 2d774a4 demo's defaults) so
+# that both trees do the same work whatever their DemoConfig says.
+MODEL = dict(image_size=64, patch_size=32, hidden=128, layers=2, heads=4)
+SFT = dict(epochs=4, batch_size=32, lr=1e-3, max_new_tokens=48)
+
+
+def _tiny(world_cfg):
     from bpo_fast.demo.world import world_vocabulary
     from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
 
-    tiny = TinyLlavaConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
-                           vision_hidden=cfg.hidden_size, hidden_size=cfg.hidden_size,
-                           intermediate_size=2 * cfg.hidden_size, num_layers=cfg.num_layers,
-                           num_heads=4, num_kv_heads=4, vision_heads=4,
-                           words=world_vocabulary(cfg.world) + ["user", "assistant", ":"],
-                           image_mean=tuple(c / 255 for c in cfg.world.background),
-                           image_std=(0.5, 0.5, 0.5))
+    h = MODEL["hidden"]
+    tiny = TinyLlavaConfig(
+        image_size=MODEL["image_size"], patch_size=MODEL["patch_size"], vision_hidden=h,
+        hidden_size=h, intermediate_size=2 * h, num_layers=MODEL["layers"],
+        num_heads=MODEL["heads"], num_kv_heads=MODEL["heads"], vision_heads=MODEL["heads"],
+        words=world_vocabulary(world_cfg) + ["user", "assistant", ":"],
+        image_mean=tuple(c / 255 for c in world_cfg.background), image_std=(0.5,) * 3)
     return build_tiny_llava(None, tiny, seed=0)
 
 
@@ -74,10 +81,10 @@ def worker(args):
     if args.worker == "sft":
         from bpo_fast.demo.sft import sft_train
 
-        model, processor = _tiny(cfg)
+        model, processor = _tiny(cfg.world)
         t0 = time.perf_counter()
         losses = sft_train(model, processor, world["train"], world["images"],
-                           epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
+                           epochs=SFT["epochs"], batch_size=SFT["batch_size"], lr=SFT["lr"],
                            seed=0)
         out.update(steps=len(losses), last_loss=losses[-1])
         if args.save:
@@ -98,7 +105,7 @@ def worker(args):
         objs = cfg.world.objects
         t0 = time.perf_counter()
         caps = generate_answers(model, processor, images, EVAL_PROMPT,
-                                max_new_tokens=cfg.max_new_tokens)
+                                max_new_tokens=SFT["max_new_tokens"])
         qs = [f"is there a {objs[(i + k) % len(objs)]} in the image?"
               for i in range(len(images)) for k in range(3)]
         yes_no = generate_answers(model, processor, [im for im in images for _ in range(3)], qs,
@@ -171,6 +178,7 @@ def main(argv=None):
     ap.add_argument("--old", help="the tree to compare against (a checkout)")
     ap.add_argument("--old-label", default=None, help="its commit, for the results (default: "
                                                       "git rev-parse in --old)")
+    ap.add_argument("--new-label", default=None, help="the same for --new")
     ap.add_argument("--new", default=ROOT, help="the tree under test (default: this one)")
     ap.add_argument("--cases", default="sft,generate,quick")
     ap.add_argument("--reps", type=int, default=3)
@@ -201,6 +209,8 @@ def main(argv=None):
             for k, v in impls.items()}
     if args.old_label:
         shas["before"] = args.old_label
+    if args.new_label:
+        shas["bpo_fast"] = args.new_label
     me = [sys.executable, os.path.abspath(__file__)]
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
@@ -235,9 +245,11 @@ def main(argv=None):
             for impl, ms in runs.items():
                 med, p20, p80 = _stats([m["wall_s"] * 1000 for m in ms])
                 res = [m["result"] for m in ms if m["result"]]
+                label = ("demo --quick" if case == "quick" else
+                         f"{case} n_train={args.n_train}" if case == "sft" else
+                         f"{case} n_eval={args.n_eval}")
                 rows.append(row(
-                    f"{case} n_train={args.n_train} n_eval={args.n_eval}"
-                    + (" +1 busy process" if args.busy else ""), impl,
+                    label + (" +1 busy process" if args.busy else ""), impl,
                     median_ms=med, p20_ms=p20, p80_ms=p80, pass_="wall",
                     params={"case": case, "n_train": args.n_train, "n_eval": args.n_eval,
                             "busy_processes": int(args.busy), "reps": args.reps,
@@ -260,7 +272,7 @@ def main(argv=None):
         {"note": "CPU, 2 cores, SHARED with other engineers' jobs (load average at the end "
                  f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}): variants interleaved, medians; "
                  "wall and CPU of fresh processes"},
-        extra_versions={"before": shas["before"]},
+        extra_versions={"before": shas["before"], "bpo_fast": shas["bpo_fast"]},
         path=args.out or os.path.join(ROOT, "bench", "results",
                                       "demo_speed-cpu-busy.json" if args.busy
                                       else "demo_speed-cpu.json"))

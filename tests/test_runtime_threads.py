@@ -122,3 +122,20 @@ def test_governor_follows_the_free_cpus():
 def test_adapt_threads_is_a_no_op_without_use_threads(monkeypatch):
     monkeypatch.setattr(runtime, "_GOVERNOR", None)
     runtime.adapt_threads()          # nothing to do, no error
+
+
+def test_use_threads_fixed_and_chosen():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert runtime.use_threads(1) == 1 and torch.get_num_threads() == 1
+        assert runtime._GOVERNOR is None                 # --threads: nothing adapts
+        n = runtime.use_threads(None)                    # this machine, now: any allowed count
+        assert 1 <= n <= len(runtime._affinity()) and torch.get_num_threads() == n
+        assert runtime._GOVERNOR is not None
+        runtime.adapt_threads()
+    finally:
+        runtime.release_threads()
+        torch.set_num_threads(before)
+    assert runtime._GOVERNOR is None
