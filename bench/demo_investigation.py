@@ -58,8 +58,6 @@ def make_config(overrides, **base):
 
 
 def _row(r):
-    from bpo_fast.demo.world import prior_hallucination  # noqa: F401  (rates come with r)
-
     row = {}
     for arm, chair_key, prior_key, pope_key in (("sft", "before", "prior_before", "before"),
                                                 ("bpo", "after", "prior_after", "after"),
