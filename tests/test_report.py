@@ -222,7 +222,7 @@ def test_pope_in_the_report(tmp_path):
     # CHAIR-i beats the control, POPE prior accuracy does not (71 vs 72): not met
     assert "is not met in this run: BPO beat the control on POPE prior accuracy in 0 of 3" in md
     assert "| POPE prior accuracy | 60.0 [60.0, 60.0] | 71.0 [70.0, 72.0] | 72.0 [72.0, 72.0] " \
-        "| -1.0 [-2.0, +0.0] |" in md
+        "| +11.0 [+10.0, +12.0] | -1.0 [-2.0, +0.0] |" in md
     assert "![POPE of every arm per seed](pope.png)" in md
     with pytest.raises(TypeError, match="pope"):
         write_report(str(tmp_path), chair_before=before, chair_after=after, pope={"x": {}})

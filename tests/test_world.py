@@ -322,6 +322,9 @@ def test_records_are_read_by_the_pair_builder(tmp_path):
         for idx, line, rec in iter_records(path):
             samples = record_to_samples(rec, turns="all", index=idx, line=line)
             assert len(samples) == turns
-            assert samples[0].question in W.DESCRIBE_PROMPTS
+            # one description per conversation, first or (half of the training records, as a
+            # POPE probe asks) after an opening question
+            assert sum(s.question in W.DESCRIBE_PROMPTS for s in samples) == 1
+            assert samples[0].question.endswith(("?", "."))
             assert samples[0].chosen == rec["conversations"][1]["value"]
             assert os.path.isfile(os.path.join(paths.images, samples[0].image))

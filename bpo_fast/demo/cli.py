@@ -16,9 +16,10 @@ class DemoOptions:
                                        "same settings is reused", metavar="DIR")
     device: str = option("cpu", help="where the models run: cpu, cuda or cuda:N",
                          type=parse_device, metavar="DEVICE")
-    seed: int = option(0, help="seed of the world and every stage")
-    seeds: str = option(None, help="several seeds, comma-separated (e.g. 0,1,2): one run each, "
-                                   "one report", metavar="LIST")
+    seed: int = option(None, help="run this one seed only (the world's and every stage's)",
+                       default_text="seeds 0-4 (--quick: 0)")
+    seeds: str = option(None, help="the seeds, comma-separated (e.g. 0,1,2): one run each, "
+                                   "one report", metavar="LIST", default_text="0,1,2,3,4")
     quick: bool = option(False, help="a small run (under 2 minutes on 2 CPU cores): checks the "
                                      "pipeline, its numbers are not meaningful")
     threads: int = option(None, help="torch CPU threads (default: the CPUs of the affinity mask "
@@ -32,8 +33,11 @@ def add_arguments(parser):
 
 
 def _seeds(args):
+    """The seeds asked for, or None (the config's default: 5 seeds, ``--quick`` 1)."""
+    if args.seeds is not None and args.seed is not None:
+        raise UserError("--seed/--seeds: give one of them")
     if args.seeds is None:
-        return (args.seed,)
+        return None if args.seed is None else (args.seed,)
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
@@ -52,7 +56,10 @@ def run(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA GPU is available")
     output_dir(args.out, "--out")
-    kw = dict(out=args.out, device=args.device, seeds=_seeds(args), threads=args.threads)
+    kw = dict(out=args.out, device=args.device, threads=args.threads)
+    seeds = _seeds(args)
+    if seeds is not None:
+        kw["seeds"] = seeds
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
     from bpo_fast.runtime import console
 

@@ -3,25 +3,34 @@
 Stages (each one's output lands in ``out``; a finished stage is reused when the demo is run
 again with the same settings, so an interrupted demo resumes):
 
-1. **world**: :func:`bpo_fast.demo.world.make_world` draws the shapes world (LLaVA-format data,
-   images, ground truth, synonyms, rule-injector lexicon) with a language prior in its captions.
-2. **sft**: a tiny LLaVA (:func:`bpo_fast.models.tiny.build_tiny_llava`, word-level tokenizer
-   over the world's vocabulary) is trained briefly on the world's captions and QA turns
-   (:func:`bpo_fast.demo.sft.sft_train`) and saved with ``save_pretrained``.
-3. **pairs**: the real pair builder (:func:`bpo_fast.data.pairs.build_pairs`) bootstraps rejected
-   answers: image-weakened prompting at the default noise level, error injection with the rule
-   injector and with the model itself; :func:`bpo_fast.data.pairs.merge_pairs` merges them.
-4. **bpo**: the real DPO trainer (:func:`bpo_fast.train.train`) with a frozen reference copy
+1. **world**: :func:`bpo_fast.demo.world.make_world` draws the shapes world with the paper's
+   imbalance: a large text-only corpus (descriptions and QA) with a strong co-occurrence prior,
+   a smaller image-caption alignment split with a weaker one, and validation / held-out images
+   where the prior is right half of the time (LLaVA-format data, images, ground truth, synonyms,
+   rule-injector lexicon).
+2. **pretrain**: a tiny LLaVA (:func:`bpo_fast.models.tiny.build_tiny_llava`, word-level
+   tokenizer over the world's vocabulary); its vision tower learns on its own to name each
+   patch's shape (:func:`bpo_fast.demo.pretrain.pretrain_vision`, the part CLIP plays in
+   LLaVA), its language model reads the text corpus (:func:`bpo_fast.demo.sft.sft_train` on
+   text-only records).
+3. **sft** (alignment): a short image-caption stage on the alignment split (projector and
+   language model; the vision tower frozen), saved with ``save_pretrained``: the SFT start.
+4. **pairs**: the real pair builder (:func:`bpo_fast.data.pairs.build_pairs`) bootstraps rejected
+   answers: image-weakened prompting (greedy answers from the noised image, by default) and
+   error injection with the rule injector (and, when asked, the model itself);
+   :func:`bpo_fast.data.pairs.merge_pairs` merges them.
+5. **bpo**: the real DPO trainer (:func:`bpo_fast.train.train`) with a frozen reference copy
    (DPO + the RPO term: the chosen answers' NLL, by default).
-5. **control**: the same SFT model trained on the same chosen answers, with the same steps,
+6. **control**: the same SFT model trained on the same chosen answers, with the same steps,
    learning rate and frozen vision tower, but no rejected answers: what the preference pairs add
    over more supervised training on the data set's own answers.
-6. **eval**: greedy captions of the held-out images before (SFT model), after BPO and after the
-   control, scored with CHAIR (:mod:`bpo_fast.eval.chair`), plus the prior-partner
-   hallucination rate; and each model's greedy yes/no answers (3 tokens) to the POPE questions
-   of the held-out images (:mod:`bpo_fast.eval.pope`: present, random-absent and
-   prior-partner-absent objects of the world's prior pairs).
-7. **report**: :func:`bpo_fast.demo.report.write_report` (Markdown, PNG plots, a printed table).
+7. **eval**: greedy captions of the held-out images (``score_split="val"``: the validation
+   images, for choosing settings) before (SFT model), after BPO and after the control, scored
+   with CHAIR (:mod:`bpo_fast.eval.chair`), plus the prior-partner hallucination rate; and each
+   model's greedy yes/no answers (3 tokens) to the POPE questions of the same images
+   (:mod:`bpo_fast.eval.pope`: present, random-absent and prior-partner-absent objects of the
+   world's prior pairs).
+8. **report**: :func:`bpo_fast.demo.report.write_report` (Markdown, PNG plots, a printed table).
 """
 
 import dataclasses
@@ -43,32 +52,49 @@ class DemoConfig:
 
     out: str = "demo_out"
     device: str = "cpu"
-    seeds: tuple = (0,)
-    # world
-    n_train: int = 1200
-    n_eval: int = 200
-    world: WorldConfig = field(default_factory=WorldConfig)
+    seeds: tuple = (0, 1, 2, 3, 4)
+    # world: a large text-only corpus with a strong prior, a short image-caption alignment set
+    # with a weaker one, validation and held-out images where the prior is right half the time
+    n_text: int = 2000
+    n_train: int = 400
+    n_val: int = 100
+    n_eval: int = 150
+    world: WorldConfig = field(default_factory=lambda: WorldConfig(
+        prior_strength=0.8, text_prior_strength=0.95, eval_prior_strength=0.5, qa_per_image=1,
+        qa_exist_weight=4, jitter=False, shape_scale=(0.7, 0.7)))
+    # which split the captions and POPE answers are scored on: "eval" (held-out, the reported
+    # numbers) or "val" (for choosing settings; never choose on "eval")
+    score_split: str = "eval"
     # tiny LLaVA
     image_size: int = 64
     patch_size: int = 32              # one image token per grid cell of the default world
     hidden_size: int = 128
     num_layers: int = 2
-    # supervised warm-up (descriptions and QA turns)
-    # 4 epochs: the model reads colours and positions but still leans on the captions' prior
-    # for what shape it sees and which objects go together (what BPO is meant to correct);
-    # at 8 epochs one seed in three saw well (little hallucination left), two only partly
+    # stage 1: the vision tower's own pretraining (per-patch colour/kind, as LLaVA starts from
+    # a pretrained CLIP) and the text-only pretraining of the language model
+    n_vision: int = 2000
+    vision_epochs: int = 2
+    vision_lr: float = 2e-3
+    pretrain_epochs: int = 2
+    pretrain_batch_size: int = 64
+    pretrain_lr: float = 2e-3
+    # stage 2: short image-caption alignment (descriptions and QA turns), every parameter
     sft_epochs: int = 4
     sft_batch_size: int = 32
     sft_lr: float = 1e-3
     # pair building
-    pair_images: int = 400            # training images the pair builder answers / rewrites
+    pair_images: int = 300            # alignment images the pair builder answers / rewrites
     noise_step: int = 500             # image-weakened prompting level (the builder's default)
     noise_schedule: str = "sigmoid"
+    image_weakened: bool = True       # image-weakened prompting on the pair images
+    rule_injection: bool = True       # error injection by rules on the pair images
+    pair_turns: str = "first"         # the turns the builder answers: "first" (description), "all"
+    pair_greedy: bool = True          # greedy answers from the weakened image (else sampled)
     max_new_tokens: int = 48
-    llm_injector_images: int = 100    # images whose answer the model itself rewrites
+    llm_injector_images: int = 0      # images whose answer the model itself rewrites
     # DPO
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: str = "sigmoid_norm"    # DPO on per-token log-ratios (chosen on the validation split)
     rpo_alpha: float = 1.0            # + the chosen answers' NLL (keeps them likely)
     dpo_lr: float = 1e-4
     dpo_epochs: int = 1
@@ -80,10 +106,15 @@ class DemoConfig:
     # torch's CPU threads (None: the CPUs other processes leave free, followed while it runs)
     threads: int = None
 
+    def __post_init__(self):
+        if self.score_split not in ("eval", "val"):
+            raise ValueError(f"score_split: expected 'eval' or 'val', got {self.score_split!r}")
+        self.seeds = tuple(self.seeds)
+
     @classmethod
     def quick(cls, **kw):
-        base = dict(n_train=300, n_eval=60, pair_images=64,
-                    llm_injector_images=16, max_new_tokens=40)
+        base = dict(seeds=(0,), n_text=600, n_train=150, n_val=20, n_eval=40, pair_images=48,
+                    max_new_tokens=40, pretrain_epochs=1, n_vision=512, sft_epochs=4)
         base.update(kw)
         return cls(**base)
 
@@ -122,6 +153,17 @@ def _stage_done(path, key):
         return False
 
 
+def _rel(path):
+    """``path`` relative to its seed folder (``seedN/``), for the stages' settings keys: a demo
+    folder that is moved or copied is reused, and a stage never reads another seed's output."""
+    path = os.path.normpath(os.path.abspath(path))
+    parts = path.split(os.sep)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].startswith("seed"):
+            return "/".join(parts[i:])
+    return path
+
+
 def _mark_done(path, key):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -142,7 +184,7 @@ class _StageTimes:
         except (OSError, ValueError):
             self.times = {}
 
-    def run(self, stage, marker, fn, *args):
+    def run(self, stage, marker, fn, *args, **kwargs):
         def stamp():
             try:
                 return os.stat(marker).st_mtime_ns
@@ -150,7 +192,7 @@ class _StageTimes:
                 return None
 
         before, t0 = stamp(), time.perf_counter()
-        out = fn(*args)
+        out = fn(*args, **kwargs)
         after = stamp()
         if after is not None and after != before:
             self.times[stage] = round(time.perf_counter() - t0, 2)
@@ -163,10 +205,10 @@ class _StageTimes:
         return out
 
 
-def _read_eval(world):
+def _read_eval(world, split="eval"):
     from PIL import Image
 
-    with open(world.eval, encoding="utf-8") as f:
+    with open(world.split(split)[0], encoding="utf-8") as f:
         records = json.load(f)
     images = []
     for r in records:
@@ -183,14 +225,14 @@ def _captions(model_dir, model_key, world, cfg, path):
 
     from bpo_fast.demo.sft import generate_answers
 
-    key = {"model": os.path.abspath(model_dir), "model_key": model_key,
-           "n_eval": cfg.n_eval, "max_new_tokens": cfg.max_new_tokens}
+    key = {"model": _rel(model_dir), "model_key": model_key, "split": cfg.score_split,
+           "n_eval": cfg.n_eval, "n_val": cfg.n_val, "max_new_tokens": cfg.max_new_tokens}
     if _stage_done(path + ".done", key):
         with open(path, encoding="utf-8") as f:
             return {r["id"]: r["caption"] for r in map(json.loads, f)}
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    records, images = _read_eval(world)
+    records, images = _read_eval(world, cfg.score_split)
     answers = generate_answers(model, processor, images, EVAL_PROMPT,
                                max_new_tokens=cfg.max_new_tokens, device=cfg.device)
     caps = {r["id"]: a for r, a in zip(records, answers)}
@@ -209,7 +251,7 @@ def _pope_questions(world, cfg, seed):
     from bpo_fast.eval.chair import load_ground_truth
     from bpo_fast.eval.pope import build_questions
 
-    truth = load_ground_truth(world.eval_truth)
+    truth = load_ground_truth(world.split(cfg.score_split)[1])
     return build_questions(truth, seed=seed, per_image=cfg.pope_per_image,
                            prior=[list(p) for p in cfg.world.prior_pairs],
                            vocabulary=cfg.world.objects), truth
@@ -225,12 +267,13 @@ def _pope_answers(model_dir, model_key, world, cfg, seed, path):
     from bpo_fast.eval.pope import load_answers, score_pope
 
     questions, truth = _pope_questions(world, cfg, seed)
-    key = {"model": os.path.abspath(model_dir), "model_key": model_key, "n_eval": cfg.n_eval,
-           "per_image": cfg.pope_per_image, "n_questions": len(questions), "seed": seed}
+    key = {"model": _rel(model_dir), "model_key": model_key, "n_eval": cfg.n_eval,
+           "n_val": cfg.n_val, "split": cfg.score_split, "per_image": cfg.pope_per_image,
+           "n_questions": len(questions), "seed": seed}
     if not _stage_done(path + ".done", key):
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-        records, images = _read_eval(world)
+        records, images = _read_eval(world, cfg.score_split)
         by_id = dict(zip((r["id"] for r in records), images))
         answers = generate_answers(model, processor, [by_id[q["image_id"]] for q in questions],
                                    [q["question"] for q in questions], max_new_tokens=3,
@@ -241,19 +284,10 @@ def _pope_answers(model_dir, model_key, world, cfg, seed, path):
     return score_pope(questions, load_answers(path), truth)
 
 
-def _sft(world, cfg, seed, out_dir):
-    from bpo_fast.demo.sft import sft_train
-    from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
+def _tiny_config(cfg):
+    from bpo_fast.models.tiny import TinyLlavaConfig
 
-    key = {"seed": seed, "n_train": cfg.n_train, "epochs": cfg.sft_epochs, "lr": cfg.sft_lr,
-           "hidden": cfg.hidden_size, "layers": cfg.num_layers, "patch": cfg.patch_size,
-           "image_size": cfg.image_size, "batch": cfg.sft_batch_size,
-           "world": cfg.world.to_dict()}
-    marker = os.path.join(out_dir, "sft.done")
-    if _stage_done(marker, key):
-        _say(f"sft: reusing {out_dir}")
-        return key
-    tiny = TinyLlavaConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
+    return TinyLlavaConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
                            vision_hidden=cfg.hidden_size, hidden_size=cfg.hidden_size,
                            intermediate_size=2 * cfg.hidden_size, num_layers=cfg.num_layers,
                            num_heads=4, num_kv_heads=4, vision_heads=4,
@@ -262,16 +296,87 @@ def _sft(world, cfg, seed, out_dir):
                            # to read them several times faster than with CLIP's mean/std)
                            image_mean=tuple(c / 255 for c in cfg.world.background),
                            image_std=(0.5, 0.5, 0.5))
-    model, processor = build_tiny_llava(None, tiny, seed=seed)
-    every = max(1, cfg.sft_epochs * cfg.n_train // cfg.sft_batch_size // 10)
+
+
+def _logger(stage, total_hint):
+    every = max(1, total_hint // 5)
 
     def log(step, total, loss):
         if step % every == 0 or step == total:
-            _say(f"sft: step {step}/{total} loss {loss:.3f}")
+            _say(f"{stage}: step {step}/{total} loss {loss:.3f}")
+    return log
 
+
+def _pretrain(world, cfg, seed, out_dir):
+    """Stage 1: a fresh tiny LLaVA whose language model reads the text-only corpus (the
+    strong co-occurrence prior) and nothing else. Returns its settings key."""
+    from bpo_fast.demo.pretrain import pretrain_vision
+    from bpo_fast.demo.sft import sft_train
+    from bpo_fast.demo.world import generate_scenes, patch_labels, render
+    from bpo_fast.models.tiny import build_tiny_llava
+
+    key = {"seed": seed, "n_text": cfg.n_text, "epochs": cfg.pretrain_epochs,
+           "lr": cfg.pretrain_lr, "batch": cfg.pretrain_batch_size, "hidden": cfg.hidden_size,
+           "layers": cfg.num_layers, "patch": cfg.patch_size, "image_size": cfg.image_size,
+           "world": cfg.world.to_dict(), "n_vision": cfg.n_vision,
+           "vision_epochs": cfg.vision_epochs, "vision_lr": cfg.vision_lr,
+           "text_loss": "answer tokens"}
+    marker = os.path.join(out_dir, "pretrain.done")
+    if _stage_done(marker, key):
+        _say(f"pretrain: reusing {out_dir}")
+        return key
+    model, processor = build_tiny_llava(None, _tiny_config(cfg), seed=seed)
+    vision_losses = []
+    if cfg.n_vision and cfg.vision_epochs:
+        # the vision tower's own pretraining (LLaVA's CLIP): images of the world, no text
+        scenes = generate_scenes(cfg.n_vision, seed, cfg.world, "vision")
+        pix = processor.image_processor([render(sc, cfg.world) for sc in scenes],
+                                        return_tensors="pt")["pixel_values"]
+        labels = torch.tensor([patch_labels(sc, cfg.patch_size, cfg.world) for sc in scenes])
+        vision_losses = pretrain_vision(model, pix, labels, epochs=cfg.vision_epochs,
+                                        batch_size=128, lr=cfg.vision_lr, seed=seed,
+                                        device=cfg.device,
+                                        log=_logger("vision", cfg.vision_epochs * cfg.n_vision // 128))
+    with open(world.text, encoding="utf-8") as f:
+        records = json.load(f)
+    losses = []
+    if records and cfg.pretrain_epochs:
+        # text-only records: the language model alone trains (no pixels, no vision gradient)
+        losses = sft_train(model, processor, records, None, epochs=cfg.pretrain_epochs,
+                           batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr, seed=seed,
+                           device=cfg.device,
+                           log=_logger("pretrain", cfg.pretrain_epochs * len(records)
+                                       * (1 + cfg.world.qa_per_image) // cfg.pretrain_batch_size))
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "pretrain_losses.json"), "w", encoding="utf-8") as f:
+        json.dump({"text": losses, "vision": vision_losses}, f)
+    _mark_done(marker, key)
+    return key
+
+
+def _sft(world, cfg, seed, pretrain_dir, pretrain_key, out_dir):
+    """Stage 2: the short image-caption alignment of the pretrained model (projector and
+    language model; the pretrained vision tower is frozen). Returns its settings key."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from bpo_fast.demo.sft import sft_train
+
+    key = {"seed": seed, "n_train": cfg.n_train, "epochs": cfg.sft_epochs, "lr": cfg.sft_lr,
+           "batch": cfg.sft_batch_size, "pretrain_key": pretrain_key, "vision": "frozen",
+           "pretrain": _rel(pretrain_dir)}
+    marker = os.path.join(out_dir, "sft.done")
+    if _stage_done(marker, key):
+        _say(f"sft: reusing {out_dir}")
+        return key
+    model = LlavaForConditionalGeneration.from_pretrained(pretrain_dir, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(pretrain_dir, local_files_only=True)
+    # as LLaVA: the pretrained vision tower stays frozen; projector and language model align
+    model.model.vision_tower.requires_grad_(False)
     losses = sft_train(model, processor, world.train, world.images, epochs=cfg.sft_epochs,
                        batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=seed,
-                       device=cfg.device, log=log)
+                       device=cfg.device,
+                       log=_logger("sft", cfg.sft_epochs * cfg.n_train // cfg.sft_batch_size))
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "sft_losses.json"), "w", encoding="utf-8") as f:
@@ -298,8 +403,10 @@ def _pairs(world, cfg, seed, model_dir, model_key, out_dir):
     merged = os.path.join(out_dir, "pairs.jsonl")
     key = {"seed": seed, "pair_images": cfg.pair_images, "llm": cfg.llm_injector_images,
            "noise_step": cfg.noise_step, "schedule": cfg.noise_schedule,
-           "max_new_tokens": cfg.max_new_tokens, "model": os.path.abspath(model_dir),
-           "model_key": model_key}
+           "max_new_tokens": cfg.max_new_tokens, "model": _rel(model_dir),
+           "model_key": model_key, "rules": cfg.rule_injection, "turns": cfg.pair_turns,
+           "weakened": cfg.image_weakened,
+           "greedy": cfg.pair_greedy}
     marker = merged + ".done"
     if _stage_done(marker, key):
         _say(f"pairs: reusing {merged}")
@@ -307,17 +414,24 @@ def _pairs(world, cfg, seed, model_dir, model_key, out_dir):
             return merged, key, json.load(f)
     data = _pairs_data(world, cfg.pair_images, os.path.join(out_dir, "records.json"))
     data_llm = _pairs_data(world, cfg.llm_injector_images, os.path.join(out_dir, "records_llm.json"))
-    common = dict(model=model_dir, image_root=world.images, turns="first", seed=seed,
+    common = dict(model=model_dir, image_root=world.images, turns=cfg.pair_turns, seed=seed,
                   device=cfg.device, max_new_tokens=cfg.max_new_tokens, num_workers=0,
                   batch_size=32, overwrite=True, progress=False, fsync=False,
-                  lexicon=world.lexicon)
+                  lexicon=world.lexicon, do_sample=not cfg.pair_greedy)
     summaries = {}
-    runs = [
-        ("weakened_rules", data, dict(strategies=("image_weakened", "error_injection"),
-                                      injector="rules", noise_steps=(cfg.noise_step,),
-                                      noise_schedule=cfg.noise_schedule)),
-        ("llm", data_llm, dict(strategies=("error_injection",), injector="llm")),
-    ]
+    strategies = (("image_weakened",) if cfg.image_weakened else ()) + (
+        ("error_injection",) if cfg.rule_injection else ())
+    runs = []
+    if strategies:
+        runs.append(("weakened_rules", data, dict(strategies=strategies, injector="rules",
+                                                  noise_steps=(cfg.noise_step,),
+                                                  noise_schedule=cfg.noise_schedule)))
+    if strategies and not cfg.pair_images:
+        raise ValueError("pair_images: expected > 0 with image_weakened or rule_injection")
+    if cfg.llm_injector_images:
+        runs.append(("llm", data_llm, dict(strategies=("error_injection",), injector="llm")))
+    if not runs:
+        raise ValueError("pair_images/llm_injector_images: no pairs would be built")
     shards = []
     for name, data_path, extra in runs:
         out = os.path.join(out_dir, f"{name}.jsonl")
@@ -335,7 +449,7 @@ def _pairs(world, cfg, seed, model_dir, model_key, out_dir):
 def _bpo(world, cfg, seed, sft_dir, pairs, pairs_key, out_dir):
     from bpo_fast.train import TrainConfig, train
 
-    key = {"seed": seed, "pairs": os.path.abspath(pairs), "beta": cfg.beta, "lr": cfg.dpo_lr,
+    key = {"seed": seed, "pairs": _rel(pairs), "beta": cfg.beta, "lr": cfg.dpo_lr,
            "epochs": cfg.dpo_epochs, "batch": cfg.dpo_batch_size, "loss": cfg.loss_type,
            "rpo_alpha": cfg.rpo_alpha, "pairs_key": pairs_key}
     marker = os.path.join(out_dir, "bpo.done")
@@ -396,10 +510,16 @@ def run_seed(cfg, seed):
     t0 = time.time()
     times = _StageTimes(os.path.join(root, "stage_times.json"))
     world = times.run("world", os.path.join(root, "world", "world.json"), make_world,
-                      os.path.join(root, "world"), cfg.n_train, cfg.n_eval, seed, cfg.world)
-    _say(f"seed {seed}: world with {cfg.n_train} training / {cfg.n_eval} held-out images", stage_done=True)
+                      os.path.join(root, "world"), cfg.n_train, cfg.n_eval, seed, cfg.world,
+                      n_text=cfg.n_text, n_val=cfg.n_val)
+    _say(f"seed {seed}: world with {cfg.n_text} text-only conversations, {cfg.n_train} "
+         f"image-caption / {cfg.n_val} validation / {cfg.n_eval} held-out images", stage_done=True)
+    pre_dir = os.path.join(root, "pretrain_model")
+    pre_key = times.run("pretrain", os.path.join(pre_dir, "pretrain.done"), _pretrain, world, cfg,
+                        seed, pre_dir)
     sft_dir = os.path.join(root, "sft_model")
-    sft_key = times.run("sft", os.path.join(sft_dir, "sft.done"), _sft, world, cfg, seed, sft_dir)
+    sft_key = times.run("sft", os.path.join(sft_dir, "sft.done"), _sft, world, cfg, seed,
+                        pre_dir, pre_key, sft_dir)
 
     def captions(stage, model_dir, key, name):
         path = os.path.join(root, name)
@@ -414,7 +534,7 @@ def run_seed(cfg, seed):
 
     caps_before = captions("captions before", sft_dir, sft_key, "captions_before.jsonl")
     pope_before = pope("before", sft_dir, sft_key)
-    before = score_captions(caps_before, world)
+    before = score_captions(caps_before, world, split=cfg.score_split)
     _say(f"seed {seed}: before BPO CHAIR-i {_f(before.chair_i)} recall {_f(before.recall)}", stage_done=True)
     pairs_dir = os.path.join(root, "pairs")
     pairs, pairs_key, summaries = times.run("pairs", os.path.join(pairs_dir, "pairs.jsonl.done"),
@@ -424,7 +544,7 @@ def run_seed(cfg, seed):
                                  seed, sft_dir, pairs, pairs_key, bpo_dir)
     caps_after = captions("captions after", bpo_dir, bpo_key, "captions_after.jsonl")
     pope_after = pope("after", bpo_dir, bpo_key)
-    after = score_captions(caps_after, world)
+    after = score_captions(caps_after, world, split=cfg.score_split)
     _say(f"seed {seed}: after BPO CHAIR-i {_f(after.chair_i)} recall {_f(after.recall)}", stage_done=True)
     control = pope_control = None
     if cfg.control:
@@ -435,7 +555,8 @@ def run_seed(cfg, seed):
         ctl_key = times.run("control", os.path.join(ctl_dir, "control.done"), _control, world,
                             cfg, seed, sft_dir, sft_key, pairs, pairs_key, dpo_steps, ctl_dir)
         control = score_captions(captions("captions control", ctl_dir, ctl_key,
-                                          "captions_control.jsonl"), world)
+                                          "captions_control.jsonl"), world,
+                                 split=cfg.score_split)
         pope_control = pope("control", ctl_dir, ctl_key)
         _say(f"seed {seed}: supervised control CHAIR-i {_f(control.chair_i)} "
              f"recall {_f(control.recall)}", stage_done=True)
@@ -490,13 +611,19 @@ def run_demo(cfg):
                 pair_counts[strategy] = pair_counts.get(strategy, 0) + n
     settings = {
         "seeds": ", ".join(map(str, cfg.seeds)), "device": cfg.device,
-        "world": f"{cfg.n_train} train / {cfg.n_eval} held-out images, {cfg.world.image_size}px, "
-                 f"prior P(partner|anchor) {cfg.world.prior_strength} train / "
-                 f"{cfg.world.eval_prior_strength} held-out",
+        "world": f"{cfg.n_text} text-only conversations (pretraining), {cfg.n_train} "
+                 f"image-caption records (alignment), {cfg.n_val} validation / {cfg.n_eval} "
+                 f"held-out images, {cfg.world.image_size}px; prior P(partner|anchor) "
+                 f"{cfg.world.text_prior_strength} text / {cfg.world.prior_strength} alignment / "
+                 f"{cfg.world.eval_prior_strength} validation and held-out",
+        "scored on": {"eval": "the held-out images", "val": "the validation images (for "
+                      "choosing settings; not the held-out numbers)"}[cfg.score_split],
+        "training": f"text pretraining {cfg.pretrain_epochs} epoch(s) at lr {cfg.pretrain_lr}; "
+                    f"alignment {cfg.sft_epochs} epoch(s) at lr {cfg.sft_lr}",
         "model": f"tiny LLaVA, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
                  f"patch {cfg.patch_size}",
         "pairs": ", ".join(f"{k}: {v}" for k, v in sorted(pair_counts.items())) +
-                 f" (noise step {cfg.noise_step}, {cfg.noise_schedule})",
+                 f" (noise step {cfg.noise_step}, {cfg.noise_schedule}; turns {cfg.pair_turns})",
         "DPO": f"{cfg.loss_type}, beta {cfg.beta}, lr {cfg.dpo_lr}, {cfg.dpo_epochs} epoch(s), "
                f"batch {cfg.dpo_batch_size}" +
                (f", + {cfg.rpo_alpha} x chosen NLL (RPO)" if cfg.rpo_alpha else ""),
@@ -518,6 +645,7 @@ def run_demo(cfg):
         or None,
         settings=settings, stage_times=by_seed("stage_times"), examples=runs[0]["examples"],
         extra_metrics=extra, notes=notes,
+        scored_on={"eval": "held-out images", "val": "validation images"}[cfg.score_split],
     )
     with open(os.path.join(cfg.out, "demo_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f, indent=1)
@@ -531,9 +659,8 @@ def _control_notes():
         "the same chosen answers with the same number of steps, learning rate and frozen vision "
         "tower, without the rejected answers. What BPO does beyond it is what the bootstrapped "
         "preference pairs add.", "",
-        "How the demo's defaults were chosen, and what else was tried (SFT length, DPO without "
-        "the RPO term, learning rates, beta, loss types, noise level, patch size): the README of "
-        "bpo-fast, section \"The demo\"."]
+        "How the demo's defaults were chosen (on the validation split) and what else was "
+        "tried, with the numbers: docs/demo-investigation.md in the bpo-fast repository."]
 
 
 def main_table(report, file=sys.stdout):

@@ -43,7 +43,8 @@ import os
 from bpo_fast.eval.stats import ci_excludes_zero, mean_ci, paired_differences
 
 __all__ = ["METRIC_KEYS", "METRIC_ALIASES", "load_metrics", "plot_training", "plot_chair",
-           "plot_pope", "format_table", "summarize", "headline", "write_report"]
+           "plot_pope", "format_table", "summarize", "headline", "write_report", "compare_table",
+           "readme_section", "update_readme", "main"]
 
 # The keys the report reads from each metrics line (the trainer writes these names).
 METRIC_KEYS = ("step", "loss", "reward_chosen", "reward_rejected", "reward_margin",
@@ -239,7 +240,8 @@ def summarize(chair_before, chair_after, metrics=None, chair_control=None, pope=
         out["compare"][f"POPE {name}"] = dict(_compare(vals), label=f"POPE {name}",
                                               lower_is_better=False if "yes" not in name else None)
     for name, vals in _extra_values(extra_metrics).items():
-        out["compare"][name] = dict(_compare(vals), label=name, lower_is_better=None)
+        low = True if "lower is better" in name else False if "higher is better" in name else None
+        out["compare"][name] = dict(_compare(vals), label=name, lower_is_better=low)
     for label, run in _as_runs(metrics, "metrics").items():
         rows = _metrics_rows(run)
         if not rows:
@@ -636,7 +638,7 @@ def _extra_values(extra):
     return out
 
 
-_STAGES = ("world", "sft", "captions before", "pope before", "pairs", "bpo", "captions after",
+_STAGES = ("world", "pretrain", "sft", "captions before", "pope before", "pairs", "bpo", "captions after",
            "pope after", "control", "captions control", "pope control")
 
 
@@ -671,9 +673,30 @@ def _seed_key(s):
     return (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s)
 
 
+def compare_table(summ):
+    """Markdown rows: every compared metric (CHAIR's, POPE's, the extra ones), each arm's mean
+    with its bootstrap 95% CI over seeds, and the paired differences BPO - SFT start and BPO -
+    control with theirs."""
+    keys = list(summ["compare"])
+    arms = [a for a in ARMS if any(a in summ["compare"][k]["arms"] for k in keys)]
+    diffs = [d for d in ("bpo_vs_sft", "bpo_vs_control")
+             if any(summ["compare"][k].get(d) for k in keys)]
+    names = {"bpo_vs_sft": "BPO - SFT start", "bpo_vs_control": "BPO - control"}
+    rows = ["| metric (%, mean [bootstrap 95% CI] over seeds) | "
+            + " | ".join([ARM_LABELS[a] for a in arms] + [names[d] for d in diffs]) + " |",
+            "|---|" + "---|" * (len(arms) + len(diffs))]
+    for k in keys:
+        c = summ["compare"][k]
+        cells = [_ci_txt(c["arms"].get(a)) for a in arms]
+        cells += [_ci_txt(c.get(d), True) for d in diffs]
+        rows.append(f"| {_md_escape(c['label'])} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def write_report(out_dir, *, metrics=None, chair_before, chair_after, chair_control=None,
                  pope=None, settings=None, stage_times=None, examples=None, notes=None,
-                 title="BPO on the shapes world", recall_tolerance=0.02, extra_metrics=None):
+                 title="BPO on the shapes world", recall_tolerance=0.02, extra_metrics=None,
+                 scored_on="held-out images"):
     """Write ``training.png`` (when there are metrics), ``chair.png``, ``pope.png`` (when
     ``pope`` is given), ``report.md`` and ``summary.json`` into ``out_dir``.
 
@@ -724,31 +747,25 @@ def write_report(out_dir, *, metrics=None, chair_before, chair_after, chair_cont
                 "the same SFT start trained on the pairs' chosen answers only (same steps and "
                 "learning rate)." if chair_control is not None else
                 "Before = the supervised model, after = the same model after BPO.")
-    md += ["## Hallucination (CHAIR) on held-out images", "",
+    md += [f"## Hallucination (CHAIR) on {scored_on}", "",
            "CHAIR-i: hallucinated object mentions / all mentions. CHAIR-s: captions with at least "
            "one hallucinated object / all captions. Recall: ground-truth objects mentioned / all "
            "ground-truth objects. " + arms_txt, "", "```", table, "```", ""]
     md += _verdict(summ)
     further = [k for k in summ["compare"] if k not in CHAIR_KEYS]
+    ci_table = compare_table(summ)
+    md += [""] + ci_table
+    summ["ci_table"] = ci_table
+    summ["headline"] = head
+    summ["table"] = table
     if further:
-        arms = [a for a in ARMS if any(a in summ["compare"][k]["arms"] for k in further)]
-        md += ["", "| metric (%, mean [bootstrap 95% CI] over seeds) | "
-               + " | ".join(ARM_LABELS[a] for a in arms)
-               + (" | BPO - control |" if "control" in arms else " |"),
-               "|---|" + "---|" * (len(arms) + ("control" in arms))]
-        for k in further:
-            c = summ["compare"][k]
-            cells = [_ci_txt(c["arms"].get(a)) for a in arms]
-            if "control" in arms:
-                cells.append(_ci_txt(c.get("bpo_vs_control"), True))
-            md.append(f"| {_md_escape(c['label'])} | " + " | ".join(cells) + " |")
         summ["extra"] = {k: {"before_mean": summ["compare"][k]["arms"]["before"]["mean"],
                              "after_mean": summ["compare"][k]["arms"]["after"]["mean"],
                              "n": max(v["n"] for v in summ["compare"][k]["arms"].values())}
                          for k in further if not k.startswith("POPE ")}
     md += ["", "![CHAIR of every arm per seed](chair.png)", ""]
     if pope_png:
-        md += ["## POPE (yes/no object probe) on held-out images", "",
+        md += [f"## POPE (yes/no object probe) on {scored_on}", "",
                "Questions \"Is there a <object> in the image?\": POPE random = present objects + "
                "random absent ones, POPE prior = present objects + absent prior partners of "
                "present objects (the question a model answering from its language prior gets "
@@ -760,7 +777,7 @@ def write_report(out_dir, *, metrics=None, chair_before, chair_after, chair_cont
     else:
         md += ["No training metrics were given.", ""]
     if examples:
-        md += ["## Examples (held-out images)", "", "| id | objects in the image | before BPO | after BPO |",
+        md += [f"## Examples ({scored_on})", "", "| id | objects in the image | before BPO | after BPO |",
                "|---|---|---|---|"]
         for ex in examples:
             truth = ex.get("truth", "")
@@ -775,8 +792,125 @@ def write_report(out_dir, *, metrics=None, chair_before, chair_after, chair_cont
     report = os.path.join(out_dir, "report.md")
     _atomic_write(report, "\n".join(md))
     summary_json = os.path.join(out_dir, "summary.json")
-    _atomic_write(summary_json, json.dumps({"title": title, "settings": settings or {}, **summ},
+    _atomic_write(summary_json, json.dumps({"title": title, "settings": settings or {},
+                                            "scored_on": scored_on, **summ},
                                            indent=1, default=str))
     return {"report": report, "summary_json": summary_json, "chair_plot": chair_png,
             "pope_plot": pope_png, "training_plot": train_png, "table": table, "summary": summ,
             "headline": head}
+
+
+# --------------------------------------------------------------------------- README section
+
+README_BEGIN = "<!-- demo:begin (generated by: python -m bpo_fast.demo.report --readme README.md DIR) -->"
+README_END = "<!-- demo:end -->"
+
+
+def readme_section(out_dir, image_dir, *, image_prefix="docs/", wall_time=None,
+                   command="bpo-fast demo"):
+    """The README's demo results, generated from a finished demo folder ``out_dir`` (its
+    ``summary.json`` and ``demo_config.json``): the headline, the per-seed CHAIR table, the
+    means with bootstrap CIs, the plots (``chair.png``/``pope.png`` copied into ``image_dir`` as
+    ``demo_chair.png``/``demo_pope.png``, linked as ``image_prefix`` + name) and each stage's
+    wall time. ``wall_time``: the measured wall time of ``command`` (e.g. from ``time``), shown
+    as given. Returns the Markdown lines."""
+    import shutil
+
+    try:
+        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
+            summ = json.load(f)
+        with open(os.path.join(out_dir, "demo_config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError as e:
+        raise ValueError(f"out_dir: {out_dir!r} is not a finished demo folder ({e.filename} is "
+                         "missing)") from None
+    for key in ("headline", "table", "ci_table"):
+        if key not in summ:
+            raise ValueError(f"out_dir: {out_dir!r}: summary.json has no {key!r} (written by an "
+                             "older bpo-fast; run the demo again)")
+    os.makedirs(image_dir, exist_ok=True)
+    plots = []
+    for name, alt in (("chair", "CHAIR-i, CHAIR-s and recall of every arm per seed"),
+                      ("pope", "POPE accuracy and yes-ratio of every arm per seed")):
+        src = os.path.join(out_dir, f"{name}.png")
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(image_dir, f"demo_{name}.png"))
+            plots.append(f"![{alt}]({image_prefix}demo_{name}.png)")
+    seeds = summ.get("seeds", [])
+    when = (f"measured wall time {wall_time}" if wall_time else
+            "wall time not measured for this section; the stages' own times are below")
+    total = summ.get("stage_seconds_total")
+    lines = [f"`{command}` ({len(seeds)} seed{'s' if len(seeds) != 1 else ''}, scored on the "
+             f"{summ.get('scored_on', 'held-out images')}; {when}) reported:", ""]
+    lines += [line for line in summ["headline"]]
+    # the other metrics with a direction, BPO against the control (sentences from the numbers)
+    more = []
+    for k, c in summ["compare"].items():
+        if k in ("chair_i", "POPE prior accuracy") or c.get("lower_is_better") is None:
+            continue
+        sentence = _comparison(c, "bpo_vs_control")
+        if sentence:
+            more.append(sentence)
+    if more:
+        lines += ["", "Other metrics, BPO against the control: " + " ".join(more)]
+    lines += ["", "```", summ["table"], "```", ""] + list(summ["ci_table"]) + [""]
+    lines += [p for plot in plots for p in (plot, "")]
+    times = summ.get("stage_times") or {}
+    if times:
+        per_stage = {}
+        for st in times.values():
+            for k, v in st.items():
+                if v is not None:
+                    per_stage[k] = per_stage.get(k, 0.0) + v
+        lines += ["Each stage's own wall time, summed over the seeds: " + ", ".join(
+            f"{k} {v:.0f}s" for k, v in per_stage.items())
+            + (f" (all stages {total:.0f}s)." if total is not None else ".")
+            + f" Settings: {len(seeds)} seeds, {cfg.get('n_text')} text-only conversations, "
+            f"{cfg.get('n_train')} alignment / {cfg.get('n_val')} validation / "
+            f"{cfg.get('n_eval')} held-out images, DPO beta {cfg.get('beta')}, lr "
+            f"{cfg.get('dpo_lr')}, RPO weight {cfg.get('rpo_alpha')}, noise step "
+            f"{cfg.get('noise_step')}.", ""]
+    return lines
+
+
+def update_readme(readme, out_dir, **kw):
+    """Rewrite the part of ``readme`` between :data:`README_BEGIN` and :data:`README_END` with
+    :func:`readme_section` of ``out_dir`` (images go to ``docs/`` next to the README)."""
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    begin = text.find(README_BEGIN)
+    end = text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"readme: {readme!r} has no {README_BEGIN!r} ... {README_END!r} markers")
+    root = os.path.dirname(os.path.abspath(readme))
+    lines = readme_section(out_dir, os.path.join(root, "docs"), image_prefix="docs/", **kw)
+    new = text[:begin] + README_BEGIN + "\n" + "\n".join(lines) + "\n" + text[end:]
+    _atomic_write(readme, new)
+    return readme
+
+
+def main(argv=None):
+    """``python -m bpo_fast.demo.report --readme README.md DIR``: rewrite the README's demo
+    section from the demo folder DIR."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m bpo_fast.demo.report", description=main.__doc__)
+    ap.add_argument("out_dir", help="a finished `bpo-fast demo` output folder")
+    ap.add_argument("--readme", required=True, help="the README to update (between the "
+                                                    "demo:begin / demo:end markers)")
+    ap.add_argument("--wall-time", default=None, help="the measured wall time of the command, "
+                                                      "as it should read (e.g. '8 min 12 s')")
+    ap.add_argument("--command", default="bpo-fast demo", help="the command that made DIR")
+    args = ap.parse_args(argv)
+    try:
+        update_readme(args.readme, args.out_dir, wall_time=args.wall_time, command=args.command)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"updated {args.readme} from {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

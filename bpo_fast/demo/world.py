@@ -8,8 +8,11 @@ its caption lists them in one canonical template family over a small closed voca
     bottom right and a green cross at the bottom left.
 
 **Language prior.** ``WorldConfig.prior_pairs`` lists (anchor, partner) objects, e.g.
-("red circle", "blue square"): when an image holds the anchor, it also holds the partner with
-probability ``prior_strength`` (training split) or ``eval_prior_strength`` (held-out split). With
+("red circle", "blue square"): when a scene holds the anchor, it also holds the partner with
+probability ``text_prior_strength`` (the text-only pretraining corpus: the same conversations,
+no image), ``prior_strength`` (the image-caption alignment split, "train") or
+``eval_prior_strength`` (the validation and held-out splits). The paper's imbalance: a language
+model that read a large corpus with a strong prior, aligned on few images with a weaker one. With
 a strong training prior and a weaker held-out one, a model that writes "blue square" because it
 wrote "red circle" (rather than because it saw one) is caught by CHAIR on the held-out images.
 The prior is exact: anchors are never added or removed after the i.i.d. draw, partners are only
@@ -22,13 +25,16 @@ so it does not depend on how many scenes are generated or in which order.
 Public API
 ----------
 - :class:`WorldConfig`: sizes, palette, kinds, grid, object counts, prior pairs and strengths.
-- :func:`make_world(out_dir, n_train, n_eval, seed=0, config=None) -> WorldPaths`: writes the
+- :func:`make_world(out_dir, n_train, n_eval, seed=0, config=None, *, n_text=0, n_val=0) ->
+  WorldPaths`: writes the
   world to disk (see :class:`WorldPaths` for the files); reuses a complete world written with the
   same arguments (``world.json`` is written last and marks completion).
 - :func:`generate_scenes(n, seed=0, config=None, split="train", start=0) -> list[Scene]`
 - :func:`render(scene, config=None) -> PIL.Image.Image` (RGB, ``config.image_size`` square; no
   anti-aliasing, so every shape pixel has exactly its colour and the rest is the background).
 - :func:`caption(scene) -> str`, :func:`qa_pairs(scene, rng, n, config=None) -> list[(q, a)]`
+- :func:`patch_labels(scene, patch_size, config=None)`: per image patch, the colour and kind of
+  the shape in its cell (the vision tower's pretraining targets).
 - :func:`scene_objects(scene) -> list[str]`: the distinct objects ("red circle", ...) of a scene,
   the ground truth for CHAIR.
 - :func:`parse_caption_objects(text, config=None) -> list[dict]`: the object groups a caption
@@ -55,7 +61,7 @@ from dataclasses import asdict, dataclass, field
 
 __all__ = [
     "WorldConfig", "Shape", "Scene", "WorldPaths", "make_world", "generate_scenes", "render",
-    "caption", "qa_pairs", "scene_objects", "parse_caption_objects", "world_vocabulary",
+    "caption", "qa_pairs", "scene_objects", "patch_labels", "parse_caption_objects", "world_vocabulary",
     "world_synonyms", "world_lexicon", "write_synonyms", "read_world", "score_captions",
     "prior_hallucination", "prior_statistics", "EVAL_PROMPT", "DESCRIBE_PROMPTS",
     "PALETTE", "KINDS",
@@ -104,11 +110,14 @@ class WorldConfig:
     max_objects: int = 3                    # drawn i.i.d.; the prior may add one up to the cell count
     background: tuple = (255, 255, 255)
     shape_scale: tuple = (0.55, 0.8)        # shape size as a fraction of the cell's short side
+    jitter: bool = True                     # shapes at a random place in their cell (else centred)
     prior_pairs: tuple = (("red circle", "blue square"), ("green triangle", "yellow cross"))
-    prior_strength: float = 0.9             # P(partner | anchor) in the training split
-    eval_prior_strength: float = 0.5        # the same in the held-out split
+    prior_strength: float = 0.9             # P(partner | anchor) in the image-caption ("train") split
+    eval_prior_strength: float = 0.5        # the same in the held-out ("eval") and validation splits
+    text_prior_strength: float = 0.95       # the same in the text-only pretraining corpus
     anchor_rate: float = 0.3                # P(an image is seeded with a random anchor)
     qa_per_image: int = 2                   # question/answer turns after the description
+    qa_exist_weight: int = 1                # weight of "is there a ...?" among 4 question kinds
 
     def __post_init__(self):
         # tuples even when built from JSON lists, so configs compare and hash the same
@@ -163,10 +172,14 @@ class WorldConfig:
                              "(pairs must not share objects)")
         if special and len(objects - set(special)) == 0:
             raise ValueError("config.prior_pairs: at least one object must be in no pair")
-        for name in ("prior_strength", "eval_prior_strength", "anchor_rate"):
+        for name in ("prior_strength", "eval_prior_strength", "text_prior_strength",
+                     "anchor_rate"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 raise ValueError(f"config.{name}: expected a probability in [0, 1], got {v!r}")
+        if not isinstance(self.qa_exist_weight, int) or self.qa_exist_weight < 0:
+            raise ValueError(f"config.qa_exist_weight: expected an int >= 0, got "
+                             f"{self.qa_exist_weight!r}")
         if not isinstance(self.qa_per_image, int) or self.qa_per_image < 0:
             raise ValueError(f"config.qa_per_image: expected an int >= 0, got {self.qa_per_image!r}")
 
@@ -275,21 +288,27 @@ def _make_scene(cfg, seed, split, index, strength):
         size = max(6, int(round(short * rng.uniform(*cfg.shape_scale))))
         size = min(size, short - 2)
         # keep a 1-pixel margin to the cell border so shapes of neighbouring cells never touch
-        x0 = rng.randint(cx0 + 1, cx1 - 1 - size)
-        y0 = rng.randint(cy0 + 1, cy1 - 1 - size)
+        if cfg.jitter:
+            x0 = rng.randint(cx0 + 1, cx1 - 1 - size)
+            y0 = rng.randint(cy0 + 1, cy1 - 1 - size)
+        else:   # centred in its cell
+            x0 = (cx0 + cx1 - size) // 2
+            y0 = (cy0 + cy1 - size) // 2
         shapes.append(Shape(kind, colour, cell, names[cell], (x0, y0, x0 + size, y0 + size)))
     return Scene(id=f"{split}_{index:06d}", split=split, index=index, shapes=shapes)
 
 
 def generate_scenes(n, seed=0, config=None, split="train", start=0):
-    """Scenes ``start .. start+n-1`` of ``split`` ("train" uses ``prior_strength``, any other
-    split ``eval_prior_strength``)."""
+    """Scenes ``start .. start+n-1`` of ``split`` ("train" uses ``prior_strength``, "text" (the
+    scenes the text-only corpus describes) ``text_prior_strength``, any other split
+    ``eval_prior_strength``)."""
     cfg = config or WorldConfig()
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n: expected an int >= 0, got {n!r}")
     if not isinstance(split, str) or not re.fullmatch(r"[a-z0-9]+", split):
         raise ValueError(f"split: expected a lower-case alphanumeric name, got {split!r}")
-    strength = cfg.prior_strength if split == "train" else cfg.eval_prior_strength
+    strength = {"train": cfg.prior_strength, "text": cfg.text_prior_strength}.get(
+        split, cfg.eval_prior_strength)
     return [_make_scene(cfg, seed, split, i, strength) for i in range(start, start + n)]
 
 
@@ -380,6 +399,26 @@ def caption(scene):
     return f"{_CAPTION_LEAD} {body}."
 
 
+def patch_labels(scene, patch_size, config=None):
+    """Per patch of a ``patch_size`` grid over the image (row-major): ``(colour, kind)`` indices
+    (1-based into ``config.colours`` / ``config.kinds``; 0 = no shape) of the shape in the grid
+    cell that holds the patch's centre. The targets of the vision tower's pretraining."""
+    cfg = config or WorldConfig()
+    n = cfg.image_size // patch_size
+    by_cell = {sh.cell: sh for sh in scene.shapes}
+    rows, cols = cfg.grid
+    out = []
+    for pr in range(n):
+        for pc in range(n):
+            y, x = (pr + 0.5) * patch_size, (pc + 0.5) * patch_size
+            cell = min(int(y * rows // cfg.image_size), rows - 1) * cols + min(
+                int(x * cols // cfg.image_size), cols - 1)
+            sh = by_cell.get(cell)
+            out.append((0, 0) if sh is None else (cfg.colours.index(sh.colour) + 1,
+                                                  cfg.kinds.index(sh.kind) + 1))
+    return out
+
+
 def scene_objects(scene):
     """The distinct objects ("colour kind") of a scene, in order of first appearance."""
     return [g[0] for g in _groups(scene)]
@@ -398,8 +437,12 @@ def qa_pairs(scene, rng, n, config=None):
     tricky = [p for a, p in cfg.prior_pairs if a in present and p not in present]
     out = []
     for _ in range(n):
-        qtype = rng.choice(("count", "exist", "where", "colour"))
-        ask_absent = absent and rng.random() < 0.5
+        qtype = rng.choices(("count", "exist", "where", "colour"),
+                            weights=(1, cfg.qa_exist_weight, 1, 1))[0]
+        # existence and count questions ask about an absent object half the time (so "yes" and
+        # "no" are equally frequent answers); where/colour questions about a present one
+        ask_absent = absent and (not present or (qtype in ("count", "exist")
+                                                 and rng.random() < 0.5))
         if ask_absent:
             obj = rng.choice(tricky) if tricky and rng.random() < 0.5 else rng.choice(absent)
         else:
@@ -543,13 +586,16 @@ class WorldPaths:
 
     root: str
     images: str           # image folder; records' "image" fields are relative to it
-    train: str            # LLaVA-format JSON (description + QA turns)
+    train: str            # LLaVA-format JSON (description + QA turns): the image-caption alignment data
     eval: str             # LLaVA-format JSON (EVAL_PROMPT + reference caption, one turn)
     train_truth: str      # JSONL {id, objects, shapes} per training image
     eval_truth: str       # JSONL {id, objects, shapes}: the CHAIR ground truth (eval-chair format)
-    synonyms: str         # CHAIR synonyms, "canonical, syn, ..." lines
+    synonyms: str         # CHAIR synonym file, "canonical, syn, ..." lines
     lexicon: str          # rule-injector lexicon JSON
     meta: str             # world.json: config, seed, sizes, prior statistics, vocabulary
+    text: str = None      # LLaVA-format JSON without images: the text-only pretraining corpus
+    val: str = None       # LLaVA-format JSON like ``eval``: the validation split
+    val_truth: str = None  # its ground truth
 
     @classmethod
     def under(cls, root):
@@ -557,7 +603,16 @@ class WorldPaths:
         j = lambda name: os.path.join(root, name)  # noqa: E731
         return cls(root=root, images=j("images"), train=j("train.json"), eval=j("eval.json"),
                    train_truth=j("train_truth.jsonl"), eval_truth=j("eval_truth.jsonl"),
-                   synonyms=j("synonyms.txt"), lexicon=j("lexicon.json"), meta=j("world.json"))
+                   synonyms=j("synonyms.txt"), lexicon=j("lexicon.json"), meta=j("world.json"),
+                   text=j("text.json"), val=j("val.json"), val_truth=j("val_truth.jsonl"))
+
+    def split(self, name):
+        """``(records, truth)`` paths of a scored split: "eval" (held-out) or "val"."""
+        if name == "eval":
+            return self.eval, self.eval_truth
+        if name == "val":
+            return self.val, self.val_truth
+        raise ValueError(f"split: expected 'eval' or 'val', got {name!r}")
 
 
 def _atomic_write(path, text):
@@ -570,17 +625,24 @@ def _atomic_write(path, text):
 def _records(scenes, cfg, split, seed):
     recs = []
     for sc in scenes:
-        if split == "train":
+        if split in ("train", "text"):
             rng = random.Random(f"{seed}:{split}:{sc.index}:text")
             turns = [(rng.choice(DESCRIBE_PROMPTS), caption(sc))]
-            turns += qa_pairs(sc, rng, cfg.qa_per_image, cfg)
+            qa = qa_pairs(sc, rng, cfg.qa_per_image, cfg)
+            # half the conversations open with a question (as a POPE probe asks it), half
+            # with the description
+            turns = [qa[0]] + turns + qa[1:] if qa and rng.random() < 0.5 else turns + qa
         else:
             turns = [(EVAL_PROMPT, caption(sc))]
+        image = split != "text"     # the text corpus: the same conversations, no image
         conv = []
         for t, (q, a) in enumerate(turns):
-            conv.append({"from": "human", "value": ("<image>\n" + q) if t == 0 else q})
+            conv.append({"from": "human", "value": ("<image>\n" + q) if t == 0 and image else q})
             conv.append({"from": "gpt", "value": a})
-        recs.append({"id": sc.id, "image": f"{sc.id}.png", "conversations": conv})
+        rec = {"id": sc.id, "conversations": conv}
+        if image:
+            rec["image"] = f"{sc.id}.png"
+        recs.append(rec)
     return recs
 
 
@@ -608,14 +670,14 @@ def read_world(root):
     return paths, WorldConfig(**meta["config"]), meta
 
 
-def score_captions(captions, world, *, subset=False):
+def score_captions(captions, world, *, subset=False, split="eval"):
     """CHAIR of ``captions`` (id -> text) on the held-out split of ``world`` (a root folder or
-    :class:`WorldPaths`): the ground truth and synonyms the world wrote. ``subset``: score only
-    the captioned images."""
+    :class:`WorldPaths`; ``split="val"``: the validation split): the ground truth and synonyms
+    the world wrote. ``subset``: score only the captioned images."""
     from bpo_fast.eval.chair import SynonymTable, compute_chair, load_ground_truth
 
     paths = world if isinstance(world, WorldPaths) else WorldPaths.under(world)
-    truth = load_ground_truth(paths.eval_truth)
+    truth = load_ground_truth(paths.split(split)[1])
     return compute_chair(captions, truth, SynonymTable.from_file(paths.synonyms),
                          ignore_extra_ground_truth=subset)
 
@@ -642,22 +704,28 @@ def prior_hallucination(result, config=None):
     return out
 
 
-def make_world(out_dir, n_train, n_eval, seed=0, config=None):
+def make_world(out_dir, n_train, n_eval, seed=0, config=None, *, n_text=0, n_val=0):
     """Write the world under ``out_dir`` and return its :class:`WorldPaths`.
 
-    A complete world written before with the same ``n_train``, ``n_eval``, ``seed`` and config is
+    Splits: ``n_text`` text-only conversations (the pretraining corpus: descriptions and QA of
+    scenes drawn with ``text_prior_strength``, no image), ``n_train`` image-caption records
+    (``prior_strength``), ``n_val`` validation and ``n_eval`` held-out images (both
+    ``eval_prior_strength``; the validation split is for choosing settings, the held-out one for
+    the final numbers). A complete world written before with the same arguments and config is
     reused as is (``world.json`` is written last, after every image and file).
     """
     cfg = config or WorldConfig()
     if not isinstance(cfg, WorldConfig):
         raise TypeError(f"config: expected a WorldConfig, got {type(cfg).__name__}")
-    for name, v in (("n_train", n_train), ("n_eval", n_eval)):
+    for name, v in (("n_train", n_train), ("n_eval", n_eval), ("n_text", n_text),
+                    ("n_val", n_val)):
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
     if not isinstance(seed, int):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
     paths = WorldPaths.under(out_dir)
-    key = {"n_train": n_train, "n_eval": n_eval, "seed": seed, "config": cfg.to_dict()}
+    key = {"n_train": n_train, "n_eval": n_eval, "n_text": n_text, "n_val": n_val, "seed": seed,
+           "config": cfg.to_dict()}
     if os.path.isfile(paths.meta):
         try:
             with open(paths.meta, encoding="utf-8") as f:
@@ -671,12 +739,16 @@ def make_world(out_dir, n_train, n_eval, seed=0, config=None):
 
     meta = dict(key)
     for split, n, rec_path, truth_path in (("train", n_train, paths.train, paths.train_truth),
-                                            ("eval", n_eval, paths.eval, paths.eval_truth)):
+                                            ("eval", n_eval, paths.eval, paths.eval_truth),
+                                            ("val", n_val, paths.val, paths.val_truth),
+                                            ("text", n_text, paths.text, None)):
         scenes = generate_scenes(n, seed, cfg, split)
-        for sc in scenes:
-            render(sc, cfg).save(os.path.join(paths.images, f"{sc.id}.png"), compress_level=1)
+        if split != "text":
+            for sc in scenes:
+                render(sc, cfg).save(os.path.join(paths.images, f"{sc.id}.png"), compress_level=1)
         _atomic_write(rec_path, json.dumps(_records(scenes, cfg, split, seed), indent=1))
-        _atomic_write(truth_path, "".join(json.dumps(sc.to_dict()) + "\n" for sc in scenes))
+        if truth_path is not None:
+            _atomic_write(truth_path, "".join(json.dumps(sc.to_dict()) + "\n" for sc in scenes))
         meta[f"{split}_prior"] = prior_statistics(scenes, cfg)
     write_synonyms(paths.synonyms, world_synonyms(cfg))
     _atomic_write(paths.lexicon, json.dumps(world_lexicon(cfg), indent=1))
