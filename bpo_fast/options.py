@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from bpo_fast.errors import UserError
+from bpo_fast.errors import UserError, int_at_least
 
 __all__ = ["option", "cli_fields", "add_arguments", "from_args", "load_config_file",
            "markdown_table", "COMMAND_OPTIONS", "canonical_dtype", "parse_device"]
@@ -46,6 +46,14 @@ def option(default=dataclasses.MISSING, *, help, cli=None, choices=None, type=No
             "aliases": tuple(aliases), "negate": negate, "required": required,
             "default_text": default_text}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def threads_option(**kw):
+    """The ``--threads`` option of the CPU-heavy commands (``bpo_fast.runtime.use_threads``)."""
+    return option(None, help="torch CPU threads (default: the CPUs of the affinity mask that "
+                             "other processes leave free, measured from /proc/stat and followed "
+                             "while the command runs)", type=int_at_least(1), metavar="N",
+                  default_text="the free CPUs", **kw)
 
 
 def cli_fields(cls):

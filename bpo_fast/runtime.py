@@ -7,6 +7,7 @@ when available, ``cuda:LOCAL_RANK`` under torchrun); dtypes ``auto``, ``fp32``, 
 where the GPU has no bf16 -- and fp32 on the CPU).
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -352,3 +353,20 @@ def adapt_threads():
     count (a no-op otherwise, e.g. with ``--threads`` or in library use)."""
     if _GOVERNOR is not None:
         _GOVERNOR.update()
+
+
+@contextlib.contextmanager
+def threads_for_command(threads=None, adapt=True):
+    """torch's CPU threads for one command (``--threads``, else, with ``adapt``, the free CPUs,
+    followed by the :func:`adapt_threads` calls of its loops); the previous count is restored
+    after."""
+    before = torch.get_num_threads()
+    if adapt:
+        use_threads(threads)
+    elif threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        release_threads()
+        torch.set_num_threads(before)

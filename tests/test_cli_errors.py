@@ -96,6 +96,7 @@ CASES = [
     ("bp strict bad line", lambda w, m: _bp(w, **{"--data": w["llava_bad_mid"], "--strict": None}),
      ["llava_bad_mid.jsonl:2", "invalid JSON"]),
     ("bp out unwritable", lambda w, m: _bp(w, **{"--out": w["under_file"]}), ["out", "notes.txt"]),
+    ("bp threads zero", lambda w, m: _bp(w, **{"--threads": "0"}), ["--threads", "0"]),
     ("bp out is dir", lambda w, m: _bp(w, **{"--out": w["dir"]}), ["out", "directory"]),
     ("bp errors unwritable", lambda w, m: _bp(w, **{"--errors": w["under_file"]}), ["errors"]),
     ("bp summary unwritable", lambda w, m: _bp(w, **{"--summary-json": w["under_file"]}),
@@ -179,6 +180,7 @@ CASES = [
     ("pope per-image 0", lambda w, m: ["eval-pope", "--ground-truth", w["gt"], "--per-image", "0"],
      ["--per-image"]),
     # demo
+    ("train threads", lambda w, m: _train(w, m, **{"--threads": "two"}), ["--threads", "two"]),
     ("demo threads", lambda w, m: ["demo", "--threads", "-3", "--out", w["root"] + "/d"], ["--threads"]),
     ("demo seeds", lambda w, m: ["demo", "--seeds", "1,x", "--out", w["root"] + "/d"], ["--seeds"]),
     ("demo out unwritable", lambda w, m: ["demo", "--quick", "--out", w["under_file_dir"]],

@@ -2,6 +2,7 @@
 samples (no timing)."""
 
 import pytest
+import torch
 
 from bpo_fast import runtime
 from bpo_fast.runtime import CpuSampler, ThreadGovernor, choose_threads, threads_for
@@ -139,3 +140,18 @@ def test_use_threads_fixed_and_chosen():
         runtime.release_threads()
         torch.set_num_threads(before)
     assert runtime._GOVERNOR is None
+
+
+def test_threads_for_command_restores_the_count():
+    from bpo_fast import runtime
+
+    before = torch.get_num_threads()
+    with runtime.threads_for_command(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before and runtime._GOVERNOR is None
+    with runtime.threads_for_command(None, adapt=False):  # e.g. the demo on a GPU: untouched
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        with runtime.threads_for_command(0):
+            pass
+    assert torch.get_num_threads() == before

@@ -54,9 +54,9 @@ def run(args):
     cfg = config_from_args(args)
     if cfg.summary_json:
         output_file(cfg.summary_json, "--summary-json")
-    from bpo_fast.runtime import console
+    from bpo_fast.runtime import console, threads_for_command
 
-    with console():
+    with console(), threads_for_command(cfg.threads):
         summary = build_pairs(cfg)
     print(summary.format(), file=sys.stderr)
     if cfg.summary_json:

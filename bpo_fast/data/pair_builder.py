@@ -49,7 +49,8 @@ from bpo_fast.data.pair_merge import _split_ext
 from bpo_fast.data.llava_format import TURN_MODES, MalformedRecord, iter_records, record_to_samples
 from bpo_fast.data.schema import INJECTORS, STRATEGIES, SchemaError, normalize_text, validate_pair
 from bpo_fast.errors import UserError, input_dir, input_file, output_file
-from bpo_fast.options import DTYPE_CHOICES, canonical_dtype, option, parse_device
+from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, option, parse_device,
+                              threads_option)
 from bpo_fast.runtime import adapt_threads, dist_env, parse_dtype, resolve_device
 
 __all__ = ["PairBuilderConfig", "BuildSummary", "build_pairs", "parse_noise_steps", "shard_path",
@@ -151,6 +152,7 @@ class PairBuilderConfig:
                                                   "torchrun)")
     dtype: str = option("auto", help="model dtype (auto: bf16 on CUDA, fp32 on CPU)",
                         type=canonical_dtype, choices=DTYPE_CHOICES, group=_RUN)
+    threads: int = threads_option(group=_RUN)
     batch_size: int = option(32, help="records (images) per batch; output is appended and "
                                       "fsynced per batch", group=_RUN)
     gen_batch_size: int = option(None, help="rows per generate call", metavar="N", group=_RUN,

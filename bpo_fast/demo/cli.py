@@ -3,9 +3,9 @@
 import sys
 from dataclasses import dataclass
 
-from bpo_fast.errors import UserError, int_at_least, output_dir
+from bpo_fast.errors import UserError, output_dir
 from bpo_fast.options import add_arguments as add_options
-from bpo_fast.options import from_args, option, parse_device
+from bpo_fast.options import from_args, option, parse_device, threads_option
 
 
 @dataclass
@@ -22,10 +22,7 @@ class DemoOptions:
                                    "one report", metavar="LIST", default_text="0,1,2,3,4")
     quick: bool = option(False, help="a small run (under 2 minutes on 2 CPU cores): checks the "
                                      "pipeline, its numbers are not meaningful")
-    threads: int = option(None, help="torch CPU threads (default: the CPUs of the affinity mask "
-                                     "that other processes leave free, measured from /proc/stat "
-                                     "and followed while the demo runs)",
-                          type=int_at_least(1), metavar="N", default_text="the free CPUs")
+    threads: int = threads_option()
 
 
 def add_arguments(parser):

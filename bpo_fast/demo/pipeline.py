@@ -583,7 +583,7 @@ def run_demo(cfg):
     """Run the demo for every seed of ``cfg`` and write the report; returns the report dict."""
     from bpo_fast.demo.report import load_metrics, write_report
 
-    from bpo_fast.runtime import release_threads, use_threads
+    from bpo_fast.runtime import threads_for_command
 
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()
@@ -592,21 +592,15 @@ def run_demo(cfg):
 
     # torch's CPU threads: --threads, or the CPUs other processes leave free, re-measured
     # between the training steps and generation batches (bpo_fast.runtime.use_threads)
-    threads_before = torch.get_num_threads()
-    if cfg.device == "cpu":
-        use_threads(cfg.threads)
-    elif cfg.threads:
-        torch.set_num_threads(cfg.threads)
     # a stage ends with a _say line: world, before, after, (control,) done per seed
     _BAR = tqdm(total=len(cfg.seeds) * (5 if cfg.control else 4), desc="demo", unit="stage",
                 dynamic_ncols=True, file=sys.stderr)
     try:
-        runs = [run_seed(cfg, s) for s in cfg.seeds]
+        with threads_for_command(cfg.threads, adapt=cfg.device == "cpu"):
+            runs = [run_seed(cfg, s) for s in cfg.seeds]
     finally:
         _BAR.close()
         _BAR = None
-        release_threads()
-        torch.set_num_threads(threads_before)
     by_seed = lambda k: {r["seed"]: r[k] for r in runs}  # noqa: E731
     pair_counts = {}
     for r in runs:

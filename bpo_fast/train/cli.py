@@ -26,12 +26,13 @@ def config_from_args(args):
 
 
 def run(args):
-    from bpo_fast.runtime import console
+    from bpo_fast.runtime import console, threads_for_command
     from bpo_fast.train.trainer import train
 
+    config = config_from_args(args)
     try:
-        with console():
-            result = train(config_from_args(args))
+        with console(), threads_for_command(config.threads):
+            result = train(config)
     finally:
         import torch.distributed as dist
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bpo_fast.options import DTYPE_CHOICES, canonical_dtype, option, parse_device
+from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, option, parse_device,
+                              threads_option)
 
 from bpo_fast.runtime import DTYPES, parse_dtype  # noqa: F401  (re-exported)
 
@@ -138,6 +139,7 @@ class TrainConfig:
     device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, group=_RUN,
                          metavar="DEVICE",
                          default_text="cuda if available (cuda:LOCAL_RANK under torchrun)")
+    threads: int = threads_option(group=_RUN)
     gradient_checkpointing: bool = option(False, help="recompute activations in backward",
                                           group=_RUN)
     attn_implementation: str = option(None, help="force an attention implementation (eager, "
