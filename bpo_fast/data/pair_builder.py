@@ -582,18 +582,17 @@ class _Run:
                     texts, flat.index_select(0, idx),
                     row_seeds=[derive_seed(cfg.seed, r[2]) for r in chunk],
                     on_split=self._count_oom)
-                t["generate_s"] += time.perf_counter() - t0
-                self.summary.generated_tokens += ntok
-                records.extend(self._weakened_records(chunk, answers, settings))
-            self._write(records)
-            self._progress(len(rows))
-            if self._stop():
+                records.extend(self._weakened_records(chunk, answers, ntok, t0, settings))
+            if self._end_batch(records, len(rows)):
                 break
         del it, loader
 
-    def _weakened_records(self, chunk, answers, settings):
+    def _weakened_records(self, chunk, answers, ntok, t0, settings):
         """Pair records of generated rows ``(sample, level index, pair id, ...)``; equal or empty
-        answers are dropped (counted and logged)."""
+        answers are dropped (counted and logged). Counts the generation that began at ``t0`` and
+        produced ``ntok`` tokens."""
+        self.summary.timings["generate_s"] += time.perf_counter() - t0
+        self.summary.generated_tokens += ntok
         out = []
         for (smp, k, pid, _), ans in zip(chunk, answers):
             reason = _rejection_reason(smp.chosen, ans)
@@ -615,7 +614,6 @@ class _Run:
         gen_bs = cfg.gen_batch_size or cfg.batch_size * len(self.levels)
         t = self.summary.timings
         for b0 in range(0, len(units), cfg.batch_size):
-            adapt_threads()  # follows the free CPUs when the caller chose threads that way
             rows, errs = [], []
             for u in units[b0:b0 + cfg.batch_size]:
                 try:
@@ -642,12 +640,8 @@ class _Run:
                 t0 = time.perf_counter()
                 answers, ntok = self.gen.generate_inputs(
                     inputs, row_seeds=[derive_seed(cfg.seed, r[2]) for r in chunk])
-                t["generate_s"] += time.perf_counter() - t0
-                self.summary.generated_tokens += ntok
-                records.extend(self._weakened_records(chunk, answers, settings))
-            self._write(records)
-            self._progress(len(rows))
-            if self._stop():
+                records.extend(self._weakened_records(chunk, answers, ntok, t0, settings))
+            if self._end_batch(records, len(rows)):
                 break
 
     # -- error injection ---------------------------------------------------------------------
@@ -688,7 +682,6 @@ class _Run:
         else:
             settings = {"max_edits": cfg.max_edits}
         for c in range(0, len(todo), cfg.batch_size):
-            adapt_threads()
             chunk = todo[c:c + cfg.batch_size]
             t0 = time.perf_counter()
             rejected = self.injector.inject_batch([smp for smp, _ in chunk])
@@ -700,10 +693,16 @@ class _Run:
                     self._drop(reason, smp, pid)
                     continue
                 records.append(self._record(smp, pid, rej, "error_injection", None, cfg.injector, settings))
-            self._write(records)
-            self._progress(len(chunk))
-            if self._stop():
+            if self._end_batch(records, len(chunk)):
                 break
+
+    def _end_batch(self, records, n_rows):
+        """After a batch: write its records, count its rows, follow the free CPUs (when the
+        caller chose threads that way: ``runtime.use_threads``). True: the run should stop."""
+        self._write(records)
+        self._progress(n_rows)
+        adapt_threads()
+        return self._stop()
 
     def _record(self, smp, pid, rejected, strategy, level, injector, settings):
         return {"id": pid, "image": smp.image, "prompt": smp.prompt, "chosen": smp.chosen,

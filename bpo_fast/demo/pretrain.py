@@ -14,6 +14,9 @@ import math
 
 import torch
 
+from bpo_fast.demo.sft import warmup_cosine
+from bpo_fast.runtime import adapt_threads
+
 __all__ = ["pretrain_vision"]
 
 
@@ -44,13 +47,8 @@ def pretrain_vision(model, pixel_values, labels, *, epochs=2, batch_size=128, lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     n = pixel_values.shape[0]
     total = math.ceil(n / batch_size) * epochs
-    warmup = max(1, int(warmup_ratio * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-    from bpo_fast.runtime import adapt_threads
-
+    sched = warmup_cosine(opt, total, warmup_ratio)
     losses = []
-    step = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for b in range(0, n, batch_size):
@@ -70,8 +68,7 @@ def pretrain_vision(model, pixel_values, labels, *, epochs=2, batch_size=128, lr
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach().item())
-            step += 1
             if log is not None:
-                log(step, total, losses[-1])
+                log(len(losses), total, losses[-1])
     tower.eval()
     return losses

@@ -141,6 +141,14 @@ class _Encoded:
         return ids, mask, labels, pix
 
 
+def warmup_cosine(opt, total, warmup_ratio):
+    """The demo loops' learning-rate schedule: linear warm-up over ``warmup_ratio`` of the
+    ``total`` steps, times a cosine from 1 to 0 over all of them."""
+    warmup = max(1, int(warmup_ratio * total))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+
+
 def sft_train(model, processor, data, image_root, *, epochs=3, batch_size=32, lr=3e-3,
               warmup_ratio=0.05, weight_decay=0.0, seed=0, device="cpu", turns="all",
               max_steps=None, log=None, pack=True):
@@ -170,9 +178,7 @@ def sft_train(model, processor, data, image_root, *, epochs=3, batch_size=32, lr
     params = [p for p in model.parameters() if p.requires_grad]
     # one fused kernel for all parameters (CPU and CUDA), not ~10 small ops per parameter
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    warmup = max(1, int(warmup_ratio * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    sched = warmup_cosine(opt, total, warmup_ratio)
     rng = random.Random(seed)
     pixels = (enc.pixel_values.to(device=device, dtype=model.dtype)
               if enc.pixel_values is not None else None)   # None: text-only records

@@ -221,11 +221,11 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
         raise FileNotFoundError(f"model: {path!r} is not a directory (a local save_pretrained "
                                 "folder; nothing is downloaded)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    from bpo_fast.models.vlm import check_logit_transform, get_adapter
+    from bpo_fast.models.vlm import get_adapter, logit_softcap
 
     # clear errors for unsupported families and heads, before loading
     get_adapter(config.model_type)
-    check_logit_transform(config, f"model {path!r}")
+    logit_softcap(config, f"model {path!r}")  # rejects what the fused head cannot compute
     impl = choose_attention(attn_implementation, device, compute_dtype or dtype)
     if attn_implementation is None:
         impl = _per_submodel_attention(config, impl)
@@ -412,10 +412,9 @@ class PreferenceModel(nn.Module):
 
     def _head(self, model, hidden):
         """``(hidden, weight, bias, logit_softcap)`` for the fused head, in the compute dtype."""
-        from bpo_fast.models.vlm import lm_head_parts, logit_softcap
+        from bpo_fast.models.vlm import lm_head_parts
 
-        weight, bias = lm_head_parts(model)
-        cap = logit_softcap(unwrap(model).config)
+        weight, bias, cap = lm_head_parts(model)
         # Under autocast the LM head runs in the autocast dtype (the decoder's residual stream may
         # come out fp32 when the weights are fp32 master copies); the weight cast is tracked by
         # autograd so the gradient still reaches the fp32 weight.

@@ -52,7 +52,7 @@ import torch
 from bpo_fast.models.preference import unwrap as _unwrap  # the one peft-unwrapping rule
 
 __all__ = ["VLMAdapter", "ADAPTERS", "get_adapter", "supported_model_types", "lm_head_parts",
-           "check_logit_transform", "logit_softcap", "load_processor", "image_token_id",
+           "logit_softcap", "load_processor", "image_token_id",
            "resolve_chat_template", "processor_prompt", "UnsupportedModelError", "DEFAULT_CHAT_TEMPLATES"]
 
 IGNORE_INDEX = -100
@@ -210,16 +210,14 @@ def logit_softcap(config, what="model"):
     return float(cap) if cap else None
 
 
-check_logit_transform = logit_softcap  # the older name: raises for what the head cannot compute
-
-
 def lm_head_parts(model):
-    """``(weight, bias)`` of the LM head; raises :class:`UnsupportedModelError` for a logit
-    transform the fused head does not compute (:func:`logit_softcap`, which gives the cap)."""
+    """``(weight, bias, logit_softcap)`` of the LM head (the cap: :func:`logit_softcap`, None
+    without one); raises :class:`UnsupportedModelError` for a logit transform the fused head
+    does not compute."""
     base = _unwrap(model)
-    logit_softcap(base.config, f"model {type(base).__name__}")
+    cap = logit_softcap(base.config, f"model {type(base).__name__}")
     head = base.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    return head.weight, getattr(head, "bias", None), cap
 
 
 # --------------------------------------------------------------------------------------------

@@ -317,10 +317,13 @@ def check_rpo_alpha(rpo_alpha):
     return v
 
 
+def _finite_positive(x):
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
 def check_temperature(temperature):
     """``temperature``: a finite number > 0 (the logits are divided by it), else ValueError."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
+    if not _finite_positive(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return temperature
 
@@ -331,8 +334,7 @@ def check_logit_softcap(logit_softcap):
     returned as a float (or None), else ValueError naming it."""
     if logit_softcap is None:
         return None
-    if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float)) \
-            or not math.isfinite(logit_softcap) or logit_softcap <= 0:
+    if not _finite_positive(logit_softcap):
         raise ValueError(f"logit_softcap must be None or a finite number > 0 (the LM head's "
                          f"logits are capped to logit_softcap * tanh(z / logit_softcap)), got "
                          f"{logit_softcap!r}")
