@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bpo_fast.kernels import gpu_target
+from bpo_fast.kernels.target import gpu_target
 
 
 # ----------------------------------------------------------------------------------------------

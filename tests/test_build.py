@@ -1,5 +1,6 @@
 """The build: what extension_info() reports, the registered ops, and a wheel that ships them."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -55,7 +56,8 @@ def test_wheel_contains_the_extension(tmp_path):
             shutil.copy(os.path.join(ROOT, name), src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "_build_info.json")
     for d in ("csrc", "bpo_fast", "kernels"):
-        shutil.copytree(os.path.join(ROOT, d), src / d, ignore=ignore)
+        # symlinks kept as links: bpo_fast/kernels -> ../kernels, as in a clone
+        shutil.copytree(os.path.join(ROOT, d), src / d, ignore=ignore, symlinks=True)
     out = tmp_path / "wheels"
     env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     env.pop("BPO_FAST_SKIP_EXT", None)
@@ -68,7 +70,10 @@ def test_wheel_contains_the_extension(tmp_path):
     assert len(wheels) == 1, os.listdir(out)
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert any(n.startswith("bpo_fast/_C") and n.endswith(".so") for n in names), names
-    assert "bpo_fast/kernels/__init__.py" in names
+    # the Triton kernels ship as bpo_fast.kernels, never as a top-level `kernels` (the name of
+    # a Hugging Face distribution transformers imports)
+    assert {"bpo_fast/kernels/linear.py", "bpo_fast/kernels/target.py"} <= set(names), names
+    assert not any(n.startswith("kernels/") for n in names), names
     assert "bpo_fast/ops/noise.py" in names
     info = json.loads(zipfile.ZipFile(wheels[0]).read("bpo_fast/_build_info.json"))
     from torch.utils.cpp_extension import CUDA_HOME
@@ -126,3 +131,50 @@ def test_a_cuda_home_without_libcudart_stops_the_build_in_one_line(tmp_path):
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: CUDA_HOME=") and "libcudart" in err[0], err
+
+
+_PROBE = """
+import os, sys, importlib.util
+import kernels
+import bpo_fast.kernels.linear as ours
+print(getattr(kernels, "__file__", None))
+print(os.path.realpath(ours.__file__))
+"""
+
+
+@pytest.mark.parametrize("how", ["cwd", "pythonpath"])
+def test_top_level_kernels_never_shadows_another_distribution(tmp_path, how):
+    """Our kernels/ folder (no __init__.py: a namespace portion) loses to a regular package of
+    the same name further down sys.path, from the repository root and with PYTHONPATH=<root>;
+    bpo_fast.kernels is still our code."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = object\n")
+    if how == "cwd":
+        cwd, path = ROOT, str(site)
+    else:
+        cwd, path = str(tmp_path), os.pathsep.join([ROOT, str(site)])
+    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=cwd, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs, ours = proc.stdout.split()
+    assert theirs == str(site / "kernels" / "__init__.py")
+    assert ours == os.path.realpath(os.path.join(ROOT, "kernels", "linear.py"))
+
+
+@pytest.mark.parametrize("how", ["cwd", "pythonpath"])
+def test_transformers_imports_its_kernels_from_the_repository_root(tmp_path, how):
+    """transformers >= 5.25 imports the Hugging Face `kernels` distribution at import time."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed")
+    code = ("from transformers import LlavaForConditionalGeneration\n"
+            "import bpo_fast.kernels.linear as ours, os\n"
+            "print(os.path.realpath(ours.__file__))")
+    cwd = ROOT if how == "cwd" else str(tmp_path)
+    env = dict(os.environ)
+    if how == "pythonpath":
+        env["PYTHONPATH"] = ROOT
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == os.path.realpath(os.path.join(ROOT, "kernels", "linear.py"))

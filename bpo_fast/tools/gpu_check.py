@@ -139,7 +139,7 @@ class _Recorder:
 def _recording(arch, sink):
     import importlib
 
-    import bpo_fast.kernels as KP
+    import bpo_fast.kernels.target as KP
 
     mods = {m: importlib.import_module(f"bpo_fast.kernels.{m}") for m in ("dpo", "logprobs",
                                                                             "linear")}

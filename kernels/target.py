@@ -1,4 +1,4 @@
-"""Triton kernels (device code only). Shipped inside the package as ``bpo_fast.kernels``."""
+"""Which GPU the launchers plan their tiles for."""
 
 # (arch, SM count) that launchers plan for when handed ``meta`` tensors: set only by
 # ``bpo_fast.tools.gpu_check``, which records the launches for a GPU it does not have.
