@@ -292,11 +292,13 @@ def _command_options():
     from bpo_fast.demo.cli import DemoOptions
     from bpo_fast.eval.cli import ChairOptions
     from bpo_fast.eval.cli_pope import PopeOptions
+    from bpo_fast.eval.generate import GenerateOptions
     from bpo_fast.train.cli_ref import RefLogpsOptions
     from bpo_fast.train.config import TrainConfig
 
     return {"build-pairs": PairBuilderConfig, "merge-pairs": MergeOptions,
-            "ref-logps": RefLogpsOptions, "train": TrainConfig, "eval-chair": ChairOptions,
+            "ref-logps": RefLogpsOptions, "train": TrainConfig, "generate": GenerateOptions,
+            "eval-chair": ChairOptions,
             "eval-pope": PopeOptions, "demo": DemoOptions}
 
 

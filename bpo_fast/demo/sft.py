@@ -211,33 +211,21 @@ def sft_train(model, processor, data, image_root, *, epochs=3, batch_size=32, lr
 def generate_answers(model, processor, images, prompt, *, batch_size=64, max_new_tokens=48,
                      device="cpu"):
     """Greedy answers of ``model`` to ``prompt`` (a question string, or a list of one question
-    per image) for each PIL image."""
+    per image) for each PIL image, through the one generation path of bpo-fast
+    (:class:`bpo_fast.data.vlm_generation.Answerer`, as ``bpo-fast generate``)."""
+    from bpo_fast.data.generation import Sampling
+    from bpo_fast.data.vlm_generation import Answerer
     from bpo_fast.runtime import adapt_threads
 
-    tok = processor.tokenizer
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(images):
         raise ValueError(f"prompt: expected one question per image ({len(images)}), got "
                          f"{len(prompts)}")
-    texts = [processor.apply_chat_template(
-        turns_to_messages([{"from": "human", "value": "<image>\n" + p}]),
-        add_generation_prompt=True, tokenize=False) for p in prompts]
     model.to(device).eval()
+    answer = Answerer(model, processor, Sampling(max_new_tokens=max_new_tokens))
+    items = [([{"from": "human", "value": "<image>\n" + p}], [im]) for p, im in zip(prompts, images)]
     answers = []
-    side = tok.padding_side
-    tok.padding_side = "left"          # prompts of different lengths: generate after the prompt
-    try:
-        for b in range(0, len(images), batch_size):
-            adapt_threads()
-            chunk = images[b:b + batch_size]
-            enc = processor(images=chunk, text=texts[b:b + batch_size], return_tensors="pt",
-                            padding=True)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tok.padding_side = side
+    for b in range(0, len(items), batch_size):
+        adapt_threads()
+        answers += answer(items[b:b + batch_size])[0]
     return answers

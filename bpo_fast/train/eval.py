@@ -221,31 +221,24 @@ class Evaluator:
     @torch.no_grad()
     def generate(self, pm, s):
         """Greedy answers on the first ``eval_generate`` pairs: ``[{"id", "prompt", "answer",
-        "chosen"}]``."""
-        from bpo_fast.data.schema import turns_to_messages
+        "chosen"}]``, through bpo-fast's one generation path
+        (:class:`bpo_fast.data.vlm_generation.Answerer`, as ``bpo-fast generate``), batched by
+        ``eval_batch_size``."""
+        from bpo_fast.data.generation import Sampling
+        from bpo_fast.data.questions import item_images
+        from bpo_fast.data.vlm_generation import Answerer
 
         n = min(self.config.eval_generate, len(s.ds))
-        model = pm.policy
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                     torch.float32)
-        tok = self.processor.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        answer = Answerer(pm.policy, self.processor, Sampling(
+            max_new_tokens=self.config.eval_max_new_tokens,
+            chat_template=self.config.chat_template), device=self.device)
         out = []
-        # one pair at a time (no padding to get right; pairs may hold any number of images)
-        for j in range(n):
-            it = s.ds[j]
-            text = self.collate.prompt_text(turns_to_messages(it["prompt"]))
-            images = it["images"] if it.get("images") is not None else [it["image"]]
-            enc = self.processor(images=images or None, text=[text], return_tensors="pt")
-            enc = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
-                   for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        for b in range(0, n, self.batch_size):
+            items = [s.ds[j] for j in range(b, min(n, b + self.batch_size))]
             with self.autocast:
-                seqs = model.generate(**enc, max_new_tokens=self.config.eval_max_new_tokens,
-                                      do_sample=False, num_beams=1, pad_token_id=pad)
-            new = seqs[0, enc["input_ids"].shape[1]:]
-            out.append({"id": it["id"], "prompt": text,
-                        "answer": tok.decode(new, skip_special_tokens=True).strip(),
-                        "chosen": it["chosen"]})
+                answers, _ = answer([(it["prompt"], item_images(it)) for it in items])
+            out += [{"id": it["id"], "prompt": answer.prompt(it["prompt"]), "answer": a,
+                     "chosen": it["chosen"]} for it, a in zip(items, answers)]
         return out
 
     def _generate_unsharded(self, pm, s):
