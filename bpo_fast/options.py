@@ -50,10 +50,10 @@ def option(default=dataclasses.MISSING, *, help, cli=None, choices=None, type=No
 
 def threads_option(**kw):
     """The ``--threads`` option of the CPU-heavy commands (``bpo_fast.runtime.use_threads``)."""
-    return option(None, help="torch CPU threads (default: the CPUs of the affinity mask that "
-                             "other processes leave free, measured from /proc/stat and followed "
-                             "while the command runs)", type=int_at_least(1), metavar="N",
-                  default_text="the free CPUs", **kw)
+    return option(None, help="torch CPU threads", type=int_at_least(1), metavar="N",
+                  default_text="the CPUs of the affinity mask that other processes leave free, "
+                               "measured from /proc/stat and followed while the command runs",
+                  **kw)
 
 
 def cli_fields(cls):

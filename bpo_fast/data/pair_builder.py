@@ -51,7 +51,8 @@ from bpo_fast.data.schema import INJECTORS, STRATEGIES, SchemaError, normalize_t
 from bpo_fast.errors import UserError, input_dir, input_file, output_file
 from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, option, parse_device,
                               threads_option)
-from bpo_fast.runtime import adapt_threads, dist_env, parse_dtype, resolve_device
+from bpo_fast.runtime import (adapt_threads, default_num_workers, dist_env, parse_dtype,
+                              resolve_device)
 
 __all__ = ["PairBuilderConfig", "BuildSummary", "build_pairs", "parse_noise_steps", "shard_path",
            "errors_path"]
@@ -157,8 +158,9 @@ class PairBuilderConfig:
                                       "fsynced per batch", group=_RUN)
     gen_batch_size: int = option(None, help="rows per generate call", metavar="N", group=_RUN,
                                  default_text="batch size x noise levels")
-    num_workers: int = option(4, help="CPU worker processes decoding/resizing images",
-                              group=_RUN)
+    num_workers: int = option(None, help="CPU worker processes decoding/resizing images",
+                              metavar="N", group=_RUN,
+                              default_text="4, at most the CPUs this process may use")
     progress: bool = option(True, help="no progress bar", cli="no-progress", group=_RUN)
     fsync: bool = option(True, help="flush without fsync per batch (faster on slow disks; a "
                                     "machine crash may then lose more than one batch)",
@@ -778,6 +780,8 @@ def _validate_config(cfg):
         raise ValueError(f"inject_max_new_tokens: expected an int >= 1 or None, got {cfg.inject_max_new_tokens!r}")
     if cfg.gen_batch_size is not None and (not isinstance(cfg.gen_batch_size, int) or cfg.gen_batch_size < 1):
         raise ValueError(f"gen_batch_size: expected an int >= 1 or None, got {cfg.gen_batch_size!r}")
+    if cfg.num_workers is None:
+        cfg = dataclasses.replace(cfg, num_workers=default_num_workers())
     if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
         raise ValueError(f"num_workers: expected an int >= 0, got {cfg.num_workers!r}")
     if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:

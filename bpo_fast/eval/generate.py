@@ -171,6 +171,7 @@ def load_model(opts, device, dtype):
         if opts.base_model:
             raise UserError(f"--base-model: {path!r} is not a LoRA adapter folder (no "
                             "adapter_config.json); --base-model is only for adapters")
+        _check_model_dir(path, "--model")
         return load_vlm(path, dtype=dtype, device=device).eval(), load_processor(path)
     from peft import PeftConfig, PeftModel
 
@@ -178,6 +179,7 @@ def load_model(opts, device, dtype):
     if not base or not os.path.isdir(base):
         raise UserError(f"--base-model: the adapter {path!r} was trained on {base!r}, which is "
                         "not a directory here; pass --base-model DIR")
+    _check_model_dir(base, "--base-model")
     model = load_vlm(base, dtype=dtype, device=device)
     model = PeftModel.from_pretrained(model, path).merge_and_unload().eval()
     # train saves the processor beside the adapter; an adapter without one uses the base's
@@ -185,6 +187,12 @@ def load_model(opts, device, dtype):
                         for f in ("processor_config.json", "preprocessor_config.json",
                                   "tokenizer_config.json"))
     return model, load_processor(path if has_processor else base)
+
+
+def _check_model_dir(path, arg):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{arg}: {path!r} holds no config.json (expected a save_pretrained "
+                        "model folder, or a LoRA adapter folder for --model)")
 
 
 # --------------------------------------------------------------------------------------------

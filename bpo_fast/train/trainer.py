@@ -168,8 +168,10 @@ def build_preference_model(config, device, world):
             p.data = p.data.float()
     reference = None
     if config.reference == "model":
+        # the same attention choice as the policy's (logged once) unless its dtype differs
         reference = load_vlm(config.ref_model or config.model, dtype=ref_dtype,
-                             attn_implementation=config.attn_implementation, device=device)
+                             attn_implementation=config.attn_implementation, device=device,
+                             log_attention=ref_dtype != dtype)
     pm = PreferenceModel(policy, reference, reference_mode=config.reference, beta=config.beta,
                          loss_type=config.loss_type, label_smoothing=config.label_smoothing,
                          packing=config.packing, rpo_alpha=config.rpo_alpha)
