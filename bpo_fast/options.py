@@ -56,6 +56,17 @@ def threads_option(**kw):
                   **kw)
 
 
+def device_option(**kw):
+    """The ``--device`` option of the commands that run under torchrun."""
+    return option(None, help="cpu, cuda or cuda:N", type=parse_device, metavar="DEVICE",
+                  default_text="cuda if available (cuda:LOCAL_RANK under torchrun)", **kw)
+
+
+def dtype_option(help="model dtype (auto: bf16 on CUDA, fp32 on CPU)", **kw):
+    """A ``--dtype`` option (``auto``, ``fp32``, ``bf16``, ``fp16``; aliases accepted)."""
+    return option("auto", help=help, type=canonical_dtype, choices=DTYPE_CHOICES, **kw)
+
+
 def cli_fields(cls):
     """The fields of ``cls`` that are command-line options, in declaration order."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("help")]

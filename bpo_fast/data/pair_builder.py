@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bpo_fast.data.generation import (Generator, derive_seed, image_token_count, load_model,
-                                      pixels_for_levels, schedule_for)
+from bpo_fast.data.generation import (Generator, check_sampling, derive_seed, image_token_count,
+                                      load_model, pixels_for_levels, schedule_for)
 from bpo_fast.data.images import ImageGeometry, ImageLoadDataset, collate_images
 from bpo_fast.data.inject import LLMInjector, RuleInjector, load_template
 from bpo_fast.data.jsonl import JsonlWriter, iter_jsonl, read_ids, repair_torn_tail
@@ -49,8 +49,7 @@ from bpo_fast.data.pair_merge import _split_ext
 from bpo_fast.data.llava_format import TURN_MODES, MalformedRecord, iter_records, record_to_samples
 from bpo_fast.data.schema import INJECTORS, STRATEGIES, SchemaError, normalize_text, validate_pair
 from bpo_fast.errors import UserError, input_dir, input_file, output_file
-from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, option, parse_device,
-                              threads_option)
+from bpo_fast.options import device_option, dtype_option, option, threads_option
 from bpo_fast.runtime import (adapt_threads, default_num_workers, dist_env, parse_dtype,
                               resolve_device)
 
@@ -148,11 +147,8 @@ class PairBuilderConfig:
     seed: int = option(0, help="with each record's id and the strategy, seeds its noise, its "
                                "sampling and the rule injector", group=_GEN)
 
-    device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, metavar="DEVICE",
-                         group=_RUN, default_text="cuda if available (cuda:LOCAL_RANK under "
-                                                  "torchrun)")
-    dtype: str = option("auto", help="model dtype (auto: bf16 on CUDA, fp32 on CPU)",
-                        type=canonical_dtype, choices=DTYPE_CHOICES, group=_RUN)
+    device: str = device_option(group=_RUN)
+    dtype: str = dtype_option(group=_RUN)
     threads: int = threads_option(group=_RUN)
     batch_size: int = option(32, help="records (images) per batch; output is appended and "
                                       "fsynced per batch", group=_RUN)
@@ -784,13 +780,7 @@ def _validate_config(cfg):
         cfg = dataclasses.replace(cfg, num_workers=default_num_workers())
     if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
         raise ValueError(f"num_workers: expected an int >= 0, got {cfg.num_workers!r}")
-    if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
-        raise ValueError(f"min_new_tokens: expected 0 <= min_new_tokens <= max_new_tokens "
-                         f"({cfg.max_new_tokens}), got {cfg.min_new_tokens}")
-    if cfg.do_sample and not cfg.temperature > 0:
-        raise ValueError(f"temperature: expected > 0 when sampling, got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise ValueError(f"top_p: expected 0 < top_p <= 1, got {cfg.top_p}")
+    check_sampling(cfg)
     if any(s is not None and s >= cfg.num_noise_steps for s in cfg.noise_steps):
         raise ValueError(f"noise_steps: every step must be < num_noise_steps ({cfg.num_noise_steps}), "
                          f"got {list(cfg.noise_steps)}")

@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 
 from bpo_fast.data.questions import DEFAULT_PROMPT, INPUT_FORMATS, read_questions
 from bpo_fast.errors import UserError, input_dir, input_file, output_file
-from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, option, parse_device,
-                              threads_option)
+from bpo_fast.options import device_option, dtype_option, option, threads_option
 
 __all__ = ["GenerateOptions", "GenerateSummary", "generate", "merge_shards", "load_model"]
 _IO, _GEN, _RUN = "input and output", "generation", "runtime"
@@ -98,11 +97,8 @@ class GenerateOptions:
 
     batch_size: int = option(16, help="questions per generate call; output is appended and "
                                       "fsynced per batch", group=_RUN)
-    device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, metavar="DEVICE",
-                         group=_RUN, default_text="cuda if available (cuda:LOCAL_RANK under "
-                                                  "torchrun)")
-    dtype: str = option("auto", help="model dtype (auto: bf16 on CUDA, fp32 on CPU)",
-                        type=canonical_dtype, choices=DTYPE_CHOICES, group=_RUN)
+    device: str = device_option(group=_RUN)
+    dtype: str = dtype_option(group=_RUN)
     threads: int = threads_option(group=_RUN)
     progress: bool = option(True, help="no progress bar", cli="no-progress", group=_RUN)
     fsync: bool = option(True, help="flush without fsync per batch", cli="no-fsync", group=_RUN)
@@ -240,13 +236,9 @@ def _validate(opts):
     if opts.limit is not None and (isinstance(opts.limit, bool) or not isinstance(opts.limit, int)
                                    or opts.limit < 1):
         raise ValueError(f"limit: expected an int >= 1 or None, got {opts.limit!r}")
-    if not 0 <= opts.min_new_tokens <= opts.max_new_tokens:
-        raise ValueError(f"min_new_tokens: expected 0 <= min_new_tokens <= max_new_tokens, got "
-                         f"{opts.min_new_tokens}")
-    if opts.do_sample and not opts.temperature > 0:
-        raise ValueError(f"temperature: expected > 0 when sampling, got {opts.temperature}")
-    if not 0 < opts.top_p <= 1:
-        raise ValueError(f"top_p: expected 0 < top_p <= 1, got {opts.top_p}")
+    from bpo_fast.data.generation import check_sampling
+
+    check_sampling(opts)
     if opts.resume and opts.overwrite:
         raise ValueError("resume and overwrite: pick one")
     output_file(opts.out, "--out")

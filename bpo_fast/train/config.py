@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, option, parse_device,
-                              threads_option)
+from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, device_option, dtype_option,
+                              option, threads_option)
 
 from bpo_fast.runtime import DTYPES, parse_dtype  # noqa: F401  (re-exported)
 
@@ -133,12 +133,9 @@ class TrainConfig:
                                choices=("stop", "skip"), group=_OPT)
 
     # runtime
-    dtype: str = option("auto", help="compute dtype (auto: bf16 on CUDA with fp32 master "
-                                     "weights and autocast, fp32 on CPU)", type=canonical_dtype,
-                        choices=DTYPE_CHOICES, group=_RUN)
-    device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, group=_RUN,
-                         metavar="DEVICE",
-                         default_text="cuda if available (cuda:LOCAL_RANK under torchrun)")
+    dtype: str = dtype_option(help="compute dtype (auto: bf16 on CUDA with fp32 master weights "
+                                   "and autocast, fp32 on CPU)", group=_RUN)
+    device: str = device_option(group=_RUN)
     threads: int = threads_option(group=_RUN)
     gradient_checkpointing: bool = option(False, help="recompute activations in backward",
                                           group=_RUN)
