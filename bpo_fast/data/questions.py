@@ -124,7 +124,7 @@ def _llava_questions(rec, turns):
     return images, out
 
 
-def _question_record(rec, stems, image_root):
+def _question_record(rec, stems):
     if not isinstance(rec, dict):
         raise _BadRecord(f"expected a JSON object, got {type(rec).__name__}")
     qid = rec.get("question_id")
@@ -183,8 +183,9 @@ def _list_images(root):
 def read_questions(opts, on_error=None):
     """The questions of ``opts`` (``data``, ``data_format``, ``image_root``, ``prompt``,
     ``turns``, ``limit``, ``strict``: e.g. :class:`bpo_fast.eval.generate.GenerateOptions`) in
-    input order. A record that yields none is passed to ``on_error({"stage": "record", "line", "reason"})`` (``opts.strict``: a
-    :class:`UserError` instead). Returns ``(questions, renamed duplicate ids)``."""
+    input order. A record that yields none is passed to ``on_error({"stage": "record", "line",
+    "reason"})`` (``opts.strict``: a :class:`UserError` instead). Returns ``(questions, renamed
+    duplicate ids)``."""
     fmt = opts.data_format
     if opts.data is None:
         questions = [Question(os.path.splitext(rel)[0].replace(os.sep, "/"),
@@ -203,7 +204,7 @@ def read_questions(opts, on_error=None):
 
     stems = _ImageIndex(opts.image_root)
     questions = []
-    for index, line, rec in iter_records(opts.data):
+    for _, line, rec in iter_records(opts.data):
         if opts.limit is not None and len(questions) >= opts.limit:
             break
         try:
@@ -214,7 +215,7 @@ def read_questions(opts, on_error=None):
                 questions += [Question(qid, turns, images, line, {"image": rec.get("image")})
                               for qid, turns in qs]
             else:
-                qid, turns, images, extra = _question_record(rec, stems, opts.image_root)
+                qid, turns, images, extra = _question_record(rec, stems)
                 questions.append(Question(qid, turns, images, line,
                                           {"image": images[0] if len(images) == 1 else images,
                                            **extra}))
