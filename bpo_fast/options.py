@@ -155,7 +155,7 @@ def load_config_file(path, cls):
     from bpo_fast.errors import input_file
 
     input_file(path, "--config", what="JSON or YAML config file", text=True)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:   # a byte-order mark is dropped
         text = f.read()
     if path.endswith((".yaml", ".yml")):
         try:

@@ -356,7 +356,7 @@ def _first_record(path, chunk=1 << 16, limit=1 << 26):
     whole array). None when it cannot be read (or is not within ``limit`` characters)."""
     dec = json.JSONDecoder()
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:   # a BOM is dropped
             buf = f.read(chunk)
             is_array = buf.lstrip().startswith("[")
             while True:

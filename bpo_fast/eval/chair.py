@@ -154,8 +154,9 @@ class SynonymTable:
         """Load a text ("canonical, syn, ...") or JSON (``{canonical: [syns]}``) table."""
         if not os.path.isfile(path):
             raise InputError(f"synonyms: no such file {path!r}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        from bpo_fast.data.jsonl import read_text
+
+        text = read_text(path)
         if text.lstrip().startswith("{"):
             try:
                 data = json.loads(text)
@@ -355,10 +356,10 @@ def _iter_json_items(path, what):
     yields ``(line, (id, value))``)."""
     if not os.path.isfile(path):
         raise InputError(f"{what} file: no such file {path!r}")
-    with open(path, "rb") as f:
-        raw = f.read()
+    from bpo_fast.data.jsonl import read_text
+
     try:
-        text = raw.decode("utf-8")
+        text = read_text(path)
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     stripped = text.lstrip()

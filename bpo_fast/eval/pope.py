@@ -153,10 +153,10 @@ def load_prior(path):
     a JSON list of ``[anchor, partner]`` pairs -> ``{object: [partners]}``."""
     if not os.path.isfile(path):
         raise InputError(f"prior: no such file {path!r}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    from bpo_fast.data.jsonl import read_text
+
     try:
-        data = json.loads(text)
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     try:
