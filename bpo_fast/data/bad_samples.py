@@ -34,12 +34,15 @@ import torch
 from bpo_fast.data.images import ImageError
 from bpo_fast.data.jsonl import JsonlWriter, iter_jsonl, repair_torn_tail
 from bpo_fast.errors import UserError
+from bpo_fast.options import MAX_BAD_FRACTION
 
-__all__ = ["BadSamples", "TooManyBadSamples", "GuardedPairs", "SampleError", "claim_side_file",
+__all__ = ["BadSamples", "TooManyBadSamples", "GuardedPairs", "GuardedStream", "SampleError",
+           "claim_side_file",
+           "check_side_file", "ErrorsFile", "side_path", "load_records",
            "is_own_side_file", "side_header", "DEFAULT_MAX_BAD_FRACTION", "sample_kind",
            "check_max_bad_fraction"]
 
-DEFAULT_MAX_BAD_FRACTION = 0.1
+DEFAULT_MAX_BAD_FRACTION = MAX_BAD_FRACTION  # declared once, with the option, in options.py
 SIDE_KEY = "bpo_fast"
 
 
@@ -102,11 +105,10 @@ def is_own_side_file(path, kind="errors"):
     return isinstance(head, dict) and head.get(SIDE_KEY) == kind
 
 
-def claim_side_file(path, arg, *, kind="errors", resume=False):
-    """Make ``path`` ready for a run's side file: kept for appending (``resume``) or removed (a
-    fresh run), only when it is ours (its header) or empty; any other existing file raises
-    :class:`UserError` naming ``arg`` and leaves the file as it is. Returns True when an own
-    file is kept for appending."""
+def check_side_file(path, arg, *, kind="errors"):
+    """Raise :class:`UserError` naming ``arg`` when ``path`` exists and is not a side file of
+    ``kind`` that bpo-fast wrote (its header) or an empty file; changes nothing. Returns whether
+    it exists and holds something."""
     if not os.path.lexists(path):
         return False
     if os.path.isdir(path):
@@ -116,7 +118,17 @@ def claim_side_file(path, arg, *, kind="errors", resume=False):
         raise UserError(f"{arg}: {path!r} exists and was not written by bpo-fast (no bpo-fast "
                         f"{kind} header on its first line); it is left as it is: name another "
                         "file or move it away")
-    if resume and not empty:
+    return not empty
+
+
+def claim_side_file(path, arg, *, kind="errors", resume=False):
+    """Make ``path`` ready for a run's side file: kept for appending (``resume``) or removed (a
+    fresh run), only when it is ours (its header) or empty (:func:`check_side_file`; any other
+    file raises and is left as it is). Returns True when an own file is kept for appending."""
+    if not os.path.lexists(path):
+        return False
+    held = check_side_file(path, arg, kind=kind)
+    if resume and held:
         repair_torn_tail(path)
         return True
     os.remove(path)
@@ -183,8 +195,14 @@ class BadSamples:
         for e in self.errors.existing:  # a resumed run: the bad samples found before
             self._count(e)
 
+    MIN_STREAM = 100  # a stream (size unknown) is judged once this many samples were read
+
     def total(self, file, n):
         self.totals[file] = int(n)
+
+    def seen(self, file, n):
+        """A stream's samples read so far (its size is unknown): judged from MIN_STREAM on."""
+        self.totals[file] = int(n) if n >= self.MIN_STREAM else 0
 
     def _count(self, e):
         key = (e.get("id"), e.get("line"))
@@ -229,9 +247,10 @@ class BadSamples:
         return ", ".join(f"{k}: {v}" for k, v in sorted(self.by_kind.get(file, {}).items()))
 
     def check(self, world=1):
-        """Raise :class:`TooManyBadSamples` when a file's bad samples exceed the share. With
-        ``world > 1`` the counts are summed over ranks first (a collective: every rank calls it
-        at the same point), so every rank stops alike."""
+        """Raise :class:`TooManyBadSamples` when a file's bad samples exceed the share; returns
+        the bad samples counted so far. With ``world > 1`` the counts are summed over ranks
+        first (a collective: every rank calls it at the same point), so every rank stops
+        alike."""
         files = sorted(self.totals)
         counts = [self.count(f) for f in files]
         if world > 1:
@@ -249,6 +268,7 @@ class BadSamples:
                     f"{self.command}: {n} of the {total} samples of {f} are bad (more than "
                     f"--max-bad-fraction {self.max_fraction:g}): {self.reasons(f) or 'see below'}"
                     f"; each is named in {self.path}")
+        return sum(counts)
 
     def summary(self):
         return {f: {"bad": self.count(f), "total": self.totals.get(f), **self.by_kind.get(f, {})}
@@ -256,6 +276,28 @@ class BadSamples:
 
     def close(self):
         self.errors.close()
+
+
+def side_path(path, kind="errors"):
+    """``captions.jsonl`` -> ``captions.errors.jsonl``: the default side file of a data file."""
+    root, ext = os.path.splitext(path)
+    return f"{root if ext in ('.json', '.jsonl') else path}.{kind}.jsonl"
+
+
+def load_records(load, path, command, *, errors=None, max_fraction=DEFAULT_MAX_BAD_FRACTION):
+    """``load(path, on_bad)`` of a records file (captions, answers) under the policy: each
+    malformed record reported to ``on_bad(line, reason)`` is named in ``errors`` (default
+    :func:`side_path`), skipped and counted; more than ``max_fraction`` of the records stop the
+    command (:class:`TooManyBadSamples`). Returns ``(what load returned, BadSamples)``."""
+    bad = BadSamples(errors or side_path(path), command, max_fraction=max_fraction)
+    try:
+        out = load(path, lambda line, reason: bad.note(
+            [BadSamples.entry(path, None, line, reason, "record")]))
+        bad.total(path, len(out) + bad.count(path))
+        bad.check()
+    finally:
+        bad.close()
+    return out, bad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,3 +361,33 @@ class GuardedPairs(torch.utils.data.Dataset):
                 self._bad.add(jj)
                 notes.append(note)
         return {"skip": True, "bad": notes, "stand_in": False}
+
+
+class GuardedStream(torch.utils.data.IterableDataset):
+    """:class:`GuardedPairs` for a stream (``StreamingPairs``): a bad sample is noted and the
+    stream goes on to the next one (a batch keeps its size); the records the stream itself
+    skipped (its ``skipped`` list: row and reason) are noted too. Each item carries ``"seen"``:
+    the samples read so far, bad ones included (a stream's size is unknown up front)."""
+
+    def __init__(self, stream, encode, *, file):
+        self.stream, self.encode, self.file = stream, encode, file
+
+    def set_epoch(self, epoch, start=0):
+        self.stream.set_epoch(epoch, start)
+
+    def __iter__(self):
+        notes, seen, skipped = [], 0, len(self.stream.skipped)
+        for item in self.stream:
+            for row, reason in self.stream.skipped[skipped:]:
+                notes.append(BadSamples.entry(self.file, None, row, reason, "record"))
+            seen += len(self.stream.skipped) - skipped + 1
+            skipped = len(self.stream.skipped)
+            try:
+                enc = self.encode(item)
+            except SAMPLE_ERRORS as exc:
+                notes.append(BadSamples.entry(self.file, item.get("id"), item.get("line"),
+                                              f"{type(exc).__name__}: {exc}", sample_kind(exc)))
+                continue
+            enc.update(bad=notes, stand_in=False, seen=seen)
+            notes = []
+            yield enc

@@ -13,6 +13,7 @@ there the clean pixels agree only up to resize rounding.
 """
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,8 +195,11 @@ def open_image(ref, image_root=None):
             img = Image.open(io.BytesIO(data))
             img.load()  # decode now: a truncated file fails here
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, bomb errors...
+            # PIL names the buffer (<_io.BytesIO object at 0x...>): name the image instead, so
+            # that the message is the same in every run (a resumed run logs it once)
+            msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", repr(name), str(exc))
             raise ImageError(f"image {name!r} does not decode ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())})") from None
+                             f"{' '.join(msg.split())})") from None
     try:
         return to_rgb(img), image_digest(data)
     except Exception as exc:

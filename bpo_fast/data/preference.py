@@ -352,6 +352,8 @@ class PreferenceCollator:
         batch["index"] = torch.tensor([e["index"] for e in encoded], dtype=torch.long)
         batch["digests"] = [e["digest"] for e in encoded]
         batch["bad"] = bad
+        if any("seen" in e for e in encoded):  # a stream: samples read so far
+            batch["seen"] = max(e.get("seen", 0) for e in encoded)
         return batch
 
     def __call__(self, items):

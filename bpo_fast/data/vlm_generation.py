@@ -32,14 +32,41 @@ class ProcessorRows:
     """Build ``model.generate`` inputs for rows ``(prompt text, PIL image, noise step or None,
     seed)`` with the family's processor and adapter."""
 
-    def __init__(self, processor, model_type, schedule):
+    def __init__(self, processor, model_type, schedule, processor_kwargs=None):
         from bpo_fast.models.vlm import get_adapter
 
         self.processor = processor
         self.adapter = get_adapter(model_type)
         self.schedule = schedule
+        self.processor_kwargs = dict(processor_kwargs or {})
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self._encoded = {}  # (prompt, image) -> processor output: one call for a record's levels
+
+    def encode(self, text, image):
+        """The processor's output for one row's prompt and image (kept until :meth:`clear`: the
+        noise levels of a record share it)."""
+        key = (text, id(image))
+        if key not in self._encoded:
+            enc = self.processor(images=[image], text=[text], return_tensors="pt",
+                                 **self.processor_kwargs)
+            self._encoded[key] = (image, enc)  # the image kept alive: its id stays unique
+        return self._encoded[key][1]
+
+    def check(self, text, image):
+        """Run the processor on one prompt and image now; a sample it rejects (a ValueError: an
+        aspect ratio Qwen2-VL cannot resize, a placeholder count that does not match) raises
+        :class:`~bpo_fast.data.bad_samples.SampleError` saying why."""
+        from bpo_fast.data.bad_samples import SampleError
+
+        try:
+            self.encode(text, image)
+        except ValueError as exc:
+            raise SampleError(f"the processor rejects it ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())})") from None
+
+    def clear(self):
+        self._encoded.clear()
 
     def noised(self, pixel_values, step, seed):
         """``x_t`` of the processor's normalised pixels (a clean copy for ``step`` None)."""
@@ -54,9 +81,9 @@ class ProcessorRows:
     def __call__(self, rows, device, dtype):
         texts, images = [], []
         for text, image, step, seed in rows:
-            enc = self.processor(images=[image], text=[text], return_tensors="pt")
+            enc = self.encode(text, image)
             texts.append({k: enc[k][0] for k in _TEXT_PAD if k in enc})
-            img = self.adapter.image_inputs(enc)
+            img = dict(self.adapter.image_inputs(enc))
             img["pixel_values"] = self.noised(img["pixel_values"], step, seed)
             images.append(img)
         t = max(r["input_ids"].shape[0] for r in texts)

@@ -419,26 +419,41 @@ def _record_id(path, line, rec, what):
     raise InputError(f"{path}:{line}: {what} record has no id (expected one of {list(_ID_KEYS)})")
 
 
-def load_captions(path):
+def _bad_record(path, line, exc, on_bad):
+    """A record-level problem: reported to ``on_bad(line, reason)`` (the bad-sample policy:
+    named, skipped, counted) when given, else raised."""
+    if on_bad is None:
+        raise exc
+    on_bad(line, str(exc).split(f"{path}:{line}: ", 1)[-1])
+
+
+def load_captions(path, on_bad=None):
     """Captions file -> ``{id: caption}``. JSONL or JSON array of ``{"id", "caption"}`` (id keys
     also ``image_id``/``question_id``, caption keys also ``text``/``answer``, as written by LLaVA's
-    evaluation scripts), or a JSON object ``{id: caption}``. Ids are compared as strings."""
+    evaluation scripts), or a JSON object ``{id: caption}``. Ids are compared as strings.
+    ``on_bad(line, reason)``: a malformed record is reported there and skipped (else it raises
+    :class:`InputError`)."""
     out, lines = {}, {}
     for line, rec in _iter_json_items(path, "captions"):
-        if isinstance(rec, tuple):
-            cid, cap = rec
-        else:
-            cid = _record_id(path, line, rec, "caption")
-            key = next((k for k in _CAPTION_KEYS if k in rec), None)
-            if key is None:
-                raise InputError(f"{path}:{line}: caption record {cid!r} has no caption "
-                                 f"(expected one of {list(_CAPTION_KEYS)})")
-            cap = rec[key]
-        if not isinstance(cap, str):
-            raise InputError(f"{path}:{line}: caption of {cid!r} must be a string, got "
-                             f"{type(cap).__name__}")
-        if cid in out:
-            raise InputError(f"{path}:{line}: duplicate id {cid!r} (first at line {lines[cid]})")
+        try:
+            if isinstance(rec, tuple):
+                cid, cap = rec
+            else:
+                cid = _record_id(path, line, rec, "caption")
+                key = next((k for k in _CAPTION_KEYS if k in rec), None)
+                if key is None:
+                    raise InputError(f"{path}:{line}: caption record {cid!r} has no caption "
+                                     f"(expected one of {list(_CAPTION_KEYS)})")
+                cap = rec[key]
+            if not isinstance(cap, str):
+                raise InputError(f"{path}:{line}: caption of {cid!r} must be a string, got "
+                                 f"{type(cap).__name__}")
+            if cid in out:
+                raise InputError(f"{path}:{line}: duplicate id {cid!r} (first at line "
+                                 f"{lines[cid]})")
+        except InputError as exc:
+            _bad_record(path, line, exc, on_bad)
+            continue
         out[cid], lines[cid] = cap, line
     if not out:
         raise InputError(f"{path}: no captions in the file")
