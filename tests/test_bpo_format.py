@@ -124,16 +124,19 @@ def test_reader_yields_pairs_and_errors_with_lines(tmp_path):
     assert errors[0][0] > 1  # the line where the bad record starts
 
 
-def test_dataset_and_merge_read_the_official_format(tmp_path):
+def test_dataset_and_merge_read_the_official_format(tmp_path, caplog):
     from bpo_fast.data.pairs import merge_pairs
     from bpo_fast.data.preference import PreferenceDataset
 
     for jsonl in (False, True):
         root = str(tmp_path / ("l" if jsonl else "a"))
         path = write_official(root, n=3, bad=True, jsonl=jsonl)
+        caplog.clear()
         with pytest.warns(UserWarning, match="score"):
             ds = PreferenceDataset(path, root)
-        assert len(ds) == 6 and len(ds.skipped) == 1
+        assert len(ds) == 6 and len(ds.skipped) == 1 and ds.n_records == 5
+        # records and pairs counted apart: 5 records (one bad, one without differing scores)
+        assert "skipped 1 bad record(s) of 5 record(s); 6 pair(s) kept" in caplog.text
         assert ds[0]["prompt"][0]["value"].startswith("What is on the table 0?")
         s = merge_pairs([path], str(tmp_path / f"m{jsonl}.jsonl"), skip_invalid=True)
         assert s.written == 6 and len(s.invalid) == 1

@@ -108,14 +108,17 @@ def _iter_raw(path):
         yield line, rec
 
 
-def iter_pair_records(path):
+def iter_pair_records(path, counts=None):
     """Yield ``(line, pair record or ValueError)`` for every pair of ``path``: pair records as
     they are (the caller validates them), official records expanded into their pairs (a
-    malformed one yields its ``ValueError``; one without differing scores yields nothing)."""
+    malformed one yields its ``ValueError``; one without differing scores yields nothing).
+    ``counts["records"]``, when given, counts the records read (not the pairs)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data: {path!r} is not a file")
     index = 0
     for line, rec in _iter_raw(path):
+        if counts is not None:
+            counts["records"] = counts.get("records", 0) + 1
         if is_official_record(rec):
             try:
                 for pair in official_to_pairs(rec, index):

@@ -111,11 +111,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.records = []
         self.skipped = []
         seen = {}
-        lines = set()   # one official BPO record (one line) may give several pairs
+        counts = {}   # records read: one official BPO record may give several pairs, or none
         from bpo_fast.data.bpo_format import iter_pair_records
 
-        for line_no, rec in iter_pair_records(path):
-            lines.add(line_no)
+        for line_no, rec in iter_pair_records(path, counts):
             try:
                 rec = self._parse(rec, line_no, seen)
             except (ValueError, OSError) as exc:
@@ -128,7 +127,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 continue
             seen[rec["id"]] = line_no
             self.records.append(rec)
-        self.n_records = len(lines)
+        self.n_records = counts.get("records", 0)
         if self.skipped:
             logger.warning("%s: skipped %d bad record(s) of %d record(s); %d pair(s) kept "
                            "(lines %s)", path, len(self.skipped), self.n_records,
