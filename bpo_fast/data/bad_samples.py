@@ -192,6 +192,7 @@ class BadSamples:
         self.totals = {}
         self.bad = {}           # file -> {(id, line)}: each bad sample once, whatever its reasons
         self.by_kind = {}       # file -> {kind: count}
+        self.first = {}         # file -> its first bad sample's entry (named in the stop message)
         for e in self.errors.existing:  # a resumed run: the bad samples found before
             self._count(e)
 
@@ -210,6 +211,7 @@ class BadSamples:
         if key in seen:
             return False
         seen.add(key)
+        self.first.setdefault(e.get("file"), e)
         kinds = self.by_kind.setdefault(e.get("file"), {})
         kinds[e.get("kind", "record")] = kinds.get(e.get("kind", "record"), 0) + 1
         return True
@@ -264,10 +266,15 @@ class BadSamples:
         for f, n in zip(files, counts):
             total = self.totals[f]
             if total and n > self.max_fraction * total:
+                first = self.first.get(f)
+                where = "" if first is None else (
+                    f"; the first: {f}:{first.get('line')}: "
+                    + (f"{first['id']!r}: " if first.get("id") is not None else "")
+                    + first.get("reason", ""))
                 raise TooManyBadSamples(
                     f"{self.command}: {n} of the {total} samples of {f} are bad (more than "
-                    f"--max-bad-fraction {self.max_fraction:g}): {self.reasons(f) or 'see below'}"
-                    f"; each is named in {self.path}")
+                    f"--max-bad-fraction {self.max_fraction:g}): {self.reasons(f)}{where}; each "
+                    f"is named in {self.path}")
         return sum(counts)
 
     def summary(self):
@@ -291,8 +298,14 @@ def load_records(load, path, command, *, errors=None, max_fraction=DEFAULT_MAX_B
     command (:class:`TooManyBadSamples`). Returns ``(what load returned, BadSamples)``."""
     bad = BadSamples(errors or side_path(path), command, max_fraction=max_fraction)
     try:
-        out = load(path, lambda line, reason: bad.note(
-            [BadSamples.entry(path, None, line, reason, "record")]))
+        try:
+            out = load(path, lambda line, reason: bad.note(
+                [BadSamples.entry(path, None, line, reason, "record")]))
+        except ValueError:
+            if bad.count(path):   # no good record left: the share says why (the first named)
+                bad.total(path, bad.count(path))
+                bad.check()
+            raise
         bad.total(path, len(out) + bad.count(path))
         bad.check()
     finally:

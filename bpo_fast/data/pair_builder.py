@@ -414,6 +414,8 @@ class _Run:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s.errors.items())) or "no errors"
         drops = ", ".join(f"rejected answer {k}: {v}" for k, v in sorted(s.dropped.items()))
         where = f"; each is named in {self.errors_path}" if s.errors or s.dropped else ""
+        if s.first_bad_record:
+            where = f"; the first: {s.first_bad_record}" + where
         if s.records and s.bad_samples > cfg.max_bad_fraction * s.records:
             raise TooManyBadSamples(
                 f"build-pairs: {s.bad_samples} of the {s.records} records of {cfg.data} are bad "

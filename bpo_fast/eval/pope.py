@@ -40,7 +40,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from bpo_fast.eval.chair import InputError, _bad_record, _iter_json_items
+from bpo_fast.eval.chair import InputError, _iter_json_items, text_records
 
 __all__ = ["SPLITS", "SETTINGS", "build_questions", "question_text", "load_prior",
            "load_questions", "load_answers", "parse_yes_no", "score_pope", "PopeResult"]
@@ -200,37 +200,16 @@ def load_answers(path, on_bad=None):
     too) or a JSON object ``{question_id: answer}`` -> ``{question_id: answer text}``.
     ``on_bad(line, reason)``: a malformed record is reported there and skipped (else it raises
     :class:`InputError`)."""
-    out, lines = {}, {}
-    for line, rec in _iter_json_items(path, "answers"):
-        try:
-            if isinstance(rec, tuple):
-                qid, ans = rec
-            else:
-                if not isinstance(rec, dict):
-                    raise InputError(f"{path}:{line}: expected a JSON object with a "
-                                     f"question_id, got {type(rec).__name__}")
-                if "question_id" not in rec:
-                    raise InputError(f"{path}:{line}: answer has no 'question_id'")
-                qid = rec["question_id"]
-                key = next((k for k in _ANSWER_KEYS if k in rec), None)
-                if key is None:
-                    raise InputError(f"{path}:{line}: answer {qid!r} has no answer (expected "
-                                     f"one of {list(_ANSWER_KEYS)})")
-                ans = rec[key]
-            if not isinstance(ans, str):
-                raise InputError(f"{path}:{line}: answer of {qid!r} must be a string, got "
-                                 f"{type(ans).__name__}")
-            qid = str(qid)
-            if qid in out:
-                raise InputError(f"{path}:{line}: duplicate question_id {qid!r} (first at line "
-                                 f"{lines[qid]})")
-        except InputError as exc:
-            _bad_record(path, line, exc, on_bad)
-            continue
-        out[qid], lines[qid] = ans, line
-    if not out:
-        raise InputError(f"{path}: no answers in the file")
-    return out
+    def question_id(line, rec):
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}:{line}: expected a JSON object with a question_id, got "
+                             f"{type(rec).__name__}")
+        if "question_id" not in rec:
+            raise InputError(f"{path}:{line}: answer has no 'question_id'")
+        return rec["question_id"]
+
+    return text_records(path, "answer", question_id, _ANSWER_KEYS, id_name="question_id",
+                        on_bad=on_bad)
 
 
 # --------------------------------------------------------------------------- scoring
