@@ -522,3 +522,29 @@ def test_eval_chair_and_pope_skip_malformed_records_under_the_policy(tmp_path, c
     assert rc == 0, last
     (e,) = _errors(tmp_path / "ans.errors.jsonl")
     assert "question_id" in e["reason"] and e["line"] == len(qs) + 1
+
+
+def test_build_pairs_names_a_sample_the_processor_rejects(tmp_path):
+    """Qwen2-VL's processor rejects an image with an aspect ratio over 200: in build-pairs (the
+    family's processor per row) that record is named and skipped, the others make their pairs."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from bpo_fast.data.pairs import PairBuilderConfig, build_pairs
+    from bpo_fast.models.tiny_vlm import build_tiny_vlm
+    from test_pairs import make_data
+
+    data, root = make_data(tmp_path, n=3, turns=1)
+    Image.new("RGB", (600, 2), (10, 200, 30)).save(Path(root) / "img1.png")
+    model_dir = str(tmp_path / "model")
+    build_tiny_vlm("qwen2_vl", model_dir, seed=3)
+    out = tmp_path / "pairs.jsonl"
+    s = build_pairs(PairBuilderConfig(
+        model=model_dir, data=data, image_root=root, out=str(out), batch_size=2,
+        strategies=("image_weakened",), noise_steps=(500,), max_new_tokens=3, min_new_tokens=3,
+        num_workers=0, progress=False, device="cpu", dtype="fp32", max_bad_fraction=0.5))
+    (e,) = _errors(tmp_path / "pairs.errors.jsonl")
+    assert (e["stage"], e["source_id"]) == ("sample", "r1") and "aspect ratio" in e["reason"]
+    assert s.errors == {"sample": 1} and s.bad_samples == 1
+    assert {r["source_id"] for _, r in iter_jsonl(out)} <= {"r0", "r2"}
