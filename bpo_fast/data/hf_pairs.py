@@ -28,7 +28,6 @@ rest (Parquet, Arrow, folders, TRL-format JSON/JSONL), or for everything with
 the file lazily (nothing is checked up front, bad records are skipped as they come).
 """
 
-import io
 import json
 import logging
 import os
