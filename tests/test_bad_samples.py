@@ -548,3 +548,15 @@ def test_build_pairs_names_a_sample_the_processor_rejects(tmp_path):
     assert (e["stage"], e["source_id"]) == ("sample", "r1") and "aspect ratio" in e["reason"]
     assert s.errors == {"sample": 1} and s.bad_samples == 1
     assert {r["source_id"] for _, r in iter_jsonl(out)} <= {"r0", "r2"}
+
+
+def test_ref_logps_never_takes_a_foreign_partial_file(tiny_llava_dir, tmp_path, capsys):
+    root = str(tmp_path)
+    data = _pairs(root, n=2)
+    out = str(tmp_path / "ref.safetensors")
+    with open(out + ".partial.jsonl", "w") as f:
+        f.write("my notes, not a partial file\n")
+    rc, last = _run(["ref-logps", "--model", tiny_llava_dir, "--data", data, "--image-root",
+                     root, "--out", out, "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 2 and "not written by bpo-fast" in last, last
+    assert open(out + ".partial.jsonl").read() == "my notes, not a partial file\n"

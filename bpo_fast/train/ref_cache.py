@@ -239,14 +239,25 @@ class RefLogpsCache:
 
 
 def _read_partial(path):
+    """The pairs an interrupted run finished (``<out>.partial.jsonl``). A file there that this
+    command did not write (its first line is not one of its records) is refused, never appended
+    to or removed."""
     done = {}
     if not os.path.isfile(path):
         return done
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for n, line in enumerate(f):
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                rec = None
+            if not (isinstance(rec, dict) and isinstance(rec.get("id"), str)
+                    and "settings" in rec):
+                torn_own = not line.endswith(b"\n") and line.startswith(b'{"id": ')
+                if n == 0 and line.strip() and not torn_own:
+                    raise UserError(f"out: {path!r} exists and was not written by bpo-fast "
+                                    "ref-logps (not one of its partial records); it is left as "
+                                    "it is: move it away or name another --out")
                 break  # a torn last line from a crash: recompute from there
             done[rec["id"]] = rec
     return done
