@@ -69,9 +69,9 @@ class _Encoded:
                 groups.append([sample])
         for group in groups:
             rec = group[0][0]
-            image = None
-            if rec.get("image") is not None:  # the one loader of every command (HF's RGB rule)
-                image, _ = open_image(rec["image"], image_root)
+            path, image = rec.get("image"), None   # the key of the record's pixels
+            if path is not None:  # the one loader of every command (HF's RGB rule)
+                image, _ = open_image(path, image_root)
             encoded = []
             for _, prompt, answer in group:
                 # the collator's encoding (chat template, image tokens, prompt/answer split) of
