@@ -67,6 +67,71 @@ def dtype_option(help="model dtype (auto: bf16 on CUDA, fp32 on CPU)", **kw):
     return option("auto", help=help, type=canonical_dtype, choices=DTYPE_CHOICES, **kw)
 
 
+MAX_BAD_FRACTION = 0.1
+
+
+def fraction(s):
+    """An argparse ``type``: a number in [0, 1]."""
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {s!r}") from None
+    if not 0.0 <= v <= 1.0:   # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {s!r}")
+    return v
+
+
+fraction.__name__ = "fraction"
+
+
+def json_object(s):
+    """An argparse ``type``: a JSON object (``'{"do_pan_and_scan": true}'``) -> dict; a dict
+    (from ``--config``) is checked and kept."""
+    if isinstance(s, dict):
+        v = s
+    else:
+        try:
+            v = json.loads(s)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r} "
+                                             f"({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of named arguments, got {s!r}")
+    return v
+
+
+json_object.__name__ = "JSON object"
+
+
+def max_bad_fraction_option(**kw):
+    """``--max-bad-fraction`` of every command that reads samples (the bad-sample policy:
+    :mod:`bpo_fast.data.bad_samples`)."""
+    return option(MAX_BAD_FRACTION, help="bad samples (a malformed record, an image that does "
+                                         "not decode, a prompt whose <image> tags disagree with "
+                                         "its images, a sample the processor rejects) are named "
+                                         "in the errors file, skipped and counted; more than "
+                                         "this share of a data file stops the run (exit 2)",
+                  type=fraction, metavar="X", **kw)
+
+
+def processor_kwargs_option(**kw):
+    """``--processor-kwargs``: extra arguments of every processor call of a command."""
+    return option(None, help="extra arguments of every processor call, a JSON object (e.g. "
+                             "'{\"do_pan_and_scan\": true}' for Gemma 3); also a mapping in "
+                             "--config", type=json_object, metavar="JSON", default_text="none",
+                  **kw)
+
+
+def check_processor_kwargs(v, name="processor_kwargs"):
+    """``v`` (None or a dict of named arguments) as a dict; ``ValueError`` naming ``name``."""
+    if v is None:
+        return {}
+    try:
+        return dict(json_object(v))
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
 def cli_fields(cls):
     """The fields of ``cls`` that are command-line options, in declaration order."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("help")]
@@ -166,7 +231,7 @@ def load_config_file(path, cls):
     from bpo_fast.errors import input_file
 
     input_file(path, "--config", what="JSON or YAML config file", text=True)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:   # a byte-order mark is dropped
         text = f.read()
     if path.endswith((".yaml", ".yml")):
         try:

@@ -53,6 +53,37 @@ class ProcessorRows:
         self.processor_kwargs = dict(processor_kwargs or {})
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self._encoded = {}  # (prompt, image) -> processor output: one call for a record's levels
+
+    def encode(self, text, image):
+        """The processor's output for one row's prompt and image (kept until :meth:`clear`: the
+        noise levels of a record share it)."""
+        key = (text, id(image))
+        if key not in self._encoded:
+            if isinstance(image, (list, tuple)):
+                # one sample's images as one list (LLaVA-OneVision: batch_num_images), or none
+                images = [list(image)] if image else None
+            else:
+                images = [image]
+            enc = self.processor(images=images, text=[text], return_tensors="pt",
+                                 **self.processor_kwargs)
+            self._encoded[key] = (image, enc)  # the image kept alive: its id stays unique
+        return self._encoded[key][1]
+
+    def check(self, text, image):
+        """Run the processor on one prompt and image now; a sample it rejects (a ValueError: an
+        aspect ratio Qwen2-VL cannot resize, a placeholder count that does not match) raises
+        :class:`~bpo_fast.data.bad_samples.SampleError` saying why."""
+        from bpo_fast.data.bad_samples import SampleError
+
+        try:
+            self.encode(text, image)
+        except ValueError as exc:
+            raise SampleError(f"the processor rejects it ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())})") from None
+
+    def clear(self):
+        self._encoded.clear()
 
     def noised(self, pixel_values, step, seed):
         """``x_t`` of the processor's normalised pixels (a clean copy for ``step`` None)."""
@@ -67,15 +98,9 @@ class ProcessorRows:
     def __call__(self, rows, device, dtype):
         texts, images = [], []
         for text, image, step, seed in rows:
-            if isinstance(image, (list, tuple)):
-                # one sample's images as one list (LLaVA-OneVision: batch_num_images), or none
-                image = [list(image)] if image else None
-            else:
-                image = [image]
-            enc = self.processor(images=image, text=[text], return_tensors="pt",
-                                 **self.processor_kwargs)
+            enc = self.encode(text, image)
             texts.append({k: enc[k][0] for k in _TEXT_PAD if k in enc})
-            img = self.adapter.image_inputs(enc)
+            img = dict(self.adapter.image_inputs(enc))
             if "pixel_values" in img:
                 img["pixel_values"] = self.noised(img["pixel_values"], step, seed)
             images.append(img)
@@ -127,6 +152,15 @@ class Answerer:
         """The prompt text of LLaVA ``turns`` (the last one the question) in the model's format."""
         return self.gen.prompt(turns)
 
+    def check(self, turns, images):
+        """Raise a ``ValueError`` (:class:`~bpo_fast.data.bad_samples.SampleError` when the
+        processor rejects it) when the family cannot take this row, before it joins a batch."""
+        self.adapter.check_pair_images(len(images), "question")  # a ValueError: a bad sample
+        try:
+            self.rows.check(self.prompt(turns), list(images))
+        finally:
+            self.rows.clear()
+
     def __call__(self, items, seeds=None):
         """``items``: ``(turns, images)`` per row (LLaVA turns ending with the question; a list
         of PIL images, empty for a text-only row). ``seeds``: one per row when sampling. Returns
@@ -138,8 +172,11 @@ class Answerer:
         for turns, images in items:
             self.adapter.check_pair_images(len(images), "question")
         try:
-            inputs = self.rows([(self.prompt(t), list(imgs), None, None) for t, imgs in items],
-                               self.gen.device, self.gen.dtype)
+            try:
+                inputs = self.rows([(self.prompt(t), list(imgs), None, None)
+                                    for t, imgs in items], self.gen.device, self.gen.dtype)
+            finally:
+                self.rows.clear()  # the processor outputs are cached per call, not kept
             return self.gen.generate_inputs(inputs, row_seeds=seeds)
         except torch.cuda.OutOfMemoryError:
             if len(items) <= 1:

@@ -9,7 +9,6 @@ chat template, image tokens and label masking the DPO trainer uses.
 
 import json
 import math
-import os
 import random
 
 import torch
@@ -56,7 +55,7 @@ class _Encoded:
     instead of once per turn, and the rows are of similar length (little padding)."""
 
     def __init__(self, processor, samples, image_root, *, pack=False):
-        from PIL import Image
+        from bpo_fast.data.images import open_image
 
         collator = PreferenceCollator(processor)
         self.pad_id = collator.pad_id
@@ -70,11 +69,9 @@ class _Encoded:
                 groups.append([sample])
         for group in groups:
             rec = group[0][0]
-            path = None if rec.get("image") is None else os.path.join(image_root, rec["image"])
-            image = None
-            if path is not None:
-                with Image.open(path) as im:
-                    image = im.convert("RGB")
+            path, image = rec.get("image"), None   # the key of the record's pixels
+            if path is not None:  # the one loader of every command (HF's RGB rule)
+                image, _ = open_image(path, image_root)
             encoded = []
             for _, prompt, answer in group:
                 # the collator's encoding (chat template, image tokens, prompt/answer split) of
