@@ -93,6 +93,9 @@ def test_readme_section_is_generated_from_the_demo_folder(quick_demo, tmp_path, 
     assert summary["headline"][0] in text                  # the headline, from the numbers
     assert "measured wall time 1 min 2 s" in text
     assert "\n3 " in text                                   # the seed's row of the table
+    from readme_blocks import blocks
+
+    assert [b.marker for b in blocks(str(readme))] == [{"id": "demo-table", "output": True}]
     assert "| BPO - control |" in text.replace("BPO - SFT start | ", "")
     assert "(docs/demo_chair.png)" in text and "(docs/demo_pope.png)" in text
     for name in ("demo_chair.png", "demo_pope.png"):

@@ -853,7 +853,9 @@ def readme_section(out_dir, image_dir, *, image_prefix="docs/", wall_time=None,
             more.append(sentence)
     if more:
         lines += ["", "Other metrics, BPO against the control: " + " ".join(more)]
-    lines += ["", "```", summ["table"], "```", ""] + list(summ["ci_table"]) + [""]
+    # the marker tests/readme_blocks.py reads: this block is output, not a command
+    lines += ["", "<!-- readme-block id=demo-table output -->", "```", summ["table"], "```", ""]
+    lines += list(summ["ci_table"]) + [""]
     lines += [p for plot in plots for p in (plot, "")]
     times = summ.get("stage_times") or {}
     if times:
