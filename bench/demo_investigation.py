@@ -139,6 +139,20 @@ def _p(x):
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def _shown(x):
+    """The rule of the demo's report: a value as its tables print it (a printed tie is a tie)."""
+    from bpo_fast.demo.report import _shown as shown
+
+    return shown(x)
+
+
+def _records(results):
+    """(record, its per-seed rows) of each line of the results file."""
+    with open(results, encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return [(rec, list(rec["per_seed"].values())) for rec in recs]
+
+
 def markdown(results):
     """The results file as a Markdown table: means over seeds (SFT / BPO / control) and, for the
     aim, in how many seeds BPO beat both the SFT start and the control."""
@@ -146,10 +160,7 @@ def markdown(results):
              "| prior-partner halluc. SFT / BPO / ctl | POPE prior acc SFT / BPO / ctl "
              "| BPO>both (POPE prior) | wall |",
              "|---|---|---|---|---|---|---|---|---|"]
-    with open(results, encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    for rec in recs:
-        ps = list(rec["per_seed"].values())
+    for rec, ps in _records(results):
 
         def trio(k):
             return " / ".join(_p(_mean([s[a][k] for s in ps])) for a in ("sft", "bpo", "control"))
@@ -172,10 +183,6 @@ def markdown(results):
     return "\n".join(lines)
 
 
-def _shown(x):
-    return round(100 * x, 1)
-
-
 def diagnostics_markdown(results):
     """The records that carry the paper arm and the training diagnostics, as a Markdown table:
     CHAIR-i of every arm (mean over seeds), BPO minus the control per seed and its record
@@ -187,10 +194,7 @@ def diagnostics_markdown(results):
              "paper | DPO loss end BPO / paper | margin/token end BPO / paper | grad DPO / RPO "
              "(BPO), DPO (paper) | wall |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    with open(results, encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    for rec in recs:
-        ps = list(rec["per_seed"].values())
+    for rec, ps in _records(results):
         if not all("paper" in s or "training" in s.get("bpo", {}) for s in ps):
             continue
 
