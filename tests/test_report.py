@@ -340,12 +340,12 @@ def test_readme_says_whether_the_effect_shrinks_on_fresh_seeds():
 
     sel = summ(-0.009, -0.019, 0.001, [0, 1, 2, 3, 4])
     fresh = summ(-0.003, -0.012, 0.006, list(range(100, 110)))
-    txt = _against_selection(fresh, sel, "demo_sel")
-    assert txt.startswith("On the seeds the settings were chosen on (0, 1, 2, 3, 4; held-out "
-                          "images, the same settings: `demo_sel`) BPO - control on CHAIR-i was "
-                          "-0.9 [-1.9, +0.1] points; on this run's fresh seeds it is -0.3 "
-                          "[-1.2, +0.6]: **the effect shrinks on fresh seeds**")
-    gone = _against_selection(summ(0.004, -0.003, 0.01, [100, 101]), sel, "demo_sel")
+    txt = _against_selection(fresh, sel, "bpo-fast demo")
+    assert txt.startswith("On the seeds the settings were chosen on (`bpo-fast demo --seeds "
+                          "0,1,2,3,4`: the same settings, scored on the held-out images) BPO - "
+                          "control on CHAIR-i was -0.9 [-1.9, +0.1] points; on this run's fresh "
+                          "seeds it is -0.3 [-1.2, +0.6]: **the effect shrinks on fresh seeds**")
+    gone = _against_selection(summ(0.004, -0.003, 0.01, [100, 101]), sel, "x")
     assert "**the effect is gone on fresh seeds**" in gone
-    same = _against_selection(summ(-0.012, -0.02, -0.004, [100, 101]), sel, "demo_sel")
+    same = _against_selection(summ(-0.012, -0.02, -0.004, [100, 101]), sel, "x")
     assert same.endswith("-1.2 [-2.0, -0.4]: the effect does not shrink on fresh seeds.")

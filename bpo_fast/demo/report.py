@@ -1110,17 +1110,18 @@ def _load_demo(out_dir):
     return summ, cfg
 
 
-def _against_selection(summ, sel, sel_dir):
+def _against_selection(summ, sel, command):
     """A sentence comparing BPO - control on CHAIR-i of this run (fresh seeds) with the same
-    difference on the selection seeds (``sel``: that run's summary), and what changed."""
+    difference on the selection seeds (``sel``: the summary of ``command`` run with them), and
+    whether the effect shrinks."""
     d = summ["compare"]["chair_i"].get("bpo_vs_control")
     s = sel["compare"]["chair_i"].get("bpo_vs_control")
     if not d or not s or not d["n"] or not s["n"]:
         return None
-    seeds = ", ".join(map(str, sel["seeds"]))
-    txt = (f"On the seeds the settings were chosen on ({seeds}; held-out images, the same "
-           f"settings: `{sel_dir}`) BPO - control on CHAIR-i was {_ci_txt(s, True)} points; on "
-           f"this run's fresh seeds it is {_ci_txt(d, True)}")
+    seeds = ",".join(map(str, sel["seeds"]))
+    txt = (f"On the seeds the settings were chosen on (`{command} --seeds {seeds}`: the same "
+           f"settings, scored on the held-out images) BPO - control on CHAIR-i was "
+           f"{_ci_txt(s, True)} points; on this run's fresh seeds it is {_ci_txt(d, True)}")
     if s["mean"] < 0 and d["mean"] > s["mean"]:
         txt += (": **the effect shrinks on fresh seeds** (the choice of settings on the "
                 "selection seeds flattered BPO)" if d["mean"] < 0 else
@@ -1175,8 +1176,13 @@ def readme_section(out_dir, image_dir, *, image_prefix="docs/", wall_time=None,
     if summ.get("seeds_text"):
         lines += ["", summ["seeds_text"]]
     if selection_dir:
-        sel, _ = _load_demo(selection_dir)
-        sentence = _against_selection(summ, sel, os.path.basename(os.path.normpath(selection_dir)))
+        sel, sel_cfg = _load_demo(selection_dir)
+        other = sorted(k for k in set(cfg) | set(sel_cfg) if k not in ("seeds", "out", "threads")
+                       and cfg.get(k) != sel_cfg.get(k))
+        if other:
+            raise ValueError(f"selection run: {selection_dir!r} differs from {out_dir!r} in "
+                             f"{other}, not only in its seeds")
+        sentence = _against_selection(summ, sel, command)
         if sentence:
             lines += ["", sentence]
     lines += ["", "<!-- readme-block id=demo-table output -->", "```", summ["table"], "```",
