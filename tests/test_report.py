@@ -316,7 +316,10 @@ def test_paper_arm_quick_note_and_term_diagnostics(tmp_path):
     assert diag[0].startswith("- **BPO** (sigmoid_norm, beta 0.3, + 1 x chosen NLL (RPO)), "
                               "mean of 3 runs: the DPO loss went from 0.693 to 0.687")
     assert "ended at +0.77 nats per answer, +0.038 per token; the loss sees beta x margin per " \
-        "token = +0.012, and -log sigmoid(x) is about ln 2 - x/2 = 0.687" in diag[0]
+        "token = +0.012, where -log sigmoid is 0.687 (ln 2 - x/2 while |x| is well below 1" \
+        in diag[0]
+    # a large argument: the exact value, no claim of the linear region
+    assert "the loss sees beta x margin = +0.770, where -log sigmoid is 0.380;" in diag[1]
     assert "DPO term 0.206, RPO term 1.01 (4.9 x the DPO term's), cosine between them +0.40: " \
         "the RPO term does most of the training" in diag[0]
     assert diag[1].startswith("- **BPO, paper's loss** (sigmoid, beta 0.1, no NLL term)")

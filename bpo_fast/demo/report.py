@@ -788,8 +788,10 @@ def diagnostics_text(summ, objectives=None):
                 norm = obj["loss_type"] == "sigmoid_norm"
                 z = obj["beta"] * (mt if norm else m)
                 txt += (f"; the loss sees beta x margin{' per token' if norm else ''} = "
-                        f"{z:+.3f}, and -log sigmoid(x) is about ln 2 - x/2 = {LN2 - z / 2:.3f} "
-                        f"while |x| is well below 1")
+                        f"{z:+.3f}, where -log sigmoid is {math.log1p(math.exp(-z)):.3f}")
+                if abs(z) < 0.2:   # the linear region: -log sigmoid(x) = ln 2 - x/2 + O(x^2)
+                    txt += (" (ln 2 - x/2 while |x| is well below 1: the loss moves by half its "
+                            "argument)")
             parts.append(txt)
         gd, gr = d.get("grad_norm_dpo"), d.get("grad_norm_rpo")
         if gd and gr and gr["mean"] > 0:
