@@ -227,6 +227,34 @@ def test_resume_after_a_kill_writes_the_uninterrupted_bytes(tiny_llava_dir, tmp_
     assert open(cut, "rb").read() == ref
 
 
+def test_resume_and_overwrite_touch_only_files_generate_wrote(tiny_llava_dir, tmp_path, capsys):
+    data, root = _data(tmp_path, n=3, turns=1)
+    # files given as --out / --errors by mistake: a JSON file without its last newline (a
+    # model's config.json), an image, someone's notes; each refused before anything changes
+    config = tmp_path / "config.json"
+    config.write_bytes(b'{\n  "model_type": "llava"\n}')
+    image = os.path.join(root, "img1.png")
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"my": "notes"}\n')
+    cases = [(["--out", str(config)], "--resume"), (["--out", image], "--resume"),
+             (["--out", image], "--overwrite"),
+             (["--out", str(tmp_path / "a.jsonl"), "--errors", str(config)], "--resume"),
+             (["--out", str(tmp_path / "b.jsonl"), "--errors", str(notes)], None)]
+    for args, mode in cases:
+        before = {p: open(p, "rb").read() for p in (config, image, notes)}
+        assert main(["generate", "--model", tiny_llava_dir, "--data", data, "--image-root", root,
+                     "--device", "cpu", "--no-progress", *args] + ([mode] if mode else [])) == 2
+        assert "not written by generate" in capsys.readouterr().err, args
+        assert {p: open(p, "rb").read() for p in before} == before, args
+    # a run killed in its first write leaves the torn start of a line: --resume continues it
+    full = tmp_path / "full.jsonl"
+    assert _gen(tiny_llava_dir, data, root, full) == 0
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(open(full, "rb").read()[:9])
+    assert _gen(tiny_llava_dir, data, root, torn, "--resume") == 0
+    assert open(torn, "rb").read() == open(full, "rb").read()
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_torchrun_two_ranks_merge_into_out(tiny_llava_dir, tmp_path):
     data, root = _data(tmp_path, n=5)

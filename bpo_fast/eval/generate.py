@@ -294,6 +294,8 @@ class _Run:
             if os.path.exists(path) and os.path.getsize(path) > 0 and not (o.resume or o.overwrite):
                 raise UserError(f"--out: {path} exists; pass --resume to continue it or "
                                 "--overwrite to start over")
+        for path in targets + [self.errors_path]:  # before any is cut, appended to or removed
+            _check_own(path)
 
     def _open(self):
         from bpo_fast.data.jsonl import JsonlWriter, read_ids, repair_torn_tail
@@ -303,7 +305,7 @@ class _Run:
             # a fresh run: an earlier run's answers (--overwrite) and errors must not mix in
             for p in (self.out, self.errors_path):
                 if os.path.exists(p):
-                    _remove_own(p)
+                    os.remove(p)          # generate's own (checked by _check_out)
         done = set()
         if o.resume:
             from bpo_fast.data.jsonl import iter_jsonl
@@ -409,23 +411,19 @@ def _error_key(e):
     return (e.get("stage"), e.get("line"), e.get("id"), e.get("reason"))
 
 
-def _remove_own(path):
-    """Remove an earlier run's output or errors file before a fresh run: only a file whose
-    first line is a JSON object generate writes (an answer or an error), never anything else
-    given by mistake."""
-    import json
+def _check_own(path):
+    # --resume cuts and appends, --overwrite removes: only ever a file generate wrote
+    from bpo_fast.data.jsonl import check_own_jsonl
 
-    with open(path, "rb") as f:
-        first = f.readline()
-    try:
-        rec = json.loads(first) if first.strip() else {}
-    except ValueError:
-        rec = None
-    if not isinstance(rec, dict) or (rec and not ({"answer", "question_id"} <= set(rec)
-                                                  or rec.get("command") == "generate")):
-        raise UserError(f"--out/--errors: {path!r} exists and was not written by generate; "
-                        "not replacing it (move it, or name another file)")
-    os.remove(path)
+    check_own_jsonl(path, "--out/--errors", "generate", _own_record, _OWN_PREFIXES)
+
+
+# the first bytes of every line generate writes (dumps_line: compact, keys in order)
+_OWN_PREFIXES = (b'{"id":', b'{"command":"generate"')
+
+
+def _own_record(rec):
+    return {"answer", "question_id"} <= set(rec) or rec.get("command") == "generate"
 
 
 def merge_shards(opts, questions=None, world_size=None):
