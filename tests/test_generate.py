@@ -329,6 +329,28 @@ def test_bad_records_and_images_are_logged_and_skipped(tiny_llava_dir, tmp_path,
     assert "--strict" in capsys.readouterr().err
 
 
+def test_questions_the_family_cannot_take_are_logged_and_skipped(tmp_path, capsys):
+    """PaliGemma takes exactly one image per prompt: a text-only or a two-image question is
+    logged and skipped like an unreadable image; the run answers the others."""
+    model = str(tmp_path / "paligemma")
+    build_tiny_vlm("paligemma", model, seed=0)
+    data, root = _data(tmp_path, n=2, turns=1, text_only=True)
+    recs = [json.loads(line) for line in open(data)]
+    recs.insert(1, {"id": "two", "image": ["img1.png", "img1.png"], "conversations": [
+        {"from": "human", "value": "<image><image>\nsame ?"}, {"from": "gpt", "value": "yes"}]})
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "a.jsonl"
+    assert _gen(model, str(data), root, out, "--batch-size", "4") == 0
+    assert [r["id"] for r in _lines(out)] == ["r0", "r1"]
+    errs = _lines(tmp_path / "a.errors.jsonl")
+    assert sorted((e["id"], e["line"]) for e in errs) == [("two", 2), ("txt", 4)]
+    capsys.readouterr()
+    assert _gen(model, str(data), root, tmp_path / "s.jsonl", "--strict") == 2
+    err = capsys.readouterr().err.strip()
+    assert "'two'" in err and len(err.splitlines()) == 1, err
+
+
 def test_repeated_ids_are_renamed(tiny_llava_dir, tmp_path):
     data, root = _data(tmp_path, n=3, turns=1)
     recs = [json.loads(line) for line in open(data)]

@@ -21,8 +21,9 @@ batches, greedy or sampled with one random stream per question (from ``--seed`` 
 an answer does not depend on the batch it was in, the number of ranks, or a resume.
 
 Faults: answers are appended batch by batch (one write, flush, fsync); ``--resume`` cuts a torn
-last line and skips the ids already written. An unreadable image or a malformed record is logged
-to the errors file (``<out stem>.errors.jsonl``) and skipped (``--strict``: it stops the run).
+last line and skips the ids already written. An unreadable image, a malformed record or a question
+the model's family cannot take (PaliGemma: none or several images) is logged to the errors file
+(``<out stem>.errors.jsonl``) and skipped (``--strict``: it stops the run).
 Under ``torchrun`` rank r answers questions r, r + W, ... into ``<out stem>.rank{r}.jsonl``; at
 the end rank 0 merges the shards (and, on ``--resume``, the earlier ``--out``) into ``--out`` in
 input order (atomic) and removes them.
@@ -361,6 +362,14 @@ class _Run:
                                     f"({type(exc).__name__}: {exc})") from None
                 self._log_error({"stage": "image", "id": q.id, "line": q.line,
                                  "image": q.images, "reason": f"{type(exc).__name__}: {exc}"})
+                continue
+            try:   # what the family takes (PaliGemma: exactly one image per question)
+                self.answer.adapter.check_pair_images(len(images), f"question {q.id!r}")
+            except ValueError as exc:
+                if self.opts.strict:
+                    raise UserError(f"--data: {exc}") from None
+                self._log_error({"stage": "image_count", "id": q.id, "line": q.line,
+                                 "image": q.images, "reason": str(exc)})
                 continue
             items.append((q.turns, images))
             kept.append(q)
