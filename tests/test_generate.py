@@ -310,6 +310,33 @@ def test_lora_adapter_is_merged_into_its_base(tiny_llava_dir, tmp_path, capsys):
 # bad input
 
 
+def test_a_folder_that_is_not_a_model_ends_in_one_line(tiny_llava_dir, tmp_path, capsys):
+    import shutil
+
+    data, root = _data(tmp_path, n=2, turns=1)
+    broken = tmp_path / "broken"                      # config.json that is not JSON
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    weightless = tmp_path / "weightless"              # a model's files but its weights
+    shutil.copytree(tiny_llava_dir, weightless,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    adapter = tmp_path / "adapter"                    # an adapter folder without its weights
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": tiny_llava_dir, "peft_type": "LORA"}))
+    bad_adapter = tmp_path / "bad_adapter"
+    bad_adapter.mkdir()
+    (bad_adapter / "adapter_config.json").write_text("[1, 2")
+    cases = [(broken, "not valid JSON"), (weightless, "no weights"), (adapter, "no weights"),
+             (bad_adapter, "not valid JSON")]
+    for model, needle in cases:
+        assert _gen(str(model), data, root, tmp_path / "a.jsonl") == 2, model
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "--model" in err and len(err.splitlines()) == 1, err
+
+
+
+
 def test_bad_records_and_images_are_logged_and_skipped(tiny_llava_dir, tmp_path, capsys):
     data, root = _data(tmp_path, n=3, bad_image=True, malformed=True)
     out = tmp_path / "a.jsonl"

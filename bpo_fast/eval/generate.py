@@ -170,10 +170,11 @@ def load_model(opts, device, dtype):
                             "adapter_config.json); --base-model is only for adapters")
         _check_model_dir(path, "--model")
         return load_vlm(path, dtype=dtype, device=device).eval(), load_processor(path)
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
-    base = opts.base_model or PeftConfig.from_pretrained(path).base_model_name_or_path
-    if not base or not os.path.isdir(base):
+    adapter = _check_model_dir(path, "--model", "adapter_config.json", _ADAPTER_WEIGHTS)
+    base = opts.base_model or adapter.get("base_model_name_or_path")
+    if not isinstance(base, str) or not os.path.isdir(base):
         raise UserError(f"--base-model: the adapter {path!r} was trained on {base!r}, which is "
                         "not a directory here; pass --base-model DIR")
     _check_model_dir(base, "--base-model")
@@ -186,10 +187,32 @@ def load_model(opts, device, dtype):
     return model, load_processor(path if has_processor else base)
 
 
-def _check_model_dir(path, arg):
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"{arg}: {path!r} holds no config.json (expected a save_pretrained "
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json")
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _check_model_dir(path, arg, config="config.json", weights=_WEIGHTS):
+    """The folder's ``config`` as a dict, after checking it is a JSON object and that the
+    folder holds weights: a folder that is not a model ends in one line, not a library's
+    traceback."""
+    import json
+
+    cfg = os.path.join(path, config)
+    if not os.path.isfile(cfg):
+        raise UserError(f"{arg}: {path!r} holds no {config} (expected a save_pretrained "
                         "model folder, or a LoRA adapter folder for --model)")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{arg}: {cfg!r} is not valid JSON ({exc})") from None
+    if not isinstance(rec, dict):
+        raise UserError(f"{arg}: {cfg!r} is not a JSON object")
+    if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
+        raise UserError(f"{arg}: {path!r} holds {config} but no weights (expected one of "
+                        f"{', '.join(weights)})")
+    return rec
 
 
 # --------------------------------------------------------------------------------------------
