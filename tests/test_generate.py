@@ -378,6 +378,32 @@ def test_questions_the_family_cannot_take_are_logged_and_skipped(tmp_path, capsy
     assert "'two'" in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("encoding,newline,array", [("utf-8-sig", "\n", True),
+                                                    ("utf-8-sig", "\n", False),
+                                                    ("utf-8", "\r\n", True),
+                                                    ("utf-8-sig", "\r\n", False)])
+def test_questions_files_with_a_byte_order_mark_or_crlf(tmp_path, encoding, newline, array):
+    """What Windows editors save (a UTF-8 BOM, CRLF line ends), as JSON arrays and JSONL: the
+    same questions as the plain file."""
+    from bpo_fast.data.questions import read_questions
+
+    data, root = _data(tmp_path, n=3, turns=1)
+    recs = [json.loads(line) for line in open(data)]
+    qs = [{"question_id": i, "image": r["image"], "text": "is there a circle ?"}
+          for i, r in enumerate(recs)]
+    for name, rows in (("llava", recs), ("questions", qs)):
+        path = tmp_path / f"{name}.{'json' if array else 'jsonl'}"
+        text = (json.dumps(rows, indent=1) if array else
+                "".join(json.dumps(r) + "\n" for r in rows))
+        with open(path, "w", encoding=encoding, newline=newline) as f:
+            f.write(text)
+        opts = GenerateOptions(model=".", data=str(path), image_root=root, out="o.jsonl")
+        got, _ = read_questions(opts, lambda e: pytest.fail(str(e)))
+        assert [q.id for q in got] == ([r["id"] for r in recs] if name == "llava" else
+                                       ["0", "1", "2"]), name
+        assert [q.images for q in got] == [[r["image"]] for r in recs]
+
+
 def test_repeated_ids_are_renamed(tiny_llava_dir, tmp_path):
     data, root = _data(tmp_path, n=3, turns=1)
     recs = [json.loads(line) for line in open(data)]

@@ -12,6 +12,7 @@ run goes on. :func:`record_to_samples` turns a record into one sample per answer
 first turn only, or every ``gpt`` turn (the earlier turns become the prompt's history).
 """
 
+import codecs
 import json
 import os
 from dataclasses import dataclass
@@ -51,10 +52,15 @@ class Sample:
 
 
 def _detect_format(path):
-    """'json' if the first non-blank character is '[', else 'jsonl'."""
+    """'json' if the first non-blank character (after a UTF-8 byte-order mark, which Windows
+    editors write) is '[', else 'jsonl'."""
     with open(path, "rb") as f:
+        first = True
         while True:
             chunk = f.read(4096)
+            if first and chunk.startswith(codecs.BOM_UTF8):
+                chunk = chunk[len(codecs.BOM_UTF8):]
+            first = False
             if not chunk:
                 return "jsonl"
             s = chunk.lstrip()
@@ -84,7 +90,7 @@ def iter_records(path):
                 yield index, n, rec
                 index += 1
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     # Walk the array element by element with raw_decode so each record gets its line number.
     dec = json.JSONDecoder()
