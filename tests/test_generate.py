@@ -404,6 +404,20 @@ def test_questions_files_with_a_byte_order_mark_or_crlf(tmp_path, encoding, newl
         assert [q.images for q in got] == [[r["image"]] for r in recs]
 
 
+def test_a_file_of_bad_records_says_why_in_its_one_line(tmp_path, capsys):
+    data, root = _data(tmp_path, n=1, turns=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "image": "img0.png", "conversations": []}) + "\n"
+                   + '{"id": "b", "conv\n')
+    out = tmp_path / "a.jsonl"
+    assert main(["generate", "--model", str(tmp_path), "--data", str(bad), "--image-root", root,
+                 "--out", str(out), "--data-format", "llava"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "2 record(s) skipped, the first at line 1: 'conversations'" in err, err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "a.errors.jsonl").exists()
+
+
 def test_repeated_ids_are_renamed(tiny_llava_dir, tmp_path):
     data, root = _data(tmp_path, n=3, turns=1)
     recs = [json.loads(line) for line in open(data)]
