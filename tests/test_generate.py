@@ -427,6 +427,14 @@ def test_repeated_ids_are_renamed(tiny_llava_dir, tmp_path):
     out = tmp_path / "a.jsonl"
     assert _gen(tiny_llava_dir, str(dup), root, out) == 0
     assert [r["id"] for r in _lines(out)] == ["r0", "r1", "r0#2"]
+    # a renamed id never collides with one the input has: every answer keeps its own id
+    from bpo_fast.data.questions import read_questions
+
+    recs[1]["id"] = "r0#2"
+    dup.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got, renamed = read_questions(GenerateOptions(model=".", data=str(dup), image_root=root,
+                                                  out="o.jsonl"))
+    assert [q.id for q in got] == ["r0", "r0#2", "r0#3"] and renamed == 1
 
 
 def test_cli_errors_are_one_line(tiny_llava_dir, tmp_path, capsys):

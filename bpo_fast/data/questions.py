@@ -266,9 +266,13 @@ def _limit_and_rename(questions, limit):
     if limit is not None:
         questions = questions[:limit]
     seen, renamed = {}, 0
+    taken = {q.id for q in questions}      # a renamed id never takes one the input has
     for q in questions:
         n = seen[q.id] = seen.get(q.id, 0) + 1
         if n > 1:
+            while f"{q.id}#{n}" in taken:
+                n += 1
             q.id = f"{q.id}#{n}"
+            taken.add(q.id)
             renamed += 1
     return questions, renamed
