@@ -84,12 +84,23 @@ def test_every_family_answers_as_hf_generate(family, tmp_path):
 
     model, proc = load_vlm(model_dir, device="cpu").eval(), load_processor(model_dir)
     assert model.config.model_type == model_type(family)
-    want = []
+    images = []
     for i in range(3):
         with Image.open(root / f"i{i}.png") as im:
-            want.append(_hf_answer(model, proc, "what is on the table ?", im.convert("RGB"), 4))
+            images.append(im.convert("RGB"))
+    want = [_hf_answer(model, proc, "what is on the table ?", im, 4) for im in images]
     assert [r["answer"] for r in got] == want
     assert any(want)
+    # sampled: each answer from its own seed, the same alone as in a left-padded batch
+    from bpo_fast.data.generation import Sampling
+    from bpo_fast.data.vlm_generation import Answerer
+
+    answer = Answerer(model, proc, Sampling(max_new_tokens=4, min_new_tokens=4, do_sample=True,
+                                            top_p=0.9))
+    items = [([{"from": "human", "value": "<image>\nwhat is on the table ?"}], [im])
+             for im in images]
+    alone = [answer([it], [seed])[0][0] for it, seed in zip(items, (5, 6, 7))]
+    assert answer(items, [5, 6, 7])[0] == alone
 
 
 # ---------------------------------------------------------------------------------------------
