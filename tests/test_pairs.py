@@ -572,3 +572,8 @@ def test_row_sampler_draws_from_the_distribution_one_stream_per_row(top_p):
     # a row's draw depends on its seed only, not on its neighbours
     one = _RowSampler([7], 1, 3, 1.0, top_p, "cpu")(torch.zeros(1, 3, dtype=torch.long), scores)
     assert one.argmax(-1).item() == picked[7].item()
+    # a temperature so small that score / temperature overflows: the most likely token
+    for t in (1e-30, 1e-45):
+        tiny = _RowSampler([1, 2], 1, 3, t, top_p, "cpu")(torch.zeros(2, 3, dtype=torch.long),
+                                                           scores.expand(2, -1) * 30)
+        assert tiny.argmax(-1).tolist() == [1, 1], t
