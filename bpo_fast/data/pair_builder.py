@@ -44,7 +44,8 @@ from bpo_fast.data.generation import (Generator, check_sampling, derive_seed, im
                                       load_model, pixels_for_levels, schedule_for)
 from bpo_fast.data.images import ImageGeometry, ImageLoadDataset, collate_images
 from bpo_fast.data.inject import LLMInjector, RuleInjector, load_template
-from bpo_fast.data.jsonl import JsonlWriter, iter_jsonl, read_ids, repair_torn_tail
+from bpo_fast.data.jsonl import (JsonlWriter, check_own_jsonl, iter_jsonl, read_ids,
+                                 repair_torn_tail)
 from bpo_fast.data.pair_merge import _split_ext
 from bpo_fast.data.llava_format import TURN_MODES, MalformedRecord, iter_records, record_to_samples
 from bpo_fast.data.schema import INJECTORS, STRATEGIES, SchemaError, normalize_text, validate_pair
@@ -354,6 +355,10 @@ class _Run:
                                   "it or overwrite=True (--overwrite) to start over")
         if os.path.abspath(self.out) == os.path.abspath(self.errors_path):
             raise ValueError("errors: must differ from out")
+        for path in (self.out, self.errors_path):  # before any is cut, appended to or removed
+            check_own_jsonl(path, "--out/--errors", "build-pairs",
+                            lambda r: {"chosen", "rejected"} <= set(r) or "stage" in r,
+                            (b'{"id":', b'{"stage":'))
 
     def _open_files(self):
         cfg, s = self.cfg, self.summary
