@@ -453,6 +453,8 @@ def test_cli_errors_are_one_line(tiny_llava_dir, tmp_path, capsys):
     out = tmp_path / "a.jsonl"
     cases = [
         (["--data", data, "--image-root", root, "--out", data], "--out"),       # the input
+        (["--data", data, "--image-root", root, "--out", str(out), "--errors", data],
+         "--errors: "),
         (["--out", str(out)], "--data or --image-root"),
         (["--data", data, "--image-root", root, "--out", str(out), "--batch-size", "0"],
          "batch_size"),

@@ -272,10 +272,11 @@ def _validate(opts):
     if len(outs) < 2:
         raise UserError("--errors: must differ from --out")
     ins = [p for p in (opts.data, opts.model, opts.base_model) if p]
-    for p in ins:
-        if os.path.realpath(p) in outs:
-            raise UserError(f"--out: {opts.out!r} is an input ({p!r}); answers never overwrite "
-                            "their input")
+    for arg, path in (("--out", opts.out), ("--errors", errors)):
+        for p in ins:
+            if os.path.realpath(p) == os.path.realpath(path):
+                raise UserError(f"{arg}: {path!r} is an input ({p!r}); generate never writes "
+                                "over its input")
 
 
 class _Run:
