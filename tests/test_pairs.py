@@ -598,7 +598,7 @@ def test_resume_and_overwrite_touch_only_files_build_pairs_wrote(tmp_path, capsy
                  ["--out", str(tmp_path / "p.jsonl"), "--errors", str(config)]):
         before = {p: open(p, "rb").read() for p in (config, image)}
         assert main(base + args) == 2, args
-        assert "not written by build-pairs" in capsys.readouterr().err, args
+        assert "not written by" in capsys.readouterr().err, args  # build-pairs / bpo-fast
         assert {p: open(p, "rb").read() for p in before} == before, args
     # its own files still resume, also from the torn start of a first line
     out = tmp_path / "own.jsonl"
