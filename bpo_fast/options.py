@@ -7,8 +7,8 @@ that one declaration come:
 - the ``argparse`` arguments and ``--help`` (with the default of every option),
 - ``--config run.json|yaml``: a file of the same options (field names or CLI names; an unknown
   key is an error naming it); options given on the command line win over the file,
-- the option tables of the README (:func:`markdown_table`; ``python -m bpo_fast.options
-  README.md`` rewrites them, and a test checks they are current).
+- the option tables of the README (:func:`markdown_table`; ``python -m
+  bpo_fast.tools.readme_tables README.md`` rewrites them, and a test checks they are current).
 
 Fields without ``help`` are Python-API-only (not on the command line).
 """
@@ -16,13 +16,11 @@ Fields without ``help`` are Python-API-only (not on the command line).
 import argparse
 import dataclasses
 import json
-import os
-import sys
 
 from bpo_fast.errors import UserError, int_at_least
 
 __all__ = ["option", "cli_fields", "add_arguments", "from_args", "load_config_file",
-           "markdown_table", "COMMAND_OPTIONS", "canonical_dtype", "parse_device"]
+           "markdown_table", "canonical_dtype", "parse_device"]
 
 _UNSET = object()  # argparse default: "not given on the command line"
 
@@ -355,55 +353,3 @@ def parse_device(s):
     if s is None or re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", str(s)):
         return s
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# the README tables
-# --------------------------------------------------------------------------------------------
-
-def _command_options():
-    """command -> the dataclass of its options (imports the command modules' option classes)."""
-    from bpo_fast.data.cli_merge import MergeOptions
-    from bpo_fast.data.pairs import PairBuilderConfig
-    from bpo_fast.demo.cli import DemoOptions
-    from bpo_fast.eval.cli import ChairOptions
-    from bpo_fast.eval.cli_pope import PopeOptions
-    from bpo_fast.eval.generate import GenerateOptions
-    from bpo_fast.train.cli_ref import RefLogpsOptions
-    from bpo_fast.train.config import TrainConfig
-
-    return {"build-pairs": PairBuilderConfig, "merge-pairs": MergeOptions,
-            "ref-logps": RefLogpsOptions, "train": TrainConfig, "generate": GenerateOptions,
-            "eval-chair": ChairOptions,
-            "eval-pope": PopeOptions, "demo": DemoOptions}
-
-
-COMMAND_OPTIONS = _command_options  # a function: importing the classes imports torch
-
-
-def render_readme(text):
-    """``text`` with every ``<!-- options:CMD -->...<!-- /options:CMD -->`` block regenerated."""
-    import re
-
-    table = {k: markdown_table(v) for k, v in _command_options().items()}
-
-    def sub(m):
-        cmd = m.group(1)
-        if cmd not in table:
-            raise ValueError(f"README: no command {cmd!r} (known: {sorted(table)})")
-        return f"<!-- options:{cmd} -->\n{table[cmd]}\n<!-- /options:{cmd} -->"
-
-    return re.sub(r"<!-- options:([\w-]+) -->.*?<!-- /options:\1 -->", sub, text, flags=re.S)
-
-
-if __name__ == "__main__":  # python -m bpo_fast.options README.md: rewrite the option tables
-    path = sys.argv[1] if len(sys.argv) > 1 else "README.md"
-    with open(path, encoding="utf-8") as fh:
-        old = fh.read()
-    new = render_readme(old)
-    if new != old:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(new)
-        os.replace(tmp, path)
-    print(f"{path}: option tables {'updated' if new != old else 'already current'}")
