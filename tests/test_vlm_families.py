@@ -213,6 +213,82 @@ def test_family_text_only_and_multi_image_pairs(family, tmp_path_factory):
     assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
 
 
+def drop_images(monkeypatch, cls, pixels=False):
+    """Make the base model class ``cls`` (e.g. ``type(model.model)``) drop its images the way
+    transformers < 5.18 does: its forward swallows ``mm_encoder_outputs`` through ``**kwargs``
+    (and, with ``pixels``, ignores ``pixel_values`` too, so the model never encodes them)."""
+    orig = cls.forward
+
+    def forward(self, *args, mm_encoder_outputs=None, **kwargs):
+        if pixels:
+            kwargs.pop("pixel_values", None)
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", forward)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dropped_images_are_an_error(family, tmp_path_factory, monkeypatch):
+    """Every family, every path that runs the model on images: our preference forward
+    (``mm_encoder_outputs``), HF's own forward on ``pixel_values`` and ``generate``. Real runs pass
+    the check; a forward that drops the images (as under transformers 5.17) raises one line naming
+    the family and the transformers version, where it used to return the no-image log-probs."""
+    import re
+
+    import transformers
+
+    from bpo_fast.models.vlm import ImagesDroppedError, images_used
+
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+    path = _build(family, tmp_path_factory)
+    processor = load_processor(path)
+    model = load_vlm(path)
+    collator = PreferenceCollator(processor)
+    items = _items()[:2]
+    batch = collator(items)
+    pm = PreferenceModel(model, reference_mode="cached")
+
+    def ours():
+        return pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                 batch["labels"], batch["pixel_values"], **_extra(batch))[0]
+
+    # HF's forward and generate on one sample's processor output (pixel_values)
+    from bpo_fast.data.schema import turns_to_messages
+
+    messages = turns_to_messages(items[0]["prompt"])
+    enc = processor(images=[[items[0]["image"]]], text=[collator.prompt_text(messages)],
+                    return_tensors="pt")
+
+    def hf_forward():
+        with images_used(model), torch.no_grad():
+            model(**enc)
+
+    def hf_generate():
+        with images_used(model), torch.no_grad():
+            model.generate(**enc, max_new_tokens=2, do_sample=False)
+
+    with_images = ours()
+    hf_forward()
+    hf_generate()
+    name = re.escape(f"{model_type(family)} forward of transformers {transformers.__version__}")
+    with monkeypatch.context() as m:
+        drop_images(m, type(model.model))
+        with pytest.raises(ImagesDroppedError, match=name + r".*dropped the images") as err:
+            ours()
+        assert "\n" not in str(err.value)
+        with pytest.raises(ImagesDroppedError, match=name):
+            hf_generate()
+    with monkeypatch.context() as m:
+        drop_images(m, type(model.model), pixels=True)
+        with pytest.raises(ImagesDroppedError, match=name + ".*get_image_features never ran"):
+            hf_forward()
+    # the hooks are gone after each block: the unpatched model runs as before
+    assert not hasattr(model.model, "_bpo_images_used")
+    assert "get_image_features" not in vars(model.model)
+    torch.testing.assert_close(ours(), with_images, rtol=0, atol=0)
+
+
 def test_paligemma2_cap_and_attention(tmp_path_factory):
     """PaliGemma 2 (Gemma 2 text): the fused head applies the text config's
     final_logit_softcapping (the same numbers as HF's capped logits: the family test above), the
@@ -316,6 +392,40 @@ def test_cli_names_the_unsupported_model(command, tmp_path, capsys):
     rc = main([command] + common + args)
     err = capsys.readouterr().err
     assert rc == 2 and "cross-attention" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["ref-logps", "train", "build-pairs"])
+def test_cli_stops_when_images_are_dropped(command, tiny_llava_dir, tmp_path, capsys,
+                                            monkeypatch):
+    """A transformers whose LLaVA forward drops the images: every command that runs the model on
+    images stops at its first batch with one line naming the family and the version, exit 2
+    (it used to train on, and cache, the no-image log-probs)."""
+    import transformers
+    from transformers.models.llava.modeling_llava import LlavaModel
+
+    from bpo_fast.cli import main
+
+    from test_pairs import make_data
+    from test_vlm_train import write_pairs
+
+    drop_images(monkeypatch, LlavaModel)
+    common = ["--model", tiny_llava_dir, "--device", "cpu"]
+    if command == "build-pairs":
+        data, root = make_data(tmp_path, n=2, turns=1)
+        args = ["--data", str(data), "--image-root", str(root), "--out",
+                str(tmp_path / "p.jsonl"), "--strategies", "image_weakened",
+                "--max-new-tokens", "2", "--num-workers", "0", "--no-progress"]
+    else:
+        data = write_pairs(str(tmp_path), n=2)
+        args = ["--data", data, "--image-root", str(tmp_path), "--no-progress"]
+        args += (["--out", str(tmp_path / "r.safetensors")] if command == "ref-logps" else
+                 ["--output", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2"])
+    rc = main([command] + common + args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"llava forward of transformers {transformers.__version__} dropped the images" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r.safetensors").exists()
 
 
 @pytest.mark.cuda

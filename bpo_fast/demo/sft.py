@@ -16,6 +16,7 @@ import torch
 
 from bpo_fast.data.preference import IGNORE_INDEX, PreferenceCollator
 from bpo_fast.data.schema import turns_to_messages
+from bpo_fast.models.vlm import images_used
 
 
 def _load_records(path):
@@ -234,8 +235,10 @@ def generate_answers(model, processor, images, prompt, *, batch_size=64, max_new
                             padding=True)
             enc = {k: v.to(device) for k, v in enc.items()}
             enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            with images_used(model):
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
             answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     finally:

@@ -223,6 +223,7 @@ class Evaluator:
         """Greedy answers on the first ``eval_generate`` pairs: ``[{"id", "prompt", "answer",
         "chosen"}]``."""
         from bpo_fast.data.schema import turns_to_messages
+        from bpo_fast.models.vlm import images_used
 
         n = min(self.config.eval_generate, len(s.ds))
         model = pm.policy
@@ -239,7 +240,7 @@ class Evaluator:
             enc = self.processor(images=images or None, text=[text], return_tensors="pt")
             enc = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                    for k, v in enc.items() if isinstance(v, torch.Tensor)}
-            with self.autocast:
+            with self.autocast, images_used(model):
                 seqs = model.generate(**enc, max_new_tokens=self.config.eval_max_new_tokens,
                                       do_sample=False, num_beams=1, pad_token_id=pad)
             new = seqs[0, enc["input_ids"].shape[1]:]
