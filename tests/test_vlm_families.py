@@ -428,25 +428,58 @@ def test_cli_stops_when_images_are_dropped(command, tiny_llava_dir, tmp_path, ca
     assert not (tmp_path / "r.safetensors").exists()
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_cuda_bf16_matches_hf_forward(family, tmp_path_factory):
-    """On a GPU: bf16, the default attention (flash-attention with packing where installed and
-    the family packs), per-row log-probs against the HF forward in bf16."""
+def half_precision_vs_hf(family, device, tmp_path_factory, monkeypatch, dtype=torch.bfloat16):
+    """Our per-row log-probs in ``dtype`` (the default attention: flash-attention with packing
+    where installed and the family packs) against HF's fp32 forward, within the measured noise
+    floor of HF's own ``dtype`` forward (:mod:`noise_floor`); negative control: HF's ``dtype``
+    forward with the images dropped (what every command returned under transformers 5.17) must
+    fail the same tolerance. Returns ``(ours, hf_fp32, hf_low, dropped)``, rows [chosen;
+    rejected]."""
+    from noise_floor import assert_noise_floor
+
     if family == "smolvlm":
         pytest.importorskip("num2words")
     path = _build(family, tmp_path_factory)
     processor = load_processor(path)
-    model = load_vlm(path, dtype=torch.bfloat16, device="cuda")
+    model = load_vlm(path, dtype=dtype, device=device)
     collator = PreferenceCollator(processor)
     items = _items()
-    batch = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
              for k, v in collator(items).items()}
     pm = PreferenceModel(model, reference_mode="cached")
-    lp, _ = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                              batch["labels"], batch["pixel_values"], **_extra(batch))
-    b = len(items)
-    for i, item in enumerate(items):
-        for row, key in ((i, "chosen"), (b + i, "rejected")):
-            want, _ = hf_row_logps(model, processor, collator, item, item[key], device="cuda")
-            torch.testing.assert_close(lp[row].float().cpu(), want, rtol=2e-2, atol=0.5)
+    with torch.no_grad():
+        ours, _ = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                    batch["labels"], batch["pixel_values"], **_extra(batch))
+    ours = ours.float().cpu()
+
+    def hf(m):
+        return torch.stack([hf_row_logps(m, processor, collator, item, item[key], device=device)[0]
+                            for key in ("chosen", "rejected") for item in items])
+
+    low = hf(model)
+    with monkeypatch.context() as m:
+        drop_images(m, type(model.model), pixels=True)
+        dropped = hf(model)
+    del model
+    ref32 = hf(load_vlm(path, device=device))
+    assert_noise_floor(ours, ref32, low, wrong=dropped, what=f"{family} {dtype} on {device}")
+    return ours, ref32, low, dropped
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_noise_floor_rule_on_cpu_bf16(family, tmp_path_factory, monkeypatch):
+    """The GPU test below, run on the CPU in bf16 (which CPU matmuls support): the tolerance
+    rule accepts the real computation and rejects a dropped image, for every family; and the
+    rule's own check fails when a negative control cannot be told from the real output."""
+    from noise_floor import assert_noise_floor
+
+    ours, ref32, low, _ = half_precision_vs_hf(family, "cpu", tmp_path_factory, monkeypatch)
+    with pytest.raises(AssertionError, match="negative control passes"):
+        assert_noise_floor(ours, ref32, low, wrong=low)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_cuda_bf16_matches_hf_forward(family, tmp_path_factory, monkeypatch):
+    """On a GPU: bf16 against HF fp32 within the bf16 noise floor; dropped images rejected."""
+    half_precision_vs_hf(family, "cuda", tmp_path_factory, monkeypatch)
