@@ -49,6 +49,16 @@ def _build(family, tmp_path_factory, cache={}):
     return cache[family]
 
 
+def _setup(family, tmp_path_factory, **load):
+    """(path, processor, model, collator) of a family's tiny model (``load``: load_vlm's dtype,
+    device)."""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")  # the SmolVLM processor needs it (in the test extras)
+    path = _build(family, tmp_path_factory)
+    processor = load_processor(path)
+    return path, processor, load_vlm(path, **load), PreferenceCollator(processor)
+
+
 def hf_row_logps(model, processor, collator, item, answer, device="cpu"):
     """The plain HF way: the processor on the full text, full logits, log_softmax, gathered on
     the answer tokens. Returns (summed log-prob, input ids)."""
@@ -111,13 +121,8 @@ def _check_packed(model, batch, lp):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_factory):
-    if family == "smolvlm":
-        pytest.importorskip("num2words")  # the SmolVLM processor needs it (in the test extras)
-    path = _build(family, tmp_path_factory)
-    processor = load_processor(path)
-    model = load_vlm(path)
+    path, processor, model, collator = _setup(family, tmp_path_factory)
     assert get_adapter(model).name == model_type(family)
-    collator = PreferenceCollator(processor)
     assert collator.model_type == model_type(family)
     items = _items()
     shapes = {tuple(collator.encode_pair(it)[3]["pixel_values"].shape) for it in items}
@@ -172,12 +177,7 @@ def test_family_text_only_and_multi_image_pairs(family, tmp_path_factory):
     all-text batch: exact against the HF forward of each sample, and the DPO step's gradient
     reaches the decoder. Families that take one image per prompt (PaliGemma) raise, naming the
     pair and the limitation."""
-    if family == "smolvlm":
-        pytest.importorskip("num2words")
-    path = _build(family, tmp_path_factory)
-    processor = load_processor(path)
-    model = load_vlm(path)
-    collator = PreferenceCollator(processor)
+    path, processor, model, collator = _setup(family, tmp_path_factory)
     mixed = [_pair(0, [_image(20, 12, 0)]), _pair(1, []),
              _pair(2, [_image(12, 28, 1), _image(36, 36, 2)])]
     text = [_pair(0, [], "why is the sky blue ?"), _pair(1, [])]
@@ -239,12 +239,7 @@ def test_dropped_images_are_an_error(family, tmp_path_factory, monkeypatch):
 
     from bpo_fast.models.vlm import ImagesDroppedError, images_used
 
-    if family == "smolvlm":
-        pytest.importorskip("num2words")
-    path = _build(family, tmp_path_factory)
-    processor = load_processor(path)
-    model = load_vlm(path)
-    collator = PreferenceCollator(processor)
+    path, processor, model, collator = _setup(family, tmp_path_factory)
     items = _items()[:2]
     batch = collator(items)
     pm = PreferenceModel(model, reference_mode="cached")
@@ -437,12 +432,8 @@ def half_precision_vs_hf(family, device, tmp_path_factory, monkeypatch, dtype=to
     rejected]."""
     from noise_floor import assert_noise_floor
 
-    if family == "smolvlm":
-        pytest.importorskip("num2words")
-    path = _build(family, tmp_path_factory)
-    processor = load_processor(path)
-    model = load_vlm(path, dtype=dtype, device=device)
-    collator = PreferenceCollator(processor)
+    path, processor, model, collator = _setup(family, tmp_path_factory, dtype=dtype,
+                                              device=device)
     items = _items()
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
              for k, v in collator(items).items()}
