@@ -14,17 +14,19 @@
 #
 # Steps, in order of value, with their expected seconds on one H200 in `quick` (the budget,
 # BUDGET_S=540 for quick, skips a step that would no longer fit, so the results of the steps
-# before it come back; each step also has a hard limit):
+# before it come back; each step also has a hard limit). Estimates, from the work each does:
 #   versions        5   python, torch, CUDA, triton, transformers, GPU; again after the overlay
-#   overlay        15   .whl/ -> $OVERLAY
-#   build          60   the CUDA extension for this GPU's arch only (ninja, MAX_JOBS=16)
+#   overlay        15   pip --no-index --target of ~17 MiB of wheels (6-11 s on 2 CPU cores)
+#   build          60   3 sources (1 .cu for this GPU's arch only, 2 .cpp), ninja, MAX_JOBS=16;
+#                       the 2 .cpp take ~40 s of CPU here
 #   ext             5   it loads, with CUDA kernels
-#   gpu-tests     200   every GPU test (83; no -x: each reports), the model-level ones first,
-#                       120 s timeout per test (pytest-timeout, carried)
-#   bench-noise    45   quick grid: batch 64, 1 level, bf16/fp32, 6 implementations
-#   bench-logprobs 60   quick grid: 8192 tokens, V = 32000 and 152064, with TRL/Liger rows
-#   bench-linear   60   quick grid: 8192 tokens, H 4096, V = 32000 and 152064
-#   total         450   (of a 600 s call)
+#   gpu-tests     200   83 GPU tests (no -x: each reports), the model-level ones first, 120 s
+#                       timeout per test (pytest-timeout, carried): ~30 s of imports and tiny
+#                       model builds, ~2 s per test of Triton compiles and runs, 2 torch.compile
+#   bench-noise    45   12 rows x ~0.3 s (do_bench: 50 ms warmup + 250 ms) + 2 torch.compile
+#   bench-logprobs 60   2 shapes (8192 tokens, V 32000 / 152064) x 14 rows x ~0.5 s + compiles
+#   bench-linear   60   2 shapes (8192 tokens, H 4096) x 9 rows x ~2.1 s (100 ms + 2 s) + compiles
+#   total         450   of a 600 s call
 # `full` runs the full grids of bench/noise.py, logprobs.py, linear.py, dpo_step.py, pairs.py
 # (no budget unless BUDGET_S is set).
 #
