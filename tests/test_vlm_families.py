@@ -358,7 +358,7 @@ def test_one_chat_template_rule(tmp_path, tiny_llava_dir):
     assert PreferenceCollator(processor, chat_template="{{ 'Q' }}").template == "{{ 'Q' }}"
 
 
-@pytest.mark.parametrize("command", ["ref-logps", "train", "build-pairs"])
+@pytest.mark.parametrize("command", ["ref-logps", "train", "build-pairs", "generate"])
 def test_cli_names_the_unsupported_model(command, tmp_path, capsys):
     """Mllama: every command that loads a model stops with one line naming the limitation, from
     the config alone (the folder holds no weights: nothing is loaded first)."""
@@ -389,7 +389,7 @@ def test_cli_names_the_unsupported_model(command, tmp_path, capsys):
     assert rc == 2 and "cross-attention" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["ref-logps", "train", "build-pairs"])
+@pytest.mark.parametrize("command", ["ref-logps", "train", "build-pairs", "generate"])
 def test_cli_stops_when_images_are_dropped(command, tiny_llava_dir, tmp_path, capsys,
                                             monkeypatch):
     """A transformers whose LLaVA forward drops the images: every command that runs the model on
@@ -410,6 +410,10 @@ def test_cli_stops_when_images_are_dropped(command, tiny_llava_dir, tmp_path, ca
         args = ["--data", str(data), "--image-root", str(root), "--out",
                 str(tmp_path / "p.jsonl"), "--strategies", "image_weakened",
                 "--max-new-tokens", "2", "--num-workers", "0", "--no-progress"]
+    elif command == "generate":
+        data, root = make_data(tmp_path, n=2, turns=1)
+        args = ["--data", str(data), "--image-root", str(root), "--out",
+                str(tmp_path / "a.jsonl"), "--max-new-tokens", "2", "--no-progress"]
     else:
         data = write_pairs(str(tmp_path), n=2)
         args = ["--data", data, "--image-root", str(tmp_path), "--no-progress"]

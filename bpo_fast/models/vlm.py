@@ -327,8 +327,9 @@ def images_used(model):
     :class:`ImagesDroppedError` naming the family and the transformers version (one line; a
     user error of the CLI). Every path that runs a VLM on images goes through it: the
     preference forward (:meth:`VLMAdapter.hidden_states`: ``train``, ``ref-logps``, the demo)
-    and generation (``build-pairs``, evaluation during training). Re-entrant: an inner block
-    on the same model adds nothing."""
+    and generation (:meth:`bpo_fast.data.generation.Generator.generate_inputs`: ``build-pairs``,
+    ``generate``, evaluation during training, the demo's answers). Re-entrant: an inner block on
+    the same model adds nothing."""
     root = _unwrap(model)
     if not callable(getattr(root, "get_image_features", None)) or \
             getattr(getattr(root, "model", None), "_bpo_images_used", False):
@@ -514,18 +515,19 @@ class VLMAdapter:
     # ---- prompts (pair collation) ------------------------------------------------------
 
     def encode_pair(self, processor, chat_template, messages, prompt_text, answers, image,
-                    tokenizer):
+                    tokenizer, processor_kwargs=None):
         """(prompt ids with image tokens expanded, [answer ids...], image inputs) of one pair.
 
         The answer tokens are what follows the common prefix of the prompt and prompt+answer
         tokenised without the image expansion (robust to tokenisers that merge across the
-        boundary). ``image``: one image, or the pair's list of images (empty: text only)."""
+        boundary). ``image``: one image, or the pair's list of images (empty: text only).
+        ``processor_kwargs``: extra arguments of the processor call (``--processor-kwargs``)."""
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         # the pair's images as one sample's list (``[[img, ...]]``), as HF's apply_chat_template
         # passes them: LLaVA-OneVision then knows a multi-image sample (``batch_num_images``: no
         # anyres for its images); a flat list would read as one single-image sample per image
         enc = processor(images=[images] if images else None, text=[prompt_text],
-                        return_tensors="pt")
+                        return_tensors="pt", **(processor_kwargs or {}))
         prompt_ids = enc["input_ids"][0].tolist()
         plain_prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         fulls = []
@@ -650,10 +652,11 @@ class PaliGemmaAdapter(VLMAdapter):
         return {"token_type_ids": (pos[None, :] >= first[:, None]).long()}
 
     def encode_pair(self, processor, chat_template, messages, prompt_text, answers, image,
-                    tokenizer):
+                    tokenizer, processor_kwargs=None):
         prompt_ids, outs, image_out = None, [], None
         for a in answers:
-            enc = processor(images=[image], text=[prompt_text], suffix=[a], return_tensors="pt")
+            enc = processor(images=[image], text=[prompt_text], suffix=[a], return_tensors="pt",
+                            **(processor_kwargs or {}))
             ids = enc["input_ids"][0].tolist()
             tt = enc["token_type_ids"][0].tolist()
             k = tt.index(1) if 1 in tt else len(ids)

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, option, parse_device,
-                              threads_option)
+from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, check_processor_kwargs,
+                              device_option, dtype_option, max_bad_fraction_option, option,
+                              processor_kwargs_option, threads_option)
 
 from bpo_fast.runtime import DTYPES, parse_dtype  # noqa: F401  (re-exported)
 
@@ -69,6 +70,8 @@ class TrainConfig:
                                 group=_DATA, metavar="TEMPLATE",
                                 default_text="the processor's own, else the model family's "
                                              "documented default (bpo_fast.models.vlm)")
+    processor_kwargs: dict = processor_kwargs_option(group=_DATA)
+    max_bad_fraction: float = max_bad_fraction_option(group=_DATA)
 
     # reference
     reference: str = option(None, help="the reference: a frozen copy of the model, the policy "
@@ -133,12 +136,9 @@ class TrainConfig:
                                choices=("stop", "skip"), group=_OPT)
 
     # runtime
-    dtype: str = option("auto", help="compute dtype (auto: bf16 on CUDA with fp32 master "
-                                     "weights and autocast, fp32 on CPU)", type=canonical_dtype,
-                        choices=DTYPE_CHOICES, group=_RUN)
-    device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, group=_RUN,
-                         metavar="DEVICE",
-                         default_text="cuda if available (cuda:LOCAL_RANK under torchrun)")
+    dtype: str = dtype_option(help="compute dtype (auto: bf16 on CUDA with fp32 master weights "
+                                   "and autocast, fp32 on CPU)", group=_RUN)
+    device: str = device_option(group=_RUN)
     threads: int = threads_option(group=_RUN)
     gradient_checkpointing: bool = option(False, help="recompute activations in backward",
                                           group=_RUN)
@@ -257,6 +257,10 @@ class TrainConfig:
                              f"{self.keep_checkpoints!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers: expected an int >= 0, got {self.num_workers!r}")
+        self.processor_kwargs = check_processor_kwargs(self.processor_kwargs) or None
+        from bpo_fast.data.bad_samples import check_max_bad_fraction
+
+        self.max_bad_fraction = check_max_bad_fraction(self.max_bad_fraction)
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.packing not in ("auto", True, False):

@@ -39,13 +39,14 @@ import torch.distributed as dist
 from bpo_fast.errors import UserError
 from bpo_fast.runtime import adapt_threads, init_distributed, parse_dtype
 from bpo_fast.train.config import TrainConfig
+from bpo_fast.train.samples import guard_pairs, note_bad_samples, train_bad_samples
 
 logger = logging.getLogger("bpo_fast")
 
 # loss: the optimised objective; dpo_loss: its DPO part (they differ by the RPO term)
 METRIC_KEYS = ("step", "loss", "dpo_loss", "reward_chosen", "reward_rejected", "reward_margin",
                "reward_accuracy", "logps_chosen", "logps_rejected", "grad_norm", "lr",
-               "tokens_per_s", "samples_per_s", "peak_mem_bytes", "epoch")
+               "tokens_per_s", "samples_per_s", "peak_mem_bytes", "epoch", "bad_samples")
 
 
 class NonFiniteError(UserError):
@@ -168,8 +169,10 @@ def build_preference_model(config, device, world):
             p.data = p.data.float()
     reference = None
     if config.reference == "model":
+        # the same attention choice as the policy's (logged once) unless its dtype differs
         reference = load_vlm(config.ref_model or config.model, dtype=ref_dtype,
-                             attn_implementation=config.attn_implementation, device=device)
+                             attn_implementation=config.attn_implementation, device=device,
+                             log_attention=ref_dtype != dtype)
     pm = PreferenceModel(policy, reference, reference_mode=config.reference, beta=config.beta,
                          loss_type=config.loss_type, label_smoothing=config.label_smoothing,
                          packing=config.packing, rpo_alpha=config.rpo_alpha)
@@ -512,7 +515,8 @@ def train(config):
         cache = RefLogpsCache.load(config.ref_cache)
         check_compatible(cache, path=config.ref_cache, max_length=config.max_length,
                          reference_model=config.ref_model or config.model, ids=ds.ids,
-                         data=config.data)
+                         data=config.data, records=ds.records)
+    bad = train_bad_samples(config, ds, resume=ckpt is not None, world=world, rank=rank)
 
     pm, lora, dtype = build_preference_model(config, device, world)
     pm.train()  # the reference stays in eval mode (PreferenceModel.train)
@@ -521,14 +525,17 @@ def train(config):
     processor = load_processor(config.model)
     collate = PreferenceCollator(processor, max_length=config.max_length,
                                  model_type=unwrap(pm.policy).config.model_type,
-                                 chat_template=config.chat_template)
+                                 chat_template=config.chat_template,
+                                 processor_kwargs=config.processor_kwargs)
     collate.check_dataset(ds)  # pairs the family cannot take (PaliGemma: one image each)
+    guarded = guard_pairs(ds, collate, config.data)  # the bad-sample policy, in the workers too
     evaluator = best = None
     if config.eval_data:
         from bpo_fast.train.eval import BestTracker, Evaluator
 
         evaluator = Evaluator(config, collate=collate, processor=processor,
                               model_type=collate.model_type, cache=cache, world=world, rank=rank,
+                              bad=bad,
                               device=device,
                               autocast=(torch.autocast(device.type, dtype=dtype)
                                         if dtype != torch.float32 else None))
@@ -587,8 +594,8 @@ def train(config):
             epoch, micro_in_epoch = epoch + 1, 0
         sampler.set_epoch(epoch, start=micro_in_epoch * config.batch_size)
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=config.batch_size, sampler=None if config.streaming else sampler,
-            collate_fn=collate, num_workers=config.num_workers, drop_last=True,
+            guarded, batch_size=config.batch_size, sampler=None if config.streaming else sampler,
+            collate_fn=collate.batch, num_workers=config.num_workers, drop_last=True,
             generator=loader_gen,
             pin_memory=device.type == "cuda")
         micro_before = micro_in_epoch
@@ -596,6 +603,7 @@ def train(config):
             if micro_in_epoch >= use_micro or step >= total:
                 break
             adapt_threads()  # follows the free CPUs when the caller chose threads that way
+            note_bad_samples(bad, batch, config.data)
             micro_in_epoch += 1
             last_micro = micro_in_epoch % config.grad_accum == 0
             if world > 1:
@@ -604,7 +612,7 @@ def train(config):
                       if isinstance(v, torch.Tensor) and k != "index"}
             if cache is not None:
                 inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = cache.lookup(
-                    batch["ids"], device)
+                    batch["ids"], device, digests=batch["digests"])
             with autocast:
                 out = pm(**inputs)
             (out.loss / config.grad_accum).backward()
@@ -612,6 +620,7 @@ def train(config):
             step_ids.extend(batch["ids"])
             if not last_micro:
                 continue
+            n_bad = bad.check(world)  # too many bad samples: exit 2, before this step's update
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
@@ -638,7 +647,7 @@ def train(config):
                    "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
                    "samples_per_s": pairs_per_step / max(elapsed, 1e-9),
                    "peak_mem_bytes": _peak_mem(device),
-                   "epoch": epoch + micro_in_epoch / use_micro}
+                   "epoch": epoch + micro_in_epoch / use_micro, "bad_samples": n_bad}
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             if rank == 0 and (step % config.log_every == 0 or step == total):
@@ -678,9 +687,11 @@ def train(config):
     if bar is not None:
         bar.close()
     tracker.close()
+    bad.close()
     save_final(pm, config, lora, dtype, world, rank)
     return {"output": config.output, "steps": step, "metrics_path": metrics_path,
-            "history": history, "final_checkpoint": last_ckpt, "skipped": len(ds.skipped),
+            "history": history, "final_checkpoint": last_ckpt, "skipped": bad.count(),
+            "bad_samples": bad.summary(), "errors_path": bad.path if bad.count() else None,
             "skipped_steps": skipped_steps, "best": best.state() if best is not None else None}
 
 
