@@ -470,17 +470,27 @@ def save_final(pm, config, lora, dtype, world, rank):
 def train(config):
     """Run DPO training as configured; returns ``{"output", "steps", "metrics_path", "history",
     "final_checkpoint", "skipped", "skipped_steps"}`` (``history``: the metric dicts written to
-    ``metrics.jsonl``; ``skipped``: bad records; ``skipped_steps``: non-finite steps skipped)."""
-    from transformers import get_cosine_schedule_with_warmup
+    ``metrics.jsonl``; ``skipped``: bad records; ``skipped_steps``: non-finite steps skipped).
 
-    from bpo_fast.data.preference import PreferenceCollator
-    from bpo_fast.models.preference import unwrap
-    from bpo_fast.models.vlm import load_processor
-
+    The pieces, in order: :func:`_check_run` (files only, before anything loads), :class:`_Run`
+    (data, model, optimiser, schedule), :meth:`_Run.resume`, then :meth:`_Run.loop` over
+    :meth:`_Run.micro_step`, :meth:`_Run.optimizer_step`, :meth:`_Run.log`,
+    :meth:`_Run.evaluate_and_save`, and :meth:`_Run.finish` (the final model)."""
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    ckpt, stale = _check_run(config)
+    run = _Run(config)
+    run.resume(ckpt, stale)
+    run.loop()
+    return run.finish()
+
+
+def _check_run(config):
+    """What can be checked from the files alone, before the slow model load: the paths, an
+    earlier run's checkpoints in the output, the checkpoint to resume from, the tracker.
+    Returns ``(checkpoint to resume from or None, stale checkpoints of an earlier run)``."""
     config.check_paths()
     stale = _checkpoints(config.output) if config.resume in (None, False, "") else []
     if stale and not config.overwrite:
@@ -489,199 +499,278 @@ def train(config):
             f"({os.path.basename(stale[-1])}); pass resume (--resume) to continue it or "
             f"overwrite (--overwrite) to start over")
     ckpt = _resolve_resume(config)  # reads and verifies files only: before the slow model load
-    from bpo_fast.train.tracking import check_tracker, make_tracker, samples_markdown
+    from bpo_fast.train.tracking import check_tracker
 
     check_tracker(config.report_to)  # an optional library missing: say so before the model loads
-    world, rank, device = init_distributed(config.device)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)  # same on every rank: LoRA init must agree across ranks
+    return ckpt, stale
 
-    from bpo_fast.data.hf_pairs import StreamingPairs, open_pairs
 
-    if config.streaming:
-        ds = StreamingPairs(config.data, config.image_root, seed=config.seed, rank=rank,
-                            world=world)
-    else:
-        ds = open_pairs(config.data, config.image_root, strict=config.strict,
-                        data_format=config.data_format)
-    cache = None
-    if config.reference == "cached":
-        from bpo_fast.train.ref_cache import RefLogpsCache, check_compatible
+class _Run:
+    """One training run: the data, model, optimiser and schedule (built by ``__init__``), the
+    loop's position (``step``, ``epoch``, ``micro_in_epoch``) and the pieces of the loop."""
 
-        cache = RefLogpsCache.load(config.ref_cache)
-        check_compatible(cache, path=config.ref_cache, max_length=config.max_length,
-                         reference_model=config.ref_model or config.model, ids=ds.ids,
-                         data=config.data)
+    def __init__(self, config):
+        from transformers import get_cosine_schedule_with_warmup
 
-    pm, lora, dtype = build_preference_model(config, device, world)
-    pm.train()  # the reference stays in eval mode (PreferenceModel.train)
-    optimizer = _optimizer(pm, config, device)
+        from bpo_fast.data.preference import PreferenceCollator
+        from bpo_fast.models.preference import unwrap
+        from bpo_fast.models.vlm import load_processor
 
-    processor = load_processor(config.model)
-    collate = PreferenceCollator(processor, max_length=config.max_length,
-                                 model_type=unwrap(pm.policy).config.model_type,
-                                 chat_template=config.chat_template)
-    collate.check_dataset(ds)  # pairs the family cannot take (PaliGemma: one image each)
-    evaluator = best = None
-    if config.eval_data:
-        from bpo_fast.train.eval import BestTracker, Evaluator
+        self.config = config
+        world, rank, device = init_distributed(config.device)
+        self.world, self.rank, self.device = world, rank, device
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)  # same on every rank: LoRA init must agree across ranks
 
-        evaluator = Evaluator(config, collate=collate, processor=processor,
-                              model_type=collate.model_type, cache=cache, world=world, rank=rank,
-                              device=device,
-                              autocast=(torch.autocast(device.type, dtype=dtype)
-                                        if dtype != torch.float32 else None))
-        if config.save_best:
-            best = BestTracker(config.save_best, config.save_best_mode, config.output)
-    if config.streaming:  # length unknown: an epoch ends when the stream does
-        sampler, steps_per_epoch = ds, None
-    else:
-        sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank,
-                                              seed=config.seed)
-        micro_per_epoch = sampler.per_rank // config.batch_size
-        steps_per_epoch = micro_per_epoch // config.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"data: {len(ds)} usable pairs are fewer than one global batch "
-                         f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x "
-                         f"{world} process(es))")
-    total = config.max_steps or config.epochs * steps_per_epoch
-    warmup = config.warmup_steps if config.warmup_steps is not None \
-        else int(math.ceil(config.warmup_ratio * total))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        from bpo_fast.data.hf_pairs import StreamingPairs, open_pairs
 
-    step, epoch, micro_in_epoch = 0, 0, 0
-    st = None
-    if ckpt is not None:
-        st = load_checkpoint(ckpt, pm, optimizer, scheduler, world, rank)
-        step, epoch, micro_in_epoch = st["step"], st["epoch"], st["micro_in_epoch"]
-        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt, step, epoch,
-                    micro_in_epoch)
+        if config.streaming:
+            ds = StreamingPairs(config.data, config.image_root, seed=config.seed, rank=rank,
+                                world=world)
+        else:
+            ds = open_pairs(config.data, config.image_root, strict=config.strict,
+                            data_format=config.data_format)
+        self.ds = ds
+        self.cache = None
+        if config.reference == "cached":
+            from bpo_fast.train.ref_cache import RefLogpsCache, check_compatible
 
-    metrics_path = _prepare_output(config, ckpt, stale, step, rank)
-    if best is not None:  # rank 0 also drops the best-N folders the restored state does not know
-        best.load((st or {}).get("best"), remove_unknown=rank == 0)
-    tracker = make_tracker(config, rank=rank, resumed_step=step if ckpt is not None else None)
-    pairs_per_step = config.batch_size * config.grad_accum * world
+            self.cache = RefLogpsCache.load(config.ref_cache)
+            check_compatible(self.cache, path=config.ref_cache, max_length=config.max_length,
+                             reference_model=config.ref_model or config.model, ids=ds.ids,
+                             data=config.data)
 
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
-    bar = None
-    if config.progress and rank == 0:
-        from tqdm.auto import tqdm
+        pm, self.lora, dtype = build_preference_model(config, device, world)
+        self.pm, self.dtype = pm, dtype
+        pm.train()  # the reference stays in eval mode (PreferenceModel.train)
+        self.optimizer = _optimizer(pm, config, device)
 
-        bar = tqdm(total=total, initial=step, desc="dpo", unit="step", dynamic_ncols=True)
-    history, last_ckpt = [], None
-    use_micro = steps_per_epoch * config.grad_accum if steps_per_epoch else math.inf
-    loader_gen = torch.Generator().manual_seed(config.seed)  # keeps DataLoader off the global RNG
-    acc = _Accumulator(device)
-    step_ids, skipped_steps = [], 0
-    trainable = [p for p in pm.parameters() if p.requires_grad]
-    max_norm = config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 \
-        else float("inf")   # inf: the norm is measured (and logged), nothing is clipped
-    t0 = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    while step < total:
-        if micro_in_epoch >= use_micro:
-            epoch, micro_in_epoch = epoch + 1, 0
-        sampler.set_epoch(epoch, start=micro_in_epoch * config.batch_size)
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=config.batch_size, sampler=None if config.streaming else sampler,
-            collate_fn=collate, num_workers=config.num_workers, drop_last=True,
-            generator=loader_gen,
-            pin_memory=device.type == "cuda")
-        micro_before = micro_in_epoch
-        for batch in loader:
-            if micro_in_epoch >= use_micro or step >= total:
-                break
-            adapt_threads()  # follows the free CPUs when the caller chose threads that way
-            micro_in_epoch += 1
-            last_micro = micro_in_epoch % config.grad_accum == 0
-            if world > 1:
-                pm.set_requires_gradient_sync(last_micro)
-            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()
-                      if isinstance(v, torch.Tensor) and k != "index"}
-            if cache is not None:
-                inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = cache.lookup(
-                    batch["ids"], device)
-            with autocast:
-                out = pm(**inputs)
-            (out.loss / config.grad_accum).backward()
-            acc.add(out, inputs["attention_mask"])
-            step_ids.extend(batch["ids"])
-            if not last_micro:
-                continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            if _nonfinite(acc, grad_norm, step_ids, step, config.on_nonfinite, world, rank):
-                optimizer.zero_grad(set_to_none=True)
-                acc.reset()
-                step_ids = []
-                skipped_steps += 1
-                t0 = time.perf_counter()
-                continue
-            step_ids = []
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - t0
-            m = acc.result(world)
-            rec = {"step": step, "loss": m["loss"], "dpo_loss": m["dpo_loss"],
-                   "reward_chosen": m["reward_chosen"],
-                   "reward_rejected": m["reward_rejected"], "reward_margin": m["reward_margin"],
-                   "reward_accuracy": m["reward_accuracy"], "logps_chosen": m["logps_chosen"],
-                   "logps_rejected": m["logps_rejected"], "grad_norm": float(grad_norm), "lr": lr,
-                   "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
-                   "samples_per_s": pairs_per_step / max(elapsed, 1e-9),
-                   "peak_mem_bytes": _peak_mem(device),
-                   "epoch": epoch + micro_in_epoch / use_micro}
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            if rank == 0 and (step % config.log_every == 0 or step == total):
-                history.append(rec)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['reward_accuracy']:.2f}",
-                                margin=f"{rec['reward_margin']:.3f}")
-            do_eval = evaluator is not None and (
-                (config.eval_every and step % config.eval_every == 0) or step == total)
-            do_save = (config.save_every and step % config.save_every == 0) or step == total
-            if do_eval or do_save:  # the checkpoint's state: built only when one may be written
-                state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-                         "world_size": world, "total_steps": total, "config": config.to_dict()}
-                if best is not None:
-                    state["best"] = best.state()
-            if do_eval:
-                _evaluate(evaluator, best, pm, step, state, optimizer, scheduler, config,
-                          metrics_path, history, tracker, samples_markdown, world, rank, bar)
-            if do_save:
-                last_ckpt = os.path.join(config.output, f"checkpoint-{step}")
-                save_checkpoint(last_ckpt, pm, optimizer, scheduler, state, world, rank)
-                if rank == 0 and config.keep_checkpoints:
-                    for old in _checkpoints(config.output)[:-config.keep_checkpoints]:
-                        shutil.rmtree(old, ignore_errors=True)
-            t0 = time.perf_counter()  # eval and checkpoint time is not the next step's
-            if step >= total:
-                break
-        if config.streaming and step < total:  # the stream ended: the next epoch
-            if micro_in_epoch == micro_before == 0:
-                raise ValueError(f"data: the stream {config.data!r} gave no full batch of "
-                                 f"{config.batch_size} pairs")
-            epoch, micro_in_epoch = epoch + 1, 0
-    if bar is not None:
-        bar.close()
-    tracker.close()
-    save_final(pm, config, lora, dtype, world, rank)
-    return {"output": config.output, "steps": step, "metrics_path": metrics_path,
-            "history": history, "final_checkpoint": last_ckpt, "skipped": len(ds.skipped),
-            "skipped_steps": skipped_steps, "best": best.state() if best is not None else None}
+        processor = load_processor(config.model)
+        self.collate = collate = PreferenceCollator(
+            processor, max_length=config.max_length,
+            model_type=unwrap(pm.policy).config.model_type, chat_template=config.chat_template)
+        collate.check_dataset(ds)  # pairs the family cannot take (PaliGemma: one image each)
+        self.evaluator = self.best = None
+        if config.eval_data:
+            from bpo_fast.train.eval import BestTracker, Evaluator
+
+            self.evaluator = Evaluator(
+                config, collate=collate, processor=processor, model_type=collate.model_type,
+                cache=self.cache, world=world, rank=rank, device=device,
+                autocast=(torch.autocast(device.type, dtype=dtype)
+                          if dtype != torch.float32 else None))
+            if config.save_best:
+                self.best = BestTracker(config.save_best, config.save_best_mode, config.output)
+        if config.streaming:  # length unknown: an epoch ends when the stream does
+            self.sampler, steps_per_epoch = ds, None
+        else:
+            self.sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank,
+                                                       seed=config.seed)
+            micro_per_epoch = self.sampler.per_rank // config.batch_size
+            steps_per_epoch = micro_per_epoch // config.grad_accum
+        if steps_per_epoch == 0:
+            raise ValueError(f"data: {len(ds)} usable pairs are fewer than one global batch "
+                             f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x "
+                             f"{world} process(es))")
+        self.total = total = config.max_steps or config.epochs * steps_per_epoch
+        warmup = config.warmup_steps if config.warmup_steps is not None \
+            else int(math.ceil(config.warmup_ratio * total))
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, total)
+        self.use_micro = steps_per_epoch * config.grad_accum if steps_per_epoch else math.inf
+        self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
+
+    # -- resume --------------------------------------------------------------------------------
+    def resume(self, ckpt, stale):
+        """Restore ``ckpt`` (None: a fresh run), prepare the output folder (a fresh run drops
+        ``stale`` checkpoints), open the tracker and the progress bar."""
+        from bpo_fast.train.tracking import make_tracker
+
+        config, rank = self.config, self.rank
+        st = None
+        if ckpt is not None:
+            st = load_checkpoint(ckpt, self.pm, self.optimizer, self.scheduler, self.world, rank)
+            self.step, self.epoch, self.micro_in_epoch = (st["step"], st["epoch"],
+                                                          st["micro_in_epoch"])
+            logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt, self.step,
+                        self.epoch, self.micro_in_epoch)
+
+        self.metrics_path = _prepare_output(config, ckpt, stale, self.step, rank)
+        if self.best is not None:  # rank 0 also drops the best-N folders the restored state does not know
+            self.best.load((st or {}).get("best"), remove_unknown=rank == 0)
+        self.tracker = make_tracker(config, rank=rank,
+                                    resumed_step=self.step if ckpt is not None else None)
+        self.pairs_per_step = config.batch_size * config.grad_accum * self.world
+        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
+                         if self.dtype != torch.float32 else contextlib.nullcontext())
+        self.bar = None
+        if config.progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.step, desc="dpo", unit="step",
+                            dynamic_ncols=True)
+        self.history, self.last_ckpt = [], None
+        # keeps DataLoader off the global RNG
+        self.loader_gen = torch.Generator().manual_seed(config.seed)
+        self.acc = _Accumulator(self.device)
+        self.step_ids, self.skipped_steps = [], 0
+        self.trainable = [p for p in self.pm.parameters() if p.requires_grad]
+        self.max_norm = config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 \
+            else float("inf")   # inf: the norm is measured (and logged), nothing is clipped
+
+    # -- the loop ------------------------------------------------------------------------------
+    def loop(self):
+        """Optimiser steps until ``total``: epochs of micro-batches, each step logged, evaluated
+        and saved as configured."""
+        config = self.config
+        self.t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        while self.step < self.total:
+            if self.micro_in_epoch >= self.use_micro:
+                self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+            self.sampler.set_epoch(self.epoch, start=self.micro_in_epoch * config.batch_size)
+            loader = torch.utils.data.DataLoader(
+                self.ds, batch_size=config.batch_size,
+                sampler=None if config.streaming else self.sampler,
+                collate_fn=self.collate, num_workers=config.num_workers, drop_last=True,
+                generator=self.loader_gen,
+                pin_memory=self.device.type == "cuda")
+            micro_before = self.micro_in_epoch
+            for batch in loader:
+                if self.micro_in_epoch >= self.use_micro or self.step >= self.total:
+                    break
+                if not self.micro_step(batch):
+                    continue
+                rec = self.optimizer_step()
+                if rec is None:  # non-finite: skipped
+                    continue
+                self.log(rec)
+                self.evaluate_and_save()
+                self.t0 = time.perf_counter()  # eval and checkpoint time is not the next step's
+                if self.step >= self.total:
+                    break
+            if config.streaming and self.step < self.total:  # the stream ended: the next epoch
+                if self.micro_in_epoch == micro_before == 0:
+                    raise ValueError(f"data: the stream {config.data!r} gave no full batch of "
+                                     f"{config.batch_size} pairs")
+                self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+
+    # -- step ----------------------------------------------------------------------------------
+    def micro_step(self, batch):
+        """Forward and backward of one micro-batch; True when it completes an optimiser step."""
+        config = self.config
+        adapt_threads()  # follows the free CPUs when the caller chose threads that way
+        self.micro_in_epoch += 1
+        last_micro = self.micro_in_epoch % config.grad_accum == 0
+        if self.world > 1:
+            self.pm.set_requires_gradient_sync(last_micro)
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                  if isinstance(v, torch.Tensor) and k != "index"}
+        if self.cache is not None:
+            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self.cache.lookup(
+                batch["ids"], self.device)
+        with self.autocast:
+            out = self.pm(**inputs)
+        (out.loss / config.grad_accum).backward()
+        self.acc.add(out, inputs["attention_mask"])
+        self.step_ids.extend(batch["ids"])
+        return last_micro
+
+    def optimizer_step(self):
+        """Clip, check for non-finite values, step the optimiser and the schedule; returns the
+        step's metrics record, or None when the step was skipped (``on_nonfinite="skip"``)."""
+        config, world, device = self.config, self.world, self.device
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        if _nonfinite(self.acc, grad_norm, self.step_ids, self.step, config.on_nonfinite, world,
+                      self.rank):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.acc.reset()
+            self.step_ids = []
+            self.skipped_steps += 1
+            self.t0 = time.perf_counter()
+            return None
+        self.step_ids = []
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - self.t0
+        m = self.acc.result(world)
+        rec = {"step": self.step, "loss": m["loss"], "dpo_loss": m["dpo_loss"],
+               "reward_chosen": m["reward_chosen"],
+               "reward_rejected": m["reward_rejected"], "reward_margin": m["reward_margin"],
+               "reward_accuracy": m["reward_accuracy"], "logps_chosen": m["logps_chosen"],
+               "logps_rejected": m["logps_rejected"], "grad_norm": float(grad_norm), "lr": lr,
+               "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
+               "samples_per_s": self.pairs_per_step / max(elapsed, 1e-9),
+               "peak_mem_bytes": _peak_mem(device),
+               "epoch": self.epoch + self.micro_in_epoch / self.use_micro}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        return rec
+
+    def log(self, rec):
+        """The step's metrics: ``metrics.jsonl`` (every ``log_every`` steps and the last), the
+        tracker, the progress bar."""
+        config, step = self.config, self.step
+        if self.rank == 0 and (step % config.log_every == 0 or step == self.total):
+            self.history.append(rec)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            self.tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['reward_accuracy']:.2f}",
+                                 margin=f"{rec['reward_margin']:.3f}")
+
+    # -- evaluate, save ------------------------------------------------------------------------
+    def evaluate_and_save(self):
+        """Evaluate and write a checkpoint when this step is due for either."""
+        config, step = self.config, self.step
+        do_eval = self.evaluator is not None and (
+            (config.eval_every and step % config.eval_every == 0) or step == self.total)
+        do_save = (config.save_every and step % config.save_every == 0) or step == self.total
+        if do_eval or do_save:  # the checkpoint's state: built only when one may be written
+            state = {"step": step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+                     "world_size": self.world, "total_steps": self.total,
+                     "config": config.to_dict()}
+            if self.best is not None:
+                state["best"] = self.best.state()
+        if do_eval:
+            from bpo_fast.train.tracking import samples_markdown
+
+            _evaluate(self.evaluator, self.best, self.pm, step, state, self.optimizer,
+                      self.scheduler, config, self.metrics_path, self.history, self.tracker,
+                      samples_markdown, self.world, self.rank, self.bar)
+        if do_save:
+            self.save(state)
+
+    def save(self, state):
+        """``checkpoint-<step>/`` (all ranks), then the ones past ``keep_checkpoints`` go."""
+        config = self.config
+        self.last_ckpt = os.path.join(config.output, f"checkpoint-{self.step}")
+        save_checkpoint(self.last_ckpt, self.pm, self.optimizer, self.scheduler, state,
+                        self.world, self.rank)
+        if self.rank == 0 and config.keep_checkpoints:
+            for old in _checkpoints(config.output)[:-config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def finish(self):
+        """Close the bar and tracker, write the final model; returns :func:`train`'s result."""
+        if self.bar is not None:
+            self.bar.close()
+        self.tracker.close()
+        save_final(self.pm, self.config, self.lora, self.dtype, self.world, self.rank)
+        best = self.best
+        return {"output": self.config.output, "steps": self.step,
+                "metrics_path": self.metrics_path, "history": self.history,
+                "final_checkpoint": self.last_ckpt, "skipped": len(self.ds.skipped),
+                "skipped_steps": self.skipped_steps,
+                "best": best.state() if best is not None else None}
 
 
 def _evaluate(evaluator, best, pm, step, state, optimizer, scheduler, config, metrics_path,
