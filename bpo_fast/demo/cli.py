@@ -47,7 +47,9 @@ def _seeds(args):
 def run(args):
     import torch
 
-    from bpo_fast.demo.pipeline import DemoConfig, main_table, run_demo
+    from bpo_fast.demo.pipeline import DemoConfig, main_table, run_demo, stopped_at
+    from bpo_fast.errors import DIR, FILE, CommandGuard
+    from bpo_fast.options import config_file_of
 
     args = from_args(DemoOptions, args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -60,7 +62,9 @@ def run(args):
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
     from bpo_fast.runtime import console
 
-    with console():
+    with CommandGuard("demo", inputs=[("--config", config_file_of(args), FILE)],
+                      outputs=[("--out", args.out, DIR)], status=lambda: stopped_at(args.out)), \
+            console():
         report = run_demo(cfg)
     main_table(report, file=sys.stdout)  # the stdout of now (its default is bound at import)
     return 0

@@ -14,9 +14,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from bpo_fast.errors import UserError, input_file, output_file
+from bpo_fast.errors import CommandGuard, UserError, input_file, output_file
 from bpo_fast.options import add_arguments as add_options
-from bpo_fast.options import from_args, option
+from bpo_fast.options import config_file_of, from_args, option
 
 
 @dataclass
@@ -41,9 +41,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from bpo_fast.eval.chair import (InputError, SynonymTable, compute_chair, load_captions,
-                                     load_ground_truth)
-
     args = from_args(ChairOptions, args)
 
     input_file(args.captions, "--captions", what="captions JSON/JSONL file", text=True)
@@ -52,6 +49,16 @@ def run(args):
         input_file(args.synonyms, "--synonyms", what="synonym text/JSON file", text=True)
     if args.out:
         output_file(args.out, "--out")
+    with CommandGuard("eval-chair", outputs={"--out": args.out},
+                      inputs={"--captions": args.captions, "--ground-truth": args.ground_truth,
+                              "--synonyms": args.synonyms, "--config": config_file_of(args)}):
+        return _score(args)
+
+
+def _score(args):
+    from bpo_fast.eval.chair import (InputError, SynonymTable, compute_chair, load_captions,
+                                     load_ground_truth)
+
     try:
         captions = load_captions(args.captions)
         truth = load_ground_truth(args.ground_truth)

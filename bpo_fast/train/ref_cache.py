@@ -96,10 +96,18 @@ class RefLogpsCache:
         meta.update(format=FORMAT, ids=json.dumps(self.ids), sha256=self.checksum())
         tensors = {"chosen_logps": self.chosen_logps.contiguous(),
                    "rejected_logps": self.rejected_logps.contiguous()}
+        from bpo_fast.errors import writing
+
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+
+        def remove_tmp():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+        with writing(path, cleanup=remove_tmp):
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
 
 
 def _read_partial(path):
@@ -122,28 +130,54 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                             chat_template=None, data_format="auto"):
     """Reference log-probs of every usable pair of ``data`` under the model at ``model_path``,
     written to ``out`` (safetensors, see the module doc). Returns the :class:`RefLogpsCache`."""
-    from bpo_fast.data.preference import PreferenceCollator
-    from bpo_fast.models.preference import PreferenceModel, load_vlm
-    from bpo_fast.models.vlm import load_processor
-
-    from bpo_fast.errors import UserError, input_dir, output_file
+    from bpo_fast.data.hf_pairs import check_data_path
+    from bpo_fast.errors import DIR, FILE, ROOT, CommandGuard, UserError, input_dir, output_file
 
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     input_dir(model_path, "model", what="model directory (a save_pretrained folder)")
-    from bpo_fast.data.hf_pairs import check_data_path, open_pairs
-
     check_data_path(data, "data")
     input_dir(image_root, "image_root", what="image directory")
     output_file(out, "out")
     if os.path.exists(out) and not overwrite:
         raise UserError(f"out: {out!r} exists; pass overwrite=True (--overwrite) to replace it")
+    partial = out + ".partial.jsonl"
+    state = {"done": None, "total": None}
+
+    def stopped_at():
+        if state["done"] is None:
+            return "before any pair was scored", "", "rerun the same command"
+        return (f"after {state['done']} of {state['total']} pairs",
+                f"the pairs done are kept in {partial!r}", "rerun the same command to continue")
+
+    inputs = [("model", model_path, DIR), ("data", data, None), ("image_root", image_root, ROOT)]
+    if chat_template and os.path.isfile(chat_template):
+        inputs.append(("chat_template", chat_template, FILE))
+    with CommandGuard("ref-logps", inputs=inputs,
+                      outputs=[("out", out, FILE), ("out", partial, FILE)],
+                      status=stopped_at):
+        return _compute(model_path, data, image_root, out, partial, state,
+                        batch_size=batch_size, max_length=max_length, dtype=dtype, device=device,
+                        temperature=temperature, strict=strict,
+                        attn_implementation=attn_implementation, progress=progress,
+                        chat_template=chat_template, data_format=data_format)
+
+
+def _compute(model_path, data, image_root, out, partial, state, *, batch_size, max_length,
+             dtype, device, temperature, strict, attn_implementation, progress,
+             chat_template, data_format):
+    """The work of :func:`compute_reference_logps` (``state``: pairs done and in all, for the
+    guard's line)."""
+    from bpo_fast.data.hf_pairs import open_pairs
+    from bpo_fast.data.preference import PreferenceCollator
+    from bpo_fast.errors import writing
+    from bpo_fast.models.preference import PreferenceModel, load_vlm
+    from bpo_fast.models.vlm import load_processor
     from bpo_fast.runtime import parse_dtype, resolve_device
 
     device = resolve_device(device)
     dtype = parse_dtype(dtype, device)
     ds = open_pairs(data, image_root, strict=strict, data_format=data_format)
-    partial = out + ".partial.jsonl"
     done = _read_partial(partial)
     settings = {"model": os.path.abspath(model_path), "temperature": float(temperature),
                 "max_length": max_length, "dtype": str(dtype).replace("torch.", "")}
@@ -158,6 +192,7 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                              f"({first.get('settings')}); delete it or use the same settings")
         logger.info("ref-logps: resuming, %d of %d pairs already done", len(done), len(ds))
     todo = [i for i, r in enumerate(ds.records) if r["id"] not in done]
+    state.update(done=len(ds) - len(todo), total=len(ds))
     if todo:
         model = load_vlm(model_path, dtype=dtype, attn_implementation=attn_implementation,
                          device=device)
@@ -187,13 +222,18 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                                           dev["labels"], pixels, **extra)
                 b = len(batch["ids"])
                 lp, n = lp.float().cpu(), n.cpu()
+                lines = []
                 for j, pid in enumerate(batch["ids"]):
                     rec = {"id": pid, "chosen": lp[j].item(), "rejected": lp[b + j].item(),
                            "settings": settings}
-                    done[pid] = rec
-                    f.write(json.dumps(rec) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                    lines.append(json.dumps(rec) + "\n")
+                with writing(partial):  # one write per batch: a fault tears one line at most
+                    f.write("".join(lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+                for j, pid in enumerate(batch["ids"]):
+                    done[pid] = json.loads(lines[j])
+                state["done"] += b
                 if bar is not None:
                     bar.update(b)
         if bar is not None:

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bpo_fast.errors import UserError
+from bpo_fast.errors import UserError, writing
 from bpo_fast.runtime import adapt_threads, init_distributed, parse_dtype
-from bpo_fast.train.config import TrainConfig
+from bpo_fast.train.config import RUN_SETTINGS, TrainConfig
 
 logger = logging.getLogger("bpo_fast")
 
@@ -259,16 +259,22 @@ def _unshared(sd):
 
 def save_checkpoint(path, pm, optimizer, scheduler, state, world, rank):
     """Write one checkpoint (collective when ``world > 1``); complete or absent, never torn."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier(world)
+    # a failed write (full disk, Ctrl-C) leaves the newest complete checkpoint and no .tmp
+    with writing(tmp, cleanup=lambda: rank == 0 and shutil.rmtree(tmp, ignore_errors=True)):
+        _write_checkpoint(tmp, path, pm, optimizer, scheduler, state, world, rank)
+
+
+def _write_checkpoint(tmp, path, pm, optimizer, scheduler, state, world, rank):
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
     msd = get_model_state_dict(pm, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     if rank == 0:
@@ -420,6 +426,11 @@ def _resolve_resume(config):
 
 def save_final(pm, config, lora, dtype, world, rank):
     """The trained model under ``config.output``, loadable with ``from_pretrained``."""
+    with writing(config.output):
+        _save_final(pm, config, lora, dtype, world, rank)
+
+
+def _save_final(pm, config, lora, dtype, world, rank):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from bpo_fast.models.preference import load_vlm, unwrap
@@ -481,10 +492,51 @@ def train(config):
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
     ckpt, stale = _check_run(config)
-    run = _Run(config)
-    run.resume(ckpt, stale)
-    run.loop()
-    return run.finish()
+    run = None
+    with _guard(config, ckpt) as guard:
+        guard.status = lambda: _stopped_at(config, run)
+        run = _Run(config, ckpt)
+        run.resume(stale)
+        run.loop()
+        return run.finish()
+
+
+def _guard(config, ckpt):
+    """The command guard of a run (:class:`bpo_fast.errors.CommandGuard`): every path it reads
+    against its output folder, which rank 0 locks."""
+    from bpo_fast.errors import DIR, FILE, OWNED, ROOT, CommandGuard, _inside, _real
+    from bpo_fast.options import config_file_of
+    from bpo_fast.runtime import dist_env
+    from bpo_fast.train.eval import parse_eval_sets
+
+    inputs = [("model", config.model, DIR), ("ref_model", config.ref_model, DIR),
+              ("data", config.data, None), ("image_root", config.image_root, ROOT),
+              ("eval_image_root", config.eval_image_root, ROOT),
+              ("eval_chair_synonyms", config.eval_chair_synonyms, FILE),
+              ("--config", config_file_of(config), FILE)]
+    inputs += [("eval_data", path, None) for _, path in parse_eval_sets(config.eval_data)]
+    if config.reference == "cached":
+        inputs.append(("ref_cache", config.ref_cache, FILE))
+    if config.chat_template and os.path.isfile(config.chat_template):
+        inputs.append(("chat_template", config.chat_template, FILE))
+    if ckpt is not None:  # a checkpoint of this output is its own; another run's is read only
+        inputs.append(("resume", ckpt, OWNED if _inside(_real(ckpt), _real(config.output))
+                       else DIR))
+    return CommandGuard("train", inputs=inputs, outputs=[("output", config.output, DIR)],
+                        lock=dist_env()[0] == 0)
+
+
+def _stopped_at(config, run):
+    """Where an interrupted or failed run stopped, what it kept, how to resume (the one line of
+    the guard)."""
+    where = "before training started" if run is None or not hasattr(run, "bar") \
+        else f"after step {run.step} of {run.total}"
+    found = _checkpoints(config.output)
+    if found:
+        return (where, f"the newest checkpoint, {os.path.basename(found[-1])}, is kept in "
+                       f"{config.output!r}", "rerun with --resume to continue from it")
+    return (where, "no checkpoint was written yet (--save-every N writes them)",
+            "rerun the same command to start over")
 
 
 def _check_run(config):
@@ -509,14 +561,14 @@ class _Run:
     """One training run: the data, model, optimiser and schedule (built by ``__init__``), the
     loop's position (``step``, ``epoch``, ``micro_in_epoch``) and the pieces of the loop."""
 
-    def __init__(self, config):
+    def __init__(self, config, ckpt=None):
         from transformers import get_cosine_schedule_with_warmup
 
         from bpo_fast.data.preference import PreferenceCollator
         from bpo_fast.models.preference import unwrap
         from bpo_fast.models.vlm import load_processor
 
-        self.config = config
+        self.config, self.ckpt = config, ckpt
         world, rank, device = init_distributed(config.device)
         self.world, self.rank, self.device = world, rank, device
         random.seed(config.seed)
@@ -532,6 +584,9 @@ class _Run:
             ds = open_pairs(config.data, config.image_root, strict=config.strict,
                             data_format=config.data_format)
         self.ds = ds
+        self.identity = _run_identity(config, ds)
+        if ckpt is not None:  # before the slow model load
+            _check_resume_settings(config, ckpt, self.identity)
         self.cache = None
         if config.reference == "cached":
             from bpo_fast.train.ref_cache import RefLogpsCache, check_compatible
@@ -581,12 +636,12 @@ class _Run:
         self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
 
     # -- resume --------------------------------------------------------------------------------
-    def resume(self, ckpt, stale):
-        """Restore ``ckpt`` (None: a fresh run), prepare the output folder (a fresh run drops
-        ``stale`` checkpoints), open the tracker and the progress bar."""
+    def resume(self, stale):
+        """Restore the checkpoint (``self.ckpt``; None: a fresh run), prepare the output folder
+        (a fresh run drops ``stale`` checkpoints), open the tracker and the progress bar."""
         from bpo_fast.train.tracking import make_tracker
 
-        config, rank = self.config, self.rank
+        config, rank, ckpt = self.config, self.rank, self.ckpt
         st = None
         if ckpt is not None:
             st = load_checkpoint(ckpt, self.pm, self.optimizer, self.scheduler, self.world, rank)
@@ -614,6 +669,7 @@ class _Run:
         self.loader_gen = torch.Generator().manual_seed(config.seed)
         self.acc = _Accumulator(self.device)
         self.step_ids, self.skipped_steps = [], 0
+        self.skipped_in_row, self.skipped_ids = 0, []   # non-finite steps skipped in a row
         self.trainable = [p for p in self.pm.parameters() if p.requires_grad]
         self.max_norm = config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 \
             else float("inf")   # inf: the norm is measured (and logged), nothing is clipped
@@ -688,11 +744,22 @@ class _Run:
                       self.rank):
             self.optimizer.zero_grad(set_to_none=True)
             self.acc.reset()
+            self.skipped_ids.extend(self.step_ids)
             self.step_ids = []
             self.skipped_steps += 1
+            self.skipped_in_row += 1
+            if self.skipped_in_row >= config.nonfinite_skip_limit:
+                # every later step would be skipped too (the weights hold NaN): never a hang
+                raise NonFiniteError(
+                    f"{self.skipped_in_row} steps in a row after step {self.step} had a "
+                    f"non-finite loss or gradient, record ids {_show_ids(self.skipped_ids)}; "
+                    f"stopped (nonfinite_skip_limit {config.nonfinite_skip_limit}): the weights "
+                    "or these records are broken; resume from a checkpoint with a lower "
+                    "--learning-rate, or fix the records")
             self.t0 = time.perf_counter()
             return None
         self.step_ids = []
+        self.skipped_in_row, self.skipped_ids = 0, []
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -719,7 +786,7 @@ class _Run:
         config, step = self.config, self.step
         if self.rank == 0 and (step % config.log_every == 0 or step == self.total):
             self.history.append(rec)
-            with open(self.metrics_path, "a") as f:
+            with writing(self.metrics_path), open(self.metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             self.tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
         if self.bar is not None:
@@ -737,7 +804,7 @@ class _Run:
         if do_eval or do_save:  # the checkpoint's state: built only when one may be written
             state = {"step": step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
                      "world_size": self.world, "total_steps": self.total,
-                     "config": config.to_dict()}
+                     "config": config.to_dict(), "run": self.identity}
             if self.best is not None:
                 state["best"] = self.best.state()
         if do_eval:
@@ -782,7 +849,7 @@ def _evaluate(evaluator, best, pm, step, state, optimizer, scheduler, config, me
     rec = {"step": step, **metrics}
     if rank == 0:
         history.append(rec)
-        with open(metrics_path, "a") as f:
+        with writing(metrics_path), open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         tracker.log(metrics, step)
         if samples:
@@ -847,8 +914,7 @@ def _nonfinite(acc, grad_norm, step_ids, step, mode, world, rank):
     if not bool(bad.any()):
         return False
     what = " and ".join(n for n, b in zip(("loss", "gradient"), bad.tolist()) if b)
-    shown = f"{step_ids[:16]}" + (f" (+{len(step_ids) - 16} more)" if len(step_ids) > 16 else "")
-    where = (f"the batch of record id(s) {shown}" if world == 1 or local[0] or not bad[0]
+    where = (f"the batch of record id(s) {_show_ids(step_ids)}" if world == 1 or local[0] or not bad[0]
              else "another rank's batch")
     msg = f"step {step + 1}: non-finite {what} in {where}" + (f" (rank {rank})" if world > 1
                                                                else "")
@@ -857,6 +923,68 @@ def _nonfinite(acc, grad_norm, step_ids, step, mode, world, rank):
                              "--learning-rate or --max-grad-norm may help)")
     logger.warning("%s; step skipped (on_nonfinite=skip)", msg)
     return True
+
+
+def _show_ids(ids, k=16):
+    return f"{ids[:k]}" + (f" (+{len(ids) - k} more)" if len(ids) > k else "")
+
+
+def _run_identity(config, ds):
+    """What the run reads, as a resumed run must find it again: the model and reference paths
+    (resolved), and the data by content (pair count and a sha256 of every pair's id, prompt and
+    answers: a moved file is the same data, an edited one is not; a stream: its path)."""
+    def real(p):
+        return os.path.realpath(p) if p else None
+
+    data = {"path": real(config.data)}
+    records = getattr(ds, "records", None)
+    if records is not None:
+        h = hashlib.sha256()
+        for r in records:
+            h.update(json.dumps([r["id"], r.get("prompt"), r.get("chosen"), r.get("rejected")],
+                                default=str, sort_keys=True).encode())
+        data = {"pairs": len(records), "sha256": h.hexdigest()}
+    return {"model": real(config.model), "ref_model": real(config.ref_model),
+            "ref_cache": real(config.ref_cache) if config.reference == "cached" else None,
+            "data": data}
+
+
+def _check_resume_settings(config, ckpt, identity):
+    """Refuse to resume ``ckpt`` with settings that change the run (:data:`RUN_SETTINGS`, the
+    model and the data: :func:`_run_identity`), naming each difference, unless
+    ``resume_with_changes`` (then each is logged)."""
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        state = json.load(f)
+    saved = state.get("config") or {}
+    now = json.loads(json.dumps(config.to_dict(), default=str))
+    changes = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RUN_SETTINGS
+               if k in saved and saved[k] != now.get(k)]
+    before = state.get("run")
+    if before is None:  # a checkpoint of an older bpo-fast: the paths as given
+        before = {"model": os.path.realpath(saved["model"]) if saved.get("model") else None,
+                  "data": {"path": os.path.realpath(saved["data"]) if saved.get("data") else None}}
+    for k in ("model", "ref_model", "ref_cache"):
+        if k in before and before[k] != identity[k]:
+            changes.append(f"{k} {before[k]!r} -> {identity[k]!r}")
+    a, b = before.get("data") or {}, identity["data"]
+    if "pairs" in a and "pairs" in b:
+        changed = a != b
+    else:  # a stream, or a checkpoint of an older bpo-fast: the data's path
+        changed = a.get("path") != os.path.realpath(config.data)
+    if changed:
+        def show(d):
+            return (f"{d['pairs']} pairs (sha256 {d['sha256'][:12]})" if "pairs" in d
+                    else repr(d.get("path")))
+        changes.append(f"data {show(a)} -> {show(b)}")
+    if not changes:
+        return
+    if config.resume_with_changes:
+        logger.warning("resume: continuing %s with changed settings (resume_with_changes): %s",
+                       ckpt, "; ".join(changes))
+        return
+    raise UserError(f"resume: {ckpt!r} was written with other settings: {'; '.join(changes)}; "
+                    "resume with the checkpoint's settings, or pass resume_with_changes "
+                    "(--resume-with-changes) to continue with these")
 
 
 def _truncate_metrics(path, step):
