@@ -47,9 +47,9 @@ import sys
 import tempfile
 
 __all__ = ["UserError", "is_user_error", "format_error", "run_command", "input_file",
-           "input_dir", "output_file", "output_dir", "check_text_file",
-           "CommandGuard", "check_no_overlap", "Interrupted", "WriteFault", "writing",
-           "FILE", "DIR", "ROOT", "OWNED"]
+           "input_dir", "output_file", "output_dir", "check_text_file", "CommandGuard",
+           "check_no_overlap", "lies_inside", "Interrupted", "WriteFault", "writing", "FILE", "DIR",
+           "ROOT", "OWNED"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130      # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
@@ -348,6 +348,11 @@ def _real(path):
 def _inside(child, parent):
     """``child`` is ``parent`` or lies under it (both real paths)."""
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def lies_inside(path, folder):
+    """Whether ``path`` is ``folder`` or lies under it, after resolving links."""
+    return _inside(_real(path), _real(folder))
 
 
 def _same_file(a, b):

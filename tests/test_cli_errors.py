@@ -165,8 +165,6 @@ CASES = [
     ("train adam beta1 1", lambda w, m: _train(w, m, **{"--adam-beta1": "1.0"}),
      ["--adam-beta1", "[0, 1)"]),
     ("train device mps", lambda w, m: _train(w, m, **{"--device": "mps"}), ["--device", "mps"]),
-    ("train device tpu", lambda w, m: _train(w, m, **{"--device": "tpu"}), ["--device", "tpu"]),
-    ("train packing maybe", lambda w, m: _train(w, m, **{"--packing": "maybe"}), ["--packing"]),
     # eval-chair
     ("chair captions dir", lambda w, m: _chair(w, **{"--captions": w["dir"]}), ["--captions", "directory"]),
     ("chair captions png", lambda w, m: _chair(w, **{"--captions": w["png"]}), ["--captions", "PNG"]),

@@ -83,7 +83,6 @@ def test_config_file_json_and_yaml_with_command_line_overrides(tmp_path):
     ("learning_rate: .nan\n", "run.yaml", "learning_rate: expected a finite number"),
     ('{"lr": "fast"}', "run.json", "lr: expected a number, got 'fast'"),
     ("progress: sometimes\n", "run.yaml", "progress: expected true or false"),
-    ("on_nonfinite: ignore\n", "run.yaml", "on_nonfinite: expected one of ['stop', 'skip']"),
     ("max_length: 1\n", "run.yaml", "max_length: expected an integer >= 2"),
 ])
 def test_bad_config_files_are_one_line_errors(tmp_path, capsys, content, name, expect):

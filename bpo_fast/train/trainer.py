@@ -504,7 +504,7 @@ def train(config):
 def _guard(config, ckpt):
     """The command guard of a run (:class:`bpo_fast.errors.CommandGuard`): every path it reads
     against its output folder, which rank 0 locks."""
-    from bpo_fast.errors import DIR, FILE, OWNED, ROOT, CommandGuard, _inside, _real
+    from bpo_fast.errors import DIR, FILE, OWNED, ROOT, CommandGuard, lies_inside
     from bpo_fast.options import config_file_of
     from bpo_fast.runtime import dist_env
     from bpo_fast.train.eval import parse_eval_sets
@@ -520,8 +520,7 @@ def _guard(config, ckpt):
     if config.chat_template and os.path.isfile(config.chat_template):
         inputs.append(("chat_template", config.chat_template, FILE))
     if ckpt is not None:  # a checkpoint of this output is its own; another run's is read only
-        inputs.append(("resume", ckpt, OWNED if _inside(_real(ckpt), _real(config.output))
-                       else DIR))
+        inputs.append(("resume", ckpt, OWNED if lies_inside(ckpt, config.output) else DIR))
     return CommandGuard("train", inputs=inputs, outputs=[("output", config.output, DIR)],
                         lock=dist_env()[0] == 0)
 
@@ -529,7 +528,7 @@ def _guard(config, ckpt):
 def _stopped_at(config, run):
     """Where an interrupted or failed run stopped, what it kept, how to resume (the one line of
     the guard)."""
-    where = "before training started" if run is None or not hasattr(run, "bar") \
+    where = "before training started" if run is None or not hasattr(run, "metrics_path") \
         else f"after step {run.step} of {run.total}"
     found = _checkpoints(config.output)
     if found:
@@ -651,7 +650,8 @@ class _Run:
                         self.epoch, self.micro_in_epoch)
 
         self.metrics_path = _prepare_output(config, ckpt, stale, self.step, rank)
-        if self.best is not None:  # rank 0 also drops the best-N folders the restored state does not know
+        if self.best is not None:
+            # rank 0 also drops the best-N folders the restored state does not know
             self.best.load((st or {}).get("best"), remove_unknown=rank == 0)
         self.tracker = make_tracker(config, rank=rank,
                                     resumed_step=self.step if ckpt is not None else None)
@@ -914,7 +914,8 @@ def _nonfinite(acc, grad_norm, step_ids, step, mode, world, rank):
     if not bool(bad.any()):
         return False
     what = " and ".join(n for n, b in zip(("loss", "gradient"), bad.tolist()) if b)
-    where = (f"the batch of record id(s) {_show_ids(step_ids)}" if world == 1 or local[0] or not bad[0]
+    where = (f"the batch of record id(s) {_show_ids(step_ids)}"
+             if world == 1 or local[0] or not bad[0]
              else "another rank's batch")
     msg = f"step {step + 1}: non-finite {what} in {where}" + (f" (rank {rank})" if world > 1
                                                                else "")
@@ -961,13 +962,16 @@ def _check_resume_settings(config, ckpt, identity):
                if k in saved and saved[k] != now.get(k)]
     before = state.get("run")
     if before is None:  # a checkpoint of an older bpo-fast: the paths as given
-        before = {"model": os.path.realpath(saved["model"]) if saved.get("model") else None,
-                  "data": {"path": os.path.realpath(saved["data"]) if saved.get("data") else None}}
+        before = {k: (os.path.realpath(saved[k]) if k == "model" else
+                      {"path": os.path.realpath(saved[k])})
+                  for k in ("model", "data") if saved.get(k)}
     for k in ("model", "ref_model", "ref_cache"):
         if k in before and before[k] != identity[k]:
             changes.append(f"{k} {before[k]!r} -> {identity[k]!r}")
-    a, b = before.get("data") or {}, identity["data"]
-    if "pairs" in a and "pairs" in b:
+    a, b = before.get("data"), identity["data"]
+    if a is None:
+        changed = False
+    elif "pairs" in a and "pairs" in b:
         changed = a != b
     else:  # a stream, or a checkpoint of an older bpo-fast: the data's path
         changed = a.get("path") != os.path.realpath(config.data)
