@@ -286,11 +286,13 @@ _FULL_BYTES = 1 << 20   # a file system with less free space than this is full
 
 
 def _chain(exc):
+    """``exc`` and the exceptions it was raised from (``raise ... from None`` ends the chain)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ if exc.__cause__ is not None else (
+            None if exc.__suppress_context__ else exc.__context__)
 
 
 def _disk_full(path):
@@ -465,9 +467,12 @@ class _OutputLock:
             if current:
                 break
             os.close(fd)    # its holder released and removed it meanwhile: lock the new file
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}: bpo-fast {self.command}".encode())
         self.fd = fd
+        try:  # who holds it, for the message of a second run; the lock needs no content
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}: bpo-fast {self.command}".encode())
+        except OSError:  # a full disk: the command's own writes will say so, naming their file
+            pass
         return self
 
     def release(self):
@@ -546,7 +551,8 @@ class CommandGuard:
             parts = ["interrupted" + (f" {where}" if where else "")] + [p for p in (kept, resume)
                                                                          if p]
             raise Interrupted("; ".join(parts)) from None
-        if not isinstance(exc, (SystemExit, GeneratorExit)):  # DCP's errors are BaseExceptions
+        # DCP's errors are BaseExceptions; a UserError already says what is wrong
+        if not isinstance(exc, (SystemExit, GeneratorExit, UserError)):
             fault = _as_fault(exc, None)
             if fault is not None:
                 where, kept, resume = self._says()

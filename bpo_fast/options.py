@@ -106,9 +106,10 @@ def _kind(f):
     return {int: "int", float: "float", str: "str"}.get(t)
 
 
-def parse_value(f, v):
+def parse_value(f, v, *, choices=True):
     """``v`` (a string from the command line or a config file, or a Python value) as the
-    option field ``f`` declares it; raises ``ValueError`` ("expected ..., got ...")."""
+    option field ``f`` declares it; raises ``ValueError`` ("expected ..., got ...").
+    ``choices=False``: not checked here (argparse checks them itself, with its own words)."""
     m = f.metadata
     if v is None:
         if f.default is None or m.get("nullable") or f.default is dataclasses.MISSING:
@@ -137,9 +138,9 @@ def parse_value(f, v):
             v = str(v)
         else:
             raise ValueError(f"expected text, got {v!r}")
-    choices = _choices(f)
-    if choices is not None and not isinstance(v, (list, tuple)) and v not in choices:
-        raise ValueError(f"expected one of {list(choices)}, got {v!r}")
+    allowed = _choices(f) if choices else None
+    if allowed is not None and isinstance(v, (str, int, float)) and v not in allowed:
+        raise ValueError(f"expected one of {list(allowed)}, got {v!r}")
     bounds = m.get("bounds")
     if bounds is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
         lo, lo_in, hi, hi_in = _parse_bounds(bounds)
@@ -184,7 +185,7 @@ def _argparse_type(f):
     """The argparse ``type`` of an option: :func:`parse_value` (argparse names the flag)."""
     def parse(s):
         try:
-            return parse_value(f, s)
+            return parse_value(f, s, choices=False)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     parse.__name__ = f.name

@@ -255,5 +255,5 @@ def test_resume_with_changes_when_asked(tiny_llava_dir, data, full_run, tmp_path
     argv[argv.index("--max-steps") + 1] = "5"      # one more step
     with caplog.at_level("WARNING", logger="bpo_fast"):
         assert main(argv) == 0
-    assert "max_steps 4 -> 5" in caplog.text
+    assert "schedule 4 steps (warmup 0) -> 5 steps (warmup 0)" in caplog.text
     assert [r["step"] for r in _metrics(str(out))] == [1, 2, 3, 4, 5]

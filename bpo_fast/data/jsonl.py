@@ -121,7 +121,8 @@ class JsonlWriter:
 
     def close(self):
         if not self._f.closed:
-            self._f.close()
+            with writing(self.path):  # closing flushes what a failed write left buffered
+                self._f.close()
 
     def __enter__(self):
         return self

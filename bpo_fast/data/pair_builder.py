@@ -104,7 +104,8 @@ class PairBuilderConfig:
     strict: bool = option(False, help="stop at the first malformed record (else it is logged to "
                                       "the errors file with its line number and skipped)",
                           group=_IO)
-    summary_json: str = option(None, help="also write the end summary as JSON", metavar="FILE",
+    summary_json: str = option(None, help="also write the end summary as JSON (per shard under "
+                                          "torchrun, like --out)", metavar="FILE",
                                group=_IO)
 
     strategies: tuple = option(STRATEGIES, help="comma list of image_weakened,error_injection",

@@ -11,13 +11,13 @@ from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, check_values, opti
 from bpo_fast.runtime import DTYPES, parse_dtype  # noqa: F401  (re-exported)
 
 # the settings that define a run: `--resume` with other values is refused, naming each, unless
-# resume_with_changes (the model and the data are compared by trainer._run_identity)
+# resume_with_changes (the model, the data and the schedule's total and warmup steps, however
+# given, are compared by trainer._run_identity)
 RUN_SETTINGS = ("batch_size", "grad_accum", "max_length", "learning_rate", "weight_decay",
-                "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm", "warmup_steps",
-                "warmup_ratio", "epochs", "max_steps", "loss_type", "beta", "label_smoothing",
-                "rpo_alpha", "reference", "lora_r", "lora_alpha", "lora_dropout",
-                "lora_target_modules", "train_projector", "train_vision", "seed", "dtype",
-                "ref_dtype", "chat_template")
+                "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm", "loss_type", "beta",
+                "label_smoothing", "rpo_alpha", "reference", "lora_r", "lora_alpha",
+                "lora_dropout", "lora_target_modules", "train_projector", "train_vision", "seed",
+                "dtype", "ref_dtype", "chat_template")
 
 _DATA, _REF, _LOSS = "data and model", "reference", "loss"
 _WHAT, _OPT, _RUN = "what trains", "optimisation", "runtime"

@@ -210,7 +210,10 @@ def _compute(model_path, data, image_root, out, partial, state, *, batch_size, m
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc="ref-logps", unit="pair")
-        with open(partial, "a", encoding="utf-8") as f, torch.no_grad():
+        from bpo_fast.data.jsonl import repair_torn_tail
+
+        repair_torn_tail(partial)  # a write cut short (a kill, a full disk): appended after
+        with torch.no_grad():
             for batch in loader:
                 dev = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 extra = {k: v for k, v in dev.items()
@@ -222,17 +225,15 @@ def _compute(model_path, data, image_root, out, partial, state, *, batch_size, m
                                           dev["labels"], pixels, **extra)
                 b = len(batch["ids"])
                 lp, n = lp.float().cpu(), n.cpu()
-                lines = []
-                for j, pid in enumerate(batch["ids"]):
-                    rec = {"id": pid, "chosen": lp[j].item(), "rejected": lp[b + j].item(),
-                           "settings": settings}
-                    lines.append(json.dumps(rec) + "\n")
-                with writing(partial):  # one write per batch: a fault tears one line at most
-                    f.write("".join(lines))
+                recs = [{"id": pid, "chosen": lp[j].item(), "rejected": lp[b + j].item(),
+                         "settings": settings} for j, pid in enumerate(batch["ids"])]
+                # one write per batch (a fault tears one line at most), the file closed inside
+                # writing(): closing flushes what a failed write left buffered
+                with writing(partial), open(partial, "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in recs))
                     f.flush()
                     os.fsync(f.fileno())
-                for j, pid in enumerate(batch["ids"]):
-                    done[pid] = json.loads(lines[j])
+                done.update((r["id"], r) for r in recs)
                 state["done"] += b
                 if bar is not None:
                     bar.update(b)

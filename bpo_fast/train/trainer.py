@@ -583,7 +583,8 @@ class _Run:
             ds = open_pairs(config.data, config.image_root, strict=config.strict,
                             data_format=config.data_format)
         self.ds = ds
-        self.identity = _run_identity(config, ds)
+        steps_per_epoch, self.total, warmup = _schedule(config, ds, world)
+        self.identity = _run_identity(config, ds, self.total, warmup)
         if ckpt is not None:  # before the slow model load
             _check_resume_settings(config, ckpt, self.identity)
         self.cache = None
@@ -617,20 +618,11 @@ class _Run:
             if config.save_best:
                 self.best = BestTracker(config.save_best, config.save_best_mode, config.output)
         if config.streaming:  # length unknown: an epoch ends when the stream does
-            self.sampler, steps_per_epoch = ds, None
+            self.sampler = ds
         else:
             self.sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank,
                                                        seed=config.seed)
-            micro_per_epoch = self.sampler.per_rank // config.batch_size
-            steps_per_epoch = micro_per_epoch // config.grad_accum
-        if steps_per_epoch == 0:
-            raise ValueError(f"data: {len(ds)} usable pairs are fewer than one global batch "
-                             f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x "
-                             f"{world} process(es))")
-        self.total = total = config.max_steps or config.epochs * steps_per_epoch
-        warmup = config.warmup_steps if config.warmup_steps is not None \
-            else int(math.ceil(config.warmup_ratio * total))
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, total)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total)
         self.use_micro = steps_per_epoch * config.grad_accum if steps_per_epoch else math.inf
         self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
 
@@ -930,10 +922,27 @@ def _show_ids(ids, k=16):
     return f"{ids[:k]}" + (f" (+{len(ids) - k} more)" if len(ids) > k else "")
 
 
-def _run_identity(config, ds):
-    """What the run reads, as a resumed run must find it again: the model and reference paths
-    (resolved), and the data by content (pair count and a sha256 of every pair's id, prompt and
-    answers: a moved file is the same data, an edited one is not; a stream: its path)."""
+def _schedule(config, ds, world):
+    """``(optimiser steps per epoch or None for a stream, total steps, warmup steps)``."""
+    if config.streaming:  # length unknown: an epoch ends when the stream does
+        steps_per_epoch = None
+    else:  # each rank reads len(ds) // world pairs (ResumableDistributedSampler)
+        steps_per_epoch = len(ds) // world // config.batch_size // config.grad_accum
+        if steps_per_epoch == 0:
+            raise ValueError(f"data: {len(ds)} usable pairs are fewer than one global batch "
+                             f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} "
+                             f"x {world} process(es))")
+    total = config.max_steps or config.epochs * steps_per_epoch
+    warmup = config.warmup_steps if config.warmup_steps is not None \
+        else int(math.ceil(config.warmup_ratio * total))
+    return steps_per_epoch, total, warmup
+
+
+def _run_identity(config, ds, total, warmup):
+    """What the run reads and its schedule, as a resumed run must find them again: the model and
+    reference paths (resolved), the data by content (pair count and a sha256 of every pair's id,
+    prompt and answers: a moved file is the same data, an edited one is not; a stream: its
+    path), the total and warmup steps (however they were given: --epochs, --max-steps, ...)."""
     def real(p):
         return os.path.realpath(p) if p else None
 
@@ -947,7 +956,7 @@ def _run_identity(config, ds):
         data = {"pairs": len(records), "sha256": h.hexdigest()}
     return {"model": real(config.model), "ref_model": real(config.ref_model),
             "ref_cache": real(config.ref_cache) if config.reference == "cached" else None,
-            "data": data}
+            "data": data, "schedule": {"total_steps": total, "warmup_steps": warmup}}
 
 
 def _check_resume_settings(config, ckpt, identity):
@@ -968,6 +977,12 @@ def _check_resume_settings(config, ckpt, identity):
     for k in ("model", "ref_model", "ref_cache"):
         if k in before and before[k] != identity[k]:
             changes.append(f"{k} {before[k]!r} -> {identity[k]!r}")
+    was, now_s = before.get("schedule"), identity["schedule"]
+    if was is None and "total_steps" in state:
+        was = {"total_steps": state["total_steps"], "warmup_steps": now_s["warmup_steps"]}
+    if was is not None and was != now_s:
+        changes.append("schedule {total_steps} steps (warmup {warmup_steps})".format(**was)
+                       + " -> {total_steps} steps (warmup {warmup_steps})".format(**now_s))
     a, b = before.get("data"), identity["data"]
     if a is None:
         changed = False
