@@ -393,9 +393,9 @@ def check_no_overlap(outputs, inputs):
             ireal = _real(ipath)
             if _same_file(opath, ipath):
                 what = "folder" if os.path.isdir(ipath) else "file"
-                raise UserError(f"{oarg}: {opath!r} is the same {what} as {iarg} ({ipath!r}); "
-                                f"the command would write over what it reads: choose another "
-                                f"{oarg}")
+                raise UserError(f"{oarg}: {opath!r} is the same {what} as the input {iarg} "
+                                f"({ipath!r}); the command would write over what it reads: "
+                                f"choose another {oarg}")
             if ikind == DIR and _inside(oreal, ireal):
                 raise UserError(f"{oarg}: {opath!r} lies inside the input {iarg} ({ipath!r}); "
                                 f"the command would write into what it reads: choose an {oarg} "

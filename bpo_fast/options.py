@@ -66,10 +66,73 @@ def option(default=dataclasses.MISSING, *, help, cli=None, choices=None, type=No
 def threads_option(**kw):
     """The ``--threads`` option of the CPU-heavy commands (``bpo_fast.runtime.use_threads``;
     more than the machine's CPUs is clamped there, with a note)."""
-    return option(None, help="torch CPU threads (default: the CPUs of the affinity mask that "
-                             "other processes leave free, measured from /proc/stat and followed "
-                             "while the command runs)", type=int, bounds="[1, inf)",
-                  metavar="N", default_text="the free CPUs", **kw)
+    return option(None, help="torch CPU threads", type=int, bounds="[1, inf)", metavar="N",
+                  default_text="the CPUs of the affinity mask that other processes leave free, "
+                               "measured from /proc/stat and followed while the command runs",
+                  **kw)
+
+
+def device_option(**kw):
+    """The ``--device`` option of the commands that run under torchrun."""
+    return option(None, help="cpu, cuda or cuda:N", type=parse_device, metavar="DEVICE",
+                  default_text="cuda if available (cuda:LOCAL_RANK under torchrun)", **kw)
+
+
+def dtype_option(help="model dtype (auto: bf16 on CUDA, fp32 on CPU)", **kw):
+    """A ``--dtype`` option (``auto``, ``fp32``, ``bf16``, ``fp16``; aliases accepted)."""
+    return option("auto", help=help, type=canonical_dtype, choices=DTYPE_CHOICES, **kw)
+
+
+MAX_BAD_FRACTION = 0.1
+
+
+def json_object(s):
+    """An argparse ``type``: a JSON object (``'{"do_pan_and_scan": true}'``) -> dict; a dict
+    (from ``--config``) is checked and kept."""
+    if isinstance(s, dict):
+        v = s
+    else:
+        try:
+            v = json.loads(s)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r} "
+                                             f"({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of named arguments, got {s!r}")
+    return v
+
+
+json_object.__name__ = "JSON object"
+
+
+def max_bad_fraction_option(**kw):
+    """``--max-bad-fraction`` of every command that reads samples (the bad-sample policy:
+    :mod:`bpo_fast.data.bad_samples`)."""
+    return option(MAX_BAD_FRACTION, help="bad samples (a malformed record, an image that does "
+                                         "not decode, a prompt whose <image> tags disagree with "
+                                         "its images, a sample the processor rejects) are named "
+                                         "in the errors file, skipped and counted; more than "
+                                         "this share of a data file stops the run (exit 2)",
+                  type=float, bounds="[0, 1]", metavar="X", **kw)
+
+
+def processor_kwargs_option(**kw):
+    """``--processor-kwargs``: extra arguments of every processor call of a command."""
+    return option(None, help="extra arguments of every processor call, a JSON object (e.g. "
+                             "'{\"do_pan_and_scan\": true}' for Gemma 3); also a mapping in "
+                             "--config", type=json_object, metavar="JSON", default_text="none",
+                  **kw)
+
+
+def check_processor_kwargs(v, name="processor_kwargs"):
+    """``v`` (None or a dict of named arguments) as a dict; ``ValueError`` naming ``name``."""
+    if v is None:
+        return {}
+    try:
+        return dict(json_object(v))
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,7 +182,7 @@ def parse_value(f, v, *, choices=True):
         return v                                  # nargs options, lists from a config file
     kind = _kind(f)
     if kind == "custom":
-        if isinstance(v, str):
+        if isinstance(v, (str, dict)):            # dict: a mapping in a config file
             try:
                 v = m["type"](v)
             except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
@@ -305,7 +368,7 @@ def load_config_file(path, cls):
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")   # a byte-order mark is dropped
     except UnicodeDecodeError as exc:
         raise UserError(f"--config: {path!r} is not UTF-8 text (byte {exc.start}: "
                         f"{raw[exc.start:exc.start + 1]!r})") from None
@@ -478,11 +541,13 @@ def _command_options():
     from bpo_fast.demo.cli import DemoOptions
     from bpo_fast.eval.cli import ChairOptions
     from bpo_fast.eval.cli_pope import PopeOptions
+    from bpo_fast.eval.generate import GenerateOptions
     from bpo_fast.train.cli_ref import RefLogpsOptions
     from bpo_fast.train.config import TrainConfig
 
     return {"build-pairs": PairBuilderConfig, "merge-pairs": MergeOptions,
-            "ref-logps": RefLogpsOptions, "train": TrainConfig, "eval-chair": ChairOptions,
+            "ref-logps": RefLogpsOptions, "train": TrainConfig, "generate": GenerateOptions,
+            "eval-chair": ChairOptions,
             "eval-pope": PopeOptions, "demo": DemoOptions}
 
 

@@ -18,7 +18,8 @@ import torch
 from bpo_fast.options import canonical_dtype
 
 __all__ = ["DTYPES", "parse_dtype", "resolve_device", "dist_env", "init_distributed",
-           "CpuSampler", "choose_threads", "ThreadGovernor", "use_threads", "adapt_threads"]
+           "CpuSampler", "choose_threads", "ThreadGovernor", "use_threads", "adapt_threads",
+           "default_num_workers"]
 
 logger = logging.getLogger("bpo_fast")
 
@@ -177,6 +178,13 @@ def _affinity():
         return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return list(range(os.cpu_count() or 1))
+
+
+def default_num_workers(limit=4):
+    """Worker processes for a command's DataLoader when the user names none: ``limit``, but
+    never more than the CPUs this process may use (the maximum torch's DataLoader suggests;
+    above it torch warns, and on a small machine the workers only take CPU from the model)."""
+    return max(0, min(limit, len(_affinity())))
 
 
 def _cgroup_quota(path="/sys/fs/cgroup/cpu.max"):

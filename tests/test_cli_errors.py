@@ -80,6 +80,15 @@ def _ref(w, m, **over):
                             for x in ((k,) if v is None else (k, v))]
 
 
+def _gen(w, m, **over):
+    a = {"--model": m, "--data": w["llava"], "--image-root": w["root"],
+         "--out": os.path.join(w["root"], "gen", "answers.jsonl"), "--no-progress": None,
+         "--device": "cpu"}
+    a.update(over)
+    return ["generate"] + [x for k, v in a.items() if v is not False
+                           for x in ((k,) if v is None else (k, v))]
+
+
 def _chair(w, **over):
     a = {"--captions": w["caps"], "--ground-truth": w["gt"]}
     a.update(over)
@@ -165,6 +174,24 @@ CASES = [
     ("train adam beta1 1", lambda w, m: _train(w, m, **{"--adam-beta1": "1.0"}),
      ["--adam-beta1", "[0, 1)"]),
     ("train device mps", lambda w, m: _train(w, m, **{"--device": "mps"}), ["--device", "mps"]),
+    # generate
+    ("gen data png", lambda w, m: _gen(w, m, **{"--data": w["png"]}), ["--data", "PNG"]),
+    ("gen data dir", lambda w, m: _gen(w, m, **{"--data": w["dir"]}), ["--data", "a_dir"]),
+    ("gen model missing", lambda w, m: _gen(w, m, **{"--model": w["dir"] + "/nope"}),
+     ["--model", "nope"]),
+    ("gen model not a model", lambda w, m: _gen(w, m, **{"--model": w["dir"]}),
+     ["--model", "config.json"]),
+    ("gen out unwritable", lambda w, m: _gen(w, m, **{"--out": w["under_file"]}),
+     ["--out", "notes.txt"]),
+    ("gen out is data", lambda w, m: _gen(w, m, **{"--out": w["llava"]}), ["--out", "input"]),
+    ("gen image-root file", lambda w, m: _gen(w, m, **{"--image-root": w["file"]}),
+     ["--image-root", "notes.txt"]),
+    ("gen no questions", lambda w, m: _gen(w, m, **{"--data": False, "--image-root": False}),
+     ["--data or --image-root"]),
+    ("gen strict bad line", lambda w, m: _gen(w, m, **{"--data": w["llava_bad_mid"],
+                                                       "--strict": None}),
+     ["llava_bad_mid.jsonl:2", "invalid JSON"]),
+    ("gen top-p", lambda w, m: _gen(w, m, **{"--sample": None, "--top-p": "0"}), ["top_p"]),
     # eval-chair
     ("chair captions dir", lambda w, m: _chair(w, **{"--captions": w["dir"]}), ["--captions", "directory"]),
     ("chair captions png", lambda w, m: _chair(w, **{"--captions": w["png"]}), ["--captions", "PNG"]),

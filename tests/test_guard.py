@@ -126,6 +126,12 @@ OVERLAPS = {
                                                "--ground-truth": _copy(f["gt"], t / "g.jsonl"),
                                                "--out": _link(t / "g.jsonl", t / "link.json")}),
         ["g.jsonl"], ["--out", "--ground-truth"]),
+    "generate out inside the model": (
+        lambda f, m, t: _argv("generate", **{"--model": m, "--data": f["llava"],
+                                             "--image-root": f["root"], "--limit": 1,
+                                             "--out": m + "/answers.jsonl", "--device": "cpu",
+                                             "--no-progress": None}),
+        ["model"], ["--out", "inside the input --model"]),
     "eval-pope questions are the ground truth": (
         lambda f, m, t: _argv("eval-pope", **{"--ground-truth": _copy(f["gt"], t / "g.jsonl"),
                                               "--write-questions": str(t / "g.jsonl")}),

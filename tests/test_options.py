@@ -41,6 +41,7 @@ def test_every_option_has_help_and_shows_its_default(cmd, capsys):
         if f.default not in (None, False, True, dataclasses.MISSING) and not \
                 f.metadata.get("required"):
             assert "(default:" in a.help, f.name
+        assert a.help is None or a.help.count("(default:") <= 1, (f.name, a.help)
 
 
 def _train_args(tmp_path, *extra):

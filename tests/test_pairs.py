@@ -79,7 +79,9 @@ def read_out(path):
 
 
 def cfg(data, root, out, **kw):
-    base = dict(data=data, image_root=root, out=str(out), batch_size=2, **GEN)
+    # the fixtures mix bad records in on purpose (2 of 7): more than the default share
+    base = dict(data=data, image_root=root, out=str(out), batch_size=2, max_bad_fraction=0.5,
+                **GEN)
     base.update(kw)
     return PairBuilderConfig(**base)
 
@@ -234,8 +236,9 @@ def test_bad_images_and_malformed_records_go_to_errors_file(tiny, tmp_path):
     model, proc = tiny
     data, root = make_data(tmp_path, n=3, bad_image=True, malformed=True)
     out = tmp_path / "p.jsonl"
-    s = build_pairs(cfg(data, root, out, noise_steps=(500,)), model, proc)
-    logged = [e for _, e in iter_jsonl(tmp_path / "p.errors.jsonl")]
+    s = build_pairs(cfg(data, root, out, noise_steps=(500,), max_bad_fraction=0.6), model, proc)
+    head, *logged = [e for _, e in iter_jsonl(tmp_path / "p.errors.jsonl")]
+    assert head == {"bpo_fast": "errors", "command": "build-pairs"}   # the file is ours
     errs = [e for e in logged if e["stage"] != "dropped"]   # drops are logged, counted apart
     by_stage = Counter(e["stage"] for e in errs)
     assert by_stage == {"image": 2, "record": 2} and s.errors == dict(by_stage)
@@ -255,8 +258,9 @@ def test_bad_images_and_malformed_records_go_to_errors_file(tiny, tmp_path):
     assert {r["source_id"] for r in recs if r["strategy"] == "error_injection"} == {"r0", "r1", "r2"}
     assert not any(r["source_id"] in ("badimg", "noimg") for r in recs)
     # a resumed run does not log the same errors again
-    build_pairs(cfg(data, root, out, noise_steps=(500,), resume=True), model, proc)
-    assert len(list(iter_jsonl(tmp_path / "p.errors.jsonl"))) == len(logged)
+    build_pairs(cfg(data, root, out, noise_steps=(500,), resume=True, max_bad_fraction=0.6),
+                model, proc)
+    assert len(list(iter_jsonl(tmp_path / "p.errors.jsonl"))) == len(logged) + 1
 
 
 def test_all_turns_json_array_and_text_only(tiny, tmp_path):
@@ -350,7 +354,7 @@ def test_cli_end_to_end(tiny_llava_dir, tmp_path, capsys):
     args = ["build-pairs", "--model", tiny_llava_dir, "--data", data, "--image-root", root,
             "--out", str(out), "--noise-steps", "100,900", "--max-new-tokens", "3",
             "--min-new-tokens", "3", "--num-workers", "0", "--no-progress", "--device", "cpu",
-            "--summary-json", str(tmp_path / "sum.json")]
+            "--summary-json", str(tmp_path / "sum.json"), "--max-bad-fraction", "0.6"]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "pairs written" in err and "errors: 2" in err

@@ -217,15 +217,21 @@ def test_ref_cache_resumes_from_partial_file(tiny_llava_dir, data, tmp_path):
     out_file = str(tmp_path / "ref.safetensors")
     full = compute_reference_logps(tiny_llava_dir, path, root, str(tmp_path / "full.safetensors"),
                                    batch_size=3, progress=False, device="cpu")
-    settings = {"model": os.path.abspath(tiny_llava_dir), "temperature": 1.0, "max_length": None,
-                "dtype": "float32"}
+    from bpo_fast.train.ref_cache import model_fingerprint
+
+    settings = {"model": os.path.abspath(tiny_llava_dir),
+                "model_fingerprint": model_fingerprint(tiny_llava_dir), "temperature": 1.0,
+                "max_length": None, "dtype": "float32"}
+
+    def digest(i):
+        return bytes(full.pair_digests[i].tolist()).hex()
     # an interrupted run: two pairs done (one with a sentinel value), then a torn line
     with open(out_file + ".partial.jsonl", "w") as f:
         f.write(json.dumps({"id": full.ids[0], "chosen": -1234.5, "rejected": -1.0,
-                            "chosen_tokens": 1, "rejected_tokens": 1, "settings": settings}) + "\n")
+                            "digest": digest(0), "settings": settings}) + "\n")
         f.write(json.dumps({"id": full.ids[1], "chosen": full.chosen_logps[1].item(),
-                            "rejected": full.rejected_logps[1].item(), "chosen_tokens": 6,
-                            "rejected_tokens": 6, "settings": settings}) + "\n")
+                            "rejected": full.rejected_logps[1].item(), "digest": digest(1),
+                            "settings": settings}) + "\n")
         f.write('{"id": "torn')
     compute_reference_logps(tiny_llava_dir, path, root, out_file, batch_size=3, progress=False,
                             device="cpu")

@@ -155,8 +155,8 @@ def flash_attn_available():
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def choose_attention(requested=None, device=None, dtype=None):
-    """The attention implementation to load a model with, and log the choice.
+def choose_attention(requested=None, device=None, dtype=None, log=True):
+    """The attention implementation to load a model with, and log the choice (``log``).
 
     ``requested`` wins when given. Otherwise ``flash_attention_2`` when ``flash-attn`` is installed,
     the device is CUDA and the dtype is fp16/bf16 (flash-attn supports nothing else), else ``sdpa``.
@@ -175,11 +175,12 @@ def choose_attention(requested=None, device=None, dtype=None):
         if dtype not in (torch.float16, torch.bfloat16):
             reasons.append(f"dtype {dtype} is not fp16/bf16")
         impl, why = "sdpa", "; ".join(reasons) or "default"
-    logger.info("attention: %s (%s)", impl, why)
+    if log:
+        logger.info("attention: %s (%s)", impl, why)
     return impl
 
 
-def _per_submodel_attention(config, impl):
+def _per_submodel_attention(config, impl, log=True):
     """``impl``, or a per-sub-config dict when the text model cannot run it: Gemma 2 (PaliGemma
     2's text model) has no SDPA path in transformers (``_supports_sdpa = False``: its attention
     soft-caps the scores, which SDPA cannot), so loading the whole model with the default
@@ -200,19 +201,21 @@ def _per_submodel_attention(config, impl):
         return impl
     key = next((k for k in getattr(config, "sub_configs", {}) if getattr(config, k) is text),
                "text_config")
-    logger.info("attention: eager for the text model %s (no SDPA support), %s elsewhere",
-                text_cls.__name__, impl)
+    if log:
+        logger.info("attention: eager for the text model %s (no SDPA support), %s elsewhere",
+                    text_cls.__name__, impl)
     return {"": impl, key: "eager", **{k: impl for k in getattr(config, "sub_configs", {})
                                          if k != key}}
 
 
 def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None,
-             compute_dtype=None):
+             compute_dtype=None, log_attention=True):
     """Load a vision-language model from a local path (no downloads) with a chosen attention.
 
     ``compute_dtype``: the dtype the model will run in when it differs from the stored ``dtype``
     (fp32 master weights under bf16 autocast / FSDP mixed precision); it decides whether
-    flash-attention can be used."""
+    flash-attention can be used. ``log_attention``: log the attention chosen (off for a second
+    model whose choice was just logged)."""
     import os
 
     from transformers import AutoConfig
@@ -226,9 +229,10 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
     # clear errors for unsupported families and heads, before loading
     get_adapter(config.model_type)
     logit_softcap(config, f"model {path!r}")  # rejects what the fused head cannot compute
-    impl = choose_attention(attn_implementation, device, compute_dtype or dtype)
+    impl = choose_attention(attn_implementation, device, compute_dtype or dtype,
+                            log=log_attention)
     if attn_implementation is None:
-        impl = _per_submodel_attention(config, impl)
+        impl = _per_submodel_attention(config, impl, log=log_attention)
     kwargs = dict(dtype=dtype, attn_implementation=impl, local_files_only=True)
     if config.model_type == "llava":
         from transformers import LlavaForConditionalGeneration as cls

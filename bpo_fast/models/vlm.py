@@ -383,18 +383,19 @@ class VLMAdapter:
     # ---- prompts (pair collation) ------------------------------------------------------
 
     def encode_pair(self, processor, chat_template, messages, prompt_text, answers, image,
-                    tokenizer):
+                    tokenizer, processor_kwargs=None):
         """(prompt ids with image tokens expanded, [answer ids...], image inputs) of one pair.
 
         The answer tokens are what follows the common prefix of the prompt and prompt+answer
         tokenised without the image expansion (robust to tokenisers that merge across the
-        boundary). ``image``: one image, or the pair's list of images (empty: text only)."""
+        boundary). ``image``: one image, or the pair's list of images (empty: text only).
+        ``processor_kwargs``: extra arguments of the processor call (``--processor-kwargs``)."""
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         # the pair's images as one sample's list (``[[img, ...]]``), as HF's apply_chat_template
         # passes them: LLaVA-OneVision then knows a multi-image sample (``batch_num_images``: no
         # anyres for its images); a flat list would read as one single-image sample per image
         enc = processor(images=[images] if images else None, text=[prompt_text],
-                        return_tensors="pt")
+                        return_tensors="pt", **(processor_kwargs or {}))
         prompt_ids = enc["input_ids"][0].tolist()
         plain_prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         fulls = []
@@ -519,10 +520,11 @@ class PaliGemmaAdapter(VLMAdapter):
         return {"token_type_ids": (pos[None, :] >= first[:, None]).long()}
 
     def encode_pair(self, processor, chat_template, messages, prompt_text, answers, image,
-                    tokenizer):
+                    tokenizer, processor_kwargs=None):
         prompt_ids, outs, image_out = None, [], None
         for a in answers:
-            enc = processor(images=[image], text=[prompt_text], suffix=[a], return_tensors="pt")
+            enc = processor(images=[image], text=[prompt_text], suffix=[a], return_tensors="pt",
+                            **(processor_kwargs or {}))
             ids = enc["input_ids"][0].tolist()
             tt = enc["token_type_ids"][0].tolist()
             k = tt.index(1) if 1 in tt else len(ids)

@@ -9,7 +9,8 @@ Train with it: ``bpo-fast train ... --reference cached --ref-cache ref.safetenso
 
 from dataclasses import dataclass
 
-from bpo_fast.options import DTYPE_CHOICES, canonical_dtype, option, parse_device
+from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, max_bad_fraction_option, option,
+                              parse_device, processor_kwargs_option)
 
 
 @dataclass
@@ -41,6 +42,11 @@ class RefLogpsOptions:
     attn_implementation: str = option(None, help="force an attention implementation",
                                       default_text="flash_attention_2 when usable, else sdpa")
     strict: bool = option(False, help="fail on the first bad record")
+    errors: str = option(None, help="errors JSONL: the bad samples, named and left out of the "
+                                    "cache", metavar="FILE",
+                         default_text="<out stem>.errors.jsonl")
+    max_bad_fraction: float = max_bad_fraction_option()
+    processor_kwargs: dict = processor_kwargs_option()
     chat_template: str = option(None, help="a Jinja chat template, or a file holding one; use "
                                            "the same one for training", metavar="TEMPLATE",
                                 default_text="the processor's own, else the model family's "
@@ -58,15 +64,20 @@ def run(args):
     from bpo_fast.errors import check_no_overlap
     from bpo_fast.options import config_file_of, from_args
     from bpo_fast.runtime import console
-    from bpo_fast.train.ref_cache import compute_reference_logps
+    from bpo_fast.train.ref_cache import compute_reference_logps, errors_path
 
     o = from_args(RefLogpsOptions, args)
-    check_no_overlap({"out": o.out}, {"--config": config_file_of(o)})
+    check_no_overlap({"out": o.out, "errors": o.errors}, {"--config": config_file_of(o)})
     with console():
         cache = compute_reference_logps(
             o.model, o.data, o.image_root, o.out, batch_size=o.batch_size,
             max_length=o.max_length, dtype=o.dtype, device=o.device, temperature=o.temperature,
             strict=o.strict, attn_implementation=o.attn_implementation, progress=o.progress,
-            overwrite=o.overwrite, chat_template=o.chat_template, data_format=o.data_format)
-    print(f"wrote reference log-probs of {len(cache)} pairs to {o.out}")
+            overwrite=o.overwrite, chat_template=o.chat_template, data_format=o.data_format,
+            processor_kwargs=o.processor_kwargs, max_bad_fraction=o.max_bad_fraction,
+            errors=o.errors)
+    n_bad = int(cache.metadata.get("skipped") or 0)
+    print(f"wrote reference log-probs of {len(cache)} pairs to {o.out}"
+          + (f"; {n_bad} bad sample(s) left out, named in "
+             f"{o.errors or errors_path(o.out)}" if n_bad else ""))
     return 0

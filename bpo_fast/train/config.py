@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, check_values, option,
-                              parse_device, threads_option)
+from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, check_processor_kwargs,
+                              check_values, device_option, dtype_option, max_bad_fraction_option,
+                              option, processor_kwargs_option, threads_option)
 
 from bpo_fast.runtime import DTYPES, parse_dtype  # noqa: F401  (re-exported)
 
@@ -17,7 +18,7 @@ RUN_SETTINGS = ("batch_size", "grad_accum", "max_length", "learning_rate", "weig
                 "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm", "loss_type", "beta",
                 "label_smoothing", "rpo_alpha", "reference", "lora_r", "lora_alpha",
                 "lora_dropout", "lora_target_modules", "train_projector", "train_vision", "seed",
-                "dtype", "ref_dtype", "chat_template")
+                "dtype", "ref_dtype", "chat_template", "processor_kwargs")
 
 _DATA, _REF, _LOSS = "data and model", "reference", "loss"
 _WHAT, _OPT, _RUN = "what trains", "optimisation", "runtime"
@@ -78,6 +79,8 @@ class TrainConfig:
                                 group=_DATA, metavar="TEMPLATE",
                                 default_text="the processor's own, else the model family's "
                                              "documented default (bpo_fast.models.vlm)")
+    processor_kwargs: dict = processor_kwargs_option(group=_DATA)
+    max_bad_fraction: float = max_bad_fraction_option(group=_DATA)
 
     # reference
     reference: str = option(None, help="the reference: a frozen copy of the model, the policy "
@@ -151,12 +154,9 @@ class TrainConfig:
                                                 "record ids", group=_OPT, bounds="[1, inf)")
 
     # runtime
-    dtype: str = option("auto", help="compute dtype (auto: bf16 on CUDA with fp32 master "
-                                     "weights and autocast, fp32 on CPU)", type=canonical_dtype,
-                        choices=DTYPE_CHOICES, group=_RUN)
-    device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, group=_RUN,
-                         metavar="DEVICE",
-                         default_text="cuda if available (cuda:LOCAL_RANK under torchrun)")
+    dtype: str = dtype_option(help="compute dtype (auto: bf16 on CUDA with fp32 master weights "
+                                   "and autocast, fp32 on CPU)", group=_RUN)
+    device: str = device_option(group=_RUN)
     threads: int = threads_option(group=_RUN)
     gradient_checkpointing: bool = option(False, help="recompute activations in backward",
                                           group=_RUN)
@@ -249,6 +249,10 @@ class TrainConfig:
         if self.train_vision and self.lora_r > 0:
             raise ValueError("train_vision: not supported with LoRA (lora_r > 0); the adapters "
                              "target the language model")
+        self.processor_kwargs = check_processor_kwargs(self.processor_kwargs) or None
+        from bpo_fast.data.bad_samples import check_max_bad_fraction
+
+        self.max_bad_fraction = check_max_bad_fraction(self.max_bad_fraction)
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
         self._check_eval()

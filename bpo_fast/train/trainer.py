@@ -39,13 +39,14 @@ import torch.distributed as dist
 from bpo_fast.errors import UserError, writing
 from bpo_fast.runtime import adapt_threads, init_distributed, parse_dtype
 from bpo_fast.train.config import RUN_SETTINGS, TrainConfig
+from bpo_fast.train.samples import guard_pairs, note_bad_samples, train_bad_samples
 
 logger = logging.getLogger("bpo_fast")
 
 # loss: the optimised objective; dpo_loss: its DPO part (they differ by the RPO term)
 METRIC_KEYS = ("step", "loss", "dpo_loss", "reward_chosen", "reward_rejected", "reward_margin",
                "reward_accuracy", "logps_chosen", "logps_rejected", "grad_norm", "lr",
-               "tokens_per_s", "samples_per_s", "peak_mem_bytes", "epoch")
+               "tokens_per_s", "samples_per_s", "peak_mem_bytes", "epoch", "bad_samples")
 
 
 class NonFiniteError(UserError):
@@ -168,8 +169,10 @@ def build_preference_model(config, device, world):
             p.data = p.data.float()
     reference = None
     if config.reference == "model":
+        # the same attention choice as the policy's (logged once) unless its dtype differs
         reference = load_vlm(config.ref_model or config.model, dtype=ref_dtype,
-                             attn_implementation=config.attn_implementation, device=device)
+                             attn_implementation=config.attn_implementation, device=device,
+                             log_attention=ref_dtype != dtype)
     pm = PreferenceModel(policy, reference, reference_mode=config.reference, beta=config.beta,
                          loss_type=config.loss_type, label_smoothing=config.label_smoothing,
                          packing=config.packing, rpo_alpha=config.rpo_alpha)
@@ -594,7 +597,9 @@ class _Run:
             self.cache = RefLogpsCache.load(config.ref_cache)
             check_compatible(self.cache, path=config.ref_cache, max_length=config.max_length,
                              reference_model=config.ref_model or config.model, ids=ds.ids,
-                             data=config.data)
+                             data=config.data, records=ds.records)
+        self.bad = bad = train_bad_samples(config, ds, resume=ckpt is not None, world=world,
+                                           rank=rank)
 
         pm, self.lora, dtype = build_preference_model(config, device, world)
         self.pm, self.dtype = pm, dtype
@@ -604,15 +609,18 @@ class _Run:
         processor = load_processor(config.model)
         self.collate = collate = PreferenceCollator(
             processor, max_length=config.max_length,
-            model_type=unwrap(pm.policy).config.model_type, chat_template=config.chat_template)
+            model_type=unwrap(pm.policy).config.model_type, chat_template=config.chat_template,
+            processor_kwargs=config.processor_kwargs)
         collate.check_dataset(ds)  # pairs the family cannot take (PaliGemma: one image each)
+        # the bad-sample policy, in the workers too
+        self.guarded = guard_pairs(ds, collate, config.data)
         self.evaluator = self.best = None
         if config.eval_data:
             from bpo_fast.train.eval import BestTracker, Evaluator
 
             self.evaluator = Evaluator(
                 config, collate=collate, processor=processor, model_type=collate.model_type,
-                cache=self.cache, world=world, rank=rank, device=device,
+                cache=self.cache, world=world, rank=rank, bad=bad, device=device,
                 autocast=(torch.autocast(device.type, dtype=dtype)
                           if dtype != torch.float32 else None))
             if config.save_best:
@@ -679,9 +687,9 @@ class _Run:
                 self.epoch, self.micro_in_epoch = self.epoch + 1, 0
             self.sampler.set_epoch(self.epoch, start=self.micro_in_epoch * config.batch_size)
             loader = torch.utils.data.DataLoader(
-                self.ds, batch_size=config.batch_size,
+                self.guarded, batch_size=config.batch_size,
                 sampler=None if config.streaming else self.sampler,
-                collate_fn=self.collate, num_workers=config.num_workers, drop_last=True,
+                collate_fn=self.collate.batch, num_workers=config.num_workers, drop_last=True,
                 generator=self.loader_gen,
                 pin_memory=self.device.type == "cuda")
             micro_before = self.micro_in_epoch
@@ -709,6 +717,7 @@ class _Run:
         """Forward and backward of one micro-batch; True when it completes an optimiser step."""
         config = self.config
         adapt_threads()  # follows the free CPUs when the caller chose threads that way
+        note_bad_samples(self.bad, batch, config.data)
         self.micro_in_epoch += 1
         last_micro = self.micro_in_epoch % config.grad_accum == 0
         if self.world > 1:
@@ -717,7 +726,7 @@ class _Run:
                   if isinstance(v, torch.Tensor) and k != "index"}
         if self.cache is not None:
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self.cache.lookup(
-                batch["ids"], self.device)
+                batch["ids"], self.device, digests=batch["digests"])
         with self.autocast:
             out = self.pm(**inputs)
         (out.loss / config.grad_accum).backward()
@@ -729,6 +738,7 @@ class _Run:
         """Clip, check for non-finite values, step the optimiser and the schedule; returns the
         step's metrics record, or None when the step was skipped (``on_nonfinite="skip"``)."""
         config, world, device = self.config, self.world, self.device
+        n_bad = self.bad.check(world)  # too many bad samples: exit 2, before this step's update
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -767,7 +777,7 @@ class _Run:
                "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
                "samples_per_s": self.pairs_per_step / max(elapsed, 1e-9),
                "peak_mem_bytes": _peak_mem(device),
-               "epoch": self.epoch + self.micro_in_epoch / self.use_micro}
+               "epoch": self.epoch + self.micro_in_epoch / self.use_micro, "bad_samples": n_bad}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         return rec
@@ -823,11 +833,13 @@ class _Run:
         if self.bar is not None:
             self.bar.close()
         self.tracker.close()
+        self.bad.close()
         save_final(self.pm, self.config, self.lora, self.dtype, self.world, self.rank)
-        best = self.best
+        best, bad = self.best, self.bad
         return {"output": self.config.output, "steps": self.step,
                 "metrics_path": self.metrics_path, "history": self.history,
-                "final_checkpoint": self.last_ckpt, "skipped": len(self.ds.skipped),
+                "final_checkpoint": self.last_ckpt, "skipped": bad.count(),
+                "bad_samples": bad.summary(), "errors_path": bad.path if bad.count() else None,
                 "skipped_steps": self.skipped_steps,
                 "best": best.state() if best is not None else None}
 
