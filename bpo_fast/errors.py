@@ -48,8 +48,8 @@ import tempfile
 
 __all__ = ["UserError", "is_user_error", "format_error", "run_command", "input_file",
            "input_dir", "output_file", "output_dir", "check_text_file", "CommandGuard",
-           "check_no_overlap", "lies_inside", "Interrupted", "WriteFault", "writing", "FILE", "DIR",
-           "ROOT", "OWNED"]
+           "check_no_overlap", "lies_inside", "Interrupted", "WriteFault", "writing",
+           "appended_status", "FILE", "DIR", "ROOT", "OWNED"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130      # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
@@ -492,6 +492,16 @@ class _OutputLock:
             except OSError:
                 break
         self.created = []
+
+
+def appended_status(out, written, noun):
+    """``(where, kept, how to resume)`` of a command that appends its output batch by batch and
+    resumes with ``--resume`` (``out`` None: nothing written yet), for :class:`CommandGuard`."""
+    if out is None:
+        return f"before any {noun} was written", "", "rerun the same command"
+    return (f"after {written} new {noun}(s)",
+            f"the {noun}s written so far are kept in {out!r} (appended batch by batch)",
+            "rerun with --resume to continue")
 
 
 class CommandGuard:

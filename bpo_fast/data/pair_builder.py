@@ -881,11 +881,11 @@ def _guard(cfg, reads_model, config_file):
 
 def _stopped_at(run):
     """Where an interrupted or failed build stopped, what it kept, how to resume."""
-    if run is None or not hasattr(run, "writer"):
-        return "before any pair was written", "", "rerun the same command"
-    return (f"after {run.summary.total_written} new pair(s)",
-            f"the pairs written so far are kept in {run.out!r} (appended batch by batch)",
-            "rerun with --resume to continue")
+    from bpo_fast.errors import appended_status
+
+    started = run is not None and hasattr(run, "writer")
+    return appended_status(run.out if started else None,
+                           run.summary.total_written if started else 0, "pair")
 
 
 def _needs_model(cfg):

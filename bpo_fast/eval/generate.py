@@ -266,11 +266,11 @@ def _guard(opts):
 
 def _stopped_at(run):
     """Where an interrupted or failed run stopped, what it kept, how to resume."""
-    if run is None or not hasattr(run, "writer"):
-        return "before any answer was written", "", "rerun the same command"
-    return (f"after {run.summary.written} new answer(s)",
-            f"the answers written so far are kept in {run.out!r} (appended batch by batch)",
-            "rerun with --resume to continue")
+    from bpo_fast.errors import appended_status
+
+    started = run is not None and hasattr(run, "writer")
+    return appended_status(run.out if started else None, run.summary.written if started else 0,
+                           "answer")
 
 
 class _Run:
