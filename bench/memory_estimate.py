@@ -17,8 +17,12 @@ parameter is counted and nothing is downloaded or allocated. What each part cost
   per token and decoder layer, bf16, with SDPA / flash attention (no T x T matrix): the layer
   input (2h), attention norm output (2h), q, k, v (6h), attention output (2h), MLP norm output
   (2h), gate and up outputs and the activation (6i) and the product feeding down_proj (2i):
-  16h + 8i bytes; ``--gradient-checkpointing`` keeps only the layer inputs (2h) plus one
-  layer's worth during its recomputation;
+  16h + 8i bytes; with LoRA and ``--lora-dropout`` > 0 (train's default 0.05) peft keeps each
+  adapted projection's input once more, as the fp32 tensor its dropout works on: 4 x (6h + i)
+  more (q, k, v, o, gate, up read h-wide inputs, down an i-wide one), which nearly doubles a
+  LoRA layer; ``--gradient-checkpointing`` keeps only the layer inputs (2h) plus one layer's
+  worth during its recomputation. tests/test_next_steps.py counts the bytes autograd saves in
+  one decoder layer (bf16 autocast, on CPU) and holds this rule to them;
 - the LM head: our fused log-prob op never builds logits; a plain forward would hold
   ``[rows, T, V]`` logits (bf16) and their fp32 log-softmax (shown for comparison).
 
@@ -66,12 +70,32 @@ def counts(model, lora_r):
     return {"total": total, "image": image, "llm": total - image, "lora": lora}
 
 
+def train_lora_dropout():
+    """``train``'s default ``--lora-dropout`` (declared once, in TrainConfig)."""
+    import dataclasses
+
+    from bpo_fast.train.config import TrainConfig
+
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "lora_dropout")
+
+
+def layer_activation_bytes(h, i, *, mode, lora_dropout=None):
+    """Bytes per token one decoder layer keeps for backward (see the module docstring);
+    ``lora_dropout``: None for train's default."""
+    per_layer = 16 * h + 8 * i
+    if lora_dropout is None:
+        lora_dropout = train_lora_dropout()
+    if mode == "lora" and lora_dropout > 0:
+        per_layer += 4 * (6 * h + i)
+    return per_layer
+
+
 def estimate(c, text, *, mode, gpus=1, batch=4, max_length=1024, checkpointing=True):
     """Bytes per GPU by part (see the module docstring)."""
     h, i, layers, v = (text.hidden_size, text.intermediate_size, text.num_hidden_layers,
                        text.vocab_size)
     tokens = batch * 2 * max_length
-    per_layer = 16 * h + 8 * i
+    per_layer = layer_activation_bytes(h, i, mode=mode)
     act = tokens * (layers * 2 * h + per_layer) if checkpointing else tokens * layers * per_layer
     if mode == "lora":
         weights = 2 * c["total"] + 4 * c["lora"]

@@ -84,12 +84,23 @@ def test_every_family_answers_as_hf_generate(family, tmp_path):
 
     model, proc = load_vlm(model_dir, device="cpu").eval(), load_processor(model_dir)
     assert model.config.model_type == model_type(family)
-    want = []
+    images = []
     for i in range(3):
         with Image.open(root / f"i{i}.png") as im:
-            want.append(_hf_answer(model, proc, "what is on the table ?", im.convert("RGB"), 4))
+            images.append(im.convert("RGB"))
+    want = [_hf_answer(model, proc, "what is on the table ?", im, 4) for im in images]
     assert [r["answer"] for r in got] == want
     assert any(want)
+    # sampled: each answer from its own seed, the same alone as in a left-padded batch
+    from bpo_fast.data.generation import Sampling
+    from bpo_fast.data.vlm_generation import Answerer
+
+    answer = Answerer(model, proc, Sampling(max_new_tokens=4, min_new_tokens=4, do_sample=True,
+                                            top_p=0.9))
+    items = [([{"from": "human", "value": "<image>\nwhat is on the table ?"}], [im])
+             for im in images]
+    alone = [answer([it], [seed])[0][0] for it, seed in zip(items, (5, 6, 7))]
+    assert answer(items, [5, 6, 7])[0] == alone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +238,34 @@ def test_resume_after_a_kill_writes_the_uninterrupted_bytes(tiny_llava_dir, tmp_
     assert open(cut, "rb").read() == ref
 
 
+def test_resume_and_overwrite_touch_only_files_generate_wrote(tiny_llava_dir, tmp_path, capsys):
+    data, root = _data(tmp_path, n=3, turns=1)
+    # files given as --out / --errors by mistake: a JSON file without its last newline (a
+    # model's config.json), an image, someone's notes; each refused before anything changes
+    config = tmp_path / "config.json"
+    config.write_bytes(b'{\n  "model_type": "llava"\n}')
+    image = os.path.join(root, "img1.png")
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"my": "notes"}\n')
+    cases = [(["--out", str(config)], "--resume"), (["--out", image], "--resume"),
+             (["--out", image], "--overwrite"),
+             (["--out", str(tmp_path / "a.jsonl"), "--errors", str(config)], "--resume"),
+             (["--out", str(tmp_path / "b.jsonl"), "--errors", str(notes)], None)]
+    for args, mode in cases:
+        before = {p: open(p, "rb").read() for p in (config, image, notes)}
+        assert main(["generate", "--model", tiny_llava_dir, "--data", data, "--image-root", root,
+                     "--device", "cpu", "--no-progress", *args] + ([mode] if mode else [])) == 2
+        assert "not written by generate" in capsys.readouterr().err, args
+        assert {p: open(p, "rb").read() for p in before} == before, args
+    # a run killed in its first write leaves the torn start of a line: --resume continues it
+    full = tmp_path / "full.jsonl"
+    assert _gen(tiny_llava_dir, data, root, full) == 0
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(open(full, "rb").read()[:9])
+    assert _gen(tiny_llava_dir, data, root, torn, "--resume") == 0
+    assert open(torn, "rb").read() == open(full, "rb").read()
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_torchrun_two_ranks_merge_into_out(tiny_llava_dir, tmp_path):
     data, root = _data(tmp_path, n=5)
@@ -282,6 +321,33 @@ def test_lora_adapter_is_merged_into_its_base(tiny_llava_dir, tmp_path, capsys):
 # bad input
 
 
+def test_a_folder_that_is_not_a_model_ends_in_one_line(tiny_llava_dir, tmp_path, capsys):
+    import shutil
+
+    data, root = _data(tmp_path, n=2, turns=1)
+    broken = tmp_path / "broken"                      # config.json that is not JSON
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    weightless = tmp_path / "weightless"              # a model's files but its weights
+    shutil.copytree(tiny_llava_dir, weightless,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    adapter = tmp_path / "adapter"                    # an adapter folder without its weights
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": tiny_llava_dir, "peft_type": "LORA"}))
+    bad_adapter = tmp_path / "bad_adapter"
+    bad_adapter.mkdir()
+    (bad_adapter / "adapter_config.json").write_text("[1, 2")
+    cases = [(broken, "not valid JSON"), (weightless, "no weights"), (adapter, "no weights"),
+             (bad_adapter, "not valid JSON")]
+    for model, needle in cases:
+        assert _gen(str(model), data, root, tmp_path / "a.jsonl") == 2, model
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "--model" in err and len(err.splitlines()) == 1, err
+
+
+
+
 def test_bad_records_and_images_are_logged_and_skipped(tiny_llava_dir, tmp_path, capsys):
     data, root = _data(tmp_path, n=3, bad_image=True, malformed=True)
     out = tmp_path / "a.jsonl"
@@ -301,6 +367,68 @@ def test_bad_records_and_images_are_logged_and_skipped(tiny_llava_dir, tmp_path,
     assert "--strict" in capsys.readouterr().err
 
 
+def test_questions_the_family_cannot_take_are_logged_and_skipped(tmp_path, capsys):
+    """PaliGemma takes exactly one image per prompt: a text-only or a two-image question is
+    logged and skipped like an unreadable image; the run answers the others."""
+    model = str(tmp_path / "paligemma")
+    build_tiny_vlm("paligemma", model, seed=0)
+    data, root = _data(tmp_path, n=2, turns=1, text_only=True)
+    recs = [json.loads(line) for line in open(data)]
+    recs.insert(1, {"id": "two", "image": ["img1.png", "img1.png"], "conversations": [
+        {"from": "human", "value": "<image><image>\nsame ?"}, {"from": "gpt", "value": "yes"}]})
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "a.jsonl"
+    assert _gen(model, str(data), root, out, "--batch-size", "4") == 0
+    assert [r["id"] for r in _lines(out)] == ["r0", "r1"]
+    errs = _lines(tmp_path / "a.errors.jsonl")
+    assert sorted((e["id"], e["line"]) for e in errs) == [("two", 2), ("txt", 4)]
+    capsys.readouterr()
+    assert _gen(model, str(data), root, tmp_path / "s.jsonl", "--strict") == 2
+    err = capsys.readouterr().err.strip()
+    assert "'two'" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("encoding,newline,array", [("utf-8-sig", "\n", True),
+                                                    ("utf-8-sig", "\n", False),
+                                                    ("utf-8", "\r\n", True),
+                                                    ("utf-8-sig", "\r\n", False)])
+def test_questions_files_with_a_byte_order_mark_or_crlf(tmp_path, encoding, newline, array):
+    """What Windows editors save (a UTF-8 BOM, CRLF line ends), as JSON arrays and JSONL: the
+    same questions as the plain file."""
+    from bpo_fast.data.questions import read_questions
+
+    data, root = _data(tmp_path, n=3, turns=1)
+    recs = [json.loads(line) for line in open(data)]
+    qs = [{"question_id": i, "image": r["image"], "text": "is there a circle ?"}
+          for i, r in enumerate(recs)]
+    for name, rows in (("llava", recs), ("questions", qs)):
+        path = tmp_path / f"{name}.{'json' if array else 'jsonl'}"
+        text = (json.dumps(rows, indent=1) if array else
+                "".join(json.dumps(r) + "\n" for r in rows))
+        with open(path, "w", encoding=encoding, newline=newline) as f:
+            f.write(text)
+        opts = GenerateOptions(model=".", data=str(path), image_root=root, out="o.jsonl")
+        got, _ = read_questions(opts, lambda e: pytest.fail(str(e)))
+        assert [q.id for q in got] == ([r["id"] for r in recs] if name == "llava" else
+                                       ["0", "1", "2"]), name
+        assert [q.images for q in got] == [[r["image"]] for r in recs]
+
+
+def test_a_file_of_bad_records_says_why_in_its_one_line(tmp_path, capsys):
+    data, root = _data(tmp_path, n=1, turns=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "image": "img0.png", "conversations": []}) + "\n"
+                   + '{"id": "b", "conv\n')
+    out = tmp_path / "a.jsonl"
+    assert main(["generate", "--model", str(tmp_path), "--data", str(bad), "--image-root", root,
+                 "--out", str(out), "--data-format", "llava"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "2 record(s) skipped, the first at line 1: 'conversations'" in err, err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "a.errors.jsonl").exists()
+
+
 def test_repeated_ids_are_renamed(tiny_llava_dir, tmp_path):
     data, root = _data(tmp_path, n=3, turns=1)
     recs = [json.loads(line) for line in open(data)]
@@ -310,6 +438,14 @@ def test_repeated_ids_are_renamed(tiny_llava_dir, tmp_path):
     out = tmp_path / "a.jsonl"
     assert _gen(tiny_llava_dir, str(dup), root, out) == 0
     assert [r["id"] for r in _lines(out)] == ["r0", "r1", "r0#2"]
+    # a renamed id never collides with one the input has: every answer keeps its own id
+    from bpo_fast.data.questions import read_questions
+
+    recs[1]["id"] = "r0#2"
+    dup.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got, renamed = read_questions(GenerateOptions(model=".", data=str(dup), image_root=root,
+                                                  out="o.jsonl"))
+    assert [q.id for q in got] == ["r0", "r0#2", "r0#3"] and renamed == 1
 
 
 def test_cli_errors_are_one_line(tiny_llava_dir, tmp_path, capsys):
@@ -317,6 +453,8 @@ def test_cli_errors_are_one_line(tiny_llava_dir, tmp_path, capsys):
     out = tmp_path / "a.jsonl"
     cases = [
         (["--data", data, "--image-root", root, "--out", data], "--out"),       # the input
+        (["--data", data, "--image-root", root, "--out", str(out), "--errors", data],
+         "--errors: "),
         (["--out", str(out)], "--data or --image-root"),
         (["--data", data, "--image-root", root, "--out", str(out), "--batch-size", "0"],
          "batch_size"),

@@ -302,7 +302,7 @@ def test_ctrl_c_in_the_other_commands_is_one_line_and_130(files, tmp_path, capsy
     monkeypatch.setattr(pipeline, "_CURRENT", {})
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 130
     line = _one_line(capsys)
-    assert "interrupted in stage bpo of seed0" in line and "rerun the same command" in line, line
+    assert "interrupted in stage bpo of seed" in line and "rerun the same command" in line, line
 
 
 # --------------------------------------------------------------------------------------------

@@ -576,3 +576,34 @@ def test_row_sampler_draws_from_the_distribution_one_stream_per_row(top_p):
     # a row's draw depends on its seed only, not on its neighbours
     one = _RowSampler([7], 1, 3, 1.0, top_p, "cpu")(torch.zeros(1, 3, dtype=torch.long), scores)
     assert one.argmax(-1).item() == picked[7].item()
+    # a temperature so small that score / temperature overflows: the most likely token
+    for t in (1e-30, 1e-45):
+        tiny = _RowSampler([1, 2], 1, 3, t, top_p, "cpu")(torch.zeros(2, 3, dtype=torch.long),
+                                                           scores.expand(2, -1) * 30)
+        assert tiny.argmax(-1).tolist() == [1, 1], t
+
+
+def test_resume_and_overwrite_touch_only_files_build_pairs_wrote(tmp_path, capsys):
+    """A file given as --out / --errors by mistake (a model's config.json without its last
+    newline, an image) is refused before anything is cut, appended to or removed."""
+    from bpo_fast.cli import main
+
+    data, root = make_data(tmp_path, n=2, turns=1)
+    config = tmp_path / "config.json"
+    config.write_bytes(b'{\n  "model_type": "llava"\n}')
+    image = os.path.join(root, "img1.png")
+    base = ["build-pairs", "--data", data, "--image-root", root, "--strategies",
+            "error_injection", "--no-progress"]
+    for args in (["--out", str(config), "--resume"], ["--out", image, "--overwrite"],
+                 ["--out", str(tmp_path / "p.jsonl"), "--errors", str(config)]):
+        before = {p: open(p, "rb").read() for p in (config, image)}
+        assert main(base + args) == 2, args
+        assert "not written by build-pairs" in capsys.readouterr().err, args
+        assert {p: open(p, "rb").read() for p in before} == before, args
+    # its own files still resume, also from the torn start of a first line
+    out = tmp_path / "own.jsonl"
+    assert main(base + ["--out", str(out)]) == 0
+    full = open(out, "rb").read()
+    out.write_bytes(full[:7])
+    assert main(base + ["--out", str(out), "--resume"]) == 0
+    assert open(out, "rb").read() == full

@@ -298,7 +298,11 @@ class _RowSampler:
 
     def __call__(self, input_ids, scores):
         t = min(input_ids.shape[1] - self.prompt_len, self.u.shape[1] - 1)
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        # the row's maximum first: a tiny temperature then sends the others to -inf, never
+        # the maximum to inf (inf - inf: a NaN distribution that picked the last token)
+        scores = scores.float()
+        probs = torch.softmax((scores - scores.amax(-1, keepdim=True)) / self.temperature,
+                              dim=-1)
         if self.top_p < 1.0:
             sp, idx = probs.sort(dim=-1, descending=True, stable=True)
             # the smallest prefix whose mass reaches top_p (the first token always stays)

@@ -18,7 +18,8 @@ import os
 from bpo_fast.errors import writing
 
 __all__ = ["JsonlWriter", "repair_torn_tail", "iter_jsonl", "read_ids", "atomic_write_jsonl",
-           "dumps_line", "read_text", "load_json", "iter_records", "MalformedRecord", "BOM"]
+           "dumps_line", "read_text", "load_json", "iter_records", "MalformedRecord", "BOM",
+           "check_own_jsonl"]
 
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark
 
@@ -185,6 +186,33 @@ def iter_jsonl(path, *, on_bad=None):
                     on_bad(n, "torn last line (no newline)")
                 continue
             yield n, rec
+
+
+def check_own_jsonl(path, arg, command, owns, prefixes):
+    """Raise :class:`bpo_fast.errors.UserError` unless ``path`` is missing, empty or a JSONL
+    file ``command`` wrote: its first line a JSON object ``owns(record)`` accepts, or only the
+    torn start of one (a kill during the first write), which begins with one of ``prefixes``.
+
+    Called before a resume cuts a torn tail and appends, and before an overwrite removes: a
+    file given by mistake (a model's config.json, an image, someone's notes) is never touched.
+    """
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if first.endswith(b"\n"):
+        try:
+            rec = json.loads(first)
+        except ValueError:
+            rec = None
+        own = isinstance(rec, dict) and bool(owns(rec))
+    else:
+        own = first.startswith(tuple(prefixes))
+    if not own:
+        from bpo_fast.errors import UserError
+
+        raise UserError(f"{arg}: {path!r} exists and was not written by {command}; not "
+                        "resuming, replacing or removing it (move it, or name another file)")
 
 
 def read_ids(path, *, on_bad=None):

@@ -47,7 +47,7 @@ from bpo_fast.data.images import (ImageError, ImageGeometry, ImageLoadDataset, c
 from bpo_fast.data.inject import LLMInjector, RuleInjector, load_template
 from bpo_fast.data.bad_samples import (ErrorsFile, SampleError, TooManyBadSamples,
                                        check_max_bad_fraction, check_side_file)
-from bpo_fast.data.jsonl import JsonlWriter, read_ids, repair_torn_tail
+from bpo_fast.data.jsonl import JsonlWriter, check_own_jsonl, read_ids, repair_torn_tail
 from bpo_fast.data.pair_merge import _split_ext
 from bpo_fast.data.llava_format import TURN_MODES, MalformedRecord, iter_records, record_to_samples
 from bpo_fast.data.schema import INJECTORS, STRATEGIES, SchemaError, normalize_text, validate_pair
@@ -376,8 +376,12 @@ class _Run:
         if exists and not (cfg.resume or cfg.overwrite):
             raise FileExistsError(f"out: {self.out} exists; pass resume=True (--resume) to continue "
                                   "it or overwrite=True (--overwrite) to start over")
-        # a foreign file at the errors path is refused before the (slow) model load
+        # a foreign file at either path is refused before the (slow) model load: the errors
+        # file by its header, the pair file by its first record (it has no header: other tools
+        # read it)
         check_side_file(self.errors_path, "errors")
+        check_own_jsonl(self.out, "--out", "build-pairs",
+                        lambda r: {"chosen", "rejected"} <= set(r), (b'{"id":',))
 
     def _open_files(self):
         cfg, s = self.cfg, self.summary

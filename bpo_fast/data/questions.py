@@ -203,7 +203,7 @@ def read_questions(opts, on_error=None):
     from bpo_fast.data.llava_format import MalformedRecord, iter_records
 
     stems = _ImageIndex(opts.image_root)
-    questions = []
+    questions, skipped = [], []
     for _, line, rec in iter_records(opts.data):
         if opts.limit is not None and len(questions) >= opts.limit:
             break
@@ -223,11 +223,13 @@ def read_questions(opts, on_error=None):
             if opts.strict:
                 raise UserError(f"--data: {opts.data}:{line}: {exc} (without --strict bad "
                                 "records are logged and skipped)") from None
+            skipped.append((line, str(exc)))
             if on_error is not None:
                 on_error({"stage": "record", "line": line, "reason": str(exc)})
-    if not questions:
-        raise UserError(f"--data: no question in {opts.data!r} (read as {fmt}; see the errors "
-                        "file for the records skipped)")
+    if not questions:   # said here: a run that answers nothing writes no errors file either
+        why = (f"{len(skipped)} record(s) skipped, the first at line {skipped[0][0]}: "
+               f"{skipped[0][1]}" if skipped else "no record")
+        raise UserError(f"--data: no question in {opts.data!r} (read as {fmt}; {why})")
     return _limit_and_rename(questions, opts.limit)
 
 
@@ -264,9 +266,13 @@ def _limit_and_rename(questions, limit):
     if limit is not None:
         questions = questions[:limit]
     seen, renamed = {}, 0
+    taken = {q.id for q in questions}      # a renamed id never takes one the input has
     for q in questions:
         n = seen[q.id] = seen.get(q.id, 0) + 1
         if n > 1:
+            while f"{q.id}#{n}" in taken:
+                n += 1
             q.id = f"{q.id}#{n}"
+            taken.add(q.id)
             renamed += 1
     return questions, renamed

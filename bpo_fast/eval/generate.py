@@ -21,8 +21,9 @@ batches, greedy or sampled with one random stream per question (from ``--seed`` 
 an answer does not depend on the batch it was in, the number of ranks, or a resume.
 
 Faults: answers are appended batch by batch (one write, flush, fsync); ``--resume`` cuts a torn
-last line and skips the ids already written. An unreadable image or a malformed record is logged
-to the errors file (``<out stem>.errors.jsonl``) and skipped (``--strict``: it stops the run).
+last line and skips the ids already written. An unreadable image, a malformed record or a question
+the model's family cannot take (PaliGemma: none or several images) is logged to the errors file
+(``<out stem>.errors.jsonl``) and skipped (``--strict``: it stops the run).
 Under ``torchrun`` rank r answers questions r, r + W, ... into ``<out stem>.rank{r}.jsonl``; at
 the end rank 0 merges the shards (and, on ``--resume``, the earlier ``--out``) into ``--out`` in
 input order (atomic) and removes them.
@@ -169,10 +170,11 @@ def load_model(opts, device, dtype):
                             "adapter_config.json); --base-model is only for adapters")
         _check_model_dir(path, "--model")
         return load_vlm(path, dtype=dtype, device=device).eval(), load_processor(path)
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
-    base = opts.base_model or PeftConfig.from_pretrained(path).base_model_name_or_path
-    if not base or not os.path.isdir(base):
+    adapter = _check_model_dir(path, "--model", "adapter_config.json", _ADAPTER_WEIGHTS)
+    base = opts.base_model or adapter.get("base_model_name_or_path")
+    if not isinstance(base, str) or not os.path.isdir(base):
         raise UserError(f"--base-model: the adapter {path!r} was trained on {base!r}, which is "
                         "not a directory here; pass --base-model DIR")
     _check_model_dir(base, "--base-model")
@@ -185,10 +187,32 @@ def load_model(opts, device, dtype):
     return model, load_processor(path if has_processor else base)
 
 
-def _check_model_dir(path, arg):
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"{arg}: {path!r} holds no config.json (expected a save_pretrained "
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json")
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _check_model_dir(path, arg, config="config.json", weights=_WEIGHTS):
+    """The folder's ``config`` as a dict, after checking it is a JSON object and that the
+    folder holds weights: a folder that is not a model ends in one line, not a library's
+    traceback."""
+    import json
+
+    cfg = os.path.join(path, config)
+    if not os.path.isfile(cfg):
+        raise UserError(f"{arg}: {path!r} holds no {config} (expected a save_pretrained "
                         "model folder, or a LoRA adapter folder for --model)")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{arg}: {cfg!r} is not valid JSON ({exc})") from None
+    if not isinstance(rec, dict):
+        raise UserError(f"{arg}: {cfg!r} is not a JSON object")
+    if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
+        raise UserError(f"{arg}: {path!r} holds {config} but no weights (expected one of "
+                        f"{', '.join(weights)})")
+    return rec
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,6 +337,8 @@ class _Run:
             if os.path.exists(path) and os.path.getsize(path) > 0 and not (o.resume or o.overwrite):
                 raise UserError(f"--out: {path} exists; pass --resume to continue it or "
                                 "--overwrite to start over")
+        for path in targets + [self.errors_path]:  # before any is cut, appended to or removed
+            _check_own(path)
 
     def _open(self):
         from bpo_fast.data.jsonl import JsonlWriter, read_ids, repair_torn_tail
@@ -322,7 +348,7 @@ class _Run:
             # a fresh run: an earlier run's answers (--overwrite) and errors must not mix in
             for p in (self.out, self.errors_path):
                 if os.path.exists(p):
-                    _remove_own(p)
+                    os.remove(p)          # generate's own (checked by _check_out)
         done = set()
         if o.resume:
             from bpo_fast.data.jsonl import iter_jsonl
@@ -379,6 +405,14 @@ class _Run:
                 self._log_error({"stage": "image", "id": q.id, "line": q.line,
                                  "image": q.images, "reason": f"{type(exc).__name__}: {exc}"})
                 continue
+            try:   # what the family takes (PaliGemma: exactly one image per question)
+                self.answer.adapter.check_pair_images(len(images), f"question {q.id!r}")
+            except ValueError as exc:
+                if self.opts.strict:
+                    raise UserError(f"--data: {exc}") from None
+                self._log_error({"stage": "image_count", "id": q.id, "line": q.line,
+                                 "image": q.images, "reason": str(exc)})
+                continue
             items.append((q.turns, images))
             kept.append(q)
         return items, kept
@@ -428,23 +462,19 @@ def _error_key(e):
     return (e.get("stage"), e.get("line"), e.get("id"), e.get("reason"))
 
 
-def _remove_own(path):
-    """Remove an earlier run's output or errors file before a fresh run: only a file whose
-    first line is a JSON object generate writes (an answer or an error), never anything else
-    given by mistake."""
-    import json
+def _check_own(path):
+    # --resume cuts and appends, --overwrite removes: only ever a file generate wrote
+    from bpo_fast.data.jsonl import check_own_jsonl
 
-    with open(path, "rb") as f:
-        first = f.readline()
-    try:
-        rec = json.loads(first) if first.strip() else {}
-    except ValueError:
-        rec = None
-    if not isinstance(rec, dict) or (rec and not ({"answer", "question_id"} <= set(rec)
-                                                  or rec.get("command") == "generate")):
-        raise UserError(f"--out/--errors: {path!r} exists and was not written by generate; "
-                        "not replacing it (move it, or name another file)")
-    os.remove(path)
+    check_own_jsonl(path, "--out/--errors", "generate", _own_record, _OWN_PREFIXES)
+
+
+# the first bytes of every line generate writes (dumps_line: compact, keys in order)
+_OWN_PREFIXES = (b'{"id":', b'{"command":"generate"')
+
+
+def _own_record(rec):
+    return {"answer", "question_id"} <= set(rec) or rec.get("command") == "generate"
 
 
 def merge_shards(opts, questions=None, world_size=None):

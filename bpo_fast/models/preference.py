@@ -226,8 +226,8 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     from bpo_fast.models.vlm import get_adapter, logit_softcap
 
-    # clear errors for unsupported families and heads, before loading
-    get_adapter(config.model_type)
+    # clear errors for unsupported families, versions and heads, before loading
+    get_adapter(config.model_type).check_config(config, f"model {path!r}")
     logit_softcap(config, f"model {path!r}")  # rejects what the fused head cannot compute
     impl = choose_attention(attn_implementation, device, compute_dtype or dtype,
                             log=log_attention)

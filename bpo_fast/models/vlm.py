@@ -50,6 +50,7 @@ import functools
 import torch
 
 from bpo_fast.models.preference import unwrap as _unwrap  # the one peft-unwrapping rule
+from bpo_fast.versions import PALIGEMMA2_TRANSFORMERS, require
 
 __all__ = ["VLMAdapter", "ADAPTERS", "get_adapter", "supported_model_types", "lm_head_parts",
            "logit_softcap", "load_processor", "image_token_id",
@@ -255,6 +256,10 @@ class VLMAdapter:
         if n > 1 and not self.multi_image_pairs:
             raise ValueError(f"{where}: {n} images, but {self.name} models take one image per "
                              f"prompt ({self.one_image_reason})")
+
+    def check_config(self, config, what="model"):
+        """Raise (one line naming ``what``) when this transformers cannot run ``config``'s
+        variant of the family exactly; nothing by default."""
 
     def base_model(self, model):
         base = _unwrap(model)
@@ -511,6 +516,12 @@ class PaliGemmaAdapter(VLMAdapter):
     text_only_pairs = multi_image_pairs = False
     one_image_reason = "its processor builds the prompt around exactly one image"
 
+    def check_config(self, config, what="model"):
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "model_type", None) == "gemma2":
+            require("transformers", PALIGEMMA2_TRANSFORMERS,
+                    f"{what}: PaliGemma 2 (Gemma 2 text model, eager attention)")
+
     def row_kwargs(self, model, input_ids, attention_mask, labels, images):
         scored = labels != IGNORE_INDEX
         # answer = from the first scored token on; padding is masked anyway
@@ -572,6 +583,7 @@ def get_adapter(model_or_type):
                                     f"{', '.join(supported_model_types())})")
     a = ADAPTERS[mt]
     if not isinstance(model_or_type, str):
+        a.check_config(_unwrap(model_or_type).config)
         lm_head_parts(model_or_type)  # rejects logit transforms up front
     return a
 

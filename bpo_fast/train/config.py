@@ -186,6 +186,11 @@ class TrainConfig:
     progress: bool = option(True, help="no progress bar", cli="no-progress", group=_RUN)
     log_every: int = option(1, help="a metrics.jsonl line every N steps", group=_RUN,
                             bounds="[1, inf)")
+    log_term_grads: bool = option(False, help="also log the gradient norm of the DPO term and "
+                                              "of the RPO term apart (grad_norm_dpo, "
+                                              "grad_norm_rpo, grad_cos_dpo_rpo): one more "
+                                              "backward pass per micro-batch; one process only",
+                                  group=_EVAL)
 
     # evaluation and logging
     eval_data: list = option(

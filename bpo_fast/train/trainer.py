@@ -43,10 +43,15 @@ from bpo_fast.train.samples import guard_pairs, note_bad_samples, train_bad_samp
 
 logger = logging.getLogger("bpo_fast")
 
-# loss: the optimised objective; dpo_loss: its DPO part (they differ by the RPO term)
-METRIC_KEYS = ("step", "loss", "dpo_loss", "reward_chosen", "reward_rejected", "reward_margin",
-               "reward_accuracy", "logps_chosen", "logps_rejected", "grad_norm", "lr",
-               "tokens_per_s", "samples_per_s", "peak_mem_bytes", "epoch", "bad_samples")
+# loss: the optimised objective; dpo_loss: its DPO part (they differ by the RPO term); nll: the
+# chosen answers' mean NLL per token (what the RPO term weighs); logratio_margin(_per_token):
+# the implicit reward margin in nats, (policy - reference) log-prob of chosen minus rejected,
+# summed over the answer's tokens / divided by its token count. With log_term_grads, the
+# terms' gradients apart follow grad_norm (term_grads.TERM_KEYS).
+METRIC_KEYS = ("step", "loss", "dpo_loss", "nll", "reward_chosen", "reward_rejected",
+               "reward_margin", "reward_accuracy", "logratio_margin", "logratio_margin_per_token",
+               "logps_chosen", "logps_rejected", "grad_norm", "lr", "tokens_per_s",
+               "samples_per_s", "peak_mem_bytes", "epoch", "bad_samples")
 
 
 class NonFiniteError(UserError):
@@ -671,6 +676,14 @@ class _Run:
         self.step_ids, self.skipped_steps = [], 0
         self.skipped_in_row, self.skipped_ids = 0, []   # non-finite steps skipped in a row
         self.trainable = [p for p in self.pm.parameters() if p.requires_grad]
+        self.terms = None
+        if config.log_term_grads:
+            if self.world > 1:
+                raise UserError("--log-term-grads: runs in one process only (FSDP2 reduces "
+                                "gradients in the backward hooks a second backward would rerun)")
+            from bpo_fast.train.term_grads import TermGradients
+
+            self.terms = TermGradients(self.trainable, rpo=bool(config.rpo_alpha))
         self.max_norm = config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 \
             else float("inf")   # inf: the norm is measured (and logged), nothing is clipped
 
@@ -729,6 +742,8 @@ class _Run:
                 batch["ids"], self.device, digests=batch["digests"])
         with self.autocast:
             out = self.pm(**inputs)
+        if self.terms is not None:
+            self.terms.add(out, 1.0 / config.grad_accum)
         (out.loss / config.grad_accum).backward()
         self.acc.add(out, inputs["attention_mask"])
         self.step_ids.extend(batch["ids"])
@@ -739,6 +754,8 @@ class _Run:
         step's metrics record, or None when the step was skipped (``on_nonfinite="skip"``)."""
         config, world, device = self.config, self.world, self.device
         n_bad = self.bad.check(world)  # too many bad samples: exit 2, before this step's update
+        # before clipping
+        term_norms = self.terms.norms() if self.terms is not None else {}
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -769,11 +786,8 @@ class _Run:
         self.step += 1
         elapsed = time.perf_counter() - self.t0
         m = self.acc.result(world)
-        rec = {"step": self.step, "loss": m["loss"], "dpo_loss": m["dpo_loss"],
-               "reward_chosen": m["reward_chosen"],
-               "reward_rejected": m["reward_rejected"], "reward_margin": m["reward_margin"],
-               "reward_accuracy": m["reward_accuracy"], "logps_chosen": m["logps_chosen"],
-               "logps_rejected": m["logps_rejected"], "grad_norm": float(grad_norm), "lr": lr,
+        rec = {"step": self.step, **{k: m[k] for k in _Accumulator._KEYS},
+               "grad_norm": float(grad_norm), **term_norms, "lr": lr,
                "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
                "samples_per_s": self.pairs_per_step / max(elapsed, 1e-9),
                "peak_mem_bytes": _peak_mem(device),
@@ -1039,8 +1053,9 @@ def _truncate_metrics(path, step):
 class _Accumulator:
     """Per-step means over micro-batches (and ranks) of the logged quantities."""
 
-    _KEYS = ("loss", "dpo_loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
-             "logps_chosen", "logps_rejected")
+    _KEYS = ("loss", "dpo_loss", "nll", "reward_chosen", "reward_rejected", "reward_margin",
+             "reward_accuracy", "logratio_margin", "logratio_margin_per_token", "logps_chosen",
+             "logps_rejected")
 
     def __init__(self, device):
         self.device = device
@@ -1055,13 +1070,17 @@ class _Accumulator:
 
     def add(self, out, attention_mask):
         d = out.dpo
+        pc, pr = out.policy_chosen_logps.detach().float(), out.policy_rejected_logps.detach().float()
+        c, r = pc - out.ref_chosen_logps.float(), pr - out.ref_rejected_logps.float()
+        n_c, n_r = out.chosen_tokens.float(), out.rejected_tokens.float()
         vals = torch.stack([out.loss.detach().float(), d.loss.detach().float(),
+                            -pc.sum() / n_c.sum().clamp(min=1),    # as the RPO term's nll
                             d.chosen_rewards.detach().float().mean(),
                             d.rejected_rewards.detach().float().mean(),
                             d.reward_margins.detach().float().mean(),
                             torch.as_tensor(d.reward_accuracy).detach().float().mean(),
-                            out.policy_chosen_logps.detach().float().mean(),
-                            out.policy_rejected_logps.detach().float().mean()])
+                            (c - r).mean(), (c / n_c.clamp(min=1) - r / n_r.clamp(min=1)).mean(),
+                            pc.mean(), pr.mean()])
         self.nonfinite += (~torch.isfinite(vals[0])).to(self.nonfinite)
         self.sums += vals.to(self.sums)
         self.tokens += attention_mask.sum()
