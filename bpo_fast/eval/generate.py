@@ -272,17 +272,35 @@ def _validate(opts):
     if opts.resume and opts.overwrite:
         raise ValueError("resume and overwrite: pick one")
     output_file(opts.out, "--out")
-    errors = _errors_path(opts)
-    output_file(errors, "--errors")
-    outs = {os.path.realpath(opts.out), os.path.realpath(errors)}
-    if len(outs) < 2:
-        raise UserError("--errors: must differ from --out")
-    ins = [p for p in (opts.data, opts.model, opts.base_model) if p]
-    for arg, path in (("--out", opts.out), ("--errors", errors)):
-        for p in ins:
-            if os.path.realpath(p) == os.path.realpath(path):
-                raise UserError(f"{arg}: {path!r} is an input ({p!r}); generate never writes "
-                                "over its input")
+    output_file(_errors_path(opts), "--errors")
+
+
+def _guard(opts):
+    """The command guard of a run (:class:`bpo_fast.errors.CommandGuard`): this rank's answers
+    and errors files (and, for rank 0 under torchrun, the merged ``--out``) against every path
+    it reads; each locked."""
+    from bpo_fast.errors import DIR, FILE, ROOT, CommandGuard
+    from bpo_fast.options import config_file_of
+    from bpo_fast.runtime import dist_env
+
+    rank, world, _ = dist_env(opts.rank, opts.world_size)
+    outputs = [("--out", shard_path(opts.out, rank, world), FILE),
+               ("--errors", shard_path(_errors_path(opts), rank, world), FILE)]
+    if world > 1 and rank == 0:     # rank 0 merges the shards into --out
+        outputs.append(("--out", opts.out, FILE))
+    inputs = [("--model", opts.model, DIR), ("--base-model", opts.base_model, DIR),
+              ("--data", opts.data, None), ("--image-root", opts.image_root, ROOT),
+              ("--config", config_file_of(opts), FILE)]
+    return CommandGuard("generate", inputs=inputs, outputs=outputs)
+
+
+def _stopped_at(run):
+    """Where an interrupted or failed run stopped, what it kept, how to resume."""
+    from bpo_fast.errors import appended_status
+
+    started = run is not None and hasattr(run, "writer")
+    return appended_status(run.out if started else None, run.summary.written if started else 0,
+                           "answer")
 
 
 class _Run:
@@ -499,15 +517,18 @@ def generate(opts, model=None, processor=None):
     _validate(opts)
     if (model is None) != (processor is None):
         raise ValueError("model and processor: pass both or neither")
-    run = _Run(opts, model, processor)
-    summary = run.run()
-    if run.world > 1:
-        import torch.distributed as dist
+    run = None
+    with _guard(opts) as guard:
+        guard.status = lambda: _stopped_at(run)
+        run = _Run(opts, model, processor)
+        summary = run.run()
+        if run.world > 1:
+            import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            if run.rank == 0:
-                summary.merged = merge_shards(opts, run.questions, run.world)
-            dist.barrier()
-    return summary
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+                if run.rank == 0:
+                    summary.merged = merge_shards(opts, run.questions, run.world)
+                dist.barrier()
+        return summary
 
