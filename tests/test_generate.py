@@ -420,8 +420,9 @@ def test_a_file_of_bad_records_says_why_in_its_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "image": "img0.png", "conversations": []}) + "\n"
                    + '{"id": "b", "conv\n')
-    out = tmp_path / "a.jsonl"
-    assert main(["generate", "--model", str(tmp_path), "--data", str(bad), "--image-root", root,
+    out, model = tmp_path / "a.jsonl", tmp_path / "model"
+    model.mkdir()   # the records are read before the model folder is looked at
+    assert main(["generate", "--model", str(model), "--data", str(bad), "--image-root", root,
                  "--out", str(out), "--data-format", "llava"]) == 2
     err = capsys.readouterr().err.strip()
     assert "2 record(s) skipped, the first at line 1: 'conversations'" in err, err
