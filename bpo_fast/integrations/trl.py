@@ -57,7 +57,8 @@ import warnings
 
 import torch
 
-from bpo_fast.ops.losses import REGISTRY, TRL_NOT_SUPPORTED, TRL_VERSION
+from bpo_fast.ops.losses import (REGISTRY, TRL_NOT_SUPPORTED, TRL_VERSION, check_rpo_alpha,
+                                 loss_config)
 
 logger = logging.getLogger("bpo_fast")
 
@@ -138,6 +139,9 @@ def step_settings(args):
                        args.label_smoothing, t, TRL_SERIES)
     if "discopop_tau" in spec.params:
         kw["discopop_tau"] = args.discopop_tau
+    # the registry's ranges, checked now (before any model is loaded)
+    loss_config(spec.name, args.beta, kw.get("label_smoothing", 0.0), kw.get("discopop_tau", 0.05))
+    check_rpo_alpha(rpo)
     return kw, w
 
 
