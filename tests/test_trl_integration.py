@@ -104,14 +104,14 @@ def make_trainer(cls, family, out, *, lora=False, loss="sigmoid", precompute=Fal
 
     model, proc = build_tiny_vlm(family, seed=0)
     config.setdefault("loss_type", [loss])
+    config.setdefault("save_strategy", "no")
     # plain SGD: AdamW's first update is about lr * sign(g) (m / sqrt(v) = g / |g|), so a
     # gradient component that is float noise (1e-9 in one run, -1e-9 in the other) moves by
     # +-lr and the next step's gradients differ by more than noise; SGD keeps noise noise
     config.setdefault("optim", "sgd")
     config.setdefault("learning_rate", 2.0 if lora else 0.1)  # LoRA: small gradients (B = 0)
     args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=2, max_steps=steps,
-                         report_to="none", use_cpu=True,
-                         bf16=False, logging_steps=1, save_strategy="no", seed=0,
+                         report_to="none", use_cpu=True, bf16=False, logging_steps=1, seed=0,
                          gradient_checkpointing=False, max_length=None,
                          precompute_ref_log_probs=precompute, **config)
     lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
@@ -127,7 +127,7 @@ def train(trainer):
 
 
 def assert_same_steps(a, b, grads=True):
-    assert len(a.losses) == len(b.losses) == len(a.logps) == len(b.logps) > 0
+    assert len(a.losses) == len(b.losses) > 0 and len(a.logps) == len(b.logps) > 0
     np.testing.assert_allclose(a.losses, b.losses, **LOSS_TOL)
     for x, y in zip(a.logps, b.logps):
         torch.testing.assert_close(x, y, **LOSS_TOL)
@@ -218,6 +218,32 @@ def test_precomputed_reference_lora_and_eval(tmp_path):
     ea, eb = live.evaluate(ds), pre.evaluate(ds)
     assert eb["eval_loss"] == pytest.approx(ea["eval_loss"], rel=2e-5)
     assert list((tmp_path / "b").glob("ref_logps.eval.*.safetensors"))
+
+
+def _resumed(cls, out, monkeypatch=None, **kw):
+    """Train 3 steps with a checkpoint per step, then resume from checkpoint-1 in a new
+    trainer; the resumed run's record."""
+    make_trainer(cls, "qwen2_vl", out, save_strategy="steps", save_steps=1, **kw).train()
+    assert (out / "checkpoint-1").is_dir()
+    if monkeypatch is not None:  # the cached reference is read back, not recomputed
+        monkeypatch.setattr(bt.BPOFastMixin, "_reference_logps_over",
+                            lambda *a: pytest.fail("recomputed a cached reference"))
+    resumed = make_trainer(cls, "qwen2_vl", out, **kw)
+    rec = Record(resumed)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert len(rec.logps) == 2 and len(rec.losses) == 3  # steps 2-3 run, step 1's log restored
+    return rec
+
+
+def test_checkpoint_resume_as_trl(tmp_path, monkeypatch):
+    """TRL's checkpoints and resume_from_checkpoint keep working with our step and the cached
+    reference: the resumed steps equal TRL's own resumed steps (the same weights, optimizer
+    state and data; TRL's resumed run is not the uninterrupted one here, and neither is ours)."""
+    kw = dict(optim="adamw_torch", learning_rate=1e-3)
+    theirs = _resumed(trl.DPOTrainer, tmp_path / "trl", **kw)
+    ours = _resumed(bt.DPOTrainer, tmp_path / "ours", monkeypatch, precompute=True, ref=False,
+                    **kw)
+    assert_same_steps(theirs, ours, grads=False)
 
 
 # ----------------------------------------------------------------------------------------------
