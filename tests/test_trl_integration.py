@@ -304,6 +304,21 @@ def test_construction_refusals(tmp_path):
                       processing_class=tok)
 
 
+def test_paligemma_and_foreign_rows_refused(tmp_path):
+    args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                         max_length=None)
+    model, proc = build_tiny_vlm("paligemma", seed=0)
+    with pytest.raises(ValueError, match="model: PaliGemma is not supported"):
+        bt.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                      train_dataset=vision_dataset(2), processing_class=proc)
+    # rows whose mm_token_type_ids are not what the adapter builds: refused, never run
+    t = make_trainer(bt.DPOTrainer, "qwen2_vl", tmp_path / "q", steps=1)
+    batch = t._prepare_inputs(next(iter(t.get_train_dataloader())))
+    batch["mm_token_type_ids"] = torch.zeros_like(batch["mm_token_type_ids"])
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        t.compute_loss(t.model, batch)
+
+
 def test_own_trainer_subclass(tmp_path):
     class Mine(trl.DPOTrainer):
         pass

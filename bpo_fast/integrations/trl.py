@@ -379,17 +379,16 @@ class BPOFastMixin:
                      ref_chosen_logps=None, ref_rejected_logps=None, **kwargs):
         pm = self._bpo_model
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _FORWARD_NOISE}
-        images = {k: v for k, v in kwargs.items()
-                  if k not in ("token_type_ids", "mm_token_type_ids")}
-        ours = pm.adapter.row_kwargs(pm.policy, input_ids, attention_mask, labels, images)
-        for key in ("token_type_ids", "mm_token_type_ids"):
-            if key in kwargs and (key not in ours or not torch.equal(
-                    ours[key].to(kwargs[key].dtype), kwargs[key])):
-                raise ValueError(f"{key}: the batch's differ from what bpo-fast's "
-                                 f"{pm.adapter.name} adapter builds from input_ids; the step "
-                                 "would not compute TRL's forward")
+        rows = {k: kwargs.pop(k) for k in ("token_type_ids", "mm_token_type_ids") if k in kwargs}
+        if rows:  # the family's adapter builds these from input_ids: they must be the batch's
+            ours = pm.adapter.row_kwargs(pm.policy, input_ids, attention_mask, labels, kwargs)
+            for key, given in rows.items():
+                if key not in ours or not torch.equal(ours[key].to(given.dtype), given):
+                    raise ValueError(f"{key}: the batch's differ from what bpo-fast's "
+                                     f"{pm.adapter.name} adapter builds from input_ids; the "
+                                     "step would not compute TRL's forward")
         out = pm(input_ids, attention_mask, labels, pixel_values, ref_chosen_logps=ref_chosen_logps,
-                 ref_rejected_logps=ref_rejected_logps, **images)
+                 ref_rejected_logps=ref_rejected_logps, **kwargs)
         return {"loss": out.loss, "chosen_logps": out.policy_chosen_logps.detach(),
                 "rejected_logps": out.policy_rejected_logps.detach(),
                 "ref_chosen_logps": out.ref_chosen_logps, "ref_rejected_logps": out.ref_rejected_logps}
