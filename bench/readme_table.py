@@ -31,14 +31,16 @@ def _gb(n):
 
 
 def _cases(doc):
-    """{(shape, mode): {impl: row}} in the order of the results file."""
+    """{(shape, mode): {impl: row}}, shapes in :data:`SHAPES` order, then full before LoRA."""
     cases = {}
     for row in doc["rows"]:
         if row.get("pass") != "step":
             continue
         p = row["params"]
         cases.setdefault((p.get("shape", "llava-512"), p["mode"]), {})[row["impl"]] = row
-    return cases
+    order = list(SHAPES)
+    return dict(sorted(cases.items(), key=lambda kv: (
+        order.index(kv[0][0]) if kv[0][0] in order else len(order), list(MODES).index(kv[0][1]))))
 
 
 def _s(row):
