@@ -2,8 +2,10 @@
 
     python bench/dpo_step.py --all      # GPU: both models, writes bench/results/dpo_step-<gpu>.json
     python bench/dpo_step.py --smoke    # CPU: the tiny LLaVA, 2 pairs x 96 tokens, writes nothing
-    python bench/dpo_step.py --cpu-grid # CPU: LLaVA-shaped H 512, V 32000, 2 x 512-token pairs,
-                                        # full fine-tune and LoRA -> bench/results/dpo_step-cpu.json
+    python bench/dpo_step.py --cpu-grid # CPU: small models of real shapes (CPU_SHAPES: LLaVA V 32000
+                                        # with 512- / 2000-token rows, Qwen2-VL V 151936 with
+                                        # 490-token rows; H 512, 4 layers, 2 pairs), full fine-tune
+                                        # and LoRA r 16 -> bench/results/dpo_step-cpu.json
 
 The real TRL rows need ``trl`` importable: ``pip install --no-deps -r bench/requirements-trl.txt``
 (TRL 1.16 and its data libraries; torch is not touched). The Liger row needs ``liger_kernel``
@@ -40,6 +42,10 @@ Rows:
   ``_compute_loss``, fused LM head, reference handling, ``accelerator.backward``) and its AdamW,
   on the same model, batch and hyper-parameters; its step-1 loss and log-probs are checked
   against ours (params.check).
+- ``trl+bpo_fast``: the same TRL ``training_step`` and AdamW of
+  :class:`bpo_fast.integrations.trl.DPOTrainer` (TRL's loop, our step; its batches hold each
+  pair's image inputs once, as its collator makes them): what a TRL user gets by changing one
+  import.
 - ``liger`` (when ``liger_kernel`` imports): Liger-Kernel's ``LigerFusedLinearDPOLoss`` (chunked
   fused LM head + DPO loss) in place of our loss op on our model path (images encoded once per
   pair, the same reference handling): the loss heads compared on the same hidden states; its
