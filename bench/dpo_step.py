@@ -964,18 +964,21 @@ def cpu_grid(reps=3, warmup=1, rss=True, modes=("full", "lora"), shapes=tuple(CP
                     checks[n]["ref_logps_max_rel_diff"] = float(((ref - ours[2]).abs()
                                                                  / ours[2].abs()).max())
             times = {n: [] for n in names}
-            losses = {n: [] for n in names}
+            cpu = {n: [] for n in names}  # CPU-s of the process (all threads): what a shared
+            losses = {n: [] for n in names}  # machine's load moves least
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             for it in range(warmup + reps):
                 order = names[it % len(names):] + names[:it % len(names)]
                 for n in order:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     losses[n].append(variants[n][0]())
                     if it >= warmup:
                         times[n].append((time.perf_counter() - t0) * 1e3)
+                        cpu[n].append(time.process_time() - c0)
             del variants
             _empty()
             med = {n: statistics.median(v) for n, v in times.items()}
+            cmed = {n: statistics.median(v) for n, v in cpu.items()}
             for n in names:
                 params = {"model": f"{g['family']}-shaped", "shape": shape, "mode": mode,
                           "lora_r": g["lora_r"] if mode == "lora" else 0, "tokens": tokens,
@@ -983,6 +986,7 @@ def cpu_grid(reps=3, warmup=1, rss=True, modes=("full", "lora"), shapes=tuple(CP
                           "order": "interleaved round-robin, rotating start",
                           "load_1min_at_start": load, "check": checks[n],
                           "times_ms": [round(x, 1) for x in times[n]],
+                          "cpu_s": [round(x, 2) for x in cpu[n]],
                           "losses_per_step": [round(x, 7) for x in losses[n]],
                           "max_abs_loss_diff_vs_bpo_fast": max(
                               abs(a - b) for a, b in zip(losses[n], losses["bpo_fast"])),
@@ -1004,6 +1008,10 @@ def cpu_grid(reps=3, warmup=1, rss=True, modes=("full", "lora"), shapes=tuple(CP
                 rows.append(common.row(case, n, med[n], v[0], v[-1], params=params, pass_="step",
                                        peak_rss_bytes=peak, tokens_per_s=tokens / (med[n] * 1e-3),
                                        speedup_vs={m: med[m] / med[n] for m in names if m != n},
+                                       cpu_s_median=cmed[n], cpu_s_min=min(cpu[n]),
+                                       cpu_s_max=max(cpu[n]),
+                                       cpu_speedup_vs={m: cmed[m] / cmed[n] for m in names
+                                                       if m != n},
                                        **({"error": err} if err else {})))
             if on_case is not None:
                 on_case(rows)

@@ -44,8 +44,15 @@ def _cases(doc):
 
 
 def _s(row):
-    """median (min-max) seconds of a row's timed steps."""
-    return f"{row['median_ms'] / 1e3:.2f} s ({row['p20_ms'] / 1e3:.2f}-{row['p80_ms'] / 1e3:.2f})"
+    """median wall seconds (min-max), median CPU-s of a row's timed steps."""
+    return (f"{row['median_ms'] / 1e3:.1f} s ({row['p20_ms'] / 1e3:.1f}-{row['p80_ms'] / 1e3:.1f}), "
+            f"{row['cpu_s_median']:.1f} CPU-s")
+
+
+def _x(base, row):
+    """how many times faster ``row`` is than ``base``: wall, CPU-s."""
+    return (f"{base['median_ms'] / row['median_ms']:.2f}x, "
+            f"{base['cpu_s_median'] / row['cpu_s_median']:.2f}x")
 
 
 def block(path=RESULTS):
@@ -54,8 +61,8 @@ def block(path=RESULTS):
         doc = json.load(f)
     lines = [BEGIN,
              "| model, rows | mode | TRL DPOTrainer | TRL + bpo_fast | bpo_fast | "
-             "TRL + bpo_fast vs TRL | bpo_fast vs TRL | peak RSS TRL / TRL + bpo_fast / "
-             "bpo_fast |",
+             "TRL + bpo_fast vs TRL (wall, CPU) | bpo_fast vs TRL (wall, CPU) | peak RSS TRL / "
+             "TRL + bpo_fast / bpo_fast |",
              "|---|---|---|---|---|---|---|---|"]
     losses, gemm = [], []
     for (shape, mode), impls in _cases(doc).items():
@@ -66,28 +73,26 @@ def block(path=RESULTS):
         label = MODES[mode].format(r=ours["params"]["grid"].get("lora_r"))
         rss = [r.get("peak_rss_bytes") for r in (trl, both, ours)]
         rss_txt = " / ".join(_gb(x) for x in rss) + " GB" if all(rss) else "-"
-        lines.append(
-            f"| {SHAPES.get(shape, shape)} | {label} | {_s(trl)} | {_s(both)} | {_s(ours)} "
-            f"| {trl['median_ms'] / both['median_ms']:.2f}x faster "
-            f"| {trl['median_ms'] / ours['median_ms']:.2f}x faster | {rss_txt} |")
+        lines.append(f"| {SHAPES.get(shape, shape)} | {label} | {_s(trl)} | {_s(both)} | "
+                     f"{_s(ours)} | {_x(trl, both)} | {_x(trl, ours)} | {rss_txt} |")
         c_trl, c_both = trl["params"]["check"], both["params"]["check"]
         losses.append(f"{SHAPES.get(shape, shape)} {label} {c_trl['step1_loss']:.7f} vs "
                       f"{c_both['step1_loss']:.7f}")
         if "bpo_fast_composed" in impls:
             comp = impls["bpo_fast_composed"]
-            gemm.append(f"{SHAPES.get(shape, shape)} {label} "
-                        f"{comp['median_ms'] / ours['median_ms']:.2f}x")
+            gemm.append(f"{SHAPES.get(shape, shape)} {label} {_x(comp, ours)}")
     v = doc.get("versions", {})
     reps = sorted({r["params"].get("reps") for r in doc["rows"] if r.get("pass") == "step"})
     lines += ["", f"Measured {doc.get('date', '?')} (`{doc.get('command', '?')}`; torch "
               f"{v.get('torch', '?')}, TRL {v.get('trl', '?')}, transformers "
               f"{v.get('transformers', '?')}; {doc.get('ceilings', {}).get('note', '')}; "
-              f"median (min-max) of {'/'.join(map(str, reps))} timed steps after 1 warm-up; "
-              "peak RSS per variant in its own process).",
+              f"per step: median wall time (min-max) and median CPU-s (all threads) of "
+              f"{'/'.join(map(str, reps))} timed steps after 1 warm-up; peak RSS per variant in "
+              "its own process).",
               "Step-1 loss, TRL vs TRL + bpo_fast: " + "; ".join(losses) + "."]
     if gemm:
-        lines.append("The 3-GEMM loss path's whole step vs the composed one (4 GEMMs): "
-                     + ", ".join(gemm) + " faster.")
+        lines.append("The 3-GEMM loss path's whole step vs the composed one (4 GEMMs; wall, "
+                     "CPU): " + ", ".join(gemm) + " faster.")
     lines.append(END)
     return "\n".join(lines) + "\n"
 

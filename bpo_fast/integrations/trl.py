@@ -225,8 +225,9 @@ def _hash_value(h, v):
 
 def content_ids(dataset, columns, chunk=256):
     """One id per row of a ``datasets.Dataset``: ``row<i>-<sha256 of the row's values in
-    columns>`` (images as their stored bytes, read from Arrow without decoding). A cache keyed
-    by these ids answers only for the same records in the same order."""
+    columns>`` (images as their stored bytes, read from Arrow without decoding; an image stored
+    as a path only is its path). A cache keyed by these ids answers only for the same records
+    in the same order."""
     table = dataset.with_format("arrow")
     cols = [c for c in columns if c in dataset.column_names]
     ids = []
@@ -280,8 +281,8 @@ class BPOFastMixin:
         bound = inspect.signature(_TRLDPOTrainer.__init__).bind(self, *args, **kwargs)
         config = _argument(bound, "args")
         ref_model = _argument(bound, "ref_model")
-        if config is not None:
-            step_settings(config)  # fail before any model is loaded
+        # the settings checked before any model is loaded (TRL's default args: after)
+        settings = step_settings(config) if config is not None else None
         precompute = bool(config is not None and config.precompute_ref_log_probs)
         if precompute:  # ours: TRL's own refuses vision datasets
             config.precompute_ref_log_probs = False
@@ -293,17 +294,17 @@ class BPOFastMixin:
         finally:
             if precompute:
                 config.precompute_ref_log_probs = True
-        self._bpo_setup(bound, precompute)
+        self._bpo_setup(bound, precompute, settings or step_settings(self.args))
 
     # ---- construction -----------------------------------------------------------------------
 
-    def _bpo_setup(self, bound, precompute):
+    def _bpo_setup(self, bound, precompute, settings):
         from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
         from bpo_fast.models.preference import PreferenceModel, check_vlm_api, is_peft_model
         from bpo_fast.models.vlm import get_adapter
 
-        kw, self._bpo_scale = step_settings(self.args)
+        kw, self._bpo_scale = settings
         try:
             check_vlm_api(self.model)
         except (TypeError, ValueError) as exc:
@@ -317,8 +318,7 @@ class BPOFastMixin:
         if self.aux_loss_enabled:
             raise ValueError("router_aux_loss_coef: bpo-fast's step has no MoE auxiliary loss; "
                              "set router_aux_loss_coef=0.0")
-        peft = is_peft_model(self.model)
-        if peft and self.ref_model is None and "ref" in self.model.peft_config:
+        if is_peft_model(self.model) and self.ref_model is None and "ref" in self.model.peft_config:
             raise ValueError("model: a PeftModel with its own adapter: TRL's reference is then a "
                              "copy of that adapter ('ref'), which bpo-fast's step does not run; "
                              "pass the base model with peft_config (the reference is the base "
