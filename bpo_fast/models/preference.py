@@ -275,11 +275,15 @@ class PreferenceModel(nn.Module):
         packing: ``"auto"`` (pack when the decoder runs flash-attention), ``True`` or ``False``.
         share_image_features: ``"auto"`` reuses the policy's image features for the reference
             when both use the same frozen vision tower and projector; ``False`` never does.
+        discopop_tau, length_count: as :func:`bpo_fast.ops.preference.preference_loss` (DiscoPOP's
+            temperature; how ``ipo`` / ``sigmoid_norm`` count tokens: ``"scored"`` or TRL's
+            ``"completion"``).
     """
 
     def __init__(self, policy, reference=None, *, reference_mode=None, beta=0.1,
                  loss_type="sigmoid", label_smoothing=0.0, temperature=1.0, packing="auto",
-                 share_image_features="auto", rpo_alpha=None):
+                 share_image_features="auto", rpo_alpha=None, discopop_tau=0.05,
+                 length_count="scored"):
         super().__init__()
         check_vlm_api(policy)
         if reference_mode is None:
@@ -305,10 +309,11 @@ class PreferenceModel(nn.Module):
             raise ValueError(f"packing: expected 'auto', True or False, got {packing!r}")
         if share_image_features not in ("auto", False):
             raise ValueError("share_image_features: expected 'auto' or False")
-        from bpo_fast.ops.losses import check_rpo_alpha, loss_config
+        from bpo_fast.ops.losses import check_length_count, check_rpo_alpha, loss_config
 
         # the loss settings are checked once, here (the registry: ranges, what each type reads)
-        self.loss_config = loss_config(loss_type, beta, label_smoothing)
+        self.loss_config = loss_config(loss_type, beta, label_smoothing, discopop_tau)
+        self.length_count = check_length_count(length_count)
         self.policy = policy
         self.reference = reference
         self.reference_mode = reference_mode
@@ -496,7 +501,8 @@ class PreferenceModel(nn.Module):
         # scored token when a gradient is needed)
         res = preference_loss(hidden, w, labels, ref_c, ref_r, loss=self.loss_config,
                               rpo_alpha=self.rpo_alpha, bias=bias, ignore_index=IGNORE_INDEX,
-                              temperature=self.temperature, logit_softcap=cap)
+                              temperature=self.temperature, logit_softcap=cap,
+                              length_count=self.length_count)
         out, loss = res.dpo, res.loss
         # [B]-sized copies rather than views: FSDP2 hooks the outputs of the root module, and
         # views of them would be unsafe to modify in place
