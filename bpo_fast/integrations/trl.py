@@ -483,7 +483,12 @@ class BPOFastMixin:
         if not os.path.isfile(path):
             chosen, rejected = self._reference_logps_over(dataset, name, batch_size)
             if self.accelerator.is_main_process:
-                RefLogpsCache(ids, chosen, rejected, metadata={**meta, "key": key}).save(path)
+                # each id already hashes its row's tokens and image bytes (content_ids): its
+                # digest stands for the pair's and the record's in the cache's format
+                digests = torch.tensor([list(hashlib.blake2b(i.encode(), digest_size=16).digest())
+                                        for i in ids], dtype=torch.uint8).reshape(len(ids), 16)
+                RefLogpsCache(ids, chosen, rejected, metadata={**meta, "key": key},
+                              pair_digests=digests, record_digests=digests.clone()).save(path)
             self.accelerator.wait_for_everyone()
         cache = RefLogpsCache.load(path)
         if cache.metadata.get("key") != key:
