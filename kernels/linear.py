@@ -454,8 +454,9 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
 # but ptxas spills 4-44 B in the deterministic 2-byte backward at 4 warps (3.8, 3.9) and 16 B in
 # the capped atomic backward at BK 64 (3.6): its rows take the deterministic passes at 8 warps
 # (same 64x64 tile, half the registers per thread: 105-186 on 3.6/3.9; the capped float32 ones
-# too: 4 B spilled at 4 warps on 3.6) and the capped atomic backward at BK 32 (the same 128x64
-# output tile and atomics, 36 KB of shared memory instead of 72).
+# at 2 warps: 4 B spilled at 4 warps on 3.6, and 8 warps read a 32x16 float32 tile with
+# 8-byte copies) and the capped atomic backward at BK 32 (the same 128x64 output tile and
+# atomics, 36 KB of shared memory instead of 72).
 # sm_120 (RTX 50, RTX PRO Blackwell: 99 KB, 1536 threads per SM, mma.sync, no wgmma) spills
 # 12-60 B with sm_90's 2-byte forward (128x128x64: the 255-register cap): its rows are sm_80's
 # tiles (BK 32 halves the operand registers; 64 KB of shared memory), but the capped atomic
@@ -502,7 +503,7 @@ _SOFTCAP_TILES = {
     ("det", 120, "half"): (64, 64, 32, 8, 3),
     ("det", 80, "float32"): (32, 32, 16, 4, 2),
     ("det", 90, "float32"): (32, 32, 16, 4, 2),
-    ("det", 100, "float32"): (32, 32, 16, 8, 2),
+    ("det", 100, "float32"): (32, 32, 16, 2, 2),
     ("det", 120, "float32"): (32, 32, 16, 4, 2),
 }
 _INTERPRETER_TILE = (16, 32, 16, 4, 1)  # small tiles: speed of the CPU emulation
