@@ -119,8 +119,8 @@ def _lse_update_kernel(z_ptr, stride_z, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
     tl.store(t_ptr + row, zt * inv_temp, mask=hit)
 
 
-def _row_config(n_cols):
-    block_v = min(4096, triton.next_power_of_2(n_cols))
+def _row_config(n_cols, device):  # the block's cap per arch: see _row_block_cap
+    block_v = min(_row_block_cap(device), triton.next_power_of_2(n_cols))
     return block_v, 8 if block_v >= 2048 else 4
 
 
@@ -139,7 +139,7 @@ def lse_update(z, bias_v, targets, m, s, tgt_logit, v0, inv_temp, block_v=None, 
     if C == 0:
         return
     assert z.dtype == torch.float32 and z.stride(1) == 1
-    bv, warps = _row_config(n_cols)
+    bv, warps = _row_config(n_cols, z.device)
     cap, has_cap = _cap_args(softcap)
     _lse_update_kernel[(C,)](
         z, z.stride(0), bias_v if bias_v is not None else z, targets, m, s, tgt_logit,
@@ -192,7 +192,7 @@ def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, block_v=None, 
     d = z if dtype == torch.float32 else torch.empty((C, n_cols), device=z.device, dtype=dtype)
     if C == 0:
         return d
-    bv, warps = _row_config(n_cols)
+    bv, warps = _row_config(n_cols, z.device)
     cap, has_cap = _cap_args(softcap)
     _dlogits_kernel[(C,)](
         z, z.stride(0), d, d.stride(0), bias_v if bias_v is not None else z, targets, lse, gscale,
@@ -525,6 +525,16 @@ def tile_config(kind, dtype, arch, softcap=False):
         return _INTERPRETER_TILE
     key = (kind, tile_arch(arch), "float32" if dtype == torch.float32 else "half")
     return (_SOFTCAP_TILES.get(key) if softcap else None) or _TILES[key]
+
+
+def _row_block_cap(device):
+    """Largest BLOCK_V of the row kernels: 4096, but 2048 on sm_120, whose ptxas keeps them at
+    48 registers in 8 warps: 4096-element blocks spill 4 B there (2-byte d over an odd
+    vocabulary, Triton 3.6-3.9); 2048 halve each thread's share. (Defined down here, like the
+    tile tables, so that editing it moves no kernel's line: Triton's kernel hash, the gate's
+    cache key, counts them.)"""
+    target = gpu_target(device)
+    return 2048 if target is not None and tile_arch(target[0]) == 120 else 4096
 
 
 def _prec(dtype):
