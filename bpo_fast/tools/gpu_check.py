@@ -645,9 +645,9 @@ def _worker(inp, out):
     os.replace(out + ".tmp", out)
 
 
-def _write_json(path, obj):
+def _write_json(path, obj, indent=None):
     with open(path + ".part", "w") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, indent=indent)
     os.replace(path + ".part", path)
 
 
@@ -954,7 +954,7 @@ def main(argv=None):
         keep = ("kernel", "config", "arch", "triton", "regs", "spill_stores", "spill_loads",
                 "stack", "smem", "loads", "operand_loads", "wide", "i32_products", "fail",
                 "error", "transient", "duplicate_of", "id")
-        _write_json(a.output, _results_file(summary, rows, keep, versions))
+        _write_json(a.output, _results_file(summary, rows, keep, versions), indent=0)
     print(f"\n{'PASS' if not failed else 'FAIL'}: {len(rows) - len(failed)}/{len(rows)} ok, "
           f"{len(jobs)} launches ({', '.join(f'{k} {v}' for k, v in per_arch.items())} rows), "
           f"Triton {', '.join(versions)}, {elapsed:.0f} s ({len(compiled)} compiled, "
