@@ -488,6 +488,15 @@ _TILES = {
     ("det", 90, "float32"): (32, 64, 16, 4, 2),
     ("det", 100, "float32"): (32, 64, 16, 4, 2),
     ("det", 120, "float32"): (32, 32, 16, 4, 2),
+    # the deterministic vocabulary pass (grad_weight/grad_bias; "det" is the grad_hidden pass,
+    # and the vocabulary pass where it has no row here): sm_80's float32 one at 32x64 in 4
+    # warps spills 16 B on Triton 3.6 since V is unspecialised (the capped 32x32 one: 4 B on
+    # 3.6 and 3.7.1, at 96 registers). 64x64 in 8 warps compiles cleanly on 3.6-3.9 (80-128
+    # registers on sm_80/86/89): each thread holds the same 16 logits as 32x64 in 4 warps and
+    # the same 2 blocks of 8 warps fit an SM (128 registers x 256 threads), with a third more
+    # FMAs per loaded element; 32x64 at 2 warps spills more (344 B) and 8 warps at 32 rows read
+    # the 32x16 hidden tile with 8-byte copies. sm_86/89 take it with the rest of sm_80's rows.
+    ("det_vocab", 80, "float32"): (64, 64, 16, 8, 2),
 }
 # With the logit soft-cap (SOFTCAP) the deterministic grad_hidden pass (ROWS) holds the tanh's
 # temporaries next to its d tile and the grad_hidden tile: at 4 warps Triton 3.6's register
@@ -505,6 +514,10 @@ _SOFTCAP_TILES = {
     ("det", 90, "float32"): (32, 32, 16, 4, 2),
     ("det", 100, "float32"): (32, 32, 16, 2, 2),
     ("det", 120, "float32"): (32, 32, 16, 4, 2),
+    # sm_80's capped float32 vocabulary pass: 64x32 in 4 warps (96-128 registers on sm_80/86/89,
+    # no spill on 3.6-3.9; twice the rows of the 32x32 that spills 4 B on 3.6/3.7.1; 8 warps
+    # would read the 32x16 weight tile with 8-byte copies); the grad_hidden pass keeps 32x32
+    ("det_vocab", 80, "float32"): (64, 32, 16, 4, 2),
 }
 _INTERPRETER_TILE = (16, 32, 16, 4, 1)  # small tiles: speed of the CPU emulation
 _GROUP = 8
@@ -519,11 +532,15 @@ def tile_arch(arch):
 
 
 def tile_config(kind, dtype, arch, softcap=False):
-    """(BM, BV, BK, num_warps, num_stages) of a fused kernel (``kind``: "fwd", "bwd" or "det")
-    for ``dtype`` on sm_``arch`` (``None``: the interpreter), with the logit soft-cap or not."""
+    """(BM, BV, BK, num_warps, num_stages) of a fused kernel (``kind``: "fwd", "bwd", "det"
+    (the deterministic grad_hidden pass) or "det_vocab" (its vocabulary pass: "det"'s row
+    where it has none of its own)) for ``dtype`` on sm_``arch`` (``None``: the interpreter),
+    with the logit soft-cap or not."""
     if arch is None:
         return _INTERPRETER_TILE
     key = (kind, tile_arch(arch), "float32" if dtype == torch.float32 else "half")
+    if kind == "det_vocab" and key not in _TILES:
+        key = ("det",) + key[1:]
     return (_SOFTCAP_TILES.get(key) if softcap else None) or _TILES[key]
 
 
@@ -634,9 +651,6 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     target = gpu_target(dev)
-    BM, BV, BK, warps, stages = config or tile_config("det" if deterministic else "bwd",
-                                                      hidden.dtype, target and target[0],
-                                                      softcap is not None)
 
     cap, has_cap = _cap_args(softcap)
 
@@ -647,14 +661,22 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
             bias if bias is not None else weight, targets, lse, gscale, out(gh), out(gw), out(gb),
             S, V, H, float(inv_temp), cap, int(bias is not None), int(gh is not None),
             int(gw is not None), int(gb is not None))
-    common = dict(ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK, PREC=_prec(hidden.dtype),
-                  SOFTCAP=has_cap, num_warps=warps, num_stages=stages)
+
+    def launch(kernel, kind, grid, **kw):
+        BM, BV, BK, warps, stages = config or tile_config(kind, hidden.dtype,
+                                                          target and target[0],
+                                                          softcap is not None)
+        kernel[grid(BM, BV)](*args, ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK,
+                             PREC=_prec(hidden.dtype), SOFTCAP=has_cap, num_warps=warps,
+                             num_stages=stages, **kw)
+
     if not deterministic:
-        grid = (triton.cdiv(S, BM) * triton.cdiv(V, BV),)
-        _fused_bwd_kernel[grid](*args, GROUP=_GROUP, **common)
+        launch(_fused_bwd_kernel, "bwd",
+               lambda BM, BV: (triton.cdiv(S, BM) * triton.cdiv(V, BV),), GROUP=_GROUP)
         return
     # ROWS reads only need_gh, the vocabulary pass only need_gw / need_gb
     if gh is not None:
-        _fused_bwd_det_kernel[(triton.cdiv(S, BM),)](*args, ROWS=True, **common)
+        launch(_fused_bwd_det_kernel, "det", lambda BM, BV: (triton.cdiv(S, BM),), ROWS=True)
     if gw is not None or gb is not None:
-        _fused_bwd_det_kernel[(triton.cdiv(V, BV),)](*args, ROWS=False, **common)
+        launch(_fused_bwd_det_kernel, "det_vocab", lambda BM, BV: (triton.cdiv(V, BV),),
+               ROWS=False)

@@ -9,6 +9,7 @@
   missing ptxas log each fail the gate; the unmutated copy passes.
 """
 
+import collections
 import errno
 import json
 import os
@@ -317,6 +318,30 @@ def test_every_arch_plans_the_tiles_of_its_own_table_row():
                for j in jobs if j["arch"] == arch and j["kernel"] == "_fused_fwd_kernel"}
         assert fwd == {KL.tile_config("fwd", dt, arch)[:3]
                        for dt in (torch.float32, torch.bfloat16)}, arch
+
+
+def test_the_deterministic_vocabulary_pass_plans_its_own_row_where_it_has_one():
+    torch = pytest.importorskip("torch")
+    from bpo_fast.kernels import linear as KL
+
+    f32 = torch.float32
+    # sm_80's float32 vocabulary pass spills at the grad_hidden pass's tiles (Triton 3.6/3.7.1);
+    # elsewhere, and for 2-byte dtypes, both passes share the "det" row
+    for cap in (False, True):
+        assert KL.tile_config("det_vocab", f32, 86, cap) != KL.tile_config("det", f32, 86, cap)
+        for arch, dt in ((90, f32), (120, f32), (80, torch.bfloat16)):
+            assert KL.tile_config("det_vocab", dt, arch, cap) == KL.tile_config("det", dt, arch,
+                                                                              cap)
+    jobs = G.record_launches((80,), launchers=(G._launch_linear,))
+    tiles = collections.defaultdict(set)
+    for j in jobs:
+        kw = j["kwargs"]
+        if j["kernel"] == "_fused_bwd_det_kernel" and kw["PREC"]["s"] == "ieee":
+            tiles[kw["ROWS"]["b"], kw["SOFTCAP"]["b"]].add(
+                (kw["BM"]["i"], kw["BV"]["i"], kw["BK"]["i"], kw["num_warps"]["i"]))
+    for cap in (False, True):
+        assert tiles[True, cap] == {KL.tile_config("det", f32, 80, cap)[:4]}
+        assert tiles[False, cap] == {KL.tile_config("det_vocab", f32, 80, cap)[:4]}
 
 
 # ----------------------------------------------------------------------------------------------
