@@ -2,8 +2,10 @@
 
     python bench/dpo_step.py --all      # GPU: both models, writes bench/results/dpo_step-<gpu>.json
     python bench/dpo_step.py --smoke    # CPU: the tiny LLaVA, 2 pairs x 96 tokens, writes nothing
-    python bench/dpo_step.py --cpu-grid # CPU: LLaVA-shaped H 512, V 32000, 2 x 512-token pairs,
-                                        # full fine-tune and LoRA -> bench/results/dpo_step-cpu.json
+    python bench/dpo_step.py --cpu-grid # CPU: small models of real shapes (CPU_SHAPES: LLaVA V 32000
+                                        # with 512- / 2000-token rows, Qwen2-VL V 151936 with
+                                        # 490-token rows; H 512, 4 layers, 2 pairs), full fine-tune
+                                        # and LoRA r 16 -> bench/results/dpo_step-cpu.json
 
 The real TRL rows need ``trl`` importable: ``pip install --no-deps -r bench/requirements-trl.txt``
 (TRL 1.16 and its data libraries; torch is not touched). The Liger row needs ``liger_kernel``
@@ -40,6 +42,10 @@ Rows:
   ``_compute_loss``, fused LM head, reference handling, ``accelerator.backward``) and its AdamW,
   on the same model, batch and hyper-parameters; its step-1 loss and log-probs are checked
   against ours (params.check).
+- ``trl+bpo_fast``: the same TRL ``training_step`` and AdamW of
+  :class:`bpo_fast.integrations.trl.DPOTrainer` (TRL's loop, our step; its batches hold each
+  pair's image inputs once, as its collator makes them): what a TRL user gets by changing one
+  import.
 - ``liger`` (when ``liger_kernel`` imports): Liger-Kernel's ``LigerFusedLinearDPOLoss`` (chunked
   fused LM head + DPO loss) in place of our loss op on our model path (images encoded once per
   pair, the same reference handling): the loss heads compared on the same hidden states; its
@@ -322,8 +328,12 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
 
     # --- the real TRL DPOTrainer step (when trl is importable) ------------------------------
     if trl_available():
-        rows.append(_trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp, b_loss,
-                             device, warmup, reps, tokens, gc, dtype))
+        from bpo_fast.integrations.trl import DPOTrainer as ours_in_trl
+
+        for impl, cls in (("trl", None), ("trl+bpo_fast", ours_in_trl)):
+            rows.append(_trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp,
+                                 b_loss, device, warmup, reps, tokens, gc, dtype, impl=impl,
+                                 trainer_cls=cls))
 
     # --- Liger's fused-linear DPO loss on the same model path (when liger_kernel imports) ----
     if liger_available():
@@ -382,9 +392,11 @@ def run_case(name, cfg, *, lora_r, device, dtype, n_pairs, seq, warmup, reps, gc
 
 
 def _trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp, b_loss, device,
-             warmup, reps, tokens, gc, dtype):
+             warmup, reps, tokens, gc, dtype, impl="trl", trainer_cls=None):
     """TRL's DPOTrainer on the same (perturbed) policy, reference and batch; its step-1 loss and
-    log-probs are checked against the naive step's (which ours are checked against too)."""
+    log-probs are checked against the naive step's (which ours are checked against too).
+    ``trainer_cls``: bpo_fast.integrations.trl.DPOTrainer for the ``trl+bpo_fast`` row (TRL's
+    loop, our step)."""
     from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
 
     import trl
@@ -397,11 +409,13 @@ def _trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp, b_loss
     lora = reference is None
     tb = dict(batch, completion_mask=(batch["labels"] != -100).long(),
               n_pairs=batch["input_ids"].shape[0] // 2)
-    params = {**base_params, "baseline": f"trl {trl.__version__} DPOTrainer.training_step",
+    params = {**base_params, "baseline": f"trl {trl.__version__} DPOTrainer.training_step"
+              + (" of bpo_fast.integrations.trl.DPOTrainer" if trainer_cls else ""),
               "reference": "lora-disabled" if lora else "model"}
     try:
         kw = dict(beta=BETA, lr=1e-7, image_size=image_size, device=device,
-                  gradient_checkpointing=gc, bf16=dtype == torch.bfloat16)
+                  gradient_checkpointing=gc, bf16=dtype == torch.bfloat16,
+                  trainer_cls=trainer_cls)
         if lora:
             # TRL's reference is "adapters disabled" only for an adapter it adds itself (given
             # a PeftModel it copies the adapter as the reference): hand it the base model and
@@ -427,11 +441,11 @@ def _trl_row(case, base_params, cfg, make_policy, reference, batch, b_lp, b_loss
                            "policy_logps_max_rel_err": float(
                                ((lp - b_lp).abs() / b_lp.abs().clamp_min(1.0)).max())}
         med, p20, p80, peak, total = time_steps(t.step, warmup, reps)
-        row = common.row(case, "trl", med, p20, p80, params=params, pass_="fwd+bwd",
+        row = common.row(case, impl, med, p20, p80, params=params, pass_="fwd+bwd",
                          peak_mem_bytes=peak, peak_total_bytes=total,
                          tokens_per_s=tokens / (med * 1e-3))
     except Exception as exc:  # a baseline that cannot run is a row with its error
-        row = common.row(case, "trl", params=params, pass_="fwd+bwd",
+        row = common.row(case, impl, params=params, pass_="fwd+bwd",
                          error=f"{type(exc).__name__}: {exc}"[:300])
     _empty()
     return row
@@ -595,14 +609,20 @@ class TRLStep:
     trainer's AdamW ``step`` and ``zero_grad``), on a batch in TRL's layout: ``[chosen;
     rejected]`` rows, the image repeated per row, ``completion_mask``. The reference is
     ``ref_model`` (full fine-tune) or, with ``peft_config`` (TRL adds the adapter), the policy
-    with its LoRA adapters disabled."""
+    with its LoRA adapters disabled.
+
+    ``trainer_cls``: another trainer class taking TRL's arguments, e.g.
+    :class:`bpo_fast.integrations.trl.DPOTrainer` (TRL's loop with bpo-fast's step: its batches
+    hold each pair's images once, ``images_once``)."""
 
     def __init__(self, policy, ref_model, processor, batch, *, beta, lr, image_size, device,
-                 gradient_checkpointing=False, bf16=False, peft_config=None):
+                 gradient_checkpointing=False, bf16=False, peft_config=None, trainer_cls=None):
         import tempfile
 
         from trl import DPOConfig, DPOTrainer
 
+        trainer_cls = trainer_cls or DPOTrainer
+        self.ours = trainer_cls is not DPOTrainer
         self.out_dir = tempfile.mkdtemp(prefix="trl-dpo-")
         args = DPOConfig(output_dir=self.out_dir, per_device_train_batch_size=batch["n_pairs"],
                          learning_rate=lr, weight_decay=0.0, beta=beta, loss_type=["sigmoid"],
@@ -610,27 +630,33 @@ class TRLStep:
                          save_strategy="no", logging_strategy="no", bf16=bf16, fp16=False,
                          gradient_checkpointing=gradient_checkpointing,
                          remove_unused_columns=False, seed=0)
-        self.trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args,
-                                  train_dataset=_trl_dataset(image_size),
-                                  processing_class=processor, peft_config=peft_config)
+        self.trainer = trainer_cls(model=policy, ref_model=ref_model, args=args,
+                                   train_dataset=_trl_dataset(image_size),
+                                   processing_class=processor, peft_config=peft_config)
         self.trainer.create_optimizer()
         # what Trainer's training loop sets before calling training_step (one micro-step)
         self.trainer.current_gradient_accumulation_steps = 1
         self.model = self.trainer.model
         self.model.train()
+        twice = {} if self.ours else {k: torch.cat([v, v]) for k, v in _image_inputs(batch).items()}
         self.inputs = self.trainer._prepare_inputs(
             {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-             "completion_mask": batch["completion_mask"],
-             "pixel_values": torch.cat([batch["pixel_values"], batch["pixel_values"]])})
+             "completion_mask": batch["completion_mask"], **batch.get("row_kwargs", {}),
+             **(_image_inputs(batch) if self.ours else twice)})
 
-    def logps(self):
-        """Policy log-probs ``[2B]`` from TRL's own fused LM head."""
+    def _model_kwargs(self):
         i = self.inputs
         labels = i["input_ids"].masked_fill(i["completion_mask"] == 0, -100)
+        return {**{k: v for k, v in i.items() if k != "completion_mask"}, "labels": labels,
+                "use_cache": False}
+
+    def logps(self):
+        """Policy log-probs ``[2B]`` from TRL's own fused LM head (or from our step)."""
         with torch.no_grad():
-            out = self.model(input_ids=i["input_ids"], attention_mask=i["attention_mask"],
-                             pixel_values=i["pixel_values"], labels=labels, fused_lm_head=True,
-                             use_cache=False)
+            if self.ours:
+                out = self.model(**self._model_kwargs(), bpo_fast_step=True)
+                return torch.cat([out["chosen_logps"], out["rejected_logps"]]).float()
+            out = self.model(**self._model_kwargs(), fused_lm_head=True)
         return out.log_probs.sum(1).float()
 
     def step(self):
@@ -640,17 +666,40 @@ class TRLStep:
         return float(loss)
 
 
+def _image_inputs(batch):
+    """The pairs' image inputs of a grid batch (one per pair): ``pixel_values`` and the
+    family's extras (Qwen2-VL: ``image_grid_thw``)."""
+    return {"pixel_values": batch["pixel_values"], **batch.get("image_kwargs", {})}
+
+
 # ----------------------------------------------------------------------------------------------
-# the CPU grid: a LLaVA-shaped small model, every variant on the same data, interleaved
+# the CPU grid: small models of the real shapes, every variant on the same data, interleaved
 # ----------------------------------------------------------------------------------------------
 
-CPU_GRID = dict(image_size=112, patch_size=14, vision_hidden=256, vision_layers=2,
-                vision_heads=4, hidden_size=512, intermediate_size=1376, num_layers=4,
-                num_heads=8, num_kv_heads=8, vocab=32000, n_pairs=2, seq=512, lora_r=16,
-                lr=1e-5)
+# LLaVA-shaped (CLIP-style tower, Llama), 2 pairs of 512-token rows
+CPU_GRID = dict(family="llava", image_size=112, patch_size=14, vision_hidden=256,
+                vision_layers=2, vision_heads=4, hidden_size=512, intermediate_size=1376,
+                num_layers=4, num_heads=8, num_kv_heads=8, vocab=32000, n_pairs=2, seq=512,
+                lora_r=16, lr=1e-5)
+CPU_SHAPES = {
+    "llava-512": CPU_GRID,
+    # Qwen2-VL's vocabulary (151,936) and tied embeddings (as Qwen2-VL-2B), GQA, a 224 px image
+    # (256 patches of 14 px, 64 tokens after the 2 x 2 merge), 490-token rows
+    "qwen2vl-490": dict(CPU_GRID, family="qwen2_vl", image_size=224, num_kv_heads=2,
+                        vocab=151936, seq=490),
+    # LLaVA with 2,000-token rows
+    "llava-2000": dict(CPU_GRID, seq=2000),
+}
+
+
+def _shape(shape):
+    return shape if isinstance(shape, dict) else CPU_SHAPES[shape]
 
 
 def cpu_grid_model(g=CPU_GRID):
+    g = _shape(g)
+    if g["family"] == "qwen2_vl":
+        return _qwen2vl_grid_model(g)
     from bpo_fast.models.tiny import TinyLlavaConfig, build_tiny_llava
 
     cfg = TinyLlavaConfig(image_size=g["image_size"], patch_size=g["patch_size"],
@@ -664,17 +713,54 @@ def cpu_grid_model(g=CPU_GRID):
     return model, processor
 
 
+def _qwen2vl_grid_model(g):
+    """A Qwen2-VL of the grid's sizes (random weights), with the tiny Qwen2-VL build's
+    processor (its token ids; the vocabulary is the grid's)."""
+    import transformers as tr
+
+    from bpo_fast.models.tiny_vlm import build_tiny_vlm
+
+    _, processor = build_tiny_vlm("qwen2_vl")
+    tok = processor.tokenizer
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    head = g["hidden_size"] // g["num_heads"]
+    text = dict(vocab_size=g["vocab"], hidden_size=g["hidden_size"],
+                intermediate_size=g["intermediate_size"], num_hidden_layers=g["num_layers"],
+                num_attention_heads=g["num_heads"], num_key_value_heads=g["num_kv_heads"],
+                max_position_embeddings=2 * g["seq"], tie_word_embeddings=True,
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [head // 8, 3 * head // 16, 3 * head // 16]})
+    vision = dict(depth=g["vision_layers"], embed_dim=g["vision_hidden"],
+                  hidden_size=g["hidden_size"], num_heads=g["vision_heads"], mlp_ratio=2,
+                  patch_size=g["patch_size"], spatial_merge_size=2, temporal_patch_size=2)
+    cfg = tr.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                           **ids)
+    torch.manual_seed(0)
+    return tr.Qwen2VLForConditionalGeneration(cfg).float().eval(), processor
+
+
 def cpu_grid_batch(model, processor, g=CPU_GRID, seed=1):
     """``n_pairs`` pairs of ``seq``-token rows in TRL's layout (prompt = BOS + image tokens +
     text, then the answer; rejected answers 80-100% as long, right-padded); ``labels`` =
-    ``input_ids`` with everything outside ``completion_mask`` set to -100 (what TRL scores)."""
+    ``input_ids`` with everything outside ``completion_mask`` set to -100 (what TRL scores).
+    Qwen2-VL: the image tokens sit between ``<|vision_start|>`` / ``<|vision_end|>``, the pixels
+    are the flattened patches with ``image_grid_thw`` (``image_kwargs``), the rows carry the
+    processor's ``mm_token_type_ids`` (``row_kwargs``)."""
+    g = _shape(g)
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
-    n_img = (g["image_size"] // g["patch_size"]) ** 2
+    qwen = g["family"] == "qwen2_vl"
+    grid = g["image_size"] // g["patch_size"]
+    n_img = grid * grid // 4 if qwen else grid * grid
     n_words = len(processor.tokenizer)
     img_id = cfg.image_token_id
     B, T = g["n_pairs"], g["seq"]
-    prompt = 1 + n_img + 24
+    start = 2 if qwen else 1  # BOS (+ <|vision_start|>)
+    prompt = start + n_img + (1 if qwen else 0) + 24
     ids = torch.randint(5, n_words, (2 * B, T), generator=gen)
     ids[ids == img_id] = 5
     lengths = [T] * B + torch.randint(int(T * 0.8), T + 1, (B,), generator=gen).tolist()
@@ -683,15 +769,27 @@ def cpu_grid_batch(model, processor, g=CPU_GRID, seed=1):
         am[i, :n] = 1
     for i in range(B):
         ids[B + i, :prompt] = ids[i, :prompt]
-    ids[:, 0] = processor.tokenizer.bos_token_id
-    ids[:, 1:1 + n_img] = img_id
+    tok = processor.tokenizer
+    ids[:, 0] = tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id
+    if qwen:
+        ids[:, 1] = cfg.vision_start_token_id
+        ids[:, start + n_img] = cfg.vision_end_token_id
+    ids[:, start:start + n_img] = img_id
     ids[am == 0] = processor.tokenizer.pad_token_id
     completion = am.clone()
     completion[:, :prompt] = 0
     labels = ids.masked_fill(completion == 0, -100)
-    pv = torch.randn(B, 3, g["image_size"], g["image_size"], generator=gen)
-    return {"input_ids": ids, "attention_mask": am, "labels": labels,
-            "completion_mask": completion, "pixel_values": pv, "n_pairs": B}
+    out = {"input_ids": ids, "attention_mask": am, "labels": labels,
+           "completion_mask": completion, "n_pairs": B}
+    if qwen:
+        t = 2  # temporal_patch_size: an image is its frame twice
+        out["pixel_values"] = torch.randn(B * grid * grid, 3 * t * g["patch_size"] ** 2,
+                                          generator=gen)
+        out["image_kwargs"] = {"image_grid_thw": torch.tensor([[1, grid, grid]] * B)}
+        out["row_kwargs"] = {"mm_token_type_ids": (ids == img_id).int()}
+    else:
+        out["pixel_values"] = torch.randn(B, 3, g["image_size"], g["image_size"], generator=gen)
+    return out
 
 
 def _composed(fn):
@@ -714,6 +812,7 @@ def cpu_grid_variant(name, mode, base, processor, batch, g=CPU_GRID):
     implementation on its own copy of ``base``."""
     from bpo_fast.models.preference import PreferenceModel, prepare_policy
 
+    g = _shape(g)
     lora = mode == "lora"
     policy = copy.deepcopy(base)
     lcfg = lora_config(g["lora_r"], policy) if lora else None
@@ -721,12 +820,16 @@ def cpu_grid_variant(name, mode, base, processor, batch, g=CPU_GRID):
     # the same adapter initialisation in every variant (TRL seeds 0 before get_peft_model); a
     # fresh adapter (lora_B = 0) starts at the reference, so only full fine-tuning is perturbed
     torch.manual_seed(0)
-    if name == "trl":
+    if name in ("trl", "trl+bpo_fast"):
         if not lora:
             policy = prepare_policy(policy)  # vision tower frozen, as ours
             _perturb(policy)
+        cls = None
+        if name == "trl+bpo_fast":
+            from bpo_fast.integrations.trl import DPOTrainer as cls
         t = TRLStep(policy, ref, processor, batch, beta=BETA, lr=g["lr"],
-                    image_size=g["image_size"], device=torch.device("cpu"), peft_config=lcfg)
+                    image_size=g["image_size"], device=torch.device("cpu"), peft_config=lcfg,
+                    trainer_cls=cls)
 
         def first():
             with torch.no_grad():
@@ -736,13 +839,13 @@ def cpu_grid_variant(name, mode, base, processor, batch, g=CPU_GRID):
     policy = prepare_policy(policy, lora=lcfg)
     if not lora:
         _perturb(policy)
-    B = batch["n_pairs"]
     if name.startswith("bpo_fast"):
         pm = PreferenceModel(policy, ref, reference_mode="lora" if lora else "model",
                              beta=BETA, packing=False)
         opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=g["lr"],
                                 weight_decay=0.0)
-        kw = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+        kw = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        kw.update(_image_inputs(batch))
 
         def step():
             out = pm(**kw)
@@ -762,6 +865,8 @@ def cpu_grid_variant(name, mode, base, processor, batch, g=CPU_GRID):
             step = _composed(step)
         return step, first
     if name == "naive_full_logits":
+        if g["family"] != "llava":
+            raise ValueError(f"naive_full_logits: written for LLaVA batches, not {g['family']}")
         sls, _ = _selective_log_softmax()
         opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=g["lr"],
                                 weight_decay=0.0)
@@ -796,7 +901,7 @@ def _vm_hwm():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _rss_probe(name, mode, steps=2):
+def _rss_probe(name, mode, shape="llava-512", steps=2):
     """Peak RSS (bytes) of a fresh process that builds the model, one implementation, and runs
     ``steps`` steps: weights, optimiser state, reference and activations included."""
     import json
@@ -804,84 +909,114 @@ def _rss_probe(name, mode, steps=2):
 
     code = ("import sys, json; sys.path.insert(0, %r); import bench.dpo_step as D; "
             "import torch; torch.manual_seed(0); "
-            "m, p = D.cpu_grid_model(); b = D.cpu_grid_batch(m, p); "
-            "s, f = D.cpu_grid_variant(%r, %r, m, p, b); del m; "
+            "m, p = D.cpu_grid_model(%r); b = D.cpu_grid_batch(m, p, %r); "
+            "s, f = D.cpu_grid_variant(%r, %r, m, p, b, %r); del m; "
             "[s() for _ in range(%d)]; "
             "print(json.dumps(D._vm_hwm()))"
-            % (common.ROOT, name, mode, steps))
+            % (common.ROOT, shape, shape, name, mode, shape, steps))
     env = dict(os.environ)
     env["PYTHONPATH"] = common.ROOT + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=1800)
+                         timeout=3600)
     if res.returncode != 0:
         return None, res.stderr[-500:]
     return json.loads(res.stdout.strip().splitlines()[-1]), None
 
 
-def cpu_grid(reps=3, warmup=1, rss=True, modes=("full", "lora")):
-    """Rows of the CPU grid; every variant's steps interleaved (round-robin, rotating order)."""
+def _grid_names(shape):
+    """The variants of a grid shape: ours, ours on the composed loss path (the LLaVA 512 shape:
+    what the 3-GEMM path saves), TRL's own step and TRL's loop with ours (when ``trl`` imports;
+    else the naive full-logits step)."""
+    names = ["bpo_fast"] + (["bpo_fast_composed"] if shape == "llava-512" else [])
+    return names + (["trl", "trl+bpo_fast"] if trl_available() else ["naive_full_logits"])
+
+
+def cpu_grid(reps=3, warmup=1, rss=True, modes=("full", "lora"), shapes=tuple(CPU_SHAPES),
+             on_case=None):
+    """Rows of the CPU grid, shape by shape and mode by mode; every variant's steps
+    interleaved (round-robin, rotating order). ``on_case(rows)`` is called after each case with
+    all rows so far (the caller writes them: a long run keeps what it measured)."""
     import time
 
-    have_trl = trl_available()
-    names = ["bpo_fast", "bpo_fast_composed"] + (["trl"] if have_trl else ["naive_full_logits"])
-    base, processor = cpu_grid_model()
-    batch = cpu_grid_batch(base, processor)
-    tokens = int(batch["attention_mask"].sum())
-    scored = int((batch["labels"][:, 1:] != -100).sum())
     rows = []
-    for mode in modes:
-        case = (f"llava-shaped H{CPU_GRID['hidden_size']} L{CPU_GRID['num_layers']} "
-                f"V{CPU_GRID['vocab']} {mode} pairs={CPU_GRID['n_pairs']} T={CPU_GRID['seq']}")
-        torch.manual_seed(0)
-        variants = {n: cpu_grid_variant(n, mode, base, processor, batch) for n in names}
-        firsts = {n: f() for n, (_, f) in variants.items()}
-        ours = firsts["bpo_fast"]
-        checks = {}
-        for n, (loss, lp, ref) in firsts.items():
-            checks[n] = {"step1_loss": loss,
-                         "step1_loss_abs_diff": abs(loss - ours[0]),
-                         "policy_logps": [round(float(x), 4) for x in lp],
-                         "policy_logps_max_rel_diff": float(((lp - ours[1]).abs()
-                                                             / ours[1].abs()).max())}
-            if ref is not None:
-                checks[n]["ref_logps_max_rel_diff"] = float(((ref - ours[2]).abs()
-                                                             / ours[2].abs()).max())
-        times = {n: [] for n in names}
-        losses = {n: [] for n in names}
-        for it in range(warmup + reps):
-            order = names[it % len(names):] + names[:it % len(names)]
-            for n in order:
-                t0 = time.perf_counter()
-                losses[n].append(variants[n][0]())
-                if it >= warmup:
-                    times[n].append((time.perf_counter() - t0) * 1e3)
-        del variants
-        _empty()
-        med = {n: statistics.median(v) for n, v in times.items()}
-        for n in names:
-            params = {"model": "llava-shaped", "mode": mode, "lora_r": CPU_GRID["lora_r"]
-                      if mode == "lora" else 0, "tokens": tokens, "scored_tokens": scored,
-                      "grid": CPU_GRID, "reps": reps, "warmup": warmup,
-                      "order": "interleaved round-robin, rotating start",
-                      "check": checks[n],
-                      "losses_per_step": [round(x, 7) for x in losses[n]],
-                      "max_abs_loss_diff_vs_bpo_fast": max(
-                          abs(a - b) for a, b in zip(losses[n], losses["bpo_fast"])),
-                      "lm_head_gemms_per_scored_token": {"bpo_fast": 3,
-                                                         "bpo_fast_composed": 4}.get(n)}
-            if n == "naive_full_logits":
-                params["baseline"] = ("naive full-logits step (fallback: trl not importable): "
-                                      "image per row, [2B, T, V] logits, selective_log_softmax")
-            if n == "trl":
-                import trl
+    for shape in shapes:
+        g = CPU_SHAPES[shape]
+        names = _grid_names(shape)
+        base, processor = cpu_grid_model(g)
+        batch = cpu_grid_batch(base, processor, g)
+        tokens = int(batch["attention_mask"].sum())
+        scored = int((batch["labels"][:, 1:] != -100).sum())
+        for mode in modes:
+            case = (f"{g['family']}-shaped H{g['hidden_size']} L{g['num_layers']} "
+                    f"V{g['vocab']} {mode} pairs={g['n_pairs']} T={g['seq']}")
+            torch.manual_seed(0)
+            variants = {n: cpu_grid_variant(n, mode, base, processor, batch, g) for n in names}
+            firsts = {n: f() for n, (_, f) in variants.items()}
+            ours = firsts["bpo_fast"]
+            checks = {}
+            for n, (loss, lp, ref) in firsts.items():
+                checks[n] = {"step1_loss": loss,
+                             "step1_loss_abs_diff": abs(loss - ours[0]),
+                             "policy_logps": [round(float(x), 4) for x in lp],
+                             "policy_logps_max_rel_diff": float(((lp - ours[1]).abs()
+                                                                 / ours[1].abs()).max())}
+                if ref is not None:
+                    checks[n]["ref_logps_max_rel_diff"] = float(((ref - ours[2]).abs()
+                                                                 / ours[2].abs()).max())
+            times = {n: [] for n in names}
+            cpu = {n: [] for n in names}  # CPU-s of the process (all threads): what a shared
+            losses = {n: [] for n in names}  # machine's load moves least
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            for it in range(warmup + reps):
+                order = names[it % len(names):] + names[:it % len(names)]
+                for n in order:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    losses[n].append(variants[n][0]())
+                    if it >= warmup:
+                        times[n].append((time.perf_counter() - t0) * 1e3)
+                        cpu[n].append(time.process_time() - c0)
+            del variants
+            _empty()
+            med = {n: statistics.median(v) for n, v in times.items()}
+            cmed = {n: statistics.median(v) for n, v in cpu.items()}
+            for n in names:
+                params = {"model": f"{g['family']}-shaped", "shape": shape, "mode": mode,
+                          "lora_r": g["lora_r"] if mode == "lora" else 0, "tokens": tokens,
+                          "scored_tokens": scored, "grid": g, "reps": reps, "warmup": warmup,
+                          "order": "interleaved round-robin, rotating start",
+                          "load_1min_at_start": load, "check": checks[n],
+                          "times_ms": [round(x, 1) for x in times[n]],
+                          "cpu_s": [round(x, 2) for x in cpu[n]],
+                          "losses_per_step": [round(x, 7) for x in losses[n]],
+                          "max_abs_loss_diff_vs_bpo_fast": max(
+                              abs(a - b) for a, b in zip(losses[n], losses["bpo_fast"])),
+                          "lm_head_gemms_per_scored_token": {
+                              "bpo_fast": 3, "bpo_fast_composed": 4, "trl+bpo_fast": 3}.get(n)}
+                if n == "naive_full_logits":
+                    params["baseline"] = ("naive full-logits step (fallback: trl not "
+                                          "importable): image per row, [2B, T, V] logits, "
+                                          "selective_log_softmax")
+                if n in ("trl", "trl+bpo_fast"):
+                    import trl
 
-                params["baseline"] = f"trl {trl.__version__} DPOTrainer.training_step"
-            peak, err = _rss_probe(n, mode) if rss else (None, None)
-            v = sorted(times[n])
-            rows.append(common.row(case, n, med[n], v[0], v[-1], params=params, pass_="step",
-                                   peak_rss_bytes=peak, tokens_per_s=tokens / (med[n] * 1e-3),
-                                   speedup_vs={m: med[m] / med[n] for m in names if m != n},
-                                   **({"error": err} if err else {})))
+                    params["baseline"] = f"trl {trl.__version__} DPOTrainer.training_step"
+                    if n == "trl+bpo_fast":
+                        params["baseline"] += (" of bpo_fast.integrations.trl.DPOTrainer (TRL's "
+                                               "loop, bpo-fast's step)")
+                peak, err = _rss_probe(n, mode, shape) if rss else (None, None)
+                v = sorted(times[n])
+                rows.append(common.row(case, n, med[n], v[0], v[-1], params=params, pass_="step",
+                                       peak_rss_bytes=peak, tokens_per_s=tokens / (med[n] * 1e-3),
+                                       speedup_vs={m: med[m] / med[n] for m in names if m != n},
+                                       cpu_s_median=cmed[n], cpu_s_min=min(cpu[n]),
+                                       cpu_s_max=max(cpu[n]),
+                                       cpu_speedup_vs={m: cmed[m] / cmed[n] for m in names
+                                                       if m != n},
+                                       **({"error": err} if err else {})))
+            if on_case is not None:
+                on_case(rows)
+        del base, batch
+        _empty()
     return rows
 
 
@@ -953,8 +1088,12 @@ def main(argv=None):
     ap.add_argument("--no-gc", action="store_true", help="no gradient checkpointing")
     ap.add_argument("--out", default=None, help="results path (default bench/results/...)")
     ap.add_argument("--cpu-grid", action="store_true",
-                    help="CPU: the LLaVA-shaped grid (V 32000, H 512, 2 x 512-token pairs; full "
-                         "fine-tune and LoRA), writes bench/results/dpo_step-cpu.json")
+                    help="CPU: the grid of small models of real shapes (CPU_SHAPES: LLaVA V 32000 "
+                         "with 512- and 2000-token rows, Qwen2-VL V 151936 with 490-token rows; "
+                         "H 512, 4 layers, 2 pairs; full fine-tune and LoRA r 16), writes "
+                         "bench/results/dpo_step-cpu.json")
+    ap.add_argument("--shapes", nargs="+", choices=tuple(CPU_SHAPES), default=tuple(CPU_SHAPES),
+                    help="--cpu-grid: these shapes only")
     ap.add_argument("--no-rss", action="store_true", help="--cpu-grid without the peak-RSS probes")
     ap.add_argument("--cpu-op", action="store_true",
                     help="CPU: the loss op alone on the grid's shapes, 3-GEMM vs composed path; "
@@ -963,20 +1102,28 @@ def main(argv=None):
 
     if args.cpu_op or args.cpu_grid:
         bench = "dpo_step_op" if args.cpu_op else "dpo_step"
+        path = args.out or os.path.join(common.RESULTS, f"{bench}-cpu.json")
+        load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+        def write(rows):
+            end = [round(x, 2) for x in os.getloadavg()] if load is not None else None
+            note = (f"CPU, {os.cpu_count()} cores shared with other jobs (load average 1/5/15 "
+                    f"min at the start {load}, at this write {end}): variants interleaved, "
+                    "medians; compare ratios, not times")
+            return common.write_results(bench, rows, {"note": note, "load_start": load,
+                                                      "load_end": end}, path=path)
+
         if args.cpu_op:
             rows = cpu_op_grid(reps=args.reps)
             cols = ("case", "impl", "median_ms", "p20_ms", "p80_ms")
         else:
-            rows = cpu_grid(reps=args.reps, warmup=1, rss=not args.no_rss)
+            rows = cpu_grid(reps=args.reps, warmup=1, rss=not args.no_rss, shapes=args.shapes,
+                            on_case=write)
             cols = ("case", "impl", "median_ms", "peak_rss_bytes", "error")
         common.print_table(rows, cols=cols)
         for r in rows:
             print(r["impl"], r["speedup_vs"], r["params"].get("check", ""))
-        path = common.write_results(
-            bench, rows, {"note": "CPU, 2 cores shared with other jobs: variants interleaved, "
-                                  "medians; compare ratios, not times"},
-            path=args.out or os.path.join(common.RESULTS, f"{bench}-cpu.json"))
-        print("wrote", path)
+        print("wrote", write(rows))
         return 0
 
     if args.smoke:

@@ -1,8 +1,8 @@
 """bpo-fast: fast BPO/DPO preference training for vision-language models.
 
 Build preference pairs the BPO way (image-weakened prompting, error injection), precompute
-reference log-probs, train with DPO (Triton log-prob and loss kernels, FSDP2 over GPUs), and
-score captions with CHAIR. Every command takes --help; bad input ends in one line naming the
+reference log-probs, train with DPO (Triton log-prob and loss kernels, FSDP2 over GPUs), generate
+a model's answers, and score them with CHAIR and POPE. Every command takes --help; bad input ends in one line naming the
 argument or file (exit status 2).
 
 Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
@@ -23,6 +23,7 @@ COMMANDS = {
     "convert": ("bpo_fast.data.cli_convert", "pair JSONL from the official BPO data (completions), with counts"),
     "ref-logps": ("bpo_fast.train.cli_ref", "precompute reference log-probs into a safetensors cache"),
     "train": ("bpo_fast.train.cli", "DPO training of a vision-language model on preference pairs"),
+    "generate": ("bpo_fast.eval.cli_generate", "a model's answers to questions about images (captions, POPE), for eval-chair / eval-pope"),
     "eval-chair": ("bpo_fast.eval.cli", "CHAIR hallucination scores of captions"),
     "eval-pope": ("bpo_fast.eval.cli_pope", "POPE-style yes/no object probe: build questions, score answers"),
     "info": ("bpo_fast.cli", "what was built (extension, CUDA archs) and the versions in use"),
@@ -84,6 +85,14 @@ def build_parser(only=None):
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while a command's module is imported: nothing was started
+        print("bpo-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     only = next((a for a in argv if not a.startswith("-")), None)
     only = only if only in COMMANDS else None

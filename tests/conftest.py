@@ -14,13 +14,36 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    # one line instead of an InterpreterError in every kernel test
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from bpo_fast.versions import interpreter_problem
+
+        problem = interpreter_problem()
+        if problem:
+            pytest.exit(problem, returncode=4)
+
+
+def _paligemma2_refused():
+    """Why PaliGemma 2 tests cannot run here (transformers below its floor), or None."""
+    from packaging.version import Version
+
+    from bpo_fast.versions import PALIGEMMA2_TRANSFORMERS, installed
+
+    have = installed("transformers")
+    if have and Version(have) < Version(PALIGEMMA2_TRANSFORMERS):
+        return (f"transformers {have} < {PALIGEMMA2_TRANSFORMERS}: PaliGemma 2 is refused here "
+                "(tests/test_versions.py checks the refusal)")
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    pali2 = _paligemma2_refused()
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if pali2 and "paligemma2" in item.name and "refused" not in item.name:
+            item.add_marker(pytest.mark.skip(reason=pali2))
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture

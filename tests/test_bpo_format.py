@@ -30,7 +30,7 @@ def write_official(root, n=4, *, bad=False, jsonl=False):
     if bad:
         recs.append({"prompt": "x\n<image>", "image": "img/0.png",
                      "completions": [{"score": 1, "response": "a", "type": "gt"},
-                                     {"score": 0, "response": "b", "type": "nonsense"}]})
+                                     {"score": "high", "response": "b", "type": "llm-hal"}]})
         recs.append({**REC, "completions": [{"score": 1, "response": "a", "type": "gt"},
                                             {"score": 1, "response": "b", "type": "llm-hal"}]})
     path = os.path.join(root, "bpo.jsonl" if jsonl else "bpo.json")
@@ -57,11 +57,62 @@ def test_pairs_every_two_completions_with_different_scores():
                                              {"score": 0, "response": "no", "type": "llm-hal"}]}
     got = official_to_pairs(rec)
     assert [(p["id"], p["chosen"]) for p in got] == [("x:1-0", "A red cup."), ("x:1-2", "A red cup.")]
-    with pytest.raises(ValueError, match=r"completions\[1\].type"):
-        official_to_pairs({**REC, "completions": [REC["completions"][0],
-                                                  {"score": 0, "response": "b", "type": "?"}]})
+    for bad in ("high", float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=r"completions\[1\].score"):
+            official_to_pairs({**REC, "completions": [REC["completions"][0],
+                                                      {"score": bad, "response": "b"}]})
     with pytest.raises(ValueError, match="completions"):
         official_to_pairs({**REC, "completions": [REC["completions"][0]]})
+
+
+def test_read_as_the_official_trainer_reads_it():
+    """Only prompt, image, completions[].score and .response are required (the official
+    make_batch_pairs reads nothing else); float scores as bootstrap_dpo.py writes them; a
+    missing type gives the strategy 'untyped', an unknown one is kept as its own strategy."""
+    rec = {"prompt": "What is it?", "image": "img/0.png",
+           "completions": [{"score": 0.75, "response": "A cup."},
+                           {"score": 0.25, "response": "A plate.", "type": "gt-rephrased"},
+                           {"score": 0.5, "response": "A mug."}]}
+    pairs = official_to_pairs(rec, index=3)
+    got = [(p["id"], p["chosen"], p["rejected"], p["strategy"], p["injector"]) for p in pairs]
+    assert got == [("bpo3:0-1", "A cup.", "A plate.", "gt-rephrased", None),
+                   ("bpo3:0-2", "A cup.", "A mug.", "untyped", None),
+                   ("bpo3:2-1", "A mug.", "A plate.", "gt-rephrased", None)]
+    for p in pairs:
+        validate_pair(p)
+        assert p["prompt"][0]["value"] == "<image>\nWhat is it?"
+    assert pairs[0]["source"]["scores"] == [0.75, 0.25]
+    with pytest.raises(ValueError, match=r"completions\[0\].type"):
+        official_to_pairs({**rec, "completions": [{"score": 1, "response": "a", "type": 3},
+                                                  {"score": 0, "response": "b"}]})
+
+
+def test_bom_is_accepted_by_every_reader(tmp_path):
+    """A JSON array or JSONL file starting with a UTF-8 byte-order mark reads as without it."""
+    from bpo_fast.data.jsonl import iter_jsonl, iter_records, load_json
+    from bpo_fast.data.preference import PreferenceDataset
+    from bpo_fast.eval.chair import load_ground_truth
+
+    root = str(tmp_path)
+    for jsonl in (False, True):
+        path = write_official(root, n=2, jsonl=jsonl)
+        plain = [r for _, r in iter_pair_records(path)]
+        with open(path, "rb") as f:
+            raw = f.read()
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + raw)
+        assert [r for _, r in iter_pair_records(path)] == plain and len(plain) == 4
+        assert len(PreferenceDataset(path, root)) == 4
+        n = convert([path], str(tmp_path / "c.jsonl"))
+        assert (n["records"], n["pairs"], n["invalid"]) == (2, 4, [])
+        assert [i for i, _, _ in iter_records(path)] == [0, 1]
+    gt = tmp_path / "gt.jsonl"
+    gt.write_bytes(b'\xef\xbb\xbf{"id": "1", "objects": ["dog"]}\n')
+    assert load_ground_truth(str(gt)) == {"1": ["dog"]}
+    assert [r for _, r in iter_jsonl(str(gt))] == [{"id": "1", "objects": ["dog"]}]
+    cfg = tmp_path / "c.json"
+    cfg.write_bytes(b'\xef\xbb\xbf{"a": 1}')
+    assert load_json(str(cfg)) == {"a": 1}
 
 
 def test_reader_yields_pairs_and_errors_with_lines(tmp_path):
@@ -69,20 +120,23 @@ def test_reader_yields_pairs_and_errors_with_lines(tmp_path):
     got = list(iter_pair_records(path))
     pairs = [r for _, r in got if isinstance(r, dict)]
     errors = [(n, r) for n, r in got if isinstance(r, Exception)]
-    assert len(pairs) == 4 and len(errors) == 1 and "type" in str(errors[0][1])
+    assert len(pairs) == 4 and len(errors) == 1 and "score" in str(errors[0][1])
     assert errors[0][0] > 1  # the line where the bad record starts
 
 
-def test_dataset_and_merge_read_the_official_format(tmp_path):
+def test_dataset_and_merge_read_the_official_format(tmp_path, caplog):
     from bpo_fast.data.pairs import merge_pairs
     from bpo_fast.data.preference import PreferenceDataset
 
     for jsonl in (False, True):
         root = str(tmp_path / ("l" if jsonl else "a"))
         path = write_official(root, n=3, bad=True, jsonl=jsonl)
-        with pytest.warns(UserWarning, match="type"):
+        caplog.clear()
+        with pytest.warns(UserWarning, match="score"):
             ds = PreferenceDataset(path, root)
-        assert len(ds) == 6 and len(ds.skipped) == 1
+        assert len(ds) == 6 and len(ds.skipped) == 1 and ds.n_records == 5
+        # records and pairs counted apart: 5 records (one bad, one without differing scores)
+        assert "skipped 1 bad record(s) of 5 record(s); 6 pair(s) kept" in caplog.text
         assert ds[0]["prompt"][0]["value"].startswith("What is on the table 0?")
         s = merge_pairs([path], str(tmp_path / f"m{jsonl}.jsonl"), skip_invalid=True)
         assert s.written == 6 and len(s.invalid) == 1
@@ -100,7 +154,7 @@ def test_convert_cli_counts(tmp_path, capsys):
     assert main(["convert", "--out", str(out), path, str(llava)]) == 0
     err = capsys.readouterr().err
     assert "6 record(s) -> 6 pair(s) (error_injection: 3, image_weakened: 3)" in err
-    assert "1 record(s) without differing scores" in err and "2 invalid" in err
+    assert "records: 1 without differing scores, 2 invalid" in err
     assert "build-pairs" in err
     rows = [json.loads(line) for line in open(out)]
     assert len(rows) == 6

@@ -80,6 +80,15 @@ def _ref(w, m, **over):
                             for x in ((k,) if v is None else (k, v))]
 
 
+def _gen(w, m, **over):
+    a = {"--model": m, "--data": w["llava"], "--image-root": w["root"],
+         "--out": os.path.join(w["root"], "gen", "answers.jsonl"), "--no-progress": None,
+         "--device": "cpu"}
+    a.update(over)
+    return ["generate"] + [x for k, v in a.items() if v is not False
+                           for x in ((k,) if v is None else (k, v))]
+
+
 def _chair(w, **over):
     a = {"--captions": w["caps"], "--ground-truth": w["gt"]}
     a.update(over)
@@ -100,7 +109,7 @@ CASES = [
     ("bp out is dir", lambda w, m: _bp(w, **{"--out": w["dir"]}), ["out", "directory"]),
     ("bp errors unwritable", lambda w, m: _bp(w, **{"--errors": w["under_file"]}), ["errors"]),
     ("bp summary unwritable", lambda w, m: _bp(w, **{"--summary-json": w["under_file"]}),
-     ["--summary-json"]),
+     ["summary_json"]),
     ("bp lexicon png", lambda w, m: _bp(w, **{"--lexicon": w["png"]}), ["lexicon", "img.png", "PNG"]),
     ("bp lexicon not json", lambda w, m: _bp(w, **{"--lexicon": w["text"]}), ["lexicon", "notes.txt", "JSON"]),
     ("bp template dir", lambda w, m: _bp(w, **{"--inject-template": w["dir"], "--injector": "llm",
@@ -111,7 +120,7 @@ CASES = [
     ("bp model file", lambda w, m: _bp(w, **{"--strategies": "image_weakened", "--model": w["file"]}),
      ["model", "notes.txt"]),
     ("bp limit 0", lambda w, m: _bp(w, **{"--limit": "0"}), ["limit"]),
-    ("bp batch 0", lambda w, m: _bp(w, **{"--batch-size": "0"}), ["batch_size"]),
+    ("bp batch 0", lambda w, m: _bp(w, **{"--batch-size": "0"}), ["--batch-size"]),
     ("bp noise steps", lambda w, m: _bp(w, **{"--noise-steps": "x"}), ["--noise-steps"]),
     ("bp strategies", lambda w, m: _bp(w, **{"--strategies": "nope"}), ["--strategies"]),
     ("bp resume+overwrite", lambda w, m: _bp(w, **{"--resume": None, "--overwrite": None}),
@@ -161,6 +170,28 @@ CASES = [
     ("train batch", lambda w, m: _train(w, m, **{"--batch-size": "0"}), ["batch"]),
     ("train dtype", lambda w, m: _train(w, m, **{"--dtype": "fp8"}), ["--dtype"]),
     ("train lr not a number", lambda w, m: _train(w, m, **{"--lr": "fast"}), ["--lr"]),
+    ("train lr nan", lambda w, m: _train(w, m, **{"--lr": "nan"}), ["--lr", "finite"]),
+    ("train adam beta1 1", lambda w, m: _train(w, m, **{"--adam-beta1": "1.0"}),
+     ["--adam-beta1", "[0, 1)"]),
+    ("train device mps", lambda w, m: _train(w, m, **{"--device": "mps"}), ["--device", "mps"]),
+    # generate
+    ("gen data png", lambda w, m: _gen(w, m, **{"--data": w["png"]}), ["--data", "PNG"]),
+    ("gen data dir", lambda w, m: _gen(w, m, **{"--data": w["dir"]}), ["--data", "a_dir"]),
+    ("gen model missing", lambda w, m: _gen(w, m, **{"--model": w["dir"] + "/nope"}),
+     ["--model", "nope"]),
+    ("gen model not a model", lambda w, m: _gen(w, m, **{"--model": w["dir"]}),
+     ["--model", "config.json"]),
+    ("gen out unwritable", lambda w, m: _gen(w, m, **{"--out": w["under_file"]}),
+     ["--out", "notes.txt"]),
+    ("gen out is data", lambda w, m: _gen(w, m, **{"--out": w["llava"]}), ["--out", "input"]),
+    ("gen image-root file", lambda w, m: _gen(w, m, **{"--image-root": w["file"]}),
+     ["--image-root", "notes.txt"]),
+    ("gen no questions", lambda w, m: _gen(w, m, **{"--data": False, "--image-root": False}),
+     ["--data or --image-root"]),
+    ("gen strict bad line", lambda w, m: _gen(w, m, **{"--data": w["llava_bad_mid"],
+                                                       "--strict": None}),
+     ["llava_bad_mid.jsonl:2", "invalid JSON"]),
+    ("gen top-p", lambda w, m: _gen(w, m, **{"--sample": None, "--top-p": "0"}), ["top_p"]),
     # eval-chair
     ("chair captions dir", lambda w, m: _chair(w, **{"--captions": w["dir"]}), ["--captions", "directory"]),
     ("chair captions png", lambda w, m: _chair(w, **{"--captions": w["png"]}), ["--captions", "PNG"]),

@@ -102,7 +102,7 @@ def _bad_cases(root):
         "unreadable_image": json.dumps(_good(2, image="img/broken.png")),
         "empty_response": json.dumps({**_good(3), "chosen": "   "}),
         "schema_missing_field": json.dumps({k: v for k, v in _good(4).items() if k != "strategy"}),
-        "schema_bad_strategy": json.dumps({**_good(5), "strategy": "made_up"}),
+        "schema_bad_strategy": json.dumps({**_good(5), "strategy": 3}),
         "duplicate_id": json.dumps(_good(0)),
         "not_an_object": "[1, 2, 3]",
     }

@@ -79,7 +79,9 @@ def read_out(path):
 
 
 def cfg(data, root, out, **kw):
-    base = dict(data=data, image_root=root, out=str(out), batch_size=2, **GEN)
+    # the fixtures mix bad records in on purpose (2 of 7): more than the default share
+    base = dict(data=data, image_root=root, out=str(out), batch_size=2, max_bad_fraction=0.5,
+                **GEN)
     base.update(kw)
     return PairBuilderConfig(**base)
 
@@ -234,8 +236,9 @@ def test_bad_images_and_malformed_records_go_to_errors_file(tiny, tmp_path):
     model, proc = tiny
     data, root = make_data(tmp_path, n=3, bad_image=True, malformed=True)
     out = tmp_path / "p.jsonl"
-    s = build_pairs(cfg(data, root, out, noise_steps=(500,)), model, proc)
-    logged = [e for _, e in iter_jsonl(tmp_path / "p.errors.jsonl")]
+    s = build_pairs(cfg(data, root, out, noise_steps=(500,), max_bad_fraction=0.6), model, proc)
+    head, *logged = [e for _, e in iter_jsonl(tmp_path / "p.errors.jsonl")]
+    assert head == {"bpo_fast": "errors", "command": "build-pairs"}   # the file is ours
     errs = [e for e in logged if e["stage"] != "dropped"]   # drops are logged, counted apart
     by_stage = Counter(e["stage"] for e in errs)
     assert by_stage == {"image": 2, "record": 2} and s.errors == dict(by_stage)
@@ -255,8 +258,9 @@ def test_bad_images_and_malformed_records_go_to_errors_file(tiny, tmp_path):
     assert {r["source_id"] for r in recs if r["strategy"] == "error_injection"} == {"r0", "r1", "r2"}
     assert not any(r["source_id"] in ("badimg", "noimg") for r in recs)
     # a resumed run does not log the same errors again
-    build_pairs(cfg(data, root, out, noise_steps=(500,), resume=True), model, proc)
-    assert len(list(iter_jsonl(tmp_path / "p.errors.jsonl"))) == len(logged)
+    build_pairs(cfg(data, root, out, noise_steps=(500,), resume=True, max_bad_fraction=0.6),
+                model, proc)
+    assert len(list(iter_jsonl(tmp_path / "p.errors.jsonl"))) == len(logged) + 1
 
 
 def test_all_turns_json_array_and_text_only(tiny, tmp_path):
@@ -350,7 +354,7 @@ def test_cli_end_to_end(tiny_llava_dir, tmp_path, capsys):
     args = ["build-pairs", "--model", tiny_llava_dir, "--data", data, "--image-root", root,
             "--out", str(out), "--noise-steps", "100,900", "--max-new-tokens", "3",
             "--min-new-tokens", "3", "--num-workers", "0", "--no-progress", "--device", "cpu",
-            "--summary-json", str(tmp_path / "sum.json")]
+            "--summary-json", str(tmp_path / "sum.json"), "--max-bad-fraction", "0.6"]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "pairs written" in err and "errors: 2" in err
@@ -572,3 +576,34 @@ def test_row_sampler_draws_from_the_distribution_one_stream_per_row(top_p):
     # a row's draw depends on its seed only, not on its neighbours
     one = _RowSampler([7], 1, 3, 1.0, top_p, "cpu")(torch.zeros(1, 3, dtype=torch.long), scores)
     assert one.argmax(-1).item() == picked[7].item()
+    # a temperature so small that score / temperature overflows: the most likely token
+    for t in (1e-30, 1e-45):
+        tiny = _RowSampler([1, 2], 1, 3, t, top_p, "cpu")(torch.zeros(2, 3, dtype=torch.long),
+                                                           scores.expand(2, -1) * 30)
+        assert tiny.argmax(-1).tolist() == [1, 1], t
+
+
+def test_resume_and_overwrite_touch_only_files_build_pairs_wrote(tmp_path, capsys):
+    """A file given as --out / --errors by mistake (a model's config.json without its last
+    newline, an image) is refused before anything is cut, appended to or removed."""
+    from bpo_fast.cli import main
+
+    data, root = make_data(tmp_path, n=2, turns=1)
+    config = tmp_path / "config.json"
+    config.write_bytes(b'{\n  "model_type": "llava"\n}')
+    image = os.path.join(root, "img1.png")
+    base = ["build-pairs", "--data", data, "--image-root", root, "--strategies",
+            "error_injection", "--no-progress"]
+    for args in (["--out", str(config), "--resume"], ["--out", image, "--overwrite"],
+                 ["--out", str(tmp_path / "p.jsonl"), "--errors", str(config)]):
+        before = {p: open(p, "rb").read() for p in (config, image)}
+        assert main(base + args) == 2, args
+        assert "not written by" in capsys.readouterr().err, args  # build-pairs / bpo-fast
+        assert {p: open(p, "rb").read() for p in before} == before, args
+    # its own files still resume, also from the torn start of a first line
+    out = tmp_path / "own.jsonl"
+    assert main(base + ["--out", str(out)]) == 0
+    full = open(out, "rb").read()
+    out.write_bytes(full[:7])
+    assert main(base + ["--out", str(out), "--resume"]) == 0
+    assert open(out, "rb").read() == full

@@ -60,7 +60,8 @@ def test_report_several_seeds(tmp_path):
     assert "within the tolerance" in md and "is not met in this run: no supervised control" in md
     assert md.index("is not met") < md.index("## Setup")                # the headline comes first
     assert "| beta | 0.1 |" in md and "a red circle \\| and" in md and "Nothing else" in md
-    assert "Seed 2: 120 steps; DPO loss fell" in md
+    assert "| BPO | 2 | 120 | 0.577 -> 0.010 |" in md      # the training table, per seed
+    assert "- **BPO**, mean of 3 runs: the DPO loss went from 0.578 to 0.010" in md
     table = out["table"].splitlines()
     assert table[1].split() == ["seed", "SFT", "BPO"] * 1 + ["SFT", "BPO"] * 2
     assert [line.split()[0] for line in table[3:9]] == ["0", "1", "2", "mean", "CI", "CI"]
@@ -177,13 +178,20 @@ def test_headline_bpo_against_the_control(tmp_path):
     out = write_report(str(tmp_path / "a"), chair_before=before, chair_after=after,
                        chair_control=control)
     md = open(out["report"]).read()
-    first = md.splitlines()[2]
+    # a plain two-sentence summary first, then the conditions
+    summary, first = md.splitlines()[2], md.splitlines()[4]
+    assert summary == ("Over 3 seeds, BPO lowered the share of hallucinated object mentions "
+                       "(CHAIR-i) from 61.0% at the SFT start to 51.0% on average (lower in 3 "
+                       "of 3 seeds), and the supervised control, trained on the same chosen "
+                       "answers without the rejected ones, lowered it to 50.7%. Against the "
+                       "control BPO won in 1, tied in 0 and lost in 2 of the 3 seeds, a mean "
+                       "difference of +0.3 points (95% CI [-1.0, +1.0]), within the seed noise.")
     assert first.startswith("**The aim") and "is not met in this run" in first
     assert "BPO beat the control on CHAIR-i in 1 of 3 seeds" in first
     assert "the 95% CI of BPO minus the control on CHAIR-i does not exclude 0" in first
     assert "BPO beats the control on CHAIR-i in only 1 of 3 seeds; mean difference (BPO - " \
         "control) +0.3 [" in md and "within the seed noise" in md
-    assert out["headline"][0] == first
+    assert out["headline"][:3] == [summary, "", first]
     table = out["table"].splitlines()
     assert table[1].split()[:4] == ["seed", "SFT", "BPO", "control"]
     assert table[3].split()[:4] == ["0", "60.0", "50.0", "49.0"]
@@ -196,7 +204,7 @@ def test_headline_bpo_against_the_control(tmp_path):
     out = write_report(str(tmp_path / "b"), chair_before=before, chair_after=after,
                        chair_control=control)
     md = open(out["report"]).read()
-    assert "is met in this run" in md.splitlines()[2]
+    assert "is met in this run" in md.splitlines()[4]
     assert "BPO beats the control on CHAIR-i in all 3 seeds" in md
     assert "outside the seed noise (the 95% CI excludes 0)" in md
     # ... but not at a recall loss of 3 points
@@ -240,3 +248,107 @@ def test_stage_times_are_the_stages_own(tmp_path):
     assert summ["stage_times"]["3"]["sft"] == 601.4 and summ["stage_seconds_total"] is None
     with pytest.raises(TypeError, match="stage_times"):
         write_report(str(tmp_path), chair_before=ok, chair_after=ok, stage_times={3: 5})
+
+
+def test_a_tie_on_the_page_is_a_tie(tmp_path):
+    # seed 2: BPO 29.674 vs control 29.702, both printed 29.7: a tie, never a win (issue 22)
+    before = {s: {"chair_i": 0.35, "chair_s": 0.5, "recall": 0.7} for s in range(3)}
+    after = {0: 0.28, 1: 0.27, 2: 0.29674}
+    control = {0: 0.30, 1: 0.30, 2: 0.29702}
+    mk = lambda d: {s: {"chair_i": v, "chair_s": 0.5, "recall": 0.7} for s, v in d.items()}  # noqa: E731
+    out = write_report(str(tmp_path), chair_before=before, chair_after=mk(after),
+                       chair_control=mk(control))
+    md = open(out["report"]).read()
+    assert "\n2            35.0     29.7     29.7" in md                # printed as a tie
+    assert "BPO won in 2, tied in 1 and lost in 0 of the 3 seeds" in md
+    assert "BPO beat the control on CHAIR-i in 2 of 3 seeds (tied in 1)" in md.splitlines()[4]
+    assert "BPO beats the control on CHAIR-i in only 2 of 3 seeds (tied in 1)" in md
+    cmp_ = out["summary"]["compare"]["chair_i"]["bpo_vs_control"]
+    assert (cmp_["n_below"], cmp_["n_equal"], cmp_["n_above"]) == (2, 1, 0)
+    assert cmp_["diffs"]["2"] == pytest.approx(-0.00028)              # the raw difference kept
+
+
+def _term_rows(n, seed, rpo=True, moving=0.0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(1, n + 1):
+        m = moving * i
+        rows.append({"step": i, "loss": 0.7, "dpo_loss": math.log1p(math.exp(-0.3 * m)),
+                     "nll": 0.6 - 0.001 * i, "reward_margin": 0.3 * m * 20,
+                     "reward_accuracy": 0.5, "logratio_margin": 20 * m,
+                     "logratio_margin_per_token": m, "grad_norm": 1.0,
+                     "grad_norm_dpo": 0.2 + 0.01 * rng.random(),
+                     "grad_norm_rpo": (1.0 + 0.01 * rng.random()) if rpo else 0.0,
+                     "grad_cos_dpo_rpo": 0.4 if rpo else None, "lr": 1e-4})
+    return rows
+
+
+def test_paper_arm_quick_note_and_term_diagnostics(tmp_path):
+    before, after, control = _arms((0.30, 0.31, 0.29), (0.32, 0.33, 0.31))
+    paper = {s: {"chair_i": v, "chair_s": 0.5, "recall": 0.6} for s, v in enumerate((0.4, 0.41, 0.39))}
+    out = write_report(
+        str(tmp_path), chair_before=before, chair_after=after, chair_control=control,
+        chair_paper=paper, quick=True,
+        metrics={s: _term_rows(40, s, moving=0.001) for s in range(3)},
+        paper_metrics={s: _term_rows(40, 10 + s, rpo=False, moving=0.01) for s in range(3)},
+        objectives={"after": {"loss_type": "sigmoid_norm", "beta": 0.3, "rpo_alpha": 1.0},
+                    "paper": {"loss_type": "sigmoid", "beta": 0.1, "rpo_alpha": None}},
+        pope={arm: {s: {"settings": {"prior": {"accuracy": 0.6, "f1": 0.6, "yes_ratio": 0.5},
+                                     "random": {"accuracy": 0.5, "f1": 0.5, "yes_ratio": 0.5}}}
+                    for s in range(3)} for arm in ("before", "after", "paper", "control")})
+    md = open(out["report"]).read()
+    # a --quick report says in its first line that it only checks the pipeline
+    assert md.splitlines()[0] == ("# BPO on the shapes world: a `--quick` run: it only checks "
+                                  "that the pipeline runs, its numbers mean nothing")
+    assert out["headline"][0].startswith("**This is a `--quick` run")
+    # the paper's objective: an arm of the tables, with its differences
+    assert out["table"].splitlines()[1].split()[:5] == ["seed", "SFT", "BPO", "paper", "control"]
+    assert "| metric (%, mean [bootstrap 95% CI] over seeds) | SFT start | BPO | BPO, paper's " \
+        "loss | control | BPO - SFT start | BPO - control | paper - control | BPO - paper |" in md
+    assert "| CHAIR-i | 61.0 [60.0, 62.0] | 30.0 [29.0, 31.0] | 40.0 [39.0, 41.0] | 32.0 " \
+        "[31.0, 33.0] | -31.0 [-32.0, -30.0] | -2.0 [-2.0, -2.0] | +8.0 [+8.0, +8.0] | " \
+        "-10.0 [-10.0, -10.0] |" in md
+    assert "BPO beats the paper's objective on CHAIR-i in all 3 seeds" in md
+    assert "with the paper's loss (plain DPO, no NLL term) BPO reached 40.0% (+8.0 [+8.0, " \
+        "+8.0] points against the control)" in md.splitlines()[4]
+    # the DPO and RPO terms apart, from the numbers: gradient norms, margins, the loss argument
+    diag = out["summary"]["diagnostics_text"]
+    assert diag[0].startswith("- **BPO** (sigmoid_norm, beta 0.3, + 1 x chosen NLL (RPO)), "
+                              "mean of 3 runs: the DPO loss went from 0.693 to 0.687")
+    assert "ended at +0.77 nats per answer, +0.038 per token; the loss sees beta x margin per " \
+        "token = +0.012, where -log sigmoid is 0.687 (ln 2 - x/2 while |x| is well below 1" \
+        in diag[0]
+    # a large argument: the exact value, no claim of the linear region
+    assert "the loss sees beta x margin = +0.770, where -log sigmoid is 0.380;" in diag[1]
+    assert "DPO term 0.206, RPO term 1.01 (4.9 x the DPO term's), cosine between them +0.40: " \
+        "the RPO term does most of the training" in diag[0]
+    assert diag[1].startswith("- **BPO, paper's loss** (sigmoid, beta 0.1, no NLL term)")
+    assert "the gradient norm (the DPO term alone) averaged 0.2" in diag[1]
+    assert "| BPO, paper's loss | 2 | 40 | 0.689 -> 0.637 | 0.598 -> 0.561 | +7.70 | +0.385 | " \
+        "0.204 | - |  |" in md                                   # no RPO term: no norm
+    for png in ("chair_plot", "pope_plot", "training_plot"):
+        check_png(out[png])
+    # sized to read at normal zoom (the old pope.png was 1.9k pixels wide)
+    for png, width in (("chair_plot", 1100), ("pope_plot", 800), ("training_plot", 1400)):
+        with Image.open(out[png]) as im:
+            assert im.size[0] <= width, (png, im.size)
+
+
+def test_readme_says_whether_the_effect_shrinks_on_fresh_seeds():
+    from bpo_fast.demo.report import _against_selection
+
+    def summ(mean, lo, hi, seeds):
+        return {"seeds": seeds, "compare": {"chair_i": {"bpo_vs_control": {
+            "mean": mean, "lo": lo, "hi": hi, "n": len(seeds)}}}}
+
+    sel = summ(-0.009, -0.019, 0.001, [0, 1, 2, 3, 4])
+    fresh = summ(-0.003, -0.012, 0.006, list(range(100, 110)))
+    txt = _against_selection(fresh, sel, "bpo-fast demo")
+    assert txt.startswith("On the seeds the settings were chosen on (`bpo-fast demo --seeds "
+                          "0,1,2,3,4`: the same settings, scored on the held-out images) BPO - "
+                          "control on CHAIR-i was -0.9 [-1.9, +0.1] points; on this run's fresh "
+                          "seeds it is -0.3 [-1.2, +0.6]: **the effect shrinks on fresh seeds**")
+    gone = _against_selection(summ(0.004, -0.003, 0.01, [100, 101]), sel, "x")
+    assert "**the effect is gone on fresh seeds**" in gone
+    same = _against_selection(summ(-0.012, -0.02, -0.004, [100, 101]), sel, "x")
+    assert same.endswith("-1.2 [-2.0, -0.4]: the effect does not shrink on fresh seeds.")

@@ -31,6 +31,16 @@ def test_mean_ci_matches_a_direct_bootstrap():
     assert r["hi"] == pytest.approx(xs.mean() + 1.96 * se, abs=0.6 * se)
 
 
+def test_paired_differences_count_what_the_table_shows():
+    # 29.674 vs 29.702 prints as 29.7 = 29.7: a tie, not a win; 29.64 vs 29.70 is a win
+    a, b = {0: 0.29674, 1: 0.2964, 2: 0.31}, {0: 0.29702, 1: 0.2970, 2: 0.30}
+    raw = paired_differences(a, b)
+    assert (raw["n_below"], raw["n_equal"], raw["n_above"]) == (2, 0, 1)
+    shown = paired_differences(a, b, shown=lambda x: round(100 * x, 1))
+    assert (shown["n_below"], shown["n_equal"], shown["n_above"]) == (1, 1, 1)
+    assert shown["mean"] == raw["mean"] and shown["diffs"] == raw["diffs"]
+
+
 def test_paired_differences():
     bpo = {0: 0.50, 1: 0.40, 2: 0.45, 3: None}
     ctl = {0: 0.55, 1: 0.48, 2: 0.44, 3: 0.30}

@@ -92,6 +92,39 @@ def test_rpo_alpha_logs_the_dpo_part_apart(tiny_llava_dir, data, tmp_path):
         _cfg(tiny_llava_dir, data, tmp_path / "x", rpo_alpha=-0.1)
 
 
+def test_term_metrics_nll_margins_and_term_gradients(tiny_llava_dir, data, tmp_path):
+    """The DPO and RPO terms apart: the chosen NLL, the implicit reward margin in nats (summed
+    and per token), and with log_term_grads each term's gradient norm, whose sum is the full
+    gradient (measured before clipping)."""
+    from bpo_fast.train.term_grads import TERM_KEYS
+
+    rows = train(_cfg(tiny_llava_dir, data, tmp_path / "t", max_steps=3, rpo_alpha=0.5,
+                      grad_accum=2, beta=0.5, log_term_grads=True,
+                      max_grad_norm=1e-3))["history"]   # clipped: the norms are the unclipped
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["dpo_loss"] + 0.5 * r["nll"], rel=1e-5)
+        # rewards are beta * (policy - reference) log-probs, so the margin in nats is theirs / beta
+        assert r["logratio_margin"] == pytest.approx(r["reward_margin"] / 0.5, abs=1e-5)
+        assert set(TERM_KEYS) <= set(r) and r["grad_norm_dpo"] > 0 and r["grad_norm_rpo"] > 0
+        cos = r["grad_cos_dpo_rpo"]
+        assert -1 <= cos <= 1
+        # |g|^2 = |g_dpo|^2 + |g_rpo|^2 + 2 g_dpo . g_rpo
+        full = (r["grad_norm_dpo"] ** 2 + r["grad_norm_rpo"] ** 2
+                + 2 * cos * r["grad_norm_dpo"] * r["grad_norm_rpo"]) ** 0.5
+        assert full == pytest.approx(r["grad_norm"], rel=1e-4)
+    assert rows[0]["logratio_margin"] == pytest.approx(0.0, abs=1e-5)   # policy == reference
+    assert rows[-1]["logratio_margin"] != 0 and rows[-1]["logratio_margin_per_token"] != 0
+    # the DPO term alone (no RPO): its gradient is the full one, the RPO term's is 0
+    rows = train(_cfg(tiny_llava_dir, data, tmp_path / "d", max_steps=2,
+                      log_term_grads=True))["history"]
+    for r in rows:
+        assert r["grad_norm_dpo"] == pytest.approx(r["grad_norm"], rel=1e-5)
+        assert r["grad_norm_rpo"] == 0 and r["grad_cos_dpo_rpo"] is None
+    # off by default: no extra backward, no term keys
+    rows = train(_cfg(tiny_llava_dir, data, tmp_path / "n", max_steps=1))["history"]
+    assert not set(TERM_KEYS) & set(rows[0])
+
+
 def test_fresh_run_refuses_an_earlier_runs_checkpoints(tiny_llava_dir, data, tmp_path):
     out = tmp_path / "o"
     train(_cfg(tiny_llava_dir, data, out, max_steps=2, save_every=1))
@@ -205,9 +238,10 @@ def test_cli_errors_name_the_argument(tiny_llava_dir, data, tmp_path, capsys):
     assert main(["train", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
                  *base]) == 2
     assert "bpo-fast train: error: model:" in capsys.readouterr().err
-    assert main(["train", "--model", tiny_llava_dir, "--output", str(tmp_path / "o"),
-                 "--batch-size", "0", *base]) == 2
-    assert "batch_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:   # argparse checks the option's range
+        main(["train", "--model", tiny_llava_dir, "--output", str(tmp_path / "o"),
+              "--batch-size", "0", *base])
+    assert e.value.code == 2 and "--batch-size" in capsys.readouterr().err
     assert main(["ref-logps", "--model", tiny_llava_dir, "--data", str(tmp_path / "none.jsonl"),
                  "--image-root", root, "--out", str(tmp_path / "r.safetensors"),
                  "--no-progress"]) == 2

@@ -9,17 +9,22 @@ The paper's data (arXiv 2403.08730, the released ``bpo_*.json``) is a JSON array
                      {"score": 0, "response": "A red plate.", "type": "llm-hal"}]}
 
 Every two completions whose scores differ make one pair, the higher score chosen (the official
-trainer pairs them the same way). ``type`` of the rejected answer gives our ``strategy``:
-``mllm-hal`` (the model's answer on the weakened image) -> ``image_weakened``, ``llm-hal`` (the
-LLM's error injection) -> ``error_injection`` (``injector`` "llm"); a rejected ``gt`` answer
-(only when a record scores two references differently) is kept as ``error_injection`` with
-``injector`` null. Pair ids: ``<record id>:<i>-<j>`` (completion indices, chosen first), the
-record id being its ``id`` field or ``bpo<index>`` (position in the file).
+trainer pairs them the same way). Read as the official trainer (``make_batch_pairs``) reads it:
+only ``prompt``, ``image``, ``completions[].score`` (a finite number: the official
+``bootstrap_dpo.py`` writes floats) and ``completions[].response`` are required. ``type`` of the
+rejected answer, where there is one, gives our ``strategy``: ``mllm-hal`` (the model's answer on
+the weakened image) -> ``image_weakened``, ``llm-hal`` (the LLM's error injection) ->
+``error_injection`` (``injector`` "llm"); a rejected ``gt`` answer (only when a record scores two
+references differently) is kept as ``error_injection`` with ``injector`` null; any other value
+(``gt-rephrased``, ...) is kept as a strategy of its own name, and a completion without a
+``type`` gives the strategy ``untyped``. Pair ids: ``<record id>:<i>-<j>`` (completion indices,
+chosen first), the record id being its ``id`` field or ``bpo<index>`` (position in the file).
 
 :func:`iter_pair_records` yields pair records from any file ``train`` / ``ref-logps`` /
 ``merge-pairs`` accept: our pair JSONL, or official records (JSON array or JSONL), mixed freely.
 """
 
+import math
 import os
 
 from bpo_fast.data.schema import IMAGE_PLACEHOLDER
@@ -29,6 +34,14 @@ __all__ = ["TYPE_TO_STRATEGY", "is_official_record", "official_to_pairs", "iter_
 
 TYPE_TO_STRATEGY = {"mllm-hal": ("image_weakened", None), "llm-hal": ("error_injection", "llm"),
                     "gt": ("error_injection", None)}
+UNTYPED = "untyped"   # the strategy of a rejected completion without a ``type``
+
+
+def _strategy(completion_type):
+    """(strategy, injector) of a rejected completion's ``type`` (see the module docstring)."""
+    if completion_type is None:
+        return UNTYPED, None
+    return TYPE_TO_STRATEGY.get(completion_type, (completion_type, None))
 
 
 def is_official_record(rec):
@@ -55,13 +68,14 @@ def official_to_pairs(rec, index=0):
         if not isinstance(c, dict):
             raise ValueError(f"completions[{i}]: expected an object")
         s = c.get("score")
-        if isinstance(s, bool) or not isinstance(s, (int, float)):
-            raise ValueError(f"completions[{i}].score: expected a number, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise ValueError(f"completions[{i}].score: expected a finite number, got {s!r}")
         if not isinstance(c.get("response"), str) or not c["response"].strip():
             raise ValueError(f"completions[{i}].response: expected a non-empty string")
-        if c.get("type") not in TYPE_TO_STRATEGY:
-            raise ValueError(f"completions[{i}].type: expected one of {sorted(TYPE_TO_STRATEGY)},"
-                             f" got {c.get('type')!r}")
+        t = c.get("type")
+        if t is not None and (not isinstance(t, str) or not t.strip()):
+            raise ValueError(f"completions[{i}].type: expected a name (e.g. "
+                             f"{', '.join(sorted(TYPE_TO_STRATEGY))}) or no type, got {t!r}")
     sid = rec.get("id")
     sid = str(sid) if isinstance(sid, (str, int)) and not isinstance(sid, bool) and str(sid) \
         else f"bpo{index}"
@@ -73,20 +87,20 @@ def official_to_pairs(rec, index=0):
             if a["score"] == b["score"]:
                 continue
             (ci, c), (ri, r) = ((i, a), (j, b)) if a["score"] > b["score"] else ((j, b), (i, a))
-            strategy, injector = TYPE_TO_STRATEGY[r["type"]]
+            strategy, injector = _strategy(r.get("type"))
             pairs.append({
                 "id": f"{sid}:{ci}-{ri}", "image": image, "prompt": turns,
                 "chosen": c["response"].strip(), "rejected": r["response"].strip(),
                 "strategy": strategy, "noise_step": None, "injector": injector,
-                "source": {"format": "bpo", "type": r["type"], "chosen_type": c["type"],
-                           "scores": [c["score"], r["score"]]},
+                "source": {"format": "bpo", "type": r.get("type"),
+                           "chosen_type": c.get("type"), "scores": [c["score"], r["score"]]},
             })
     return pairs
 
 
 def _iter_raw(path):
     """(line, record or ValueError) of a JSON array or a JSONL file."""
-    from bpo_fast.data.llava_format import MalformedRecord, iter_records
+    from bpo_fast.data.jsonl import MalformedRecord, iter_records
 
     for _, line, rec in iter_records(path):
         if isinstance(rec, MalformedRecord):
@@ -94,14 +108,17 @@ def _iter_raw(path):
         yield line, rec
 
 
-def iter_pair_records(path):
+def iter_pair_records(path, counts=None):
     """Yield ``(line, pair record or ValueError)`` for every pair of ``path``: pair records as
     they are (the caller validates them), official records expanded into their pairs (a
-    malformed one yields its ``ValueError``; one without differing scores yields nothing)."""
+    malformed one yields its ``ValueError``; one without differing scores yields nothing).
+    ``counts["records"]``, when given, counts the records read (not the pairs)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data: {path!r} is not a file")
     index = 0
     for line, rec in _iter_raw(path):
+        if counts is not None:
+            counts["records"] = counts.get("records", 0) + 1
         if is_official_record(rec):
             try:
                 for pair in official_to_pairs(rec, index):
@@ -118,6 +135,14 @@ def convert(inputs, out, *, strict=False):
     counts: ``{"records", "pairs", "no_pair", "invalid", "duplicates", "by_strategy"}``;
     ``invalid`` lists ``(file, line, reason)``. ``strict``: an invalid record raises
     ``ValueError`` naming its file and line, and nothing is written."""
+    from bpo_fast.errors import FILE, CommandGuard
+
+    with CommandGuard("convert", inputs=[("inputs", p, FILE) for p in inputs],
+                      outputs=[("out", out, FILE)]):
+        return _convert(inputs, out, strict)
+
+
+def _convert(inputs, out, strict):
     from bpo_fast.data.jsonl import atomic_write_jsonl
     from bpo_fast.data.schema import SchemaError, validate_pair
 
@@ -165,8 +190,9 @@ def convert(inputs, out, *, strict=False):
 def dumps_counts(counts):
     by = ", ".join(f"{k}: {v}" for k, v in sorted(counts["by_strategy"].items())) or "none"
     lines = [f"{counts['records']} record(s) -> {counts['pairs']} pair(s) ({by}); "
-             f"{counts['no_pair']} record(s) without differing scores, "
-             f"{counts['duplicates']} duplicate id(s) dropped, {len(counts['invalid'])} invalid"]
+             f"records: {counts['no_pair']} without differing scores, "
+             f"{len(counts['invalid'])} invalid; pairs: {counts['duplicates']} with a repeated "
+             "id dropped"]
     for f, n, r in counts["invalid"][:5]:
         lines.append(f"  {f}:{n}: {r}")
     return "\n".join(lines)

@@ -11,14 +11,42 @@ KV-cached generation with one random stream per row.
 """
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
 from bpo_fast.data.images import normalize_uint8
 from bpo_fast.data.schema import turns_to_messages
 
-__all__ = ["Generator", "load_model", "pixels_for_levels", "derive_seed", "render_prompt",
-           "image_token_count"]
+__all__ = ["Generator", "Sampling", "check_sampling", "load_model", "pixels_for_levels", "derive_seed",
+           "render_prompt", "image_token_count"]
+
+
+@dataclass
+class Sampling:
+    """How :class:`Generator` decodes (the fields it reads; a command's options dataclass with
+    the same names, e.g. ``PairBuilderConfig`` or ``GenerateOptions``, serves as well):
+    greedy by default, else each row sampled from its own seed at ``temperature`` / ``top_p``;
+    ``chat_template``: ``--chat-template`` (None: the processor's, else the family default)."""
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    chat_template: str = None
+
+
+def check_sampling(s):
+    """Raise a ``ValueError`` naming the field when the decoding settings of ``s`` (a
+    :class:`Sampling` or an options dataclass with its fields) are out of range."""
+    if not 0 <= s.min_new_tokens <= s.max_new_tokens:
+        raise ValueError(f"min_new_tokens: expected 0 <= min_new_tokens <= max_new_tokens "
+                         f"({s.max_new_tokens}), got {s.min_new_tokens}")
+    if s.do_sample and not s.temperature > 0:
+        raise ValueError(f"temperature: expected > 0 when sampling, got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise ValueError(f"top_p: expected 0 < top_p <= 1, got {s.top_p}")
 
 
 def derive_seed(seed, *keys):
@@ -213,7 +241,10 @@ class Generator:
             kwargs["logits_processor"] = LogitsProcessorList([_RowSampler(
                 row_seeds, kwargs["max_new_tokens"], inputs["input_ids"].shape[1],
                 self.cfg.temperature, self.cfg.top_p, self.device)])
-        out = self.model.generate(**inputs, **kwargs)
+        from bpo_fast.models.vlm import images_used
+
+        with images_used(self.model):
+            out = self.model.generate(**inputs, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
         ntok = _count_generated(new, self.eos)
         texts = self.tok.batch_decode(new, skip_special_tokens=True)
@@ -270,7 +301,11 @@ class _RowSampler:
 
     def __call__(self, input_ids, scores):
         t = min(input_ids.shape[1] - self.prompt_len, self.u.shape[1] - 1)
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        # the row's maximum first: a tiny temperature then sends the others to -inf, never
+        # the maximum to inf (inf - inf: a NaN distribution that picked the last token)
+        scores = scores.float()
+        probs = torch.softmax((scores - scores.amax(-1, keepdim=True)) / self.temperature,
+                              dim=-1)
         if self.top_p < 1.0:
             sp, idx = probs.sort(dim=-1, descending=True, stable=True)
             # the smallest prefix whose mass reaches top_p (the first token always stays)

@@ -28,7 +28,6 @@ rest (Parquet, Arrow, folders, TRL-format JSON/JSONL), or for everything with
 the file lazily (nothing is checked up front, bad records are skipped as they come).
 """
 
-import io
 import json
 import logging
 import os
@@ -51,29 +50,98 @@ _ROLE_TO_FROM = {"user": "human", "assistant": "gpt", "system": "system", "human
 
 
 def load_table(path, *, streaming=False):
-    """``datasets`` table of a local file or folder (split ``train``)."""
+    """``datasets`` table of a local file or folder (split ``train``). A file or folder it cannot
+    read (a corrupt or truncated Parquet file, an empty table, a ``DatasetDict`` without a
+    ``train`` split) raises :class:`~bpo_fast.errors.UserError` naming it, in one line."""
+    from bpo_fast.errors import UserError
+
     try:
         import datasets
     except ImportError:
-        from bpo_fast.errors import UserError
-
         raise UserError("data: reading Parquet/Arrow or TRL-format data needs the `datasets` "
                         "package (pip install datasets)") from None
     datasets.disable_progress_bars()
+    if not os.path.isdir(path):
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in _HF_EXT:
+            raise ValueError(f"data: {path!r}: expected a .json, .jsonl, .parquet, .arrow or "
+                             f".csv file or a folder, got {ext or 'no extension'!r}")
+        if ext == ".parquet":
+            _check_parquet(path)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to read" lines
+    try:
+        ds = _load(datasets, path, streaming)
+    except UserError:
+        raise
+    except Exception as exc:  # datasets / pyarrow errors have no common base class
+        if not _is_read_error(exc):
+            raise
+        raise UserError(f"data: {path!r} cannot be read ({_cause(exc)})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    if not streaming and len(ds) == 0:
+        raise UserError(f"data: {path!r} holds no rows (an empty table)")
+    return ds
+
+
+def _load(datasets, path, streaming):
+    from bpo_fast.errors import UserError
+
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "dataset_info.json")) or \
-                os.path.isfile(os.path.join(path, "state.json")):
+                os.path.isfile(os.path.join(path, "state.json")) or \
+                os.path.isfile(os.path.join(path, "dataset_dict.json")):
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise UserError(f"data: {path!r} is a DatasetDict without a 'train' split "
+                                    f"(its splits: {sorted(ds)}); save the split to train on as "
+                                    "'train'")
                 ds = ds["train"]
             return ds.to_iterable_dataset() if streaming else ds
         return datasets.load_dataset(path, split="train", streaming=streaming)
     ext = os.path.splitext(path)[1].lower()
-    if ext not in _HF_EXT:
-        raise ValueError(f"data: {path!r}: expected a .json, .jsonl, .parquet, .arrow or .csv "
-                         f"file or a folder, got {ext or 'no extension'!r}")
     return datasets.load_dataset(_HF_EXT[ext], data_files=path, split="train",
                                  streaming=streaming)
+
+
+def _check_parquet(path):
+    """A Parquet file's footer (rows, schema) readable and its table not empty."""
+    from bpo_fast.errors import UserError
+
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:  # pyarrow.ArrowInvalid (corrupt / truncated), OSError
+        raise UserError(f"data: {path!r} is not a readable Parquet file, corrupt or truncated "
+                        f"({_cause(exc)})") from None
+    if rows == 0:
+        raise UserError(f"data: {path!r} holds no rows (an empty Parquet table)")
+
+
+def _cause(exc):
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        inner = exc.__cause__ or exc.__context__
+        if not str(inner):
+            break
+        exc = inner
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+
+
+def _is_read_error(exc):
+    """Errors of a file ``datasets`` / pyarrow cannot read (not bugs of ours or theirs)."""
+    try:
+        import pyarrow as pa
+
+        arrow = (pa.ArrowException,)
+    except ImportError:
+        arrow = ()
+    import datasets
+
+    return isinstance(exc, (datasets.exceptions.DatasetsError, OSError, ValueError,
+                            FileNotFoundError) + arrow)
 
 
 def is_trl_record(rec):
@@ -188,29 +256,11 @@ def normalize_record(rec, fallback_id):
             "objects": objects if isinstance(objects, list) else None}
 
 
-def _open_image(ref, image_root):
-    from PIL import Image
-
-    if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
-    if isinstance(ref, dict):
-        if ref.get("bytes"):
-            with Image.open(io.BytesIO(ref["bytes"])) as im:
-                return im.convert("RGB")
-        ref = ref.get("path")
-    if not isinstance(ref, str) or not ref:
-        raise ValueError(f"images: expected a path, an image or {{'bytes', 'path'}}, got "
-                         f"{type(ref).__name__}")
-    path = ref if os.path.isabs(ref) or image_root is None else os.path.join(image_root, ref)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path!r} not found")
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def _item(rec, index, image_root, line):
-    images = [_open_image(r, image_root) for r in rec["images"]]
-    return {"index": index, "id": rec["id"], "images": images,
+    from bpo_fast.data.preference import load_images
+
+    images, digests = load_images(rec["images"], image_root)
+    return {"index": index, "id": rec["id"], "images": images, "image_digests": digests,
             "image": images[0] if len(images) == 1 else None, "prompt": rec["prompt"],
             "chosen": rec["chosen"], "rejected": rec["rejected"], "line": line}
 
@@ -356,7 +406,7 @@ def _first_record(path, chunk=1 << 16, limit=1 << 26):
     whole array). None when it cannot be read (or is not within ``limit`` characters)."""
     dec = json.JSONDecoder()
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:   # a BOM is dropped
             buf = f.read(chunk)
             is_array = buf.lstrip().startswith("[")
             while True:
@@ -399,7 +449,7 @@ def check_data_path(path, arg="data"):
     if path and os.path.isdir(path):
         input_dir(path, arg, what="data folder")
         names = os.listdir(path)
-        if not ({"dataset_info.json", "state.json"} & set(names)
+        if not ({"dataset_info.json", "state.json", "dataset_dict.json"} & set(names)
                 or any(os.path.splitext(n)[1].lower() in _HF_EXT for n in names)):
             raise UserError(f"{arg}: {path!r} is a directory without data files (expected a pair "
                             "file, or a folder of JSON/JSONL/Parquet/Arrow files or a "

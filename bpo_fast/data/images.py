@@ -13,16 +13,18 @@ there the clean pixels agree only up to resize rounding.
 """
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["ImageGeometry", "load_image", "normalize_uint8", "ImageLoadDataset", "ImageError"]
+__all__ = ["ImageGeometry", "load_image", "normalize_uint8", "ImageLoadDataset", "ImageError",
+           "open_image", "to_rgb", "image_digest"]
 
 
-class ImageError(Exception):
-    """An image that cannot be read or decoded (the message says why)."""
+class ImageError(ValueError):
+    """An image that cannot be read or decoded (the message names it and says why)."""
 
 
 _PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -129,15 +131,80 @@ def _center_crop(arr, ch, cw):
     return canvas[max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
 
 
-def _to_rgb(img):
+def to_rgb(img):
+    """RGB by the Hugging Face processors' rule (``transformers.image_transforms.convert_to_rgb``,
+    which every processor with ``do_convert_rgb`` applies): transparency (an alpha band, or the
+    transparent colour of a palette / grey image) composited on white; every other mode
+    (grey, palette, CMYK, 16-bit, ...) through PIL's ``convert("RGB")``, as HF does (16-bit
+    values above 255 saturate there, in HF's processors the same)."""
     from PIL import Image
 
-    # Same rule as transformers.image_transforms.convert_to_rgb: transparency onto white.
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, img).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def image_digest(data):
+    """A 16-byte BLAKE2b digest of an image's bytes (the reference cache binds pairs to it)."""
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def open_image(ref, image_root=None):
+    """The one image loader of every command: ``(RGB PIL image, digest of its bytes)``.
+
+    ``ref``: a path (relative to ``image_root`` unless absolute), raw bytes, a ``{"bytes",
+    "path"}`` dict (an undecoded ``datasets.Image``) or a PIL image (its pixels are digested).
+    Decoded in full here (a truncated file fails now, not inside a processor) and made RGB by
+    :func:`to_rgb`. Raises :class:`ImageError` naming the image for a missing, unreadable or
+    undecodable one (a decompression bomb included)."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(ref, Image.Image):
+        name, img = "<image>", ref
+        data = img.tobytes()
+    else:
+        if isinstance(ref, dict):
+            data, path = ref.get("bytes"), ref.get("path")
+            name = path or "<image bytes>"
+            if not data:
+                ref = path
+        if isinstance(ref, (bytes, bytearray)):
+            data, name = bytes(ref), "<image bytes>"
+        elif isinstance(ref, (str, os.PathLike)) and os.fspath(ref):
+            path = os.fspath(ref)
+            if image_root is not None and not os.path.isabs(path):
+                path = os.path.join(image_root, path)
+            name = path
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                raise ImageError(f"image {path!r} not found") from None
+            except OSError as exc:
+                raise ImageError(f"image {path!r} is unreadable ({exc.strerror or exc})") from None
+        elif not isinstance(ref, dict) or not data:
+            raise ImageError(f"image: expected a path, image bytes, {{'bytes', 'path'}} or a PIL "
+                             f"image, got {type(ref).__name__}")
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()  # decode now: a truncated file fails here
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, bomb errors...
+            # PIL names the buffer (<_io.BytesIO object at 0x...>): name the image instead, so
+            # that the message is the same in every run (a resumed run logs it once)
+            msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", repr(name), str(exc))
+            raise ImageError(f"image {name!r} does not decode ({type(exc).__name__}: "
+                             f"{' '.join(msg.split())})") from None
+    try:
+        return to_rgb(img), image_digest(data)
+    except Exception as exc:
+        raise ImageError(f"image {name!r} does not convert to RGB ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())})") from None
 
 
 def load_image(path_or_image, geometry):
@@ -148,7 +215,9 @@ def load_image(path_or_image, geometry):
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(path_or_image, Image.Image):
-        img = path_or_image
+        img = to_rgb(path_or_image) if geometry.do_convert_rgb else path_or_image
+    elif geometry.do_convert_rgb:
+        img, _ = open_image(path_or_image)
     else:
         try:
             img = Image.open(path_or_image)
@@ -158,7 +227,6 @@ def load_image(path_or_image, geometry):
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ImageError(f"cannot decode image {path_or_image}: {exc}") from None
     try:
-        img = _to_rgb(img) if geometry.do_convert_rgb else img
         if geometry.do_resize:
             if geometry.shortest_edge is not None:
                 nh, nw = _resize_hw(img.height, img.width, geometry.shortest_edge)

@@ -21,6 +21,7 @@ import os
 import random
 import re
 
+from bpo_fast.data.jsonl import load_json
 from bpo_fast.data.schema import normalize_text
 
 __all__ = ["RuleInjector", "LLMInjector", "load_template", "DEFAULT_LEXICON", "default_template_path"]
@@ -102,8 +103,7 @@ def load_lexicon(path_or_dict=None):
     extra = path_or_dict
     if isinstance(path_or_dict, (str, os.PathLike)):
         try:
-            with open(path_or_dict, encoding="utf-8") as f:
-                extra = json.load(f)
+            extra = load_json(path_or_dict)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"lexicon: {os.fspath(path_or_dict)!r} is not a JSON file ({exc})") from None
     if not isinstance(extra, dict):

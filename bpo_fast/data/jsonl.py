@@ -1,4 +1,9 @@
-"""JSONL files that survive being killed: append-and-flush writing, torn-tail repair, resume.
+"""JSON and JSONL files: the one reader of every JSON/JSONL input, and JSONL files that survive
+being killed (append-and-flush writing, torn-tail repair, resume).
+
+Reading: :func:`read_text` / :func:`load_json` (a whole document) and :func:`iter_records` (a
+JSON array or JSONL, record by record with its line) are what every command reads JSON with; a
+UTF-8 byte-order mark (what Windows editors put in front) is dropped, whatever the format.
 
 The pair builder appends one batch of records at a time with a single ``write`` of whole lines,
 then ``flush`` + ``fsync``; a kill therefore loses at most the batch in flight and can leave at
@@ -10,8 +15,112 @@ breaks reading.
 import json
 import os
 
+from bpo_fast.errors import writing
+
 __all__ = ["JsonlWriter", "repair_torn_tail", "iter_jsonl", "read_ids", "atomic_write_jsonl",
-           "dumps_line"]
+           "dumps_line", "read_text", "load_json", "iter_records", "MalformedRecord", "BOM",
+           "check_own_jsonl"]
+
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark
+
+
+class MalformedRecord(ValueError):
+    """A data record that cannot be used (the message says why)."""
+
+
+def _strip_bom(raw):
+    return raw[len(BOM):] if raw.startswith(BOM) else raw
+
+
+def read_text(path):
+    """The text of a UTF-8 file, a leading byte-order mark dropped (``UnicodeDecodeError`` when
+    it is not UTF-8)."""
+    with open(path, "rb") as f:
+        return _strip_bom(f.read()).decode("utf-8")
+
+
+def load_json(path):
+    """One JSON document from ``path`` (BOM accepted; ``json.JSONDecodeError`` when invalid)."""
+    return json.loads(read_text(path))
+
+
+def _detect_format(path):
+    """'json' if the first non-blank character (after a BOM) is '[', else 'jsonl'."""
+    with open(path, "rb") as f:
+        head = _strip_bom(f.read(len(BOM)))
+        while True:
+            chunk = head + f.read(4096)
+            head = b""
+            if not chunk:
+                return "jsonl"
+            s = chunk.lstrip()
+            if s:
+                return "json" if s[:1] == b"[" else "jsonl"
+
+
+def iter_records(path):
+    """Yield ``(index, line, record_or_error)`` for every record of a JSON array or JSONL file.
+
+    ``record_or_error`` is the parsed record, or a :class:`MalformedRecord` for a line that is
+    not valid JSON (JSONL only; in a JSON array one broken record breaks the whole file, which
+    raises ``ValueError`` naming the line).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data: no such file {path!r}")
+    if _detect_format(path) == "jsonl":
+        with open(path, "rb") as f:
+            index = 0
+            for n, raw in enumerate(f, start=1):
+                if n == 1:
+                    raw = _strip_bom(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    rec = MalformedRecord(f"invalid JSON: {exc}")
+                yield index, n, rec
+                index += 1
+        return
+    try:
+        text = read_text(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data: {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") \
+            from None
+    # Walk the array element by element with raw_decode so each record gets its line number.
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    line = text.count("\n", 0, pos) + 1
+    index = 0
+    n = len(text)
+
+    def skip_ws(p):
+        while p < n and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    last = pos
+    while True:
+        pos = skip_ws(pos)
+        if pos < n and text[pos] == "]":
+            return
+        line += text.count("\n", last, pos)
+        last = pos
+        try:
+            rec, end = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"data: {path}: invalid JSON array at line {exc.lineno}: {exc.msg}") \
+                from None
+        yield index, line, rec
+        index += 1
+        pos = skip_ws(end)
+        if pos < n and text[pos] == ",":
+            pos += 1
+        elif pos < n and text[pos] == "]":
+            return
+        else:
+            lineno = text.count("\n", 0, pos) + 1
+            raise ValueError(f"data: {path}: expected ',' or ']' at line {lineno}")
 
 
 def dumps_line(record):
@@ -59,6 +168,8 @@ def iter_jsonl(path, *, on_bad=None):
     """
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
+            if n == 1:
+                raw = _strip_bom(raw)
             if not raw.strip():
                 continue
             torn = not raw.endswith(b"\n")
@@ -75,6 +186,33 @@ def iter_jsonl(path, *, on_bad=None):
                     on_bad(n, "torn last line (no newline)")
                 continue
             yield n, rec
+
+
+def check_own_jsonl(path, arg, command, owns, prefixes):
+    """Raise :class:`bpo_fast.errors.UserError` unless ``path`` is missing, empty or a JSONL
+    file ``command`` wrote: its first line a JSON object ``owns(record)`` accepts, or only the
+    torn start of one (a kill during the first write), which begins with one of ``prefixes``.
+
+    Called before a resume cuts a torn tail and appends, and before an overwrite removes: a
+    file given by mistake (a model's config.json, an image, someone's notes) is never touched.
+    """
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if first.endswith(b"\n"):
+        try:
+            rec = json.loads(first)
+        except ValueError:
+            rec = None
+        own = isinstance(rec, dict) and bool(owns(rec))
+    else:
+        own = first.startswith(tuple(prefixes))
+    if not own:
+        from bpo_fast.errors import UserError
+
+        raise UserError(f"{arg}: {path!r} exists and was not written by {command}; not "
+                        "resuming, replacing or removing it (move it, or name another file)")
 
 
 def read_ids(path, *, on_bad=None):
@@ -106,10 +244,11 @@ class JsonlWriter:
         if not records:
             return 0
         data = "".join(dumps_line(r) for r in records).encode("utf-8")
-        self._f.write(data)
-        self._f.flush()
-        if self.fsync:
-            os.fsync(self._f.fileno())
+        with writing(self.path):  # a full disk: one line naming the file (a torn tail at most)
+            self._f.write(data)
+            self._f.flush()
+            if self.fsync:
+                os.fsync(self._f.fileno())
         self.lines_written += len(records)
         return len(records)
 
@@ -118,7 +257,8 @@ class JsonlWriter:
 
     def close(self):
         if not self._f.closed:
-            self._f.close()
+            with writing(self.path):  # closing flushes what a failed write left buffered
+                self._f.close()
 
     def __enter__(self):
         return self
@@ -133,16 +273,17 @@ def _atomic_write(path, write):
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+
+    def remove_tmp():
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+    with writing(path, cleanup=remove_tmp):
         with open(tmp, "wb") as f:
             out = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return out
 
 

@@ -12,10 +12,9 @@ run goes on. :func:`record_to_samples` turns a record into one sample per answer
 first turn only, or every ``gpt`` turn (the earlier turns become the prompt's history).
 """
 
-import json
-import os
 from dataclasses import dataclass
 
+from bpo_fast.data.jsonl import MalformedRecord, iter_records  # noqa: F401  (re-exported)
 from bpo_fast.data.schema import IMAGE_PLACEHOLDER
 
 __all__ = ["Sample", "MalformedRecord", "iter_records", "record_to_samples", "TURN_MODES"]
@@ -23,10 +22,6 @@ __all__ = ["Sample", "MalformedRecord", "iter_records", "record_to_samples", "TU
 TURN_MODES = ("first", "all")
 _HUMAN = ("human", "user")
 _GPT = ("gpt", "assistant")
-
-
-class MalformedRecord(ValueError):
-    """A data record that cannot be used (the message says why)."""
 
 
 @dataclass
@@ -48,77 +43,6 @@ class Sample:
     @property
     def question(self):
         return self.prompt[-1]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
-
-
-def _detect_format(path):
-    """'json' if the first non-blank character is '[', else 'jsonl'."""
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(4096)
-            if not chunk:
-                return "jsonl"
-            s = chunk.lstrip()
-            if s:
-                return "json" if s[:1] == b"[" else "jsonl"
-
-
-def iter_records(path):
-    """Yield ``(index, line, record_or_error)`` for every record of a LLaVA JSON/JSONL file.
-
-    ``record_or_error`` is the parsed record, or a :class:`MalformedRecord` for a line that is
-    not valid JSON (JSONL only; in a JSON array one broken record breaks the whole file, which
-    raises ``ValueError`` naming the line).
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data: no such file {path!r}")
-    if _detect_format(path) == "jsonl":
-        with open(path, "rb") as f:
-            index = 0
-            for n, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    rec = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    rec = MalformedRecord(f"invalid JSON: {exc}")
-                yield index, n, rec
-                index += 1
-        return
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    # Walk the array element by element with raw_decode so each record gets its line number.
-    dec = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line = text.count("\n", 0, pos) + 1
-    index = 0
-    n = len(text)
-
-    def skip_ws(p):
-        while p < n and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    last = pos
-    while True:
-        pos = skip_ws(pos)
-        if pos < n and text[pos] == "]":
-            return
-        line += text.count("\n", last, pos)
-        last = pos
-        try:
-            rec, end = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"data: {path}: invalid JSON array at line {exc.lineno}: {exc.msg}") from None
-        yield index, line, rec
-        index += 1
-        pos = skip_ws(end)
-        if pos < n and text[pos] == ",":
-            pos += 1
-        elif pos < n and text[pos] == "]":
-            return
-        else:
-            lineno = text.count("\n", 0, pos) + 1
-            raise ValueError(f"data: {path}: expected ',' or ']' at line {lineno}")
 
 
 def record_to_samples(rec, *, turns="first", index=0, line=0):
@@ -155,7 +79,11 @@ def record_to_samples(rec, *, turns="first", index=0, line=0):
     if image is not None and not any(IMAGE_PLACEHOLDER in t["value"] for t in clean):
         # LLaVA puts the image before the first question when the placeholder is missing.
         clean[0] = {"from": clean[0]["from"], "value": IMAGE_PLACEHOLDER + "\n" + clean[0]["value"]}
-    if image is None and any(IMAGE_PLACEHOLDER in t["value"] for t in clean):
+    n_tags = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in clean)
+    if image is not None and n_tags > 1:
+        raise MalformedRecord(f"conversation has {n_tags} <image> placeholders for the record's "
+                              "one image")
+    if image is None and n_tags:
         raise MalformedRecord("conversation has an <image> placeholder but the record has no 'image'")
     out = []
     n_answers = len(clean) // 2

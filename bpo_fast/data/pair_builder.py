@@ -40,18 +40,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bpo_fast.data.generation import (Generator, derive_seed, image_token_count, load_model,
-                                      pixels_for_levels, schedule_for)
-from bpo_fast.data.images import ImageGeometry, ImageLoadDataset, collate_images
+from bpo_fast.data.generation import (Generator, check_sampling, derive_seed, image_token_count,
+                                      load_model, pixels_for_levels, schedule_for)
+from bpo_fast.data.images import (ImageError, ImageGeometry, ImageLoadDataset, collate_images,
+                                  open_image)
 from bpo_fast.data.inject import LLMInjector, RuleInjector, load_template
-from bpo_fast.data.jsonl import JsonlWriter, iter_jsonl, read_ids, repair_torn_tail
+from bpo_fast.data.bad_samples import (ErrorsFile, SampleError, TooManyBadSamples,
+                                       check_max_bad_fraction, check_side_file)
+from bpo_fast.data.jsonl import JsonlWriter, check_own_jsonl, read_ids, repair_torn_tail
 from bpo_fast.data.pair_merge import _split_ext
 from bpo_fast.data.llava_format import TURN_MODES, MalformedRecord, iter_records, record_to_samples
 from bpo_fast.data.schema import INJECTORS, STRATEGIES, SchemaError, normalize_text, validate_pair
 from bpo_fast.errors import UserError, input_dir, input_file, output_file
-from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, option, parse_device,
-                              threads_option)
-from bpo_fast.runtime import adapt_threads, dist_env, parse_dtype, resolve_device
+from bpo_fast.options import (check_processor_kwargs, check_values, config_file_of,
+                              device_option, dtype_option, max_bad_fraction_option, option,
+                              processor_kwargs_option, threads_option)
+from bpo_fast.runtime import (adapt_threads, default_num_workers, dist_env, parse_dtype,
+                              resolve_device)
 
 __all__ = ["PairBuilderConfig", "BuildSummary", "build_pairs", "parse_noise_steps", "shard_path",
            "errors_path"]
@@ -97,15 +102,17 @@ class PairBuilderConfig:
                                       "(earlier turns become the prompt's history)",
                         choices=TURN_MODES, group=_IO)
     limit: int = option(None, help="use only the first N records (before sharding; for a try "
-                                   "run)", metavar="N", group=_IO)
+                                   "run)", metavar="N", group=_IO, bounds="[1, inf)")
     resume: bool = option(False, help="continue an interrupted run: drop a torn last line, skip "
                                       "pairs already written or dropped", group=_IO)
     overwrite: bool = option(False, help="start over if --out exists", group=_IO)
     strict: bool = option(False, help="stop at the first malformed record (else it is logged to "
                                       "the errors file with its line number and skipped)",
                           group=_IO)
-    summary_json: str = option(None, help="also write the end summary as JSON", metavar="FILE",
+    summary_json: str = option(None, help="also write the end summary as JSON (per shard under "
+                                          "torchrun, like --out)", metavar="FILE",
                                group=_IO)
+    max_bad_fraction: float = max_bad_fraction_option(group=_IO)
 
     strategies: tuple = option(STRATEGIES, help="comma list of image_weakened,error_injection",
                                type=_strategies_arg, metavar="LIST", group=_ST)
@@ -117,7 +124,7 @@ class PairBuilderConfig:
                                                  "(bpo_fast.NoiseSchedule kinds: sigmoid, "
                                                  "linear, cosine, ...)", group=_ST)
     num_noise_steps: int = option(1000, help="length of the noise schedule", metavar="T",
-                                  group=_ST)
+                                  group=_ST, bounds="[1, inf)")
     injector: str = option("rules", help="error injection: 'rules' (deterministic rewriter, no "
                                          "model) or 'llm' (the model's language backbone with "
                                          "our prompt)", choices=INJECTORS, group=_ST)
@@ -133,32 +140,32 @@ class PairBuilderConfig:
                                      "attributes, spatial, objects, plurals, places)",
                           metavar="FILE", group=_ST)
     max_edits: int = option(2, help="rule injector: at most this many words changed per answer",
-                            group=_ST)
+                            group=_ST, bounds="[1, inf)")
     rule_vocabulary: list = None   # rule injector: draw replacements only from these words
 
-    max_new_tokens: int = option(256, help="answer length cap", group=_GEN)
+    max_new_tokens: int = option(256, help="answer length cap", group=_GEN, bounds="[1, inf)")
     min_new_tokens: int = option(0, help="answer length floor", group=_GEN)
     inject_max_new_tokens: int = option(None, help="cap for --injector llm rewrites",
-                                        metavar="N", group=_GEN, default_text="--max-new-tokens")
+                                        metavar="N", group=_GEN, default_text="--max-new-tokens",
+                                        bounds="[1, inf)")
     do_sample: bool = option(True, help="greedy decoding instead of sampling", cli="greedy",
                              negate=True, group=_GEN)
     temperature: float = option(1.0, help="sampling temperature", group=_GEN)
     top_p: float = option(1.0, help="nucleus sampling", group=_GEN)
     seed: int = option(0, help="with each record's id and the strategy, seeds its noise, its "
                                "sampling and the rule injector", group=_GEN)
+    processor_kwargs: dict = processor_kwargs_option(group=_GEN)
 
-    device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, metavar="DEVICE",
-                         group=_RUN, default_text="cuda if available (cuda:LOCAL_RANK under "
-                                                  "torchrun)")
-    dtype: str = option("auto", help="model dtype (auto: bf16 on CUDA, fp32 on CPU)",
-                        type=canonical_dtype, choices=DTYPE_CHOICES, group=_RUN)
+    device: str = device_option(group=_RUN)
+    dtype: str = dtype_option(group=_RUN)
     threads: int = threads_option(group=_RUN)
     batch_size: int = option(32, help="records (images) per batch; output is appended and "
-                                      "fsynced per batch", group=_RUN)
+                                      "fsynced per batch", group=_RUN, bounds="[1, inf)")
     gen_batch_size: int = option(None, help="rows per generate call", metavar="N", group=_RUN,
-                                 default_text="batch size x noise levels")
-    num_workers: int = option(4, help="CPU worker processes decoding/resizing images",
-                              group=_RUN)
+                                 default_text="batch size x noise levels", bounds="[1, inf)")
+    num_workers: int = option(None, help="CPU worker processes decoding/resizing images",
+                              metavar="N", group=_RUN, bounds="[0, inf)",
+                              default_text="4, at most the CPUs this process may use")
     progress: bool = option(True, help="no progress bar", cli="no-progress", group=_RUN)
     fsync: bool = option(True, help="flush without fsync per batch (faster on slow disks; a "
                                     "machine crash may then lose more than one batch)",
@@ -166,6 +173,9 @@ class PairBuilderConfig:
     rank: int = None               # default: $RANK or 0
     world_size: int = None         # default: $WORLD_SIZE or 1
     max_batches: int = None        # stop cleanly after N written batches (tests, dry runs)
+
+    def __post_init__(self):
+        check_values(self)  # each value by its declaration: type, finite, bounds, choices
 
 
 @dataclass
@@ -190,6 +200,14 @@ class BuildSummary:
     oom_splits: int = 0                                  # generate batches halved on CUDA OOM
     renamed_duplicate_ids: int = 0                       # repeated source ids, made "<id>#<n>"
     first_bad_record: str = None                         # "<data>:<line>: <reason>" of the first
+
+    # the bad-sample policy (bpo_fast.data.bad_samples): records, images and samples the
+    # processor rejects, each counted once per record
+    BAD_STAGES = ("record", "image", "sample")
+
+    @property
+    def bad_samples(self):
+        return sum(self.errors.get(k, 0) for k in self.BAD_STAGES)
 
     @property
     def total_written(self):
@@ -318,14 +336,18 @@ class _Run:
             self.model, self.processor = model, processor
             self.gen = Generator(model, processor, cfg, self.device, self.dtype)
         self.rows = None
-        if "image_weakened" in cfg.strategies and model.config.model_type != "llava":
-            # not one fixed-size image tensor (tiles, anyres, flattened patches) or a prompt the
-            # processor expands itself: the family's processor per row, noise on its pixels
+        if "image_weakened" in cfg.strategies and (model.config.model_type != "llava"
+                                                   or cfg.processor_kwargs):
+            # not one fixed-size image tensor (tiles, anyres, flattened patches), a prompt the
+            # processor expands itself, or processor call arguments (--processor-kwargs, which
+            # the fixed geometry of the fast path does not know): the family's processor per
+            # row, noise on its pixels
             from bpo_fast.data.vlm_generation import ProcessorRows
 
             self.gen.chat_template()  # the chat-template rule fails here, not mid-run
             self.rows = ProcessorRows(processor, model.config.model_type,
-                                      schedule_for(cfg.noise_schedule, cfg.num_noise_steps))
+                                      schedule_for(cfg.noise_schedule, cfg.num_noise_steps),
+                                      processor_kwargs=cfg.processor_kwargs)
         elif "image_weakened" in cfg.strategies:
             self.geometry = ImageGeometry.from_processor(processor)
             if self.geometry.output_hw() is None:
@@ -354,29 +376,29 @@ class _Run:
         if exists and not (cfg.resume or cfg.overwrite):
             raise FileExistsError(f"out: {self.out} exists; pass resume=True (--resume) to continue "
                                   "it or overwrite=True (--overwrite) to start over")
-        if os.path.abspath(self.out) == os.path.abspath(self.errors_path):
-            raise ValueError("errors: must differ from out")
+        # a foreign file at either path is refused before the (slow) model load: the errors
+        # file by its header, the pair file by its first record (it has no header: other tools
+        # read it)
+        check_side_file(self.errors_path, "errors")
+        check_own_jsonl(self.out, "--out", "build-pairs",
+                        lambda r: {"chosen", "rejected"} <= set(r), (b'{"id":',))
 
     def _open_files(self):
         cfg, s = self.cfg, self.summary
-        if not cfg.resume:
-            # a fresh run: stale errors of an earlier run must not mix with this run's
-            for p in ((self.out, self.errors_path) if cfg.overwrite else (self.errors_path,)):
-                if os.path.exists(p):
-                    os.remove(p)
+        if not cfg.resume and cfg.overwrite and os.path.exists(self.out):
+            os.remove(self.out)
         self.done = set()
-        self.logged_errors = set()
         if cfg.resume:
             s.torn_bytes_dropped = repair_torn_tail(self.out)
             self.done = read_ids(self.out)
-            repair_torn_tail(self.errors_path)
-            if os.path.exists(self.errors_path):
-                for _, e in iter_jsonl(self.errors_path):
-                    self.logged_errors.add(self._error_key(e))
-                    if e.get("stage") == "dropped" and isinstance(e.get("pair_id"), str):
-                        self.done.add(e["pair_id"])  # decided: an uninterrupted run drops it too
+        # a fresh run: stale errors of an earlier run (our header on the first line) must not mix
+        # with this run's; the file is opened at the first error (a clean run leaves none)
+        self.err_file = ErrorsFile(self.errors_path, "build-pairs", resume=cfg.resume,
+                                   fsync=cfg.fsync, key=self._error_key)
+        for e in self.err_file.existing:
+            if e.get("stage") == "dropped" and isinstance(e.get("pair_id"), str):
+                self.done.add(e["pair_id"])  # decided: an uninterrupted run drops it too
         self.writer = JsonlWriter(self.out, fsync=cfg.fsync)
-        self.err_writer = None  # opened at the first error: a clean run leaves no errors file
         self._drops = []
 
     @staticmethod
@@ -385,18 +407,32 @@ class _Run:
                 e.get("pair_id"))
 
     def _log_errors(self, errs):
-        fresh = []
         for e in errs:
             if e["stage"] != "dropped":  # drops are counted in summary.dropped
                 self.summary.errors[e["stage"]] = self.summary.errors.get(e["stage"], 0) + 1
-            key = self._error_key(e)
-            if key not in self.logged_errors:  # a resumed run does not log the same error twice
-                self.logged_errors.add(key)
-                fresh.append(e)
-        if fresh:
-            if self.err_writer is None:
-                self.err_writer = JsonlWriter(self.errors_path, fsync=self.cfg.fsync)
-            self.err_writer.write_batch(fresh)
+        self.err_file.write(errs)  # a resumed run does not log the same error twice
+
+    def _check_bad(self, final=False):
+        """The bad-sample policy: more than ``max_bad_fraction`` of the records bad, or (at the
+        end) no pair from a run that had records, stops the build with exit 2, the reasons
+        counted."""
+        s, cfg = self.summary, self.cfg
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s.errors.items())) or "no errors"
+        drops = ", ".join(f"rejected answer {k}: {v}" for k, v in sorted(s.dropped.items()))
+        where = f"; each is named in {self.errors_path}" if s.errors or s.dropped else ""
+        if s.first_bad_record:
+            where = f"; the first: {s.first_bad_record}" + where
+        if s.records and s.bad_samples > cfg.max_bad_fraction * s.records:
+            raise TooManyBadSamples(
+                f"build-pairs: {s.bad_samples} of the {s.records} records of {cfg.data} are bad "
+                f"(more than --max-bad-fraction {cfg.max_bad_fraction:g}): {reasons}{where}")
+        if final and s.records and not s.total_written and not s.already_done \
+                and not s.stopped_early:
+            why = ", ".join(x for x in (reasons if s.errors else "", drops,
+                                        f"text-only (no image_weakened): {s.skipped_no_image}"
+                                        if s.skipped_no_image else "") if x)
+            raise TooManyBadSamples(f"build-pairs: wrote 0 pairs from {s.records} records of "
+                                    f"{cfg.data} ({why or 'nothing to do'}){where}")
 
     def _write(self, records):
         t = time.perf_counter()
@@ -409,8 +445,9 @@ class _Run:
                              "reason": str(exc)})
                 continue
             good.append(r)
-            self.summary.written[r["strategy"]] = self.summary.written.get(r["strategy"], 0) + 1
         self.writer.write_batch(good)
+        for r in good:  # counted once written: a failed write counts nothing
+            self.summary.written[r["strategy"]] = self.summary.written.get(r["strategy"], 0) + 1
         # after the pairs: a kill in between only makes a resumed run decide those drops again
         self._log_errors(errs + self._drops)
         self._drops = []
@@ -476,6 +513,7 @@ class _Run:
         if errs:
             s.first_bad_record = f"{cfg.data}:{errs[0]['line']}: {errs[0]['reason']}"
         self._log_errors(errs)
+        self._check_bad()
         return samples
 
     # -- progress ----------------------------------------------------------------------------
@@ -606,8 +644,6 @@ class _Run:
     def _image_weakened_rows(self, units, bad_images):
         """image_weakened through the family's processor (:mod:`bpo_fast.data.vlm_generation`):
         each row's noise and sampling from its pair id's seed, as on the fixed-size path."""
-        from PIL import Image
-
         cfg = self.cfg
         settings = self.gen.settings()
         settings.update(noise_schedule=cfg.noise_schedule, num_noise_steps=cfg.num_noise_steps)
@@ -615,15 +651,18 @@ class _Run:
         t = self.summary.timings
         for b0 in range(0, len(units), cfg.batch_size):
             rows, errs = [], []
+            self.rows.clear()
             for u in units[b0:b0 + cfg.batch_size]:
                 try:
-                    path = u["image"] if os.path.isabs(u["image"]) or not cfg.image_root \
-                        else os.path.join(cfg.image_root, u["image"])
-                    with Image.open(path) as im:
-                        image = im.convert("RGB")
-                except Exception as exc:  # a bad image never stops the run: logged, skipped
+                    image, _ = open_image(u["image"], cfg.image_root)
+                    # the processor may reject an image (Qwen2-VL: aspect ratio over 200):
+                    # a bad sample, found here rather than inside a batch of rows
+                    self.rows.check(self.gen.prompt(u["rows"][0][0].prompt), image)
+                except (ImageError, SampleError, OSError) as exc:
+                    # a bad image never stops the run: logged, skipped, counted
                     bad_images.add(u["image"])
-                    errs.append({"stage": "image", "line": u["line"], "source_id": u["source_id"],
+                    stage = "sample" if isinstance(exc, SampleError) else "image"
+                    errs.append({"stage": stage, "line": u["line"], "source_id": u["source_id"],
                                  "image": u["image"], "reason": f"{type(exc).__name__}: {exc}"})
                     self._progress(len(u["rows"]))
                     continue
@@ -697,10 +736,12 @@ class _Run:
                 break
 
     def _end_batch(self, records, n_rows):
-        """After a batch: write its records, count its rows, follow the free CPUs (when the
-        caller chose threads that way: ``runtime.use_threads``). True: the run should stop."""
+        """After a batch: write its records, count its rows, apply the bad-sample policy, follow
+        the free CPUs (when the caller chose threads that way: ``runtime.use_threads``). True:
+        the run should stop."""
         self._write(records)
         self._progress(n_rows)
+        self._check_bad()
         adapt_threads()
         return self._stop()
 
@@ -735,14 +776,14 @@ class _Run:
                 self.image_weakened(samples, bad_images)
             if "error_injection" in cfg.strategies and not self.summary.stopped_early:
                 self.error_injection(samples, bad_images)
+            self._check_bad(final=True)
         finally:
             if self.pbar is not None:
                 self._last_postfix = 0.0
                 self._progress(0)  # final rates on the bar
                 self.pbar.close()
             self.writer.close()
-            if self.err_writer is not None:
-                self.err_writer.close()
+            self.err_file.close()
         self.summary.elapsed_s = time.perf_counter() - self.t0
         return self.summary
 
@@ -765,28 +806,9 @@ def _validate_config(cfg):
         raise ValueError(f"strategies: expected a non-empty subset of {list(STRATEGIES)}, got {list(strategies)}")
     cfg = dataclasses.replace(cfg, strategies=tuple(dict.fromkeys(strategies)),
                               noise_steps=parse_noise_steps(cfg.noise_steps))
-    if cfg.turns not in TURN_MODES:
-        raise ValueError(f"turns: expected one of {list(TURN_MODES)}, got {cfg.turns!r}")
-    if cfg.injector not in INJECTORS:
-        raise ValueError(f"injector: expected one of {list(INJECTORS)}, got {cfg.injector!r}")
-    for name in ("batch_size", "max_new_tokens"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    if cfg.inject_max_new_tokens is not None and (not isinstance(cfg.inject_max_new_tokens, int)
-                                                  or cfg.inject_max_new_tokens < 1):
-        raise ValueError(f"inject_max_new_tokens: expected an int >= 1 or None, got {cfg.inject_max_new_tokens!r}")
-    if cfg.gen_batch_size is not None and (not isinstance(cfg.gen_batch_size, int) or cfg.gen_batch_size < 1):
-        raise ValueError(f"gen_batch_size: expected an int >= 1 or None, got {cfg.gen_batch_size!r}")
-    if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
-        raise ValueError(f"num_workers: expected an int >= 0, got {cfg.num_workers!r}")
-    if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
-        raise ValueError(f"min_new_tokens: expected 0 <= min_new_tokens <= max_new_tokens "
-                         f"({cfg.max_new_tokens}), got {cfg.min_new_tokens}")
-    if cfg.do_sample and not cfg.temperature > 0:
-        raise ValueError(f"temperature: expected > 0 when sampling, got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise ValueError(f"top_p: expected 0 < top_p <= 1, got {cfg.top_p}")
+    if cfg.num_workers is None:
+        cfg = dataclasses.replace(cfg, num_workers=default_num_workers())
+    check_sampling(cfg)
     if any(s is not None and s >= cfg.num_noise_steps for s in cfg.noise_steps):
         raise ValueError(f"noise_steps: every step must be < num_noise_steps ({cfg.num_noise_steps}), "
                          f"got {list(cfg.noise_steps)}")
@@ -798,17 +820,18 @@ def _validate_config(cfg):
     output_file(cfg.out, "out")
     if cfg.errors:
         output_file(cfg.errors, "errors")
+    if cfg.summary_json:
+        output_file(cfg.summary_json, "summary_json")
     if isinstance(cfg.lexicon, (str, os.PathLike)):
         input_file(cfg.lexicon, "lexicon", what="JSON lexicon file", text=True)
     if cfg.inject_template:
         input_file(cfg.inject_template, "inject_template", what="text template", text=True)
-    if cfg.limit is not None and (not isinstance(cfg.limit, int) or isinstance(cfg.limit, bool)
-                                  or cfg.limit < 1):
-        raise ValueError(f"limit: expected an int >= 1 or None, got {cfg.limit!r}")
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume and overwrite: pick one")
     if cfg.max_batches is not None and cfg.max_batches < 1:
         raise ValueError(f"max_batches: expected an int >= 1 or None, got {cfg.max_batches}")
+    cfg = dataclasses.replace(cfg, processor_kwargs=check_processor_kwargs(cfg.processor_kwargs),
+                              max_bad_fraction=check_max_bad_fraction(cfg.max_bad_fraction))
     return cfg
 
 
@@ -827,7 +850,46 @@ def build_pairs(config, model=None, processor=None):
                          "directory, or pass model= and processor=)")
     if needs_model and model is None:
         input_dir(cfg.model, "model", what="model directory (a save_pretrained folder)")
-    return _Run(cfg, model, processor, needs_model).run()
+    run = None
+    with _guard(cfg, needs_model and model is None, config_file_of(config)) as guard:
+        guard.status = lambda: _stopped_at(run)
+        run = _Run(cfg, model, processor, needs_model)
+        summary = run.run()
+        if cfg.summary_json:
+            from bpo_fast.data.jsonl import atomic_write_json
+
+            atomic_write_json(shard_path(cfg.summary_json, run.rank, run.world),
+                              summary.to_dict())
+        return summary
+
+
+def _guard(cfg, reads_model, config_file):
+    """The command guard of a build (:class:`bpo_fast.errors.CommandGuard`): this rank's pair
+    file, errors file and summary against every file it reads; each locked."""
+    from bpo_fast.errors import DIR, FILE, ROOT, CommandGuard
+
+    rank, world, _ = dist_env(cfg.rank, cfg.world_size)
+    inputs = [("data", cfg.data, FILE), ("image_root", cfg.image_root, ROOT),
+              ("model", cfg.model if reads_model else None, DIR),
+              ("lexicon", cfg.lexicon if isinstance(cfg.lexicon, (str, os.PathLike)) else None,
+               FILE),
+              ("inject_template", cfg.inject_template, FILE), ("--config", config_file, FILE)]
+    if cfg.chat_template and os.path.isfile(cfg.chat_template):
+        inputs.append(("chat_template", cfg.chat_template, FILE))
+    outputs = [("out", shard_path(cfg.out, rank, world), FILE),
+               ("errors", shard_path(cfg.errors or errors_path(cfg.out), rank, world), FILE),
+               ("summary_json", cfg.summary_json and shard_path(cfg.summary_json, rank, world),
+                FILE)]
+    return CommandGuard("build-pairs", inputs=inputs, outputs=outputs)
+
+
+def _stopped_at(run):
+    """Where an interrupted or failed build stopped, what it kept, how to resume."""
+    from bpo_fast.errors import appended_status
+
+    started = run is not None and hasattr(run, "writer")
+    return appended_status(run.out if started else None,
+                           run.summary.total_written if started else 0, "pair")
 
 
 def _needs_model(cfg):

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bpo_fast.data.schema import SchemaError, turns_to_messages, validate_pair
+from bpo_fast.data.schema import (SchemaError, placeholder_mismatch, turns_to_messages,
+                                  validate_pair)
 
 logger = logging.getLogger("bpo_fast")
 IGNORE_INDEX = -100
@@ -49,6 +50,43 @@ def _check_image(path):
         raise OSError(f"image {path!r} is unreadable ({type(exc).__name__}: {exc})") from exc
 
 
+def load_images(refs, image_root):
+    """A pair's images by the one loader (:func:`bpo_fast.data.images.open_image`): (RGB PIL
+    images, digests of their bytes)."""
+    from bpo_fast.data.images import open_image
+
+    got = [open_image(r, image_root) for r in refs]
+    return [g[0] for g in got], [g[1] for g in got]
+
+
+def pair_digest(prompt_ids, chosen_ids, rejected_ids, image_digests):
+    """16 bytes that bind a pair's reference log-probs to what they were computed from: the token
+    ids of the prompt (image tokens expanded), of the chosen and of the rejected answer (as
+    scored, after truncation), and the digests of the image bytes."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.blake2b(digest_size=16)
+    for ids in (prompt_ids, chosen_ids, rejected_ids):
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+    for d in image_digests:
+        h.update(d)
+    return h.digest()
+
+
+def record_digest(rec):
+    """16 bytes of a pair record's texts (prompt turns, chosen, rejected): what the reference
+    cache checks up front, before any model loads."""
+    import hashlib
+    import json
+
+    text = json.dumps([rec["prompt"], rec["chosen"], rec["rejected"]], sort_keys=True,
+                      ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
 class PreferenceDataset(torch.utils.data.Dataset):
     """Pairs from ``path`` (JSONL) with images under ``image_root``.
 
@@ -73,9 +111,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.records = []
         self.skipped = []
         seen = {}
+        counts = {}   # records read: one official BPO record may give several pairs, or none
         from bpo_fast.data.bpo_format import iter_pair_records
 
-        for line_no, rec in iter_pair_records(path):
+        for line_no, rec in iter_pair_records(path, counts):
             try:
                 rec = self._parse(rec, line_no, seen)
             except (ValueError, OSError) as exc:
@@ -88,10 +127,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 continue
             seen[rec["id"]] = line_no
             self.records.append(rec)
+        self.n_records = counts.get("records", 0)
         if self.skipped:
-            logger.warning("%s: skipped %d bad record(s) of %d (lines %s)", path, len(self.skipped),
-                           len(self.skipped) + len(self.records),
-                           ", ".join(str(s.line) for s in self.skipped[:20]))
+            logger.warning("%s: skipped %d bad record(s) of %d record(s); %d pair(s) kept "
+                           "(lines %s)", path, len(self.skipped), self.n_records,
+                           len(self.records), ", ".join(str(s.line) for s in self.skipped[:20]))
         if not self.records:
             raise ValueError(f"data: {path!r} holds no usable record "
                              f"({len(self.skipped)} skipped)")
@@ -105,6 +145,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"schema: {exc}") from None
         if rec["id"] in seen:
             raise ValueError(f"id: {rec['id']!r} already used on line {seen[rec['id']]}")
+        bad = placeholder_mismatch(rec["prompt"], 0 if rec["image"] is None else 1)
+        if bad:
+            raise ValueError(bad)
         if rec["image"] is None:  # a text-only pair
             return {"id": rec["id"], "image_path": None, "prompt": rec["prompt"],
                     "chosen": rec["chosen"], "rejected": rec["rejected"], "line": line_no}
@@ -120,15 +163,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         rec = self.records[i]
-        image = None
-        if rec["image_path"] is not None:
-            with Image.open(rec["image_path"]) as im:
-                image = im.convert("RGB")
-        return {"index": i, "id": rec["id"], "image": image,
-                "images": [image] if image is not None else [], "prompt": rec["prompt"],
+        refs = [rec["image_path"]] if rec["image_path"] is not None else []
+        images, digests = load_images(refs, None)
+        return {"index": i, "id": rec["id"], "image": images[0] if images else None,
+                "images": images, "image_digests": digests, "prompt": rec["prompt"],
                 "chosen": rec["chosen"], "rejected": rec["rejected"], "line": rec["line"]}
 
     @property
@@ -165,12 +204,18 @@ class PreferenceCollator:
     plus e.g. ``image_sizes``, ``image_grid_thw``, ``pixel_attention_mask``), batched by the
     family's adapter (:meth:`bpo_fast.models.vlm.VLMAdapter.collate_images`: flattened patches
     concatenated, per-image tile stacks zero-padded as the processor pads them), ``"ids"`` (pair
-    ids) and ``"index"`` (dataset indices).
+    ids), ``"index"`` (dataset indices), ``"digests"`` (:func:`pair_digest` of each pair) and
+    ``"bad"`` (bad-sample notes, :mod:`bpo_fast.data.bad_samples`).
+
+    Two steps, so that a bad sample can be caught where it is met (in DataLoader workers too):
+    :meth:`encode` (one pair: chat template, processor, truncation) and :meth:`batch` (padding of
+    encoded pairs); calling the collator on raw items does both.
 
     ``model_type``: the family (``config.model_type``); None reads it from the processor's class
     name, else assumes LLaVA. ``chat_template``: ``--chat-template`` (see
     :func:`bpo_fast.models.vlm.resolve_chat_template`: else the processor's, else the family's
-    documented default, else an error).
+    documented default, else an error). ``processor_kwargs``: extra arguments of every processor
+    call (``--processor-kwargs``, e.g. ``{"do_pan_and_scan": true}`` for Gemma 3).
 
     ``max_length`` caps each row: the prompt (with all its image tokens) is kept whole and the
     response is cut; a prompt that alone reaches ``max_length`` keeps one response token (the row
@@ -182,6 +227,7 @@ class PreferenceCollator:
     pad_to_multiple_of: int = None
     model_type: str = None
     chat_template: str = None
+    processor_kwargs: dict = None
     _warned: set = field(default_factory=set, repr=False)
 
     def __post_init__(self):
@@ -193,6 +239,9 @@ class PreferenceCollator:
                             "template (e.g. AutoProcessor.from_pretrained(model_path))")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise ValueError(f"max_length: expected an int >= 2 or None, got {self.max_length!r}")
+        if self.processor_kwargs is not None and not isinstance(self.processor_kwargs, dict):
+            raise TypeError(f"processor_kwargs: expected a dict, got "
+                            f"{type(self.processor_kwargs).__name__}")
         if self.model_type is None:
             self.model_type = model_type_of_processor(self.processor)
         self.adapter = get_adapter(self.model_type)
@@ -226,36 +275,63 @@ class PreferenceCollator:
     def encode_pair(self, item):
         """(prompt ids with image tokens expanded, chosen response ids, rejected response ids,
         image-processor outputs) of one pair."""
-        messages = turns_to_messages(item["prompt"])
+        from bpo_fast.data.bad_samples import SampleError
+
         images = item["images"] if item.get("images") is not None else \
             [im for im in (item.get("image"),) if im is not None]
         self.adapter.check_pair_images(len(images), _where(item))
+        bad = placeholder_mismatch(item["prompt"], len(images))
+        if bad:
+            raise SampleError(f"{_where(item)}: {bad}")
+        messages = turns_to_messages(item["prompt"])
         prompt, (chosen, rejected), image_out = self.adapter.encode_pair(
             self.processor, self.template, messages, self.prompt_text(messages),
-            [item["chosen"], item["rejected"]], images, self.tokenizer)
+            [item["chosen"], item["rejected"]], images, self.tokenizer,
+            processor_kwargs=self.processor_kwargs)
         return prompt, chosen, rejected, image_out
 
-    def __call__(self, items):
-        if not items:
-            raise ValueError("items: expected at least one pair")
-        rows_c, rows_r, lab_c, lab_r, images = [], [], [], [], []
-        for item in items:
-            prompt, chosen, rejected, image_out = self.encode_pair(item)
-            images.append(image_out)
-            for resp, rows, labs in ((chosen, rows_c, lab_c), (rejected, rows_r, lab_r)):
-                if not resp:
-                    raise ValueError(f"pair {item['id']!r} (line {item.get('line')}): the response "
-                                     "is empty after tokenisation")
-                if self.max_length is not None:
-                    room = max(1, self.max_length - len(prompt))
-                    if len(prompt) + 1 > self.max_length and "long_prompt" not in self._warned:
-                        self._warned.add("long_prompt")
-                        warnings.warn(f"pair {item['id']!r}: the prompt ({len(prompt)} tokens with "
-                                      f"the image) reaches max_length={self.max_length}; keeping "
-                                      "one response token", stacklevel=2)
-                    resp = resp[:room]
-                rows.append(prompt + resp)
-                labs.append([IGNORE_INDEX] * len(prompt) + resp)
+    def encode(self, item):
+        """One pair, encoded and truncated: ``{"id", "index", "line", "prompt", "chosen",
+        "rejected" (token ids), "images" (image-processor outputs), "digest"}``."""
+        from bpo_fast.data.bad_samples import SampleError
+
+        prompt, chosen, rejected, image_out = self.encode_pair(item)
+        out = []
+        for resp in (chosen, rejected):
+            if not resp:
+                raise SampleError(f"{_where(item)}: the response is empty after tokenisation")
+            if self.max_length is not None:
+                room = max(1, self.max_length - len(prompt))
+                if len(prompt) + 1 > self.max_length and "long_prompt" not in self._warned:
+                    self._warned.add("long_prompt")
+                    warnings.warn(f"pair {item['id']!r}: the prompt ({len(prompt)} tokens with "
+                                  f"the image) reaches max_length={self.max_length}; keeping "
+                                  "one response token", stacklevel=2)
+                resp = resp[:room]
+            out.append(resp)
+        digests = item.get("image_digests")
+        if digests is None:  # images given as PIL images (the Python API): digest the pixels
+            from bpo_fast.data.images import image_digest
+
+            imgs = item["images"] if item.get("images") is not None else \
+                [im for im in (item.get("image"),) if im is not None]
+            digests = [image_digest(im.tobytes()) for im in imgs]
+        return {"id": item["id"], "index": item["index"], "line": item.get("line"),
+                "prompt": prompt, "chosen": out[0], "rejected": out[1], "images": image_out,
+                "digest": pair_digest(prompt, out[0], out[1], digests)}
+
+    def batch(self, encoded):
+        """Encoded pairs (:meth:`encode`, or :class:`~bpo_fast.data.bad_samples.GuardedPairs`
+        items: markers of bad samples are left out, their notes kept in ``"bad"``) -> the
+        batch. A batch with no pair left: ``{"ids": [], "bad": [...]}``."""
+        bad = [n for e in encoded for n in e.get("bad", ())]
+        encoded = [e for e in encoded if not e.get("skip")]
+        if not encoded:
+            return {"ids": [], "bad": bad, "digests": []}
+        rows_c = [e["prompt"] + e["chosen"] for e in encoded]
+        rows_r = [e["prompt"] + e["rejected"] for e in encoded]
+        lab_c = [[IGNORE_INDEX] * len(e["prompt"]) + e["chosen"] for e in encoded]
+        lab_r = [[IGNORE_INDEX] * len(e["prompt"]) + e["rejected"] for e in encoded]
         rows, labs = rows_c + rows_r, lab_c + lab_r
         t = max(len(r) for r in rows)
         if self.pad_to_multiple_of:
@@ -270,7 +346,16 @@ class PreferenceCollator:
             labels[i, :len(r)] = torch.tensor(lab)
             attention_mask[i, :len(r)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        batch.update(self.adapter.collate_images(images))
-        batch["ids"] = [it["id"] for it in items]
-        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        batch.update(self.adapter.collate_images([e["images"] for e in encoded]))
+        batch["ids"] = [e["id"] for e in encoded]
+        batch["index"] = torch.tensor([e["index"] for e in encoded], dtype=torch.long)
+        batch["digests"] = [e["digest"] for e in encoded]
+        batch["bad"] = bad
+        if any("seen" in e for e in encoded):  # a stream: samples read so far
+            batch["seen"] = max(e.get("seen", 0) for e in encoded)
         return batch
+
+    def __call__(self, items):
+        if not items:
+            raise ValueError("items: expected at least one pair")
+        return self.batch([self.encode(item) for item in items])

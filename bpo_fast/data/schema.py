@@ -64,13 +64,27 @@ def validate_pair(rec):
     for k in ("chosen", "rejected"):
         if not isinstance(rec[k], str) or not rec[k].strip():
             raise SchemaError(f"{k}: expected a non-empty string")
-    if rec["strategy"] not in STRATEGIES:
-        raise SchemaError(f"strategy: expected one of {list(STRATEGIES)}, got {rec['strategy']!r}")
+    # build-pairs writes one of STRATEGIES; the official BPO data may carry other types, kept as
+    # strategies of their own name (bpo_format)
+    if not isinstance(rec["strategy"], str) or not rec["strategy"].strip():
+        raise SchemaError(f"strategy: expected a name (build-pairs writes one of "
+                          f"{list(STRATEGIES)}), got {rec['strategy']!r}")
     ns = rec["noise_step"]
     if ns is not None and (not isinstance(ns, int) or isinstance(ns, bool) or ns < 0):
         raise SchemaError("noise_step: expected a non-negative integer or null")
     if rec["injector"] is not None and rec["injector"] not in INJECTORS:
         raise SchemaError(f"injector: expected one of {list(INJECTORS)} or null, got {rec['injector']!r}")
+
+
+def placeholder_mismatch(turns, n_images):
+    """Why the ``<image>`` placeholders of ``turns`` disagree with a pair's ``n_images`` images
+    (one placeholder per image), or None when they agree."""
+    n = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns
+            if isinstance(t, dict) and isinstance(t.get("value"), str))
+    if n == n_images:
+        return None
+    return (f"prompt: {n} {IMAGE_PLACEHOLDER} placeholder(s) for {n_images} image(s) (one "
+            f"{IMAGE_PLACEHOLDER} per image)")
 
 
 def turns_to_messages(turns):

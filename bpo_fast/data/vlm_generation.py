@@ -19,27 +19,71 @@ LLaVA-NeXT/OneVision, Idefics3/SmolVLM, InternVL) go through this path instead:
 
 Cost: the processor runs on CPU per row and the noise is plain PyTorch; the fused kernel path
 stays the one for fixed-size processors.
+
+:class:`Answerer` is the one way bpo-fast has a model answer questions about images, on this
+path with clean images (any number per row, or none): ``bpo-fast generate``, the demo's
+captions and POPE answers, and ``train --eval-generate`` all call it. The prompt comes from the
+chat-template rule of :func:`bpo_fast.models.vlm.resolve_chat_template`, each row's images go
+through the family's processor (every family of :data:`bpo_fast.models.vlm.ADAPTERS`), rows are
+left-padded into one ``generate`` call, and a sampled row draws from its own seed
+(:class:`bpo_fast.data.generation.Generator`), so an answer never depends on the rows it was
+batched with.
 """
 
 import torch
 
-__all__ = ["ProcessorRows"]
+__all__ = ["ProcessorRows", "Answerer"]
 
 _TEXT_PAD = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
 
 
 class ProcessorRows:
-    """Build ``model.generate`` inputs for rows ``(prompt text, PIL image, noise step or None,
-    seed)`` with the family's processor and adapter."""
+    """Build ``model.generate`` inputs for rows ``(prompt text, images, noise step or None,
+    seed)`` with the family's processor and adapter. ``images``: one PIL image, or a list of
+    them (one sample's images, as ``apply_chat_template`` passes them; empty: a text-only row).
+    ``processor_kwargs``: extra keyword arguments of every processor call (the one place they
+    enter generation)."""
 
-    def __init__(self, processor, model_type, schedule):
+    def __init__(self, processor, model_type, schedule, processor_kwargs=None):
         from bpo_fast.models.vlm import get_adapter
 
         self.processor = processor
         self.adapter = get_adapter(model_type)
         self.schedule = schedule
+        self.processor_kwargs = dict(processor_kwargs or {})
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self._encoded = {}  # (prompt, image) -> processor output: one call for a record's levels
+
+    def encode(self, text, image):
+        """The processor's output for one row's prompt and image (kept until :meth:`clear`: the
+        noise levels of a record share it)."""
+        key = (text, id(image))
+        if key not in self._encoded:
+            if isinstance(image, (list, tuple)):
+                # one sample's images as one list (LLaVA-OneVision: batch_num_images), or none
+                images = [list(image)] if image else None
+            else:
+                images = [image]
+            enc = self.processor(images=images, text=[text], return_tensors="pt",
+                                 **self.processor_kwargs)
+            self._encoded[key] = (image, enc)  # the image kept alive: its id stays unique
+        return self._encoded[key][1]
+
+    def check(self, text, image):
+        """Run the processor on one prompt and image now; a sample it rejects (a ValueError: an
+        aspect ratio Qwen2-VL cannot resize, a placeholder count that does not match) raises
+        :class:`~bpo_fast.data.bad_samples.SampleError` saying why."""
+        from bpo_fast.data.bad_samples import SampleError
+
+        try:
+            self.encode(text, image)
+        except ValueError as exc:
+            raise SampleError(f"the processor rejects it ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())})") from None
+
+    def clear(self):
+        self._encoded.clear()
 
     def noised(self, pixel_values, step, seed):
         """``x_t`` of the processor's normalised pixels (a clean copy for ``step`` None)."""
@@ -54,10 +98,11 @@ class ProcessorRows:
     def __call__(self, rows, device, dtype):
         texts, images = [], []
         for text, image, step, seed in rows:
-            enc = self.processor(images=[image], text=[text], return_tensors="pt")
+            enc = self.encode(text, image)
             texts.append({k: enc[k][0] for k in _TEXT_PAD if k in enc})
-            img = self.adapter.image_inputs(enc)
-            img["pixel_values"] = self.noised(img["pixel_values"], step, seed)
+            img = dict(self.adapter.image_inputs(enc))
+            if "pixel_values" in img:
+                img["pixel_values"] = self.noised(img["pixel_values"], step, seed)
             images.append(img)
         t = max(r["input_ids"].shape[0] for r in texts)
         batch = {}
@@ -77,3 +122,68 @@ class ProcessorRows:
                     v = v.to(dtype)
             batch[k] = v
         return batch
+
+
+class Answerer:
+    """A model's answers to questions about images (see the module docstring): ``bpo-fast
+    generate``, the demo's evaluation and ``train --eval-generate`` go through it.
+
+    ``sampling``: :class:`bpo_fast.data.generation.Sampling` (or an options dataclass with its
+    fields). ``device``/``dtype``: where the inputs go and the dtype of their pixels (default:
+    the model's). ``processor_kwargs``: passed to every processor call.
+    """
+
+    def __init__(self, model, processor, sampling, *, device=None, dtype=None,
+                 processor_kwargs=None):
+        from bpo_fast.data.generation import Generator
+        from bpo_fast.models.preference import unwrap
+
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        device = torch.device(device) if device is not None else params[0].device
+        dtype = dtype or params[0].dtype
+        self.gen = Generator(model, processor, sampling, device, dtype)
+        self.gen.chat_template()  # the chat-template rule fails here, before any answer
+        self.rows = ProcessorRows(processor, unwrap(model).config.model_type, None,
+                                  processor_kwargs=processor_kwargs)
+        self.adapter = self.rows.adapter
+        self.oom_splits = 0  # batches halved after CUDA out-of-memory
+
+    def prompt(self, turns):
+        """The prompt text of LLaVA ``turns`` (the last one the question) in the model's format."""
+        return self.gen.prompt(turns)
+
+    def check(self, turns, images):
+        """Raise a ``ValueError`` (:class:`~bpo_fast.data.bad_samples.SampleError` when the
+        processor rejects it) when the family cannot take this row, before it joins a batch."""
+        self.adapter.check_pair_images(len(images), "question")  # a ValueError: a bad sample
+        try:
+            self.rows.check(self.prompt(turns), list(images))
+        finally:
+            self.rows.clear()
+
+    def __call__(self, items, seeds=None):
+        """``items``: ``(turns, images)`` per row (LLaVA turns ending with the question; a list
+        of PIL images, empty for a text-only row). ``seeds``: one per row when sampling. Returns
+        ``(answers, generated tokens)``; on CUDA out-of-memory the rows are halved (each keeps
+        its seed, so the answers are the same)."""
+        items = list(items)
+        if not items:
+            return [], 0
+        for turns, images in items:
+            self.adapter.check_pair_images(len(images), "question")
+        try:
+            try:
+                inputs = self.rows([(self.prompt(t), list(imgs), None, None)
+                                    for t, imgs in items], self.gen.device, self.gen.dtype)
+            finally:
+                self.rows.clear()  # the processor outputs are cached per call, not kept
+            return self.gen.generate_inputs(inputs, row_seeds=seeds)
+        except torch.cuda.OutOfMemoryError:
+            if len(items) <= 1:
+                raise
+        torch.cuda.empty_cache()
+        self.oom_splits += 1
+        h = len(items) // 2
+        a, n = self(items[:h], None if seeds is None else seeds[:h])
+        b, m = self(items[h:], None if seeds is None else seeds[h:])
+        return a + b, n + m

@@ -20,17 +20,26 @@ again with the same settings, so an interrupted demo resumes):
    error injection with the rule injector (and, when asked, the model itself);
    :func:`bpo_fast.data.pairs.merge_pairs` merges them.
 5. **bpo**: the real DPO trainer (:func:`bpo_fast.train.train`) with a frozen reference copy
-   (DPO + the RPO term: the chosen answers' NLL, by default).
+   (DPO + the RPO term: the chosen answers' NLL, by default), logging each loss term and its
+   gradient norm apart (``log_term_grads``). **paper**: the same pairs, steps and learning rate
+   with the objective the BPO paper trains (:data:`PAPER_OBJECTIVE`: plain DPO, ``sigmoid``,
+   beta 0.1, no NLL term): what the demo's own objective changes.
 6. **control**: the same SFT model trained on the same chosen answers, with the same steps,
    learning rate and frozen vision tower, but no rejected answers: what the preference pairs add
    over more supervised training on the data set's own answers.
 7. **eval**: greedy captions of the held-out images (``score_split="val"``: the validation
-   images, for choosing settings) before (SFT model), after BPO and after the control, scored
+   images, for choosing settings) before (SFT model), after BPO, after the paper's objective
+   and after the control, scored
    with CHAIR (:mod:`bpo_fast.eval.chair`), plus the prior-partner hallucination rate; and each
    model's greedy yes/no answers (3 tokens) to the POPE questions of the same images
    (:mod:`bpo_fast.eval.pope`: present, random-absent and prior-partner-absent objects of the
    world's prior pairs).
 8. **report**: :func:`bpo_fast.demo.report.write_report` (Markdown, PNG plots, a printed table).
+
+Seeds: the settings were chosen on the validation split of :data:`SELECTION_SEEDS`
+(docs/demo-investigation.md); the demo reports on :data:`REPORT_SEEDS`, which no choice ever
+looked at. :func:`check_selection_seeds` keeps it so: scoring a report seed on the validation
+split (what choosing settings does) is refused.
 """
 
 import dataclasses
@@ -46,13 +55,33 @@ from bpo_fast.demo.world import (EVAL_PROMPT, WorldConfig, make_world, prior_hal
                                  score_captions, world_vocabulary)
 
 
+# The seeds whose validation split chose the demo's settings (docs/demo-investigation.md), and
+# the seeds the demo reports on: disjoint, so the report's models are not the ones the choice
+# was made on.
+SELECTION_SEEDS = (0, 1, 2, 3, 4)
+REPORT_SEEDS = tuple(range(100, 110))
+# The objective the BPO paper trains (arXiv 2403.08730; the official code's bpo_llava.py runs
+# TRL's DPOTrainer with its default sigmoid loss and beta 0.1, no NLL term): the "paper" arm.
+PAPER_OBJECTIVE = {"loss_type": "sigmoid", "beta": 0.1, "rpo_alpha": None}
+
+
+def check_selection_seeds(seeds):
+    """Refuse to score a report seed for choosing settings (the validation split): a seed the
+    demo reports on must never take part in a choice."""
+    bad = sorted(set(seeds) & set(REPORT_SEEDS))
+    if bad:
+        raise ValueError(f"seeds: {bad} are the demo's report seeds ({REPORT_SEEDS[0]}-"
+                         f"{REPORT_SEEDS[-1]}); settings are chosen on other seeds only (e.g. "
+                         f"the selection seeds {SELECTION_SEEDS[0]}-{SELECTION_SEEDS[-1]})")
+
+
 @dataclass
 class DemoConfig:
     """Sizes and hyper-parameters of the demo. :meth:`quick` is the CI-sized variant."""
 
     out: str = "demo_out"
     device: str = "cpu"
-    seeds: tuple = (0, 1, 2, 3, 4)
+    seeds: tuple = REPORT_SEEDS
     # world: a large text-only corpus with a strong prior, a short image-caption alignment set
     # with a weaker one, validation and held-out images where the prior is right half the time
     n_text: int = 2000
@@ -104,6 +133,8 @@ class DemoConfig:
     dpo_epochs: int = 1
     dpo_batch_size: int = 8
     control: bool = True              # the supervised-only control arm (see the module doc)
+    quick_run: bool = False           # a pipeline check (:meth:`quick`): the report says so
+    paper: bool = True                # the paper's-objective arm (PAPER_OBJECTIVE)
     # POPE probe of every arm: at most this many present / random / prior-partner questions per
     # held-out image (0: no POPE)
     pope_per_image: int = 3
@@ -117,10 +148,21 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **kw):
-        base = dict(seeds=(0,), n_text=600, n_train=150, n_val=20, n_eval=40, pair_images=48,
+        base = dict(quick_run=True, seeds=REPORT_SEEDS[:1], n_text=600, n_train=150, n_val=20,
+                    n_eval=40, pair_images=48,
                     max_new_tokens=40, pretrain_epochs=1, n_vision=512, sft_epochs=4)
         base.update(kw)
         return cls(**base)
+
+    def objective(self):
+        """The BPO arm's objective, in :data:`PAPER_OBJECTIVE`'s keys."""
+        return {"loss_type": self.loss_type, "beta": self.beta, "rpo_alpha": self.rpo_alpha}
+
+    def paper_arm(self):
+        """Whether the paper's-objective arm runs: asked for, and not the BPO arm itself."""
+        same = (self.loss_type == PAPER_OBJECTIVE["loss_type"]
+                and self.beta == PAPER_OBJECTIVE["beta"] and not self.rpo_alpha)
+        return self.paper and not same
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -130,6 +172,16 @@ class DemoConfig:
 
 
 _BAR = None  # the demo's one progress display (stages done over all seeds), set by run_demo
+_CURRENT = {}  # the stage running now (seed folder, stage): for the line of an interrupted demo
+
+
+def stopped_at(out):
+    """Where an interrupted or failed demo stopped, what it kept, how to resume (the one line
+    of its :class:`bpo_fast.errors.CommandGuard`)."""
+    where = (f"in stage {_CURRENT['stage']} of {_CURRENT['seed']}" if _CURRENT
+             else "before the first stage")
+    return (where, f"every finished stage is kept in {out!r}",
+            "rerun the same command to continue (finished stages are reused)")
 
 
 def _say(msg, stage_done=False):
@@ -196,6 +248,7 @@ class _StageTimes:
                 return None
 
         before, t0 = stamp(), time.perf_counter()
+        _CURRENT.update(stage=stage, seed=os.path.basename(os.path.dirname(self.path)))
         out = fn(*args, **kwargs)
         after = stamp()
         if after is not None and after != before:
@@ -450,26 +503,30 @@ def _pairs(world, cfg, seed, model_dir, model_key, out_dir):
     return merged, key, summaries
 
 
-def _bpo(world, cfg, seed, sft_dir, pairs, pairs_key, out_dir):
+def _bpo(world, cfg, seed, sft_dir, pairs, pairs_key, out_dir, objective=None, name="bpo"):
+    """DPO on the pairs with the BPO arm's objective, or ``objective`` (the paper arm's),
+    logging each term and its gradient norm apart. Returns the metrics path and settings key."""
     from bpo_fast.train import TrainConfig, train
 
-    key = {"seed": seed, "pairs": _rel(pairs), "beta": cfg.beta, "lr": cfg.dpo_lr,
-           "epochs": cfg.dpo_epochs, "batch": cfg.dpo_batch_size, "loss": cfg.loss_type,
-           "rpo_alpha": cfg.rpo_alpha, "pairs_key": pairs_key}
+    obj = objective or cfg.objective()
+    key = {"seed": seed, "pairs": _rel(pairs), "beta": obj["beta"], "lr": cfg.dpo_lr,
+           "epochs": cfg.dpo_epochs, "batch": cfg.dpo_batch_size, "loss": obj["loss_type"],
+           "rpo_alpha": obj["rpo_alpha"], "pairs_key": pairs_key, "term_grads": True}
     marker = os.path.join(out_dir, "bpo.done")
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if _stage_done(marker, key):
-        _say(f"bpo: reusing {out_dir}")
+        _say(f"{name}: reusing {out_dir}")
         return metrics, key
     tc = TrainConfig(model=sft_dir, data=pairs, image_root=world.images, output=out_dir,
-                     reference="model", beta=cfg.beta, loss_type=cfg.loss_type,
-                     rpo_alpha=cfg.rpo_alpha,
+                     reference="model", beta=obj["beta"], loss_type=obj["loss_type"],
+                     rpo_alpha=obj["rpo_alpha"],
                      learning_rate=cfg.dpo_lr, epochs=cfg.dpo_epochs,
                      batch_size=cfg.dpo_batch_size, warmup_ratio=0.1, train_projector=True,
                      device=cfg.device, dtype="fp32" if cfg.device == "cpu" else "auto",
-                     seed=seed, progress=False, max_length=None, overwrite=True)
+                     seed=seed, progress=False, max_length=None, overwrite=True,
+                     log_term_grads=True)
     result = train(tc)
-    _say(f"bpo: {result['steps']} DPO steps -> {out_dir}")
+    _say(f"{name}: {result['steps']} DPO steps -> {out_dir}")
     _mark_done(marker, key)
     return result["metrics_path"], key
 
@@ -509,6 +566,8 @@ def _control(world, cfg, seed, sft_dir, sft_key, pairs, pairs_key, steps, out_di
 
 def run_seed(cfg, seed):
     """Every stage for one seed; returns the seed's results (CHAIR before/after, metrics path)."""
+    if cfg.score_split == "val":
+        check_selection_seeds([seed])
     root = os.path.join(cfg.out, f"seed{seed}")
     os.makedirs(root, exist_ok=True)
     t0 = time.time()
@@ -550,6 +609,17 @@ def run_seed(cfg, seed):
     pope_after = pope("after", bpo_dir, bpo_key)
     after = score_captions(caps_after, world, split=cfg.score_split)
     _say(f"seed {seed}: after BPO CHAIR-i {_f(after.chair_i)} recall {_f(after.recall)}", stage_done=True)
+    paper = pope_paper = paper_metrics = None
+    if cfg.paper_arm():
+        paper_dir = os.path.join(root, "paper_model")
+        paper_metrics, paper_key = times.run(
+            "paper", os.path.join(paper_dir, "bpo.done"), _bpo, world, cfg, seed, sft_dir, pairs,
+            pairs_key, paper_dir, objective=PAPER_OBJECTIVE, name="paper")
+        paper = score_captions(captions("captions paper", paper_dir, paper_key,
+                                        "captions_paper.jsonl"), world, split=cfg.score_split)
+        pope_paper = pope("paper", paper_dir, paper_key)
+        _say(f"seed {seed}: the paper's objective CHAIR-i {_f(paper.chair_i)} "
+             f"recall {_f(paper.recall)}", stage_done=True)
     control = pope_control = None
     if cfg.control:
         ctl_dir = os.path.join(root, "control_model")
@@ -568,15 +638,45 @@ def run_seed(cfg, seed):
     truth = {pc["id"]: pc["ground_truth"] for pc in before.per_caption}
     examples = [{"id": i, "truth": ", ".join(truth[i]), "before": caps_before[i],
                  "after": caps_after[i]} for i in list(caps_before)[:4]]
-    return {"seed": seed, "before": before, "after": after, "control": control,
-            "metrics": metrics,
+    return {"seed": seed, "before": before, "after": after, "paper": paper, "control": control,
+            "metrics": metrics, "paper_metrics": paper_metrics,
             "pairs": summaries, "examples": examples,
             "prior_before": prior_hallucination(before, cfg.world)["all"]["rate"],
             "prior_after": prior_hallucination(after, cfg.world)["all"]["rate"],
+            "prior_paper": (prior_hallucination(paper, cfg.world)["all"]["rate"]
+                            if paper is not None else None),
             "prior_control": (prior_hallucination(control, cfg.world)["all"]["rate"]
                               if control is not None else None),
-            "pope": {"before": pope_before, "after": pope_after, "control": pope_control},
+            "pope": {"before": pope_before, "after": pope_after, "paper": pope_paper,
+                     "control": pope_control},
             "seconds": time.time() - t0, "stage_times": dict(times.times)}
+
+
+def _seed_list(seeds):
+    """``0-4`` for a run of consecutive seeds, else ``0, 2, 5``."""
+    seeds = sorted(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def seeds_text(cfg):
+    """Which seeds were used for what: the report's seeds, and whether any of them took part in
+    choosing the settings (:data:`SELECTION_SEEDS`)."""
+    chose = (f"the settings were chosen on the validation split of seeds "
+             f"{_seed_list(SELECTION_SEEDS)} (docs/demo-investigation.md)")
+    used = sorted(set(cfg.seeds) & set(SELECTION_SEEDS))
+    if cfg.score_split == "val":
+        return (f"Seeds {_seed_list(cfg.seeds)}, scored on their validation split: a run for "
+                f"choosing settings, not a result ({chose}).")
+    if not used:
+        return (f"Seeds {_seed_list(cfg.seeds)}: none of them was used to choose anything; "
+                f"{chose}.")
+    return (f"Seeds {_seed_list(cfg.seeds)}: **seed{'s' if len(used) > 1 else ''} "
+            f"{_seed_list(used)} chose the settings** ({chose}), so "
+            f"{'their' if len(used) > 1 else 'its'} numbers are biased in BPO's favour by that "
+            f"choice; the demo's default seeds {_seed_list(REPORT_SEEDS)} took part in no "
+            f"choice.")
 
 
 def run_demo(cfg):
@@ -592,9 +692,9 @@ def run_demo(cfg):
 
     # torch's CPU threads: --threads, or the CPUs other processes leave free, re-measured
     # between the training steps and generation batches (bpo_fast.runtime.use_threads)
-    # a stage ends with a _say line: world, before, after, (control,) done per seed
-    _BAR = tqdm(total=len(cfg.seeds) * (5 if cfg.control else 4), desc="demo", unit="stage",
-                dynamic_ncols=True, file=sys.stderr)
+    # a stage ends with a _say line: world, before, after, (paper,) (control,) done per seed
+    _BAR = tqdm(total=len(cfg.seeds) * (4 + cfg.control + cfg.paper_arm()), desc="demo",
+                unit="stage", dynamic_ncols=True, file=sys.stderr)
     try:
         with threads_for_command(cfg.threads, adapt=cfg.device == "cpu"):
             runs = [run_seed(cfg, s) for s in cfg.seeds]
@@ -607,6 +707,7 @@ def run_demo(cfg):
         for s in r["pairs"].values():
             for strategy, n in s["written"].items():
                 pair_counts[strategy] = pair_counts.get(strategy, 0) + n
+    paper = cfg.paper_arm()
     settings = {
         "seeds": ", ".join(map(str, cfg.seeds)), "device": cfg.device,
         "world": f"{cfg.n_text} text-only conversations (pretraining), {cfg.n_train} "
@@ -625,24 +726,33 @@ def run_demo(cfg):
         "DPO": f"{cfg.loss_type}, beta {cfg.beta}, lr {cfg.dpo_lr}, {cfg.dpo_epochs} epoch(s), "
                f"batch {cfg.dpo_batch_size}" +
                (f", + {cfg.rpo_alpha} x chosen NLL (RPO)" if cfg.rpo_alpha else ""),
+        "paper's objective": (f"{PAPER_OBJECTIVE['loss_type']}, beta "
+                              f"{PAPER_OBJECTIVE['beta']}, no NLL term; the BPO arm's lr, "
+                              f"epochs and batch" if paper else
+                              "not run (the BPO arm's objective is the paper's)"
+                              if cfg.paper else "not run"),
         "wall time of this invocation": f"{time.time() - t0:.0f}s (stages reused from an "
                                         f"earlier run take no time here; their own times are "
                                         f"in the stage table)",
     }
     metrics = {r["seed"]: load_metrics(r["metrics"]) for r in runs}
-    prior = (by_seed("prior_before"), by_seed("prior_after"))
-    if cfg.control:
-        prior += (by_seed("prior_control"),)
-    extra = {"prior-partner hallucination (lower is better)": prior}
+    arms = ["before", "after"] + (["paper"] if paper else []) + (["control"] if cfg.control
+                                                                 else [])
+    extra = {"prior-partner hallucination (lower is better)":
+             {arm: by_seed(f"prior_{arm}") for arm in arms}}
     notes = _control_notes() if cfg.control else None
     report = write_report(
         cfg.out, metrics=metrics, chair_before=by_seed("before"), chair_after=by_seed("after"),
         chair_control=by_seed("control") if cfg.control else None,
+        chair_paper=by_seed("paper") if paper else None,
+        paper_metrics={r["seed"]: load_metrics(r["paper_metrics"]) for r in runs}
+        if paper else None,
+        objectives={"after": cfg.objective(), **({"paper": PAPER_OBJECTIVE} if paper else {})},
         pope={arm: {r["seed"]: r["pope"][arm] for r in runs}
-              for arm in ("before", "after", "control") if all(r["pope"][arm] for r in runs)}
+              for arm in arms if all(r["pope"][arm] for r in runs)}
         or None,
-        settings=settings, stage_times=by_seed("stage_times"), examples=runs[0]["examples"],
-        extra_metrics=extra, notes=notes,
+        settings=settings, seeds_text=seeds_text(cfg), stage_times=by_seed("stage_times"),
+        examples=runs[0]["examples"], extra_metrics=extra, notes=notes, quick=cfg.quick_run,
         scored_on={"eval": "held-out images", "val": "validation images"}[cfg.score_split],
     )
     with open(os.path.join(cfg.out, "demo_config.json"), "w", encoding="utf-8") as f:
@@ -662,8 +772,12 @@ def _control_notes():
 
 
 def main_table(report, file=sys.stdout):
+    from bpo_fast.demo.report import QUICK_NOTE
+
+    if report["summary"].get("quick"):     # the first line says it: the numbers mean nothing
+        print(f"This is {QUICK_NOTE}.\n", file=file)
     print(report["table"], file=file)
     if report.get("headline"):
-        print("\n" + "\n".join(line.replace("**", "") for line in report["headline"] if line),
-              file=file)
+        print("\n" + "\n".join(line.replace("**", "") for line in report["headline"]
+                                if line and QUICK_NOTE not in line), file=file)
     print(f"\nreport: {report['report']}", file=file)

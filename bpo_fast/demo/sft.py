@@ -9,7 +9,6 @@ chat template, image tokens and label masking the DPO trainer uses.
 
 import json
 import math
-import os
 import random
 
 import torch
@@ -56,7 +55,7 @@ class _Encoded:
     instead of once per turn, and the rows are of similar length (little padding)."""
 
     def __init__(self, processor, samples, image_root, *, pack=False):
-        from PIL import Image
+        from bpo_fast.data.images import open_image
 
         collator = PreferenceCollator(processor)
         self.pad_id = collator.pad_id
@@ -70,11 +69,9 @@ class _Encoded:
                 groups.append([sample])
         for group in groups:
             rec = group[0][0]
-            path = None if rec.get("image") is None else os.path.join(image_root, rec["image"])
-            image = None
-            if path is not None:
-                with Image.open(path) as im:
-                    image = im.convert("RGB")
+            path, image = rec.get("image"), None   # the key of the record's pixels
+            if path is not None:  # the one loader of every command (HF's RGB rule)
+                image, _ = open_image(path, image_root)
             encoded = []
             for _, prompt, answer in group:
                 # the collator's encoding (chat template, image tokens, prompt/answer split) of
@@ -211,33 +208,21 @@ def sft_train(model, processor, data, image_root, *, epochs=3, batch_size=32, lr
 def generate_answers(model, processor, images, prompt, *, batch_size=64, max_new_tokens=48,
                      device="cpu"):
     """Greedy answers of ``model`` to ``prompt`` (a question string, or a list of one question
-    per image) for each PIL image."""
+    per image) for each PIL image, through the one generation path of bpo-fast
+    (:class:`bpo_fast.data.vlm_generation.Answerer`, as ``bpo-fast generate``)."""
+    from bpo_fast.data.generation import Sampling
+    from bpo_fast.data.vlm_generation import Answerer
     from bpo_fast.runtime import adapt_threads
 
-    tok = processor.tokenizer
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(images):
         raise ValueError(f"prompt: expected one question per image ({len(images)}), got "
                          f"{len(prompts)}")
-    texts = [processor.apply_chat_template(
-        turns_to_messages([{"from": "human", "value": "<image>\n" + p}]),
-        add_generation_prompt=True, tokenize=False) for p in prompts]
     model.to(device).eval()
+    answer = Answerer(model, processor, Sampling(max_new_tokens=max_new_tokens))
+    items = [([{"from": "human", "value": "<image>\n" + p}], [im]) for p, im in zip(prompts, images)]
     answers = []
-    side = tok.padding_side
-    tok.padding_side = "left"          # prompts of different lengths: generate after the prompt
-    try:
-        for b in range(0, len(images), batch_size):
-            adapt_threads()
-            chunk = images[b:b + batch_size]
-            enc = processor(images=chunk, text=texts[b:b + batch_size], return_tensors="pt",
-                            padding=True)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tok.padding_side = side
+    for b in range(0, len(items), batch_size):
+        adapt_threads()
+        answers += answer(items[b:b + batch_size])[0]
     return answers

@@ -154,8 +154,9 @@ class SynonymTable:
         """Load a text ("canonical, syn, ...") or JSON (``{canonical: [syns]}``) table."""
         if not os.path.isfile(path):
             raise InputError(f"synonyms: no such file {path!r}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        from bpo_fast.data.jsonl import read_text
+
+        text = read_text(path)
         if text.lstrip().startswith("{"):
             try:
                 data = json.loads(text)
@@ -355,10 +356,10 @@ def _iter_json_items(path, what):
     yields ``(line, (id, value))``)."""
     if not os.path.isfile(path):
         raise InputError(f"{what} file: no such file {path!r}")
-    with open(path, "rb") as f:
-        raw = f.read()
+    from bpo_fast.data.jsonl import read_text
+
     try:
-        text = raw.decode("utf-8")
+        text = read_text(path)
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     stripped = text.lstrip()
@@ -418,30 +419,55 @@ def _record_id(path, line, rec, what):
     raise InputError(f"{path}:{line}: {what} record has no id (expected one of {list(_ID_KEYS)})")
 
 
-def load_captions(path):
+def _bad_record(path, line, exc, on_bad):
+    """A record-level problem: reported to ``on_bad(line, reason)`` (the bad-sample policy:
+    named, skipped, counted) when given, else raised."""
+    if on_bad is None:
+        raise exc
+    on_bad(line, str(exc).split(f"{path}:{line}: ", 1)[-1])
+
+
+def text_records(path, noun, get_id, keys, *, label=None, id_name="id", on_bad=None):
+    """``{id: text}`` of a file of id + text records (captions, answers) or a JSON object
+    ``{id: text}``: ``get_id(line, rec)`` reads a record's id, the first of ``keys`` its text.
+    ``on_bad(line, reason)``: a malformed record is reported there and skipped (else it raises
+    :class:`InputError` naming the file and line)."""
+    out, lines = {}, {}
+    for line, rec in _iter_json_items(path, noun + "s"):
+        try:
+            if isinstance(rec, tuple):
+                rid, text = rec
+            else:
+                rid = get_id(line, rec)
+                key = next((k for k in keys if k in rec), None)
+                if key is None:
+                    raise InputError(f"{path}:{line}: {label or noun} {rid!r} has no {noun} "
+                                     f"(expected one of {list(keys)})")
+                text = rec[key]
+            if not isinstance(text, str):
+                raise InputError(f"{path}:{line}: {noun} of {rid!r} must be a string, got "
+                                 f"{type(text).__name__}")
+            rid = str(rid)
+            if rid in out:
+                raise InputError(f"{path}:{line}: duplicate {id_name} {rid!r} (first at line "
+                                 f"{lines[rid]})")
+        except InputError as exc:
+            _bad_record(path, line, exc, on_bad)
+            continue
+        out[rid], lines[rid] = text, line
+    if not out:
+        raise InputError(f"{path}: no {noun}s in the file")
+    return out
+
+
+def load_captions(path, on_bad=None):
     """Captions file -> ``{id: caption}``. JSONL or JSON array of ``{"id", "caption"}`` (id keys
     also ``image_id``/``question_id``, caption keys also ``text``/``answer``, as written by LLaVA's
-    evaluation scripts), or a JSON object ``{id: caption}``. Ids are compared as strings."""
-    out, lines = {}, {}
-    for line, rec in _iter_json_items(path, "captions"):
-        if isinstance(rec, tuple):
-            cid, cap = rec
-        else:
-            cid = _record_id(path, line, rec, "caption")
-            key = next((k for k in _CAPTION_KEYS if k in rec), None)
-            if key is None:
-                raise InputError(f"{path}:{line}: caption record {cid!r} has no caption "
-                                 f"(expected one of {list(_CAPTION_KEYS)})")
-            cap = rec[key]
-        if not isinstance(cap, str):
-            raise InputError(f"{path}:{line}: caption of {cid!r} must be a string, got "
-                             f"{type(cap).__name__}")
-        if cid in out:
-            raise InputError(f"{path}:{line}: duplicate id {cid!r} (first at line {lines[cid]})")
-        out[cid], lines[cid] = cap, line
-    if not out:
-        raise InputError(f"{path}: no captions in the file")
-    return out
+    evaluation scripts), or a JSON object ``{id: caption}``. Ids are compared as strings.
+    ``on_bad(line, reason)``: a malformed record is reported there and skipped (else it raises
+    :class:`InputError`)."""
+    return text_records(path, "caption", lambda line, rec: _record_id(path, line, rec, "caption"),
+                        _CAPTION_KEYS, label="caption record", on_bad=on_bad)
 
 
 def load_ground_truth(path):

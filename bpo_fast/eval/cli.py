@@ -14,9 +14,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from bpo_fast.errors import UserError, input_file, output_file
+from bpo_fast.errors import CommandGuard, UserError, input_file, output_file
 from bpo_fast.options import add_arguments as add_options
-from bpo_fast.options import from_args, option
+from bpo_fast.options import config_file_of, from_args, max_bad_fraction_option, option
 
 
 @dataclass
@@ -34,6 +34,10 @@ class ChairOptions:
                                  "and missing objects) to this JSON file", metavar="FILE")
     subset: bool = option(False, help="score only the images that have a caption (otherwise a "
                                       "ground-truth id without a caption is an error)")
+    errors: str = option(None, help="errors JSONL: the malformed caption records, named and "
+                                    "skipped", metavar="FILE",
+                         default_text="<captions stem>.errors.jsonl")
+    max_bad_fraction: float = max_bad_fraction_option()
 
 
 def add_arguments(parser):
@@ -41,9 +45,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from bpo_fast.eval.chair import (InputError, SynonymTable, compute_chair, load_captions,
-                                     load_ground_truth)
-
     args = from_args(ChairOptions, args)
 
     input_file(args.captions, "--captions", what="captions JSON/JSONL file", text=True)
@@ -52,8 +53,25 @@ def run(args):
         input_file(args.synonyms, "--synonyms", what="synonym text/JSON file", text=True)
     if args.out:
         output_file(args.out, "--out")
+    from bpo_fast.data.bad_samples import check_side_file, side_path
+
+    errors = args.errors or side_path(args.captions)
+    output_file(errors, "--errors")
+    check_side_file(errors, "--errors")
+    with CommandGuard("eval-chair", outputs={"--out": args.out, "--errors": errors},
+                      inputs={"--captions": args.captions, "--ground-truth": args.ground_truth,
+                              "--synonyms": args.synonyms, "--config": config_file_of(args)}):
+        return _score(args, errors)
+
+
+def _score(args, errors):
+    from bpo_fast.data.bad_samples import load_records
+    from bpo_fast.eval.chair import (InputError, SynonymTable, compute_chair, load_captions,
+                                     load_ground_truth)
+
     try:
-        captions = load_captions(args.captions)
+        captions, bad = load_records(load_captions, args.captions, "eval-chair", errors=errors,
+                                     max_fraction=args.max_bad_fraction)
         truth = load_ground_truth(args.ground_truth)
         table = SynonymTable.from_file(args.synonyms) if args.synonyms else None
     except InputError as exc:
@@ -71,6 +89,9 @@ def run(args):
     result = compute_chair(captions, truth, table, ignore_extra_ground_truth=args.subset)
 
     print(format_scores(result))
+    if bad.count():
+        print(f"note: {bad.count()} malformed caption record(s) skipped ({bad.reasons(args.captions)}"
+              f"), named in {errors}", file=sys.stderr)
     if result.unknown_ground_truth:
         print(f"note: {len(result.unknown_ground_truth)} ground-truth name(s) are not in the "
               f"synonym table (they count for recall only): "

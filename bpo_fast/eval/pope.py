@@ -40,7 +40,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from bpo_fast.eval.chair import InputError, _iter_json_items
+from bpo_fast.eval.chair import InputError, _iter_json_items, text_records
 
 __all__ = ["SPLITS", "SETTINGS", "build_questions", "question_text", "load_prior",
            "load_questions", "load_answers", "parse_yes_no", "score_pope", "PopeResult"]
@@ -153,10 +153,10 @@ def load_prior(path):
     a JSON list of ``[anchor, partner]`` pairs -> ``{object: [partners]}``."""
     if not os.path.isfile(path):
         raise InputError(f"prior: no such file {path!r}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    from bpo_fast.data.jsonl import read_text
+
     try:
-        data = json.loads(text)
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     try:
@@ -195,36 +195,21 @@ def load_questions(path):
 _ANSWER_KEYS = ("answer", "text")
 
 
-def load_answers(path):
+def load_answers(path, on_bad=None):
     """Answers JSONL/JSON: ``{"question_id", "answer"}`` (LLaVA's ``{"question_id", "text"}``
-    too) or a JSON object ``{question_id: answer}`` -> ``{question_id: answer text}``."""
-    out, lines = {}, {}
-    for line, rec in _iter_json_items(path, "answers"):
-        if isinstance(rec, tuple):
-            qid, ans = rec
-        else:
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{line}: expected a JSON object with a question_id, "
-                                 f"got {type(rec).__name__}")
-            if "question_id" not in rec:
-                raise InputError(f"{path}:{line}: answer has no 'question_id'")
-            qid = rec["question_id"]
-            key = next((k for k in _ANSWER_KEYS if k in rec), None)
-            if key is None:
-                raise InputError(f"{path}:{line}: answer {qid!r} has no answer (expected one "
-                                 f"of {list(_ANSWER_KEYS)})")
-            ans = rec[key]
-        if not isinstance(ans, str):
-            raise InputError(f"{path}:{line}: answer of {qid!r} must be a string, got "
-                             f"{type(ans).__name__}")
-        qid = str(qid)
-        if qid in out:
-            raise InputError(f"{path}:{line}: duplicate question_id {qid!r} (first at line "
-                             f"{lines[qid]})")
-        out[qid], lines[qid] = ans, line
-    if not out:
-        raise InputError(f"{path}: no answers in the file")
-    return out
+    too) or a JSON object ``{question_id: answer}`` -> ``{question_id: answer text}``.
+    ``on_bad(line, reason)``: a malformed record is reported there and skipped (else it raises
+    :class:`InputError`)."""
+    def question_id(line, rec):
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}:{line}: expected a JSON object with a question_id, got "
+                             f"{type(rec).__name__}")
+        if "question_id" not in rec:
+            raise InputError(f"{path}:{line}: answer has no 'question_id'")
+        return rec["question_id"]
+
+    return text_records(path, "answer", question_id, _ANSWER_KEYS, id_name="question_id",
+                        on_bad=on_bad)
 
 
 # --------------------------------------------------------------------------- scoring

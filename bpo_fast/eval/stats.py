@@ -61,11 +61,12 @@ def mean_ci(values, *, level=0.95, n_boot=10000, seed=0):
             "values": xs}
 
 
-def paired_differences(a, b, *, level=0.95, n_boot=10000, seed=0):
+def paired_differences(a, b, *, level=0.95, n_boot=10000, seed=0, shown=None):
     """``a - b`` per seed (``a``, ``b``: dicts seed -> value; seeds where either is ``None``
     are left out) with :func:`mean_ci` of the differences. Returns ``{"diffs": {seed: d},
     "mean", "lo", "hi", "n", "n_below", "n_above", "n_equal"}`` (``n_below``: seeds where
-    ``a < b``)."""
+    ``a < b``). ``shown``: the values as a table prints them (e.g. rounded to its precision);
+    the counts then compare those, so a difference the table shows as a tie counts as one."""
     if not isinstance(a, dict) or not isinstance(b, dict):
         raise TypeError("a, b: expected dicts seed -> value (paired by seed)")
     if set(a) != set(b):
@@ -75,7 +76,8 @@ def paired_differences(a, b, *, level=0.95, n_boot=10000, seed=0):
     _clean(b, "b")
     diffs = {s: float(a[s]) - float(b[s]) for s in a if a[s] is not None and b[s] is not None}
     ci = mean_ci(list(diffs.values()), level=level, n_boot=n_boot, seed=seed)
-    d = list(diffs.values())
+    d = (list(diffs.values()) if shown is None else
+         [shown(float(a[s])) - shown(float(b[s])) for s in diffs])
     return {"diffs": diffs, "mean": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "n": ci["n"],
             "n_below": sum(x < 0 for x in d), "n_above": sum(x > 0 for x in d),
             "n_equal": sum(x == 0 for x in d)}

@@ -155,8 +155,8 @@ def flash_attn_available():
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def choose_attention(requested=None, device=None, dtype=None):
-    """The attention implementation to load a model with, and log the choice.
+def choose_attention(requested=None, device=None, dtype=None, log=True):
+    """The attention implementation to load a model with, and log the choice (``log``).
 
     ``requested`` wins when given. Otherwise ``flash_attention_2`` when ``flash-attn`` is installed,
     the device is CUDA and the dtype is fp16/bf16 (flash-attn supports nothing else), else ``sdpa``.
@@ -175,11 +175,12 @@ def choose_attention(requested=None, device=None, dtype=None):
         if dtype not in (torch.float16, torch.bfloat16):
             reasons.append(f"dtype {dtype} is not fp16/bf16")
         impl, why = "sdpa", "; ".join(reasons) or "default"
-    logger.info("attention: %s (%s)", impl, why)
+    if log:
+        logger.info("attention: %s (%s)", impl, why)
     return impl
 
 
-def _per_submodel_attention(config, impl):
+def _per_submodel_attention(config, impl, log=True):
     """``impl``, or a per-sub-config dict when the text model cannot run it: Gemma 2 (PaliGemma
     2's text model) has no SDPA path in transformers (``_supports_sdpa = False``: its attention
     soft-caps the scores, which SDPA cannot), so loading the whole model with the default
@@ -200,19 +201,21 @@ def _per_submodel_attention(config, impl):
         return impl
     key = next((k for k in getattr(config, "sub_configs", {}) if getattr(config, k) is text),
                "text_config")
-    logger.info("attention: eager for the text model %s (no SDPA support), %s elsewhere",
-                text_cls.__name__, impl)
+    if log:
+        logger.info("attention: eager for the text model %s (no SDPA support), %s elsewhere",
+                    text_cls.__name__, impl)
     return {"": impl, key: "eager", **{k: impl for k in getattr(config, "sub_configs", {})
                                          if k != key}}
 
 
 def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None,
-             compute_dtype=None):
+             compute_dtype=None, log_attention=True):
     """Load a vision-language model from a local path (no downloads) with a chosen attention.
 
     ``compute_dtype``: the dtype the model will run in when it differs from the stored ``dtype``
     (fp32 master weights under bf16 autocast / FSDP mixed precision); it decides whether
-    flash-attention can be used."""
+    flash-attention can be used. ``log_attention``: log the attention chosen (off for a second
+    model whose choice was just logged)."""
     import os
 
     from transformers import AutoConfig
@@ -223,12 +226,13 @@ def load_vlm(path, *, dtype=torch.float32, attn_implementation=None, device=None
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     from bpo_fast.models.vlm import get_adapter, logit_softcap
 
-    # clear errors for unsupported families and heads, before loading
-    get_adapter(config.model_type)
+    # clear errors for unsupported families, versions and heads, before loading
+    get_adapter(config.model_type).check_config(config, f"model {path!r}")
     logit_softcap(config, f"model {path!r}")  # rejects what the fused head cannot compute
-    impl = choose_attention(attn_implementation, device, compute_dtype or dtype)
+    impl = choose_attention(attn_implementation, device, compute_dtype or dtype,
+                            log=log_attention)
     if attn_implementation is None:
-        impl = _per_submodel_attention(config, impl)
+        impl = _per_submodel_attention(config, impl, log=log_attention)
     kwargs = dict(dtype=dtype, attn_implementation=impl, local_files_only=True)
     if config.model_type == "llava":
         from transformers import LlavaForConditionalGeneration as cls
@@ -271,11 +275,15 @@ class PreferenceModel(nn.Module):
         packing: ``"auto"`` (pack when the decoder runs flash-attention), ``True`` or ``False``.
         share_image_features: ``"auto"`` reuses the policy's image features for the reference
             when both use the same frozen vision tower and projector; ``False`` never does.
+        discopop_tau, length_count: as :func:`bpo_fast.ops.preference.preference_loss` (DiscoPOP's
+            temperature; how ``ipo`` / ``sigmoid_norm`` count tokens: ``"scored"`` or TRL's
+            ``"completion"``).
     """
 
     def __init__(self, policy, reference=None, *, reference_mode=None, beta=0.1,
                  loss_type="sigmoid", label_smoothing=0.0, temperature=1.0, packing="auto",
-                 share_image_features="auto", rpo_alpha=None):
+                 share_image_features="auto", rpo_alpha=None, discopop_tau=0.05,
+                 length_count="scored"):
         super().__init__()
         check_vlm_api(policy)
         if reference_mode is None:
@@ -301,10 +309,11 @@ class PreferenceModel(nn.Module):
             raise ValueError(f"packing: expected 'auto', True or False, got {packing!r}")
         if share_image_features not in ("auto", False):
             raise ValueError("share_image_features: expected 'auto' or False")
-        from bpo_fast.ops.losses import check_rpo_alpha, loss_config
+        from bpo_fast.ops.losses import check_length_count, check_rpo_alpha, loss_config
 
         # the loss settings are checked once, here (the registry: ranges, what each type reads)
-        self.loss_config = loss_config(loss_type, beta, label_smoothing)
+        self.loss_config = loss_config(loss_type, beta, label_smoothing, discopop_tau)
+        self.length_count = check_length_count(length_count)
         self.policy = policy
         self.reference = reference
         self.reference_mode = reference_mode
@@ -492,7 +501,8 @@ class PreferenceModel(nn.Module):
         # scored token when a gradient is needed)
         res = preference_loss(hidden, w, labels, ref_c, ref_r, loss=self.loss_config,
                               rpo_alpha=self.rpo_alpha, bias=bias, ignore_index=IGNORE_INDEX,
-                              temperature=self.temperature, logit_softcap=cap)
+                              temperature=self.temperature, logit_softcap=cap,
+                              length_count=self.length_count)
         out, loss = res.dpo, res.loss
         # [B]-sized copies rather than views: FSDP2 hooks the outputs of the root module, and
         # views of them would be unsafe to modify in place

@@ -45,14 +45,17 @@ Unsupported, with a clear error: Mllama (cross-attention images), logit scales, 
 ``model_type`` not in :data:`ADAPTERS`.
 """
 
+import contextlib
 import functools
 
 import torch
 
 from bpo_fast.models.preference import unwrap as _unwrap  # the one peft-unwrapping rule
+from bpo_fast.versions import PALIGEMMA2_TRANSFORMERS, require
 
 __all__ = ["VLMAdapter", "ADAPTERS", "get_adapter", "supported_model_types", "lm_head_parts",
-           "logit_softcap", "load_processor", "image_token_id",
+           "logit_softcap", "load_processor", "image_token_id", "images_used",
+           "ImagesDroppedError",
            "resolve_chat_template", "processor_prompt", "UnsupportedModelError", "DEFAULT_CHAT_TEMPLATES"]
 
 IGNORE_INDEX = -100
@@ -221,6 +224,135 @@ def lm_head_parts(model):
 
 
 # --------------------------------------------------------------------------------------------
+# images can never be dropped silently
+# --------------------------------------------------------------------------------------------
+
+class ImagesDroppedError(UnsupportedModelError):
+    """A family's forward did not hand the image features it was given to its decoder (e.g.
+    transformers < 5.18, whose base forwards swallow ``mm_encoder_outputs`` through ``**kwargs``:
+    the log-probs are then those of the prompt without its images)."""
+
+
+def _feature_rows(x):
+    """``[n, H]`` rows of a ``pooler_output`` (a tensor, or a list of per-image tensors), in the
+    order the family places them (row-major over the image tokens)."""
+    if isinstance(x, torch.Tensor):
+        return x.reshape(-1, x.shape[-1])
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in x])
+
+
+class _ImageUseCheck:
+    """Hooks on a model's base model and its decoder that verify, on every base forward that is
+    given images, that the decoder's ``inputs_embeds`` hold exactly those image features at the
+    image-token positions (and that Qwen3-VL's deepstack features reach the decoder).
+
+    Why at the decoder's input: it is where every family hands over its merged sequence
+    (``language_model`` / ``text_model``, called with ``inputs_embeds``), whatever its merge
+    step (``masked_scatter``, Idefics3's ``inputs_merger``, tiling, anyres packing) and whatever
+    the transformers version; the features arrive either through ``mm_encoder_outputs`` (our
+    steps, and ``generate`` from 5.18 on) or from the model's own ``get_image_features`` on
+    ``pixel_values`` (captured by a wrapper on the instance). The merge copies the features (cast
+    to the embedding dtype), so the comparison is exact. Cost: one gather and compare of the
+    image rows (``n_image_tokens x hidden`` elements) per forward that has images, and nothing on
+    the decode steps of ``generate`` (they carry no images)."""
+
+    def __init__(self, model):
+        root = _unwrap(model)
+        self.base = root.model
+        self.decoder = root.get_decoder()
+        self.token = image_token_id(root)
+        self.family = root.config.model_type
+        self.pending = None  # what the base forward in flight was given
+
+    def _error(self, what):
+        import transformers
+
+        return ImagesDroppedError(
+            f"model: the {self.family} forward of transformers {transformers.__version__} "
+            f"dropped the images it was given ({what}); its log-probs would be those of the "
+            "prompt without images (bpo-fast needs a transformers whose base forward takes "
+            "mm_encoder_outputs: >= 5.18)")
+
+    def base_pre(self, module, args, kwargs):
+        mm = kwargs.get("mm_encoder_outputs")
+        given = mm.get("image") if isinstance(mm, dict) else None
+        if given is None and kwargs.get("pixel_values") is None:
+            self.pending = None  # no images (text-only batch, a decode step of generate)
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.pending = {"ids": ids, "features": given, "checked": False}
+
+    def image_features(self, fn):
+        @functools.wraps(fn)  # same signature: generate() inspects it to pick the arguments
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if self.pending is not None and self.pending["features"] is None:
+                self.pending["features"] = out
+            return out
+        return wrapper
+
+    def decoder_pre(self, module, args, kwargs):
+        p = self.pending
+        if p is None or p["checked"]:
+            return
+        p["checked"] = True
+        feats, ids = p["features"], p["ids"]
+        if feats is None:
+            raise self._error("pixel_values were given but get_image_features never ran")
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or ids is None or ids.shape != embeds.shape[:-1]:
+            raise self._error("the decoder got no inputs_embeds aligned with input_ids")
+        rows = _feature_rows(getattr(feats, "pooler_output", feats)).to(embeds.dtype)
+        placed = embeds[ids == self.token]
+        if placed.shape != rows.shape or not torch.equal(placed, rows.to(placed.device)):
+            n = placed.shape[0]
+            differ = (int((placed != rows.to(placed.device)).any(-1).sum())
+                      if placed.shape == rows.shape else n)
+            raise self._error(f"{differ} of {n} image-token inputs of the decoder are not the "
+                              f"{rows.shape[0]} image features")
+        if getattr(feats, "deepstack_features", None) is not None and \
+                kwargs.get("deepstack_visual_embeds") is None:
+            raise self._error("the deepstack features did not reach the decoder")
+
+    def base_post(self, module, args, kwargs, output):
+        p, self.pending = self.pending, None
+        if p is not None and not p["checked"]:
+            raise self._error("its decoder never ran with them")
+
+
+@contextlib.contextmanager
+def images_used(model):
+    """Within the block, every forward of ``model``'s base model that is given images (features
+    through ``mm_encoder_outputs``, or ``pixel_values`` it encodes itself, as in ``generate``)
+    must hand exactly those features to its decoder at the image tokens; otherwise it raises
+    :class:`ImagesDroppedError` naming the family and the transformers version (one line; a
+    user error of the CLI). Every path that runs a VLM on images goes through it: the
+    preference forward (:meth:`VLMAdapter.hidden_states`: ``train``, ``ref-logps``, the demo)
+    and generation (:meth:`bpo_fast.data.generation.Generator.generate_inputs`: ``build-pairs``,
+    ``generate``, evaluation during training, the demo's answers). Re-entrant: an inner block on
+    the same model adds nothing."""
+    root = _unwrap(model)
+    if not callable(getattr(root, "get_image_features", None)) or \
+            getattr(getattr(root, "model", None), "_bpo_images_used", False):
+        yield  # a text-only model (the LLM error injector's), or already checked
+        return
+    check = _ImageUseCheck(root)
+    base = check.base
+    handles = [base.register_forward_pre_hook(check.base_pre, with_kwargs=True),
+               base.register_forward_hook(check.base_post, with_kwargs=True),
+               check.decoder.register_forward_pre_hook(check.decoder_pre, with_kwargs=True)]
+    base.get_image_features = check.image_features(base.get_image_features)
+    base._bpo_images_used = True
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        del base.get_image_features  # the class's method again
+        del base._bpo_images_used
+
+
+# --------------------------------------------------------------------------------------------
 # adapters
 # --------------------------------------------------------------------------------------------
 
@@ -255,6 +387,10 @@ class VLMAdapter:
         if n > 1 and not self.multi_image_pairs:
             raise ValueError(f"{where}: {n} images, but {self.name} models take one image per "
                              f"prompt ({self.one_image_reason})")
+
+    def check_config(self, config, what="model"):
+        """Raise (one line naming ``what``) when this transformers cannot run ``config``'s
+        variant of the family exactly; nothing by default."""
 
     def base_model(self, model):
         base = _unwrap(model)
@@ -359,10 +495,11 @@ class VLMAdapter:
         kwargs = self.row_kwargs(model, input_ids, attention_mask, labels, images)
         if enc is not None:  # None: a text-only batch
             kwargs["mm_encoder_outputs"] = {"image": self.for_rows(enc)}
-        if packed:
-            return self._packed(base, input_ids, attention_mask, kwargs)
-        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   return_dict=True, **kwargs)
+        with images_used(model):
+            if packed:
+                return self._packed(base, input_ids, attention_mask, kwargs)
+            out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       return_dict=True, **kwargs)
         return out.last_hidden_state
 
     def _packed(self, base, input_ids, attention_mask, kwargs):
@@ -383,18 +520,19 @@ class VLMAdapter:
     # ---- prompts (pair collation) ------------------------------------------------------
 
     def encode_pair(self, processor, chat_template, messages, prompt_text, answers, image,
-                    tokenizer):
+                    tokenizer, processor_kwargs=None):
         """(prompt ids with image tokens expanded, [answer ids...], image inputs) of one pair.
 
         The answer tokens are what follows the common prefix of the prompt and prompt+answer
         tokenised without the image expansion (robust to tokenisers that merge across the
-        boundary). ``image``: one image, or the pair's list of images (empty: text only)."""
+        boundary). ``image``: one image, or the pair's list of images (empty: text only).
+        ``processor_kwargs``: extra arguments of the processor call (``--processor-kwargs``)."""
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         # the pair's images as one sample's list (``[[img, ...]]``), as HF's apply_chat_template
         # passes them: LLaVA-OneVision then knows a multi-image sample (``batch_num_images``: no
         # anyres for its images); a flat list would read as one single-image sample per image
         enc = processor(images=[images] if images else None, text=[prompt_text],
-                        return_tensors="pt")
+                        return_tensors="pt", **(processor_kwargs or {}))
         prompt_ids = enc["input_ids"][0].tolist()
         plain_prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         fulls = []
@@ -510,6 +648,12 @@ class PaliGemmaAdapter(VLMAdapter):
     text_only_pairs = multi_image_pairs = False
     one_image_reason = "its processor builds the prompt around exactly one image"
 
+    def check_config(self, config, what="model"):
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "model_type", None) == "gemma2":
+            require("transformers", PALIGEMMA2_TRANSFORMERS,
+                    f"{what}: PaliGemma 2 (Gemma 2 text model, eager attention)")
+
     def row_kwargs(self, model, input_ids, attention_mask, labels, images):
         scored = labels != IGNORE_INDEX
         # answer = from the first scored token on; padding is masked anyway
@@ -519,10 +663,11 @@ class PaliGemmaAdapter(VLMAdapter):
         return {"token_type_ids": (pos[None, :] >= first[:, None]).long()}
 
     def encode_pair(self, processor, chat_template, messages, prompt_text, answers, image,
-                    tokenizer):
+                    tokenizer, processor_kwargs=None):
         prompt_ids, outs, image_out = None, [], None
         for a in answers:
-            enc = processor(images=[image], text=[prompt_text], suffix=[a], return_tensors="pt")
+            enc = processor(images=[image], text=[prompt_text], suffix=[a], return_tensors="pt",
+                            **(processor_kwargs or {}))
             ids = enc["input_ids"][0].tolist()
             tt = enc["token_type_ids"][0].tolist()
             k = tt.index(1) if 1 in tt else len(ids)
@@ -570,6 +715,7 @@ def get_adapter(model_or_type):
                                     f"{', '.join(supported_model_types())})")
     a = ADAPTERS[mt]
     if not isinstance(model_or_type, str):
+        a.check_config(_unwrap(model_or_type).config)
         lm_head_parts(model_or_type)  # rejects logit transforms up front
     return a
 

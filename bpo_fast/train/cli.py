@@ -39,7 +39,8 @@ def run(args):
         if dist.is_available() and dist.is_initialized():  # torchrun: leave cleanly
             dist.destroy_process_group()
     print(f"trained {result['steps']} steps; model in {result['output']}, metrics in "
-          f"{result['metrics_path']}" + (f", skipped {result['skipped']} bad record(s)"
+          f"{result['metrics_path']}" + (f", skipped {result['skipped']} bad sample(s) (named "
+                                         f"in {result['errors_path']})"
                                          if result["skipped"] else "")
           + (f", skipped {result['skipped_steps']} non-finite step(s)"
              if result.get("skipped_steps") else ""))

@@ -9,7 +9,8 @@ Train with it: ``bpo-fast train ... --reference cached --ref-cache ref.safetenso
 
 from dataclasses import dataclass
 
-from bpo_fast.options import DTYPE_CHOICES, canonical_dtype, option, parse_device
+from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, max_bad_fraction_option, option,
+                              parse_device, processor_kwargs_option)
 
 
 @dataclass
@@ -28,17 +29,24 @@ class RefLogpsOptions:
                              metavar="DIR", required=True)
     out: str = option(None, help="output .safetensors file", metavar="FILE", required=True)
     overwrite: bool = option(False, help="replace an existing --out (else it is refused)")
-    batch_size: int = option(8, help="pairs per forward")
+    batch_size: int = option(8, help="pairs per forward", bounds="[1, inf)")
     max_length: int = option(1024, help="truncate rows to this many tokens; use the same value "
-                                        "for training (train's default too)")
+                                        "for training (train's default too)", bounds="[2, inf)",
+                             nullable=True)
     dtype: str = option("auto", help="reference dtype (auto: bf16 on CUDA, fp32 on CPU)",
                         type=canonical_dtype, choices=DTYPE_CHOICES)
     device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, metavar="DEVICE",
                          default_text="cuda if available")
-    temperature: float = option(1.0, help="score at this temperature (training needs 1.0)")
+    temperature: float = option(1.0, help="score at this temperature (training needs 1.0)",
+                                bounds="(0, inf)")
     attn_implementation: str = option(None, help="force an attention implementation",
                                       default_text="flash_attention_2 when usable, else sdpa")
     strict: bool = option(False, help="fail on the first bad record")
+    errors: str = option(None, help="errors JSONL: the bad samples, named and left out of the "
+                                    "cache", metavar="FILE",
+                         default_text="<out stem>.errors.jsonl")
+    max_bad_fraction: float = max_bad_fraction_option()
+    processor_kwargs: dict = processor_kwargs_option()
     chat_template: str = option(None, help="a Jinja chat template, or a file holding one; use "
                                            "the same one for training", metavar="TEMPLATE",
                                 default_text="the processor's own, else the model family's "
@@ -53,16 +61,23 @@ def add_arguments(parser):
 
 
 def run(args):
-    from bpo_fast.options import from_args
+    from bpo_fast.errors import check_no_overlap
+    from bpo_fast.options import config_file_of, from_args
     from bpo_fast.runtime import console
-    from bpo_fast.train.ref_cache import compute_reference_logps
+    from bpo_fast.train.ref_cache import compute_reference_logps, errors_path
 
     o = from_args(RefLogpsOptions, args)
+    check_no_overlap({"out": o.out, "errors": o.errors}, {"--config": config_file_of(o)})
     with console():
         cache = compute_reference_logps(
             o.model, o.data, o.image_root, o.out, batch_size=o.batch_size,
             max_length=o.max_length, dtype=o.dtype, device=o.device, temperature=o.temperature,
             strict=o.strict, attn_implementation=o.attn_implementation, progress=o.progress,
-            overwrite=o.overwrite, chat_template=o.chat_template, data_format=o.data_format)
-    print(f"wrote reference log-probs of {len(cache)} pairs to {o.out}")
+            overwrite=o.overwrite, chat_template=o.chat_template, data_format=o.data_format,
+            processor_kwargs=o.processor_kwargs, max_bad_fraction=o.max_bad_fraction,
+            errors=o.errors)
+    n_bad = int(cache.metadata.get("skipped") or 0)
+    print(f"wrote reference log-probs of {len(cache)} pairs to {o.out}"
+          + (f"; {n_bad} bad sample(s) left out, named in "
+             f"{o.errors or errors_path(o.out)}" if n_bad else ""))
     return 0

@@ -141,13 +141,25 @@ class Evaluator:
     rank evaluates its share, padded to equal batch counts, and the sums are all-reduced)."""
 
     def __init__(self, config, *, collate, processor, model_type, cache=None, world=1, rank=0,
-                 device=None, autocast=None):
+                 device=None, autocast=None, bad=None):
         import contextlib
 
         self.config = config
         self.sets = [_EvalSet(n, p, config.eval_image_root or config.image_root, config.strict,
                               config.data_format) for n, p in parse_eval_sets(config.eval_data)]
         self.collate, self.processor, self.model_type = collate, processor, model_type
+        # the bad-sample policy (bpo_fast.data.bad_samples): each set under its own path in the
+        # run's errors file; a bad pair's place in a batch goes to a stand-in of weight 0
+        self.bad = bad
+        from bpo_fast.data.bad_samples import GuardedPairs
+
+        for s in self.sets:
+            s.guarded = GuardedPairs(s.ds, collate.encode, file=s.path, substitute=True)
+            if bad is not None:
+                if rank == 0:
+                    bad.add_skipped(s.path, s.ds)
+                else:
+                    bad.total(s.path, len(s.ds) + len(s.ds.skipped))
         self.cache, self.world, self.rank = cache, world, rank
         self.device = device or torch.device("cpu")
         self.autocast = autocast or contextlib.nullcontext()
@@ -158,7 +170,7 @@ class Evaluator:
             for s in self.sets:
                 check_compatible(cache, path=config.ref_cache, max_length=config.max_length,
                                  reference_model=config.ref_model or config.model, ids=s.ds.ids,
-                                 data=s.path)
+                                 data=s.path, records=s.ds.records)
         if config.eval_chair:
             with_objects = [s.name for s in self.sets
                             if any(i in s.objects for i in s.ds.ids[:config.eval_generate])]
@@ -191,16 +203,27 @@ class Evaluator:
     def metrics(self, pm, s):
         sums = torch.zeros(len(EVAL_METRICS) + 1, dtype=torch.float64, device=self.device)
         for idx, w in self._rank_batches(len(s.ds)):
-            batch = self.collate([s.ds[i] for i in idx])
+            items = [s.guarded[i] for i in idx]
+            self._note([n for it in items for n in it["bad"]])
+            kept = [(it, 0.0 if it["stand_in"] else wi) for it, wi in zip(items, w)
+                    if not it.get("skip")]
+            if not kept:
+                from bpo_fast.data.bad_samples import TooManyBadSamples
+
+                where = f"; each is named in {self.bad.path}" if self.bad is not None else ""
+                raise TooManyBadSamples(f"eval_data: no usable sample in {s.path}: every one is "
+                                        f"bad{where}")
+            w = [wi for _, wi in kept]
+            batch = self.collate.batch([it for it, _ in kept])
             inputs = {k: v.to(self.device) for k, v in batch.items()
                       if isinstance(v, torch.Tensor) and k != "index"}
             if self.cache is not None:
                 inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self.cache.lookup(
-                    batch["ids"], self.device)
+                    batch["ids"], self.device, digests=batch["digests"])
             with self.autocast:
                 out = pm(**inputs)
             d = out.dpo
-            b = len(idx)
+            b = len(w)
             wt = torch.tensor(w, dtype=torch.float64, device=self.device)
             per_pair = [out.loss.detach().double().expand(b), d.losses, d.chosen_rewards,
                         d.rejected_rewards, d.reward_margins,
@@ -213,6 +236,8 @@ class Evaluator:
             import torch.distributed as dist
 
             dist.all_reduce(sums)
+        if self.bad is not None:
+            self.bad.check(self.world)
         n = max(float(sums[-1]), 1.0)
         return {f"eval_{s.name}/{k}": float(v) / n for k, v in zip(EVAL_METRICS, sums[:-1])}
 
@@ -221,32 +246,44 @@ class Evaluator:
     @torch.no_grad()
     def generate(self, pm, s):
         """Greedy answers on the first ``eval_generate`` pairs: ``[{"id", "prompt", "answer",
-        "chosen"}]``."""
-        from bpo_fast.data.schema import turns_to_messages
+        "chosen"}]``, through bpo-fast's one generation path
+        (:class:`bpo_fast.data.vlm_generation.Answerer`, as ``bpo-fast generate``), batched by
+        ``eval_batch_size``."""
+        from bpo_fast.data.bad_samples import SAMPLE_ERRORS, BadSamples, sample_kind
+        from bpo_fast.data.generation import Sampling
+        from bpo_fast.data.questions import item_images
+        from bpo_fast.data.vlm_generation import Answerer
 
         n = min(self.config.eval_generate, len(s.ds))
-        model = pm.policy
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                     torch.float32)
-        tok = self.processor.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        answer = Answerer(pm.policy, self.processor, Sampling(
+            max_new_tokens=self.config.eval_max_new_tokens,
+            chat_template=self.config.chat_template), device=self.device,
+            processor_kwargs=self.config.processor_kwargs)
         out = []
-        # one pair at a time (no padding to get right; pairs may hold any number of images)
-        for j in range(n):
-            it = s.ds[j]
-            text = self.collate.prompt_text(turns_to_messages(it["prompt"]))
-            images = it["images"] if it.get("images") is not None else [it["image"]]
-            enc = self.processor(images=images or None, text=[text], return_tensors="pt")
-            enc = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
-                   for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        for b in range(0, n, self.batch_size):
+            items = []
+            for j in range(b, min(n, b + self.batch_size)):
+                try:  # a bad sample is noted (metrics() met it first) and has no answer
+                    it = s.ds[j]
+                    answer.check(it["prompt"], item_images(it))
+                except SAMPLE_ERRORS as exc:
+                    rec = s.ds.records[j]
+                    self._note([BadSamples.entry(s.path, rec.get("id"), rec.get("line",
+                                                                                rec.get("row")),
+                                                 f"{type(exc).__name__}: {exc}", sample_kind(exc))])
+                    continue
+                items.append(it)
+            if not items:
+                continue
             with self.autocast:
-                seqs = model.generate(**enc, max_new_tokens=self.config.eval_max_new_tokens,
-                                      do_sample=False, num_beams=1, pad_token_id=pad)
-            new = seqs[0, enc["input_ids"].shape[1]:]
-            out.append({"id": it["id"], "prompt": text,
-                        "answer": tok.decode(new, skip_special_tokens=True).strip(),
-                        "chosen": it["chosen"]})
+                answers, _ = answer([(it["prompt"], item_images(it)) for it in items])
+            out += [{"id": it["id"], "prompt": answer.prompt(it["prompt"]), "answer": a,
+                     "chosen": it["chosen"]} for it, a in zip(items, answers)]
         return out
+
+    def _note(self, notes):
+        if self.bad is not None:
+            self.bad.note(notes)
 
     def _generate_unsharded(self, pm, s):
         """FSDP2: ``generate`` calls the policy directly, past the root module's hooks that
