@@ -666,9 +666,9 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
         BM, BV, BK, warps, stages = config or tile_config(kind, hidden.dtype,
                                                           target and target[0],
                                                           softcap is not None)
-        kernel[grid(BM, BV)](*args, ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK,
+        kernel[grid(BM, BV)](*args, **kw, ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK,
                              PREC=_prec(hidden.dtype), SOFTCAP=has_cap, num_warps=warps,
-                             num_stages=stages, **kw)
+                             num_stages=stages)
 
     if not deterministic:
         launch(_fused_bwd_kernel, "bwd",
