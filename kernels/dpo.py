@@ -14,10 +14,10 @@
 2. :func:`_dpo_mean_kernel` -- one program: the mean loss and the reward accuracy from the
    per-pair outputs, in a fixed order (deterministic, no atomics, no zero-init launch).
 
-Size arguments are not specialised (``do_not_specialize``) and pointers not on alignment: the
-kernels move kilobytes, and every (loss type, ``TOKENS``, ``HAS_LEN``) then has exactly one
-compiled variant, which ``bpo_fast.tools.gpu_check`` compiles for sm_80/sm_90 on every
-supported Triton. The backward of the fused path uses the saved ``dlosses`` inside the
+Size arguments are not specialised (``do_not_specialize``) and pointers not on alignment, and
+labels come in one dtype (int32 labels are widened): the kernels move kilobytes, and every
+(loss type, ``TOKENS``, ``HAS_LEN``) then has exactly one compiled variant, which
+``bpo_fast.tools.gpu_check`` compiles for every supported arch on every supported Triton. The backward of the fused path uses the saved ``dlosses`` inside the
 logits-gradient kernel (``kernels/logprobs.py``, ``MODE_DPO``).
 
 Loss-type ids are the named constants below; the loss registry (``bpo_fast/ops/losses.py``) maps
@@ -268,7 +268,8 @@ def dpo_pairs(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_l
         T1 = token_logps.shape[1]
         # T == 1: an empty [2B, 0] buffer (maybe a null pointer) is never read: pass another
         tok = token_logps if T1 > 0 else rc
-        lab, sln, slt = labels, labels.stride(0), labels.stride(1)
+        lab = labels if labels.dtype == torch.int64 else labels.long()  # one label dtype
+        sln, slt = lab.stride(0), lab.stride(1)
         pc = pr = tok
         logps_buf, ntok_buf = out["logps"], out["n_tokens"]
         has_len = False

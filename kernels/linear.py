@@ -119,8 +119,8 @@ def _lse_update_kernel(z_ptr, stride_z, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
     tl.store(t_ptr + row, zt * inv_temp, mask=hit)
 
 
-def _row_config(n_cols):
-    block_v = min(4096, triton.next_power_of_2(n_cols))
+def _row_config(n_cols, device):  # the block's cap per arch: see _row_block_cap
+    block_v = min(_row_block_cap(device), triton.next_power_of_2(n_cols))
     return block_v, 8 if block_v >= 2048 else 4
 
 
@@ -139,7 +139,7 @@ def lse_update(z, bias_v, targets, m, s, tgt_logit, v0, inv_temp, block_v=None, 
     if C == 0:
         return
     assert z.dtype == torch.float32 and z.stride(1) == 1
-    bv, warps = _row_config(n_cols)
+    bv, warps = _row_config(n_cols, z.device)
     cap, has_cap = _cap_args(softcap)
     _lse_update_kernel[(C,)](
         z, z.stride(0), bias_v if bias_v is not None else z, targets, m, s, tgt_logit,
@@ -192,7 +192,7 @@ def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, block_v=None, 
     d = z if dtype == torch.float32 else torch.empty((C, n_cols), device=z.device, dtype=dtype)
     if C == 0:
         return d
-    bv, warps = _row_config(n_cols)
+    bv, warps = _row_config(n_cols, z.device)
     cap, has_cap = _cap_args(softcap)
     _dlogits_kernel[(C,)](
         z, z.stride(0), d, d.stride(0), bias_v if bias_v is not None else z, targets, lse, gscale,
@@ -206,6 +206,21 @@ def dlogits(z, bias_v, targets, lse, gscale, v0, inv_temp, dtype, block_v=None, 
 # ----------------------------------------------------------------------------------------------
 
 
+# Element offsets that multiply a runtime stride are formed in int64: (H - 1) * V alone passes
+# 2^31 for a [V, H] view of an [H, V] matrix at H 8192, V 262208 (the launchers pass such a
+# weight contiguous, these stay exact whatever they are given). With the usual stride 1 (a
+# specialised constant) the cast costs nothing. `python -m bpo_fast.tools.gpu_check` fails any
+# 32-bit product of a runtime integer argument.
+@triton.jit
+def _h_offsets(roff, ks, stride_hk):
+    return roff[:, None] + ks[None, :].to(tl.int64) * stride_hk
+
+
+@triton.jit
+def _w_offsets(cols, ks, stride_wv, stride_wk):
+    return cols[:, None].to(tl.int64) * stride_wv + ks[None, :].to(tl.int64) * stride_wk
+
+
 @triton.jit
 def _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, stride_wk, H,
                 BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
@@ -213,9 +228,9 @@ def _logit_tile(h_ptr, roff, rmask, stride_hk, w_ptr, cols, cmask, stride_wv, st
     for k0 in range(0, H, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < H
-        a = tl.load(h_ptr + roff[:, None] + ks[None, :] * stride_hk,
+        a = tl.load(h_ptr + _h_offsets(roff, ks, stride_hk),
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :] * stride_wk,
+        b = tl.load(w_ptr + _w_offsets(cols, ks, stride_wv, stride_wk),
                     mask=cmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
     return acc
@@ -253,10 +268,13 @@ def _d_tile(acc, b_ptr, cols, cmask, rows, rmask, lse_ptr, gs_ptr, tgt_ptr, inv_
 # arguments, not constexprs: one compiled variant per (dtype, tile) instead of one per flag
 # combination (fewer first-step JIT compiles for users, fewer variants for the gate to prove);
 # the branches are uniform per program and cost nothing measurable next to the tile products.
+# V is not specialised either: it only bounds the vocabulary masks (rows of the weight tile,
+# whose loads are vectorised along H; the bias vector), so whether it is a multiple of 16
+# changes nothing but a [BV] bias load per tile, and 32000 and 32001 share a variant.
 _FLAGS = ["has_bias", "need_gh", "need_gw", "need_gb"]
 
 
-@triton.jit(do_not_specialize=["S", "SPLIT"] + _FLAGS)
+@triton.jit(do_not_specialize=["S", "V", "SPLIT"] + _FLAGS)
 def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
                       m_ptr, s_ptr, t_ptr, S, V, H, inv_temp, softcap, SPLIT, has_bias,
                       ROW_ALIGN: tl.constexpr, BM: tl.constexpr,
@@ -290,13 +308,13 @@ def _fused_fwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
         tlog += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), axis=1)
-    out = pid_s * S + rows
+    out = pid_s.to(tl.int64) * S + rows
     tl.store(m_ptr + out, m, mask=rmask)
     tl.store(s_ptr + out, s, mask=rmask)
     tl.store(t_ptr + out, tlog, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["S"] + _FLAGS)
+@triton.jit(do_not_specialize=["S", "V"] + _FLAGS)
 def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, tgt_ptr,
                       lse_ptr, gs_ptr, gh_ptr, gw_ptr, gb_ptr, S, V, H, inv_temp, softcap,
                       has_bias, need_gh, need_gw, need_gb,
@@ -335,20 +353,20 @@ def _fused_bwd_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b
         ks = ((i + rot) % nk) * BK + tl.arange(0, BK)
         kmask = ks < H
         if need_gh:
-            wt = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :] * stride_wk,
+            wt = tl.load(w_ptr + _w_offsets(cols, ks, stride_wv, stride_wk),
                          mask=cmask[:, None] & kmask[None, :], other=0.0)
             gh = tl.dot(dc, wt, input_precision=PREC)
             tl.atomic_add(gh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :], gh,
                           mask=rmask[:, None] & kmask[None, :], sem="relaxed")
         if need_gw:
-            ht = tl.load(h_ptr + roff[:, None] + ks[None, :] * stride_hk,
+            ht = tl.load(h_ptr + _h_offsets(roff, ks, stride_hk),
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
             gw = tl.dot(tl.trans(dc), ht, input_precision=PREC)
             tl.atomic_add(gw_ptr + cols[:, None].to(tl.int64) * H + ks[None, :], gw,
                           mask=cmask[:, None] & kmask[None, :], sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["S"] + _FLAGS)
+@triton.jit(do_not_specialize=["S", "V"] + _FLAGS)
 def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
                           tgt_ptr, lse_ptr, gs_ptr, gh_ptr, gw_ptr, gb_ptr, S, V, H, inv_temp,
                           softcap, has_bias, need_gh, need_gw, need_gb, ROWS: tl.constexpr,
@@ -359,6 +377,15 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
     # it in a fixed order. ROWS: a row block of grad_hidden, looping over the vocabulary;
     # else a vocabulary block of grad_weight (and grad_bias), looping over the rows. Each pass
     # recomputes its logit tiles (4/3 of the atomic path's FLOPs for both gradients).
+    # The read-add-write of a grad_hidden / grad_weight tile (`cur = tl.load(ptrs)`, then
+    # `tl.store(ptrs, cur + ...)`) is not race-free by same-thread ownership, as `_dlogits_kernel`
+    # is: the load and the store use different layouts (the load's blocked layout is converted
+    # to the dot's MMA layout, the sum to a store layout), so threads store elements that other
+    # threads loaded. It is safe because the compiler routes those conversions through shared
+    # memory behind a barrier (bar.sync), which no thread passes before every thread's load of
+    # `cur` is done: a property of the compiled code (seen in the TTGIR/PTX of Triton 3.6-3.9),
+    # not a guarantee of the language. Should a Triton ever convert between the two layouts
+    # without that barrier, a `tl.debug_barrier()` between the load and the store is needed.
     if ROWS:
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < S
@@ -374,8 +401,7 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
             for k0 in range(0, H, BK):
                 ks = k0 + tl.arange(0, BK)
                 kmask = ks < H
-                wt = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wv
-                             + ks[None, :] * stride_wk,
+                wt = tl.load(w_ptr + _w_offsets(cols, ks, stride_wv, stride_wk),
                              mask=cmask[:, None] & kmask[None, :], other=0.0)
                 ptrs = gh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :]
                 m2 = rmask[:, None] & kmask[None, :]
@@ -400,7 +426,7 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
                 for k0 in range(0, H, BK):
                     ks = k0 + tl.arange(0, BK)
                     kmask = ks < H
-                    ht = tl.load(h_ptr + roff[:, None] + ks[None, :] * stride_hk,
+                    ht = tl.load(h_ptr + _h_offsets(roff, ks, stride_hk),
                                  mask=rmask[:, None] & kmask[None, :], other=0.0)
                     ptrs = gw_ptr + cols[:, None].to(tl.int64) * H + ks[None, :]
                     m2 = cmask[:, None] & kmask[None, :]
@@ -413,46 +439,119 @@ def _fused_bwd_det_kernel(h_ptr, roff_ptr, stride_hk, w_ptr, stride_wv, stride_w
 
 # (BM, BV, BK, num_warps, num_stages) per (kind, arch, dtype): the only tiles the launchers
 # use on a GPU. Chosen so that `python -m bpo_fast.tools.gpu_check` finds no spills on any
-# supported Triton and shared memory within each arch's per-block limit (A100: 163 KB,
-# H100: 227 KB); bench/linear.py times them. float32 (ieee products, no tensor cores worth the
-# name) gets small tiles of its own.
+# supported Triton and shared memory within each arch's per-block limit; bench/linear.py times
+# them. float32 (ieee products, no tensor cores worth the name) gets small tiles of its own.
+# An arch uses the rows of the nearest arch at or below it that has rows (:func:`tile_arch`).
+#
+# sm_80 (A100: 163 KB shared memory per block; 64K registers and 2048 threads per SM) and sm_90
+# (H100: 227 KB; wgmma) keep their rows. sm_86/sm_89 (A10, L4, L40S, RTX 30/40: 99 KB per block,
+# 1536 threads per SM) use sm_80's: the same mma.sync code, and every sm_80 tile fits their
+# shared memory (the largest, the 2-byte forward's 4 stages of 128x32 + 128x32, is 64 KB)
+# without spills on Triton 3.6-3.9. That forward holds a 128x128 float32 accumulator in 8 warps
+# (~220 registers a thread): one 256-thread block per SM (56K of 64K registers) on every arch;
+# its 4-stage pipeline, not more blocks, hides the load latency.
+# sm_100 (B200: 227 KB, tcgen05) compiles sm_90's forward and un-capped atomic backward cleanly
+# but ptxas spills 4-44 B in the deterministic 2-byte backward at 4 warps (3.8, 3.9) and 16 B in
+# the capped atomic backward at BK 64 (3.6): its rows take the deterministic passes at 8 warps
+# (same 64x64 tile, half the registers per thread: 105-186 on 3.6/3.9; the capped float32 ones
+# at 2 warps: 4 B spilled at 4 warps on 3.6, and 8 warps read a 32x16 float32 tile with
+# 8-byte copies) and the capped atomic backward at BK 32 (the same 128x64 output tile and
+# atomics, 36 KB of shared memory instead of 72).
+# sm_120 (RTX 50, RTX PRO Blackwell: 99 KB, 1536 threads per SM, mma.sync, no wgmma) spills
+# 12-60 B with sm_90's 2-byte forward (128x128x64: the 255-register cap): its rows are sm_80's
+# tiles (BK 32 halves the operand registers; 64 KB of shared memory), but the capped atomic
+# backward, which spills 12 B at 128x64 on 3.6, takes 64x64 in 8 warps (80 registers; a third
+# more float32 atomics than 128x64: 1/64 + 1/64 instead of 1/128 + 1/64 per logit and H), and
+# the float32 deterministic passes take 32x32 (4 B spilled at 32x64 on 3.8).
 _TILES = {
     ("fwd", 80, "half"): (128, 128, 32, 8, 4),
     ("fwd", 90, "half"): (128, 128, 64, 8, 3),
+    ("fwd", 100, "half"): (128, 128, 64, 8, 3),
+    ("fwd", 120, "half"): (128, 128, 32, 8, 4),
     ("bwd", 80, "half"): (128, 64, 32, 8, 3),
     ("bwd", 90, "half"): (128, 64, 64, 8, 3),
+    ("bwd", 100, "half"): (128, 64, 64, 8, 3),
+    ("bwd", 120, "half"): (128, 64, 32, 8, 3),
     ("det", 80, "half"): (64, 64, 32, 4, 3),
     ("det", 90, "half"): (64, 64, 32, 4, 3),
+    ("det", 100, "half"): (64, 64, 32, 8, 3),
+    ("det", 120, "half"): (64, 64, 32, 4, 3),
     ("fwd", 80, "float32"): (64, 64, 16, 4, 2),
     ("fwd", 90, "float32"): (64, 64, 16, 4, 2),
+    ("fwd", 100, "float32"): (64, 64, 16, 4, 2),
+    ("fwd", 120, "float32"): (64, 64, 16, 4, 2),
     ("bwd", 80, "float32"): (32, 64, 16, 4, 2),
     ("bwd", 90, "float32"): (32, 64, 16, 4, 2),
+    ("bwd", 100, "float32"): (32, 64, 16, 4, 2),
+    ("bwd", 120, "float32"): (32, 64, 16, 4, 2),
     ("det", 80, "float32"): (32, 64, 16, 4, 2),
     ("det", 90, "float32"): (32, 64, 16, 4, 2),
+    ("det", 100, "float32"): (32, 64, 16, 4, 2),
+    ("det", 120, "float32"): (32, 32, 16, 4, 2),
+    # the deterministic vocabulary pass (grad_weight/grad_bias; "det" is the grad_hidden pass,
+    # and the vocabulary pass where it has no row here): sm_80's float32 one at 32x64 in 4
+    # warps spills 16 B on Triton 3.6 since V is unspecialised (the capped 32x32 one: 4 B on
+    # 3.6 and 3.7.1, at 96 registers). 64x64 in 8 warps compiles cleanly on 3.6-3.9 (80-128
+    # registers on sm_80/86/89): each thread holds the same 16 logits as 32x64 in 4 warps and
+    # the same 2 blocks of 8 warps fit an SM (128 registers x 256 threads), with a third more
+    # FMAs per loaded element; 32x64 at 2 warps spills more (344 B) and 8 warps at 32 rows read
+    # the 32x16 hidden tile with 8-byte copies. sm_86/89 take it with the rest of sm_80's rows.
+    ("det_vocab", 80, "float32"): (64, 64, 16, 8, 2),
 }
 # With the logit soft-cap (SOFTCAP) the deterministic grad_hidden pass (ROWS) holds the tanh's
 # temporaries next to its d tile and the grad_hidden tile: at 4 warps Triton 3.6's register
 # budget spills (8 B, fp32 and 2-byte sm_80); 8 warps halve each thread's share of the tiles.
-# The un-capped kernels keep the tiles above.
+# The capped atomic backward of sm_100/sm_120: see above. The un-capped kernels keep the tiles
+# above.
 _SOFTCAP_TILES = {
+    ("bwd", 100, "half"): (128, 64, 32, 8, 3),
+    ("bwd", 120, "half"): (64, 64, 32, 8, 3),
     ("det", 80, "half"): (64, 64, 32, 8, 3),
     ("det", 90, "half"): (64, 64, 32, 8, 3),
+    ("det", 100, "half"): (64, 64, 32, 8, 3),
+    ("det", 120, "half"): (64, 64, 32, 8, 3),
     ("det", 80, "float32"): (32, 32, 16, 4, 2),
     ("det", 90, "float32"): (32, 32, 16, 4, 2),
+    ("det", 100, "float32"): (32, 32, 16, 2, 2),
+    ("det", 120, "float32"): (32, 32, 16, 4, 2),
+    # sm_80's capped float32 vocabulary pass: 64x32 in 4 warps (96-128 registers on sm_80/86/89,
+    # no spill on 3.6-3.9; twice the rows of the 32x32 that spills 4 B on 3.6/3.7.1; 8 warps
+    # would read the 32x16 weight tile with 8-byte copies); the grad_hidden pass keeps 32x32
+    ("det_vocab", 80, "float32"): (64, 32, 16, 4, 2),
 }
 _INTERPRETER_TILE = (16, 32, 16, 4, 1)  # small tiles: speed of the CPU emulation
 _GROUP = 8
+_TILE_ARCHS = sorted({a for _, a, _ in _TILES})
+
+
+def tile_arch(arch):
+    """The arch whose rows of the tile tables sm_``arch`` uses: the nearest at or below it with
+    rows of its own (sm_86/sm_89 -> sm_80, sm_103 -> sm_100, sm_121 -> sm_120; below sm_80,
+    sm_80's)."""
+    return max((a for a in _TILE_ARCHS if a <= arch), default=_TILE_ARCHS[0])
 
 
 def tile_config(kind, dtype, arch, softcap=False):
-    """(BM, BV, BK, num_warps, num_stages) of a fused kernel (``kind``: "fwd", "bwd" or "det")
-    for ``dtype`` on sm_``arch`` (``None``: the interpreter), with the logit soft-cap or not.
-    Archs between and after the two we check take the nearest one below (sm_86/89 -> sm_80,
-    sm_100+ -> sm_90)."""
+    """(BM, BV, BK, num_warps, num_stages) of a fused kernel (``kind``: "fwd", "bwd", "det"
+    (the deterministic grad_hidden pass) or "det_vocab" (its vocabulary pass: "det"'s row
+    where it has none of its own)) for ``dtype`` on sm_``arch`` (``None``: the interpreter),
+    with the logit soft-cap or not."""
     if arch is None:
         return _INTERPRETER_TILE
-    key = (kind, 90 if arch >= 90 else 80, "float32" if dtype == torch.float32 else "half")
+    key = (kind, tile_arch(arch), "float32" if dtype == torch.float32 else "half")
+    if kind == "det_vocab" and key not in _TILES:
+        key = ("det",) + key[1:]
     return (_SOFTCAP_TILES.get(key) if softcap else None) or _TILES[key]
+
+
+def _row_block_cap(device):
+    """Largest BLOCK_V of the row kernels: 4096, but 2048 on sm_120, whose ptxas keeps them at
+    48 registers in 8 warps: 4096-element blocks spill 4 B there (2-byte d over an odd
+    vocabulary, Triton 3.6-3.9); 2048 halve each thread's share. (Defined down here, like the
+    tile tables, so that editing it moves no kernel's line: Triton's kernel hash, the gate's
+    cache key, counts them.)"""
+    target = gpu_target(device)
+    return 2048 if target is not None and tile_arch(target[0]) == 120 else 4096
 
 
 def _prec(dtype):
@@ -490,6 +589,14 @@ def _aligned_rows(hidden, row_off):
     return rows, torch.arange(row_off.numel(), device=hidden.device) * hp, vec
 
 
+def k_contiguous(weight):
+    """``weight [V, H]`` with unit stride over ``H`` (a copy for a transposed view, e.g. an LM head
+    tied to an ``[H, V]`` matrix), so the fused kernels always read weight rows with 16-byte
+    vectors and have one variant per dtype. The backward of ``bpo_fast.ops.linear`` calls it
+    once, before its chunk loop (here it is then a no-op)."""
+    return weight if weight.stride(1) == 1 or weight.shape[1] == 1 else weight.contiguous()
+
+
 def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None, softcap=None):
     """Per scored row (``row_off`` element offsets into ``hidden``'s storage of row starts,
     i.e. combinations of ``hidden``'s strides; last dim stride ``hidden.stride(-1)``):
@@ -504,6 +611,7 @@ def fused_forward(hidden, row_off, weight, bias, targets, inv_temp, config=None,
         z = torch.zeros(0, device=dev, dtype=torch.float32)
         return z.view(0, 2), z.clone()
     hidden, row_off, row_align = _aligned_rows(hidden, row_off)
+    weight = k_contiguous(weight)
     target = gpu_target(dev)
     BM, BV, BK, warps, stages = config or tile_config("fwd", hidden.dtype,
                                                       target and target[0], softcap is not None)
@@ -539,12 +647,10 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
     if S == 0 or (gh is None and gw is None and gb is None):
         return
     hidden, row_off, row_align = _aligned_rows(hidden, row_off)
+    weight = k_contiguous(weight)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     target = gpu_target(dev)
-    BM, BV, BK, warps, stages = config or tile_config("det" if deterministic else "bwd",
-                                                      hidden.dtype, target and target[0],
-                                                      softcap is not None)
 
     cap, has_cap = _cap_args(softcap)
 
@@ -555,14 +661,22 @@ def fused_backward(hidden, row_off, weight, bias, targets, lse, gscale, inv_temp
             bias if bias is not None else weight, targets, lse, gscale, out(gh), out(gw), out(gb),
             S, V, H, float(inv_temp), cap, int(bias is not None), int(gh is not None),
             int(gw is not None), int(gb is not None))
-    common = dict(ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK, PREC=_prec(hidden.dtype),
-                  SOFTCAP=has_cap, num_warps=warps, num_stages=stages)
+
+    def launch(kernel, kind, grid, **kw):
+        BM, BV, BK, warps, stages = config or tile_config(kind, hidden.dtype,
+                                                          target and target[0],
+                                                          softcap is not None)
+        kernel[grid(BM, BV)](*args, **kw, ROW_ALIGN=row_align, BM=BM, BV=BV, BK=BK,
+                             PREC=_prec(hidden.dtype), SOFTCAP=has_cap, num_warps=warps,
+                             num_stages=stages)
+
     if not deterministic:
-        grid = (triton.cdiv(S, BM) * triton.cdiv(V, BV),)
-        _fused_bwd_kernel[grid](*args, GROUP=_GROUP, **common)
+        launch(_fused_bwd_kernel, "bwd",
+               lambda BM, BV: (triton.cdiv(S, BM) * triton.cdiv(V, BV),), GROUP=_GROUP)
         return
     # ROWS reads only need_gh, the vocabulary pass only need_gw / need_gb
     if gh is not None:
-        _fused_bwd_det_kernel[(triton.cdiv(S, BM),)](*args, ROWS=True, **common)
+        launch(_fused_bwd_det_kernel, "det", lambda BM, BV: (triton.cdiv(S, BM),), ROWS=True)
     if gw is not None or gb is not None:
-        _fused_bwd_det_kernel[(triton.cdiv(V, BV),)](*args, ROWS=False, **common)
+        launch(_fused_bwd_det_kernel, "det_vocab", lambda BM, BV: (triton.cdiv(V, BV),),
+               ROWS=False)

@@ -91,12 +91,16 @@ def _fwd_kernel(x_ptr, sxn, sxt, lab_ptr, sln, slt, lp_ptr, lse_ptr,
     tl.store(lse_ptr + 2 * row + 1, tl.where(valid, ls2, 0.0))
 
 
-@triton.jit(do_not_specialize=["sln", "slt", "T", "B", "ignore_index"])
+# MODE_DPO's three optional upstream terms are runtime flags, not constexprs: they add a scalar
+# load per row (a uniform branch) next to a row of V logits, and one variant per MODE replaces
+# one per flag combination (8 for MODE_DPO) in users' first-step JIT and in the gate.
+@triton.jit(do_not_specialize=["sln", "slt", "T", "B", "ignore_index", "has_gloss",
+                               "has_glosses", "has_glogps"])
 def _bwd_kernel(x_ptr, sxn, sxt, gx_ptr, sgn, sgt, lab_ptr, sln, slt, lse_ptr,
                 g_ptr, gl_ptr, gls_ptr, dl_ptr,
                 T, V, B, ignore_index, scale2, inv_temp, inv_B,
-                MODE: tl.constexpr, HAS_GLOSS: tl.constexpr, HAS_GLOSSES: tl.constexpr,
-                HAS_GLOGPS: tl.constexpr, BLOCK_V: tl.constexpr):
+                has_gloss, has_glosses, has_glogps,
+                MODE: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n = row // T
     t = row % T
@@ -112,12 +116,12 @@ def _bwd_kernel(x_ptr, sxn, sxt, gx_ptr, sgn, sgt, lab_ptr, sln, slt, lse_ptr,
         g = tl.load(g_ptr + n, mask=valid, other=0.0)
     else:            # fused DPO: (g_loss / B + g_losses[n mod B]) * dlosses[n] + g_logps[n]
         coef = tl.zeros([], tl.float32)
-        if HAS_GLOSS:
+        if has_gloss:
             coef += tl.load(gl_ptr).to(tl.float32) * inv_B
-        if HAS_GLOSSES:
+        if has_glosses:
             coef += tl.load(gls_ptr + n % B).to(tl.float32)
         g = coef * tl.load(dl_ptr + n)
-        if HAS_GLOGPS:
+        if has_glogps:
             g += tl.load(g_ptr + n).to(tl.float32)
         g = tl.where(valid, g, 0.0)
     g = g.to(tl.float32)
@@ -151,7 +155,8 @@ def _seq_sum_kernel(lp_ptr, lab_ptr, sln, slt, out_ptr, cnt_ptr, T1, ignore_inde
         t = t0 + offs
         m = t < T1
         acc += tl.load(lp_ptr + n * T1 + t, mask=m, other=0.0)
-        lab = tl.load(lab_ptr + n * sln + (t + 1) * slt, mask=m, other=ignore_index)
+        # int64: a runtime stride never meets a 32-bit index in a product (the gate checks)
+        lab = tl.load(lab_ptr + n * sln + (t + 1).to(tl.int64) * slt, mask=m, other=ignore_index)
         cnt += tl.where(m & (lab != ignore_index), 1, 0).to(tl.int64)
     tl.store(out_ptr + n, tl.sum(acc, 0))
     tl.store(cnt_ptr + n, tl.sum(cnt, 0))
@@ -185,6 +190,12 @@ def block_config(V, element_size):
     return block, warps
 
 
+def int64_labels(labels):
+    """``labels`` as int64 (int32 labels are widened, a copy of ``[N, T]``): the kernels take one
+    label dtype, so int32 callers compile no variants of their own."""
+    return labels if labels.dtype == torch.int64 else labels.long()
+
+
 def forward(logits, labels, ignore_index, temperature, block_v=None):
     """(token log-probs float32 ``[N, T-1]``, row statistics float32 ``[N, T-1, 2]``: the max
     of the raw logits and ``log2(sum(exp2((x - max) * log2(e) / temperature)))``, the only
@@ -192,6 +203,7 @@ def forward(logits, labels, ignore_index, temperature, block_v=None):
     ``logits`` must have ``stride(2) == 1``; ``labels`` any strides."""
     N, T, V = logits.shape
     T1 = T - 1
+    labels = int64_labels(labels)
     lp = torch.empty(N, T1, device=logits.device, dtype=torch.float32)
     stats = torch.empty(N, T1, 2, device=logits.device, dtype=torch.float32)
     if N * T1 == 0:
@@ -212,6 +224,7 @@ def backward(logits, labels, stats, ignore_index, temperature, *, mode, g=None, 
     ``out``: the buffer to write (``None``: a new
     contiguous tensor; pass ``logits`` itself for the in-place backward)."""
     N, T, V = logits.shape
+    labels = int64_labels(labels)
     if out is None:
         out = torch.empty((N, T, V), device=logits.device, dtype=logits.dtype)
     if N * T == 0:
@@ -228,14 +241,15 @@ def backward(logits, labels, stats, ignore_index, temperature, *, mode, g=None, 
         g if g is not None else f32, g_loss if g_loss is not None else f32,
         g_losses if g_losses is not None else f32, dlosses if dlosses is not None else f32,
         T, V, B, ignore_index, LOG2E / temperature, 1.0 / temperature, 1.0 / B,
-        MODE=mode, HAS_GLOSS=g_loss is not None, HAS_GLOSSES=g_losses is not None,
-        HAS_GLOGPS=g is not None, BLOCK_V=block, num_warps=warps)
+        int(g_loss is not None), int(g_losses is not None), int(g is not None),
+        MODE=mode, BLOCK_V=block, num_warps=warps)
     return out
 
 
 def sequence_sums(lp, labels, ignore_index):
     """(float32 [N] sums of ``lp [N, T-1]`` rows, int64 [N] counts of scored labels)."""
     N, T1 = lp.shape
+    labels = int64_labels(labels)
     sums = torch.empty(N, device=lp.device, dtype=torch.float32)
     cnt = torch.empty(N, device=lp.device, dtype=torch.int64)
     if N == 0:

@@ -184,6 +184,51 @@ def test_fused_backward(need, deterministic, softcap):
             assert x is None or torch.equal(x, y)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fused_kernels_read_a_strided_weight(monkeypatch, deterministic):
+    """The kernels themselves take any weight strides (64-bit offsets): a transposed view
+    handed to them as it is (the launchers' contiguous copy switched off)."""
+    hidden, weight, b, targets, gs = _head(H=24, V=50)
+    wt = weight.t().contiguous().t()  # [V, H] view of [H, V] storage: k-stride V
+    assert wt.stride() == (1, 50)
+    monkeypatch.setattr(KL, "k_contiguous", lambda w: w)
+    seen = []
+    monkeypatch.setattr(KL, "_fused_fwd_kernel", _Spy(KL._fused_fwd_kernel, seen, args=True))
+    S, H = hidden.shape
+    row_off = torch.arange(S) * H
+    stats, tlog = KL.fused_forward(hidden, row_off, wt, b, targets, 0.5)
+    assert seen[0][1][4:6] == (1, 50)  # stride_wv, stride_wk as launched
+    z = (hidden @ weight.T + b) * 0.5
+    torch.testing.assert_close(stats.sum(1), torch.logsumexp(z, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tlog, z.gather(1, targets[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+    lse = torch.logsumexp(z, 1)
+    d = (torch.nn.functional.one_hot(targets, 50).float() - torch.softmax(z, 1)) * gs[:, None]
+    gh, gw, gb = torch.zeros(S, H), torch.zeros(50, H), torch.zeros(50)
+    KL.fused_backward(hidden, row_off, wt, b, targets, lse, gs, 0.5, gh=gh, gw=gw, gb=gb,
+                      deterministic=deterministic)
+    tol = dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gh, d @ weight, **tol)
+    torch.testing.assert_close(gw, d.T @ hidden, **tol)
+    torch.testing.assert_close(gb, d.sum(0), **tol)
+
+
+def test_launchers_give_the_kernels_a_k_contiguous_weight(monkeypatch):
+    """A transposed weight reaches the fused kernels with unit k-stride (one variant per dtype,
+    16-byte loads, no (H-1) * V offset)."""
+    hidden, weight, b, targets, gs = _head(H=24, V=50)
+    wt = weight.t().contiguous().t()
+    seen = []
+    for name in ("_fused_fwd_kernel", "_fused_bwd_kernel", "_fused_bwd_det_kernel"):
+        monkeypatch.setattr(KL, name, _Spy(getattr(KL, name), seen, args=True))
+    S, H = hidden.shape
+    row_off = torch.arange(S) * H
+    KL.fused_forward(hidden, row_off, wt, None, targets, 1.0)
+    for det in (False, True):
+        KL.fused_backward(hidden, row_off, wt, None, targets, torch.zeros(S), gs, 1.0,
+                          gw=torch.zeros(50, H), deterministic=det)
+    assert len(seen) == 3 and all(args[4:6] == (H, 1) for _, args in seen)
+
+
 def test_fused_backward_follows_torch_deterministic_mode(monkeypatch):
     seen = []
     real = KL._fused_bwd_det_kernel
@@ -202,12 +247,21 @@ def test_fused_backward_follows_torch_deterministic_mode(monkeypatch):
 
 
 class _Spy:
-    def __init__(self, fn, seen):
-        self.fn, self.seen = fn, seen
+    """Stands in for a kernel: records each launch's grid (and, with ``args``, its positional
+    arguments, tensors as themselves) and runs it."""
+
+    def __init__(self, fn, seen, args=False):
+        self.fn, self.seen, self.args = fn, seen, args
 
     def __getitem__(self, grid):
-        self.seen.append(grid)
-        return self.fn[grid]
+        if not self.args:
+            self.seen.append(grid)
+            return self.fn[grid]
+
+        def launch(*a, **kw):
+            self.seen.append((grid, a))
+            return self.fn[grid](*a, **kw)
+        return launch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +291,8 @@ def test_lse_update(bias, softcap):
 @pytest.mark.parametrize("flags", [(gl, gls, glp) for gl in (0, 1) for gls in (0, 1)
                                    for glp in (0, 1)])
 def test_logits_backward_dpo_mode_flags(flags):
-    """MODE_DPO with each (HAS_GLOSS, HAS_GLOSSES, HAS_GLOGPS) the ops can launch."""
+    """MODE_DPO with each combination of its optional terms (g_loss, g_losses, g_logps: runtime
+    flags of one compiled variant) the ops can launch."""
     gl_on, gls_on, glp_on = flags
     B, T, V = 2, 5, 37
     N = 2 * B
@@ -267,6 +322,34 @@ def test_logits_backward_dpo_mode_flags(flags):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_int32_labels_reach_the_kernels_as_int64(monkeypatch):
+    """int32 labels (accepted by the ops) are widened by the launchers: the kernels have one
+    label dtype, so int32 callers compile no variants of their own; the results are the same."""
+    B, T, V = 2, 6, 37
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2 * B, T, V, generator=g)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[0, :3] = -100
+    seen = []
+    for mod, name in ((KP, "_fwd_kernel"), (KP, "_bwd_kernel"), (KP, "_seq_sum_kernel"),
+                      (KD, "_dpo_pairs_kernel")):
+        monkeypatch.setattr(mod, name, _Spy(getattr(mod, name), seen, args=True))
+    out = {}
+    for dt in (torch.int64, torch.int32):
+        lab = labels.to(dt)
+        lp, st = KP.forward(x, lab, -100, 1.0)
+        sums, cnt = KP.sequence_sums(lp, lab, -100)
+        gx = KP.backward(x, lab, st, -100, 1.0, mode=KP.MODE_SEQUENCE, g=torch.ones(2 * B))
+        res = KD.dpo_pairs(None, None, torch.zeros(B), torch.zeros(B), beta=0.1, loss_type=0,
+                           label_smoothing=0.0, tau=0.05, token_logps=lp, labels=lab)
+        out[dt] = (lp, sums, cnt, gx, res["loss"])
+    for a, b in zip(out[torch.int64], out[torch.int32]):
+        assert torch.equal(a, b)
+    lab_args = [a for _, args in seen for a in args
+                if isinstance(a, torch.Tensor) and not a.dtype.is_floating_point]
+    assert lab_args and all(a.dtype == torch.int64 for a in lab_args)
+
+
 # ----------------------------------------------------------------------------------------------
 # the gate's recording (no compiler needed)
 # ----------------------------------------------------------------------------------------------
@@ -286,47 +369,24 @@ def test_gate_records_every_specialisation():
                    ((False, False), (False, True), (True, False))}
     assert len(kinds["_dpo_pairs_kernel"]) == 36
     assert {j["kwargs"]["ROWS"]["b"] for j in kinds["_fused_bwd_det_kernel"]} == {True, False}
-    modes = {(j["kwargs"]["MODE"]["i"], j["kwargs"]["HAS_GLOSS"]["b"],
-              j["kwargs"]["HAS_GLOSSES"]["b"], j["kwargs"]["HAS_GLOGPS"]["b"])
-             for j in kinds["_bwd_kernel"]}
-    assert len(modes) == 10
+    # one variant per MODE: MODE_DPO's optional terms are runtime flags
+    assert {j["kwargs"]["MODE"]["i"] for j in kinds["_bwd_kernel"]} == {0, 1, 2}
+    assert not any("HAS_GLOSS" in j["kwargs"] for j in kinds["_bwd_kernel"])
     # the tiles recorded are the table's, for each dtype
     tiles = {(j["kwargs"]["BM"]["i"], j["kwargs"]["BV"]["i"], j["kwargs"]["BK"]["i"])
              for j in kinds["_fused_bwd_kernel"]}
     assert tiles == {KL.tile_config("bwd", dt, 80)[:3] for dt in (torch.float32, torch.bfloat16)}
     assert set(kinds) >= {"_fwd_kernel", "_seq_sum_kernel", "_lse_update_kernel",
                           "_dlogits_kernel", "_fused_fwd_kernel", "_dpo_mean_kernel"}
+    # the grid's int32 labels are launched as int64; its transposed weights with unit k-stride
+    assert not any(a and a.get("t") == "int32" for j in jobs for a in j["args"])
+    for k in ("_fused_fwd_kernel", "_fused_bwd_kernel", "_fused_bwd_det_kernel"):
+        assert all(j["args"][5] == {"i": 1} and j["wide"] == ["h_ptr", "w_ptr"]
+                   for j in kinds[k]), k
+    # V not a multiple of 16 (32001) reaches the logits kernels: rows without 16-byte vectors
+    assert any(not j["args"][2].get("ns") and j["args"][2]["i"] % 16
+               for j in kinds["_fwd_kernel"])
     # every fused LM-head kernel is recorded with and without the logit soft-cap
     for k in ("_fused_fwd_kernel", "_fused_bwd_kernel", "_fused_bwd_det_kernel",
               "_lse_update_kernel", "_dlogits_kernel"):
         assert {j["kwargs"]["SOFTCAP"]["b"] for j in kinds[k]} == {False, True}, k
-
-
-def test_gate_verdicts():
-    from bpo_fast.tools import gpu_check as G
-
-    ok = dict(arch=80, regs=128, spill_stores=0, spill_loads=0, smem=100_000)
-    assert G.judge(ok) == []
-    assert G.judge(dict(ok, spill_stores=8, spill_loads=4)) == ["spills 8/4 B"]
-    assert G.judge(dict(ok, smem=170 * 1024))[0].startswith("smem")
-    assert G.judge(dict(ok, arch=90, smem=170 * 1024)) == []
-    assert G.judge(dict(ok, error="PassManager::run failed")) == ["compile error"]
-    assert G.judge(dict(ok, row_align=8, loads={"cp16": 24, "ld4": 3})) == []
-    assert G.judge(dict(ok, row_align=8, loads={"cp16": 12, "ld2": 32}))[0].startswith("narrow")
-    assert G.judge(dict(ok, row_align=1, loads={"ld2": 32})) == []
-    log = ("ptxas info    : Used 168 registers, used 1 barriers, 16 bytes smem\n"
-           "    24 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads\n")
-    r = G._parse_ptxas(log)
-    assert (r["regs"], r["spill_stores"], r["spill_loads"], r["static_smem"]) == (168, 16, 8, 16)
-
-
-def test_oldest_triton_is_the_one_pyproject_states():
-    import re
-
-    from bpo_fast.tools import gpu_check as G
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "pyproject.toml")) as f:
-        text = f.read()
-    floors = set(re.findall(r'"triton>=([0-9.]+)"', text))
-    assert floors == {G.OLDEST_TRITON.rsplit(".", 1)[0]}, floors

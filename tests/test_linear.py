@@ -191,6 +191,23 @@ def test_non_contiguous_hidden(impl):
     torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_weight(impl):
+    """An LM head tied to an [H, V] matrix: weight is a transposed view (k-stride V). The fused
+    kernels get it contiguous (one copy per op; 32-bit offsets could not hold (H-1) * V at
+    H 8192, V 262208)."""
+    hidden, weight, labels, _ = make(N=3, T=8, H=40, V=75)
+    base = weight.t().contiguous().requires_grad_(True)  # [H, V] storage
+    w = base.t()
+    assert w.stride() == (1, 75)
+    gout = torch.randn(labels.shape[0], labels.shape[1] - 1)
+    out, (g,) = grads_of(lambda: linear_token_logprobs(hidden, w, labels, impl=impl), [base],
+                         gout)
+    ref, (g_ref,) = grads_of(lambda: ref_tokens(hidden, w, labels), [base], gout)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=1e-4)
+
+
 def test_custom_ignore_index_and_int32_labels():
     hidden, weight, labels, _ = make(V=90)
     labels = torch.where(labels == -100, torch.full_like(labels, 7), labels)

@@ -340,8 +340,7 @@ res["fwd"] = comp(KL._fwd_kernel, t, {"BLOCK_V": blk}, warps).asm["ptx"]
 t2 = dict(t, gx_ptr="*bf16", g_ptr="*fp32", gl_ptr="*fp32", gls_ptr="*fp32", dl_ptr="*fp32",
           sgn="i64", sgt="i64", inv_temp="fp32", inv_B="fp32")
 for mode in (0, 1, 2):
-    res[f"bwd{mode}"] = comp(KL._bwd_kernel, t2, {"MODE": mode, "HAS_GLOSS": True,
-                             "HAS_GLOSSES": True, "HAS_GLOGPS": True, "BLOCK_V": blk},
+    res[f"bwd{mode}"] = comp(KL._bwd_kernel, t2, {"MODE": mode, "BLOCK_V": blk},
                              warps).asm["ptx"]
 res["seq"] = comp(KL._seq_sum_kernel, {"lp_ptr": "*fp32", "lab_ptr": "*i64", "out_ptr": "*fp32",
                   "cnt_ptr": "*i64", "sln": "i64", "slt": "i64"}, {"BLOCK_T": 1024}, 4).asm["ptx"]

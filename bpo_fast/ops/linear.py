@@ -447,6 +447,7 @@ def _triton_backward(hidden, weight, bias, n_idx, t_idx, targets, stats, gscale,
 
     V, H = weight.shape
     dev, f32 = weight.device, torch.float32
+    weight = K.k_contiguous(weight)  # once, not per chunk
     gh = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
     gw32 = torch.zeros(V, H, device=dev, dtype=f32) if need_w else None
     gb32 = torch.zeros(V, device=dev, dtype=f32) if need_b else None

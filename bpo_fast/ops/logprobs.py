@@ -125,7 +125,10 @@ def prepare(logits, labels, ignore_index, temperature):
     if logits.stride(2) != 1 and V > 1:
         # the kernels need unit stride over V (vector loads); other layouts are rare: copy
         logits = logits.contiguous()
-    return logits, labels, V
+    from bpo_fast.kernels.logprobs import int64_labels
+
+    # widened once per op here (the kernels' launchers would otherwise widen per launch)
+    return logits, int64_labels(labels), V
 
 
 def _bump_version(t):

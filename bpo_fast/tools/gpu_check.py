@@ -1,44 +1,67 @@
 """GPU-readiness gate: every Triton kernel specialisation the launchers can pick compiles for
-sm_80 and sm_90 under every supported Triton, without spills and within shared memory.
+every GPU architecture we support (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120) under every
+supported Triton, without spills, within shared memory, with 16-byte loads of the LM head's
+operands and no 32-bit product of a runtime size or stride.
 
-    python -m bpo_fast.tools.gpu_check [--versions 3.9.0,3.7.1,3.6.0] [--jobs 2] [--no-cache]
+    python -m bpo_fast.tools.gpu_check [--versions 3.9.0,3.6.0] [--archs 80,120] [--jobs 2]
 
 No GPU is needed. How it works:
 
 1. **Record.** For each arch, the launchers of ``kernels/`` are called with ``meta`` tensors
    (shapes, dtypes and strides, no data) over the shape grid below, with
-   ``kernels._PLAN_TARGET`` saying which GPU to plan for; each ``kernel[grid](...)`` launch is
-   recorded instead of run (argument dtypes, 16-byte alignment of each pointer, the integer
-   values, the constexprs, ``num_warps``/``num_stages``). Launches that Triton would compile
-   alike are merged, so the grid yields its *distinct* specialisations, not one per shape.
-2. **Compile.** Each Triton version runs in its own subprocess (``PYTHONPATH`` pointing at
+   ``kernels.target._PLAN_TARGET`` saying which GPU to plan for (so each arch gets the tiles its
+   own row of the launchers' tables gives); each ``kernel[grid](...)`` launch is recorded
+   instead of run (argument dtypes, 16-byte alignment of each pointer, the integer values, the
+   constexprs, ``num_warps``/``num_stages``). Launches that Triton would compile alike are
+   merged, so the grid yields its *distinct* specialisations, not one per shape.
+2. **Compile.** Each Triton version runs in its own subprocesses (``PYTHONPATH`` pointing at
    ``~/.cache/bpo-fast/triton-X``, installed there with ``pip install --no-deps --target`` on
-   first use; the shared install is never touched). The subprocess binds the recorded arguments
+   first use; the shared install is never touched). A subprocess binds the recorded arguments
    with that version's own specialisation code (so divisibility-by-16 and ``== 1`` attributes
    are exactly those a real launch gets), builds an ``ASTSource`` and runs ``triton.compile``
    for ``GPUTarget("cuda", arch, 32)``; registers and spills come from ptxas's ``-v`` log,
-   shared memory from the compiled metadata (+ ptxas's static smem).
-3. **Judge.** Any compile error, any spill, shared memory above the arch's per-block limit, or
-   (fused LM-head kernels told that hidden rows are 16-byte aligned) a global load narrower
-   than 16 bytes of a 2-byte operand fails the gate (exit 1). A table goes to stdout and ``bench/results/gpu-check.json``.
+   shared memory from the compiled metadata (+ ptxas's static smem), load widths from the PTX
+   (each load traced to its source line by the ``.loc`` line info), 32-bit products from the
+   TTIR.
+3. **Judge** (:func:`judge`). A row fails on a compile error; on a missing ptxas log (no
+   register/spill data is not "no spills"); on any spill; on shared memory above the arch's
+   per-block limit; when a fused LM-head launch that promises 16-byte rows (hidden rows
+   announced aligned by ``ROW_ALIGN``, a weight with contiguous 16-byte-aligned rows) reads
+   them with narrower loads (the bias and the small per-row vectors are not judged); and on a
+   32-bit integer product with a runtime integer argument (a size or stride) as a factor: such
+   products are formed in 64 bits in the kernels, so that no shape or stride can wrap them.
+   Exit 1 on any failure; a table goes to stdout and ``bench/results/gpu-check.json``.
 
-Results are cached in ``~/.cache/bpo-fast/gpu-check.json`` by a hash of (kernel module source,
-Triton version, arch, specialisation); ``--no-cache`` recompiles everything.
+**Faults of the machine are not findings.** A compile that fails because the machine is short
+of something (``EAGAIN``/``BlockingIOError`` starting ptxas, ``ENOMEM``, ``MemoryError``, a
+compiler or worker process killed) is retried with back-off (:data:`BACKOFF_S`); if it still
+fails, its row says so and the gate fails without calling it a compile error. Only complete
+measurements are cached (``~/.cache/bpo-fast/gpu-check.json``, keyed by kernel module source,
+Triton version, arch, specialisation and :data:`GATE_VERSION`); errors and rows without ptxas
+data never are, so a loaded machine cannot leave a red (or a falsely green) gate behind.
+``--no-cache`` recompiles everything.
 """
 
 import argparse
+import ast
+import collections
 import contextlib
+import errno
+import functools
 import hashlib
 import inspect
 import io
 import json
 import os
+import random
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 # the folder holding the bpo_fast package (the repository root in a checkout)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,22 +69,57 @@ RESULTS = (os.path.join(ROOT, "bench", "results", "gpu-check.json")
            if os.path.isdir(os.path.join(ROOT, "bench")) else "gpu-check.json")
 CACHE_ROOT = os.environ.get("BPO_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
                                                              "bpo-fast"))
+# what a cached row holds and how it was measured: bump it when that changes, so that rows
+# measured by an older gate are never judged by this one
+GATE_VERSION = 2
 
-# the Triton that CUDA torch 2.13.0 pins, and the oldest we support (pyproject's triton extra;
-# torch 2.11's CUDA builds pair with 3.6); the installed one is added at run time
-PINNED_TRITON = "3.7.1"
-OLDEST_TRITON = "3.6.0"
-ARCHS = {80: "A100", 90: "H100"}
-# max shared memory per block (opt-in): A100 163 KB, H100 227 KB
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-SM_COUNT = {80: 108, 90: 132}
+# The Triton versions the kernels are proven on, oldest first (the one place: pyproject.toml's
+# triton floor is the first, tests/test_gpu_gate.py checks it). CUDA torch pins: 2.11 -> 3.6.0,
+# 2.12 -> 3.7.0, 2.13 -> 3.7.1, 2.14 -> 3.8.x; 3.9.0 is the newest release (what a fresh CI
+# install gets). An installed Triton outside this list is checked too.
+TRITON_VERSIONS = ("3.6.0", "3.7.1", "3.8.0", "3.9.0")
+OLDEST_TRITON = TRITON_VERSIONS[0]
 
-# the shape grid of the issue: pairs, sequence length, vocabulary, hidden size
+
+class Arch(collections.namedtuple("Arch", "gpus smem sms")):
+    """A GPU architecture the gate compiles for: examples of it, the most shared memory one block
+    may use (bytes, with the opt-in), and the SM count the launchers plan for (it only decides
+    how many programs split the vocabulary, a runtime argument: any count of the family gives
+    the same compiled variants)."""
+
+
+# Shared memory per block (opt-in), as CUTLASS's arch tables and the CUDA programming guide
+# state it: sm_80 163 KB, sm_86/sm_89/sm_120 99 KB, sm_90/sm_100 227 KB. Every arch has 64K
+# 32-bit registers per SM (255 per thread at most); sm_86/89/120 hold 1536 threads per SM,
+# the others 2048.
+ARCHS = {
+    80: Arch("A100", 163 * 1024, 108),
+    86: Arch("A10, A40, RTX 30xx", 99 * 1024, 84),
+    89: Arch("L4, L40S, RTX 40xx", 99 * 1024, 142),
+    90: Arch("H100, H200", 227 * 1024, 132),
+    100: Arch("B200", 227 * 1024, 148),
+    120: Arch("RTX 50xx, RTX PRO 6000 Blackwell", 99 * 1024, 188),
+}
+
+# the shape grid: pairs, sequence length, vocabulary (not a multiple of 16 too: 32001, 262208),
+# hidden size; label dtypes the ops accept
 GRID_B = (1, 2, 3, 8, 16, 64, 256)
 GRID_T = (16, 17, 256, 1024, 4096, 16384)
-GRID_V = (32000, 128256, 152064)
+GRID_V = (32000, 32001, 128256, 152064, 262144, 262208)
 GRID_H = (2048, 4096, 8192)
 DTYPES = ("float32", "bfloat16", "float16")
+LABEL_DTYPES = ("int64", "int32")
+
+# launches per worker process (~3 CPU-s to start one; a share's rows are cached as it ends)
+SHARE_JOBS = 120
+# back-off (seconds) before each retry of a compile that failed for want of a resource
+BACKOFF_S = (0.5, 1, 2, 4, 8, 16)
+# errno values that say "the machine is short of something now", not "this kernel is wrong"
+TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+                              errno.EINTR})
+# a compiler (ptxas) or worker process ended by one of these was killed (the OOM killer, a
+# timeout), it did not fail
+KILL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,11 +128,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _ser(x):
-    import torch
-
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "storage_offset"):  # a tensor (no torch import per argument: this is hot)
         # CUDA allocations start 512-byte aligned: the offset decides the alignment Triton sees
-        return {"t": str(x.dtype).replace("torch.", ""),
+        return {"t": str(x.dtype)[6:],  # "torch.bfloat16" -> "bfloat16"
                 "a16": (x.storage_offset() * x.element_size()) % 16 == 0}
     if isinstance(x, bool):
         return {"b": x}
@@ -116,23 +172,53 @@ def _no_specialise(fn):
     return [(n in dns or i in dns, n in dna or i in dna) for i, n in enumerate(names)]
 
 
+# The fused LM-head kernels' matrix operands, by parameter name: the gate judges the width of
+# their loads (a promise of 16-byte rows must give 16-byte loads); other loads (bias, per-row
+# vectors, offsets) are not judged.
+HIDDEN, WEIGHT = "h_ptr", "w_ptr"
+
+
+def _wide_operands(names, args, kwargs):
+    """Which matrix operands a fused LM-head launch must read with 16-byte loads: the hidden
+    rows when the launcher announces them 16-byte aligned (``ROW_ALIGN > 1``), the weight when
+    its rows are contiguous (k-stride 1) and start 16-byte aligned (a 16-aligned pointer and a
+    row stride Triton sees divisible by 16). A transposed weight view is read as it comes."""
+    arg = dict(zip(names, args))
+    wide = []
+    if HIDDEN in arg and (kwargs.get("ROW_ALIGN") or {}).get("i", 1) > 1:
+        wide.append(HIDDEN)
+    w, sv, sk = arg.get(WEIGHT), arg.get("stride_wv"), arg.get("stride_wk")
+    if w and sv and sk and w["a16"] and sk["i"] == 1 and sv["i"] % 16 == 0:
+        wide.append(WEIGHT)
+    return wide
+
+
 class _Recorder:
     """Stands in for a @triton.jit function inside its module: ``kernel[grid](...)`` records."""
 
     def __init__(self, fn, module, sink):
         self.fn, self.module, self.sink = fn, module, sink
         self.nospec = _no_specialise(fn)
+        self.names = _param_names(fn)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             ser = [_ser(a) for a in args]
+            kw = {k: _ser(v) for k, v in kwargs.items()}
+            wide = _wide_operands(self.names, ser, kw)
             for a, (dns, dna) in zip(ser, self.nospec):
                 if a and (("i" in a and dns) or ("t" in a and dna)):
                     a["ns"] = True
             self.sink.append({"module": self.module, "kernel": self.fn.__name__,
-                              "args": ser,
-                              "kwargs": {k: _ser(v) for k, v in kwargs.items()}})
+                              "args": ser, "kwargs": kw, "wide": wide})
         return launch
+
+
+def _param_names(fn):
+    """The parameter names of a @triton.jit function (compiled or interpreted)."""
+    if hasattr(fn, "arg_names"):
+        return list(fn.arg_names)
+    return list(inspect.signature(fn.fn).parameters)
 
 
 @contextlib.contextmanager
@@ -151,7 +237,7 @@ def _recording(arch, sink):
                 saved.append((mod, attr, val))
                 setattr(mod, attr, _Recorder(val, f"bpo_fast.kernels.{name}", sink))
     old = KP._PLAN_TARGET
-    KP._PLAN_TARGET = (arch, SM_COUNT[arch])
+    KP._PLAN_TARGET = (arch, ARCHS[arch].sms)
     try:
         yield
     finally:
@@ -176,9 +262,10 @@ def _launch_dpo():
                 n = torch.empty(B, dtype=torch.int64, **meta)
                 K.dpo_pairs(pc[:B], pc[B:], rc, rc, n, n, **kw)
             for T in GRID_T:
-                lab = torch.empty(2 * B, T, dtype=torch.int64, **meta)
                 tok = torch.empty(2 * B, T - 1, dtype=torch.float32, **meta)
-                K.dpo_pairs(None, None, rc, rc, token_logps=tok, labels=lab, **kw)
+                for ldt in LABEL_DTYPES:
+                    lab = torch.empty(2 * B, T, dtype=getattr(torch, ldt), **meta)
+                    K.dpo_pairs(None, None, rc, rc, token_logps=tok, labels=lab, **kw)
 
 
 def _launch_logprobs():
@@ -190,9 +277,9 @@ def _launch_logprobs():
     for dt in DTYPES:
         for V in GRID_V:
             for T in GRID_T:
-                for N in (2, 16):
+                for N, ldt in ((n, ldt) for n in (2, 16) for ldt in LABEL_DTYPES):
                     x = torch.empty(N, T, V, dtype=getattr(torch, dt), **meta)
-                    lab = torch.empty(N, T, dtype=torch.int64, **meta)
+                    lab = torch.empty(N, T, dtype=getattr(torch, ldt), **meta)
                     lp, lse = K.forward(x, lab, -100, 1.0)
                     K.sequence_sums(lp, lab, -100)
                     g_tok = torch.empty(N, T - 1, dtype=torch.float32, **meta)
@@ -225,8 +312,10 @@ def _launch_linear():
     for dt in DTYPES:
         dtype = getattr(torch, dt)
         for H in GRID_H:
-            for V in GRID_V:
-                w = torch.empty(V, H, dtype=dtype, **meta)
+            for V, w in ((V, w) for V in GRID_V for w in (
+                    torch.empty(V, H, dtype=dtype, **meta),
+                    # a transposed view (an LM head tied to a [H, V] matrix): k-stride V
+                    torch.empty(H, V, dtype=dtype, **meta).t())):
                 b = torch.empty(V, dtype=dtype, **meta)
                 for S in (1, 16, 1000, 8192, 65536):
                     hid = torch.empty(S, H, dtype=dtype, **meta)
@@ -265,13 +354,13 @@ def _launch_linear():
 LAUNCHERS = (_launch_dpo, _launch_logprobs, _launch_linear)
 
 
-def record_launches(archs=tuple(ARCHS)):
-    """The distinct launches per arch: ``[{arch, module, kernel, args, kwargs}, ...]``."""
+def record_launches(archs=tuple(ARCHS), launchers=LAUNCHERS):
+    """The distinct launches per arch: ``[{arch, module, kernel, args, kwargs, wide}, ...]``."""
     jobs, seen = [], set()
     for arch in archs:
         sink = []
         with _recording(arch, sink):
-            for f in LAUNCHERS:
+            for f in launchers:
                 f()
         for j in sink:
             key = (arch, j["module"], j["kernel"], tuple(_canon(a) for a in j["args"]),
@@ -329,21 +418,129 @@ def _parse_ptxas(log):
                 static_smem=int(smem[-1]) if smem else 0)
 
 
-def _load_widths(ptx):
-    """Bytes per global load instruction in the PTX -> how many (``cp.async`` copies to shared
-    memory and ``ld.global`` into registers; vector loads count their full width)."""
-    out = {}
-    for m in re.finditer(r"cp\.async\.(?:ca|cg)\.shared\.global(?:\.L2::\w+)?\s+\[[^]]+\],\s*"
-                         r"\[[^]]+\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
-        key = f"cp{int(m.group(1), 0)}"
-        out[key] = out.get(key, 0) + 1
-    for m in re.finditer(r"ld\.global(?:\.\w+)*?(?:\.v(\d))?\.(?:b|u|s|f)(\d+)", ptx):
-        key = f"ld{int(m.group(1) or 1) * int(m.group(2)) // 8}"
-        out[key] = out.get(key, 0) + 1
+_FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', re.M)
+_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s")
+_CP = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared\.global\b[^\[]*\[[^\]]+\],\s*\[[^\]]+\],\s*"
+                 r"(0x[0-9a-fA-F]+|\d+)")
+_LD = re.compile(r"\bld((?:\.[\w:]+)+)")
+
+
+def _global_loads(ptx):
+    """Each global load instruction of the PTX as ``(source file, line, kind)``: ``cpN`` for an
+    N-byte ``cp.async`` copy to shared memory, ``ldN`` for an N-byte ``ld.global`` (vector
+    loads count their full width). The source line is that of the last ``.loc`` before it."""
+    files = {int(n): os.path.realpath(p) for n, p in _FILE.findall(ptx)}
+    out, where = [], (None, None)
+    for text in ptx.splitlines():
+        m = _LOC.match(text)
+        if m:
+            where = (files.get(int(m.group(1))), int(m.group(2)))
+            continue
+        m = _CP.search(text)
+        if m:
+            out.append(where + (f"cp{int(m.group(1), 0)}",))
+            continue
+        m = _LD.search(text)
+        if m:
+            parts = m.group(1).split(".")[1:]
+            if "global" not in parts:
+                continue
+            vec = next((int(x[1:]) for x in parts if re.fullmatch(r"v\d", x)), 1)
+            bits = next((int(x[1:]) for x in reversed(parts) if re.fullmatch(r"[bsuf]\d+", x)),
+                        None)
+            out.append(where + (f"ld{vec * bits // 8}" if bits else "ld?",))
     return out
 
 
-def _compile_one(job):
+def _operand_lines(fn, operands):
+    """``(file, {operand: source lines})``: the lines of each ``tl.load`` in ``fn``'s module whose
+    address is built on one of the pointer parameters ``operands`` (``h_ptr + ...``); the
+    kernels name a matrix operand the same way in every function that loads it."""
+    path = os.path.realpath(inspect.getsourcefile(getattr(fn, "fn", fn)))
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    lines = {op: set() for op in operands}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load" and node.args):
+            base = node.args[0]
+            while isinstance(base, ast.BinOp):
+                base = base.left
+            if isinstance(base, ast.Name) and base.id in lines:
+                lines[base.id].update(range(node.lineno, node.end_lineno + 1))
+    return path, lines
+
+
+def _operand_loads(loads, path, lines):
+    """Per operand: load kind -> count, over the loads traced to its source lines."""
+    out = {}
+    for op, ls in lines.items():
+        kinds = collections.Counter(k for f, line, k in loads if f == path and line in ls)
+        out[op] = dict(kinds)
+    return out
+
+
+_V = r"%[\w$.#-]+"
+_TT_FUNC = re.compile(r"tt\.func\s+(?:public\s+|private\s+)?@[\w$.]+\((.*?)\)\s*(?:attributes\b|\{)",
+                      re.S)
+_ALIAS = re.compile(rf"^\s*({_V})\s*=\s*tt\.(?:splat|broadcast|expand_dims|reshape)\s+({_V})",
+                    re.M)
+_MULI = re.compile(rf"^\s*({_V})\s*=\s*arith\.muli\s+({_V}),\s*({_V})(?:\s+overflow<[^>]*>)?"
+                   r"\s*:\s*(i32|tensor<[^>]*xi32>)(?:\s+loc\((#loc\d*|[^)]*)\))?", re.M)
+_LOC_DEF = re.compile(r"^(#loc\d*)\s*=\s*loc\((.*)\)\s*$", re.M)
+
+
+def _i32_products(ttir):
+    """The 32-bit integer products in a kernel's TTIR that have a runtime integer argument (a
+    size or stride, possibly splat/broadcast to a tensor) as a factor, as readable strings;
+    ``None`` when the TTIR has no kernel signature to read. Products of such an argument with
+    a program id or an index can exceed 2^31 at large shapes; the kernels form them in 64 bits
+    (an ``int64`` operand makes the product ``i64``), so this list must stay empty. Products
+    of indices with constexprs (``pid * BM``) are bounded by the tensor sizes and not listed."""
+    m = _TT_FUNC.search(ttir)
+    if not m:
+        return None
+    args = set(re.findall(rf"({_V}):\s*i32\b", m.group(1)))
+    alias = dict(_ALIAS.findall(ttir))
+    locs = dict(_LOC_DEF.findall(ttir))
+
+    def root(v):
+        for _ in range(64):
+            if v not in alias:
+                break
+            v = alias[v]
+        return v
+
+    def where(loc, depth=0):
+        if not loc or depth > 32:
+            return "?"
+        loc = locs.get(loc, loc)
+        f = re.match(r'"([^"]+)":(\d+)', loc)
+        if f:
+            return f"{os.path.basename(f.group(1))}:{f.group(2)}"
+        inner = re.search(r"callsite\((#loc\d*)", loc) or re.search(r"\((#loc\d*)\)", loc)
+        return where(inner.group(1), depth + 1) if inner else "?"
+
+    out = []
+    for res, x, y, _ty, loc in _MULI.findall(ttir):
+        hit = [root(v) for v in (x, y) if root(v) in args]
+        if hit:
+            out.append(f"{res} = {root(x)} * {root(y)} at {where(loc)}")
+    return out
+
+
+def _spec(fn, signature, constexprs, attrs, options):
+    """What Triton compiles a launch to (two launches with one spec share the binary): the
+    function's source (with its callees') and how it is specialised."""
+    return hashlib.sha256(repr((fn.cache_key, signature, sorted(constexprs.items()),
+                                sorted(attrs.items()), sorted(options.__dict__.items()))
+                               ).encode()).hexdigest()[:16]
+
+
+def _compile_one(job, done=None):
+    """Compile one recorded launch for its arch; the measurements of :func:`judge`. ``done``:
+    spec -> (job id, row) of what this process compiled already (a launch with the same spec
+    reuses that row instead of a compile whose ptxas log Triton's own cache would swallow)."""
     import importlib
 
     import triton
@@ -367,19 +564,67 @@ def _compile_one(job):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, opts = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-    t0 = time.time()
+    key = _spec(fn, signature, constexprs, attrs, options)
+    if done is not None and key in done:
+        first, row = done[key]
+        return dict(row, duplicate_of=first, seconds=0.0, cpu_seconds=0.0)
+    t0, c0 = time.time(), _cpu_seconds()
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                            options=options.__dict__)
+    cpu = _cpu_seconds() - c0
     res = _parse_ptxas(buf.getvalue())
     res["smem"] = int(k.metadata.shared) + res.pop("static_smem")
-    res["loads"] = _load_widths(k.asm["ptx"])
+    loads = _global_loads(k.asm["ptx"])
+    res["loads"] = dict(collections.Counter(kind for _, _, kind in loads))
+    res["operand_loads"] = _operand_loads(loads, *_operand_lines(fn, (HIDDEN, WEIGHT)))
+    res["i32_products"] = _i32_products(k.asm["ttir"])
     res["seconds"] = round(time.time() - t0, 2)
-    res["spec"] = hashlib.sha256(repr((signature, sorted(constexprs.items()),
-                                       sorted(attrs.items()), sorted(options.__dict__.items()))
-                                      ).encode()).hexdigest()[:16]
+    res["cpu_seconds"] = round(cpu, 2)  # this process and ptxas: what a busy machine inflates less
+    res["spec"] = key
+    # the source compiled (the driver caches the row only under the hash it keyed it with)
+    res["src"] = _source_hash(job["module"])
+    res["duplicate_of"] = None
     return res
+
+
+def _cpu_seconds():
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def transient_reason(exc):
+    """Why ``exc`` is a fault of the machine (worth a retry), not of the kernel; None if it is
+    not. Looks through the exception's causes (Triton raises its PTXASError from the
+    CalledProcessError of ptxas)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError):
+            return "MemoryError"
+        if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+            return f"{type(exc).__name__}: [Errno {exc.errno}] {exc.strerror}"
+        rc = getattr(exc, "returncode", None)
+        if isinstance(rc, int) and (-rc in KILL_SIGNALS or rc - 128 in KILL_SIGNALS):
+            return f"{type(exc).__name__}: the compiler was killed ({rc})"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _compile_retrying(job, done):
+    """:func:`_compile_one`, retried with back-off while it fails for want of a resource: a
+    row, an ``error`` row (a finding) or a ``transient`` row (no finding: no result)."""
+    for attempt, pause in enumerate(BACKOFF_S + (None,)):
+        try:
+            return _compile_one(job, done)
+        except Exception as e:  # noqa: BLE001 -- every failure is a finding, or a retry
+            why = transient_reason(e)
+            if why is None:
+                return {"error": f"{type(e).__name__}: {e}"[-2000:]}
+            if pause is None:
+                return {"transient": why, "tries": attempt + 1}
+            time.sleep(pause * (1 + random.random() / 2))
 
 
 def _worker(inp, out):
@@ -389,20 +634,21 @@ def _worker(inp, out):
     import triton
 
     results, done = [], {}
+    _write_json(out + ".tmp", results)  # started: a death from here on is a job's
     for job in jobs:
-        try:
-            r = _compile_one(job)
-            # the same compiled variant reached through different launches: report it once
-            r["duplicate_of"] = done.get((job["arch"], r["spec"]))
-            done.setdefault((job["arch"], r["spec"]), job["id"])
-        except Exception as e:  # noqa: BLE001 -- every failure is a finding of the gate
-            msg = f"{type(e).__name__}: {e}"
-            r = {"error": msg[-2000:]}
-        r.update(id=job["id"], triton=triton.__version__)
+        r = _compile_retrying(job, done)
+        if "spec" in r and r.get("duplicate_of") is None:
+            done[r["spec"]] = (job["id"], r)
+        r = dict(r, id=job["id"], triton=triton.__version__)
         results.append(r)
-        with open(out + ".tmp", "w") as f:
-            json.dump(results, f)
+        _write_json(out + ".tmp", results)
     os.replace(out + ".tmp", out)
+
+
+def _write_json(path, obj, indent=None):
+    with open(path + ".part", "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(path + ".part", path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,11 +677,17 @@ def ensure_triton(version, installed):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "--disable-pip-version-check", "--target", tmp, f"triton=={version}"],
                    check=True)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another gate installed it meanwhile: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(os.path.join(path, "triton", "__init__.py")):
+            raise
     print(f"installed triton {version} into {path} ({time.time() - t0:.0f} s)", flush=True)
     return path
 
 
+@functools.lru_cache(maxsize=None)
 def _source_hash(module):
     import importlib.util
 
@@ -443,50 +695,132 @@ def _source_hash(module):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _job_key(job, version, src_hash):
+def _kernel_key(module, kernel):
+    """What a kernel's compiled code depends on in our sources: Triton's hash of the @triton.jit
+    function with every jit function and constexpr global it uses (editing a docstring or a
+    launcher's tile table elsewhere in the module recompiles nothing: the tiles a launch uses
+    are its constexprs, part of the job); the module file's hash where there is no such hash
+    (under the interpreter)."""
+    import importlib
+
+    fn = getattr(importlib.import_module(module), kernel)
+    try:
+        return fn.cache_key
+    except AttributeError:
+        return _source_hash(module)
+
+
+def _job_key(job, version, kernel_key):
     body = json.dumps({k: job[k] for k in ("arch", "module", "kernel", "args", "kwargs")},
                       sort_keys=True)
-    return hashlib.sha256(f"{src_hash}|{version}|{body}".encode()).hexdigest()
+    return hashlib.sha256(f"{GATE_VERSION}|{kernel_key}|{version}|{body}".encode()).hexdigest()
+
+
+def _worker_env(path, tmpdir, tag):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (path, ROOT, env.get("PYTHONPATH")) if p)
+    env["TRITON_CACHE_DIR"] = os.path.join(tmpdir, f"cache-{tag}")
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"
+    env["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would compile without a ptxas log
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+def _worker_process(version, path, jobs, tmpdir, tag, env=None):
+    """Run one worker over ``jobs``: ``(rows it finished, return code or None if it could not
+    start, stderr tail, whether it got past its imports)``."""
+    inp = os.path.join(tmpdir, f"in-{tag}.json")
+    out = os.path.join(tmpdir, f"out-{tag}.json")
+    _write_json(inp, jobs)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bpo_fast.tools.gpu_check", "--worker", inp,
+                               out], env=env or _worker_env(path, tmpdir, tag),
+                              capture_output=True, text=True)
+    except OSError as e:
+        if e.errno not in TRANSIENT_ERRNOS:
+            raise
+        return [], None, f"{type(e).__name__}: {e}", False
+    for name in (out, out + ".tmp"):
+        if os.path.exists(name):
+            with open(name) as f:
+                return json.load(f), proc.returncode, (proc.stderr or proc.stdout)[-1500:], True
+    return [], proc.returncode, (proc.stderr or proc.stdout)[-1500:], False
 
 
 def _run_worker(version, path, jobs, tmpdir, idx):
-    inp = os.path.join(tmpdir, f"in-{version}-{idx}.json")
-    out = os.path.join(tmpdir, f"out-{version}-{idx}.json")
-    with open(inp, "w") as f:
-        json.dump(jobs, f)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (path, ROOT) if p)
-    env["TRITON_CACHE_DIR"] = os.path.join(tmpdir, f"cache-{version}-{idx}")
-    env["TRITON_DUMP_PTXAS_LOG"] = "1"
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "bpo_fast.tools.gpu_check", "--worker", inp,
-                           out], env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.exists(out):
-        done = json.load(open(out + ".tmp")) if os.path.exists(out + ".tmp") else []
-        ids = {r["id"] for r in done}
-        err = (proc.stderr or proc.stdout)[-1500:]
-        return done + [{"id": j["id"], "triton": version, "error": f"worker died: {err}"}
-                       for j in jobs if j["id"] not in ids]
-    with open(out) as f:
-        return json.load(f)
+    """All rows of ``jobs`` under Triton ``version``. A worker that dies is replaced and the jobs
+    it left are compiled by the next one: after a back-off when it was killed or could not
+    start (a fault of the machine); a job in flight at every one of its deaths gets a row that
+    says so (``transient``, or ``error`` for a crash: the compiler dying on a kernel is a
+    finding)."""
+    rows, deaths, left, attempt = [], collections.Counter(), list(jobs), 0
+    while left:
+        done, rc, err, started = _worker_process(version, path, left, tmpdir, f"{idx}.{attempt}")
+        attempt += 1
+        rows += done
+        finished = {r["id"] for r in done}
+        left = [j for j in left if j["id"] not in finished]
+        if not left:
+            break
+        killed = rc is None or -rc in KILL_SIGNALS or rc - 128 in KILL_SIGNALS
+        if not killed and not started:
+            # the worker cannot even start (a broken install): every job left says why
+            rows += [{"id": j["id"], "triton": version, "error": f"worker failed ({rc}): {err}"}
+                     for j in left]
+            break
+        head = left[0]  # the job in flight when it died
+        deaths[head["id"]] += 1
+        n = deaths[head["id"]]
+        if n > (len(BACKOFF_S) if killed else 1):
+            what = "killed" if killed else "crashed"
+            rows.append({"id": head["id"], "triton": version, "tries": n,
+                         "transient" if killed else "error":
+                         f"worker {what} ({rc}) {n} times compiling this: {err}"})
+            left = left[1:]
+        elif killed:
+            time.sleep(BACKOFF_S[n - 1] * (1 + random.random() / 2))
+    return rows
+
+
+def cacheable(row):
+    """Only complete measurements are cached: never an error (it may be fixed by a rerun of a
+    repaired machine or install), never a row without ptxas or TTIR data."""
+    return (not row.get("error") and not row.get("transient")
+            and all(row.get(k) is not None for k in ("regs", "spill_stores", "spill_loads",
+                                                     "smem", "loads", "operand_loads",
+                                                     "i32_products")))
 
 
 def judge(row):
     """The reasons a compiled row fails the gate (empty: it passes)."""
-    why = []
+    if row.get("transient"):
+        return [f"no result: the machine was short of resources ({row['transient'][:200]}; "
+                f"{row.get('tries', 1)} tries): not a compile failure, not cached, rerun"]
     if row.get("error"):
-        why.append("compile error")
-        return why
+        return ["compile error"]
+    why = []
+    missing = [k for k in ("regs", "spill_stores", "spill_loads") if row.get(k) is None]
+    if missing:
+        why.append(f"no ptxas data ({', '.join(missing)} missing)")
     if row.get("spill_stores") or row.get("spill_loads"):
         why.append(f"spills {row['spill_stores']}/{row['spill_loads']} B")
-    if row.get("smem", 0) > SMEM_LIMIT[row["arch"]]:
-        why.append(f"smem {row['smem']} > {SMEM_LIMIT[row['arch']]}")
-    if row.get("row_align", 1) > 1 and row.get("loads"):
-        # hidden rows announced 16-byte aligned must be read with 16-byte copies
-        narrow = {k: v for k, v in row["loads"].items()
-                  if (k.startswith("cp") and k != "cp16") or k == "ld2"}
+    limit = ARCHS[row["arch"]].smem
+    if row.get("smem") is None:
+        why.append("no shared-memory size")
+    elif row["smem"] > limit:
+        why.append(f"smem {row['smem']} > {limit}")
+    for op in row.get("wide") or ():
+        loads = (row.get("operand_loads") or {}).get(op)
+        if not loads:
+            why.append(f"no global loads of {op} found")
+            continue
+        narrow = {k: v for k, v in loads.items() if k not in ("cp16", "ld16")}
         if narrow:
-            why.append(f"narrow loads {narrow}")
+            why.append(f"narrow loads of {op} {narrow}")
+    if row.get("i32_products") is None:
+        why.append("no TTIR to check for 32-bit products")
+    elif row["i32_products"]:
+        why.append("32-bit products of runtime integers: " + "; ".join(row["i32_products"]))
     return why
 
 
@@ -496,7 +830,8 @@ def _table(rows):
     for r in rows:
         if r.get("duplicate_of") is not None:
             continue
-        sp = "-" if r.get("error") else f"{r.get('spill_stores', 0)}/{r.get('spill_loads', 0)}"
+        sp = ("-" if r.get("error") or r.get("transient")
+              else f"{r.get('spill_stores')}/{r.get('spill_loads')}")
         lines.append((r["kernel"], r["config"], f"sm_{r['arch']}", r["triton"],
                       str(r.get("regs", "-")), sp, str(r.get("smem", "-")),
                       "FAIL: " + ", ".join(r["fail"]) if r["fail"] else "ok"))
@@ -504,12 +839,17 @@ def _table(rows):
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(x)).rstrip() for x in lines)
 
 
+def _version_key(v):
+    return tuple(int(x) for x in re.findall(r"\d+", v))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bpo_fast.tools.gpu_check",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--versions", help="comma-separated Triton versions (default: the installed "
-                    f"one, {PINNED_TRITON} and {OLDEST_TRITON})")
-    ap.add_argument("--archs", default="80,90", help="comma-separated (default 80,90)")
+    ap.add_argument("--versions", help="comma-separated Triton versions (default: "
+                    f"{', '.join(TRITON_VERSIONS)} and the installed one)")
+    ap.add_argument("--archs", default=",".join(map(str, ARCHS)),
+                    help="comma-separated compute capabilities (default: all, %(default)s)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel compiler processes")
     ap.add_argument("--no-cache", action="store_true", help="recompile everything")
     ap.add_argument("--output", default=RESULTS, help="where the JSON table goes")
@@ -522,15 +862,14 @@ def main(argv=None):
     t_start = time.time()
     try:
         archs = tuple(int(x) for x in a.archs.split(","))
-        assert all(x in ARCHS for x in archs)
+        assert archs and all(x in ARCHS for x in archs)
     except (ValueError, AssertionError):
         ap.error(f"--archs: expected a comma-separated subset of {sorted(ARCHS)}, got {a.archs!r}")
     if a.jobs < 1:
         ap.error(f"--jobs: expected >= 1, got {a.jobs}")
     installed = _installed_triton()
     versions = (a.versions.split(",") if a.versions
-                else sorted({v for v in (installed, PINNED_TRITON, OLDEST_TRITON) if v},
-                            key=lambda v: tuple(int(x) for x in re.findall(r"\d+", v))))
+                else sorted({v for v in TRITON_VERSIONS + (installed,) if v}, key=_version_key))
     paths = {v: ensure_triton(v, installed) for v in versions}
     t_install = time.time() - t_start
 
@@ -541,78 +880,85 @@ def main(argv=None):
     for i, j in enumerate(jobs):
         j["id"] = i
         j["config"] = config_label(j)
-    print(f"{len(jobs)} distinct launches x {len(versions)} Triton versions "
-          f"({', '.join(versions)})", flush=True)
+    print(f"{len(jobs)} distinct launches over {len(archs)} archs x {len(versions)} Triton "
+          f"versions ({', '.join(versions)})", flush=True)
 
     cache_file = os.path.join(CACHE_ROOT, "gpu-check.json")
     cache = {}
     if not a.no_cache and os.path.exists(cache_file):
         with open(cache_file) as f:
-            cache = json.load(f)
+            cache = {k: v for k, v in json.load(f).items() if cacheable(v)}
     src = {m: _source_hash(m) for m in {j["module"] for j in jobs}}
+    kkey = {(j["module"], j["kernel"]): None for j in jobs}
+    kkey = {mk: _kernel_key(*mk) for mk in kkey}
     rows, todo = [], []
     for v in versions:
         pending = []
         for j in jobs:
-            key = _job_key(j, v, src[j["module"]])
+            key = _job_key(j, v, kkey[(j["module"], j["kernel"])])
             if key in cache:
                 rows.append(dict(cache[key], id=j["id"], triton=v, cached=True))
             else:
                 pending.append(dict(j, key=key))
-        # split each version's work in --jobs shares, the expensive kernels dealt round-robin
+        # split each version's work in shares of at most SHARE_JOBS (a worker process each: its
+        # rows are cached when it ends), the expensive kernels dealt round-robin
         pending.sort(key=lambda j: j["kernel"])
-        for i in range(a.jobs):
-            share = pending[i::a.jobs]
-            if share:
-                todo.append((v, share))
+        n = max(a.jobs, -(-len(pending) // SHARE_JOBS))
+        todo += [(v, pending[i::n]) for i in range(n) if pending[i::n]]
+    by_id = {j["id"]: j for j in jobs}
+    keys = {(v, j["id"]): j["key"] for v, share in todo for j in share}
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check.") as tmp, \
             ThreadPoolExecutor(max_workers=a.jobs) as ex:
         futs = [ex.submit(_run_worker, v, paths[v], share, tmp, i)
                 for i, (v, share) in enumerate(todo)]
-        by_id = {j["id"]: j for j in jobs}
-        keys = {(v, j["id"]): j["key"] for v, share in todo for j in share}
-        for fut in futs:
-            for r in fut.result():
-                rows.append(r)
-                if not r.get("error", "").startswith("worker died"):
-                    cache[keys[(r["triton"], r["id"])]] = {
-                        k: v for k, v in r.items() if k not in ("id", "triton", "cached")}
-    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    with open(cache_file + ".tmp", "w") as f:
-        json.dump(cache, f)
-    os.replace(cache_file + ".tmp", cache_file)
-
+        for fut in as_completed(futs):
+            new = fut.result()
+            rows += new
+            # saved as each share ends: an interrupted run keeps what it measured; a row is
+            # cached only if it was compiled from the source its key was made from
+            cache.update((keys[(r["triton"], r["id"])], {
+                k: v for k, v in r.items() if k not in ("id", "triton", "cached")})
+                for r in new
+                if cacheable(r) and r.get("src") == src[by_id[r["id"]]["module"]])
+            _write_json(cache_file, cache)
     for r in rows:
         j = by_id[r["id"]]
-        r.update(kernel=j["kernel"], config=j["config"], arch=j["arch"],
-                 row_align=(j["kwargs"].get("ROW_ALIGN") or {}).get("i", 1))
+        r.update(kernel=j["kernel"], config=j["config"], arch=j["arch"], wide=j["wide"])
         r["fail"] = judge(r)
-    rows.sort(key=lambda r: (r["kernel"], r["config"], r["arch"], r["triton"]))
+
+    rows.sort(key=lambda r: (r["kernel"], r["config"], r["arch"], _version_key(r["triton"])))
     print(_table(rows))
     failed = [r for r in rows if r["fail"]]
     for r in failed:
-        if r.get("error"):
+        if r.get("error") or r.get("transient"):
             print(f"\n{r['kernel']} {r['config']} sm_{r['arch']} triton {r['triton']}:\n"
-                  f"  {r['error'][-800:]}")
+                  f"  {(r.get('error') or r.get('transient'))[-800:]}")
     elapsed = time.time() - t_start
     compiled = [r for r in rows if not r.get("cached") and "seconds" in r]
+    per_arch = collections.Counter(f"sm_{r['arch']}" for r in rows)
     summary = dict(
         passed=not failed, n_launches=len(jobs), n_rows=len(rows), n_failed=len(failed),
+        n_transient=sum(1 for r in rows if r.get("transient")),
         triton_versions=versions, archs=[f"sm_{x}" for x in archs],
-        smem_limit=SMEM_LIMIT, grid=dict(B=GRID_B, T=GRID_T, V=GRID_V, H=GRID_H, dtypes=DTYPES),
+        rows_per_arch={k: per_arch[k] for k in sorted(per_arch, key=lambda s: int(s[3:]))},
+        smem_limit={x: ARCHS[x].smem for x in archs},
+        grid=dict(B=GRID_B, T=GRID_T, V=GRID_V, H=GRID_H, dtypes=DTYPES, labels=LABEL_DTYPES,
+                  weight=("contiguous", "transposed view")),
         seconds=dict(total=round(elapsed, 1), install=round(t_install, 1),
-                     compile_cpu=round(sum(r["seconds"] for r in compiled), 1)),
+                     compile_wall=round(sum(r["seconds"] for r in compiled), 1),
+                     compile_cpu=round(sum(r.get("cpu_seconds", 0) for r in compiled), 1)),
         n_compiled=len(compiled), n_cached=len(rows) - len(compiled))
     if not a.kernels:
-        os.makedirs(os.path.dirname(a.output), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
         keep = ("kernel", "config", "arch", "triton", "regs", "spill_stores", "spill_loads",
-                "stack", "smem", "loads", "fail", "error", "duplicate_of", "id")
-        with open(a.output + ".tmp", "w") as f:
-            json.dump(_results_file(summary, rows, keep, versions), f, indent=0)
-        os.replace(a.output + ".tmp", a.output)
+                "stack", "smem", "loads", "operand_loads", "wide", "i32_products", "fail",
+                "error", "transient", "duplicate_of", "id")
+        _write_json(a.output, _results_file(summary, rows, keep, versions), indent=0)
     print(f"\n{'PASS' if not failed else 'FAIL'}: {len(rows) - len(failed)}/{len(rows)} ok, "
-          f"{len(jobs)} launches, Triton {', '.join(versions)}, {elapsed:.0f} s "
-          f"({len(compiled)} compiled, {len(rows) - len(compiled)} cached)")
+          f"{len(jobs)} launches ({', '.join(f'{k} {v}' for k, v in per_arch.items())} rows), "
+          f"Triton {', '.join(versions)}, {elapsed:.0f} s ({len(compiled)} compiled, "
+          f"{len(rows) - len(compiled)} cached)")
     return 0 if not failed else 1
 
 
