@@ -78,7 +78,10 @@ def sync():
 
 
 def bench_ms(fn, warmup=10, rep=50, quantiles=(0.5, 0.2, 0.8)):
-    """(median, p20, p80) in ms. CUDA: triton's do_bench (events, cache flush); CPU: wall clock."""
+    """(median, p20, p80) in ms. CUDA: triton's do_bench (events, cache flush); CPU: wall clock,
+    at most ``$BPO_BENCH_MAX_REPS`` warmup and timed calls each when set (a rehearsal that only
+    proves the rows run: ``gpu_session.sh --dry-run`` sets 1; the Triton interpreter takes
+    seconds per call)."""
     if torch.cuda.is_available():
         try:
             from triton.testing import do_bench
@@ -86,11 +89,12 @@ def bench_ms(fn, warmup=10, rep=50, quantiles=(0.5, 0.2, 0.8)):
             return tuple(do_bench(fn, warmup=warmup * 5, rep=rep * 5, quantiles=list(quantiles)))
         except ImportError:
             pass
-    for _ in range(max(1, warmup // 5)):
+    cap = int(os.environ.get("BPO_BENCH_MAX_REPS", 0)) or None
+    for _ in range(min(max(1, warmup // 5), cap or warmup)):
         fn()
     sync()
     times = []
-    for _ in range(max(3, rep // 5)):
+    for _ in range(min(max(3, rep // 5), cap or rep)):
         t0 = time.perf_counter()
         fn()
         sync()

@@ -1,17 +1,43 @@
 #!/usr/bin/env bash
-# On a machine with package-registry access: fetch the pure-Python baselines the GPU benches
-# compare against (TRL, Liger-Kernel) as wheels into .whl/ (gitignored), without their
-# dependencies, for a GPU machine that has no network. bench/gpu_session.sh installs them there.
+# Where pip works: the wheels of bench/wheels.txt into .whl/ (gitignored) for a GPU machine that
+# has no network; bench/gpu_session.sh installs there the ones the machine needs. No dependencies
+# are resolved: bench/wheels.txt lists them, and `bench/overlay.py check` proves the set against
+# the machine's documented software (bench/device-env.txt): nothing the machine already has as
+# new (an overlay copy would shadow its own), every requirement met by the machine or the set,
+# and under 60 MiB in all (a device call carries at most 64 MiB). .whl/ is replaced only when
+# the check passes (the new set is left in .whl.tmp/ otherwise).
+#
+#   bash bench/fetch_wheels.sh                        # for the GPU machine: Python 3.12
+#   PYTHON_VERSION=3.11 WHEEL_DIR=/tmp/w bash bench/fetch_wheels.sh
+#                                                     # for a CPU rehearsal (bench/device_venv.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRL=${TRL_VERSION:-1.16.0}
-LIGER=${LIGER_VERSION:-0.8.5}
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "trl==$TRL" "liger-kernel==$LIGER"
-# what TRL's DPOTrainer needs beyond torch/transformers/accelerate (the `trl` rows of
-# bench/dpo_step.py run the real trainer)
-grep -v '^trl==' bench/requirements-trl.txt | python3 -m pip download -q --no-deps \
-    --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl -r /dev/stdin
-ls -l .whl
+PY=${PYTHON_VERSION:-3.12}
+DEST=${WHEEL_DIR:-.whl}
+MAX_MIB=${MAX_MIB:-60}
+rm -rf "$DEST.tmp"
+mkdir -p "$DEST.tmp"
+
+# one pip call per round, each name at most once per round (pip refuses two versions of one
+# name in a call; bench/wheels.txt carries two of datasets)
+mapfile -t specs < <(sed 's/#.*//' bench/wheels.txt | awk 'NF {print $1}')
+while [ ${#specs[@]} -gt 0 ]; do
+    declare -A seen=()
+    round=() rest=()
+    for spec in "${specs[@]}"; do
+        name=${spec%%[=<>!~]*}
+        if [ -n "${seen[$name]:-}" ]; then rest+=("$spec"); else seen[$name]=1; round+=("$spec"); fi
+    done
+    unset seen
+    python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+        --python-version "$PY" --implementation cp --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$DEST.tmp" \
+        "${round[@]}"
+    specs=("${rest[@]+"${rest[@]}"}")
+done
+
+python3 bench/overlay.py check "$DEST.tmp" --device bench/device-env.txt --python "$PY" \
+    --max-mib "$MAX_MIB"
+rm -rf "$DEST"
+mv "$DEST.tmp" "$DEST"
+du -sh "$DEST"

@@ -85,6 +85,14 @@ def build_parser(only=None):
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while a command's module is imported: nothing was started
+        print("bpo-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     only = next((a for a in argv if not a.startswith("-")), None)
     only = only if only in COMMANDS else None

@@ -14,18 +14,47 @@ What counts as the user's mistake (:func:`is_user_error`):
 
 The path checks run before any work starts, so a typo in ``--out`` costs a second, not the
 hours of a run that then cannot write its result.
+
+What a command may touch (:class:`CommandGuard`, entered by every command around its work):
+
+- **Outputs never overlap inputs.** Each command declares its inputs and outputs; before any
+  work an output that is an input (the same file after resolving links), lies inside an input
+  directory (a model folder, a checkpoint), or is a directory that holds an input, is refused
+  naming both. Two exceptions, declared as such: an image root is read by name, so outputs may
+  live inside it (``ROOT``); a checkpoint of the run's own output folder is an input the output
+  holds by design (``OWNED``). Two outputs of one command never are the same file.
+- **One run per output.** Each output is locked (``flock`` on a lock file beside it, or inside
+  an output folder): a second run into the same output stops at once naming the first (its pid).
+  The kernel drops the lock when the process ends, however it ends, so no crash leaves a stale
+  lock; the lock file is removed on a normal exit.
+- **Ctrl-C** ends the command with one line saying where it stopped, what is kept and how to
+  resume, exit status 130 (:class:`Interrupted`, a ``KeyboardInterrupt`` for Python callers).
+  What is kept is what the command's fault-safe writers left: appended batches, complete
+  checkpoints, atomically renamed files; a second Ctrl-C is not needed.
+- **A write that fails for a reason of the system** (a full disk, a quota, a read-only or failing
+  device, a permission taken away) ends in one line naming the file, where the command stopped,
+  what is kept and how to resume once the cause is fixed, exit status 2 (:class:`WriteFault`).
+  Libraries report a full disk in their own ways (safetensors' error, torch's ``unexpected
+  pos``, DCP's ``CheckpointException``): :func:`writing` around a write recognises them.
 """
 
-import argparse
+import contextlib
+import errno
 import linecache
+import logging
 import os
 import sys
 import tempfile
 
 __all__ = ["UserError", "is_user_error", "format_error", "run_command", "input_file",
-           "input_dir", "output_file", "output_dir", "check_text_file", "int_at_least"]
+           "input_dir", "output_file", "output_dir", "check_text_file", "CommandGuard",
+           "check_no_overlap", "lies_inside", "Interrupted", "WriteFault", "writing",
+           "appended_status", "FILE", "DIR", "ROOT", "OWNED"]
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130      # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+
+logger = logging.getLogger("bpo_fast")
 
 _PACKAGE = os.path.dirname(os.path.realpath(__file__))
 # our code: the package, and the Triton kernels it ships (bpo_fast/kernels may be a symlink)
@@ -71,7 +100,9 @@ def is_user_error(exc):
 
 def format_error(exc):
     """One line: the exception's message (an ``OSError``: the file and the reason)."""
-    if isinstance(exc, OSError) and getattr(exc, "filename", None) is not None \
+    if isinstance(exc, WriteFault):
+        msg = str(exc)
+    elif isinstance(exc, OSError) and getattr(exc, "filename", None) is not None \
             and not isinstance(exc, UserError):
         msg = f"{exc.filename}: {exc.strerror or exc}"
     elif isinstance(exc, KeyError) and exc.args:
@@ -82,9 +113,15 @@ def format_error(exc):
 
 
 def run_command(command, fn, *args):
-    """Run a command's ``fn(*args)`` under the rule: user errors -> one line on stderr and 2."""
+    """Run a command's ``fn(*args)`` under the rule: user errors -> one line on stderr and 2;
+    Ctrl-C -> one line (where it stopped, what is kept, how to resume: :class:`CommandGuard`)
+    and 130."""
     try:
         return int(fn(*args) or 0)
+    except KeyboardInterrupt as exc:
+        print(f"bpo-fast {command}: {exc if isinstance(exc, Interrupted) else 'interrupted'}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if not is_user_error(exc):
             raise
@@ -208,18 +245,334 @@ def output_dir(path, arg, *, what="output directory"):
 
 
 # --------------------------------------------------------------------------------------------
-# argparse types
+# what a command may touch: outputs never overlap inputs, one run per output, Ctrl-C and a
+# failed write end in one line that says what is kept
 # --------------------------------------------------------------------------------------------
 
-def int_at_least(low):
-    """An argparse ``type``: an integer >= ``low`` (argparse names the option in its error)."""
-    def parse(s):
+FILE = "file"    # an input or output file
+DIR = "dir"      # a directory read (model, checkpoint) or written (--output) as a whole
+ROOT = "root"    # an input directory read by name (images): outputs may live inside it
+OWNED = "owned"  # an input inside an output folder that the output holds by design (a checkpoint)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that says where the command stopped, what is kept and how to
+    resume (``str(exc)``). A ``KeyboardInterrupt``: Python callers see what they expect."""
+
+
+class WriteFault(OSError):
+    """A write failed for a reason of the system (full disk, quota, read-only or failing device,
+    a permission taken away): one line naming the file; the command's guard adds where it
+    stopped, what is kept and how to resume (``note``)."""
+
+    note = ""
+
+    def __str__(self):
+        what = self.strerror or os.strerror(self.errno or 0)
+        return (f"{self.filename}: {what}" if self.filename else what) + self.note
+
+
+# the errnos of a disk fault, whatever was being done, and what fixes each
+_DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (or raise the "
+                "quota)", errno.EFBIG: "free some space (or raise the file size limit)",
+                errno.EROFS: "make it writable", errno.EIO: "check the device"}
+# on a write (:func:`writing`) any OSError is the system's; these fixes too
+_FIXES = {**_DISK_ERRNOS, errno.EACCES: "make it writable", errno.EPERM: "make it writable"}
+# how libraries that do not raise OSError spell these (safetensors, torch, DCP)
+_DISK_TEXT = (("No space left on device", errno.ENOSPC), ("Disk quota exceeded", errno.EDQUOT),
+              ("File too large", errno.EFBIG), ("Read-only file system", errno.EROFS),
+              ("os error 28", errno.ENOSPC), ("os error 122", errno.EDQUOT))
+_FULL_BYTES = 1 << 20   # a file system with less free space than this is full
+
+
+def _chain(exc):
+    """``exc`` and the exceptions it was raised from (``raise ... from None`` ends the chain)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ if exc.__cause__ is not None else (
+            None if exc.__suppress_context__ else exc.__context__)
+
+
+def _disk_full(path):
+    """Whether the file system holding ``path`` (or its nearest existing folder) is full."""
+    try:
+        st = os.statvfs(_existing_ancestor(path))
+    except (OSError, AttributeError):
+        return False
+    free = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return free * st.f_frsize < _FULL_BYTES
+
+
+def _as_fault(exc, path, *, any_oserror=False, check_free=False):
+    """The :class:`WriteFault` ``exc`` amounts to, or None: an ``OSError`` with a system errno
+    (any errno with ``any_oserror``: it happened on a write), a library error that spells one,
+    or (``check_free``: a write of ``path`` just failed) any error while the disk is full."""
+    if isinstance(exc, WriteFault):
+        return exc
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno is not None and (any_oserror
+                                                               or e.errno in _DISK_ERRNOS):
+            return WriteFault(e.errno, e.strerror or os.strerror(e.errno), e.filename or path)
+        text = str(e)
+        for phrase, code in _DISK_TEXT:
+            if phrase in text:
+                return WriteFault(code, os.strerror(code), path)
+    if check_free and path is not None and _disk_full(path):
+        return WriteFault(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return None
+
+
+@contextlib.contextmanager
+def writing(path, cleanup=None):
+    """Around a write of ``path`` (a file or a folder being filled): an ``OSError``, or a full
+    disk however a library reports it, is re-raised as one :class:`WriteFault` naming ``path``;
+    ``cleanup()`` runs first on any failure (e.g. removes a half-written temporary). A bug
+    keeps its own exception."""
+    try:
+        yield
+    except BaseException as exc:
+        fault = None
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            fault = _as_fault(exc, os.fspath(path), any_oserror=True, check_free=True)
+        if cleanup is not None:
+            cleanup()
+        if fault is None or fault is exc:
+            raise
+        raise fault from exc
+
+
+def _real(path):
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def _inside(child, parent):
+    """``child`` is ``parent`` or lies under it (both real paths)."""
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def lies_inside(path, folder):
+    """Whether ``path`` is ``folder`` or lies under it, after resolving links."""
+    return _inside(_real(path), _real(folder))
+
+
+def _same_file(a, b):
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)       # a hard link
+    except OSError:
+        return False
+
+
+def _declared(items, default_kind):
+    """``[(arg, path, kind)]`` from ``{arg: path}`` / ``{arg: (path, kind)}`` / tuples; empty
+    paths are dropped (an option not given)."""
+    items = items.items() if isinstance(items, dict) else items
+    out = []
+    for item in items:
+        arg, value = item[0], item[1:] if len(item) > 2 else item[1]
+        path, kind = value if isinstance(value, tuple) else (value, None)
+        if path in (None, "", False, True):
+            continue
+        path = os.fspath(path)
+        out.append((arg, path, kind or (DIR if os.path.isdir(path) else default_kind)))
+    return out
+
+
+def check_no_overlap(outputs, inputs):
+    """Raise :class:`UserError` when an output would write over an input: the same file after
+    resolving links (or a hard link), an output inside an input directory (``DIR``), or an
+    output directory that holds an input (not an ``OWNED`` one); or when two outputs are the
+    same file. ``outputs``/``inputs``: ``{arg: path}`` or ``{arg: (path, kind)}``."""
+    outs, ins = _declared(outputs, FILE), _declared(inputs, FILE)
+    for oarg, opath, okind in outs:
+        oreal = _real(opath)
+        for iarg, ipath, ikind in ins:
+            ireal = _real(ipath)
+            if _same_file(opath, ipath):
+                what = "folder" if os.path.isdir(ipath) else "file"
+                raise UserError(f"{oarg}: {opath!r} is the same {what} as the input {iarg} "
+                                f"({ipath!r}); the command would write over what it reads: "
+                                f"choose another {oarg}")
+            if ikind == DIR and _inside(oreal, ireal):
+                raise UserError(f"{oarg}: {opath!r} lies inside the input {iarg} ({ipath!r}); "
+                                f"the command would write into what it reads: choose an {oarg} "
+                                f"outside it")
+            if okind == DIR and ikind != OWNED and _inside(ireal, oreal):
+                raise UserError(f"{oarg}: the output folder {opath!r} holds the input {iarg} "
+                                f"({ipath!r}); keep inputs outside the output folder or choose "
+                                f"another {oarg}")
+    for i, (a, pa, _) in enumerate(outs):
+        for b, pb, _ in outs[i + 1:]:
+            if _same_file(pa, pb):
+                raise UserError(f"{b}: {pb!r} is also {a}; two outputs of one command must "
+                                f"differ")
+
+
+class _OutputLock:
+    """An exclusive ``flock`` on a lock file beside an output file (``.<name>.lock``) or inside
+    an output folder (``.bpo-fast.lock``). The kernel drops it when the process ends, however it
+    ends (no stale lock after a crash); on release the file is removed while still locked, and a
+    waiter that locked the removed file sees it is gone and retries. File systems without
+    ``flock`` (some network mounts) run unlocked, with a warning.
+
+    Not ``filelock``: its lock file stays behind after every run, and where ``flock`` is missing
+    it falls back to a lock that a crash leaves in place."""
+
+    def __init__(self, arg, path, kind, command):
+        self.arg, self.path, self.command = arg, path, command
+        if kind == DIR:
+            self.file = os.path.join(path, ".bpo-fast.lock")
+        else:
+            folder, name = os.path.split(os.path.abspath(path))
+            self.file = os.path.join(folder, f".{name}.lock")
+        self.fd, self.created = None, []
+
+    def acquire(self):
         try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {s!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
-        return v
-    parse.__name__ = f"int>={low}"
-    return parse
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        folder = os.path.dirname(os.path.abspath(self.file))
+        missing = []
+        while not os.path.isdir(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        for d in reversed(missing):
+            os.makedirs(d, exist_ok=True)
+        self.created = missing  # deepest first: removed again on release when left empty
+        while True:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                self._remove_created()
+                raise UserError(f"{self.arg}: {self.path!r} is being written by another run "
+                                f"({holder}); wait for it to end, or choose another "
+                                f"{self.arg}") from None
+            except OSError as exc:
+                os.close(fd)
+                logger.warning("%s: %s cannot be locked (%s); not protected against a second run "
+                               "into it", self.arg, self.path, exc.strerror)
+                return self
+            try:
+                a, b = os.fstat(fd), os.stat(self.file)
+                current = (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)    # its holder released and removed it meanwhile: lock the new file
+        self.fd = fd
+        try:  # who holds it, for the message of a second run; the lock needs no content
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}: bpo-fast {self.command}".encode())
+        except OSError:  # a full disk: the command's own writes will say so, naming their file
+            pass
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                os.remove(self.file)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        self._remove_created()
+
+    def _remove_created(self):
+        for d in self.created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        self.created = []
+
+
+def appended_status(out, written, noun):
+    """``(where, kept, how to resume)`` of a command that appends its output batch by batch and
+    resumes with ``--resume`` (``out`` None: nothing written yet), for :class:`CommandGuard`."""
+    if out is None:
+        return f"before any {noun} was written", "", "rerun the same command"
+    return (f"after {written} new {noun}(s)",
+            f"the {noun}s written so far are kept in {out!r} (appended batch by batch)",
+            "rerun with --resume to continue")
+
+
+class CommandGuard:
+    """``with CommandGuard(command, inputs=..., outputs=...) as g:`` around a command's work.
+
+    On entry: :func:`check_no_overlap`, then a lock on every output (``lock=False``: none, e.g.
+    ranks that do not own the output). On the way out: a ``KeyboardInterrupt`` becomes
+    :class:`Interrupted`, and a failed write (:func:`writing`, or an ``OSError`` of the disk)
+    a :class:`WriteFault`, each with one line built from ``g.status()``: ``(where it stopped,
+    what is kept, how to resume)``; a command sets ``g.status`` to a function of its progress.
+    The default says nothing was written (commands that write their outputs whole).
+
+    Guards nest (the demo runs build-pairs and train): the outermost one's line wins."""
+
+    def __init__(self, command, *, inputs=(), outputs=(), lock=True, status=None):
+        self.command = command
+        self.inputs, self.outputs = inputs, outputs
+        self.lock = lock
+        self.status = status or self._written_whole
+        self._locks = []
+
+    def _written_whole(self):
+        outs = ", ".join(repr(p) for _, p, _ in _declared(self.outputs, FILE))
+        return "", f"nothing was written ({outs or 'the output'} is written whole or not at all)", \
+            "rerun the same command"
+
+    def __enter__(self):
+        check_no_overlap(self.outputs, self.inputs)
+        if self.lock:
+            try:
+                for arg, path, kind in _declared(self.outputs, FILE):
+                    self._locks.append(_OutputLock(arg, path, kind, self.command).acquire())
+            except BaseException:
+                self._release()
+                raise
+        return self
+
+    def _release(self):
+        for lock in reversed(self._locks):
+            lock.release()
+        self._locks = []
+
+    def _says(self):
+        try:
+            where, kept, resume = self.status()
+        except Exception as exc:  # the line must come out even if progress is half set up
+            logger.debug("status of %s failed: %r", self.command, exc)
+            where, kept, resume = "", "", "rerun the same command"
+        return where, kept, resume
+
+    def __exit__(self, typ, exc, tb):
+        self._release()
+        if exc is None:
+            return False
+        if isinstance(exc, KeyboardInterrupt):
+            where, kept, resume = self._says()
+            parts = ["interrupted" + (f" {where}" if where else "")] + [p for p in (kept, resume)
+                                                                         if p]
+            raise Interrupted("; ".join(parts)) from None
+        # DCP's errors are BaseExceptions; a UserError already says what is wrong
+        if not isinstance(exc, (SystemExit, GeneratorExit, UserError)):
+            fault = _as_fault(exc, None)
+            if fault is not None:
+                where, kept, resume = self._says()
+                fix = _FIXES.get(fault.errno, "fix the cause")
+                if fault.filename is None:
+                    fault.filename = ", ".join(p for _, p, _ in _declared(self.outputs, FILE)) \
+                        or None
+                fault.note = (f" ({where})" if where else "") + (f"; {kept}" if kept else "") + \
+                    f"; {fix}, then {resume}"
+                if fault is exc:
+                    return False
+                raise fault from exc
+        return False

@@ -7,29 +7,38 @@ that one declaration come:
 - the ``argparse`` arguments and ``--help`` (with the default of every option),
 - ``--config run.json|yaml``: a file of the same options (field names or CLI names; an unknown
   key is an error naming it); options given on the command line win over the file,
-- the option tables of the README (:func:`markdown_table`; ``python -m bpo_fast.options
-  README.md`` rewrites them, and a test checks they are current).
+- the option tables of the README (:func:`markdown_table`; ``python -m
+  bpo_fast.tools.readme_tables README.md`` rewrites them, and a test checks they are current).
 
 Fields without ``help`` are Python-API-only (not on the command line).
+
+A value is parsed and checked in one place, :func:`parse_value`, by its declaration: the
+field's type (``int``, ``float``, ``bool``, ``str``; or the option's own ``type`` parser),
+finite (no ``nan``/``inf``), within its ``bounds`` (``"[0, 1)"``), one of its ``choices``.
+The command line (argparse ``type``), ``--config`` files (YAML's ``1e-4`` is a string to PyYAML;
+``true``/``on``/``yes`` are booleans) and the Python API (:func:`check_values`, called by the
+config classes' ``__post_init__`` and by :func:`from_args`) all go through it, before any model
+loads.
 """
 
 import argparse
 import dataclasses
 import json
-import os
-import sys
+import math
+import re
 
-from bpo_fast.errors import UserError, int_at_least
+from bpo_fast.errors import UserError
 
 __all__ = ["option", "cli_fields", "add_arguments", "from_args", "load_config_file",
-           "markdown_table", "COMMAND_OPTIONS", "canonical_dtype", "parse_device"]
+           "markdown_table", "canonical_dtype", "parse_device", "parse_value", "check_values",
+           "config_file_of"]
 
 _UNSET = object()  # argparse default: "not given on the command line"
 
 
 def option(default=dataclasses.MISSING, *, help, cli=None, choices=None, type=None,
            metavar=None, group=None, positional=False, nargs=None, const=None, aliases=(),
-           negate=False, required=False, default_text=None):
+           negate=False, required=False, default_text=None, bounds=None, nullable=False):
     """A dataclass field that is also a command-line option.
 
     ``cli``: the flag without dashes (default: the field name with ``-`` for ``_``); a bool
@@ -39,18 +48,23 @@ def option(default=dataclasses.MISSING, *, help, cli=None, choices=None, type=No
     ``negate``: a bool defaulting to True whose flag turns it off (``--greedy`` for do_sample).
     ``required``: the command line (or ``--config``) must give it, though the Python API has a
     default (``None``, checked later). ``default_text``: how ``--help`` shows the default when
-    it is computed (e.g. "2 * r").
+    it is computed (e.g. "2 * r"). ``bounds``: the range of a number, in interval notation
+    (``"[0, 1)"``, ``"(0, inf)"``). ``nullable``: None is a valid value although the default is
+    not None (e.g. ``max_length=None``: no limit, Python API).
     """
+    if bounds is not None:
+        _parse_bounds(bounds)  # a malformed declaration fails at import
     meta = {"help": help, "cli": cli, "choices": choices, "type": type, "metavar": metavar,
             "group": group, "positional": positional, "nargs": nargs, "const": const,
             "aliases": tuple(aliases), "negate": negate, "required": required,
-            "default_text": default_text}
+            "default_text": default_text, "bounds": bounds, "nullable": nullable}
     return dataclasses.field(default=default, metadata=meta)
 
 
 def threads_option(**kw):
-    """The ``--threads`` option of the CPU-heavy commands (``bpo_fast.runtime.use_threads``)."""
-    return option(None, help="torch CPU threads", type=int_at_least(1), metavar="N",
+    """The ``--threads`` option of the CPU-heavy commands (``bpo_fast.runtime.use_threads``;
+    more than the machine's CPUs is clamped there, with a note)."""
+    return option(None, help="torch CPU threads", type=int, bounds="[1, inf)", metavar="N",
                   default_text="the CPUs of the affinity mask that other processes leave free, "
                                "measured from /proc/stat and followed while the command runs",
                   **kw)
@@ -68,20 +82,6 @@ def dtype_option(help="model dtype (auto: bf16 on CUDA, fp32 on CPU)", **kw):
 
 
 MAX_BAD_FRACTION = 0.1
-
-
-def fraction(s):
-    """An argparse ``type``: a number in [0, 1]."""
-    try:
-        v = float(s)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {s!r}") from None
-    if not 0.0 <= v <= 1.0:   # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {s!r}")
-    return v
-
-
-fraction.__name__ = "fraction"
 
 
 def json_object(s):
@@ -111,7 +111,7 @@ def max_bad_fraction_option(**kw):
                                          "its images, a sample the processor rejects) are named "
                                          "in the errors file, skipped and counted; more than "
                                          "this share of a data file stops the run (exit 2)",
-                  type=fraction, metavar="X", **kw)
+                  type=float, bounds="[0, 1]", metavar="X", **kw)
 
 
 def processor_kwargs_option(**kw):
@@ -130,6 +130,138 @@ def check_processor_kwargs(v, name="processor_kwargs"):
         return dict(json_object(v))
     except argparse.ArgumentTypeError as exc:
         raise ValueError(f"{name}: {exc}") from None
+
+
+
+# --------------------------------------------------------------------------------------------
+# values: parsed and checked by their declaration
+# --------------------------------------------------------------------------------------------
+
+def _parse_bounds(spec):
+    """``"[0, 1)"`` -> ``(0.0, True, 1.0, False)`` (low, low included, high, high included)."""
+    m = re.fullmatch(r"\s*([\[(])\s*([-+\w.]+)\s*,\s*([-+\w.]+)\s*([\])])\s*", spec)
+    if not m:
+        raise ValueError(f"bounds: expected interval notation like '[0, 1)', got {spec!r}")
+    return float(m.group(2)), m.group(1) == "[", float(m.group(3)), m.group(4) == "]"
+
+
+def _describe_bounds(spec):
+    lo, lo_in, hi, hi_in = _parse_bounds(spec)
+    if math.isinf(hi):
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {spec.replace(' ', '').replace(',', ', ')}"
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _kind(f):
+    """How a field's value is parsed: "custom" (the option's own ``type``), "bool", "int",
+    "float", "str", or None (lists and other values: passed through)."""
+    if f.metadata.get("type") is not None and f.metadata["type"] not in (int, float, str):
+        return "custom"
+    t = f.metadata.get("type") or f.type
+    if t is bool or isinstance(f.default, bool):
+        return "bool"
+    return {int: "int", float: "float", str: "str"}.get(t)
+
+
+def parse_value(f, v, *, choices=True):
+    """``v`` (a string from the command line or a config file, or a Python value) as the
+    option field ``f`` declares it; raises ``ValueError`` ("expected ..., got ...").
+    ``choices=False``: not checked here (argparse checks them itself, with its own words)."""
+    m = f.metadata
+    if v is None:
+        if f.default is None or m.get("nullable") or f.default is dataclasses.MISSING:
+            return None
+        raise ValueError(f"expected a value, got None (the default is {f.default!r})")
+    if isinstance(v, (list, tuple)) and (f.type in (list, tuple) or m.get("nargs")):
+        return v                                  # nargs options, lists from a config file
+    kind = _kind(f)
+    if kind == "custom":
+        if isinstance(v, (str, dict)):            # dict: a mapping in a config file
+            try:
+                v = m["type"](v)
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+                raise ValueError(str(exc)) from None
+    elif kind == "bool":
+        if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+            v = v.strip().lower() in _TRUE
+        elif not isinstance(v, bool):
+            raise ValueError(f"expected true or false, got {v!r}")
+    elif kind == "int":
+        v = _to_int(v)
+    elif kind == "float":
+        v = _to_float(v)
+    elif kind == "str" and not isinstance(v, str):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        else:
+            raise ValueError(f"expected text, got {v!r}")
+    allowed = _choices(f) if choices else None
+    if allowed is not None and isinstance(v, (str, int, float)) and v not in allowed:
+        raise ValueError(f"expected one of {list(allowed)}, got {v!r}")
+    bounds = m.get("bounds")
+    if bounds is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
+        lo, lo_in, hi, hi_in = _parse_bounds(bounds)
+        if not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):
+            noun = "an integer" if kind == "int" else "a number"
+            raise ValueError(f"expected {noun} {_describe_bounds(bounds)}, got {v!r}")
+    return v
+
+
+def _to_int(v):
+    if isinstance(v, bool):
+        raise ValueError(f"expected an integer, got {v!r}")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            pass
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer, got {v!r}") from None
+    if not x.is_integer():
+        raise ValueError(f"expected an integer, got {v!r}")
+    return int(x)
+
+
+def _to_float(v):
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got {v!r}")
+    try:
+        x = float(v.strip() if isinstance(v, str) else v)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"expected a finite number, got {v!r}")
+    return x
+
+
+def _argparse_type(f):
+    """The argparse ``type`` of an option: :func:`parse_value` (argparse names the flag)."""
+    def parse(s):
+        try:
+            return parse_value(f, s, choices=False)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = f.name
+    return parse
+
+
+def check_values(obj):
+    """Parse and check every option value of the dataclass instance ``obj`` in place (the
+    Python API's path through :func:`parse_value`); raises :class:`UserError` naming the
+    field."""
+    for f in cli_fields(type(obj)):
+        try:
+            setattr(obj, f.name, parse_value(f, getattr(obj, f.name)))
+        except ValueError as exc:
+            raise UserError(f"{f.name}: {exc}") from None
 
 
 def cli_fields(cls):
@@ -207,8 +339,8 @@ def add_arguments(parser, cls, *, config=True):
             kw["const"] = not _is_negated(f)
         else:
             t = _value_type(f)
-            if t is not None:
-                kw["type"] = t
+            if t is not None or _kind(f) is not None:
+                kw["type"] = _argparse_type(f)
             if _choices(f) is not None:
                 kw["choices"] = _choices(f)
             if m.get("metavar"):
@@ -231,8 +363,13 @@ def load_config_file(path, cls):
     from bpo_fast.errors import input_file
 
     input_file(path, "--config", what="JSON or YAML config file", text=True)
-    with open(path, encoding="utf-8-sig") as f:   # a byte-order mark is dropped
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")   # a byte-order mark is dropped
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--config: {path!r} is not UTF-8 text (byte {exc.start}: "
+                        f"{raw[exc.start:exc.start + 1]!r})") from None
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml
@@ -256,6 +393,7 @@ def load_config_file(path, cls):
                         f"{type(data).__name__}")
     fields = {f.name: f for f in cli_fields(cls)}
     by_flag = {_flag(f)[2:]: f.name for f in fields.values()}
+    by_flag.update({a: f.name for f in fields.values() for a in f.metadata.get("aliases", ())})
     out, unknown = {}, []
     for k, v in data.items():
         name = k if k in fields else by_flag.get(str(k).lstrip("-"), str(k).replace("-", "_"))
@@ -263,14 +401,12 @@ def load_config_file(path, cls):
             unknown.append(k)
             continue
         f = fields[name]
-        t = _value_type(f)
-        if t is not None and isinstance(v, str) and t not in (int, float):
-            v = t(v)                              # e.g. "200,500" for noise_steps
-        elif t is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if _choices(f) is not None and v not in _choices(f):
-            raise UserError(f"--config: {path!r}: {k}: expected one of {list(_choices(f))}, "
-                            f"got {v!r}")
+        try:
+            v = parse_value(f, v)
+        except ValueError as exc:
+            raise UserError(f"--config: {path!r}: {k}: {exc}") from None
+        if k not in fields and _is_negated(f) and isinstance(v, bool):
+            v = not v                             # "greedy: true" is do_sample False
         out[name] = v
     if unknown:
         raise UserError(f"--config: {path!r}: unknown option(s) {unknown}; expected some of "
@@ -297,7 +433,15 @@ def from_args(cls, args, **extra):
     if missing:
         raise UserError(f"the following arguments are required: {', '.join(missing)} (on the "
                         "command line or in --config)")
-    return cls(**values)
+    obj = cls(**values)
+    check_values(obj)
+    obj._config_file = cfg  # an input of the command (bpo_fast.errors.CommandGuard)
+    return obj
+
+
+def config_file_of(obj):
+    """The ``--config`` file ``obj`` was read from (an input of its command), or None."""
+    return getattr(obj, "_config_file", None)
 
 
 def _md(text):
@@ -349,61 +493,37 @@ def canonical_dtype(name):
 
 
 def parse_device(s):
-    """``cpu``, ``cuda`` or ``cuda:N``: argparse type of every ``--device``."""
-    import re
-
-    if s is None or re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", str(s)):
+    """``cpu``, ``cuda`` or ``cuda:N`` (``mps``, ``xpu``, ``xpu:N`` where this torch has
+    them): argparse type of every ``--device``; a device this torch cannot use here is an
+    error."""
+    if s is None:
         return s
-    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
+    m = re.fullmatch(r"(cpu|cuda|mps|xpu)(?::(\d+))?", str(s))
+    if not m or (m.group(1) in ("cpu", "mps") and m.group(2) is not None):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cpu":
+        return s
+    import torch
 
+    if kind == "cuda":
+        available = torch.cuda.is_available()
+        count = torch.cuda.device_count() if available else 0
+        why = "this torch is built without CUDA" if torch.version.cuda is None \
+            else "no CUDA GPU is visible"
+    elif kind == "mps":
+        available = bool(getattr(torch.backends, "mps", None)) and \
+            torch.backends.mps.is_available()
+        count, why = 1, "MPS is not available here"
+    else:
+        xpu = getattr(torch, "xpu", None)
+        available = xpu is not None and xpu.is_available()
+        count = xpu.device_count() if available else 0
+        why = "no XPU is available here"
+    if not available:
+        raise argparse.ArgumentTypeError(f"{s!r} cannot be used: {why} (use cpu)")
+    if index is not None and int(index) >= count:
+        raise argparse.ArgumentTypeError(f"{s!r}: there are {count} {kind} device(s), "
+                                         f"{kind}:0 to {kind}:{count - 1}")
+    return s
 
-# --------------------------------------------------------------------------------------------
-# the README tables
-# --------------------------------------------------------------------------------------------
-
-def _command_options():
-    """command -> the dataclass of its options (imports the command modules' option classes)."""
-    from bpo_fast.data.cli_merge import MergeOptions
-    from bpo_fast.data.pairs import PairBuilderConfig
-    from bpo_fast.demo.cli import DemoOptions
-    from bpo_fast.eval.cli import ChairOptions
-    from bpo_fast.eval.cli_pope import PopeOptions
-    from bpo_fast.eval.generate import GenerateOptions
-    from bpo_fast.train.cli_ref import RefLogpsOptions
-    from bpo_fast.train.config import TrainConfig
-
-    return {"build-pairs": PairBuilderConfig, "merge-pairs": MergeOptions,
-            "ref-logps": RefLogpsOptions, "train": TrainConfig, "generate": GenerateOptions,
-            "eval-chair": ChairOptions,
-            "eval-pope": PopeOptions, "demo": DemoOptions}
-
-
-COMMAND_OPTIONS = _command_options  # a function: importing the classes imports torch
-
-
-def render_readme(text):
-    """``text`` with every ``<!-- options:CMD -->...<!-- /options:CMD -->`` block regenerated."""
-    import re
-
-    table = {k: markdown_table(v) for k, v in _command_options().items()}
-
-    def sub(m):
-        cmd = m.group(1)
-        if cmd not in table:
-            raise ValueError(f"README: no command {cmd!r} (known: {sorted(table)})")
-        return f"<!-- options:{cmd} -->\n{table[cmd]}\n<!-- /options:{cmd} -->"
-
-    return re.sub(r"<!-- options:([\w-]+) -->.*?<!-- /options:\1 -->", sub, text, flags=re.S)
-
-
-if __name__ == "__main__":  # python -m bpo_fast.options README.md: rewrite the option tables
-    path = sys.argv[1] if len(sys.argv) > 1 else "README.md"
-    with open(path, encoding="utf-8") as fh:
-        old = fh.read()
-    new = render_readme(old)
-    if new != old:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(new)
-        os.replace(tmp, path)
-    print(f"{path}: option tables {'updated' if new != old else 'already current'}")

@@ -262,6 +262,11 @@ def choose_threads(requested=None, *, sample_s=0.15, sampler=None, sleep=time.sl
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise ValueError(f"threads: expected a positive integer, got {requested!r}")
+        cpus = len(sampler.cpus) if sampler is not None else len(_affinity())
+        if requested > cpus:  # OpenMP cannot start 100000 threads: it crashes the process
+            logger.warning("threads: %d requested, this machine offers %d CPU(s) to this "
+                           "process; using %d", requested, cpus, cpus)
+            return cpus, f"clamped from {requested} to the CPUs allowed"
         return requested, "as requested"
     sampler = sampler or CpuSampler()
     quota = _cgroup_quota() if quota is None else quota
@@ -341,10 +346,10 @@ def use_threads(threads=None, *, interval=2.0):
     except RuntimeError:
         pass
     if threads is not None:
-        n, _ = choose_threads(threads)
+        n, why = choose_threads(threads)
         torch.set_num_threads(n)
         _GOVERNOR = None
-        logger.info("threads: %d (--threads)", n)
+        logger.info("threads: %d (--threads, %s)", n, why)
         return n
     _GOVERNOR = ThreadGovernor(interval=interval)
     return _GOVERNOR.start()
@@ -372,7 +377,7 @@ def threads_for_command(threads=None, adapt=True):
     if adapt:
         use_threads(threads)
     elif threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(choose_threads(threads)[0])
     try:
         yield
     finally:

@@ -179,3 +179,81 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tiny_llava_dir, data, full_ru
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert all(verify_checkpoint(str(out / f"checkpoint-{s}")) is None for s in (2, 4))
+
+
+def test_nonfinite_skips_in_a_row_stop_at_the_limit_naming_the_records(tiny_llava_dir, data,
+                                                                       tmp_path, monkeypatch,
+                                                                       capsys):
+    """Weights that hold NaN make every step non-finite: `--on-nonfinite skip` used to skip
+    forever (a skipped step does not advance the loop); it stops after the limit, exit 2."""
+    from bpo_fast.models.preference import PreferenceModel
+
+    orig = PreferenceModel.forward
+
+    def forward(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(PreferenceModel, "forward", forward)
+    path, root = data
+    rc = main(["train", "--model", tiny_llava_dir, "--data", path, "--image-root", root,
+               "--output", str(tmp_path / "o"), "--batch-size", "2", "--max-steps", "3",
+               "--max-length", "64", "--no-progress", "--device", "cpu",
+               "--on-nonfinite", "skip", "--nonfinite-skip-limit", "5"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2, err
+    assert "5 steps in a row after step 0 had a non-finite loss" in err, err
+    assert err.count("pair-") == 10 and "nonfinite_skip_limit 5" in err, err   # 5 steps x 2
+
+
+def _resume_argv(model, data, out, *extra):
+    path, root = data
+    return ["train", "--model", model, "--data", path, "--image-root", root, "--output", str(out),
+            "--batch-size", "2", "--max-length", "64", "--lr", "2e-3", "--warmup-steps", "0",
+            "--max-steps", "4", "--save-every", "2", "--no-progress", "--device", "cpu",
+            "--resume", *extra]
+
+
+def test_resume_with_settings_that_change_the_run_is_refused_naming_each(
+        tiny_llava_dir, data, full_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    shutil.rmtree(out / "checkpoint-4")
+    argv = _resume_argv(tiny_llava_dir, data, out)
+    changed = argv[:]
+    changed[changed.index("--batch-size") + 1] = "4"
+    changed[changed.index("--lr") + 1] = "1e-3"
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "batch_size 2 -> 4" in err and "learning_rate 0.002 -> 0.001" in err, err
+    assert "--resume-with-changes" in err and "checkpoint-2" in err, err
+    # other pairs (a file edited, or another one): refused by content
+    path, root = data
+    edited = tmp_path / "edited.jsonl"
+    lines = open(path).read().splitlines()
+    edited.write_text("\n".join(lines[1:]) + "\n")
+    other = argv[:]
+    other[other.index("--data") + 1] = str(edited)
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "data 8 pairs" in err and "-> 7 pairs" in err, err
+    # the same pairs in a moved file are the same data: resumed, equal to the uninterrupted run
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(path, moved)
+    same = argv[:]
+    same[same.index("--data") + 1] = str(moved)
+    assert main(same) == 0, capsys.readouterr().err
+    for a, b in zip(_metrics(str(out)), _metrics(full_run)):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_resume_with_changes_when_asked(tiny_llava_dir, data, full_run, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    argv = _resume_argv(tiny_llava_dir, data, out, "--resume-with-changes")
+    argv[argv.index("--max-steps") + 1] = "5"      # one more step
+    with caplog.at_level("WARNING", logger="bpo_fast"):
+        assert main(argv) == 0
+    assert "schedule 4 steps (warmup 0) -> 5 steps (warmup 0)" in caplog.text
+    assert [r["step"] for r in _metrics(str(out))] == [1, 2, 3, 4, 5]

@@ -36,10 +36,12 @@ def _inputs(b):
     return {k: b[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
 
 
-def naive_logps(model, b):
-    """The plain HF way: every row with its own copy of the image, full logits, log_softmax."""
+def naive_logps(model, b, images=True):
+    """The plain HF way: every row with its own copy of the image, full logits, log_softmax.
+    ``images=False``: the image tokens keep their text embeddings (the images dropped, what
+    transformers < 5.18 computed for our steps)."""
     with torch.no_grad():
-        pv = torch.cat([b["pixel_values"], b["pixel_values"]])
+        pv = torch.cat([b["pixel_values"], b["pixel_values"]]) if images else None
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                        pixel_values=pv).logits[:, :-1].float()
         lab = b["labels"][:, 1:]
@@ -302,27 +304,44 @@ def test_load_and_prepare_errors_name_the_argument(tiny_llava_dir, tmp_path):
         prepare_policy(base, lora=cfg, freeze_vision=False)   # never silently ignored
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
-def test_cuda_bf16_matches_naive_forward(tiny_llava_dir, batch, attn):
+def bf16_vs_naive(tiny_llava_dir, batch, device, attn="sdpa"):
+    """The DPO step in bf16 (packing auto: on with flash-attention) against the naive HF forward
+    in fp32, within the bf16 noise floor of the naive forward (tests/noise_floor.py); negative
+    control: the naive bf16 forward with the images dropped must fail the same tolerance."""
+    from noise_floor import assert_noise_floor
+
     from bpo_fast.models.preference import flash_attn_available
 
     if attn == "flash_attention_2" and not flash_attn_available():
         pytest.skip("flash-attn not installed")
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     policy = prepare_policy(load_vlm(tiny_llava_dir, dtype=torch.bfloat16, device=dev,
                                      attn_implementation=attn))
     naive_model = load_vlm(tiny_llava_dir, dtype=torch.bfloat16, device=dev,
                            attn_implementation="sdpa")
-    pm = PreferenceModel(policy, naive_model)          # packing auto: on with flash-attention
+    pm = PreferenceModel(policy, naive_model)
     assert pm._use_packing(policy) == (attn == "flash_attention_2")
     b = {k: v.to(dev) for k, v in _inputs(batch).items()}
     out = pm(**b)
-    want = naive_logps(naive_model, b)
-    got = torch.cat([out.policy_chosen_logps, out.policy_rejected_logps])
-    # bf16 activations; our LM head accumulates in fp32 where the naive one rounds logits to bf16
-    torch.testing.assert_close(got, want, atol=0.5, rtol=2e-2)
+    got = torch.cat([out.policy_chosen_logps, out.policy_rejected_logps]).detach()
+    low = naive_logps(naive_model, b)
+    dropped = naive_logps(naive_model, b, images=False)
+    want = naive_logps(load_vlm(tiny_llava_dir, device=dev, attn_implementation="sdpa"), b)
+    assert_noise_floor(got, want, low, wrong=dropped, what=f"llava bf16 {attn} on {device}")
     out.loss.backward()
+    return got, want, low, dropped
+
+
+def test_bf16_tolerance_rejects_dropped_images_on_cpu(tiny_llava_dir, batch):
+    """The GPU test below on the CPU (bf16 matmuls): its tolerance accepts the step and rejects
+    the images dropped."""
+    bf16_vs_naive(tiny_llava_dir, batch, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_cuda_bf16_matches_naive_forward(tiny_llava_dir, batch, attn):
+    bf16_vs_naive(tiny_llava_dir, batch, "cuda", attn)
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "hinge"])

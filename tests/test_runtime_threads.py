@@ -90,10 +90,24 @@ def test_unknown_load_uses_the_allowed_cpus():
 
 
 def test_requested_threads_win_and_are_checked():
-    assert choose_threads(3) == (3, "as requested")
+    four = sampler_for(FakeStat(4), [0, 1, 2, 3])
+    assert choose_threads(3, sampler=four) == (3, "as requested")
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads"):
             choose_threads(bad)
+
+
+def test_threads_beyond_the_machine_are_clamped_with_a_note(caplog):
+    """--threads 100000 crashed train and build-pairs (OpenMP cannot start that many)."""
+    two = sampler_for(FakeStat(2), [0, 1])
+    with caplog.at_level("WARNING", logger="bpo_fast"):
+        n, why = choose_threads(100000, sampler=two)
+    assert n == 2 and "clamped" in why
+    assert "100000 requested" in caplog.text and "offers 2 CPU" in caplog.text
+    before = torch.get_num_threads()
+    with runtime.threads_for_command(10 ** 5, adapt=False):   # the demo's path on CUDA
+        assert torch.get_num_threads() <= len(runtime._affinity())
+    assert torch.get_num_threads() == before
 
 
 def test_governor_follows_the_free_cpus():

@@ -49,6 +49,16 @@ def _build(family, tmp_path_factory, cache={}):
     return cache[family]
 
 
+def _setup(family, tmp_path_factory, **load):
+    """(path, processor, model, collator) of a family's tiny model (``load``: load_vlm's dtype,
+    device)."""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")  # the SmolVLM processor needs it (in the test extras)
+    path = _build(family, tmp_path_factory)
+    processor = load_processor(path)
+    return path, processor, load_vlm(path, **load), PreferenceCollator(processor)
+
+
 def hf_row_logps(model, processor, collator, item, answer, device="cpu"):
     """The plain HF way: the processor on the full text, full logits, log_softmax, gathered on
     the answer tokens. Returns (summed log-prob, input ids)."""
@@ -111,13 +121,8 @@ def _check_packed(model, batch, lp):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_logps_equal_hf_forward_and_grads_reach_decoder(family, tmp_path_factory):
-    if family == "smolvlm":
-        pytest.importorskip("num2words")  # the SmolVLM processor needs it (in the test extras)
-    path = _build(family, tmp_path_factory)
-    processor = load_processor(path)
-    model = load_vlm(path)
+    path, processor, model, collator = _setup(family, tmp_path_factory)
     assert get_adapter(model).name == model_type(family)
-    collator = PreferenceCollator(processor)
     assert collator.model_type == model_type(family)
     items = _items()
     shapes = {tuple(collator.encode_pair(it)[3]["pixel_values"].shape) for it in items}
@@ -172,12 +177,7 @@ def test_family_text_only_and_multi_image_pairs(family, tmp_path_factory):
     all-text batch: exact against the HF forward of each sample, and the DPO step's gradient
     reaches the decoder. Families that take one image per prompt (PaliGemma) raise, naming the
     pair and the limitation."""
-    if family == "smolvlm":
-        pytest.importorskip("num2words")
-    path = _build(family, tmp_path_factory)
-    processor = load_processor(path)
-    model = load_vlm(path)
-    collator = PreferenceCollator(processor)
+    path, processor, model, collator = _setup(family, tmp_path_factory)
     mixed = [_pair(0, [_image(20, 12, 0)]), _pair(1, []),
              _pair(2, [_image(12, 28, 1), _image(36, 36, 2)])]
     text = [_pair(0, [], "why is the sky blue ?"), _pair(1, [])]
@@ -211,6 +211,77 @@ def test_family_text_only_and_multi_image_pairs(family, tmp_path_factory):
         out.loss.backward()
     grads = [p.grad for p in model.get_decoder().parameters() if p.requires_grad]
     assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+
+
+def drop_images(monkeypatch, cls, pixels=False):
+    """Make the base model class ``cls`` (e.g. ``type(model.model)``) drop its images the way
+    transformers < 5.18 does: its forward swallows ``mm_encoder_outputs`` through ``**kwargs``
+    (and, with ``pixels``, ignores ``pixel_values`` too, so the model never encodes them)."""
+    orig = cls.forward
+
+    def forward(self, *args, mm_encoder_outputs=None, **kwargs):
+        if pixels:
+            kwargs.pop("pixel_values", None)
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", forward)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dropped_images_are_an_error(family, tmp_path_factory, monkeypatch):
+    """Every family, every path that runs the model on images: our preference forward
+    (``mm_encoder_outputs``), HF's own forward on ``pixel_values`` and ``generate``. Real runs pass
+    the check; a forward that drops the images (as under transformers 5.17) raises one line naming
+    the family and the transformers version, where it used to return the no-image log-probs."""
+    import re
+
+    import transformers
+
+    from bpo_fast.models.vlm import ImagesDroppedError, images_used
+
+    path, processor, model, collator = _setup(family, tmp_path_factory)
+    items = _items()[:2]
+    batch = collator(items)
+    pm = PreferenceModel(model, reference_mode="cached")
+
+    def ours():
+        return pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                 batch["labels"], batch["pixel_values"], **_extra(batch))[0]
+
+    # HF's forward and generate on one sample's processor output (pixel_values)
+    from bpo_fast.data.schema import turns_to_messages
+
+    messages = turns_to_messages(items[0]["prompt"])
+    enc = processor(images=[[items[0]["image"]]], text=[collator.prompt_text(messages)],
+                    return_tensors="pt")
+
+    def hf_forward():
+        with images_used(model), torch.no_grad():
+            model(**enc)
+
+    def hf_generate():
+        with images_used(model), torch.no_grad():
+            model.generate(**enc, max_new_tokens=2, do_sample=False)
+
+    with_images = ours()
+    hf_forward()
+    hf_generate()
+    name = re.escape(f"{model_type(family)} forward of transformers {transformers.__version__}")
+    with monkeypatch.context() as m:
+        drop_images(m, type(model.model))
+        with pytest.raises(ImagesDroppedError, match=name + r".*dropped the images") as err:
+            ours()
+        assert "\n" not in str(err.value)
+        with pytest.raises(ImagesDroppedError, match=name):
+            hf_generate()
+    with monkeypatch.context() as m:
+        drop_images(m, type(model.model), pixels=True)
+        with pytest.raises(ImagesDroppedError, match=name + ".*get_image_features never ran"):
+            hf_forward()
+    # the hooks are gone after each block: the unpatched model runs as before
+    assert not hasattr(model.model, "_bpo_images_used")
+    assert "get_image_features" not in vars(model.model)
+    torch.testing.assert_close(ours(), with_images, rtol=0, atol=0)
 
 
 def test_paligemma2_cap_and_attention(tmp_path_factory):
@@ -287,7 +358,7 @@ def test_one_chat_template_rule(tmp_path, tiny_llava_dir):
     assert PreferenceCollator(processor, chat_template="{{ 'Q' }}").template == "{{ 'Q' }}"
 
 
-@pytest.mark.parametrize("command", ["ref-logps", "train", "build-pairs"])
+@pytest.mark.parametrize("command", ["ref-logps", "train", "build-pairs", "generate"])
 def test_cli_names_the_unsupported_model(command, tmp_path, capsys):
     """Mllama: every command that loads a model stops with one line naming the limitation, from
     the config alone (the folder holds no weights: nothing is loaded first)."""
@@ -306,7 +377,8 @@ def test_cli_names_the_unsupported_model(command, tmp_path, capsys):
     if command == "ref-logps":
         args = ["--data", data, "--out", str(tmp_path / "r.safetensors"), "--no-progress"]
     elif command == "train":
-        args = ["--data", data, "--output", str(tmp_path / "out"), "--no-progress"]
+        args = ["--data", data, "--output", str(tmp_path / "out"), "--no-progress",
+                "--batch-size", "1"]   # one pair: else the data is refused first
     else:
         llava = tmp_path / "llava.json"
         llava.write_text(json.dumps([{"id": "a", "image": "img/0.png", "conversations": [
@@ -318,25 +390,92 @@ def test_cli_names_the_unsupported_model(command, tmp_path, capsys):
     assert rc == 2 and "cross-attention" in err and "Traceback" not in err
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_cuda_bf16_matches_hf_forward(family, tmp_path_factory):
-    """On a GPU: bf16, the default attention (flash-attention with packing where installed and
-    the family packs), per-row log-probs against the HF forward in bf16."""
-    if family == "smolvlm":
-        pytest.importorskip("num2words")
-    path = _build(family, tmp_path_factory)
-    processor = load_processor(path)
-    model = load_vlm(path, dtype=torch.bfloat16, device="cuda")
-    collator = PreferenceCollator(processor)
+@pytest.mark.parametrize("command", ["ref-logps", "train", "build-pairs", "generate"])
+def test_cli_stops_when_images_are_dropped(command, tiny_llava_dir, tmp_path, capsys,
+                                            monkeypatch):
+    """A transformers whose LLaVA forward drops the images: every command that runs the model on
+    images stops at its first batch with one line naming the family and the version, exit 2
+    (it used to train on, and cache, the no-image log-probs)."""
+    import transformers
+    from transformers.models.llava.modeling_llava import LlavaModel
+
+    from bpo_fast.cli import main
+
+    from test_pairs import make_data
+    from test_vlm_train import write_pairs
+
+    drop_images(monkeypatch, LlavaModel)
+    common = ["--model", tiny_llava_dir, "--device", "cpu"]
+    if command == "build-pairs":
+        data, root = make_data(tmp_path, n=2, turns=1)
+        args = ["--data", str(data), "--image-root", str(root), "--out",
+                str(tmp_path / "p.jsonl"), "--strategies", "image_weakened",
+                "--max-new-tokens", "2", "--num-workers", "0", "--no-progress"]
+    elif command == "generate":
+        data, root = make_data(tmp_path, n=2, turns=1)
+        args = ["--data", str(data), "--image-root", str(root), "--out",
+                str(tmp_path / "a.jsonl"), "--max-new-tokens", "2", "--no-progress"]
+    else:
+        data = write_pairs(str(tmp_path), n=2)
+        args = ["--data", data, "--image-root", str(tmp_path), "--no-progress"]
+        args += (["--out", str(tmp_path / "r.safetensors")] if command == "ref-logps" else
+                 ["--output", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2"])
+    rc = main([command] + common + args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"llava forward of transformers {transformers.__version__} dropped the images" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r.safetensors").exists()
+
+
+def half_precision_vs_hf(family, device, tmp_path_factory, monkeypatch, dtype=torch.bfloat16):
+    """Our per-row log-probs in ``dtype`` (the default attention: flash-attention with packing
+    where installed and the family packs) against HF's fp32 forward, within the measured noise
+    floor of HF's own ``dtype`` forward (:mod:`noise_floor`); negative control: HF's ``dtype``
+    forward with the images dropped (what every command returned under transformers 5.17) must
+    fail the same tolerance. Returns ``(ours, hf_fp32, hf_low, dropped)``, rows [chosen;
+    rejected]."""
+    from noise_floor import assert_noise_floor
+
+    path, processor, model, collator = _setup(family, tmp_path_factory, dtype=dtype,
+                                              device=device)
     items = _items()
-    batch = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
              for k, v in collator(items).items()}
     pm = PreferenceModel(model, reference_mode="cached")
-    lp, _ = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                              batch["labels"], batch["pixel_values"], **_extra(batch))
-    b = len(items)
-    for i, item in enumerate(items):
-        for row, key in ((i, "chosen"), (b + i, "rejected")):
-            want, _ = hf_row_logps(model, processor, collator, item, item[key], device="cuda")
-            torch.testing.assert_close(lp[row].float().cpu(), want, rtol=2e-2, atol=0.5)
+    with torch.no_grad():
+        ours, _ = pm.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                    batch["labels"], batch["pixel_values"], **_extra(batch))
+    ours = ours.float().cpu()
+
+    def hf(m):
+        return torch.stack([hf_row_logps(m, processor, collator, item, item[key], device=device)[0]
+                            for key in ("chosen", "rejected") for item in items])
+
+    low = hf(model)
+    with monkeypatch.context() as m:
+        drop_images(m, type(model.model), pixels=True)
+        dropped = hf(model)
+    del model
+    ref32 = hf(load_vlm(path, device=device))
+    assert_noise_floor(ours, ref32, low, wrong=dropped, what=f"{family} {dtype} on {device}")
+    return ours, ref32, low, dropped
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_noise_floor_rule_on_cpu_bf16(family, tmp_path_factory, monkeypatch):
+    """The GPU test below, run on the CPU in bf16 (which CPU matmuls support): the tolerance
+    rule accepts the real computation and rejects a dropped image, for every family; and the
+    rule's own check fails when a negative control cannot be told from the real output."""
+    from noise_floor import assert_noise_floor
+
+    ours, ref32, low, _ = half_precision_vs_hf(family, "cpu", tmp_path_factory, monkeypatch)
+    with pytest.raises(AssertionError, match="negative control passes"):
+        assert_noise_floor(ours, ref32, low, wrong=low)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_cuda_bf16_matches_hf_forward(family, tmp_path_factory, monkeypatch):
+    """On a GPU: bf16 against HF fp32 within the bf16 noise floor; dropped images rejected."""
+    half_precision_vs_hf(family, "cuda", tmp_path_factory, monkeypatch)

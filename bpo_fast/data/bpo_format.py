@@ -135,6 +135,14 @@ def convert(inputs, out, *, strict=False):
     counts: ``{"records", "pairs", "no_pair", "invalid", "duplicates", "by_strategy"}``;
     ``invalid`` lists ``(file, line, reason)``. ``strict``: an invalid record raises
     ``ValueError`` naming its file and line, and nothing is written."""
+    from bpo_fast.errors import FILE, CommandGuard
+
+    with CommandGuard("convert", inputs=[("inputs", p, FILE) for p in inputs],
+                      outputs=[("out", out, FILE)]):
+        return _convert(inputs, out, strict)
+
+
+def _convert(inputs, out, strict):
     from bpo_fast.data.jsonl import atomic_write_jsonl
     from bpo_fast.data.schema import SchemaError, validate_pair
 

@@ -49,18 +49,11 @@ def config_from_args(args):
 
 def run(args):
     from bpo_fast.data.pair_builder import build_pairs
-    from bpo_fast.errors import output_file
 
     cfg = config_from_args(args)
-    if cfg.summary_json:
-        output_file(cfg.summary_json, "--summary-json")
     from bpo_fast.runtime import console, threads_for_command
 
     with console(), threads_for_command(cfg.threads):
         summary = build_pairs(cfg)
     print(summary.format(), file=sys.stderr)
-    if cfg.summary_json:
-        from bpo_fast.data.jsonl import atomic_write_json
-
-        atomic_write_json(cfg.summary_json, summary.to_dict())
     return 0

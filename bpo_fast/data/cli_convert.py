@@ -23,15 +23,11 @@ def add_arguments(p):
 
 
 def run(args):
-    import os
-
     from bpo_fast.data.bpo_format import convert, dumps_counts
-    from bpo_fast.errors import UserError, input_file, output_file
+    from bpo_fast.errors import input_file, output_file
 
     for path in args.inputs:
         input_file(path, "INPUT", what="official BPO JSON/JSONL or pair JSONL file", text=True)
-    if os.path.abspath(args.out) in {os.path.abspath(p) for p in args.inputs}:
-        raise UserError("out: must differ from the inputs")
     output_file(args.out, "out")
     counts = convert(args.inputs, args.out, strict=args.strict)
     print(dumps_counts(counts), file=sys.stderr)

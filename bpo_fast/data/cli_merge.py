@@ -52,9 +52,13 @@ def add_arguments(p):
 def run(args):
     from bpo_fast.data.pair_merge import merge_pairs
 
+    from bpo_fast.errors import check_no_overlap
+    from bpo_fast.options import config_file_of
+
     o = from_args(MergeOptions, args)
     if not o.inputs:
         raise UserError("INPUT: expected at least one pair file")
+    check_no_overlap({"out": o.out}, {"--config": config_file_of(o)})
     s = merge_pairs(o.inputs, o.out, skip_invalid=o.skip_invalid, strict_conflicts=o.strict)
     print(s.format(), file=sys.stderr)
     return 0

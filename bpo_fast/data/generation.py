@@ -257,7 +257,10 @@ class Generator:
             kwargs["logits_processor"] = LogitsProcessorList([_RowSampler(
                 row_seeds, kwargs["max_new_tokens"], inputs["input_ids"].shape[1],
                 self.cfg.temperature, self.cfg.top_p, self.device)])
-        out = self.model.generate(**inputs, **kwargs)
+        from bpo_fast.models.vlm import images_used
+
+        with images_used(self.model):
+            out = self.model.generate(**inputs, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
         ntok = _count_generated(new, self.eos)
         texts = self.tok.batch_decode(new, skip_special_tokens=True)

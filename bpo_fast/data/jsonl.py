@@ -15,6 +15,8 @@ breaks reading.
 import json
 import os
 
+from bpo_fast.errors import writing
+
 __all__ = ["JsonlWriter", "repair_torn_tail", "iter_jsonl", "read_ids", "atomic_write_jsonl",
            "dumps_line", "read_text", "load_json", "iter_records", "MalformedRecord", "BOM",
            "check_own_jsonl"]
@@ -242,10 +244,11 @@ class JsonlWriter:
         if not records:
             return 0
         data = "".join(dumps_line(r) for r in records).encode("utf-8")
-        self._f.write(data)
-        self._f.flush()
-        if self.fsync:
-            os.fsync(self._f.fileno())
+        with writing(self.path):  # a full disk: one line naming the file (a torn tail at most)
+            self._f.write(data)
+            self._f.flush()
+            if self.fsync:
+                os.fsync(self._f.fileno())
         self.lines_written += len(records)
         return len(records)
 
@@ -254,7 +257,8 @@ class JsonlWriter:
 
     def close(self):
         if not self._f.closed:
-            self._f.close()
+            with writing(self.path):  # closing flushes what a failed write left buffered
+                self._f.close()
 
     def __enter__(self):
         return self
@@ -269,16 +273,17 @@ def _atomic_write(path, write):
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+
+    def remove_tmp():
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+    with writing(path, cleanup=remove_tmp):
         with open(tmp, "wb") as f:
             out = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return out
 
 

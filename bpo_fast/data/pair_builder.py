@@ -52,9 +52,9 @@ from bpo_fast.data.pair_merge import _split_ext
 from bpo_fast.data.llava_format import TURN_MODES, MalformedRecord, iter_records, record_to_samples
 from bpo_fast.data.schema import INJECTORS, STRATEGIES, SchemaError, normalize_text, validate_pair
 from bpo_fast.errors import UserError, input_dir, input_file, output_file
-from bpo_fast.options import (check_processor_kwargs, device_option, dtype_option,
-                              max_bad_fraction_option, option, processor_kwargs_option,
-                              threads_option)
+from bpo_fast.options import (check_processor_kwargs, check_values, config_file_of,
+                              device_option, dtype_option, max_bad_fraction_option, option,
+                              processor_kwargs_option, threads_option)
 from bpo_fast.runtime import (adapt_threads, default_num_workers, dist_env, parse_dtype,
                               resolve_device)
 
@@ -102,14 +102,15 @@ class PairBuilderConfig:
                                       "(earlier turns become the prompt's history)",
                         choices=TURN_MODES, group=_IO)
     limit: int = option(None, help="use only the first N records (before sharding; for a try "
-                                   "run)", metavar="N", group=_IO)
+                                   "run)", metavar="N", group=_IO, bounds="[1, inf)")
     resume: bool = option(False, help="continue an interrupted run: drop a torn last line, skip "
                                       "pairs already written or dropped", group=_IO)
     overwrite: bool = option(False, help="start over if --out exists", group=_IO)
     strict: bool = option(False, help="stop at the first malformed record (else it is logged to "
                                       "the errors file with its line number and skipped)",
                           group=_IO)
-    summary_json: str = option(None, help="also write the end summary as JSON", metavar="FILE",
+    summary_json: str = option(None, help="also write the end summary as JSON (per shard under "
+                                          "torchrun, like --out)", metavar="FILE",
                                group=_IO)
     max_bad_fraction: float = max_bad_fraction_option(group=_IO)
 
@@ -123,7 +124,7 @@ class PairBuilderConfig:
                                                  "(bpo_fast.NoiseSchedule kinds: sigmoid, "
                                                  "linear, cosine, ...)", group=_ST)
     num_noise_steps: int = option(1000, help="length of the noise schedule", metavar="T",
-                                  group=_ST)
+                                  group=_ST, bounds="[1, inf)")
     injector: str = option("rules", help="error injection: 'rules' (deterministic rewriter, no "
                                          "model) or 'llm' (the model's language backbone with "
                                          "our prompt)", choices=INJECTORS, group=_ST)
@@ -139,13 +140,14 @@ class PairBuilderConfig:
                                      "attributes, spatial, objects, plurals, places)",
                           metavar="FILE", group=_ST)
     max_edits: int = option(2, help="rule injector: at most this many words changed per answer",
-                            group=_ST)
+                            group=_ST, bounds="[1, inf)")
     rule_vocabulary: list = None   # rule injector: draw replacements only from these words
 
-    max_new_tokens: int = option(256, help="answer length cap", group=_GEN)
+    max_new_tokens: int = option(256, help="answer length cap", group=_GEN, bounds="[1, inf)")
     min_new_tokens: int = option(0, help="answer length floor", group=_GEN)
     inject_max_new_tokens: int = option(None, help="cap for --injector llm rewrites",
-                                        metavar="N", group=_GEN, default_text="--max-new-tokens")
+                                        metavar="N", group=_GEN, default_text="--max-new-tokens",
+                                        bounds="[1, inf)")
     do_sample: bool = option(True, help="greedy decoding instead of sampling", cli="greedy",
                              negate=True, group=_GEN)
     temperature: float = option(1.0, help="sampling temperature", group=_GEN)
@@ -158,11 +160,11 @@ class PairBuilderConfig:
     dtype: str = dtype_option(group=_RUN)
     threads: int = threads_option(group=_RUN)
     batch_size: int = option(32, help="records (images) per batch; output is appended and "
-                                      "fsynced per batch", group=_RUN)
+                                      "fsynced per batch", group=_RUN, bounds="[1, inf)")
     gen_batch_size: int = option(None, help="rows per generate call", metavar="N", group=_RUN,
-                                 default_text="batch size x noise levels")
+                                 default_text="batch size x noise levels", bounds="[1, inf)")
     num_workers: int = option(None, help="CPU worker processes decoding/resizing images",
-                              metavar="N", group=_RUN,
+                              metavar="N", group=_RUN, bounds="[0, inf)",
                               default_text="4, at most the CPUs this process may use")
     progress: bool = option(True, help="no progress bar", cli="no-progress", group=_RUN)
     fsync: bool = option(True, help="flush without fsync per batch (faster on slow disks; a "
@@ -171,6 +173,9 @@ class PairBuilderConfig:
     rank: int = None               # default: $RANK or 0
     world_size: int = None         # default: $WORLD_SIZE or 1
     max_batches: int = None        # stop cleanly after N written batches (tests, dry runs)
+
+    def __post_init__(self):
+        check_values(self)  # each value by its declaration: type, finite, bounds, choices
 
 
 @dataclass
@@ -371,8 +376,6 @@ class _Run:
         if exists and not (cfg.resume or cfg.overwrite):
             raise FileExistsError(f"out: {self.out} exists; pass resume=True (--resume) to continue "
                                   "it or overwrite=True (--overwrite) to start over")
-        if os.path.abspath(self.out) == os.path.abspath(self.errors_path):
-            raise ValueError("errors: must differ from out")
         # a foreign file at either path is refused before the (slow) model load: the errors
         # file by its header, the pair file by its first record (it has no header: other tools
         # read it)
@@ -442,8 +445,9 @@ class _Run:
                              "reason": str(exc)})
                 continue
             good.append(r)
-            self.summary.written[r["strategy"]] = self.summary.written.get(r["strategy"], 0) + 1
         self.writer.write_batch(good)
+        for r in good:  # counted once written: a failed write counts nothing
+            self.summary.written[r["strategy"]] = self.summary.written.get(r["strategy"], 0) + 1
         # after the pairs: a kill in between only makes a resumed run decide those drops again
         self._log_errors(errs + self._drops)
         self._drops = []
@@ -802,23 +806,8 @@ def _validate_config(cfg):
         raise ValueError(f"strategies: expected a non-empty subset of {list(STRATEGIES)}, got {list(strategies)}")
     cfg = dataclasses.replace(cfg, strategies=tuple(dict.fromkeys(strategies)),
                               noise_steps=parse_noise_steps(cfg.noise_steps))
-    if cfg.turns not in TURN_MODES:
-        raise ValueError(f"turns: expected one of {list(TURN_MODES)}, got {cfg.turns!r}")
-    if cfg.injector not in INJECTORS:
-        raise ValueError(f"injector: expected one of {list(INJECTORS)}, got {cfg.injector!r}")
-    for name in ("batch_size", "max_new_tokens"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    if cfg.inject_max_new_tokens is not None and (not isinstance(cfg.inject_max_new_tokens, int)
-                                                  or cfg.inject_max_new_tokens < 1):
-        raise ValueError(f"inject_max_new_tokens: expected an int >= 1 or None, got {cfg.inject_max_new_tokens!r}")
-    if cfg.gen_batch_size is not None and (not isinstance(cfg.gen_batch_size, int) or cfg.gen_batch_size < 1):
-        raise ValueError(f"gen_batch_size: expected an int >= 1 or None, got {cfg.gen_batch_size!r}")
     if cfg.num_workers is None:
         cfg = dataclasses.replace(cfg, num_workers=default_num_workers())
-    if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
-        raise ValueError(f"num_workers: expected an int >= 0, got {cfg.num_workers!r}")
     check_sampling(cfg)
     if any(s is not None and s >= cfg.num_noise_steps for s in cfg.noise_steps):
         raise ValueError(f"noise_steps: every step must be < num_noise_steps ({cfg.num_noise_steps}), "
@@ -831,13 +820,12 @@ def _validate_config(cfg):
     output_file(cfg.out, "out")
     if cfg.errors:
         output_file(cfg.errors, "errors")
+    if cfg.summary_json:
+        output_file(cfg.summary_json, "summary_json")
     if isinstance(cfg.lexicon, (str, os.PathLike)):
         input_file(cfg.lexicon, "lexicon", what="JSON lexicon file", text=True)
     if cfg.inject_template:
         input_file(cfg.inject_template, "inject_template", what="text template", text=True)
-    if cfg.limit is not None and (not isinstance(cfg.limit, int) or isinstance(cfg.limit, bool)
-                                  or cfg.limit < 1):
-        raise ValueError(f"limit: expected an int >= 1 or None, got {cfg.limit!r}")
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume and overwrite: pick one")
     if cfg.max_batches is not None and cfg.max_batches < 1:
@@ -862,7 +850,46 @@ def build_pairs(config, model=None, processor=None):
                          "directory, or pass model= and processor=)")
     if needs_model and model is None:
         input_dir(cfg.model, "model", what="model directory (a save_pretrained folder)")
-    return _Run(cfg, model, processor, needs_model).run()
+    run = None
+    with _guard(cfg, needs_model and model is None, config_file_of(config)) as guard:
+        guard.status = lambda: _stopped_at(run)
+        run = _Run(cfg, model, processor, needs_model)
+        summary = run.run()
+        if cfg.summary_json:
+            from bpo_fast.data.jsonl import atomic_write_json
+
+            atomic_write_json(shard_path(cfg.summary_json, run.rank, run.world),
+                              summary.to_dict())
+        return summary
+
+
+def _guard(cfg, reads_model, config_file):
+    """The command guard of a build (:class:`bpo_fast.errors.CommandGuard`): this rank's pair
+    file, errors file and summary against every file it reads; each locked."""
+    from bpo_fast.errors import DIR, FILE, ROOT, CommandGuard
+
+    rank, world, _ = dist_env(cfg.rank, cfg.world_size)
+    inputs = [("data", cfg.data, FILE), ("image_root", cfg.image_root, ROOT),
+              ("model", cfg.model if reads_model else None, DIR),
+              ("lexicon", cfg.lexicon if isinstance(cfg.lexicon, (str, os.PathLike)) else None,
+               FILE),
+              ("inject_template", cfg.inject_template, FILE), ("--config", config_file, FILE)]
+    if cfg.chat_template and os.path.isfile(cfg.chat_template):
+        inputs.append(("chat_template", cfg.chat_template, FILE))
+    outputs = [("out", shard_path(cfg.out, rank, world), FILE),
+               ("errors", shard_path(cfg.errors or errors_path(cfg.out), rank, world), FILE),
+               ("summary_json", cfg.summary_json and shard_path(cfg.summary_json, rank, world),
+                FILE)]
+    return CommandGuard("build-pairs", inputs=inputs, outputs=outputs)
+
+
+def _stopped_at(run):
+    """Where an interrupted or failed build stopped, what it kept, how to resume."""
+    from bpo_fast.errors import appended_status
+
+    started = run is not None and hasattr(run, "writer")
+    return appended_status(run.out if started else None,
+                           run.summary.total_written if started else 0, "pair")
 
 
 def _needs_model(cfg):

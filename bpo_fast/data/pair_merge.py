@@ -96,10 +96,6 @@ def merge_pairs(inputs, out, *, skip_invalid=False, strict_conflicts=False):
     wins; a later one with different content is a conflict (counted, or an error with
     ``strict_conflicts``).
     """
-    import json
-
-    from bpo_fast.data.jsonl import atomic_write_jsonl
-
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [os.fspath(p) for p in inputs]
@@ -119,11 +115,21 @@ def merge_pairs(inputs, out, *, skip_invalid=False, strict_conflicts=False):
             if not shards:
                 raise FileNotFoundError(f"inputs: {p!r} is neither a file nor the base of .rank* shards")
             files.extend(shards)
-    if os.path.abspath(out) in {os.path.abspath(f) for f in files}:
-        raise ValueError("out: must differ from the inputs")
     for f in files:
         input_file(f, "inputs", what="pair file (JSONL)", text=True)
     output_file(out, "out")
+    from bpo_fast.errors import FILE, CommandGuard
+
+    with CommandGuard("merge-pairs", inputs=[("inputs", f, FILE) for f in files],
+                      outputs=[("out", out, FILE)]):
+        return _merge(files, out, skip_invalid, strict_conflicts)
+
+
+def _merge(files, out, skip_invalid, strict_conflicts):
+    import json
+
+    from bpo_fast.data.jsonl import atomic_write_jsonl
+
     s = MergeSummary(out=os.fspath(out), inputs=files)
     seen = {}
     records = []

@@ -5,7 +5,7 @@ import sys
 from dataclasses import dataclass
 
 from bpo_fast.demo.pipeline import REPORT_SEEDS, DemoConfig
-from bpo_fast.errors import UserError, int_at_least, output_dir
+from bpo_fast.errors import UserError, output_dir
 from bpo_fast.options import add_arguments as add_options
 from bpo_fast.options import from_args, option, parse_device, threads_option
 from bpo_fast.train.config import TrainConfig
@@ -20,8 +20,8 @@ _STAGE_FIELDS = {"beta": "beta", "loss_type": "loss_type", "rpo_alpha": "rpo_alp
 
 
 def _stage_option(name, parse=None):
-    """The option ``name`` of ``bpo-fast train`` (its help, choices, type and aliases declared
-    once, in :class:`~bpo_fast.train.config.TrainConfig`) with the demo's own default
+    """The option ``name`` of ``bpo-fast train`` (its help, choices, type, bounds and aliases
+    declared once, in :class:`~bpo_fast.train.config.TrainConfig`) with the demo's own default
     (:class:`~bpo_fast.demo.pipeline.DemoConfig`)."""
     f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
     m = f.metadata
@@ -29,7 +29,7 @@ def _stage_option(name, parse=None):
     if parse is None:   # rpo_alpha's train default is None: its values are floats
         parse = m.get("type") or (float if f.default is None else type(f.default))
     return option(None, help=m["help"], choices=m.get("choices"), type=parse, group=_BPO,
-                  aliases=m.get("aliases", ()),
+                  aliases=m.get("aliases", ()), bounds=m.get("bounds"),
                   metavar=m.get("metavar") or ("X" if parse is float else "N" if parse is not str
                                                else None),
                   default_text=str(default))
@@ -57,8 +57,8 @@ class DemoOptions:
     loss_type: str = _stage_option("loss_type", parse=str)
     rpo_alpha: float = _stage_option("rpo_alpha")
     learning_rate: float = _stage_option("learning_rate")
-    epochs: int = _stage_option("epochs", parse=int_at_least(1))
-    batch_size: int = _stage_option("batch_size", parse=int_at_least(1))
+    epochs: int = _stage_option("epochs", parse=int)
+    batch_size: int = _stage_option("batch_size", parse=int)
     paper: bool = option(True, help="no arm with the paper's objective (plain DPO: sigmoid, "
                                     "beta 0.1, no NLL term)", cli="no-paper-arm", group=_BPO)
 
@@ -113,7 +113,9 @@ def _stage_settings(args):
 def run(args):
     import torch
 
-    from bpo_fast.demo.pipeline import main_table, run_demo
+    from bpo_fast.demo.pipeline import main_table, run_demo, stopped_at
+    from bpo_fast.errors import DIR, FILE, CommandGuard
+    from bpo_fast.options import config_file_of
 
     args = from_args(DemoOptions, args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -126,7 +128,9 @@ def run(args):
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
     from bpo_fast.runtime import console
 
-    with console():
+    with CommandGuard("demo", inputs=[("--config", config_file_of(args), FILE)],
+                      outputs=[("--out", args.out, DIR)], status=lambda: stopped_at(args.out)), \
+            console():
         report = run_demo(cfg)
     main_table(report, file=sys.stdout)  # the stdout of now (its default is bound at import)
     return 0

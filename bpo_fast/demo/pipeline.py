@@ -172,6 +172,16 @@ class DemoConfig:
 
 
 _BAR = None  # the demo's one progress display (stages done over all seeds), set by run_demo
+_CURRENT = {}  # the stage running now (seed folder, stage): for the line of an interrupted demo
+
+
+def stopped_at(out):
+    """Where an interrupted or failed demo stopped, what it kept, how to resume (the one line
+    of its :class:`bpo_fast.errors.CommandGuard`)."""
+    where = (f"in stage {_CURRENT['stage']} of {_CURRENT['seed']}" if _CURRENT
+             else "before the first stage")
+    return (where, f"every finished stage is kept in {out!r}",
+            "rerun the same command to continue (finished stages are reused)")
 
 
 def _say(msg, stage_done=False):
@@ -238,6 +248,7 @@ class _StageTimes:
                 return None
 
         before, t0 = stamp(), time.perf_counter()
+        _CURRENT.update(stage=stage, seed=os.path.basename(os.path.dirname(self.path)))
         out = fn(*args, **kwargs)
         after = stamp()
         if after is not None and after != before:

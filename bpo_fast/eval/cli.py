@@ -14,9 +14,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from bpo_fast.errors import UserError, input_file, output_file
+from bpo_fast.errors import CommandGuard, UserError, input_file, output_file
 from bpo_fast.options import add_arguments as add_options
-from bpo_fast.options import from_args, max_bad_fraction_option, option
+from bpo_fast.options import config_file_of, from_args, max_bad_fraction_option, option
 
 
 @dataclass
@@ -45,9 +45,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from bpo_fast.eval.chair import (InputError, SynonymTable, compute_chair, load_captions,
-                                     load_ground_truth)
-
     args = from_args(ChairOptions, args)
 
     input_file(args.captions, "--captions", what="captions JSON/JSONL file", text=True)
@@ -56,11 +53,22 @@ def run(args):
         input_file(args.synonyms, "--synonyms", what="synonym text/JSON file", text=True)
     if args.out:
         output_file(args.out, "--out")
-    from bpo_fast.data.bad_samples import check_side_file, load_records, side_path
+    from bpo_fast.data.bad_samples import check_side_file, side_path
 
     errors = args.errors or side_path(args.captions)
     output_file(errors, "--errors")
     check_side_file(errors, "--errors")
+    with CommandGuard("eval-chair", outputs={"--out": args.out, "--errors": errors},
+                      inputs={"--captions": args.captions, "--ground-truth": args.ground_truth,
+                              "--synonyms": args.synonyms, "--config": config_file_of(args)}):
+        return _score(args, errors)
+
+
+def _score(args, errors):
+    from bpo_fast.data.bad_samples import load_records
+    from bpo_fast.eval.chair import (InputError, SynonymTable, compute_chair, load_captions,
+                                     load_ground_truth)
+
     try:
         captions, bad = load_records(load_captions, args.captions, "eval-chair", errors=errors,
                                      max_fraction=args.max_bad_fraction)

@@ -16,10 +16,10 @@ import os
 import sys
 from dataclasses import dataclass
 
-from bpo_fast.errors import UserError, input_file, int_at_least, output_file
+from bpo_fast.errors import CommandGuard, UserError, input_file, output_file
 from bpo_fast.eval.cli import _show
 from bpo_fast.options import add_arguments as add_options
-from bpo_fast.options import from_args, max_bad_fraction_option, option
+from bpo_fast.options import config_file_of, from_args, max_bad_fraction_option, option
 
 
 @dataclass
@@ -40,7 +40,7 @@ class PopeOptions:
     seed: int = option(0, help="seed of the question draw")
     per_image: int = option(3, help="at most this many present-object questions per image, and "
                                     "as many of each absent kind (random, prior) where there "
-                                    "are candidates", type=int_at_least(1), metavar="N")
+                                    "are candidates", bounds="[1, inf)", metavar="N")
     write_questions: str = option(None, help="write the question set to this JSONL file (with "
                                              "no --answers: only that)", metavar="FILE")
     out: str = option(None, help="write the scores and per-question details to this JSON file",
@@ -56,10 +56,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from bpo_fast.eval.chair import InputError, load_ground_truth
-    from bpo_fast.eval.pope import (build_questions, load_answers, load_prior, load_questions,
-                                    score_pope)
-
     args = from_args(PopeOptions, args)
     input_file(args.ground_truth, "--ground-truth", what="ground-truth JSON/JSONL file", text=True)
     for name in ("answers", "questions", "prior"):
@@ -77,13 +73,27 @@ def run(args):
             output_file(getattr(args, name), "--" + name.replace("_", "-"))
     if args.out and not args.answers:
         raise UserError("--out: there are no scores without --answers")
-    from bpo_fast.data.bad_samples import check_side_file, load_records, side_path
+    from bpo_fast.data.bad_samples import check_side_file, side_path
 
     errors = None
     if args.answers:
         errors = args.errors or side_path(args.answers)
         output_file(errors, "--errors")
         check_side_file(errors, "--errors")
+    with CommandGuard("eval-pope", outputs={"--write-questions": args.write_questions,
+                                            "--out": args.out, "--errors": errors},
+                      inputs={"--ground-truth": args.ground_truth, "--answers": args.answers,
+                              "--questions": args.questions, "--prior": args.prior,
+                              "--config": config_file_of(args)}):
+        return _score(args, errors)
+
+
+def _score(args, errors):
+    from bpo_fast.data.bad_samples import load_records
+    from bpo_fast.eval.chair import InputError, load_ground_truth
+    from bpo_fast.eval.pope import (build_questions, load_answers, load_prior, load_questions,
+                                    score_pope)
+
     try:
         truth = load_ground_truth(args.ground_truth)
         prior = load_prior(args.prior) if args.prior else None

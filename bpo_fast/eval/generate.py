@@ -216,6 +216,12 @@ def _check_model_dir(path, arg, config="config.json", weights=_WEIGHTS):
         raise UserError(f"{arg}: {cfg!r} is not valid JSON ({exc})") from None
     if not isinstance(rec, dict):
         raise UserError(f"{arg}: {cfg!r} is not a JSON object")
+    from bpo_fast.models.vlm import UNSUPPORTED
+
+    # A model we cannot run is named from its config alone, before anything else is asked of
+    # the folder (as train, ref-logps and build-pairs do).
+    if config == "config.json" and rec.get("model_type") in UNSUPPORTED:
+        raise UserError(UNSUPPORTED[rec["model_type"]])
     if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
         raise UserError(f"{arg}: {path!r} holds {config} but no weights (expected one of "
                         f"{', '.join(weights)})")
@@ -281,23 +287,41 @@ def _validate(opts):
     if opts.resume and opts.overwrite:
         raise ValueError("resume and overwrite: pick one")
     output_file(opts.out, "--out")
-    errors = _errors_path(opts)
-    output_file(errors, "--errors")
-    outs = {os.path.realpath(opts.out), os.path.realpath(errors)}
-    if len(outs) < 2:
-        raise UserError("--errors: must differ from --out")
-    ins = [p for p in (opts.data, opts.model, opts.base_model) if p]
-    for arg, path in (("--out", opts.out), ("--errors", errors)):
-        for p in ins:
-            if os.path.realpath(p) == os.path.realpath(path):
-                raise UserError(f"{arg}: {path!r} is an input ({p!r}); generate never writes "
-                                "over its input")
+    output_file(_errors_path(opts), "--errors")
     return opts
 
 
 def _data_name(opts):
     """The file the bad samples are counted in (and named by): ``--data``, else the folder."""
     return opts.data if opts.data is not None else opts.image_root
+
+
+def _guard(opts):
+    """The command guard of a run (:class:`bpo_fast.errors.CommandGuard`): this rank's answers
+    and errors files (and, for rank 0 under torchrun, the merged ``--out``) against every path
+    it reads; each locked."""
+    from bpo_fast.errors import DIR, FILE, ROOT, CommandGuard
+    from bpo_fast.options import config_file_of
+    from bpo_fast.runtime import dist_env
+
+    rank, world, _ = dist_env(opts.rank, opts.world_size)
+    outputs = [("--out", shard_path(opts.out, rank, world), FILE),
+               ("--errors", shard_path(_errors_path(opts), rank, world), FILE)]
+    if world > 1 and rank == 0:     # rank 0 merges the shards into --out and the errors file
+        outputs += [("--out", opts.out, FILE), ("--errors", _errors_path(opts), FILE)]
+    inputs = [("--model", opts.model, DIR), ("--base-model", opts.base_model, DIR),
+              ("--data", opts.data, None), ("--image-root", opts.image_root, ROOT),
+              ("--config", config_file_of(opts), FILE)]
+    return CommandGuard("generate", inputs=inputs, outputs=outputs)
+
+
+def _stopped_at(run):
+    """Where an interrupted or failed run stopped, what it kept, how to resume."""
+    from bpo_fast.errors import appended_status
+
+    started = run is not None and hasattr(run, "writer")
+    return appended_status(run.out if started else None, run.summary.written if started else 0,
+                           "answer")
 
 
 class _Run:
@@ -569,21 +593,24 @@ def generate(opts, model=None, processor=None):
     opts = _validate(opts)
     if (model is None) != (processor is None):
         raise ValueError("model and processor: pass both or neither")
-    run = _Run(opts, model, processor)
-    summary = run.run()
-    if run.world > 1:
-        import torch.distributed as dist
+    run = None
+    with _guard(opts) as guard:
+        guard.status = lambda: _stopped_at(run)
+        run = _Run(opts, model, processor)
+        summary = run.run()
+        if run.world > 1:
+            import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            verdict = None
-            if run.rank == 0:
-                try:
-                    merge_shards(opts, run.questions, run.world, run.bad.totals[run.file],
-                                 summary=summary)
-                except Exception as exc:  # raised after the barrier: no rank is left waiting
-                    verdict = exc
-            dist.barrier()
-            if verdict is not None:
-                raise verdict
-    return summary
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+                verdict = None
+                if run.rank == 0:
+                    try:
+                        merge_shards(opts, run.questions, run.world, run.bad.totals[run.file],
+                                     summary=summary)
+                    except Exception as exc:  # raised after the barrier: no rank left waiting
+                        verdict = exc
+                dist.barrier()
+                if verdict is not None:
+                    raise verdict
+        return summary

@@ -45,6 +45,7 @@ Unsupported, with a clear error: Mllama (cross-attention images), logit scales, 
 ``model_type`` not in :data:`ADAPTERS`.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -53,7 +54,8 @@ from bpo_fast.models.preference import unwrap as _unwrap  # the one peft-unwrapp
 from bpo_fast.versions import PALIGEMMA2_TRANSFORMERS, require
 
 __all__ = ["VLMAdapter", "ADAPTERS", "get_adapter", "supported_model_types", "lm_head_parts",
-           "logit_softcap", "load_processor", "image_token_id",
+           "logit_softcap", "load_processor", "image_token_id", "images_used",
+           "ImagesDroppedError",
            "resolve_chat_template", "processor_prompt", "UnsupportedModelError", "DEFAULT_CHAT_TEMPLATES"]
 
 IGNORE_INDEX = -100
@@ -222,6 +224,135 @@ def lm_head_parts(model):
 
 
 # --------------------------------------------------------------------------------------------
+# images can never be dropped silently
+# --------------------------------------------------------------------------------------------
+
+class ImagesDroppedError(UnsupportedModelError):
+    """A family's forward did not hand the image features it was given to its decoder (e.g.
+    transformers < 5.18, whose base forwards swallow ``mm_encoder_outputs`` through ``**kwargs``:
+    the log-probs are then those of the prompt without its images)."""
+
+
+def _feature_rows(x):
+    """``[n, H]`` rows of a ``pooler_output`` (a tensor, or a list of per-image tensors), in the
+    order the family places them (row-major over the image tokens)."""
+    if isinstance(x, torch.Tensor):
+        return x.reshape(-1, x.shape[-1])
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in x])
+
+
+class _ImageUseCheck:
+    """Hooks on a model's base model and its decoder that verify, on every base forward that is
+    given images, that the decoder's ``inputs_embeds`` hold exactly those image features at the
+    image-token positions (and that Qwen3-VL's deepstack features reach the decoder).
+
+    Why at the decoder's input: it is where every family hands over its merged sequence
+    (``language_model`` / ``text_model``, called with ``inputs_embeds``), whatever its merge
+    step (``masked_scatter``, Idefics3's ``inputs_merger``, tiling, anyres packing) and whatever
+    the transformers version; the features arrive either through ``mm_encoder_outputs`` (our
+    steps, and ``generate`` from 5.18 on) or from the model's own ``get_image_features`` on
+    ``pixel_values`` (captured by a wrapper on the instance). The merge copies the features (cast
+    to the embedding dtype), so the comparison is exact. Cost: one gather and compare of the
+    image rows (``n_image_tokens x hidden`` elements) per forward that has images, and nothing on
+    the decode steps of ``generate`` (they carry no images)."""
+
+    def __init__(self, model):
+        root = _unwrap(model)
+        self.base = root.model
+        self.decoder = root.get_decoder()
+        self.token = image_token_id(root)
+        self.family = root.config.model_type
+        self.pending = None  # what the base forward in flight was given
+
+    def _error(self, what):
+        import transformers
+
+        return ImagesDroppedError(
+            f"model: the {self.family} forward of transformers {transformers.__version__} "
+            f"dropped the images it was given ({what}); its log-probs would be those of the "
+            "prompt without images (bpo-fast needs a transformers whose base forward takes "
+            "mm_encoder_outputs: >= 5.18)")
+
+    def base_pre(self, module, args, kwargs):
+        mm = kwargs.get("mm_encoder_outputs")
+        given = mm.get("image") if isinstance(mm, dict) else None
+        if given is None and kwargs.get("pixel_values") is None:
+            self.pending = None  # no images (text-only batch, a decode step of generate)
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.pending = {"ids": ids, "features": given, "checked": False}
+
+    def image_features(self, fn):
+        @functools.wraps(fn)  # same signature: generate() inspects it to pick the arguments
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if self.pending is not None and self.pending["features"] is None:
+                self.pending["features"] = out
+            return out
+        return wrapper
+
+    def decoder_pre(self, module, args, kwargs):
+        p = self.pending
+        if p is None or p["checked"]:
+            return
+        p["checked"] = True
+        feats, ids = p["features"], p["ids"]
+        if feats is None:
+            raise self._error("pixel_values were given but get_image_features never ran")
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or ids is None or ids.shape != embeds.shape[:-1]:
+            raise self._error("the decoder got no inputs_embeds aligned with input_ids")
+        rows = _feature_rows(getattr(feats, "pooler_output", feats)).to(embeds.dtype)
+        placed = embeds[ids == self.token]
+        if placed.shape != rows.shape or not torch.equal(placed, rows.to(placed.device)):
+            n = placed.shape[0]
+            differ = (int((placed != rows.to(placed.device)).any(-1).sum())
+                      if placed.shape == rows.shape else n)
+            raise self._error(f"{differ} of {n} image-token inputs of the decoder are not the "
+                              f"{rows.shape[0]} image features")
+        if getattr(feats, "deepstack_features", None) is not None and \
+                kwargs.get("deepstack_visual_embeds") is None:
+            raise self._error("the deepstack features did not reach the decoder")
+
+    def base_post(self, module, args, kwargs, output):
+        p, self.pending = self.pending, None
+        if p is not None and not p["checked"]:
+            raise self._error("its decoder never ran with them")
+
+
+@contextlib.contextmanager
+def images_used(model):
+    """Within the block, every forward of ``model``'s base model that is given images (features
+    through ``mm_encoder_outputs``, or ``pixel_values`` it encodes itself, as in ``generate``)
+    must hand exactly those features to its decoder at the image tokens; otherwise it raises
+    :class:`ImagesDroppedError` naming the family and the transformers version (one line; a
+    user error of the CLI). Every path that runs a VLM on images goes through it: the
+    preference forward (:meth:`VLMAdapter.hidden_states`: ``train``, ``ref-logps``, the demo)
+    and generation (:meth:`bpo_fast.data.generation.Generator.generate_inputs`: ``build-pairs``,
+    ``generate``, evaluation during training, the demo's answers). Re-entrant: an inner block on
+    the same model adds nothing."""
+    root = _unwrap(model)
+    if not callable(getattr(root, "get_image_features", None)) or \
+            getattr(getattr(root, "model", None), "_bpo_images_used", False):
+        yield  # a text-only model (the LLM error injector's), or already checked
+        return
+    check = _ImageUseCheck(root)
+    base = check.base
+    handles = [base.register_forward_pre_hook(check.base_pre, with_kwargs=True),
+               base.register_forward_hook(check.base_post, with_kwargs=True),
+               check.decoder.register_forward_pre_hook(check.decoder_pre, with_kwargs=True)]
+    base.get_image_features = check.image_features(base.get_image_features)
+    base._bpo_images_used = True
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        del base.get_image_features  # the class's method again
+        del base._bpo_images_used
+
+
+# --------------------------------------------------------------------------------------------
 # adapters
 # --------------------------------------------------------------------------------------------
 
@@ -364,10 +495,11 @@ class VLMAdapter:
         kwargs = self.row_kwargs(model, input_ids, attention_mask, labels, images)
         if enc is not None:  # None: a text-only batch
             kwargs["mm_encoder_outputs"] = {"image": self.for_rows(enc)}
-        if packed:
-            return self._packed(base, input_ids, attention_mask, kwargs)
-        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   return_dict=True, **kwargs)
+        with images_used(model):
+            if packed:
+                return self._packed(base, input_ids, attention_mask, kwargs)
+            out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       return_dict=True, **kwargs)
         return out.last_hidden_state
 
     def _packed(self, base, input_ids, attention_mask, kwargs):

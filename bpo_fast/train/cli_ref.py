@@ -29,14 +29,16 @@ class RefLogpsOptions:
                              metavar="DIR", required=True)
     out: str = option(None, help="output .safetensors file", metavar="FILE", required=True)
     overwrite: bool = option(False, help="replace an existing --out (else it is refused)")
-    batch_size: int = option(8, help="pairs per forward")
+    batch_size: int = option(8, help="pairs per forward", bounds="[1, inf)")
     max_length: int = option(1024, help="truncate rows to this many tokens; use the same value "
-                                        "for training (train's default too)")
+                                        "for training (train's default too)", bounds="[2, inf)",
+                             nullable=True)
     dtype: str = option("auto", help="reference dtype (auto: bf16 on CUDA, fp32 on CPU)",
                         type=canonical_dtype, choices=DTYPE_CHOICES)
     device: str = option(None, help="cpu, cuda or cuda:N", type=parse_device, metavar="DEVICE",
                          default_text="cuda if available")
-    temperature: float = option(1.0, help="score at this temperature (training needs 1.0)")
+    temperature: float = option(1.0, help="score at this temperature (training needs 1.0)",
+                                bounds="(0, inf)")
     attn_implementation: str = option(None, help="force an attention implementation",
                                       default_text="flash_attention_2 when usable, else sdpa")
     strict: bool = option(False, help="fail on the first bad record")
@@ -59,11 +61,13 @@ def add_arguments(parser):
 
 
 def run(args):
-    from bpo_fast.options import from_args
+    from bpo_fast.errors import check_no_overlap
+    from bpo_fast.options import config_file_of, from_args
     from bpo_fast.runtime import console
     from bpo_fast.train.ref_cache import compute_reference_logps, errors_path
 
     o = from_args(RefLogpsOptions, args)
+    check_no_overlap({"out": o.out, "errors": o.errors}, {"--config": config_file_of(o)})
     with console():
         cache = compute_reference_logps(
             o.model, o.data, o.image_root, o.out, batch_size=o.batch_size,

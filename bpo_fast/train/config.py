@@ -6,10 +6,19 @@ from dataclasses import dataclass
 import torch
 
 from bpo_fast.options import (DTYPE_CHOICES, canonical_dtype, check_processor_kwargs,
-                              device_option, dtype_option, max_bad_fraction_option, option,
-                              processor_kwargs_option, threads_option)
+                              check_values, device_option, dtype_option, max_bad_fraction_option,
+                              option, processor_kwargs_option, threads_option)
 
 from bpo_fast.runtime import DTYPES, parse_dtype  # noqa: F401  (re-exported)
+
+# the settings that define a run: `--resume` with other values is refused, naming each, unless
+# resume_with_changes (the model, the data and the schedule's total and warmup steps, however
+# given, are compared by trainer._run_identity)
+RUN_SETTINGS = ("batch_size", "grad_accum", "max_length", "learning_rate", "weight_decay",
+                "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm", "loss_type", "beta",
+                "label_smoothing", "rpo_alpha", "reference", "lora_r", "lora_alpha",
+                "lora_dropout", "lora_target_modules", "train_projector", "train_vision", "seed",
+                "dtype", "ref_dtype", "chat_template", "processor_kwargs")
 
 _DATA, _REF, _LOSS = "data and model", "reference", "loss"
 _WHAT, _OPT, _RUN = "what trains", "optimisation", "runtime"
@@ -63,7 +72,7 @@ class TrainConfig:
                                          "larger than memory; needs --max-steps; shuffled in a "
                                          "1000-pair buffer)", group=_DATA)
     max_length: int = option(1024, help="tokens per row (prompt and image tokens kept, answers "
-                                        "cut)", group=_DATA)
+                                        "cut)", group=_DATA, bounds="[2, inf)", nullable=True)
     strict: bool = option(False, help="fail on the first bad record (else: skipped, counted, "
                                       "reported with its line)", group=_DATA)
     chat_template: str = option(None, help="a Jinja chat template, or a file holding one",
@@ -100,9 +109,10 @@ class TrainConfig:
 
     # what trains
     lora_r: int = option(0, help="LoRA rank on the language model (0: full fine-tuning)",
-                         group=_WHAT)
-    lora_alpha: float = option(None, help="LoRA alpha", group=_WHAT, default_text="2 * r")
-    lora_dropout: float = option(0.05, help="LoRA dropout", group=_WHAT)
+                         group=_WHAT, bounds="[0, inf)")
+    lora_alpha: float = option(None, help="LoRA alpha", group=_WHAT, default_text="2 * r",
+                               bounds="(0, inf)")
+    lora_dropout: float = option(0.05, help="LoRA dropout", group=_WHAT, bounds="[0, 1)")
     lora_target_modules: list = option(
         None, help="comma-separated module names (matched as name suffixes) or a regex (matched "
                    "against the full module path)", group=_WHAT, type=str,
@@ -115,25 +125,33 @@ class TrainConfig:
 
     # optimisation
     learning_rate: float = option(5e-6, help="peak learning rate (cosine schedule after "
-                                             "warmup)", group=_OPT, aliases=("lr",))
-    weight_decay: float = option(0.0, help="AdamW weight decay (matrices only)", group=_OPT)
-    adam_beta1: float = option(0.9, help="AdamW beta1", group=_OPT)
-    adam_beta2: float = option(0.999, help="AdamW beta2", group=_OPT)
-    adam_eps: float = option(1e-8, help="AdamW epsilon", group=_OPT)
+                                             "warmup)", group=_OPT, aliases=("lr",),
+                                  bounds="[0, inf)")
+    weight_decay: float = option(0.0, help="AdamW weight decay (matrices only)", group=_OPT,
+                                 bounds="[0, inf)")
+    adam_beta1: float = option(0.9, help="AdamW beta1", group=_OPT, bounds="[0, 1)")
+    adam_beta2: float = option(0.999, help="AdamW beta2", group=_OPT, bounds="[0, 1)")
+    adam_eps: float = option(1e-8, help="AdamW epsilon", group=_OPT, bounds="(0, inf)")
     warmup_steps: int = option(None, help="linear warmup steps", group=_OPT,
-                               default_text="--warmup-ratio x total steps")
-    warmup_ratio: float = option(0.1, help="warmup as a fraction of the total steps", group=_OPT)
-    epochs: int = option(1, help="passes over the data", group=_OPT)
+                               default_text="--warmup-ratio x total steps", bounds="[0, inf)")
+    warmup_ratio: float = option(0.1, help="warmup as a fraction of the total steps", group=_OPT,
+                                 bounds="[0, 1]")
+    epochs: int = option(1, help="passes over the data", group=_OPT, bounds="[1, inf)")
     max_steps: int = option(None, help="optimiser steps to run (overrides --epochs)", group=_OPT,
-                            default_text="epochs x steps per epoch")
-    batch_size: int = option(4, help="pairs per process and micro-step", group=_OPT)
-    grad_accum: int = option(1, help="micro-steps per optimiser step", group=_OPT)
+                            default_text="epochs x steps per epoch", bounds="[1, inf)")
+    batch_size: int = option(4, help="pairs per process and micro-step", group=_OPT,
+                             bounds="[1, inf)")
+    grad_accum: int = option(1, help="micro-steps per optimiser step", group=_OPT,
+                             bounds="[1, inf)")
     max_grad_norm: float = option(1.0, help="clip the gradient norm to this (<= 0: no "
                                             "clipping; the norm is logged either way)",
                                   group=_OPT)
     on_nonfinite: str = option("stop", help="a non-finite loss or gradient: stop the run, or "
                                             "skip the step (both name the batch's record ids)",
                                choices=("stop", "skip"), group=_OPT)
+    nonfinite_skip_limit: int = option(10, help="with --on-nonfinite skip: stop (exit 2) after "
+                                                "this many skipped steps in a row, naming their "
+                                                "record ids", group=_OPT, bounds="[1, inf)")
 
     # runtime
     dtype: str = dtype_option(help="compute dtype (auto: bf16 on CUDA with fp32 master weights "
@@ -150,17 +168,24 @@ class TrainConfig:
                           metavar="auto|on|off")
     seed: int = option(0, help="seed of initialisation, data order and dropout", group=_RUN)
     save_every: int = option(0, help="checkpoint every N optimiser steps (0: only at the end)",
-                             group=_RUN)
+                             group=_RUN, bounds="[0, inf)")
     keep_checkpoints: int = option(None, help="keep only the newest N checkpoints", group=_RUN,
-                                   default_text="all")
+                                   default_text="all", bounds="[1, inf)")
     resume: object = option(None, help="continue from the newest good checkpoint in --output, "
                                        "or from the one given", nargs="?", const=True,
                             metavar="CHECKPOINT", group=_RUN, default_text="off")
+    resume_with_changes: bool = option(False, help="--resume even where the settings that "
+                                                   "define the run (data, model, batch size, "
+                                                   "learning rate, schedule, loss...) differ "
+                                                   "from the checkpoint's (else refused, naming "
+                                                   "each difference)", group=_RUN)
     overwrite: bool = option(False, help="start over in an --output that holds an earlier "
                                          "run's checkpoints (they are deleted)", group=_RUN)
-    num_workers: int = option(0, help="DataLoader worker processes", group=_RUN)
+    num_workers: int = option(0, help="DataLoader worker processes", group=_RUN,
+                              bounds="[0, inf)")
     progress: bool = option(True, help="no progress bar", cli="no-progress", group=_RUN)
-    log_every: int = option(1, help="a metrics.jsonl line every N steps", group=_RUN)
+    log_every: int = option(1, help="a metrics.jsonl line every N steps", group=_RUN,
+                            bounds="[1, inf)")
     log_term_grads: bool = option(False, help="also log the gradient norm of the DPO term and "
                                               "of the RPO term apart (grad_norm_dpo, "
                                               "grad_norm_rpo, grad_cos_dpo_rpo): one more "
@@ -178,15 +203,15 @@ class TrainConfig:
                                   default_text="--image-root")
     eval_every: int = option(0, help="evaluate every N optimiser steps (0: only after the last "
                                      "step); logs eval_<set>/<metric> lines in metrics.jsonl",
-                             group=_EVAL)
+                             group=_EVAL, bounds="[0, inf)")
     eval_batch_size: int = option(None, help="pairs per eval batch", group=_EVAL,
-                                  default_text="--batch-size")
+                                  default_text="--batch-size", bounds="[1, inf)")
     eval_generate: int = option(0, help="at each evaluation, greedy answers on the first N "
                                         "pairs of each eval set, written to "
                                         "<output>/eval_samples.jsonl and the tracker",
-                                group=_EVAL)
+                                group=_EVAL, bounds="[0, inf)")
     eval_max_new_tokens: int = option(64, help="token limit of each --eval-generate answer",
-                                      group=_EVAL)
+                                      group=_EVAL, bounds="[1, inf)")
     eval_chair: bool = option(False, help="score the --eval-generate answers with CHAIR "
                                           "(eval_<set>/chair_i, chair_s, chair_recall) on the "
                                           "sets whose records carry \"objects\"", group=_EVAL)
@@ -211,68 +236,31 @@ class TrainConfig:
                            default_text="the --output folder name")
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "epochs"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps: expected a positive int or None, got {self.max_steps!r}")
-        if self.reference not in (None, "model", "lora", "cached"):
-            raise ValueError(f"reference: expected 'model', 'lora', 'cached' or None, got "
-                             f"{self.reference!r}")
+        check_values(self)  # each value by its declaration: type, finite, bounds, choices
         if self.reference is None:
             self.reference = "lora" if self.lora_r > 0 else "model"
         if self.reference == "lora" and self.lora_r <= 0:
             raise ValueError("reference: 'lora' needs lora_r > 0 (--lora-r)")
         if self.reference == "cached" and not self.ref_cache:
             raise ValueError("ref_cache: reference='cached' needs the cache file (--ref-cache)")
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r: expected >= 0, got {self.lora_r}")
         # the loss: the registry's checks (ranges, parameters each loss type reads), before any
         # model loads
         from bpo_fast.ops.losses import check_rpo_alpha, loss_config
 
         loss_config(self.loss_type, self.beta, self.label_smoothing)
         check_rpo_alpha(self.rpo_alpha)
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length: expected >= 2, got {self.max_length}")
-        if self.save_every < 0:
-            raise ValueError(f"save_every: expected >= 0, got {self.save_every}")
         if self.merge_lora and self.lora_r <= 0:
             raise ValueError("merge_lora: needs LoRA (lora_r > 0)")
         if self.train_vision and self.lora_r > 0:
             raise ValueError("train_vision: not supported with LoRA (lora_r > 0); the adapters "
                              "target the language model")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout: expected in [0, 1), got {self.lora_dropout}")
-        if self.learning_rate < 0:
-            raise ValueError(f"learning_rate: expected >= 0, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
-        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int)
-                                              or self.warmup_steps < 0):
-            raise ValueError(f"warmup_steps: expected an int >= 0 or None, got {self.warmup_steps!r}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio: expected in [0, 1], got {self.warmup_ratio}")
-        if not isinstance(self.log_every, int) or self.log_every < 1:
-            raise ValueError(f"log_every: expected a positive int, got {self.log_every!r}")
-        if self.keep_checkpoints is not None and (not isinstance(self.keep_checkpoints, int)
-                                                  or self.keep_checkpoints < 1):
-            raise ValueError(f"keep_checkpoints: expected a positive int or None, got "
-                             f"{self.keep_checkpoints!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"num_workers: expected an int >= 0, got {self.num_workers!r}")
         self.processor_kwargs = check_processor_kwargs(self.processor_kwargs) or None
         from bpo_fast.data.bad_samples import check_max_bad_fraction
 
         self.max_bad_fraction = check_max_bad_fraction(self.max_bad_fraction)
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
         self._check_eval()
-        if self.data_format not in ("auto", "pairs", "hf"):
-            raise ValueError(f"data_format: expected auto, pairs or hf, got {self.data_format!r}")
         if self.streaming:
             if self.max_steps is None:
                 raise ValueError("streaming: the length of a stream is unknown; set max_steps "
@@ -293,20 +281,6 @@ class TrainConfig:
     def _check_eval(self):
         from bpo_fast.train.eval import parse_eval_sets, resolve_best_metric
 
-        for name in ("eval_every", "eval_generate"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
-        if not isinstance(self.eval_max_new_tokens, int) or self.eval_max_new_tokens < 1:
-            raise ValueError(f"eval_max_new_tokens: expected a positive int, got "
-                             f"{self.eval_max_new_tokens!r}")
-        if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int)
-                                                 or self.eval_batch_size < 1):
-            raise ValueError(f"eval_batch_size: expected a positive int or None, got "
-                             f"{self.eval_batch_size!r}")
-        if self.report_to not in REPORT_TO:
-            raise ValueError(f"report_to: expected one of {list(REPORT_TO)}, got "
-                             f"{self.report_to!r}")
         sets = parse_eval_sets(self.eval_data)   # validates the NAME=FILE syntax
         if not sets:
             for name in ("eval_image_root", "save_best"):
@@ -322,9 +296,6 @@ class TrainConfig:
             self.save_best, mode = resolve_best_metric(self.save_best, sets, self.save_best_mode,
                                                        chair=self.eval_chair)
             self.save_best_mode = mode
-        elif self.save_best_mode not in ("auto", "min", "max"):
-            raise ValueError(f"save_best_mode: expected auto, min or max, got "
-                             f"{self.save_best_mode!r}")
 
     def check_paths(self):
         """The inputs exist and are what they should be, the output can be written: before any
@@ -371,4 +342,4 @@ class TrainConfig:
         return cls(**d)
 
 
-__all__ = ["TrainConfig", "parse_dtype", "DTYPES"]
+__all__ = ["TrainConfig", "RUN_SETTINGS", "parse_dtype", "DTYPES"]

@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from bpo_fast.errors import UserError
+from bpo_fast.errors import UserError, writing
 
 logger = logging.getLogger("bpo_fast")
 FORMAT = "bpo_fast.ref_logps.v2"
@@ -234,8 +234,14 @@ class RefLogpsCache:
                     bad_ids=json.dumps(sorted(self.bad_ids)))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}"
-        save_file(self._tensors(), tmp, metadata=meta)
-        os.replace(tmp, path)
+
+        def remove_tmp():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+        with writing(path, cleanup=remove_tmp):
+            save_file(self._tensors(), tmp, metadata=meta)
+            os.replace(tmp, path)
 
 
 def _read_partial(path):
@@ -303,19 +309,14 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
     Bad samples (:mod:`bpo_fast.data.bad_samples`) are named in ``errors`` (default
     ``<out stem>.errors.jsonl``), left out of the cache (listed in its ``bad_ids``) and
     counted; more than ``max_bad_fraction`` of them stop the run."""
-    from bpo_fast.data.bad_samples import BadSamples, GuardedPairs
-    from bpo_fast.data.preference import PreferenceCollator, record_digest
-    from bpo_fast.models.preference import PreferenceModel, load_vlm
-    from bpo_fast.models.vlm import load_processor
-    from bpo_fast.options import MAX_BAD_FRACTION, check_processor_kwargs
-
-    from bpo_fast.errors import input_dir, output_file
+    from bpo_fast.errors import DIR, FILE, ROOT, CommandGuard, input_dir, output_file
+    from bpo_fast.options import check_processor_kwargs
 
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     processor_kwargs = check_processor_kwargs(processor_kwargs)
     input_dir(model_path, "model", what="model directory (a save_pretrained folder)")
-    from bpo_fast.data.hf_pairs import check_data_path, open_pairs
+    from bpo_fast.data.hf_pairs import check_data_path
 
     check_data_path(data, "data")
     input_dir(image_root, "image_root", what="image directory")
@@ -324,11 +325,45 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
         raise UserError(f"out: {out!r} exists; pass overwrite=True (--overwrite) to replace it")
     errors = errors or errors_path(out)
     output_file(errors, "errors")
+    partial = out + ".partial.jsonl"
+    state = {"done": None, "total": None}
+
+    def stopped_at():
+        if state["done"] is None:
+            return "before any pair was scored", "", "rerun the same command"
+        return (f"after {state['done']} of {state['total']} pairs",
+                f"the pairs done are kept in {partial!r}", "rerun the same command to continue")
+
+    inputs = [("model", model_path, DIR), ("data", data, None), ("image_root", image_root, ROOT)]
+    if chat_template and os.path.isfile(chat_template):
+        inputs.append(("chat_template", chat_template, FILE))
+    with CommandGuard("ref-logps", inputs=inputs, status=stopped_at,
+                      outputs=[("out", out, FILE), ("out", partial, FILE),
+                               ("errors", errors, FILE)]):
+        return _compute(model_path, data, image_root, out, partial, errors, state,
+                        batch_size=batch_size, max_length=max_length, dtype=dtype, device=device,
+                        temperature=temperature, strict=strict,
+                        attn_implementation=attn_implementation, progress=progress,
+                        chat_template=chat_template, data_format=data_format,
+                        processor_kwargs=processor_kwargs, max_bad_fraction=max_bad_fraction)
+
+
+def _compute(model_path, data, image_root, out, partial, errors, state, *, batch_size,
+             max_length, dtype, device, temperature, strict, attn_implementation, progress,
+             chat_template, data_format, processor_kwargs, max_bad_fraction):
+    """The work of :func:`compute_reference_logps` (``state``: pairs done and in all, for the
+    guard's line)."""
+    from bpo_fast.data.bad_samples import BadSamples, GuardedPairs
+    from bpo_fast.data.hf_pairs import open_pairs
+    from bpo_fast.data.jsonl import repair_torn_tail
+    from bpo_fast.data.preference import PreferenceCollator, record_digest
+    from bpo_fast.models.preference import PreferenceModel, load_vlm
+    from bpo_fast.models.vlm import load_processor
+    from bpo_fast.options import MAX_BAD_FRACTION
     from bpo_fast.runtime import parse_dtype, resolve_device
 
     device = resolve_device(device)
     dtype = parse_dtype(dtype, device)
-    partial = out + ".partial.jsonl"
     resume = os.path.isfile(partial)
     bad = BadSamples(errors, "ref-logps", resume=resume,
                      max_fraction=MAX_BAD_FRACTION if max_bad_fraction is None
@@ -355,6 +390,7 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
         logger.info("ref-logps: resuming, %d of %d pairs already done", len(done), len(ds))
     bad_ids = {e["id"] for e in bad.errors.existing if e.get("id") is not None}
     todo = [i for i, r in enumerate(ds.records) if r["id"] not in done]
+    state.update(done=len(ds) - len(todo), total=len(ds))
     if todo:
         model = load_vlm(model_path, dtype=dtype, attn_implementation=attn_implementation,
                          device=device)
@@ -375,8 +411,9 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc="ref-logps", unit="pair")
+        repair_torn_tail(partial)  # a write cut short (a kill, a full disk): appended after
         try:
-            with open(partial, "a", encoding="utf-8") as f, torch.no_grad():
+            with torch.no_grad():
                 for batch in loader:
                     bad.note(batch["bad"])
                     bad_ids.update(e["id"] for e in batch["bad"] if e.get("id") is not None)
@@ -398,15 +435,17 @@ def compute_reference_logps(model_path, data, image_root, out, *, batch_size=8, 
                     b = len(batch["ids"])
                     lp = lp.float().cpu()
                     _check_finite(batch["ids"], lp, b, model_path, partial)
-                    lines = []
-                    for j, pid in enumerate(batch["ids"]):
-                        rec = {"id": pid, "chosen": lp[j].item(), "rejected": lp[b + j].item(),
-                               "digest": batch["digests"][j].hex(), "settings": settings}
-                        done[pid] = rec
-                        lines.append(json.dumps(rec) + "\n")
-                    f.write("".join(lines))
-                    f.flush()
-                    os.fsync(f.fileno())
+                    recs = [{"id": pid, "chosen": lp[j].item(), "rejected": lp[b + j].item(),
+                             "digest": batch["digests"][j].hex(), "settings": settings}
+                            for j, pid in enumerate(batch["ids"])]
+                    # one write per batch (a fault tears one line at most), the file closed
+                    # inside writing(): closing flushes what a failed write left buffered
+                    with writing(partial), open(partial, "a", encoding="utf-8") as f:
+                        f.write("".join(json.dumps(r) + "\n" for r in recs))
+                        f.flush()
+                        os.fsync(f.fileno())
+                    done.update((r["id"], r) for r in recs)
+                    state["done"] += b
         finally:
             if bar is not None:
                 bar.close()

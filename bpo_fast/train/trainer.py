@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bpo_fast.errors import UserError
+from bpo_fast.errors import UserError, writing
 from bpo_fast.runtime import adapt_threads, init_distributed, parse_dtype
-from bpo_fast.train.config import TrainConfig
+from bpo_fast.train.config import RUN_SETTINGS, TrainConfig
 from bpo_fast.train.samples import guard_pairs, note_bad_samples, train_bad_samples
 
 logger = logging.getLogger("bpo_fast")
@@ -267,16 +267,22 @@ def _unshared(sd):
 
 def save_checkpoint(path, pm, optimizer, scheduler, state, world, rank):
     """Write one checkpoint (collective when ``world > 1``); complete or absent, never torn."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier(world)
+    # a failed write (full disk, Ctrl-C) leaves the newest complete checkpoint and no .tmp
+    with writing(tmp, cleanup=lambda: rank == 0 and shutil.rmtree(tmp, ignore_errors=True)):
+        _write_checkpoint(tmp, path, pm, optimizer, scheduler, state, world, rank)
+
+
+def _write_checkpoint(tmp, path, pm, optimizer, scheduler, state, world, rank):
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
     msd = get_model_state_dict(pm, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     if rank == 0:
@@ -428,6 +434,11 @@ def _resolve_resume(config):
 
 def save_final(pm, config, lora, dtype, world, rank):
     """The trained model under ``config.output``, loadable with ``from_pretrained``."""
+    with writing(config.output):
+        _save_final(pm, config, lora, dtype, world, rank)
+
+
+def _save_final(pm, config, lora, dtype, world, rank):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from bpo_fast.models.preference import load_vlm, unwrap
@@ -478,17 +489,67 @@ def save_final(pm, config, lora, dtype, world, rank):
 def train(config):
     """Run DPO training as configured; returns ``{"output", "steps", "metrics_path", "history",
     "final_checkpoint", "skipped", "skipped_steps"}`` (``history``: the metric dicts written to
-    ``metrics.jsonl``; ``skipped``: bad records; ``skipped_steps``: non-finite steps skipped)."""
-    from transformers import get_cosine_schedule_with_warmup
+    ``metrics.jsonl``; ``skipped``: bad records; ``skipped_steps``: non-finite steps skipped).
 
-    from bpo_fast.data.preference import PreferenceCollator
-    from bpo_fast.models.preference import unwrap
-    from bpo_fast.models.vlm import load_processor
-
+    The pieces, in order: :func:`_check_run` (files only, before anything loads), :class:`_Run`
+    (data, model, optimiser, schedule), :meth:`_Run.resume`, then :meth:`_Run.loop` over
+    :meth:`_Run.micro_step`, :meth:`_Run.optimizer_step`, :meth:`_Run.log`,
+    :meth:`_Run.evaluate_and_save`, and :meth:`_Run.finish` (the final model)."""
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    ckpt, stale = _check_run(config)
+    run = None
+    with _guard(config, ckpt) as guard:
+        guard.status = lambda: _stopped_at(config, run)
+        run = _Run(config, ckpt)
+        run.resume(stale)
+        run.loop()
+        return run.finish()
+
+
+def _guard(config, ckpt):
+    """The command guard of a run (:class:`bpo_fast.errors.CommandGuard`): every path it reads
+    against its output folder, which rank 0 locks."""
+    from bpo_fast.errors import DIR, FILE, OWNED, ROOT, CommandGuard, lies_inside
+    from bpo_fast.options import config_file_of
+    from bpo_fast.runtime import dist_env
+    from bpo_fast.train.eval import parse_eval_sets
+
+    inputs = [("model", config.model, DIR), ("ref_model", config.ref_model, DIR),
+              ("data", config.data, None), ("image_root", config.image_root, ROOT),
+              ("eval_image_root", config.eval_image_root, ROOT),
+              ("eval_chair_synonyms", config.eval_chair_synonyms, FILE),
+              ("--config", config_file_of(config), FILE)]
+    inputs += [("eval_data", path, None) for _, path in parse_eval_sets(config.eval_data)]
+    if config.reference == "cached":
+        inputs.append(("ref_cache", config.ref_cache, FILE))
+    if config.chat_template and os.path.isfile(config.chat_template):
+        inputs.append(("chat_template", config.chat_template, FILE))
+    if ckpt is not None:  # a checkpoint of this output is its own; another run's is read only
+        inputs.append(("resume", ckpt, OWNED if lies_inside(ckpt, config.output) else DIR))
+    return CommandGuard("train", inputs=inputs, outputs=[("output", config.output, DIR)],
+                        lock=dist_env()[0] == 0)
+
+
+def _stopped_at(config, run):
+    """Where an interrupted or failed run stopped, what it kept, how to resume (the one line of
+    the guard)."""
+    where = "before training started" if run is None or not hasattr(run, "metrics_path") \
+        else f"after step {run.step} of {run.total}"
+    found = _checkpoints(config.output)
+    if found:
+        return (where, f"the newest checkpoint, {os.path.basename(found[-1])}, is kept in "
+                       f"{config.output!r}", "rerun with --resume to continue from it")
+    return (where, "no checkpoint was written yet (--save-every N writes them)",
+            "rerun the same command to start over")
+
+
+def _check_run(config):
+    """What can be checked from the files alone, before the slow model load: the paths, an
+    earlier run's checkpoints in the output, the checkpoint to resume from, the tracker.
+    Returns ``(checkpoint to resume from or None, stale checkpoints of an earlier run)``."""
     config.check_paths()
     stale = _checkpoints(config.output) if config.resume in (None, False, "") else []
     if stale and not config.overwrite:
@@ -497,215 +558,304 @@ def train(config):
             f"({os.path.basename(stale[-1])}); pass resume (--resume) to continue it or "
             f"overwrite (--overwrite) to start over")
     ckpt = _resolve_resume(config)  # reads and verifies files only: before the slow model load
-    from bpo_fast.train.tracking import check_tracker, make_tracker, samples_markdown
+    from bpo_fast.train.tracking import check_tracker
 
     check_tracker(config.report_to)  # an optional library missing: say so before the model loads
-    world, rank, device = init_distributed(config.device)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)  # same on every rank: LoRA init must agree across ranks
+    return ckpt, stale
 
-    from bpo_fast.data.hf_pairs import StreamingPairs, open_pairs
 
-    if config.streaming:
-        ds = StreamingPairs(config.data, config.image_root, seed=config.seed, rank=rank,
-                            world=world)
-    else:
-        ds = open_pairs(config.data, config.image_root, strict=config.strict,
-                        data_format=config.data_format)
-    cache = None
-    if config.reference == "cached":
-        from bpo_fast.train.ref_cache import RefLogpsCache, check_compatible
+class _Run:
+    """One training run: the data, model, optimiser and schedule (built by ``__init__``), the
+    loop's position (``step``, ``epoch``, ``micro_in_epoch``) and the pieces of the loop."""
 
-        cache = RefLogpsCache.load(config.ref_cache)
-        check_compatible(cache, path=config.ref_cache, max_length=config.max_length,
-                         reference_model=config.ref_model or config.model, ids=ds.ids,
-                         data=config.data, records=ds.records)
-    bad = train_bad_samples(config, ds, resume=ckpt is not None, world=world, rank=rank)
+    def __init__(self, config, ckpt=None):
+        from transformers import get_cosine_schedule_with_warmup
 
-    pm, lora, dtype = build_preference_model(config, device, world)
-    pm.train()  # the reference stays in eval mode (PreferenceModel.train)
-    optimizer = _optimizer(pm, config, device)
+        from bpo_fast.data.preference import PreferenceCollator
+        from bpo_fast.models.preference import unwrap
+        from bpo_fast.models.vlm import load_processor
 
-    processor = load_processor(config.model)
-    collate = PreferenceCollator(processor, max_length=config.max_length,
-                                 model_type=unwrap(pm.policy).config.model_type,
-                                 chat_template=config.chat_template,
-                                 processor_kwargs=config.processor_kwargs)
-    collate.check_dataset(ds)  # pairs the family cannot take (PaliGemma: one image each)
-    guarded = guard_pairs(ds, collate, config.data)  # the bad-sample policy, in the workers too
-    evaluator = best = None
-    if config.eval_data:
-        from bpo_fast.train.eval import BestTracker, Evaluator
+        self.config, self.ckpt = config, ckpt
+        world, rank, device = init_distributed(config.device)
+        self.world, self.rank, self.device = world, rank, device
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)  # same on every rank: LoRA init must agree across ranks
 
-        evaluator = Evaluator(config, collate=collate, processor=processor,
-                              model_type=collate.model_type, cache=cache, world=world, rank=rank,
-                              bad=bad,
-                              device=device,
-                              autocast=(torch.autocast(device.type, dtype=dtype)
-                                        if dtype != torch.float32 else None))
-        if config.save_best:
-            best = BestTracker(config.save_best, config.save_best_mode, config.output)
-    if config.streaming:  # length unknown: an epoch ends when the stream does
-        sampler, steps_per_epoch = ds, None
-    else:
-        sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank,
-                                              seed=config.seed)
-        micro_per_epoch = sampler.per_rank // config.batch_size
-        steps_per_epoch = micro_per_epoch // config.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"data: {len(ds)} usable pairs are fewer than one global batch "
-                         f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x "
-                         f"{world} process(es))")
-    total = config.max_steps or config.epochs * steps_per_epoch
-    warmup = config.warmup_steps if config.warmup_steps is not None \
-        else int(math.ceil(config.warmup_ratio * total))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        from bpo_fast.data.hf_pairs import StreamingPairs, open_pairs
 
-    step, epoch, micro_in_epoch = 0, 0, 0
-    st = None
-    if ckpt is not None:
-        st = load_checkpoint(ckpt, pm, optimizer, scheduler, world, rank)
-        step, epoch, micro_in_epoch = st["step"], st["epoch"], st["micro_in_epoch"]
-        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt, step, epoch,
-                    micro_in_epoch)
+        if config.streaming:
+            ds = StreamingPairs(config.data, config.image_root, seed=config.seed, rank=rank,
+                                world=world)
+        else:
+            ds = open_pairs(config.data, config.image_root, strict=config.strict,
+                            data_format=config.data_format)
+        self.ds = ds
+        steps_per_epoch, self.total, warmup = _schedule(config, ds, world)
+        self.identity = _run_identity(config, ds, self.total, warmup)
+        if ckpt is not None:  # before the slow model load
+            _check_resume_settings(config, ckpt, self.identity)
+        self.cache = None
+        if config.reference == "cached":
+            from bpo_fast.train.ref_cache import RefLogpsCache, check_compatible
 
-    metrics_path = _prepare_output(config, ckpt, stale, step, rank)
-    if best is not None:  # rank 0 also drops the best-N folders the restored state does not know
-        best.load((st or {}).get("best"), remove_unknown=rank == 0)
-    tracker = make_tracker(config, rank=rank, resumed_step=step if ckpt is not None else None)
-    pairs_per_step = config.batch_size * config.grad_accum * world
+            self.cache = RefLogpsCache.load(config.ref_cache)
+            check_compatible(self.cache, path=config.ref_cache, max_length=config.max_length,
+                             reference_model=config.ref_model or config.model, ids=ds.ids,
+                             data=config.data, records=ds.records)
+        self.bad = bad = train_bad_samples(config, ds, resume=ckpt is not None, world=world,
+                                           rank=rank)
 
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
-    bar = None
-    if config.progress and rank == 0:
-        from tqdm.auto import tqdm
+        pm, self.lora, dtype = build_preference_model(config, device, world)
+        self.pm, self.dtype = pm, dtype
+        pm.train()  # the reference stays in eval mode (PreferenceModel.train)
+        self.optimizer = _optimizer(pm, config, device)
 
-        bar = tqdm(total=total, initial=step, desc="dpo", unit="step", dynamic_ncols=True)
-    history, last_ckpt = [], None
-    use_micro = steps_per_epoch * config.grad_accum if steps_per_epoch else math.inf
-    loader_gen = torch.Generator().manual_seed(config.seed)  # keeps DataLoader off the global RNG
-    acc = _Accumulator(device)
-    step_ids, skipped_steps = [], 0
-    trainable = [p for p in pm.parameters() if p.requires_grad]
-    terms = None
-    if config.log_term_grads:
-        if world > 1:
-            raise UserError("--log-term-grads: runs in one process only (FSDP2 reduces "
-                            "gradients in the backward hooks a second backward would rerun)")
-        from bpo_fast.train.term_grads import TermGradients
+        processor = load_processor(config.model)
+        self.collate = collate = PreferenceCollator(
+            processor, max_length=config.max_length,
+            model_type=unwrap(pm.policy).config.model_type, chat_template=config.chat_template,
+            processor_kwargs=config.processor_kwargs)
+        collate.check_dataset(ds)  # pairs the family cannot take (PaliGemma: one image each)
+        # the bad-sample policy, in the workers too
+        self.guarded = guard_pairs(ds, collate, config.data)
+        self.evaluator = self.best = None
+        if config.eval_data:
+            from bpo_fast.train.eval import BestTracker, Evaluator
 
-        terms = TermGradients(trainable, rpo=bool(config.rpo_alpha))
-    max_norm = config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 \
-        else float("inf")   # inf: the norm is measured (and logged), nothing is clipped
-    t0 = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    while step < total:
-        if micro_in_epoch >= use_micro:
-            epoch, micro_in_epoch = epoch + 1, 0
-        sampler.set_epoch(epoch, start=micro_in_epoch * config.batch_size)
-        loader = torch.utils.data.DataLoader(
-            guarded, batch_size=config.batch_size, sampler=None if config.streaming else sampler,
-            collate_fn=collate.batch, num_workers=config.num_workers, drop_last=True,
-            generator=loader_gen,
-            pin_memory=device.type == "cuda")
-        micro_before = micro_in_epoch
-        for batch in loader:
-            if micro_in_epoch >= use_micro or step >= total:
-                break
-            adapt_threads()  # follows the free CPUs when the caller chose threads that way
-            note_bad_samples(bad, batch, config.data)
-            micro_in_epoch += 1
-            last_micro = micro_in_epoch % config.grad_accum == 0
-            if world > 1:
-                pm.set_requires_gradient_sync(last_micro)
-            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()
-                      if isinstance(v, torch.Tensor) and k != "index"}
-            if cache is not None:
-                inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = cache.lookup(
-                    batch["ids"], device, digests=batch["digests"])
-            with autocast:
-                out = pm(**inputs)
-            if terms is not None:
-                terms.add(out, 1.0 / config.grad_accum)
-            (out.loss / config.grad_accum).backward()
-            acc.add(out, inputs["attention_mask"])
-            step_ids.extend(batch["ids"])
-            if not last_micro:
-                continue
-            n_bad = bad.check(world)  # too many bad samples: exit 2, before this step's update
-            term_norms = terms.norms() if terms is not None else {}  # before clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            if _nonfinite(acc, grad_norm, step_ids, step, config.on_nonfinite, world, rank):
-                optimizer.zero_grad(set_to_none=True)
-                acc.reset()
-                step_ids = []
-                skipped_steps += 1
-                t0 = time.perf_counter()
-                continue
-            step_ids = []
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - t0
-            m = acc.result(world)
-            rec = {"step": step, **{k: m[k] for k in _Accumulator._KEYS},
-                   "grad_norm": float(grad_norm), **term_norms, "lr": lr,
-                   "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
-                   "samples_per_s": pairs_per_step / max(elapsed, 1e-9),
-                   "peak_mem_bytes": _peak_mem(device),
-                   "epoch": epoch + micro_in_epoch / use_micro, "bad_samples": n_bad}
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            if rank == 0 and (step % config.log_every == 0 or step == total):
-                history.append(rec)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['reward_accuracy']:.2f}",
-                                margin=f"{rec['reward_margin']:.3f}")
-            do_eval = evaluator is not None and (
-                (config.eval_every and step % config.eval_every == 0) or step == total)
-            do_save = (config.save_every and step % config.save_every == 0) or step == total
-            if do_eval or do_save:  # the checkpoint's state: built only when one may be written
-                state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-                         "world_size": world, "total_steps": total, "config": config.to_dict()}
-                if best is not None:
-                    state["best"] = best.state()
-            if do_eval:
-                _evaluate(evaluator, best, pm, step, state, optimizer, scheduler, config,
-                          metrics_path, history, tracker, samples_markdown, world, rank, bar)
-            if do_save:
-                last_ckpt = os.path.join(config.output, f"checkpoint-{step}")
-                save_checkpoint(last_ckpt, pm, optimizer, scheduler, state, world, rank)
-                if rank == 0 and config.keep_checkpoints:
-                    for old in _checkpoints(config.output)[:-config.keep_checkpoints]:
-                        shutil.rmtree(old, ignore_errors=True)
-            t0 = time.perf_counter()  # eval and checkpoint time is not the next step's
-            if step >= total:
-                break
-        if config.streaming and step < total:  # the stream ended: the next epoch
-            if micro_in_epoch == micro_before == 0:
-                raise ValueError(f"data: the stream {config.data!r} gave no full batch of "
-                                 f"{config.batch_size} pairs")
-            epoch, micro_in_epoch = epoch + 1, 0
-    if bar is not None:
-        bar.close()
-    tracker.close()
-    bad.close()
-    save_final(pm, config, lora, dtype, world, rank)
-    return {"output": config.output, "steps": step, "metrics_path": metrics_path,
-            "history": history, "final_checkpoint": last_ckpt, "skipped": bad.count(),
-            "bad_samples": bad.summary(), "errors_path": bad.path if bad.count() else None,
-            "skipped_steps": skipped_steps, "best": best.state() if best is not None else None}
+            self.evaluator = Evaluator(
+                config, collate=collate, processor=processor, model_type=collate.model_type,
+                cache=self.cache, world=world, rank=rank, bad=bad, device=device,
+                autocast=(torch.autocast(device.type, dtype=dtype)
+                          if dtype != torch.float32 else None))
+            if config.save_best:
+                self.best = BestTracker(config.save_best, config.save_best_mode, config.output)
+        if config.streaming:  # length unknown: an epoch ends when the stream does
+            self.sampler = ds
+        else:
+            self.sampler = ResumableDistributedSampler(len(ds), num_replicas=world, rank=rank,
+                                                       seed=config.seed)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total)
+        self.use_micro = steps_per_epoch * config.grad_accum if steps_per_epoch else math.inf
+        self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
+
+    # -- resume --------------------------------------------------------------------------------
+    def resume(self, stale):
+        """Restore the checkpoint (``self.ckpt``; None: a fresh run), prepare the output folder
+        (a fresh run drops ``stale`` checkpoints), open the tracker and the progress bar."""
+        from bpo_fast.train.tracking import make_tracker
+
+        config, rank, ckpt = self.config, self.rank, self.ckpt
+        st = None
+        if ckpt is not None:
+            st = load_checkpoint(ckpt, self.pm, self.optimizer, self.scheduler, self.world, rank)
+            self.step, self.epoch, self.micro_in_epoch = (st["step"], st["epoch"],
+                                                          st["micro_in_epoch"])
+            logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt, self.step,
+                        self.epoch, self.micro_in_epoch)
+
+        self.metrics_path = _prepare_output(config, ckpt, stale, self.step, rank)
+        if self.best is not None:
+            # rank 0 also drops the best-N folders the restored state does not know
+            self.best.load((st or {}).get("best"), remove_unknown=rank == 0)
+        self.tracker = make_tracker(config, rank=rank,
+                                    resumed_step=self.step if ckpt is not None else None)
+        self.pairs_per_step = config.batch_size * config.grad_accum * self.world
+        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
+                         if self.dtype != torch.float32 else contextlib.nullcontext())
+        self.bar = None
+        if config.progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.step, desc="dpo", unit="step",
+                            dynamic_ncols=True)
+        self.history, self.last_ckpt = [], None
+        # keeps DataLoader off the global RNG
+        self.loader_gen = torch.Generator().manual_seed(config.seed)
+        self.acc = _Accumulator(self.device)
+        self.step_ids, self.skipped_steps = [], 0
+        self.skipped_in_row, self.skipped_ids = 0, []   # non-finite steps skipped in a row
+        self.trainable = [p for p in self.pm.parameters() if p.requires_grad]
+        self.terms = None
+        if config.log_term_grads:
+            if self.world > 1:
+                raise UserError("--log-term-grads: runs in one process only (FSDP2 reduces "
+                                "gradients in the backward hooks a second backward would rerun)")
+            from bpo_fast.train.term_grads import TermGradients
+
+            self.terms = TermGradients(self.trainable, rpo=bool(config.rpo_alpha))
+        self.max_norm = config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 \
+            else float("inf")   # inf: the norm is measured (and logged), nothing is clipped
+
+    # -- the loop ------------------------------------------------------------------------------
+    def loop(self):
+        """Optimiser steps until ``total``: epochs of micro-batches, each step logged, evaluated
+        and saved as configured."""
+        config = self.config
+        self.t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        while self.step < self.total:
+            if self.micro_in_epoch >= self.use_micro:
+                self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+            self.sampler.set_epoch(self.epoch, start=self.micro_in_epoch * config.batch_size)
+            loader = torch.utils.data.DataLoader(
+                self.guarded, batch_size=config.batch_size,
+                sampler=None if config.streaming else self.sampler,
+                collate_fn=self.collate.batch, num_workers=config.num_workers, drop_last=True,
+                generator=self.loader_gen,
+                pin_memory=self.device.type == "cuda")
+            micro_before = self.micro_in_epoch
+            for batch in loader:
+                if self.micro_in_epoch >= self.use_micro or self.step >= self.total:
+                    break
+                if not self.micro_step(batch):
+                    continue
+                rec = self.optimizer_step()
+                if rec is None:  # non-finite: skipped
+                    continue
+                self.log(rec)
+                self.evaluate_and_save()
+                self.t0 = time.perf_counter()  # eval and checkpoint time is not the next step's
+                if self.step >= self.total:
+                    break
+            if config.streaming and self.step < self.total:  # the stream ended: the next epoch
+                if self.micro_in_epoch == micro_before == 0:
+                    raise ValueError(f"data: the stream {config.data!r} gave no full batch of "
+                                     f"{config.batch_size} pairs")
+                self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+
+    # -- step ----------------------------------------------------------------------------------
+    def micro_step(self, batch):
+        """Forward and backward of one micro-batch; True when it completes an optimiser step."""
+        config = self.config
+        adapt_threads()  # follows the free CPUs when the caller chose threads that way
+        note_bad_samples(self.bad, batch, config.data)
+        self.micro_in_epoch += 1
+        last_micro = self.micro_in_epoch % config.grad_accum == 0
+        if self.world > 1:
+            self.pm.set_requires_gradient_sync(last_micro)
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                  if isinstance(v, torch.Tensor) and k != "index"}
+        if self.cache is not None:
+            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self.cache.lookup(
+                batch["ids"], self.device, digests=batch["digests"])
+        with self.autocast:
+            out = self.pm(**inputs)
+        if self.terms is not None:
+            self.terms.add(out, 1.0 / config.grad_accum)
+        (out.loss / config.grad_accum).backward()
+        self.acc.add(out, inputs["attention_mask"])
+        self.step_ids.extend(batch["ids"])
+        return last_micro
+
+    def optimizer_step(self):
+        """Clip, check for non-finite values, step the optimiser and the schedule; returns the
+        step's metrics record, or None when the step was skipped (``on_nonfinite="skip"``)."""
+        config, world, device = self.config, self.world, self.device
+        n_bad = self.bad.check(world)  # too many bad samples: exit 2, before this step's update
+        # before clipping
+        term_norms = self.terms.norms() if self.terms is not None else {}
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        if _nonfinite(self.acc, grad_norm, self.step_ids, self.step, config.on_nonfinite, world,
+                      self.rank):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.acc.reset()
+            self.skipped_ids.extend(self.step_ids)
+            self.step_ids = []
+            self.skipped_steps += 1
+            self.skipped_in_row += 1
+            if self.skipped_in_row >= config.nonfinite_skip_limit:
+                # every later step would be skipped too (the weights hold NaN): never a hang
+                raise NonFiniteError(
+                    f"{self.skipped_in_row} steps in a row after step {self.step} had a "
+                    f"non-finite loss or gradient, record ids {_show_ids(self.skipped_ids)}; "
+                    f"stopped (nonfinite_skip_limit {config.nonfinite_skip_limit}): the weights "
+                    "or these records are broken; resume from a checkpoint with a lower "
+                    "--learning-rate, or fix the records")
+            self.t0 = time.perf_counter()
+            return None
+        self.step_ids = []
+        self.skipped_in_row, self.skipped_ids = 0, []
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - self.t0
+        m = self.acc.result(world)
+        rec = {"step": self.step, **{k: m[k] for k in _Accumulator._KEYS},
+               "grad_norm": float(grad_norm), **term_norms, "lr": lr,
+               "tokens_per_s": m["tokens"] / max(elapsed, 1e-9),
+               "samples_per_s": self.pairs_per_step / max(elapsed, 1e-9),
+               "peak_mem_bytes": _peak_mem(device),
+               "epoch": self.epoch + self.micro_in_epoch / self.use_micro, "bad_samples": n_bad}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        return rec
+
+    def log(self, rec):
+        """The step's metrics: ``metrics.jsonl`` (every ``log_every`` steps and the last), the
+        tracker, the progress bar."""
+        config, step = self.config, self.step
+        if self.rank == 0 and (step % config.log_every == 0 or step == self.total):
+            self.history.append(rec)
+            with writing(self.metrics_path), open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            self.tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['reward_accuracy']:.2f}",
+                                 margin=f"{rec['reward_margin']:.3f}")
+
+    # -- evaluate, save ------------------------------------------------------------------------
+    def evaluate_and_save(self):
+        """Evaluate and write a checkpoint when this step is due for either."""
+        config, step = self.config, self.step
+        do_eval = self.evaluator is not None and (
+            (config.eval_every and step % config.eval_every == 0) or step == self.total)
+        do_save = (config.save_every and step % config.save_every == 0) or step == self.total
+        if do_eval or do_save:  # the checkpoint's state: built only when one may be written
+            state = {"step": step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+                     "world_size": self.world, "total_steps": self.total,
+                     "config": config.to_dict(), "run": self.identity}
+            if self.best is not None:
+                state["best"] = self.best.state()
+        if do_eval:
+            from bpo_fast.train.tracking import samples_markdown
+
+            _evaluate(self.evaluator, self.best, self.pm, step, state, self.optimizer,
+                      self.scheduler, config, self.metrics_path, self.history, self.tracker,
+                      samples_markdown, self.world, self.rank, self.bar)
+        if do_save:
+            self.save(state)
+
+    def save(self, state):
+        """``checkpoint-<step>/`` (all ranks), then the ones past ``keep_checkpoints`` go."""
+        config = self.config
+        self.last_ckpt = os.path.join(config.output, f"checkpoint-{self.step}")
+        save_checkpoint(self.last_ckpt, self.pm, self.optimizer, self.scheduler, state,
+                        self.world, self.rank)
+        if self.rank == 0 and config.keep_checkpoints:
+            for old in _checkpoints(config.output)[:-config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def finish(self):
+        """Close the bar and tracker, write the final model; returns :func:`train`'s result."""
+        if self.bar is not None:
+            self.bar.close()
+        self.tracker.close()
+        self.bad.close()
+        save_final(self.pm, self.config, self.lora, self.dtype, self.world, self.rank)
+        best, bad = self.best, self.bad
+        return {"output": self.config.output, "steps": self.step,
+                "metrics_path": self.metrics_path, "history": self.history,
+                "final_checkpoint": self.last_ckpt, "skipped": bad.count(),
+                "bad_samples": bad.summary(), "errors_path": bad.path if bad.count() else None,
+                "skipped_steps": self.skipped_steps,
+                "best": best.state() if best is not None else None}
 
 
 def _evaluate(evaluator, best, pm, step, state, optimizer, scheduler, config, metrics_path,
@@ -717,7 +867,7 @@ def _evaluate(evaluator, best, pm, step, state, optimizer, scheduler, config, me
     rec = {"step": step, **metrics}
     if rank == 0:
         history.append(rec)
-        with open(metrics_path, "a") as f:
+        with writing(metrics_path), open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         tracker.log(metrics, step)
         if samples:
@@ -782,8 +932,8 @@ def _nonfinite(acc, grad_norm, step_ids, step, mode, world, rank):
     if not bool(bad.any()):
         return False
     what = " and ".join(n for n, b in zip(("loss", "gradient"), bad.tolist()) if b)
-    shown = f"{step_ids[:16]}" + (f" (+{len(step_ids) - 16} more)" if len(step_ids) > 16 else "")
-    where = (f"the batch of record id(s) {shown}" if world == 1 or local[0] or not bad[0]
+    where = (f"the batch of record id(s) {_show_ids(step_ids)}"
+             if world == 1 or local[0] or not bad[0]
              else "another rank's batch")
     msg = f"step {step + 1}: non-finite {what} in {where}" + (f" (rank {rank})" if world > 1
                                                                else "")
@@ -792,6 +942,94 @@ def _nonfinite(acc, grad_norm, step_ids, step, mode, world, rank):
                              "--learning-rate or --max-grad-norm may help)")
     logger.warning("%s; step skipped (on_nonfinite=skip)", msg)
     return True
+
+
+def _show_ids(ids, k=16):
+    return f"{ids[:k]}" + (f" (+{len(ids) - k} more)" if len(ids) > k else "")
+
+
+def _schedule(config, ds, world):
+    """``(optimiser steps per epoch or None for a stream, total steps, warmup steps)``."""
+    if config.streaming:  # length unknown: an epoch ends when the stream does
+        steps_per_epoch = None
+    else:  # each rank reads len(ds) // world pairs (ResumableDistributedSampler)
+        steps_per_epoch = len(ds) // world // config.batch_size // config.grad_accum
+        if steps_per_epoch == 0:
+            raise ValueError(f"data: {len(ds)} usable pairs are fewer than one global batch "
+                             f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} "
+                             f"x {world} process(es))")
+    total = config.max_steps or config.epochs * steps_per_epoch
+    warmup = config.warmup_steps if config.warmup_steps is not None \
+        else int(math.ceil(config.warmup_ratio * total))
+    return steps_per_epoch, total, warmup
+
+
+def _run_identity(config, ds, total, warmup):
+    """What the run reads and its schedule, as a resumed run must find them again: the model and
+    reference paths (resolved), the data by content (pair count and a sha256 of every pair's id,
+    prompt and answers: a moved file is the same data, an edited one is not; a stream: its
+    path), the total and warmup steps (however they were given: --epochs, --max-steps, ...)."""
+    def real(p):
+        return os.path.realpath(p) if p else None
+
+    data = {"path": real(config.data)}
+    records = getattr(ds, "records", None)
+    if records is not None:
+        h = hashlib.sha256()
+        for r in records:
+            h.update(json.dumps([r["id"], r.get("prompt"), r.get("chosen"), r.get("rejected")],
+                                default=str, sort_keys=True).encode())
+        data = {"pairs": len(records), "sha256": h.hexdigest()}
+    return {"model": real(config.model), "ref_model": real(config.ref_model),
+            "ref_cache": real(config.ref_cache) if config.reference == "cached" else None,
+            "data": data, "schedule": {"total_steps": total, "warmup_steps": warmup}}
+
+
+def _check_resume_settings(config, ckpt, identity):
+    """Refuse to resume ``ckpt`` with settings that change the run (:data:`RUN_SETTINGS`, the
+    model and the data: :func:`_run_identity`), naming each difference, unless
+    ``resume_with_changes`` (then each is logged)."""
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        state = json.load(f)
+    saved = state.get("config") or {}
+    now = json.loads(json.dumps(config.to_dict(), default=str))
+    changes = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RUN_SETTINGS
+               if k in saved and saved[k] != now.get(k)]
+    before = state.get("run")
+    if before is None:  # a checkpoint of an older bpo-fast: the paths as given
+        before = {k: (os.path.realpath(saved[k]) if k == "model" else
+                      {"path": os.path.realpath(saved[k])})
+                  for k in ("model", "data") if saved.get(k)}
+    for k in ("model", "ref_model", "ref_cache"):
+        if k in before and before[k] != identity[k]:
+            changes.append(f"{k} {before[k]!r} -> {identity[k]!r}")
+    was, now_s = before.get("schedule"), identity["schedule"]
+    if was is None and "total_steps" in state:
+        was = {"total_steps": state["total_steps"], "warmup_steps": now_s["warmup_steps"]}
+    if was is not None and was != now_s:
+        changes.append("schedule {total_steps} steps (warmup {warmup_steps})".format(**was)
+                       + " -> {total_steps} steps (warmup {warmup_steps})".format(**now_s))
+    a, b = before.get("data"), identity["data"]
+    if a is None:
+        changed = False
+    elif "pairs" in a and "pairs" in b:
+        changed = a != b
+    else:  # a stream, or a checkpoint of an older bpo-fast: the data's path
+        changed = a.get("path") != os.path.realpath(config.data)
+    if changed:
+        def show(d):
+            return (f"{d['pairs']} pairs (sha256 {d['sha256'][:12]})" if "pairs" in d
+                    else repr(d.get("path")))
+        changes.append(f"data {show(a)} -> {show(b)}")
+    if not changes:
+        return
+    if config.resume_with_changes:
+        logger.warning("resume: continuing %s with changed settings (resume_with_changes): %s",
+                       ckpt, "; ".join(changes))
+        return
+    raise UserError(f"resume: {ckpt!r} was written with other settings: {'; '.join(changes)}; "
+                    "resume with the checkpoint's settings, or pass resume_with_changes "
+                    "(--resume-with-changes) to continue with these")
 
 
 def _truncate_metrics(path, step):
