@@ -189,7 +189,7 @@ CASES = [
     ("gen no questions", lambda w, m: _gen(w, m, **{"--data": False, "--image-root": False}),
      ["--data or --image-root"]),
     ("gen strict bad line", lambda w, m: _gen(w, m, **{"--data": w["llava_bad_mid"],
-                                                       "--strict": None}),
+                                                       "--max-bad-fraction": "0"}),
      ["llava_bad_mid.jsonl:2", "invalid JSON"]),
     ("gen top-p", lambda w, m: _gen(w, m, **{"--sample": None, "--top-p": "0"}), ["top_p"]),
     # eval-chair

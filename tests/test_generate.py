@@ -38,7 +38,7 @@ def _gen(model, data, root, out, *extra):
 # every family: our batched, left-padded answers are HF's own one-at-a-time generate
 
 
-def _hf_answer(model, processor, question, image, max_new_tokens):
+def _hf_answer(model, processor, question, image, max_new_tokens, min_new=True):
     """The plain HF way: the family's chat template, the processor on one question and image,
     ``model.generate`` greedy, the new tokens decoded."""
     from bpo_fast.models.vlm import processor_prompt, resolve_chat_template
@@ -51,7 +51,7 @@ def _hf_answer(model, processor, question, image, max_new_tokens):
     enc = processor(images=[image], text=[text], return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False,
+                             min_new_tokens=max_new_tokens if min_new else 0, do_sample=False,
                              pad_token_id=processor.tokenizer.pad_token_id)
     new = out[0, enc["input_ids"].shape[1]:]
     return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -221,6 +221,35 @@ def test_sampled_answers_do_not_depend_on_batch_size_or_ranks(tiny_llava_dir, tm
     assert not os.path.exists(tmp_path / "sharded.rank0.jsonl")
 
 
+def test_ranks_errors_files_are_merged_by_rank_0_and_judged_together(tiny_llava_dir, tmp_path):
+    """Each rank names its bad samples in <errors stem>.rank{r}.jsonl; rank 0 merges them (as
+    the answers) into the errors file a single run writes, and judges --max-bad-fraction over
+    all ranks: 3 of 9 bad on each rank pass 0.4, the 4 of 9 of the whole run do not."""
+    from bpo_fast.data.bad_samples import TooManyBadSamples
+
+    data, root = _data(tmp_path, n=5, turns=1, bad_image=True, malformed=True)
+    single = tmp_path / "single.jsonl"
+    base = dict(model=tiny_llava_dir, data=data, image_root=root, max_new_tokens=4,
+                device="cpu", progress=False)
+    generate(GenerateOptions(out=str(single), max_bad_fraction=0.5, **base))
+    for frac in (0.5, 0.4):
+        out = tmp_path / f"two{frac}.jsonl"
+        opts = dict(out=str(out), max_bad_fraction=frac, world_size=2, **base)
+        for r in (1, 0):
+            s = generate(GenerateOptions(rank=r, **opts))
+            assert s.bad_samples == 3
+            assert os.path.exists(tmp_path / f"two{frac}.errors.rank{r}.jsonl")
+        if frac == 0.4:
+            with pytest.raises(TooManyBadSamples, match="4 of the 9 samples"):
+                merge_shards(GenerateOptions(**opts))
+        else:
+            assert merge_shards(GenerateOptions(**opts)) == 5
+        assert open(out, "rb").read() == open(single, "rb").read()
+        assert open(tmp_path / f"two{frac}.errors.jsonl", "rb").read() == \
+            open(tmp_path / "single.errors.jsonl", "rb").read()
+        assert not [f for f in os.listdir(tmp_path) if ".rank" in f]
+
+
 def test_resume_after_a_kill_writes_the_uninterrupted_bytes(tiny_llava_dir, tmp_path):
     data, root = _data(tmp_path, n=5)
     full = tmp_path / "full.jsonl"
@@ -247,15 +276,19 @@ def test_resume_and_overwrite_touch_only_files_generate_wrote(tiny_llava_dir, tm
     image = os.path.join(root, "img1.png")
     notes = tmp_path / "notes.jsonl"
     notes.write_text('{"my": "notes"}\n')
-    cases = [(["--out", str(config)], "--resume"), (["--out", image], "--resume"),
-             (["--out", image], "--overwrite"),
-             (["--out", str(tmp_path / "a.jsonl"), "--errors", str(config)], "--resume"),
-             (["--out", str(tmp_path / "b.jsonl"), "--errors", str(notes)], None)]
-    for args, mode in cases:
+    # (--out by its records, --errors by the bpo-fast header of every errors file)
+    by_header = "not written by bpo-fast (no bpo-fast errors header"
+    cases = [(["--out", str(config)], "--resume", "not written by generate"),
+             (["--out", image], "--resume", "not written by generate"),
+             (["--out", image], "--overwrite", "not written by generate"),
+             (["--out", str(tmp_path / "a.jsonl"), "--errors", str(config)], "--resume",
+              by_header),
+             (["--out", str(tmp_path / "b.jsonl"), "--errors", str(notes)], None, by_header)]
+    for args, mode, needle in cases:
         before = {p: open(p, "rb").read() for p in (config, image, notes)}
         assert main(["generate", "--model", tiny_llava_dir, "--data", data, "--image-root", root,
                      "--device", "cpu", "--no-progress", *args] + ([mode] if mode else [])) == 2
-        assert "not written by generate" in capsys.readouterr().err, args
+        assert needle in capsys.readouterr().err, args
         assert {p: open(p, "rb").read() for p in before} == before, args
     # a run killed in its first write leaves the torn start of a line: --resume continues it
     full = tmp_path / "full.jsonl"
@@ -268,21 +301,25 @@ def test_resume_and_overwrite_touch_only_files_generate_wrote(tiny_llava_dir, tm
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_torchrun_two_ranks_merge_into_out(tiny_llava_dir, tmp_path):
-    data, root = _data(tmp_path, n=5)
+    data, root = _data(tmp_path, n=5, bad_image=True)
     single = tmp_path / "single.jsonl"
-    assert _gen(tiny_llava_dir, data, root, single, "--sample", "--turns", "all") == 0
+    assert _gen(tiny_llava_dir, data, root, single, "--sample", "--turns", "all",
+                "--max-bad-fraction", "0.5") == 0
     out = tmp_path / "two.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "bpo_fast.cli", "generate", "--model", tiny_llava_dir, "--data", data,
            "--image-root", root, "--out", str(out), "--device", "cpu", "--max-new-tokens", "6",
-           "--no-progress", "--sample", "--turns", "all", "--threads", "1"]
+           "--no-progress", "--sample", "--turns", "all", "--threads", "1",
+           "--max-bad-fraction", "0.5"]
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert open(out, "rb").read() == open(single, "rb").read()
-    assert sorted(os.listdir(tmp_path)) == sorted(set(os.listdir(tmp_path)) - {
-        "two.rank0.jsonl", "two.rank1.jsonl"})
+    # the ranks' errors merged by rank 0 into the file a single run writes; no shard left
+    assert open(tmp_path / "two.errors.jsonl", "rb").read() == \
+        open(tmp_path / "single.errors.jsonl", "rb").read()
+    assert not [f for f in os.listdir(tmp_path) if ".rank" in f]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,23 +385,50 @@ def test_a_folder_that_is_not_a_model_ends_in_one_line(tiny_llava_dir, tmp_path,
 
 
 
-def test_bad_records_and_images_are_logged_and_skipped(tiny_llava_dir, tmp_path, capsys):
+def test_bad_samples_follow_the_policy_of_every_command(tiny_llava_dir, tmp_path, capsys):
+    """The bad-sample policy of bpo_fast.data.bad_samples: each bad record or image named in the
+    errors file (its bpo-fast header first: file, id, line, reason, kind), skipped and counted;
+    more than --max-bad-fraction of the file stops the run (exit 2) with the answers kept."""
     data, root = _data(tmp_path, n=3, bad_image=True, malformed=True)
     out = tmp_path / "a.jsonl"
-    assert _gen(tiny_llava_dir, data, root, out) == 0
+    # 7 records: 3 good, 2 malformed, 2 images that do not load (4 of 7 bad)
+    assert _gen(tiny_llava_dir, data, root, out, "--max-bad-fraction", "0.6") == 0
+    assert "bad samples: 4 (image: 2, record: 2)" in capsys.readouterr().err
     ids = [r["id"] for r in _lines(out)]
     assert ids == ["r0", "r1", "r2"]
-    errs = _lines(tmp_path / "a.errors.jsonl")
-    stages = sorted(e["stage"] for e in errs)
-    assert stages.count("image") == 2 and "record" in stages
-    assert {e["id"] for e in errs if e["stage"] == "image"} == {"badimg", "noimg"}
-    assert all(e["line"] for e in errs)
+    head, *errs = _lines(tmp_path / "a.errors.jsonl")
+    assert head == {"bpo_fast": "errors", "command": "generate"}
+    assert [(e["kind"], e["id"], e["line"]) for e in errs] == [
+        ("record", None, 2), ("record", "wrongroles", 7), ("image", "badimg", 4),
+        ("image", "noimg", 5)]
+    assert all(e["file"] == data and e["reason"] for e in errs)
     # resume: the errors are not logged twice
-    assert _gen(tiny_llava_dir, data, root, out, "--resume") == 0
-    assert _lines(tmp_path / "a.errors.jsonl") == errs
+    assert _gen(tiny_llava_dir, data, root, out, "--resume", "--max-bad-fraction", "0.6") == 0
+    assert _lines(tmp_path / "a.errors.jsonl") == [head] + errs
+    # records that cannot be read count before the model loads: over the default share (0.1)
     capsys.readouterr()
-    assert _gen(tiny_llava_dir, data, root, tmp_path / "s.jsonl", "--strict") == 2
-    assert "--strict" in capsys.readouterr().err
+    assert _gen(tiny_llava_dir, data, root, tmp_path / "d.jsonl") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--max-bad-fraction 0.1" in err and "d.errors.jsonl" in err, err
+    assert len(err.splitlines()) == 1, err
+    # images: the run stops after the batch that passed the share, the answers so far kept;
+    # --resume with a wider share ends as one run would
+    (tmp_path / "b").mkdir()
+    data, root = _data(tmp_path / "b", n=3, bad_image=True)     # r0 r1 badimg noimg r2
+    whole = tmp_path / "whole.jsonl"
+    assert _gen(tiny_llava_dir, data, root, whole, "--max-bad-fraction", "0.5") == 0
+    stop = tmp_path / "s.jsonl"
+    assert _gen(tiny_llava_dir, data, root, stop, "--batch-size", "1",
+                "--max-bad-fraction", "0.25") == 2
+    err = capsys.readouterr().err.strip()
+    assert "2 of the 5 samples" in err and "'badimg'" in err, err
+    assert [r["id"] for r in _lines(stop)] == ["r0", "r1"]
+    assert _gen(tiny_llava_dir, data, root, stop, "--resume", "--max-bad-fraction", "0.5") == 0
+    assert open(stop, "rb").read() == open(whole, "rb").read()
+    assert _lines(tmp_path / "s.errors.jsonl") == _lines(tmp_path / "whole.errors.jsonl")
+    with pytest.raises(SystemExit):      # the policy replaced generate's own --strict
+        main(["generate", "--help"])
+    assert "--max-bad-fraction" in capsys.readouterr().out
 
 
 def test_questions_the_family_cannot_take_are_logged_and_skipped(tmp_path, capsys):
@@ -379,12 +443,13 @@ def test_questions_the_family_cannot_take_are_logged_and_skipped(tmp_path, capsy
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "a.jsonl"
-    assert _gen(model, str(data), root, out, "--batch-size", "4") == 0
+    assert _gen(model, str(data), root, out, "--batch-size", "4", "--max-bad-fraction", "0.5") == 0
     assert [r["id"] for r in _lines(out)] == ["r0", "r1"]
-    errs = _lines(tmp_path / "a.errors.jsonl")
-    assert sorted((e["id"], e["line"]) for e in errs) == [("two", 2), ("txt", 4)]
+    _, *errs = _lines(tmp_path / "a.errors.jsonl")
+    assert [(e["id"], e["line"], e["kind"]) for e in errs] == [("two", 2, "prompt"),
+                                                               ("txt", 4, "prompt")]
     capsys.readouterr()
-    assert _gen(model, str(data), root, tmp_path / "s.jsonl", "--strict") == 2
+    assert _gen(model, str(data), root, tmp_path / "s.jsonl", "--max-bad-fraction", "0") == 2
     err = capsys.readouterr().err.strip()
     assert "'two'" in err and len(err.splitlines()) == 1, err
 
@@ -420,8 +485,9 @@ def test_a_file_of_bad_records_says_why_in_its_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "image": "img0.png", "conversations": []}) + "\n"
                    + '{"id": "b", "conv\n')
-    out, model = tmp_path / "a.jsonl", tmp_path / "model"
-    model.mkdir()   # the records are read before the model folder is looked at
+    out = tmp_path / "a.jsonl"
+    model = tmp_path / "model"     # never loaded: the records are read first
+    model.mkdir()
     assert main(["generate", "--model", str(model), "--data", str(bad), "--image-root", root,
                  "--out", str(out), "--data-format", "llava"]) == 2
     err = capsys.readouterr().err.strip()
@@ -485,3 +551,139 @@ def test_cli_errors_are_one_line(tiny_llava_dir, tmp_path, capsys):
     capsys.readouterr()
     assert _gen(tiny_llava_dir, str(unknown), root, tmp_path / "u.jsonl") == 2
     assert "cannot tell the format" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# processor arguments, LLaVA turns, the sampler's memory, the caller's tokenizer
+
+
+def test_processor_kwargs_reach_every_processor_call(tmp_path):
+    """--processor-kwargs (Gemma 3 pan-and-scan, off by the processor's default): our answers
+    are HF's own generate with the processor called with the same arguments (more image
+    crops: another prompt than without them)."""
+    from bpo_fast.models.preference import load_vlm
+    from bpo_fast.models.vlm import load_processor
+
+    model_dir = str(tmp_path / "gemma3")
+    build_tiny_vlm("gemma3", model_dir, seed=1)
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    images = []
+    for i, w in enumerate((64, 40)):         # wide: pan-and-scan crops them
+        images.append(Image.fromarray(rng.integers(0, 255, (16, w, 3), dtype=np.uint8)))
+        images[-1].save(root / f"i{i}.png")
+    kw = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8,
+          "pan_and_scan_max_num_crops": 4, "pan_and_scan_min_ratio_to_activate": 1.2}
+    out = tmp_path / "a.jsonl"
+    assert main(["generate", "--model", model_dir, "--image-root", str(root), "--out", str(out),
+                 "--prompt", "what is on the table ?", "--device", "cpu", "--no-progress",
+                 "--max-new-tokens", "4", "--processor-kwargs", json.dumps(kw)]) == 0
+    model, proc = load_vlm(model_dir, device="cpu").eval(), load_processor(model_dir)
+
+    class WithKwargs:      # the HF processor called with the same arguments, the plain HF way
+        def __getattr__(self, name):
+            return getattr(proc, name)
+
+        def __call__(self, *a, **k):
+            enc = proc(*a, **k, **kw)
+            assert enc["pixel_values"].shape[0] > 1          # the crops are there
+            return enc
+
+    got = [r["answer"] for r in _lines(out)]
+    # greedy until the cap: HF's own generate stops at EOS as ours does
+    want = [_hf_answer(model, WithKwargs(), "what is on the table ?", im, 4, min_new=False)
+            for im in images]
+    assert got == want
+    plain = tmp_path / "plain.jsonl"
+    assert main(["generate", "--model", model_dir, "--image-root", str(root), "--out",
+                 str(plain), "--prompt", "what is on the table ?", "--device", "cpu",
+                 "--no-progress", "--max-new-tokens", "4"]) == 0
+    assert [r["answer"] for r in _lines(plain)] == [
+        _hf_answer(model, proc, "what is on the table ?", im, 4, min_new=False) for im in images]
+
+
+def test_turns_all_an_empty_question_is_one_bad_sample(tiny_llava_dir, tmp_path):
+    """--turns all: a turn whose question is empty is a bad sample of its own (named, kind
+    prompt); the record's other questions are answered. The record is read as build-pairs reads
+    it (llava_format.record_turns)."""
+    from bpo_fast.data.llava_format import MalformedRecord, record_to_samples
+    from bpo_fast.data.questions import read_questions
+
+    data, root = _data(tmp_path, n=2, turns=3)
+    recs = [json.loads(line) for line in open(data)]
+    recs[0]["conversations"][2]["value"] = "  "          # r0's second question
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    bad = []
+    opts = GenerateOptions(model=".", data=str(path), image_root=root, out="o.jsonl",
+                           turns="all")
+    got, _ = read_questions(opts, bad.append)
+    assert [q.id for q in got] == ["r0", "r0:t2", "r1", "r1:t1", "r1:t2"]
+    assert [len(q.turns) for q in got] == [1, 5, 1, 3, 5]       # the earlier turns as history
+    assert [(e["id"], e["line"], e["kind"]) for e in bad] == [("r0:t1", 1, "prompt")]
+    assert "conversations[2]: empty question" in bad[0]["reason"]
+    out = tmp_path / "a.jsonl"
+    assert _gen(tiny_llava_dir, str(path), root, out, "--turns", "all",
+                "--max-bad-fraction", "0.2") == 0
+    assert [r["id"] for r in _lines(out)] == ["r0", "r0:t2", "r1", "r1:t1", "r1:t2"]
+    _, err = _lines(tmp_path / "a.errors.jsonl")
+    assert (err["id"], err["kind"]) == ("r0:t1", "prompt")
+    # one reading of a record: what build-pairs refuses, generate refuses with the same words
+    wrong = {"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image> <image> two tags ?"}, {"from": "gpt", "value": "no"}]}
+    path.write_text(json.dumps(wrong) + "\n" + json.dumps(recs[1]) + "\n")
+    with pytest.raises(MalformedRecord) as pairs_err:
+        record_to_samples(wrong)
+    bad.clear()
+    read_questions(opts, bad.append)
+    assert [(e["id"], e["kind"]) for e in bad] == [("x", "record")]
+    assert bad[0]["reason"] == str(pairs_err.value)
+
+
+def test_the_sampler_draws_its_uniforms_as_tokens_are_generated():
+    """Memory follows the tokens generated, not --max-new-tokens: a row's uniforms come in
+    chunks as positions are reached, the very numbers of one draw of max_new_tokens."""
+    from bpo_fast.data.generation import _RowSampler
+
+    seeds, cap = [3, 11], 10 ** 6        # drawn up front: 16 MB; 256 positions: 4 KB
+    s = _RowSampler(seeds, cap, 2, 1.0, 1.0, "cpu")
+    vocab = 5
+    for t in range(_RowSampler.CHUNK + 3):             # into the second chunk
+        s(torch.zeros(2, 2 + t, dtype=torch.long), torch.zeros(2, vocab))
+    held = sum(c.numel() for c in s.chunks)
+    assert held == 2 * 2 * _RowSampler.CHUNK
+    for i, sd in enumerate(seeds):
+        one = torch.rand(_RowSampler.CHUNK + 3, generator=torch.Generator().manual_seed(sd),
+                         dtype=torch.float64)
+        assert torch.equal(torch.cat([c[i] for c in s.chunks])[:one.numel()], one)
+    # the last position of a short cap: the chunk holds only what is left
+    short = _RowSampler(seeds, 3, 2, 1.0, 1.0, "cpu")
+    for t in range(5):       # generate may ask past the cap (clamped to its last position)
+        short(torch.zeros(2, 2 + t, dtype=torch.long), torch.zeros(2, vocab))
+    assert [c.shape for c in short.chunks] == [(2, 3)]
+
+
+def test_the_callers_tokenizer_is_never_changed(tiny_llava_dir):
+    """A tokenizer without a pad token (Llama-style) stays without one: left padding takes its
+    EOS id, given to generate (train saves its processor after --eval-generate)."""
+    from bpo_fast.data.generation import Sampling
+    from bpo_fast.data.vlm_generation import Answerer
+    from bpo_fast.models.preference import load_vlm
+    from bpo_fast.models.vlm import load_processor
+
+    model, proc = load_vlm(tiny_llava_dir, device="cpu").eval(), load_processor(tiny_llava_dir)
+    proc.tokenizer.pad_token = None
+    assert proc.tokenizer.pad_token_id is None
+    answer = Answerer(model, proc, Sampling(max_new_tokens=4, min_new_tokens=4))
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
+    items = [([{"from": "human", "value": "<image>\nwhat ?"}], [im]),
+             ([{"from": "human", "value": "<image>\nwhat is on the left of the table ?"}], [im])]
+    batched, _ = answer(items)
+    assert proc.tokenizer.pad_token is None and proc.tokenizer.pad_token_id is None
+    assert batched == [answer([it])[0][0] for it in items]       # left padding by EOS id
+    texts, _ = answer.gen.generate(["a short one", "a longer prompt than the other"])
+    assert proc.tokenizer.pad_token is None
+    assert texts == [answer.gen.generate([t])[0][0] for t in ("a short one",
+                                                              "a longer prompt than the other")]

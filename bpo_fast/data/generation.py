@@ -19,7 +19,7 @@ from bpo_fast.data.images import normalize_uint8
 from bpo_fast.data.schema import turns_to_messages
 
 __all__ = ["Generator", "Sampling", "check_sampling", "load_model", "pixels_for_levels", "derive_seed",
-           "render_prompt", "image_token_count"]
+           "render_prompt", "image_token_count", "left_pad", "pad_id"]
 
 
 @dataclass
@@ -148,6 +148,22 @@ def image_token_count(processor, geometry):
     return image_token, int((enc["input_ids"] == tid).sum())
 
 
+def pad_id(tokenizer):
+    """The id left padding fills in: the tokenizer's pad token, else its EOS (the tokenizer is
+    not changed)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_pad(rows, fill):
+    """1-D tensors -> one ``[len(rows), longest]`` tensor, each row at the right end (left
+    padding for generation), ``fill`` before it."""
+    t = max(r.shape[0] for r in rows)
+    out = torch.full((len(rows), t), fill, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, t - r.shape[0]:] = r
+    return out
+
+
 class Generator:
     """Batched, left-padded, KV-cached generation with the builder's sampling settings."""
 
@@ -157,14 +173,14 @@ class Generator:
         self.model, self.processor, self.cfg = model, processor, cfg
         self.device, self.dtype = device, dtype
         self.tok = processor.tokenizer
-        if self.tok.pad_token_id is None:
-            # Llama-style tokenizers may have no pad token; left padding only needs an id.
-            self.tok.pad_token = self.tok.eos_token
+        # Llama-style tokenizers may have no pad token; left padding only needs an id, given to
+        # generate here: the caller's tokenizer is left as it is (train saves its processor)
+        self.pad_id = pad_id(self.tok)
         self.eos = self.tok.eos_token_id
         # do_sample=False: when sampling, _RowSampler picks each row's token from the row's own
         # random stream and hands generate a one-hot score, which greedy decoding then takes
         self.gen_kwargs = {"max_new_tokens": cfg.max_new_tokens, "use_cache": True,
-                           "pad_token_id": self.tok.pad_token_id, "do_sample": False}
+                           "pad_token_id": self.pad_id, "do_sample": False}
         if cfg.min_new_tokens:
             self.gen_kwargs["min_new_tokens"] = cfg.min_new_tokens
         self.image_token = None
@@ -215,9 +231,9 @@ class Generator:
     def generate(self, texts, pixel_values=None, row_seeds=None, max_new_tokens=None):
         """-> (decoded answers, generated token count). ``row_seeds``: one seed per text (its
         sampling stream: a row's answer does not depend on the rows batched with it)."""
-        enc = self.tok(list(texts), padding=True, return_tensors="pt", padding_side="left")
-        inputs = {"input_ids": enc["input_ids"].to(self.device),
-                  "attention_mask": enc["attention_mask"].to(self.device)}
+        ids = [torch.tensor(x, dtype=torch.long) for x in self.tok(list(texts))["input_ids"]]
+        inputs = {"input_ids": left_pad(ids, self.pad_id).to(self.device),
+                  "attention_mask": left_pad([torch.ones_like(x) for x in ids], 0).to(self.device)}
         if pixel_values is not None:
             inputs["pixel_values"] = pixel_values.to(self.dtype)
         return self.generate_inputs(inputs, row_seeds, max_new_tokens)
@@ -289,18 +305,31 @@ class _RowSampler:
     therefore depends on its seed and its prompt only, not on the batch it was generated in.
     """
 
+    CHUNK = 256  # uniforms drawn per row at a time
+
     def __init__(self, row_seeds, max_new_tokens, prompt_len, temperature, top_p, device):
-        u = []
-        for sd in row_seeds:
-            g = torch.Generator().manual_seed(int(sd))
-            u.append(torch.rand(max_new_tokens, generator=g, dtype=torch.float64))
-        self.u = torch.stack(u).to(device)
+        # the uniforms are drawn chunk by chunk as positions are generated: memory follows the
+        # tokens generated, not --max-new-tokens (8 bytes a row and position); a generator's
+        # stream does not depend on how it is split, so the numbers are those of one draw
+        self.gens = [torch.Generator().manual_seed(int(sd)) for sd in row_seeds]
+        self.max_new_tokens = int(max_new_tokens)
+        self.chunks = []
+        self.device = device
         self.prompt_len = prompt_len
         self.temperature = float(temperature)
         self.top_p = float(top_p)
 
+    def uniforms(self, t):
+        """Each row's uniform for generated position ``t`` (``[rows]`` float64)."""
+        c, k = divmod(t, self.CHUNK)
+        while len(self.chunks) <= c:
+            n = min(self.CHUNK, self.max_new_tokens - len(self.chunks) * self.CHUNK)
+            self.chunks.append(torch.stack([torch.rand(n, generator=g, dtype=torch.float64)
+                                            for g in self.gens]).to(self.device))
+        return self.chunks[c][:, k]
+
     def __call__(self, input_ids, scores):
-        t = min(input_ids.shape[1] - self.prompt_len, self.u.shape[1] - 1)
+        t = min(input_ids.shape[1] - self.prompt_len, self.max_new_tokens - 1)
         # the row's maximum first: a tiny temperature then sends the others to -inf, never
         # the maximum to inf (inf - inf: a NaN distribution that picked the last token)
         scores = scores.float()
@@ -313,7 +342,7 @@ class _RowSampler:
         else:
             sp, idx = probs, None  # no sort needed: the CDF in vocabulary order
         cdf = sp.double().cumsum(-1)
-        target = (self.u[:, t] * cdf[:, -1]).unsqueeze(1)
+        target = (self.uniforms(t) * cdf[:, -1]).unsqueeze(1)
         # the first position whose CDF passes the target: it has mass (u < 1, so one exists)
         j = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
         tok = j if idx is None else idx.gather(1, j)

@@ -88,39 +88,33 @@ def _image_list(rec_image, where):
     return list(items)
 
 
-def _llava_questions(rec, turns):
+def _llava_questions(rec, turns, on_bad):
+    """``(images, [(question id, turns ending with it)])`` of a LLaVA record, read by
+    :func:`bpo_fast.data.llava_format.record_turns` (the pair builder's reading; a question
+    needs no answer). With ``turns="all"`` an empty question is passed to ``on_bad(question
+    id, reason)`` and the record's other questions stay; a record with no question left raises
+    :class:`_BadRecord`."""
+    from bpo_fast.data.llava_format import MalformedRecord, record_turns
     from bpo_fast.data.schema import IMAGE_PLACEHOLDER
 
-    if not isinstance(rec, dict):
-        raise _BadRecord(f"expected a JSON object, got {type(rec).__name__}")
-    rid = rec.get("id")
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
-        raise _BadRecord("missing or invalid 'id' (expected a non-empty string or integer)")
-    images = _image_list(rec.get("image"), "record")
-    conv = rec.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise _BadRecord("'conversations': expected a list of turns")
-    clean = []
-    for i, t in enumerate(conv):
-        want = ("human", "user") if i % 2 == 0 else ("gpt", "assistant")
-        if not isinstance(t, dict) or not isinstance(t.get("value"), str) or \
-                t.get("from") not in want:
-            raise _BadRecord(f"conversations[{i}]: expected {{'from': {want[0]!r}, 'value': "
-                             "string}} (turns alternate human/gpt, starting with human)")
-        clean.append({"from": t["from"], "value": t["value"]})
-    n_tags = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in clean)
-    if images and n_tags == 0:   # LLaVA puts the image before the first question
-        clean[0] = {"from": clean[0]["from"], "value": IMAGE_PLACEHOLDER + "\n" + clean[0]["value"]}
-    elif n_tags != len(images):
-        raise _BadRecord(f"{n_tags} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} "
-                         "image(s)")
-    out = []
-    for k, i in enumerate(range(0, len(clean), 2)):
+    try:
+        rid, images, conv = record_turns(rec, several_images=True, min_turns=1)
+    except MalformedRecord as exc:
+        raise _BadRecord(str(exc)) from None
+    out, empty = [], []
+    for k, i in enumerate(range(0, len(conv), 2)):
         if turns == "first" and k:
             break
-        if not clean[i]["value"].strip():
-            raise _BadRecord(f"conversations[{i}]: empty question")
-        out.append((str(rid) if k == 0 else f"{rid}:t{k}", clean[:i + 1]))
+        qid = rid if k == 0 else f"{rid}:t{k}"
+        if not conv[i]["value"].replace(IMAGE_PLACEHOLDER, "").strip():
+            empty.append((qid, f"conversations[{i}]: empty question"))
+            continue
+        out.append((qid, conv[:i + 1]))
+    if not out:
+        raise _BadRecord(empty[0][1] if len(empty) == 1 else
+                         f"no non-empty question ({len(empty)} empty)")
+    for qid, reason in empty:
+        on_bad(qid, reason)
     return images, out
 
 
@@ -180,12 +174,19 @@ def _list_images(root):
     return out
 
 
-def read_questions(opts, on_error=None):
+def read_questions(opts, on_bad=None):
     """The questions of ``opts`` (``data``, ``data_format``, ``image_root``, ``prompt``,
-    ``turns``, ``limit``, ``strict``: e.g. :class:`bpo_fast.eval.generate.GenerateOptions`) in
-    input order. A record that yields none is passed to ``on_error({"stage": "record", "line",
-    "reason"})`` (``opts.strict``: a :class:`UserError` instead). Returns ``(questions, renamed
-    duplicate ids)``."""
+    ``turns``, ``limit``: e.g. :class:`bpo_fast.eval.generate.GenerateOptions`) in input order.
+    A record that yields no question, or a question left out of its record (``turns="all"``: an
+    empty one), is passed to ``on_bad`` as a bad-sample entry
+    (:meth:`bpo_fast.data.bad_samples.BadSamples.entry`: file, id, line, reason, kind) and
+    skipped. Returns ``(questions, renamed duplicate ids)``."""
+    from bpo_fast.data.bad_samples import BadSamples
+
+    def bad(sample_id, line, reason, kind):
+        if on_bad is not None:
+            on_bad(BadSamples.entry(opts.data, sample_id, line, reason, kind))
+
     fmt = opts.data_format
     if opts.data is None:
         questions = [Question(os.path.splitext(rel)[0].replace(os.sep, "/"),
@@ -199,7 +200,7 @@ def read_questions(opts, on_error=None):
     if fmt == "auto":
         fmt = detect_format(opts.data)
     if fmt == "pairs":
-        return _limit_and_rename(_pair_questions(opts), opts.limit)
+        return _limit_and_rename(_pair_questions(opts, bad), opts.limit)
     from bpo_fast.data.llava_format import MalformedRecord, iter_records
 
     stems = _ImageIndex(opts.image_root)
@@ -207,11 +208,14 @@ def read_questions(opts, on_error=None):
     for _, line, rec in iter_records(opts.data):
         if opts.limit is not None and len(questions) >= opts.limit:
             break
+        rid = rec.get("id" if fmt == "llava" else "question_id") if isinstance(rec, dict) else None
+        rid = rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
         try:
             if isinstance(rec, MalformedRecord):
                 raise _BadRecord(str(rec))
             if fmt == "llava":
-                images, qs = _llava_questions(rec, opts.turns)
+                images, qs = _llava_questions(
+                    rec, opts.turns, lambda qid, why, line=line: bad(qid, line, why, "prompt"))
                 questions += [Question(qid, turns, images, line, {"image": rec.get("image")})
                               for qid, turns in qs]
             else:
@@ -220,12 +224,8 @@ def read_questions(opts, on_error=None):
                                           {"image": images[0] if len(images) == 1 else images,
                                            **extra}))
         except _BadRecord as exc:
-            if opts.strict:
-                raise UserError(f"--data: {opts.data}:{line}: {exc} (without --strict bad "
-                                "records are logged and skipped)") from None
             skipped.append((line, str(exc)))
-            if on_error is not None:
-                on_error({"stage": "record", "line": line, "reason": str(exc)})
+            bad(None if rid is None else str(rid), line, str(exc), "record")
     if not questions:   # said here: a run that answers nothing writes no errors file either
         why = (f"{len(skipped)} record(s) skipped, the first at line {skipped[0][0]}: "
                f"{skipped[0][1]}" if skipped else "no record")
@@ -233,8 +233,9 @@ def read_questions(opts, on_error=None):
     return _limit_and_rename(questions, opts.limit)
 
 
-def _pair_questions(opts):
-    """One question per pair: its prompt and images, through the readers of ``train``."""
+def _pair_questions(opts, bad):
+    """One question per pair: its prompt and images, through the readers of ``train`` (the
+    records they skip passed to ``bad``)."""
     from bpo_fast.data.hf_pairs import check_data_path, open_pairs
 
     check_data_path(opts.data, "--data")
@@ -242,13 +243,16 @@ def _pair_questions(opts):
         raise UserError("--image-root: required with pairs (their image paths are relative "
                         "to it)")
     try:
-        ds = open_pairs(opts.data, opts.image_root, strict=opts.strict)
+        ds = open_pairs(opts.data, opts.image_root)
     except ValueError as exc:
         raise UserError(f"--data: {exc}") from None
+    for s in ds.skipped:
+        bad(None, s.line, s.reason, "record")
     out = []
     for i, rec in enumerate(ds.records):
         path = rec.get("image_path")       # our reader: the image's path (None: text only)
         out.append(Question(str(rec["id"]), rec["prompt"], [path] if path else [],
+                            line=rec.get("line", rec.get("row")),
                             extra={"image": os.path.relpath(path, opts.image_root)
                                    if path else None},
                             load=(lambda i=i: item_images(ds[i]))))

@@ -45,14 +45,14 @@ class ProcessorRows:
     enter generation)."""
 
     def __init__(self, processor, model_type, schedule, processor_kwargs=None):
+        from bpo_fast.data.generation import pad_id
         from bpo_fast.models.vlm import get_adapter
 
         self.processor = processor
         self.adapter = get_adapter(model_type)
         self.schedule = schedule
         self.processor_kwargs = dict(processor_kwargs or {})
-        tok = processor.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_id(processor.tokenizer)
         self._encoded = {}  # (prompt, image) -> processor output: one call for a record's levels
 
     def encode(self, text, image):
@@ -96,6 +96,8 @@ class ProcessorRows:
         return (a * pixel_values.float() + b * eps).to(pixel_values.dtype)
 
     def __call__(self, rows, device, dtype):
+        from bpo_fast.data.generation import left_pad
+
         texts, images = [], []
         for text, image, step, seed in rows:
             enc = self.encode(text, image)
@@ -104,17 +106,11 @@ class ProcessorRows:
             if "pixel_values" in img:
                 img["pixel_values"] = self.noised(img["pixel_values"], step, seed)
             images.append(img)
-        t = max(r["input_ids"].shape[0] for r in texts)
         batch = {}
         for key, fill in _TEXT_PAD.items():
-            if key not in texts[0]:
-                continue
-            fill = self.pad_id if fill is None else fill
-            out = torch.full((len(texts), t), fill, dtype=texts[0][key].dtype)
-            for i, r in enumerate(texts):
-                n = r[key].shape[0]
-                out[i, t - n:] = r[key]  # left padding for generation
-            batch[key] = out.to(device)
+            if key in texts[0]:   # left padding for generation
+                batch[key] = left_pad([r[key] for r in texts],
+                                      self.pad_id if fill is None else fill).to(device)
         for k, v in self.adapter.collate_images(images).items():
             if isinstance(v, torch.Tensor):
                 v = v.to(device)
@@ -154,36 +150,68 @@ class Answerer:
 
     def check(self, turns, images):
         """Raise a ``ValueError`` (:class:`~bpo_fast.data.bad_samples.SampleError` when the
-        processor rejects it) when the family cannot take this row, before it joins a batch."""
-        self.adapter.check_pair_images(len(images), "question")  # a ValueError: a bad sample
+        family or the processor cannot take it) when this row cannot be answered, before it
+        joins a batch."""
         try:
-            self.rows.check(self.prompt(turns), list(images))
+            self._check_row(self.prompt(turns), list(images))
         finally:
             self.rows.clear()
 
-    def __call__(self, items, seeds=None):
+    def _check_row(self, text, images):
+        from bpo_fast.data.bad_samples import SampleError
+
+        try:   # what the family takes (PaliGemma: exactly one image per prompt)
+            self.adapter.check_pair_images(len(images), "question")
+        except ValueError as exc:
+            raise SampleError(str(exc)) from None
+        self.rows.check(text, images)   # the processor's output stays cached for the batch
+
+    def __call__(self, items, seeds=None, on_bad=None):
         """``items``: ``(turns, images)`` per row (LLaVA turns ending with the question; a list
         of PIL images, empty for a text-only row). ``seeds``: one per row when sampling. Returns
         ``(answers, generated tokens)``; on CUDA out-of-memory the rows are halved (each keeps
-        its seed, so the answers are the same)."""
+        its seed, so the answers are the same).
+
+        ``on_bad(i, exc)``: a row the family or the processor cannot take (a
+        :data:`~bpo_fast.data.bad_samples.SAMPLE_ERRORS` exception) is passed to it and left
+        out (its answer None), the other rows answered; without it, such a row raises. Each
+        row goes through the processor once either way."""
+        from bpo_fast.data.bad_samples import SAMPLE_ERRORS
+
         items = list(items)
-        if not items:
-            return [], 0
-        for turns, images in items:
-            self.adapter.check_pair_images(len(images), "question")
+        answers = [None] * len(items)
+        rows, keep = [], []
         try:
-            try:
-                inputs = self.rows([(self.prompt(t), list(imgs), None, None)
-                                    for t, imgs in items], self.gen.device, self.gen.dtype)
-            finally:
-                self.rows.clear()  # the processor outputs are cached per call, not kept
+            for i, (turns, images) in enumerate(items):
+                row = (self.prompt(turns), list(images), None, None)
+                try:
+                    self._check_row(row[0], row[1])
+                except SAMPLE_ERRORS as exc:
+                    if on_bad is None:
+                        raise
+                    on_bad(i, exc)
+                    continue
+                rows.append(row)
+                keep.append(i)
+            if not rows:
+                return answers, 0
+            got, ntok = self._generate(rows, None if seeds is None else [seeds[i] for i in keep])
+        finally:
+            self.rows.clear()  # the processor outputs are cached per call, not kept
+        for i, a in zip(keep, got):
+            answers[i] = a
+        return answers, ntok
+
+    def _generate(self, rows, seeds):
+        try:
+            inputs = self.rows(rows, self.gen.device, self.gen.dtype)
             return self.gen.generate_inputs(inputs, row_seeds=seeds)
         except torch.cuda.OutOfMemoryError:
-            if len(items) <= 1:
+            if len(rows) <= 1:
                 raise
         torch.cuda.empty_cache()
         self.oom_splits += 1
-        h = len(items) // 2
-        a, n = self(items[:h], None if seeds is None else seeds[:h])
-        b, m = self(items[h:], None if seeds is None else seeds[h:])
+        h = len(rows) // 2
+        a, n = self._generate(rows[:h], None if seeds is None else seeds[:h])
+        b, m = self._generate(rows[h:], None if seeds is None else seeds[h:])
         return a + b, n + m

@@ -27,8 +27,11 @@ examples:
 output: one JSON line per question, {"id", "question_id", "image", "question", "answer"}
 (question files: "image_id" too). Greedy by default; --sample draws each answer from its own
 seed (--seed and the question's id), so answers do not depend on --batch-size or the number of
-ranks. A killed run loses at most the batch in flight: rerun with --resume. Unreadable images and
-malformed records go to <out stem>.errors.jsonl and are skipped (--strict: they stop the run).
+ranks. A killed run loses at most the batch in flight: rerun with --resume. Bad samples (a
+malformed record, an empty question, an image that does not decode, a question the model's family
+or processor cannot take) are named in <out stem>.errors.jsonl (file, id, line, reason, kind) and
+skipped; more than --max-bad-fraction of the questions stops the run (exit 2; 0 stops at the
+first). Under torchrun rank 0 merges the ranks' errors files there too.
 """
 
 

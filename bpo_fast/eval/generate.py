@@ -21,12 +21,16 @@ batches, greedy or sampled with one random stream per question (from ``--seed`` 
 an answer does not depend on the batch it was in, the number of ranks, or a resume.
 
 Faults: answers are appended batch by batch (one write, flush, fsync); ``--resume`` cuts a torn
-last line and skips the ids already written. An unreadable image, a malformed record or a question
-the model's family cannot take (PaliGemma: none or several images) is logged to the errors file
-(``<out stem>.errors.jsonl``) and skipped (``--strict``: it stops the run).
-Under ``torchrun`` rank r answers questions r, r + W, ... into ``<out stem>.rank{r}.jsonl``; at
-the end rank 0 merges the shards (and, on ``--resume``, the earlier ``--out``) into ``--out`` in
-input order (atomic) and removes them.
+last line and skips the ids already written. Bad samples follow the one policy of every command
+(:mod:`bpo_fast.data.bad_samples`): a malformed record, an empty question, an image that does not
+decode, a question the model's family or its processor cannot take (PaliGemma: none or several
+images) is named in the errors file (``<out stem>.errors.jsonl``, with the bpo-fast header: file,
+record id, line, reason, kind), skipped and counted; more than ``--max-bad-fraction`` of the
+questions bad stops the run (exit 2). Under ``torchrun`` rank r answers questions r, r + W, ...
+into ``<out stem>.rank{r}.jsonl`` (its errors into ``<out stem>.errors.rank{r}.jsonl``); at the
+end rank 0 merges the shards (and, on ``--resume``, the earlier ``--out`` and errors file) into
+``--out`` and the errors file in input order (atomic), removes them, and judges the share of bad
+samples over all ranks.
 """
 
 import dataclasses
@@ -36,7 +40,8 @@ from dataclasses import dataclass, field
 
 from bpo_fast.data.questions import DEFAULT_PROMPT, INPUT_FORMATS, read_questions
 from bpo_fast.errors import UserError, input_dir, input_file, output_file
-from bpo_fast.options import device_option, dtype_option, option, threads_option
+from bpo_fast.options import (device_option, dtype_option, max_bad_fraction_option, option,
+                              processor_kwargs_option, threads_option)
 
 __all__ = ["GenerateOptions", "GenerateSummary", "generate", "merge_shards", "load_model"]
 _IO, _GEN, _RUN = "input and output", "generation", "runtime"
@@ -72,15 +77,17 @@ class GenerateOptions:
                                  "a line (eval-chair and eval-pope read it); under torchrun the "
                                  "ranks write <stem>.rank{r}.jsonl and rank 0 merges them here",
                       metavar="FILE", group=_IO, required=True)
-    errors: str = option(None, help="errors JSONL (unreadable images, malformed records)",
-                         metavar="FILE", group=_IO, default_text="<out stem>.errors.jsonl")
+    errors: str = option(None, help="errors JSONL: each bad sample (file, record id, line, "
+                                    "reason, kind) after a bpo-fast header line; under torchrun "
+                                    "the ranks write <stem>.rank{r}.jsonl and rank 0 merges "
+                                    "them here", metavar="FILE", group=_IO,
+                         default_text="<out stem>.errors.jsonl")
+    max_bad_fraction: float = max_bad_fraction_option(group=_IO)
     limit: int = option(None, help="answer only the first N questions (before sharding)",
                         metavar="N", group=_IO)
     resume: bool = option(False, help="continue an interrupted run: drop a torn last line, skip "
                                       "the ids already answered", group=_IO)
     overwrite: bool = option(False, help="start over if --out exists", group=_IO)
-    strict: bool = option(False, help="stop at the first unreadable image or malformed record "
-                                      "(else: logged to the errors file and skipped)", group=_IO)
 
     max_new_tokens: int = option(256, help="answer length cap", group=_GEN)
     do_sample: bool = option(False, help="sample instead of greedy decoding (each question "
@@ -94,6 +101,7 @@ class GenerateOptions:
                                 metavar="TEMPLATE", group=_GEN,
                                 default_text="the processor's own, else the model family's "
                                              "documented default (bpo_fast.models.vlm)")
+    processor_kwargs: dict = processor_kwargs_option(group=_GEN)
     min_new_tokens: int = 0        # answer length floor (Python API)
 
     batch_size: int = option(16, help="questions per generate call; output is appended and "
@@ -103,8 +111,6 @@ class GenerateOptions:
     threads: int = threads_option(group=_RUN)
     progress: bool = option(True, help="no progress bar", cli="no-progress", group=_RUN)
     fsync: bool = option(True, help="flush without fsync per batch", cli="no-fsync", group=_RUN)
-    # extra keyword arguments of every processor call (where a --processor-kwargs option plugs in)
-    processor_kwargs: dict = None
     rank: int = None               # default: $RANK or 0
     world_size: int = None         # default: $WORLD_SIZE or 1
 
@@ -118,7 +124,8 @@ class GenerateSummary:
     questions: int = 0             # this rank's questions
     written: int = 0
     already_done: int = 0          # skipped by --resume
-    errors: dict = field(default_factory=dict)   # stage -> count
+    bad_samples: int = 0           # named in errors_path (this rank's; all ranks' once merged)
+    bad_kinds: dict = field(default_factory=dict)   # kind (record, prompt, image, processor) -> n
     generated_tokens: int = 0
     torn_bytes_dropped: int = 0
     renamed_duplicate_ids: int = 0
@@ -133,11 +140,11 @@ class GenerateSummary:
     def format(self):
         rate = self.written / self.elapsed_s if self.elapsed_s else 0.0
         tok = self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
-        errs = sum(self.errors.values())
+        errs = self.bad_samples
         lines = [f"answers written: {self.written} of {self.questions} questions -> {self.out}",
-                 f"already done (resume): {self.already_done}, errors: {errs}"
-                 + (f" ({', '.join(f'{k}={v}' for k, v in sorted(self.errors.items()))}) -> "
-                    f"{self.errors_path}" if errs else ""),
+                 f"already done (resume): {self.already_done}, bad samples: {errs}"
+                 + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.bad_kinds.items()))}) "
+                    f"-> {self.errors_path}" if errs else ""),
                  f"time: {self.elapsed_s:.1f}s (+{self.setup_s:.1f}s setup), {rate:.2f} "
                  f"answers/s, {tok:.1f} generated tok/s"]
         if self.torn_bytes_dropped:
@@ -238,10 +245,18 @@ def _errors_path(opts):
 
 
 def _validate(opts):
+    """``opts`` checked; returns them with ``processor_kwargs`` and ``max_bad_fraction`` in
+    their canonical form."""
     if not isinstance(opts, GenerateOptions):
         raise TypeError(f"options: expected GenerateOptions, got {type(opts).__name__}")
     if not opts.model or not opts.out:
         raise ValueError("model and out: required")
+    from bpo_fast.data.bad_samples import check_max_bad_fraction
+    from bpo_fast.options import check_processor_kwargs
+
+    opts = dataclasses.replace(
+        opts, processor_kwargs=check_processor_kwargs(opts.processor_kwargs) or None,
+        max_bad_fraction=check_max_bad_fraction(opts.max_bad_fraction))
     input_dir(opts.model, "--model", what="model directory (a save_pretrained or adapter folder)")
     if opts.base_model:
         input_dir(opts.base_model, "--base-model", what="base model directory")
@@ -273,6 +288,12 @@ def _validate(opts):
         raise ValueError("resume and overwrite: pick one")
     output_file(opts.out, "--out")
     output_file(_errors_path(opts), "--errors")
+    return opts
+
+
+def _data_name(opts):
+    """The file the bad samples are counted in (and named by): ``--data``, else the folder."""
+    return opts.data if opts.data is not None else opts.image_root
 
 
 def _guard(opts):
@@ -286,8 +307,8 @@ def _guard(opts):
     rank, world, _ = dist_env(opts.rank, opts.world_size)
     outputs = [("--out", shard_path(opts.out, rank, world), FILE),
                ("--errors", shard_path(_errors_path(opts), rank, world), FILE)]
-    if world > 1 and rank == 0:     # rank 0 merges the shards into --out
-        outputs.append(("--out", opts.out, FILE))
+    if world > 1 and rank == 0:     # rank 0 merges the shards into --out and the errors file
+        outputs += [("--out", opts.out, FILE), ("--errors", _errors_path(opts), FILE)]
     inputs = [("--model", opts.model, DIR), ("--base-model", opts.base_model, DIR),
               ("--data", opts.data, None), ("--image-root", opts.image_root, ROOT),
               ("--config", config_file_of(opts), FILE)]
@@ -305,7 +326,8 @@ def _stopped_at(run):
 
 class _Run:
     def __init__(self, opts, model=None, processor=None):
-        from bpo_fast.runtime import dist_env, parse_dtype, resolve_device
+        from bpo_fast.data.bad_samples import BadSamples
+        from bpo_fast.runtime import dist_env
 
         self.opts = opts
         self.t0 = time.perf_counter()
@@ -315,9 +337,29 @@ class _Run:
         self.summary = GenerateSummary(out=self.out, errors_path=self.errors_path,
                                        rank=self.rank, world_size=self.world)
         self._check_out()               # before the (slow) model load
-        self.err_writer, self.logged = None, set()
-        pending = []
-        self.questions, self.summary.renamed_duplicate_ids = read_questions(opts, pending.append)
+        read_bad = []
+        self.questions, self.summary.renamed_duplicate_ids = read_questions(opts, read_bad.append)
+        self.file = _data_name(opts)
+        # the policy, judged against the whole file on every rank: each rank reads every
+        # record (the records and questions left out when reading are noted by each, once in
+        # the merged file) and answers a share, so its count never exceeds the merged one and
+        # a rank stops only where the merged run would; the exact share over all ranks is
+        # judged after the merge (merge_shards)
+        self.bad = BadSamples(self.errors_path, "generate", max_fraction=opts.max_bad_fraction,
+                              resume=opts.resume, arg="--errors", rank=self.rank)
+        self.bad.total(self.file, len(self.questions) + len(read_bad))
+        self.bad.note(read_bad)
+        try:
+            self.bad.check()            # too many bad records: before the model loads
+            self._load(model, processor, local_rank)
+        except BaseException:
+            self.bad.close()
+            raise
+
+    def _load(self, model, processor, local_rank):
+        from bpo_fast.runtime import parse_dtype, resolve_device
+
+        opts = self.opts
         if model is None:
             self.device = resolve_device(opts.device, local_rank)
             self.dtype = parse_dtype(opts.dtype, self.device)
@@ -332,96 +374,71 @@ class _Run:
         self.answer = Answerer(model, processor, opts, device=self.device, dtype=self.dtype,
                                processor_kwargs=opts.processor_kwargs)
         self._open()
-        for err in pending:
-            self._log_error(err)
 
     # -- files -------------------------------------------------------------------------------
     def _check_out(self):
+        from bpo_fast.data.bad_samples import check_side_file
+
         o = self.opts
         targets = [self.out] + ([o.out] if self.world > 1 else [])
         for path in targets:
             if os.path.exists(path) and os.path.getsize(path) > 0 and not (o.resume or o.overwrite):
                 raise UserError(f"--out: {path} exists; pass --resume to continue it or "
                                 "--overwrite to start over")
-        for path in targets + [self.errors_path]:  # before any is cut, appended to or removed
+        for path in targets:    # before any is cut, appended to or removed
             _check_own(path)
+        # the errors files by their header (the merged one is rank 0's to replace)
+        for path in [self.errors_path] + ([_errors_path(o)] if self.world > 1 else []):
+            check_side_file(path, "--errors")
 
     def _open(self):
         from bpo_fast.data.jsonl import JsonlWriter, read_ids, repair_torn_tail
 
         o, s = self.opts, self.summary
-        if not o.resume:
-            # a fresh run: an earlier run's answers (--overwrite) and errors must not mix in
-            for p in (self.out, self.errors_path):
-                if os.path.exists(p):
-                    os.remove(p)          # generate's own (checked by _check_out)
+        if not o.resume and os.path.exists(self.out):
+            # a fresh run (--overwrite): an earlier run's answers must not mix in
+            os.remove(self.out)           # generate's own (checked by _check_out)
         done = set()
         if o.resume:
-            from bpo_fast.data.jsonl import iter_jsonl
-
             s.torn_bytes_dropped = repair_torn_tail(self.out)
             done = read_ids(self.out)
             if self.world > 1:     # an earlier run's merged answers
                 done |= read_ids(o.out)
-            if os.path.exists(self.errors_path):
-                repair_torn_tail(self.errors_path)
-                self.logged = {_error_key(e) for _, e in iter_jsonl(self.errors_path)}
         mine = [q for i, q in enumerate(self.questions) if i % self.world == self.rank]
         s.questions = len(mine)
         self.todo = [q for q in mine if q.id not in done]
         s.already_done = len(mine) - len(self.todo)
         self.writer = JsonlWriter(self.out, fsync=o.fsync)
 
-    def _log_error(self, err):
-        from bpo_fast.data.jsonl import JsonlWriter
+    def _entry(self, q, exc):
+        from bpo_fast.data.bad_samples import BadSamples, sample_kind
 
-        # the one place a bad question is handled: logged and skipped (the bad-sample policy)
-        self.summary.errors[err["stage"]] = self.summary.errors.get(err["stage"], 0) + 1
-        key = _error_key(err)
-        if key in self.logged or (err["stage"] == "record" and self.rank != 0):
-            return             # logged by an earlier run, or by rank 0 (every rank reads --data)
-        self.logged.add(key)
-        if self.err_writer is None:
-            self.err_writer = JsonlWriter(self.errors_path, fsync=self.opts.fsync)
-        self.err_writer.write({"command": "generate", **err})
+        return BadSamples.entry(self.file, q.id, q.line, f"{type(exc).__name__}: {exc}",
+                                sample_kind(exc))
 
     # -- images ------------------------------------------------------------------------------
     def _images(self, q):
-        from PIL import Image
+        from bpo_fast.data.images import open_image
 
         if q.load is not None:
             return q.load()
-        out = []
-        for p in q.images:
-            path = p if os.path.isabs(p) or not self.opts.image_root else \
-                os.path.join(self.opts.image_root, p)
-            with Image.open(path) as im:
-                out.append(im.convert("RGB"))
-        return out
+        return [open_image(p, self.opts.image_root)[0] for p in q.images]
 
     def _batch_items(self, batch):
-        items, kept = [], []
-        for q in batch:
+        """``(items, kept questions, bad-sample notes by position in the batch)``: a question
+        whose images do not load is noted and left out."""
+        from bpo_fast.data.bad_samples import SAMPLE_ERRORS
+
+        items, kept, notes = [], [], []
+        for pos, q in enumerate(batch):
             try:
                 images = self._images(q)
-            except Exception as exc:  # an unreadable image never stops the run: logged, skipped
-                if self.opts.strict:
-                    raise UserError(f"--data: question {q.id!r}: image unreadable "
-                                    f"({type(exc).__name__}: {exc})") from None
-                self._log_error({"stage": "image", "id": q.id, "line": q.line,
-                                 "image": q.images, "reason": f"{type(exc).__name__}: {exc}"})
-                continue
-            try:   # what the family takes (PaliGemma: exactly one image per question)
-                self.answer.adapter.check_pair_images(len(images), f"question {q.id!r}")
-            except ValueError as exc:
-                if self.opts.strict:
-                    raise UserError(f"--data: {exc}") from None
-                self._log_error({"stage": "image_count", "id": q.id, "line": q.line,
-                                 "image": q.images, "reason": str(exc)})
+            except SAMPLE_ERRORS as exc:  # an unreadable image never stops the run
+                notes.append((pos, self._entry(q, exc)))
                 continue
             items.append((q.turns, images))
-            kept.append(q)
-        return items, kept
+            kept.append((pos, q))
+        return items, kept, notes
 
     # -- main --------------------------------------------------------------------------------
     def run(self):
@@ -440,56 +457,73 @@ class _Run:
         try:
             for b in range(0, len(self.todo), o.batch_size):
                 batch = self.todo[b:b + o.batch_size]
-                items, kept = self._batch_items(batch)
-                seeds = [self.derive_seed(o.seed, q.id, "generate") for q in kept]
-                answers, ntok = self.answer(items, seeds if o.do_sample else None)
+                items, kept, notes = self._batch_items(batch)
+                seeds = [self.derive_seed(o.seed, q.id, "generate") for _, q in kept]
+                # a question the family or the processor cannot take: noted, left out
+                answers, ntok = self.answer(
+                    items, seeds if o.do_sample else None,
+                    on_bad=lambda i, exc: notes.append((kept[i][0], self._entry(kept[i][1], exc))))
+                done = [(q, a) for (_, q), a in zip(kept, answers) if a is not None]
                 self.writer.write_batch([{"id": q.id, "question_id": q.id, **q.extra,
-                                          "question": q.text, "answer": a}
-                                         for q, a in zip(kept, answers)])
-                s.written += len(kept)
+                                          "question": q.text, "answer": a} for q, a in done])
+                # after the answers; in question order (a rank's file as a single run's)
+                self.bad.note([e for _, e in sorted(notes, key=lambda n: n[0])])
+                s.written += len(done)
                 s.generated_tokens += ntok
                 if bar is not None:
                     bar.update(len(batch))
                     el = max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix({"tok/s": f"{s.generated_tokens / el:.1f}"}, refresh=False)
+                self.bad.check()
                 adapt_threads()
         finally:
             if bar is not None:
                 bar.close()
             self.writer.close()
-            if self.err_writer is not None:
-                self.err_writer.close()
+            self.bad.close()
+            self._count_bad(self.bad)
         s.oom_splits = self.answer.oom_splits
         s.elapsed_s = time.perf_counter() - t0
         return s
 
-
-def _error_key(e):
-    return (e.get("stage"), e.get("line"), e.get("id"), e.get("reason"))
+    def _count_bad(self, bad):
+        self.summary.bad_samples = bad.count(self.file)
+        self.summary.bad_kinds = dict(bad.by_kind.get(self.file, {}))
 
 
 def _check_own(path):
     # --resume cuts and appends, --overwrite removes: only ever a file generate wrote
     from bpo_fast.data.jsonl import check_own_jsonl
 
-    check_own_jsonl(path, "--out/--errors", "generate", _own_record, _OWN_PREFIXES)
+    check_own_jsonl(path, "--out", "generate", _own_record, _OWN_PREFIXES)
 
 
-# the first bytes of every line generate writes (dumps_line: compact, keys in order)
-_OWN_PREFIXES = (b'{"id":', b'{"command":"generate"')
+# the first bytes of every answer line generate writes (dumps_line: compact, keys in order)
+_OWN_PREFIXES = (b'{"id":',)
 
 
 def _own_record(rec):
-    return {"answer", "question_id"} <= set(rec) or rec.get("command") == "generate"
+    return {"answer", "question_id"} <= set(rec)
 
 
-def merge_shards(opts, questions=None, world_size=None):
+def merge_shards(opts, questions=None, world_size=None, total=None, summary=None):
     """Rank 0's last step under torchrun: the ranks' ``<stem>.rank{r}.jsonl`` (and, on resume,
-    the earlier ``--out``) -> ``--out`` in question order, written atomically; the shards are
-    removed after. Returns the number of lines written."""
+    the earlier ``--out``) -> ``--out`` in question order, and their errors files (and, on
+    resume, the earlier one) -> the errors file (header, each entry once), both written
+    atomically; the shards are removed after. Then the bad-sample policy over all ranks: more
+    than ``opts.max_bad_fraction`` of the ``total`` questions (the file's questions and the
+    records and questions left out when reading) raises
+    :class:`~bpo_fast.data.bad_samples.TooManyBadSamples` naming the merged errors file.
+    Returns the number of answer lines written; ``summary`` (a :class:`GenerateSummary`), when
+    given, gets the merged counts."""
     from bpo_fast.data.jsonl import atomic_write_jsonl, iter_jsonl
 
     world = world_size or opts.world_size
+    if questions is None:
+        read_bad = []
+        questions, _ = read_questions(opts, read_bad.append)
+        total = len(questions) + len(read_bad)
+    order = {q.id: i for i, q in enumerate(questions)}
     shards = [shard_path(opts.out, r, world) for r in range(world)]
     sources = ([opts.out] if opts.resume and os.path.exists(opts.out) else []) + \
         [p for p in shards if os.path.exists(p)]
@@ -498,23 +532,65 @@ def merge_shards(opts, questions=None, world_size=None):
         for _, rec in iter_jsonl(p):
             if isinstance(rec, dict) and isinstance(rec.get("id"), str):
                 by_id.setdefault(rec["id"], rec)
-    if questions is None:
-        questions, _ = read_questions(opts)
-    order = {q.id: i for i, q in enumerate(questions)}
     recs = sorted(by_id.values(), key=lambda r: (order.get(r["id"], len(order)), r["id"]))
     n = atomic_write_jsonl(opts.out, recs)
+    bad = _merge_errors(opts, world, order, total if total is not None else len(questions))
     for p in shards:
         if os.path.exists(p):
             os.remove(p)
+    if summary is not None:
+        summary.merged, summary.errors_path = n, bad.path
+        summary.bad_samples = bad.count(_data_name(opts))
+        summary.bad_kinds = dict(bad.by_kind.get(_data_name(opts), {}))
+    try:
+        bad.check()
+    finally:
+        bad.close()
     return n
+
+
+def _merge_errors(opts, world, order, total):
+    """The ranks' errors files (and, on resume, the merged one) -> the merged errors file:
+    read-time entries (records, dropped questions) by line, then the questions' in question
+    order; each entry once. Returns the policy's counts over it (a :class:`BadSamples` that
+    appends to it)."""
+    from bpo_fast.data.bad_samples import SIDE_KEY, BadSamples, side_header
+    from bpo_fast.data.jsonl import atomic_write_jsonl, iter_jsonl
+
+    path = _errors_path(opts)
+    shards = [shard_path(path, r, world) for r in range(world)]
+    sources = ([path] if opts.resume and os.path.exists(path) else []) + \
+        [p for p in shards if os.path.exists(p)]
+    entries, seen = [], set()
+    for p in sources:
+        for _, e in iter_jsonl(p):
+            if isinstance(e, dict) and SIDE_KEY not in e:
+                k = (e.get("file"), e.get("id"), e.get("line"), e.get("reason"))
+                if k not in seen:
+                    seen.add(k)
+                    entries.append(e)
+    entries.sort(key=lambda e: (1, order[e["id"]], 0) if e.get("id") in order
+                 else (0, 0, e.get("line") or 0))
+    if entries:
+        atomic_write_jsonl(path, [side_header("errors", "generate")] + entries)
+    elif os.path.exists(path):
+        os.remove(path)   # an earlier run's (its header checked before the run started)
+    for p in shards:
+        if os.path.exists(p):
+            os.remove(p)
+    bad = BadSamples(path, "generate", max_fraction=opts.max_bad_fraction, resume=True,
+                     arg="--errors")
+    bad.total(_data_name(opts), total)
+    return bad
 
 
 def generate(opts, model=None, processor=None):
     """Answer the questions of ``opts`` (:class:`GenerateOptions`); returns a
     :class:`GenerateSummary`. ``model``/``processor``: already loaded (else from
     ``opts.model``). Under torchrun (a process group initialised), the ranks meet at the end
-    and rank 0 merges their shards into ``opts.out``."""
-    _validate(opts)
+    and rank 0 merges their shards into ``opts.out`` and their errors into the errors file,
+    then applies the bad-sample policy to the merged counts (exit 2 from the CLI)."""
+    opts = _validate(opts)
     if (model is None) != (processor is None):
         raise ValueError("model and processor: pass both or neither")
     run = None
@@ -527,8 +603,14 @@ def generate(opts, model=None, processor=None):
 
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
+                verdict = None
                 if run.rank == 0:
-                    summary.merged = merge_shards(opts, run.questions, run.world)
+                    try:
+                        merge_shards(opts, run.questions, run.world, run.bad.totals[run.file],
+                                     summary=summary)
+                    except Exception as exc:  # raised after the barrier: no rank left waiting
+                        verdict = exc
                 dist.barrier()
+                if verdict is not None:
+                    raise verdict
         return summary
-
