@@ -419,7 +419,7 @@ def _never_written(path):
     return next((k for m, k in _NEVER_WRITTEN if head.startswith(m)), None)
 
 
-def check_no_overlap(outputs, inputs):
+def check_no_overlap(outputs, inputs, command="bpo-fast"):
     """Raise :class:`UserError` when an output would write over an input: the same file after
     resolving links (or a hard link), an output inside an input directory (``DIR``), or an
     output directory that holds an input (not an ``OWNED`` one); or when two outputs are the
@@ -429,8 +429,9 @@ def check_no_overlap(outputs, inputs):
         oreal = _real(opath)
         kind = _never_written(opath) if okind == FILE else None
         if kind is not None:  # e.g. an image of the data inside an image root (ROOT)
-            raise UserError(f"{oarg}: {opath!r} is {kind}, not written by bpo-fast (no command "
-                            f"writes one); it is left as it is: choose another {oarg}")
+            raise UserError(f"{oarg}: {opath!r} is {kind}, not written by {command} (no "
+                            f"bpo-fast command writes one); it is left as it is: choose another "
+                            f"{oarg}")
         for iarg, ipath, ikind in ins:
             ireal = _real(ipath)
             if _same_file(opath, ipath):
@@ -597,7 +598,7 @@ class CommandGuard:
             "rerun the same command"
 
     def __enter__(self):
-        check_no_overlap(self.outputs, self.inputs)
+        check_no_overlap(self.outputs, self.inputs, self.command)
         if self.lock:
             try:
                 for arg, path, kind in _declared(self.outputs, FILE):

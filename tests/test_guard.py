@@ -138,7 +138,7 @@ OVERLAPS = {
         lambda f, m, t: _bp(f, str(t / "o.jsonl"), **{
             "--image-root": os.path.dirname(_copy(f["root"] + "/img.png", t / "imgs" / "img.png")),
             "--summary-json": str(t / "imgs" / "img.png")}),
-        ["imgs/img.png"], ["summary_json", "PNG image", "not written by bpo-fast"]),
+        ["imgs/img.png"], ["summary_json", "PNG image", "not written by build-pairs"]),
     "ref-logps out is an image of the data (--overwrite)": (
         lambda f, m, t: _ref(f, m, str(t / "data" / "img" / "0000.png"), **{
             "--image-root": _tree(f["images"], t / "data"), "--data": str(t / "data" / "pairs.jsonl"),
