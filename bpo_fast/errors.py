@@ -295,6 +295,23 @@ def _chain(exc):
             None if exc.__suppress_context__ else exc.__context__)
 
 
+def _wraps_interrupt(exc):
+    """Whether ``exc`` is a Ctrl-C that is not a ``KeyboardInterrupt`` itself: a library caught
+    it and raised its own exception (DCP collects each rank's exception, the
+    ``KeyboardInterrupt`` included, into a ``CheckpointException``'s ``failures``)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return False
+    for e in _chain(exc):
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for v in failures.values():
+                if isinstance(v[0] if isinstance(v, tuple) and v else v, KeyboardInterrupt):
+                    return True
+    return False
+
+
 def _disk_full(path):
     """Whether the file system holding ``path`` (or its nearest existing folder) is full."""
     try:
@@ -328,12 +345,17 @@ def _as_fault(exc, path, *, any_oserror=False, check_free=False):
 def writing(path, cleanup=None):
     """Around a write of ``path`` (a file or a folder being filled): an ``OSError``, or a full
     disk however a library reports it, is re-raised as one :class:`WriteFault` naming ``path``;
-    ``cleanup()`` runs first on any failure (e.g. removes a half-written temporary). A bug
+    a Ctrl-C a library wrapped (DCP's ``CheckpointException``) as the ``KeyboardInterrupt`` it
+    is; ``cleanup()`` runs first on any failure (e.g. removes a half-written temporary). A bug
     keeps its own exception."""
     try:
         yield
     except BaseException as exc:
         fault = None
+        if _wraps_interrupt(exc):
+            if cleanup is not None:
+                cleanup()
+            raise KeyboardInterrupt() from exc
         if not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
             fault = _as_fault(exc, os.fspath(path), any_oserror=True, check_free=True)
         if cleanup is not None:
@@ -381,7 +403,23 @@ def _declared(items, default_kind):
     return out
 
 
-def check_no_overlap(outputs, inputs):
+# what no bpo-fast output ever is (JSON, JSONL, safetensors); not the pickle magic, which the
+# 8-byte header length that starts a safetensors file can spell
+_NEVER_WRITTEN = tuple((m, k) for m, k in _MAGIC if m != b"\x80\x02")
+
+
+def _never_written(path):
+    """The kind of the existing file ``path`` when no bpo-fast command writes such a file (an
+    image, an archive, a PDF, an executable), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    return next((k for m, k in _NEVER_WRITTEN if head.startswith(m)), None)
+
+
+def check_no_overlap(outputs, inputs, command="bpo-fast"):
     """Raise :class:`UserError` when an output would write over an input: the same file after
     resolving links (or a hard link), an output inside an input directory (``DIR``), or an
     output directory that holds an input (not an ``OWNED`` one); or when two outputs are the
@@ -389,6 +427,11 @@ def check_no_overlap(outputs, inputs):
     outs, ins = _declared(outputs, FILE), _declared(inputs, FILE)
     for oarg, opath, okind in outs:
         oreal = _real(opath)
+        kind = _never_written(opath) if okind == FILE else None
+        if kind is not None:  # e.g. an image of the data inside an image root (ROOT)
+            raise UserError(f"{oarg}: {opath!r} is {kind}, not written by {command} (no "
+                            f"bpo-fast command writes one); it is left as it is: choose another "
+                            f"{oarg}")
         for iarg, ipath, ikind in ins:
             ireal = _real(ipath)
             if _same_file(opath, ipath):
@@ -423,12 +466,32 @@ class _OutputLock:
 
     def __init__(self, arg, path, kind, command):
         self.arg, self.path, self.command = arg, path, command
+        # beside the real path: a second run that names the output through a symlink (to the
+        # file or to a folder above it) locks the same file
         if kind == DIR:
-            self.file = os.path.join(path, ".bpo-fast.lock")
+            self.file = os.path.join(_real(path), ".bpo-fast.lock")
         else:
-            folder, name = os.path.split(os.path.abspath(path))
+            folder, name = os.path.split(_real(path))
             self.file = os.path.join(folder, f".{name}.lock")
         self.fd, self.created = None, []
+
+    def _check_foreign(self):
+        """A file at the lock's path that no bpo-fast run wrote (a link, or content other than
+        ``pid N: bpo-fast ...``) is the user's: refused, never truncated or removed."""
+        if not os.path.lexists(self.file):
+            return
+        own = not os.path.islink(self.file) and os.path.isfile(self.file)
+        if own:
+            try:
+                with open(self.file, "rb") as f:
+                    head = f.read(64)
+            except OSError:
+                head = b"?"
+            own = head == b"" or head.startswith(b"pid ")
+        if not own:
+            raise UserError(f"{self.arg}: {self.file!r} (the lock file of {self.path!r}) exists "
+                            "and was not written by bpo-fast; it is left as it is: move it "
+                            f"away, or choose another {self.arg}")
 
     def acquire(self):
         try:
@@ -443,8 +506,14 @@ class _OutputLock:
         for d in reversed(missing):
             os.makedirs(d, exist_ok=True)
         self.created = missing  # deepest first: removed again on release when left empty
+        try:
+            self._check_foreign()
+        except UserError:
+            self._remove_created()
+            raise
         while True:
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+                         | getattr(os, "O_NOFOLLOW", 0), 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -529,7 +598,7 @@ class CommandGuard:
             "rerun the same command"
 
     def __enter__(self):
-        check_no_overlap(self.outputs, self.inputs)
+        check_no_overlap(self.outputs, self.inputs, self.command)
         if self.lock:
             try:
                 for arg, path, kind in _declared(self.outputs, FILE):
@@ -556,7 +625,7 @@ class CommandGuard:
         self._release()
         if exc is None:
             return False
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, KeyboardInterrupt) or _wraps_interrupt(exc):
             where, kept, resume = self._says()
             parts = ["interrupted" + (f" {where}" if where else "")] + [p for p in (kept, resume)
                                                                          if p]

@@ -19,7 +19,7 @@ from bpo_fast.options import canonical_dtype
 
 __all__ = ["DTYPES", "parse_dtype", "resolve_device", "dist_env", "init_distributed",
            "CpuSampler", "choose_threads", "ThreadGovernor", "use_threads", "adapt_threads",
-           "default_num_workers"]
+           "default_num_workers", "choose_num_workers"]
 
 logger = logging.getLogger("bpo_fast")
 
@@ -185,6 +185,20 @@ def default_num_workers(limit=4):
     never more than the CPUs this process may use (the maximum torch's DataLoader suggests;
     above it torch warns, and on a small machine the workers only take CPU from the model)."""
     return max(0, min(limit, len(_affinity())))
+
+
+def choose_num_workers(requested, name="num_workers"):
+    """DataLoader worker processes for ``requested`` (``--num-workers``): above the CPUs this
+    process may use it is clamped, with a note (10000 workers would fork 10000 processes: the
+    run would never start)."""
+    if requested is None:
+        return default_num_workers()
+    cpus = len(_affinity())
+    if requested > cpus:
+        logger.warning("%s: %d requested, this machine offers %d CPU(s) to this process; "
+                       "using %d", name, requested, cpus, cpus)
+        return cpus
+    return requested
 
 
 def _cgroup_quota(path="/sys/fs/cgroup/cpu.max"):

@@ -250,6 +250,11 @@ def test_the_cache_is_bound_to_its_model_and_its_pairs(tiny_llava_dir, tmp_path,
     rc, last = _run(_train_argv(other, data, root, out, "--max-steps", "1", "--reference",
                                 "cached", "--ref-cache", cache_path), capsys)
     assert rc == 2 and "differs in its weights or config" in last, last
+    # processor arguments change the pixels, which the pair digests do not see
+    rc, last = _run(_train_argv(tiny_llava_dir, data, root, out, "--max-steps", "1", "--reference",
+                                "cached", "--ref-cache", cache_path, "--processor-kwargs",
+                                '{"do_normalize": false}'), capsys)
+    assert rc == 2 and "processor_kwargs=None" in last and "do_normalize" in last, last
 
     # the same ids with other answer texts: the first pair that differs, named up front
     data2 = _pairs(root, n=4, name="other_texts.jsonl",
@@ -339,6 +344,24 @@ def test_build_pairs_exits_2_with_the_reasons_counted(tiny_llava_dir, tmp_path, 
                      "--no-progress", "--device", "cpu", "--max-new-tokens", "2",
                      "--num-workers", "0"], capsys)
     assert rc == 2 and "3 of the 3 records" in last and "image: 3" in last, last
+    # every image missing, error injection only (no image is decoded): still named, not paired
+    rc, last = _run(_bp(data, root, str(tmp_path / "d.jsonl")), capsys)
+    assert rc == 2 and "3 of the 3 records" in last and "image: 3" in last, last
+    errs = _errors(str(tmp_path / "d.errors.jsonl"))
+    assert [e["source_id"] for e in errs] == ["r0", "r1", "r2"]
+    assert all("no such image file" in e["reason"] for e in errs)
+
+
+def test_merge_pairs_reads_a_json_array_with_a_bom(tmp_path, capsys):
+    from bpo_fast.train.synthetic import make_pairs
+
+    recs = [json.loads(line) for line in open(make_pairs(str(tmp_path / "d"), n=3))]
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(recs).encode())
+    out = tmp_path / "m.jsonl"
+    rc, last = _run(["merge-pairs", "--out", str(out), str(path)], capsys)
+    assert rc == 0, last
+    assert [r["id"] for _, r in iter_jsonl(out)] == [r["id"] for r in recs]
 
 
 def test_build_pairs_reads_a_json_array_with_a_bom(tmp_path, capsys):

@@ -47,6 +47,8 @@ def w(tmp_path_factory):
     (root / "caps.jsonl").write_text('{"id": "1", "caption": "A man with a dog."}\n')
     d["gt"] = str(root / "gt.jsonl")
     (root / "gt.jsonl").write_text('{"id": "1", "objects": ["person", "dog"]}\n')
+    d["cfg_resume_int"] = str(root / "resume_int.yaml")
+    (root / "resume_int.yaml").write_text("resume: 3\n")
     d["exists"] = str(root / "exists.safetensors")
     (root / "exists.safetensors").write_bytes(b"x")
     d["truncated_cache"] = str(root / "trunc.safetensors")
@@ -174,6 +176,10 @@ CASES = [
     ("train adam beta1 1", lambda w, m: _train(w, m, **{"--adam-beta1": "1.0"}),
      ["--adam-beta1", "[0, 1)"]),
     ("train device mps", lambda w, m: _train(w, m, **{"--device": "mps"}), ["--device", "mps"]),
+    ("train seed beyond numpy", lambda w, m: _train(w, m, **{"--seed": str(2 ** 32)}),
+     ["--seed", "[0, 4294967295]"]),
+    ("train config resume 3", lambda w, m: _train(w, m, **{"--config": w["cfg_resume_int"]}),
+     ["resume", "checkpoint folder", "got 3"]),
     # generate
     ("gen data png", lambda w, m: _gen(w, m, **{"--data": w["png"]}), ["--data", "PNG"]),
     ("gen data dir", lambda w, m: _gen(w, m, **{"--data": w["dir"]}), ["--data", "a_dir"]),
@@ -245,7 +251,8 @@ def test_every_subcommand_is_in_the_table():
     for _, argv, _ in CASES:
         args = argv({k: "x" for k in ("llava", "root", "png", "dir", "text", "file", "under_file",
                                       "under_file_dir", "pairs", "pairs_root", "pairs_bad_mid",
-                                      "llava_bad_mid", "caps", "gt", "exists", "truncated_cache")},
+                                      "llava_bad_mid", "caps", "gt", "exists", "truncated_cache",
+                                      "cfg_resume_int")},
                     "m")
         firsts.add(args[0])
     assert set(COMMANDS) <= firsts
@@ -295,3 +302,44 @@ def test_a_bug_under_main_keeps_its_traceback(w, monkeypatch):
     monkeypatch.setattr(chair, "compute_chair", broken)
     with pytest.raises(KeyError):
         main(_chair(w))
+
+
+def test_num_workers_beyond_the_cpus_are_clamped_with_a_note(w, tiny_llava_dir, tmp_path,
+                                                             monkeypatch, caplog):
+    """--num-workers 10000 forked 10000 DataLoader workers: the run never started."""
+    import torch
+
+    import bpo_fast.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_affinity", lambda: {0})
+    seen = []
+    real = torch.utils.data.DataLoader
+
+    def loader(*a, **k):
+        seen.append(k.get("num_workers"))
+        return real(*a, **{**k, "num_workers": 0})   # the count is what is checked
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", loader)
+    out = str(tmp_path / "run")
+    assert main(_train(w, tiny_llava_dir, **{"--output": out, "--max-steps": "1",
+                                             "--batch-size": "2", "--num-workers": "10000"})) == 0
+    assert seen and set(seen) == {1}, seen
+    assert any("num_workers: 10000 requested" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_from_a_checkpoint_of_other_shapes_is_one_line(w, tiny_llava_dir, tmp_path,
+                                                              capsys):
+    """--resume-with-changes accepts other settings; weights of other shapes (another LoRA
+    rank, another model) still cannot load: one line, not torch's size-mismatch traceback."""
+    first = str(tmp_path / "r4")
+    assert main(_train(w, tiny_llava_dir, **{"--output": first, "--max-steps": "1",
+                                             "--batch-size": "2", "--lora-r": "4"})) == 0
+    capsys.readouterr()
+    rc = main(_train(w, tiny_llava_dir, **{"--output": str(tmp_path / "r8"), "--max-steps": "1",
+                                           "--batch-size": "2", "--lora-r": "8",
+                                           "--resume": first + "/checkpoint-1",
+                                           "--resume-with-changes": None}))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert "resume" in last and "checkpoint-1" in last and "size mismatch for" in last, last

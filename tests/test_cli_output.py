@@ -18,6 +18,10 @@ def test_default_workers_never_exceed_the_cpus_this_process_may_use(monkeypatch,
     data.write_text("")
     cfg = _validate_config(PairBuilderConfig(data=str(data), out=str(tmp_path / "o.jsonl")))
     assert cfg.num_workers == 1
+    # more than the CPUs allowed is clamped (10000 workers would fork 10000 processes)
+    assert _validate_config(PairBuilderConfig(data=str(data), out=str(tmp_path / "o.jsonl"),
+                                              num_workers=3)).num_workers == 1
+    monkeypatch.setattr(runtime, "_affinity", lambda: [0, 1, 2, 3])
     assert _validate_config(PairBuilderConfig(data=str(data), out=str(tmp_path / "o.jsonl"),
                                               num_workers=3)).num_workers == 3
 

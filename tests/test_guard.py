@@ -132,11 +132,32 @@ OVERLAPS = {
                                              "--out": m + "/answers.jsonl", "--device": "cpu",
                                              "--no-progress": None}),
         ["model"], ["--out", "inside the input --model"]),
+    # an image is read by name from an image root (ROOT: outputs may live there), but it is
+    # still never written over
+    "build-pairs summary is an image of the image root": (
+        lambda f, m, t: _bp(f, str(t / "o.jsonl"), **{
+            "--image-root": os.path.dirname(_copy(f["root"] + "/img.png", t / "imgs" / "img.png")),
+            "--summary-json": str(t / "imgs" / "img.png")}),
+        ["imgs/img.png"], ["summary_json", "PNG image", "not written by build-pairs"]),
+    "ref-logps out is an image of the data (--overwrite)": (
+        lambda f, m, t: _ref(f, m, str(t / "data" / "img" / "0000.png"), **{
+            "--image-root": _tree(f["images"], t / "data"), "--data": str(t / "data" / "pairs.jsonl"),
+            "--overwrite": None}),
+        ["data/img/0000.png"], ["out", "PNG image"]),
+    # a run writes model.safetensors, config.json, metrics.jsonl into its folder
+    "train output is another model's folder": (
+        lambda f, m, t: _train(f, m, _tree(m, t / "other")),
+        ["other/model.safetensors", "other/config.json"], ["output", "no training run wrote"]),
     "eval-pope questions are the ground truth": (
         lambda f, m, t: _argv("eval-pope", **{"--ground-truth": _copy(f["gt"], t / "g.jsonl"),
                                               "--write-questions": str(t / "g.jsonl")}),
         ["g.jsonl"], ["--write-questions", "--ground-truth"]),
 }
+
+
+def _tree(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
 
 
 def _cfg(path):
@@ -215,6 +236,30 @@ def test_a_second_run_into_one_output_stops_and_no_crash_leaves_a_lock(files, ti
     holder.wait()
     assert main(chair) == 0 and os.path.isfile(out)
     assert sorted(os.listdir(tmp_path)) == ["chair.json", "run"]   # no lock file left behind
+
+
+def test_a_second_run_through_a_symlink_to_the_output_stops(files, tmp_path, capsys):
+    out = str(tmp_path / "m.jsonl")
+    link = _link(out, tmp_path / "link.jsonl")
+    holder = _holder(out, "file")
+    try:
+        assert main(_argv("merge-pairs", **{"--out": link}) + [files["pairs"]]) == 2
+        line = _one_line(capsys)
+        assert "another run" in line and f"pid {holder.pid}" in line, line
+        assert not os.path.exists(out)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_file_at_the_lock_path_that_bpo_fast_did_not_write_is_left_alone(files, tmp_path,
+                                                                           capsys):
+    lock = tmp_path / ".m.jsonl.lock"
+    lock.write_text("my notes\n")
+    assert main(_argv("merge-pairs", **{"--out": str(tmp_path / "m.jsonl")}) + [files["pairs"]]) == 2
+    line = _one_line(capsys)
+    assert ".m.jsonl.lock" in line and "not written by bpo-fast" in line, line
+    assert lock.read_text() == "my notes\n" and not (tmp_path / "m.jsonl").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +348,37 @@ def test_ctrl_c_in_the_other_commands_is_one_line_and_130(files, tmp_path, capsy
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 130
     line = _one_line(capsys)
     assert "interrupted in stage bpo of seed" in line and "rerun the same command" in line, line
+
+
+def test_ctrl_c_inside_a_dcp_checkpoint_write_is_one_line_and_resumes(files, tiny_llava_dir,
+                                                                     tmp_path, capsys,
+                                                                     monkeypatch):
+    """DCP catches the KeyboardInterrupt of a Ctrl-C during the optimizer's write and raises its
+    own CheckpointException (a BaseException) with it inside: still an interrupt."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    full = str(tmp_path / "full")
+    assert main(_train(files, tiny_llava_dir, full, **TRAIN)) == 0
+    out = str(tmp_path / "run")
+    real = FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        if "checkpoint-4.tmp" in str(self.path):
+            raise KeyboardInterrupt
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
+    argv = _train(files, tiny_llava_dir, out, **TRAIN)
+    assert main(argv) == 130
+    line = _one_line(capsys)
+    assert line.startswith("bpo-fast train: interrupted after step 4 of 6"), line
+    assert "checkpoint-2, is kept" in line and "--resume" in line, line
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-2"]
+    monkeypatch.setattr(FileSystemWriter, "write_data", real)
+    assert main(argv + ["--resume"]) == 0
+    for a, b in zip(_metrics(out), _metrics(full)):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert len(_metrics(out)) == 6
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import os
 from bpo_fast.errors import writing
 
 __all__ = ["JsonlWriter", "repair_torn_tail", "iter_jsonl", "read_ids", "atomic_write_jsonl",
-           "dumps_line", "read_text", "load_json", "iter_records", "MalformedRecord", "BOM",
-           "check_own_jsonl"]
+           "dumps_line", "read_text", "load_json", "iter_records", "detect_format",
+           "MalformedRecord", "BOM", "check_own_jsonl"]
 
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark
 
@@ -44,7 +44,7 @@ def load_json(path):
     return json.loads(read_text(path))
 
 
-def _detect_format(path):
+def detect_format(path):
     """'json' if the first non-blank character (after a BOM) is '[', else 'jsonl'."""
     with open(path, "rb") as f:
         head = _strip_bom(f.read(len(BOM)))
@@ -67,7 +67,7 @@ def iter_records(path):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data: no such file {path!r}")
-    if _detect_format(path) == "jsonl":
+    if detect_format(path) == "jsonl":
         with open(path, "rb") as f:
             index = 0
             for n, raw in enumerate(f, start=1):

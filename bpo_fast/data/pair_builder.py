@@ -55,7 +55,7 @@ from bpo_fast.errors import UserError, input_dir, input_file, output_file
 from bpo_fast.options import (check_processor_kwargs, check_values, config_file_of,
                               device_option, dtype_option, max_bad_fraction_option, option,
                               processor_kwargs_option, threads_option)
-from bpo_fast.runtime import (adapt_threads, default_num_workers, dist_env, parse_dtype,
+from bpo_fast.runtime import (adapt_threads, choose_num_workers, dist_env, parse_dtype,
                               resolve_device)
 
 __all__ = ["PairBuilderConfig", "BuildSummary", "build_pairs", "parse_noise_steps", "shard_path",
@@ -701,8 +701,32 @@ class _Run:
         self.summary.timings["generate_s"] += time.perf_counter() - t0
         return out, ntok
 
+    def _missing_images(self, samples, bad_images):
+        """Without image_weakened no image is decoded; an image file that does not exist under
+        the --image-root given (a wrong one) would still make pairs the trainer cannot use:
+        named, counted and left out, like an image that does not decode. Without --image-root
+        the image paths are names only (train resolves them under its own)."""
+        errs, found = [], {}
+        for smp in samples:
+            if smp.image is None:
+                continue
+            refs = smp.image if isinstance(smp.image, (list, tuple)) else [smp.image]
+            for ref in refs:
+                path = ref if os.path.isabs(ref) else os.path.join(self.cfg.image_root, ref)
+                if path not in found:
+                    found[path] = os.path.isfile(path)
+                if not found[path]:
+                    bad_images.add(smp.image)
+                    errs.append({"stage": "image", "line": smp.line, "source_id": smp.source_id,
+                                 "image": smp.image, "reason": f"no such image file {path!r}"})
+                    break
+        self._log_errors(errs)
+
     def error_injection(self, samples, bad_images):
         cfg = self.cfg
+        if "image_weakened" not in cfg.strategies and cfg.image_root is not None:
+            self._missing_images([s for s in samples if s.pair_id("error_injection", cfg.injector)
+                                  not in self.done], bad_images)
         todo = []
         for smp in samples:
             pid = smp.pair_id("error_injection", cfg.injector)
@@ -806,8 +830,7 @@ def _validate_config(cfg):
         raise ValueError(f"strategies: expected a non-empty subset of {list(STRATEGIES)}, got {list(strategies)}")
     cfg = dataclasses.replace(cfg, strategies=tuple(dict.fromkeys(strategies)),
                               noise_steps=parse_noise_steps(cfg.noise_steps))
-    if cfg.num_workers is None:
-        cfg = dataclasses.replace(cfg, num_workers=default_num_workers())
+    cfg = dataclasses.replace(cfg, num_workers=choose_num_workers(cfg.num_workers))
     check_sampling(cfg)
     if any(s is not None and s >= cfg.num_noise_steps for s in cfg.noise_steps):
         raise ValueError(f"noise_steps: every step must be < num_noise_steps ({cfg.num_noise_steps}), "

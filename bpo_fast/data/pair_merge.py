@@ -7,7 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from bpo_fast.data.jsonl import iter_jsonl
+from bpo_fast.data.jsonl import detect_format, iter_jsonl
 from bpo_fast.data.schema import SchemaError, validate_pair
 from bpo_fast.errors import UserError, input_file, output_file
 
@@ -68,9 +68,7 @@ def _pair_records(path, on_bad):
     paired yields its ``ValueError``)."""
     from bpo_fast.data.bpo_format import is_official_record, iter_pair_records, official_to_pairs
 
-    with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip()
-    if head.startswith(b"["):  # a JSON array: the official release's layout
+    if detect_format(path) == "json":  # a JSON array (the official release's layout)
         yield from iter_pair_records(path)
         return
     index = 0

@@ -166,7 +166,8 @@ class TrainConfig:
     packing: object = option("auto", help="padding-free rows: auto (with flash-attention), on "
                                           "or off", type=_bool_or_auto, group=_RUN,
                           metavar="auto|on|off")
-    seed: int = option(0, help="seed of initialisation, data order and dropout", group=_RUN)
+    seed: int = option(0, help="seed of initialisation, data order and dropout", group=_RUN,
+                       bounds="[0, 4294967295]")  # numpy's seed range
     save_every: int = option(0, help="checkpoint every N optimiser steps (0: only at the end)",
                              group=_RUN, bounds="[0, inf)")
     keep_checkpoints: int = option(None, help="keep only the newest N checkpoints", group=_RUN,
@@ -260,6 +261,9 @@ class TrainConfig:
         self.max_bad_fraction = check_max_bad_fraction(self.max_bad_fraction)
         if self.packing not in ("auto", True, False):
             raise ValueError(f"packing: expected 'auto', True or False, got {self.packing!r}")
+        if not isinstance(self.resume, (str, bool, type(None))):  # `resume: 3` in a config
+            raise ValueError(f"resume: expected true (the newest checkpoint in output) or a "
+                             f"checkpoint folder, got {self.resume!r}")
         self._check_eval()
         if self.streaming:
             if self.max_steps is None:

@@ -170,7 +170,8 @@ class Evaluator:
             for s in self.sets:
                 check_compatible(cache, path=config.ref_cache, max_length=config.max_length,
                                  reference_model=config.ref_model or config.model, ids=s.ds.ids,
-                                 data=s.path, records=s.ds.records)
+                                 data=s.path, records=s.ds.records,
+                                 processor_kwargs=config.processor_kwargs)
         if config.eval_chair:
             with_objects = [s.name for s in self.sets
                             if any(i in s.objects for i in s.ds.ids[:config.eval_generate])]

@@ -474,9 +474,11 @@ def _compute(model_path, data, image_root, out, partial, errors, state, *, batch
     return cache
 
 
-def check_compatible(cache, *, path, max_length, reference_model, ids, data, records=None):
+def check_compatible(cache, *, path, max_length, reference_model, ids, data, records=None,
+                     processor_kwargs=None):
     """The rules a cache must meet to stand in for the reference of a training run, checked
-    before any model loads: the same ``max_length``; temperature 1.0 (the policy's); the same
+    before any model loads: the same ``max_length`` and processor arguments (they change the
+    pixels, which the pair digests do not see); temperature 1.0 (the policy's); the same
     reference model (:func:`model_fingerprint`: a copy of the same weights elsewhere passes,
     other weights or config do not); every pair id of the data (except the pairs the cache
     names as bad samples); and each pair's texts (``records``:
@@ -488,6 +490,11 @@ def check_compatible(cache, *, path, max_length, reference_model, ids, data, rec
     if cached_len != max_length:
         raise UserError(f"ref_cache: {path!r} was computed with max_length={cached_len}, "
                         f"training uses {max_length}; the log-probs would not match")
+    cached_kw = _meta(cache, "processor_kwargs") or None
+    if cached_kw != (processor_kwargs or None):
+        raise UserError(f"ref_cache: {path!r} was computed with processor_kwargs={cached_kw}, "
+                        f"training uses {processor_kwargs or None}; the log-probs would not "
+                        "match")
     cached_t = float(_meta(cache, "temperature", 1.0))
     if cached_t != 1.0:
         raise UserError(f"ref_cache: {path!r} was computed with temperature={cached_t}, "

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from bpo_fast.errors import UserError, writing
-from bpo_fast.runtime import adapt_threads, init_distributed, parse_dtype
+from bpo_fast.runtime import adapt_threads, choose_num_workers, init_distributed, parse_dtype
 from bpo_fast.train.config import RUN_SETTINGS, TrainConfig
 from bpo_fast.train.samples import guard_pairs, note_bad_samples, train_bad_samples
 
@@ -391,7 +391,15 @@ def load_checkpoint(path, pm, optimizer, scheduler, world, rank):
         raise ValueError(f"resume: {path} was written by {state['world_size']} process(es), this run "
                          f"has {world}; resume with the same number of processes")
     sd = load_file(os.path.join(path, "trainable.safetensors"))
-    set_model_state_dict(pm, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    try:
+        set_model_state_dict(pm, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    except RuntimeError as exc:  # torch's load_state_dict: "size mismatch for NAME: ..."
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), None)
+        if first is None:
+            raise
+        raise UserError(f"resume: {path!r} holds weights of other shapes than this run's model "
+                        f"({first.rstrip('.')}); it was written for another model or LoRA "
+                        "rank") from None
     osd = get_optimizer_state_dict(pm, optimizer)
     holder = {"optim": osd}
     with _quiet_single_process(world):
@@ -502,6 +510,7 @@ def train(config):
     ckpt, stale = _check_run(config)
     run = None
     with _guard(config, ckpt) as guard:
+        _check_output_is_a_run(config.output)  # after the guard's overlap check names an input
         guard.status = lambda: _stopped_at(config, run)
         run = _Run(config, ckpt)
         run.resume(stale)
@@ -546,6 +555,24 @@ def _stopped_at(config, run):
             "rerun the same command to start over")
 
 
+def _check_output_is_a_run(output):
+    """An existing ``output`` folder that holds files must be one a training run wrote (its
+    ``train_config.json``, a checkpoint, or the run's errors file): a run writes its model,
+    ``config.json`` and ``metrics.jsonl`` there, over whatever has those names, so a folder of
+    someone else's files (another model, notes) is refused, ``--overwrite`` or not."""
+    from bpo_fast.data.bad_samples import is_own_side_file
+
+    if not os.path.isdir(output):
+        return
+    names = [n for n in os.listdir(output) if not n.startswith((".bpo-fast", ".bpo_fast"))]
+    if not names or "train_config.json" in names or _checkpoints(output) \
+            or is_own_side_file(os.path.join(output, "errors.jsonl")):
+        return
+    shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
+    raise UserError(f"output: {output!r} holds files no training run wrote ({shown}); a run "
+                    f"would write over them: choose a new or empty folder")
+
+
 def _check_run(config):
     """What can be checked from the files alone, before the slow model load: the paths, an
     earlier run's checkpoints in the output, the checkpoint to resume from, the tracker.
@@ -578,6 +605,7 @@ class _Run:
         self.config, self.ckpt = config, ckpt
         world, rank, device = init_distributed(config.device)
         self.world, self.rank, self.device = world, rank, device
+        self.num_workers = choose_num_workers(config.num_workers)
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)  # same on every rank: LoRA init must agree across ranks
@@ -602,7 +630,8 @@ class _Run:
             self.cache = RefLogpsCache.load(config.ref_cache)
             check_compatible(self.cache, path=config.ref_cache, max_length=config.max_length,
                              reference_model=config.ref_model or config.model, ids=ds.ids,
-                             data=config.data, records=ds.records)
+                             data=config.data, records=ds.records,
+                             processor_kwargs=config.processor_kwargs)
         self.bad = bad = train_bad_samples(config, ds, resume=ckpt is not None, world=world,
                                            rank=rank)
 
@@ -702,7 +731,7 @@ class _Run:
             loader = torch.utils.data.DataLoader(
                 self.guarded, batch_size=config.batch_size,
                 sampler=None if config.streaming else self.sampler,
-                collate_fn=self.collate.batch, num_workers=config.num_workers, drop_last=True,
+                collate_fn=self.collate.batch, num_workers=self.num_workers, drop_last=True,
                 generator=self.loader_gen,
                 pin_memory=self.device.type == "cuda")
             micro_before = self.micro_in_epoch
