@@ -585,3 +585,27 @@ def test_ref_logps_never_takes_a_foreign_partial_file(tiny_llava_dir, tmp_path, 
                      root, "--out", out, "--no-progress", "--device", "cpu"], capsys)
     assert rc == 2 and "not written by bpo-fast" in last, last
     assert open(out + ".partial.jsonl").read() == "my notes, not a partial file\n"
+
+
+def test_generation_from_a_nan_model_stops_instead_of_writing_garbage(tiny_llava_dir, tmp_path,
+                                                                      capsys):
+    """A model whose scores are NaN decodes token 0 at every step: generate wrote empty answers
+    and build-pairs (image-weakened rejected answers) repeated words, both exit 0. Both now stop
+    with the one line naming the non-finite scores, and write no answer."""
+    root = str(tmp_path)
+    data = _llava(root, n=3)
+    model = _nan_model(tiny_llava_dir, str(tmp_path / "nan_model"))
+    out = tmp_path / "answers.jsonl"
+    rc, last = _run(["generate", "--model", model, "--data", data, "--image-root", root,
+                     "--out", str(out), "--device", "cpu", "--max-new-tokens", "3",
+                     "--no-progress"], capsys)
+    assert rc == 2 and "non-finite next-token scores" in last, last
+    assert not out.exists() or not [r for r in iter_jsonl(str(out))]
+    pairs = tmp_path / "pairs.jsonl"
+    for extra in ([], ["--greedy"]):
+        rc, last = _run(["build-pairs", "--model", model, "--data", data, "--image-root", root,
+                         "--out", str(pairs), "--strategies", "image_weakened", "--no-progress",
+                         "--device", "cpu", "--max-new-tokens", "3", "--num-workers", "0",
+                         "--overwrite", *extra], capsys)
+        assert rc == 2 and "non-finite next-token scores" in last, (extra, last)
+        assert not pairs.exists() or not [r for r in iter_jsonl(str(pairs))]

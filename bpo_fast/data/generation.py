@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from bpo_fast.data.images import normalize_uint8
+from bpo_fast.errors import UserError
 from bpo_fast.data.schema import turns_to_messages
 
-__all__ = ["Generator", "Sampling", "check_sampling", "load_model", "pixels_for_levels", "derive_seed",
-           "render_prompt", "image_token_count", "left_pad", "pad_id"]
+__all__ = ["Generator", "NonFiniteLogitsError", "Sampling", "check_sampling", "load_model",
+           "pixels_for_levels", "derive_seed", "render_prompt", "image_token_count", "left_pad",
+           "pad_id"]
 
 
 @dataclass
@@ -249,18 +251,22 @@ class Generator:
             kwargs["max_new_tokens"] = max_new_tokens
             if "min_new_tokens" in kwargs:
                 kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], max_new_tokens)
-        if self.cfg.do_sample:
-            from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList
 
+        watch = _NonFiniteWatch(n_rows, self.device)
+        processors = [watch]
+        if self.cfg.do_sample:
             if row_seeds is None or len(row_seeds) != n_rows:
                 raise ValueError("row_seeds: expected one seed per row when sampling")
-            kwargs["logits_processor"] = LogitsProcessorList([_RowSampler(
+            processors.append(_RowSampler(
                 row_seeds, kwargs["max_new_tokens"], inputs["input_ids"].shape[1],
-                self.cfg.temperature, self.cfg.top_p, self.device)])
+                self.cfg.temperature, self.cfg.top_p, self.device))
+        kwargs["logits_processor"] = LogitsProcessorList(processors)
         from bpo_fast.models.vlm import images_used
 
         with images_used(self.model):
             out = self.model.generate(**inputs, **kwargs)
+        watch.check()
         new = out[:, inputs["input_ids"].shape[1]:]
         ntok = _count_generated(new, self.eos)
         texts = self.tok.batch_decode(new, skip_special_tokens=True)
@@ -292,6 +298,33 @@ class Generator:
             answers.extend(a)
             ntok += n
         return answers, ntok
+
+
+class NonFiniteLogitsError(UserError):
+    """The model's next-token scores held NaN or +inf: its answers would be tokens picked from
+    garbage (greedy decoding of NaN scores returns token 0 every step)."""
+
+
+class _NonFiniteWatch:
+    """A logits processor that only looks: each row's scores are checked for NaN / +inf on the
+    device (``-inf`` is masking, e.g. ``min_new_tokens``), flags kept there, read once after
+    ``generate`` (:meth:`check`: no host sync per token)."""
+
+    def __init__(self, n_rows, device):
+        self.bad = torch.zeros(n_rows, dtype=torch.bool, device=device)
+
+    def __call__(self, input_ids, scores):
+        self.bad |= (torch.isnan(scores) | (scores == float("inf"))).any(-1)
+        return scores
+
+    def check(self):
+        rows = self.bad.nonzero().flatten().tolist()
+        if rows:
+            raise NonFiniteLogitsError(
+                f"model: non-finite next-token scores (NaN or inf) in {len(rows)} of "
+                f"{self.bad.numel()} rows of a batch (rows {rows[:8]}): the model's weights or "
+                "its dtype overflow give no usable answers; check the checkpoint (e.g. a "
+                "training run that diverged) or use a wider --dtype")
 
 
 class _RowSampler:
