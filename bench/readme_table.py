@@ -44,7 +44,7 @@ def _cases(doc):
 
 
 def _s(row):
-    """median wall seconds (min-max), median CPU-s of a row's timed steps."""
+    """median wall seconds (20th-80th percentile), median CPU-s of a row's timed steps."""
     return (f"{row['median_ms'] / 1e3:.1f} s ({row['p20_ms'] / 1e3:.1f}-{row['p80_ms'] / 1e3:.1f}), "
             f"{row['cpu_s_median']:.1f} CPU-s")
 
@@ -69,7 +69,7 @@ def block(path=RESULTS):
         missing = [i for i in NEED if i not in impls]
         if missing:
             raise SystemExit(f"{path}: {shape} {mode} lacks rows for {missing}")
-        trl, both, ours = (impls[i] for i in NEED)
+        trl, both, ours = impls["trl"], impls["trl+bpo_fast"], impls["bpo_fast"]
         label = MODES[mode].format(r=ours["params"]["grid"].get("lora_r"))
         rss = [r.get("peak_rss_bytes") for r in (trl, both, ours)]
         rss_txt = " / ".join(_gb(x) for x in rss) + " GB" if all(rss) else "-"
@@ -86,7 +86,7 @@ def block(path=RESULTS):
     lines += ["", f"Measured {doc.get('date', '?')} (`{doc.get('command', '?')}`; torch "
               f"{v.get('torch', '?')}, TRL {v.get('trl', '?')}, transformers "
               f"{v.get('transformers', '?')}; {doc.get('ceilings', {}).get('note', '')}; "
-              f"per step: median wall time (min-max) and median CPU-s (all threads) of "
+              f"per step: median wall time (20th-80th percentile) and median CPU-s (all threads) of "
               f"{'/'.join(map(str, reps))} timed steps after 1 warm-up; peak RSS per variant in "
               "its own process).",
               "Step-1 loss, TRL vs TRL + bpo_fast: " + "; ".join(losses) + "."]
