@@ -83,6 +83,11 @@ def _bp(f, out, **kw):
                                    "--strategies": "error_injection", "--no-progress": None, **kw})
 
 
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
 def _copy(src, dst):
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     shutil.copy(src, dst)
@@ -139,6 +144,11 @@ OVERLAPS = {
             "--image-root": os.path.dirname(_copy(f["root"] + "/img.png", t / "imgs" / "img.png")),
             "--summary-json": str(t / "imgs" / "img.png")}),
         ["imgs/img.png"], ["summary_json", "PNG image", "not written by build-pairs"]),
+    # a side file: an existing file there is replaced only when it is a build's summary
+    "build-pairs summary is someone's notes": (
+        lambda f, m, t: _bp(f, str(t / "o.jsonl"), **{
+            "--summary-json": _write(t / "notes.json", '{"my": "notes"}')}),
+        ["notes.json"], ["summary_json", "not written by bpo-fast build-pairs"]),
     "ref-logps out is an image of the data (--overwrite)": (
         lambda f, m, t: _ref(f, m, str(t / "data" / "img" / "0000.png"), **{
             "--image-root": _tree(f["images"], t / "data"), "--data": str(t / "data" / "pairs.jsonl"),

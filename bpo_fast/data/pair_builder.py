@@ -858,6 +858,25 @@ def _validate_config(cfg):
     return cfg
 
 
+def _check_own_summary(path):
+    """``--summary-json`` is a side file: an existing file there is replaced only when it is a
+    summary a build wrote (a JSON object with :class:`BuildSummary`'s fields), never someone's
+    file that happens to sit at that path."""
+    if not os.path.exists(path):
+        return
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        rec = None
+    fields = {f.name for f in dataclasses.fields(BuildSummary)}
+    if not isinstance(rec, dict) or not fields <= set(rec):
+        raise UserError(f"summary_json: {path!r} exists and was not written by bpo-fast "
+                        "build-pairs (not a build summary); choose another path or move it away")
+
+
 def build_pairs(config, model=None, processor=None):
     """Build preference pairs as configured; return a :class:`BuildSummary`.
 
@@ -876,6 +895,9 @@ def build_pairs(config, model=None, processor=None):
     run = None
     with _guard(cfg, needs_model and model is None, config_file_of(config)) as guard:
         guard.status = lambda: _stopped_at(run)
+        if cfg.summary_json:   # after the guard's own rules (an input, an image, ...)
+            rank, world, _ = dist_env(cfg.rank, cfg.world_size)
+            _check_own_summary(shard_path(cfg.summary_json, rank, world))
         run = _Run(cfg, model, processor, needs_model)
         summary = run.run()
         if cfg.summary_json:
