@@ -281,13 +281,17 @@ def test_settings_mapped(tmp_path):
     assert got["discopop_tau"] == 0.2
 
 
+def _cpu_args(tmp_path):
+    return trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                         max_length=None)
+
+
 def test_construction_refusals(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bpo_fast.models.tiny import build_word_tokenizer
 
-    args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
-                         max_length=None)
+    args = _cpu_args(tmp_path)
     model, proc = build_tiny_vlm("qwen2_vl", seed=0)
     with pytest.raises(ValueError, match="data_collator"):
         bt.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
@@ -305,8 +309,7 @@ def test_construction_refusals(tmp_path):
 
 
 def test_paligemma_and_foreign_rows_refused(tmp_path):
-    args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
-                         max_length=None)
+    args = _cpu_args(tmp_path)
     model, proc = build_tiny_vlm("paligemma", seed=0)
     with pytest.raises(ValueError, match="model: PaliGemma is not supported"):
         bt.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,

@@ -216,12 +216,12 @@ def _check_model_dir(path, arg, config="config.json", weights=_WEIGHTS):
         raise UserError(f"{arg}: {cfg!r} is not valid JSON ({exc})") from None
     if not isinstance(rec, dict):
         raise UserError(f"{arg}: {cfg!r} is not a JSON object")
-    from bpo_fast.models.vlm import UNSUPPORTED
+    if config == "config.json" and isinstance(rec.get("model_type"), str):
+        from bpo_fast.models.vlm import get_adapter
 
-    # A model we cannot run is named from its config alone, before anything else is asked of
-    # the folder (as train, ref-logps and build-pairs do).
-    if config == "config.json" and rec.get("model_type") in UNSUPPORTED:
-        raise UserError(UNSUPPORTED[rec["model_type"]])
+        # a family we cannot run is named from its config alone, before anything else is
+        # asked of the folder: the adapter registry's rule, as load_vlm applies it
+        get_adapter(rec["model_type"])
     if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
         raise UserError(f"{arg}: {path!r} holds {config} but no weights (expected one of "
                         f"{', '.join(weights)})")
